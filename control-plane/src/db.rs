@@ -1,0 +1,119 @@
+//! `RaftDb`: the narrow storage contract the Raft log and snapshot stores need, and
+//! `SledRaftDb`, its sled implementation. sled stays behind this trait so it can be replaced
+//! (it is unmaintained since 2021) without touching the Raft code.
+//!
+//! # Correctness requirements
+//! - Writes (`set_meta`, `put_logs`, `remove_logs`) are visible to reads at once but durable
+//!   only after a later `flush` completes; `flush` makes every earlier write durable.
+//! - After a crash, the durable state is a prefix of the writes in the order they were made.
+//! - Log keys are log indexes; `logs(a, b)` returns the entries in `a..b` in index order.
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+
+pub trait RaftDb: Clone + Send + Sync + 'static {
+    fn meta(&self, key: &str) -> io::Result<Option<Vec<u8>>>;
+    fn set_meta(&self, key: &str, value: &[u8]) -> io::Result<()>;
+    fn put_logs(&self, entries: Vec<(u64, Vec<u8>)>) -> io::Result<()>;
+    fn logs(&self, from: u64, to_exclusive: u64) -> io::Result<Vec<(u64, Vec<u8>)>>;
+    fn last_log(&self) -> io::Result<Option<(u64, Vec<u8>)>>;
+    fn remove_logs(&self, from: u64, to_exclusive: u64) -> io::Result<()>;
+    /// Makes every earlier write durable (fsync).
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send + 'static;
+}
+
+/// sled 0.34 with two trees, `logs` (big-endian index keys) and `meta`.
+#[derive(Clone)]
+pub struct SledRaftDb {
+    db: sled::Db,
+    logs: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn io(e: sled::Error) -> io::Error {
+    match e {
+        sled::Error::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl SledRaftDb {
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        // A small cache: sled's memory otherwise grows toward the db size (sled#1410).
+        // flush_every_ms(None): we flush explicitly before acknowledging anything.
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(16 * 1024 * 1024)
+            .flush_every_ms(None)
+            .open()
+            .map_err(io)?;
+        let logs = db.open_tree("logs").map_err(io)?;
+        let meta = db.open_tree("meta").map_err(io)?;
+        Ok(Self { db, logs, meta })
+    }
+}
+
+impl RaftDb for SledRaftDb {
+    fn meta(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(key).map_err(io)?.map(|v| v.to_vec()))
+    }
+
+    fn set_meta(&self, key: &str, value: &[u8]) -> io::Result<()> {
+        self.meta.insert(key, value).map_err(io)?;
+        Ok(())
+    }
+
+    fn put_logs(&self, entries: Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+        let mut batch = sled::Batch::default();
+        for (i, v) in entries {
+            batch.insert(&i.to_be_bytes(), v);
+        }
+        self.logs.apply_batch(batch).map_err(io)
+    }
+
+    fn logs(&self, from: u64, to_exclusive: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
+        if from >= to_exclusive {
+            return Ok(Vec::new());
+        }
+        self.logs
+            .range(from.to_be_bytes()..to_exclusive.to_be_bytes())
+            .map(|r| {
+                let (k, v) = r.map_err(io)?;
+                Ok((key_index(&k)?, v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn last_log(&self) -> io::Result<Option<(u64, Vec<u8>)>> {
+        match self.logs.last().map_err(io)? {
+            Some((k, v)) => Ok(Some((key_index(&k)?, v.to_vec()))),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_logs(&self, from: u64, to_exclusive: u64) -> io::Result<()> {
+        let mut batch = sled::Batch::default();
+        for r in self.logs.range(from.to_be_bytes()..to_exclusive.to_be_bytes()).keys() {
+            batch.remove(r.map_err(io)?);
+        }
+        self.logs.apply_batch(batch).map_err(io)
+    }
+
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send + 'static {
+        let db = self.db.clone();
+        // fsync on a blocking thread: the async runtime's workers never wait on the disk.
+        async move {
+            match tokio::task::spawn_blocking(move || db.flush()).await {
+                Ok(r) => r.map(|_| ()).map_err(io),
+                Err(e) => Err(io::Error::other(format!("flush task failed: {e}"))),
+            }
+        }
+    }
+}
+
+fn key_index(k: &[u8]) -> io::Result<u64> {
+    let arr: [u8; 8] = k.try_into().map_err(|_| io::Error::other(format!("corrupt log key of {} bytes", k.len())))?;
+    Ok(u64::from_be_bytes(arr))
+}

@@ -1,0 +1,268 @@
+//! The control plane: one replica of the Raft-replicated cluster state per head.
+//!
+//! - `state`: the closed `Command` enum and the deterministic `apply` (pure).
+//! - `db`, `log_store`, `sm_store`: openraft's log and state machine on sled, behind `RaftDb`.
+//! - `network`: openraft's transport over gRPC.
+//! - `service`: the `ControlPlane` and `Raft` gRPC services.
+//! - `leader`: the leader-only singleton services (node health).
+//!
+//! Entry point: [`start`] binds the ports, opens the store, joins or forms the Raft group and
+//! serves until [`RunningHead::shutdown`].
+
+pub mod db;
+pub mod leader;
+pub mod log_store;
+pub mod metrics;
+pub mod network;
+pub mod service;
+pub mod sm_store;
+pub mod state;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use protocol::auth::AuthToken;
+use protocol::client::{ClientOptions, HeadClient};
+use protocol::pb;
+use protocol::RaftId;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use leader::HealthConfig;
+
+use crate::db::SledRaftDb;
+use crate::log_store::LogStore;
+use crate::network::GrpcRaftNetworkFactory;
+use crate::service::{ControlPlaneService, HeadShared, RaftTransportService};
+use crate::sm_store::StateMachineStore;
+
+/// Renders the process's Prometheus metrics (installed by the binary).
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+pub struct HeadOptions {
+    /// Raft log, vote and snapshots live in `<data_dir>/raft`.
+    pub data_dir: PathBuf,
+    /// Interface to bind (127.0.0.1 unless told otherwise).
+    pub bind_host: String,
+    /// Host other processes reach this head at (never guessed).
+    pub advertise_host: String,
+    /// gRPC port (cluster API and Raft transport); 0 picks a free port.
+    pub port: u16,
+    /// HTTP port (`/metrics`; the Jobs API later); 0 picks a free port.
+    pub dashboard_port: u16,
+    /// Every head's advertised `host:port`, this one included, to bootstrap a group. Empty
+    /// means a one-head cluster (unless `join` is set).
+    pub peers: Vec<String>,
+    /// Existing heads to ask to add this one (instead of bootstrapping).
+    pub join: Vec<String>,
+    pub token: Option<AuthToken>,
+    pub health: HealthConfig,
+    pub raft_heartbeat: Duration,
+    pub election_timeout: (Duration, Duration),
+    /// Build a snapshot (and purge the log) every this many applied entries.
+    pub snapshot_every: u64,
+    pub metrics: Option<MetricsRender>,
+}
+
+impl HeadOptions {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            bind_host: "127.0.0.1".into(),
+            advertise_host: "127.0.0.1".into(),
+            port: 6379,
+            dashboard_port: 8265,
+            peers: Vec::new(),
+            join: Vec::new(),
+            token: None,
+            health: HealthConfig::default(),
+            raft_heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            snapshot_every: 5000,
+            metrics: None,
+        }
+    }
+}
+
+/// A started head. Dropping it does not stop it; call `shutdown`.
+pub struct RunningHead {
+    pub address: String,
+    pub raft_id: u64,
+    pub port: u16,
+    pub dashboard_port: u16,
+    pub raft: types::Raft,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningHead {
+    /// Stops serving and stops Raft.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.raft.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+
+    /// Resolves when a shutdown was requested.
+    pub async fn stopped(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port)).await.with_context(|| format!("cannot bind {what} port {host}:{port}"))
+}
+
+/// Starts a head: binds its ports, opens (or creates) its Raft store, forms or joins the group
+/// and serves. Returns once the servers are listening.
+pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
+    metrics::describe();
+    let grpc = bind(&opts.bind_host, opts.port, "gRPC").await?;
+    let http = bind(&opts.bind_host, opts.dashboard_port, "dashboard").await?;
+    let port = grpc.local_addr()?.port();
+    let dashboard_port = http.local_addr()?.port();
+    let address = format!("{}:{port}", opts.advertise_host);
+    protocol::ids::validate_address(&address)?;
+    let raft_id = RaftId::from_address(&address).0;
+
+    let mut peers = opts.peers.clone();
+    if !peers.is_empty() && !peers.contains(&address) {
+        bail!("this head's address {address} is not in --peers {}; every head must be given the same list, itself included", peers.join(","));
+    }
+    if peers.is_empty() && opts.join.is_empty() {
+        peers.push(address.clone());
+    }
+    for p in &peers {
+        protocol::ids::validate_address(p).with_context(|| format!("bad --peers entry {p:?}"))?;
+    }
+
+    let config = Config {
+        cluster_name: "rayctl".into(),
+        heartbeat_interval: opts.raft_heartbeat.as_millis() as u64,
+        election_timeout_min: opts.election_timeout.0.as_millis() as u64,
+        election_timeout_max: opts.election_timeout.1.as_millis() as u64,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
+        max_in_snapshot_log_to_keep: 1000,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    }
+    .validate()
+    .context("invalid raft config")?;
+
+    let db = SledRaftDb::open(&opts.data_dir.join("raft"))
+        .with_context(|| format!("cannot open the raft store in {}", opts.data_dir.display()))?;
+    let log_store = LogStore::new(db.clone());
+    let sm = StateMachineStore::open(db).map_err(|e| anyhow::anyhow!("cannot restore the state machine: {e}"))?;
+    let reader = sm.reader();
+    let raft = types::Raft::new(raft_id, Arc::new(config), GrpcRaftNetworkFactory::new(opts.token.clone()), log_store, sm)
+        .await
+        .context("cannot start raft")?;
+
+    let shared = Arc::new(HeadShared {
+        raft: raft.clone(),
+        state: reader,
+        soft: Mutex::default(),
+        raft_id,
+        address: address.clone(),
+        ports: pb::HeadPorts { port: port.into(), dashboard_port: dashboard_port.into() },
+        heartbeat_period: opts.health.period,
+        token: opts.token.clone(),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let routes = tonic::service::Routes::new(
+        pb::control_plane_server::ControlPlaneServer::new(ControlPlaneService(shared.clone()))
+            .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        pb::raft_server::RaftServer::new(RaftTransportService(raft.clone()))
+            .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
+    );
+    let mut tasks = Vec::new();
+    let grpc_router = protocol::server::grpc_router(routes, opts.token.clone());
+    let rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = protocol::server::serve(grpc, grpc_router, stop(rx)).await {
+            tracing::error!("gRPC server stopped: {e}");
+        }
+    }));
+    let render = opts.metrics.clone();
+    let http_router = protocol::server::with_token(
+        protocol::server::metrics_route(move || render.as_ref().map(|r| r()).unwrap_or_default()),
+        opts.token.clone(),
+    );
+    let rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = protocol::server::serve(http, http_router, stop(rx)).await {
+            tracing::error!("dashboard server stopped: {e}");
+        }
+    }));
+    tasks.push(tokio::spawn(leader::supervise(shared.clone(), opts.health)));
+    tasks.push(tokio::spawn(commit_index_metric(raft.clone())));
+
+    if opts.join.is_empty() {
+        if !raft.is_initialized().await.unwrap_or(true) {
+            let members: BTreeMap<u64, BasicNode> =
+                peers.iter().map(|p| (RaftId::from_address(p).0, BasicNode { addr: p.clone() })).collect();
+            // Every head of a new group initializes with the same list; openraft accepts the
+            // identical membership from each and the election picks one leader.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!("initialize: {e}");
+            }
+        }
+    } else {
+        tasks.push(tokio::spawn(join_group(opts.join.clone(), address.clone(), opts.token.clone())));
+    }
+
+    tracing::info!(%address, raft_id, port, dashboard_port, "head started");
+    Ok(RunningHead { address, raft_id, port, dashboard_port, raft, shutdown: stop_tx, tasks })
+}
+
+/// Asks an existing group to add this head, until it does.
+async fn join_group(heads: Vec<String>, address: String, token: Option<AuthToken>) {
+    let opts = ClientOptions { deadline: Duration::from_secs(30), rpc_timeout: Duration::from_secs(30), ..Default::default() };
+    let Ok(client) = HeadClient::new(&heads, token, opts) else {
+        tracing::error!("bad --join addresses {heads:?}");
+        return;
+    };
+    loop {
+        let req = pb::RaftAddPeerRequest { address: address.clone(), learner_only: false };
+        match client.call(|mut c| { let req = req.clone(); async move { c.raft_add_peer(req).await } }).await {
+            Ok(_) => {
+                tracing::info!("joined the raft group");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("joining the raft group failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Publishes the commit index, read from the Raft core once a second.
+async fn commit_index_metric(raft: types::Raft) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(committed) = raft.with_raft_state(|st| st.committed.map(|l| l.index)).await else { return };
+        if let Some(c) = committed {
+            ::metrics::gauge!(metrics::RAFT_COMMIT_INDEX).set(c as f64);
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Every metric the control plane records: names, units and help text in one place.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+
+pub const RAFT_TERM: &str = "rayctl_raft_term";
+pub const RAFT_IS_LEADER: &str = "rayctl_raft_is_leader";
+pub const RAFT_COMMIT_INDEX: &str = "rayctl_raft_commit_index";
+pub const RAFT_APPLIED_INDEX: &str = "rayctl_raft_applied_index";
+pub const RAFT_LAST_LOG_INDEX: &str = "rayctl_raft_last_log_index";
+pub const RAFT_LEADER_CHANGES: &str = "rayctl_raft_leader_changes_total";
+pub const RAFT_APPEND_LATENCY: &str = "rayctl_raft_append_latency_seconds";
+pub const RAFT_FLUSH_BATCH: &str = "rayctl_raft_log_flush_batch_size";
+pub const RAFT_SNAPSHOT_BYTES: &str = "rayctl_raft_snapshot_bytes";
+pub const NODES: &str = "rayctl_nodes";
+pub const NODES_DECLARED_DEAD: &str = "rayctl_nodes_declared_dead_total";
+
+pub fn describe() {
+    describe_gauge!(RAFT_TERM, "current Raft term of this head");
+    describe_gauge!(RAFT_IS_LEADER, "1 if this head is the Raft leader, else 0");
+    describe_gauge!(RAFT_COMMIT_INDEX, "highest log index known committed by this head");
+    describe_gauge!(RAFT_APPLIED_INDEX, "highest log index applied to this head's state machine");
+    describe_gauge!(RAFT_LAST_LOG_INDEX, "highest log index in this head's log");
+    describe_counter!(RAFT_LEADER_CHANGES, "times this head saw the leader change");
+    describe_histogram!(RAFT_APPEND_LATENCY, Unit::Seconds, "log append to durable (fsync done), per append");
+    describe_histogram!(RAFT_FLUSH_BATCH, Unit::Count, "appends made durable by one fsync (group commit)");
+    describe_gauge!(RAFT_SNAPSHOT_BYTES, Unit::Bytes, "size of the last snapshot built");
+    describe_gauge!(NODES, "nodes in the node table, by state (leader only)");
+    describe_counter!(NODES_DECLARED_DEAD, "nodes this head, as leader, declared dead");
+    protocol::server::describe_rpc_metrics();
+}
+
+pub(crate) fn record_log_flush(appends: usize) {
+    histogram!(RAFT_FLUSH_BATCH).record(appends as f64);
+}
+
+pub(crate) fn record_append_latency(d: Duration) {
+    histogram!(RAFT_APPEND_LATENCY).record(d.as_secs_f64());
+}
+
+pub(crate) fn record_applied(index: u64) {
+    gauge!(RAFT_APPLIED_INDEX).set(index as f64);
+}
+
+pub(crate) fn record_snapshot(bytes: usize) {
+    gauge!(RAFT_SNAPSHOT_BYTES).set(bytes as f64);
+}
+
+pub(crate) fn record_raft(term: u64, is_leader: bool, last_log: Option<u64>, committed: Option<u64>) {
+    gauge!(RAFT_TERM).set(term as f64);
+    gauge!(RAFT_IS_LEADER).set(if is_leader { 1.0 } else { 0.0 });
+    gauge!(RAFT_LAST_LOG_INDEX).set(last_log.unwrap_or(0) as f64);
+    if let Some(c) = committed {
+        gauge!(RAFT_COMMIT_INDEX).set(c as f64);
+    }
+}
+
+pub(crate) fn record_leader_change() {
+    counter!(RAFT_LEADER_CHANGES).increment(1);
+}
+
+pub(crate) fn record_nodes(alive: usize, dead: usize) {
+    gauge!(NODES, "state" => "ALIVE").set(alive as f64);
+    gauge!(NODES, "state" => "DEAD").set(dead as f64);
+}
+
+pub(crate) fn record_node_declared_dead() {
+    counter!(NODES_DECLARED_DEAD).increment(1);
+}

@@ -1,0 +1,129 @@
+//! `GrpcRaftNetwork`: openraft's transport between heads over our `Raft` gRPC service.
+//! openraft's request and reply types travel postcard-encoded in `RaftMessage.data`; a
+//! remote Raft error travels back as the `Err` of the encoded `Result`.
+//!
+//! Every RPC carries openraft's deadline (`RPCOption::hard_ttl`), so a stopped or partitioned
+//! peer costs one timeout, never a hang.
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use protocol::auth::{AuthToken, ClientAuth};
+use protocol::client::{channel, ClientOptions};
+use protocol::pb::raft_client::RaftClient;
+use protocol::pb::RaftMessage;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::types::TypeConfig;
+
+type Client = RaftClient<InterceptedService<Channel, ClientAuth>>;
+
+#[derive(Clone)]
+pub struct GrpcRaftNetworkFactory {
+    token: Option<AuthToken>,
+}
+
+impl GrpcRaftNetworkFactory {
+    pub fn new(token: Option<AuthToken>) -> Self {
+        Self { token }
+    }
+}
+
+pub struct GrpcRaftNetwork {
+    target: u64,
+    node: BasicNode,
+    client: Result<Client, String>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GrpcRaftNetworkFactory {
+    type Network = GrpcRaftNetwork;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> GrpcRaftNetwork {
+        let opts = ClientOptions { rpc_timeout: std::time::Duration::from_secs(10), ..Default::default() };
+        let client = channel(&node.addr, &opts)
+            .map(|ch| {
+                RaftClient::with_interceptor(ch, ClientAuth(self.token.clone()))
+                    .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES)
+            })
+            .map_err(|e| e.to_string());
+        GrpcRaftNetwork { target, node: node.clone(), client }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+impl GrpcRaftNetwork {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: &'static str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &self.client {
+            Ok(c) => c.clone(),
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
+        };
+        let data = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftMessage { data });
+        request.set_timeout(option.hard_ttl());
+        let mut client = client;
+        let reply = match kind {
+            "append" => client.append_entries(request).await,
+            "vote" => client.vote(request).await,
+            _ => client.install_snapshot(request).await,
+        };
+        let reply = reply.map_err(|s| {
+            let e = Msg(format!("{kind} to {} ({}): {}", self.target, self.node.addr, s.message()));
+            match s.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                _ => RPCError::Network(NetworkError::new(&e)),
+            }
+        })?;
+        let result: Result<Resp, RaftError<u64, E>> =
+            postcard::from_bytes(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GrpcRaftNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call("vote", &rpc, &option).await
+    }
+}

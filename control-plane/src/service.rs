@@ -1,0 +1,477 @@
+//! The heads' gRPC services: `Raft` (transport between heads) and `ControlPlane` (the
+//! cluster API). Wire types are converted here and nowhere else; every request is validated
+//! before anything is proposed.
+//!
+//! API Boundary: writes and linearizable reads are served by the leader only; a follower
+//! answers `RpcError::NotLeader` with the leader's address. `HeadInfo` is answered by any head
+//! about itself.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use protocol::auth::AuthToken;
+use protocol::client::{self, ClientOptions};
+use protocol::ids::validate_address;
+use protocol::pb::{self, control_plane_server::ControlPlane, raft_server};
+use protocol::{NodeId, RaftId, RpcError};
+use tonic::{Request, Response, Status};
+
+use crate::sm_store::StateReader;
+use crate::state::{self, Command, NodeRecord, Rejection, Response as SmResponse};
+use crate::types::Raft;
+
+/// Limits of the small KV.
+const MAX_KV_NAMESPACE: usize = 256;
+const MAX_KV_KEY: usize = 4096;
+const MAX_KV_VALUE: usize = 1024 * 1024;
+
+/// Soft state the leader keeps from heartbeats; never in the log.
+#[derive(Default)]
+pub(crate) struct SoftState {
+    /// node → (incarnation, when its last heartbeat arrived, available resources)
+    pub(crate) heartbeats: HashMap<NodeId, (u64, Instant, state::Resources)>,
+}
+
+pub(crate) struct HeadShared {
+    pub(crate) raft: Raft,
+    pub(crate) state: StateReader,
+    pub(crate) soft: Mutex<SoftState>,
+    pub(crate) raft_id: u64,
+    pub(crate) address: String,
+    pub(crate) ports: pb::HeadPorts,
+    pub(crate) heartbeat_period: Duration,
+    pub(crate) token: Option<AuthToken>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    RpcError::InvalidArgument(msg.into()).into()
+}
+
+fn rejection(r: Rejection) -> Status {
+    let msg = r.to_string();
+    match r {
+        Rejection::NotFound { .. } => RpcError::NotFound(msg),
+        Rejection::AlreadyExists { .. } => RpcError::AlreadyExists(msg),
+        Rejection::Fenced { .. } => RpcError::Fenced(msg),
+        Rejection::InvalidTransition { .. } => RpcError::FailedPrecondition(msg),
+        Rejection::Invalid(_) => RpcError::InvalidArgument(msg),
+    }
+    .into()
+}
+
+impl HeadShared {
+    fn leader_address(&self, leader: Option<u64>) -> Option<String> {
+        let id = leader?;
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    fn not_leader(&self, leader: Option<u64>) -> Status {
+        RpcError::NotLeader { leader: self.leader_address(leader) }.into()
+    }
+
+    /// Fails fast with NOT_LEADER unless this head believes it leads (a cheap local check for
+    /// soft-state RPCs such as heartbeats).
+    fn require_local_leader(&self) -> Result<(), Status> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            Ok(())
+        } else {
+            Err(self.not_leader(m.current_leader))
+        }
+    }
+
+    /// Commits `cmd` through Raft and returns what `apply` answered.
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<SmResponse, Status> {
+        match self.raft.client_write(cmd).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(RpcError::NotLeader { leader: f.leader_node.map(|n| n.addr).or_else(|| self.leader_address(f.leader_id)) }
+                    .into())
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(RpcError::FailedPrecondition(e.to_string()).into())
+            }
+            Err(RaftError::Fatal(e)) => Err(RpcError::Unavailable(format!("raft stopped: {e}")).into()),
+        }
+    }
+
+    /// Read-index: returns once this head is confirmed leader by a quorum and has applied
+    /// everything committed before the call.
+    pub(crate) async fn linearizable(&self) -> Result<(), Status> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(RpcError::NotLeader { leader: f.leader_node.map(|n| n.addr).or_else(|| self.leader_address(f.leader_id)) }
+                    .into())
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                Err(RpcError::Unavailable(format!("leader lost its quorum: {q}")).into())
+            }
+            Err(RaftError::Fatal(e)) => Err(RpcError::Unavailable(format!("raft stopped: {e}")).into()),
+        }
+    }
+
+    fn head_info(&self) -> pb::HeadInfoReply {
+        let m = self.raft.metrics().borrow().clone();
+        pb::HeadInfoReply {
+            raft_id: self.raft_id,
+            address: self.address.clone(),
+            role: role_name(m.state).into(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            ports: Some(self.ports),
+            leader: self.leader_address(m.current_leader).unwrap_or_default(),
+        }
+    }
+
+    fn node_info(&self, n: &NodeRecord) -> pb::NodeInfo {
+        let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+        let available = match soft.heartbeats.get(&n.node_id) {
+            Some((inc, _, avail)) if *inc == n.incarnation && n.state == state::NodeState::Alive => avail.clone(),
+            _ if n.state == state::NodeState::Alive => n.resources_total.clone(),
+            _ => BTreeMap::new(),
+        };
+        pb::NodeInfo {
+            node_id: n.node_id.to_string(),
+            address: n.address.clone(),
+            state: match n.state {
+                state::NodeState::Alive => pb::NodeState::Alive,
+                state::NodeState::Dead => pb::NodeState::Dead,
+            } as i32,
+            incarnation: n.incarnation,
+            ports: Some(pb::NodePorts {
+                node_manager_port: n.ports.node_manager.into(),
+                object_manager_port: n.ports.object_manager.into(),
+                metrics_export_port: n.ports.metrics_export.into(),
+            }),
+            resources_total: n.resources_total.clone().into_iter().collect(),
+            resources_available: available.into_iter().collect(),
+            labels: n.labels.clone().into_iter().collect(),
+            is_head: n.is_head,
+            registered_at_ms: n.registered_at_ms,
+            dead_at_ms: n.dead_at_ms,
+            death_reason: n.death_reason.clone(),
+        }
+    }
+
+    fn peers(&self) -> pb::RaftPeers {
+        let m = self.raft.metrics().borrow().clone();
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<u64> = mem.voter_ids().collect();
+        let peers = mem
+            .nodes()
+            .map(|(id, node)| pb::RaftPeer {
+                raft_id: *id,
+                address: node.addr.clone(),
+                voter: voters.contains(id),
+                leader: m.current_leader == Some(*id),
+                matched_index: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned())
+                    .map(|l| l.map_or(0, |l| l.index)),
+            })
+            .collect();
+        pb::RaftPeers { peers, term: m.current_term, leader: self.leader_address(m.current_leader).unwrap_or_default() }
+    }
+}
+
+pub(crate) fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn parse_node_id(s: &str) -> Result<NodeId, Status> {
+    s.parse::<NodeId>().map_err(|e| invalid(e.to_string()))
+}
+
+fn check_resources(m: &HashMap<String, f64>) -> Result<state::Resources, Status> {
+    let set = scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v))).map_err(|e| invalid(e.to_string()))?;
+    Ok(set.to_map())
+}
+
+fn check_kv(namespace: &str, key: &[u8]) -> Result<(), Status> {
+    if namespace.len() > MAX_KV_NAMESPACE {
+        return Err(invalid(format!("kv namespace of {} bytes is over the {MAX_KV_NAMESPACE}-byte limit", namespace.len())));
+    }
+    if key.is_empty() || key.len() > MAX_KV_KEY {
+        return Err(invalid(format!("kv key must be 1..={MAX_KV_KEY} bytes, got {}", key.len())));
+    }
+    Ok(())
+}
+
+/// The `ControlPlane` gRPC service.
+#[derive(Clone)]
+pub(crate) struct ControlPlaneService(pub(crate) Arc<HeadShared>);
+
+#[tonic::async_trait]
+impl ControlPlane for ControlPlaneService {
+    async fn register_node(&self, req: Request<pb::RegisterNodeRequest>) -> Result<Response<pb::RegisterNodeReply>, Status> {
+        let r = req.into_inner();
+        let node_id = parse_node_id(&r.node_id)?;
+        validate_address(&r.address).map_err(|e| invalid(e.to_string()))?;
+        let resources = check_resources(&r.resources_total)?;
+        let p = r.ports.unwrap_or_default();
+        let port = |v: u32, name: &str| u16::try_from(v).map_err(|_| invalid(format!("{name} {v} is not a port")));
+        let ports = state::NodePorts {
+            node_manager: port(p.node_manager_port, "node_manager_port")?,
+            object_manager: port(p.object_manager_port, "object_manager_port")?,
+            metrics_export: port(p.metrics_export_port, "metrics_export_port")?,
+        };
+        let cmd = Command::RegisterNode {
+            node_id,
+            address: r.address,
+            ports,
+            resources: resources.clone(),
+            labels: r.labels.into_iter().collect(),
+            is_head: r.is_head,
+            time_ms: now_ms(),
+        };
+        match self.0.propose(cmd).await? {
+            SmResponse::NodeRegistered { incarnation } => {
+                let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
+                soft.heartbeats.insert(node_id, (incarnation, Instant::now(), resources));
+                Ok(Response::new(pb::RegisterNodeReply {
+                    incarnation,
+                    heartbeat_period_ms: self.0.heartbeat_period.as_millis() as u64,
+                }))
+            }
+            SmResponse::Rejected(r) => Err(rejection(r)),
+            other => Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+        self.0.require_local_leader()?;
+        let r = req.into_inner();
+        let node_id = parse_node_id(&r.node_id)?;
+        let available = check_resources(&r.resources_available)?;
+        {
+            let st = self.0.state.read();
+            let Some(n) = st.state.nodes.get(&node_id) else {
+                return Err(RpcError::NotFound(format!("node {node_id} is not registered")).into());
+            };
+            if n.incarnation != r.incarnation || n.state != state::NodeState::Alive {
+                return Err(rejection(Rejection::Fenced {
+                    node_id: node_id.to_string(),
+                    given: r.incarnation,
+                    current: n.incarnation,
+                    state: format!("{:?}", n.state).to_uppercase(),
+                }));
+            }
+        }
+        let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
+        soft.heartbeats.insert(node_id, (r.incarnation, Instant::now(), available));
+        Ok(Response::new(pb::HeartbeatReply {}))
+    }
+
+    async fn unregister_node(&self, req: Request<pb::UnregisterNodeRequest>) -> Result<Response<pb::UnregisterNodeReply>, Status> {
+        let r = req.into_inner();
+        let node_id = parse_node_id(&r.node_id)?;
+        let reason = if r.reason.is_empty() { "unregistered".to_string() } else { r.reason.chars().take(1024).collect() };
+        let cmd = Command::MarkNodeDead { node_id, incarnation: r.incarnation, reason, time_ms: now_ms() };
+        match self.0.propose(cmd).await? {
+            SmResponse::Ok => Ok(Response::new(pb::UnregisterNodeReply {})),
+            SmResponse::Rejected(r) => Err(rejection(r)),
+            other => Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+
+    async fn get_cluster_status(&self, _: Request<pb::GetClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.0.linearizable().await?;
+        let nodes: Vec<pb::NodeInfo> = {
+            let st = self.0.state.read();
+            st.state.nodes.values().map(|n| self.0.node_info(n)).collect()
+        };
+        let m = self.0.raft.metrics().borrow().clone();
+        let members: Vec<(u64, String)> =
+            m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        // Ask every other head about itself, in parallel, with a short deadline.
+        let opts = ClientOptions { rpc_timeout: Duration::from_millis(800), ..Default::default() };
+        let mut asks = Vec::new();
+        for (id, addr) in members {
+            if id == self.0.raft_id {
+                continue;
+            }
+            let token = self.0.token.clone();
+            let opts = opts.clone();
+            asks.push(tokio::spawn(async move {
+                let reply = async {
+                    let ch = client::channel(&addr, &opts).ok()?;
+                    let mut c = pb::control_plane_client::ControlPlaneClient::with_interceptor(
+                        ch,
+                        protocol::auth::ClientAuth(token),
+                    );
+                    c.head_info(pb::HeadInfoRequest {}).await.ok().map(|r| r.into_inner())
+                };
+                reply.await.unwrap_or(pb::HeadInfoReply {
+                    raft_id: id,
+                    address: addr,
+                    role: "unreachable".into(),
+                    ..Default::default()
+                })
+            }));
+        }
+        let mut heads = vec![self.0.head_info()];
+        for a in asks {
+            if let Ok(h) = a.await {
+                heads.push(h);
+            }
+        }
+        heads.sort_by(|a, b| a.address.cmp(&b.address));
+        Ok(Response::new(pb::ClusterStatus {
+            leader: self.0.address.clone(),
+            term: m.current_term,
+            commit_index: m.last_applied.map_or(0, |l| l.index),
+            heads,
+            nodes,
+        }))
+    }
+
+    async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let node_id = parse_node_id(&req.into_inner().node_id)?;
+        self.0.linearizable().await?;
+        let st = self.0.state.read();
+        match st.state.nodes.get(&node_id) {
+            Some(n) => Ok(Response::new(self.0.node_info(n))),
+            None => Err(RpcError::NotFound(format!("node {node_id} not found")).into()),
+        }
+    }
+
+    async fn head_info(&self, _: Request<pb::HeadInfoRequest>) -> Result<Response<pb::HeadInfoReply>, Status> {
+        Ok(Response::new(self.0.head_info()))
+    }
+
+    async fn kv_put(&self, req: Request<pb::KvPutRequest>) -> Result<Response<pb::KvPutReply>, Status> {
+        let r = req.into_inner();
+        check_kv(&r.namespace, &r.key)?;
+        if r.value.len() > MAX_KV_VALUE {
+            return Err(RpcError::ResourceExhausted(format!(
+                "kv value of {} bytes is over the {MAX_KV_VALUE}-byte limit",
+                r.value.len()
+            ))
+            .into());
+        }
+        let cmd = Command::KvPut { namespace: r.namespace, key: r.key, value: r.value, overwrite: r.overwrite };
+        match self.0.propose(cmd).await? {
+            SmResponse::Kv(written) => Ok(Response::new(pb::KvPutReply { written })),
+            other => Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+
+    async fn kv_get(&self, req: Request<pb::KvGetRequest>) -> Result<Response<pb::KvGetReply>, Status> {
+        let r = req.into_inner();
+        check_kv(&r.namespace, &r.key)?;
+        self.0.linearizable().await?;
+        let st = self.0.state.read();
+        match st.state.kv.get(&(r.namespace, r.key)) {
+            Some(v) => Ok(Response::new(pb::KvGetReply { value: v.clone() })),
+            None => Err(RpcError::NotFound("kv key not found".into()).into()),
+        }
+    }
+
+    async fn kv_delete(&self, req: Request<pb::KvDeleteRequest>) -> Result<Response<pb::KvDeleteReply>, Status> {
+        let r = req.into_inner();
+        check_kv(&r.namespace, &r.key)?;
+        match self.0.propose(Command::KvDelete { namespace: r.namespace, key: r.key }).await? {
+            SmResponse::Kv(deleted) => Ok(Response::new(pb::KvDeleteReply { deleted })),
+            other => Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+
+    async fn raft_list_peers(&self, _: Request<pb::RaftListPeersRequest>) -> Result<Response<pb::RaftPeers>, Status> {
+        self.0.linearizable().await?;
+        Ok(Response::new(self.0.peers()))
+    }
+
+    async fn raft_add_peer(&self, req: Request<pb::RaftAddPeerRequest>) -> Result<Response<pb::RaftPeers>, Status> {
+        let r = req.into_inner();
+        validate_address(&r.address).map_err(|e| invalid(e.to_string()))?;
+        self.0.require_local_leader()?;
+        let id = RaftId::from_address(&r.address).0;
+        let node = BasicNode { addr: r.address.clone() };
+        // Blocks until the new head has caught up with the log, so promoting it to voter
+        // cannot stall commits.
+        self.0.raft.add_learner(id, node, true).await.map_err(|e| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.0.not_leader(f.leader_id),
+            other => RpcError::FailedPrecondition(format!("adding {} failed: {other}", r.address)).into(),
+        })?;
+        if !r.learner_only {
+            self.0
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| Status::from(RpcError::FailedPrecondition(format!("promoting {} failed: {e}", r.address))))?;
+        }
+        Ok(Response::new(self.0.peers()))
+    }
+
+    async fn raft_remove_peer(&self, req: Request<pb::RaftRemovePeerRequest>) -> Result<Response<pb::RaftPeers>, Status> {
+        let r = req.into_inner();
+        validate_address(&r.address).map_err(|e| invalid(e.to_string()))?;
+        self.0.require_local_leader()?;
+        let id = RaftId::from_address(&r.address).0;
+        let (is_voter, known) = {
+            let m = self.0.raft.metrics().borrow().membership_config.clone();
+            (m.membership().voter_ids().any(|v| v == id), m.membership().get_node(&id).is_some())
+        };
+        if !known {
+            return Err(RpcError::NotFound(format!("{} is not a member of the raft group", r.address)).into());
+        }
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.0
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| Status::from(RpcError::FailedPrecondition(format!("removing {} failed: {e}", r.address))))?;
+        Ok(Response::new(self.0.peers()))
+    }
+}
+
+/// The `Raft` transport service: decodes openraft's messages and hands them to the local
+/// Raft, encoding its `Result` back.
+#[derive(Clone)]
+pub(crate) struct RaftTransportService(pub(crate) Raft);
+
+fn decode<T: serde::de::DeserializeOwned>(req: Request<pb::RaftMessage>) -> Result<T, Status> {
+    postcard::from_bytes(&req.into_inner().data).map_err(|e| invalid(format!("malformed raft message: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
+    postcard::to_allocvec(v)
+        .map(|data| Response::new(pb::RaftMessage { data }))
+        .map_err(|e| RpcError::Internal(format!("encoding raft reply: {e}")).into())
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftTransportService {
+    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        encode(&self.0.append_entries(decode(req)?).await)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        encode(&self.0.vote(decode(req)?).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        encode(&self.0.install_snapshot(decode(req)?).await)
+    }
+}

@@ -1,0 +1,695 @@
+//! The replicated cluster state: one closed `Command` enum and one deterministic `apply`.
+//!
+//! Invariants:
+//! - `apply` reads no clock and no RNG: every timestamp travels inside the command, so every
+//!   head that applies the same log reaches the same state.
+//! - A rejected command changes nothing and yields `Response::Rejected`; it is still a
+//!   committed log entry (the leader cannot know the outcome before applying).
+//! - Node incarnations only grow; `MarkNodeDead` applies only to the incarnation it names
+//!   (fencing), so a late death verdict cannot kill a re-registered node.
+//! - Terminal job states (SUCCEEDED, FAILED, STOPPED) and DEAD actors never change again.
+
+use std::collections::BTreeMap;
+
+use protocol::NodeId;
+use serde::{Deserialize, Serialize};
+
+pub type Resources = BTreeMap<String, f64>;
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodePorts {
+    pub node_manager: u16,
+    pub object_manager: u16,
+    pub metrics_export: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Alive,
+    Dead,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: NodeId,
+    pub address: String,
+    pub ports: NodePorts,
+    pub resources_total: Resources,
+    pub labels: Labels,
+    pub is_head: bool,
+    pub state: NodeState,
+    pub incarnation: u64,
+    pub registered_at_ms: u64,
+    pub dead_at_ms: u64,
+    pub death_reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+impl JobStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Stopped)
+    }
+    fn may_become(self, to: JobStatus) -> bool {
+        use JobStatus::*;
+        matches!((self, to), (Pending, Running | Failed | Stopped) | (Running, Succeeded | Failed | Stopped))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub submission_id: Option<String>,
+    pub entrypoint: String,
+    pub runtime_env_json: String,
+    pub metadata: Labels,
+    pub entrypoint_resources: Resources,
+    pub status: JobStatus,
+    pub driver_node: Option<NodeId>,
+    pub exit_code: Option<i32>,
+    pub message: String,
+    pub submitted_at_ms: u64,
+    pub started_at_ms: u64,
+    pub ended_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActorState {
+    PendingCreation,
+    Alive,
+    Restarting,
+    Dead,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActorRecord {
+    pub actor_id: String,
+    pub job_id: String,
+    pub class_name: String,
+    pub name: Option<String>,
+    pub namespace: String,
+    pub detached: bool,
+    /// -1 means unlimited, as in Ray.
+    pub max_restarts: i64,
+    pub num_restarts: u64,
+    pub state: ActorState,
+    pub node_id: Option<NodeId>,
+    pub created_at_ms: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PgStrategy {
+    Pack,
+    Spread,
+    StrictPack,
+    StrictSpread,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PgState {
+    Pending,
+    Created,
+    Rescheduling,
+    Removed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementGroupRecord {
+    pub pg_id: String,
+    pub job_id: String,
+    pub name: String,
+    pub strategy: PgStrategy,
+    pub bundles: Vec<Resources>,
+    /// Where each bundle is reserved; `None` while unplaced.
+    pub bundle_nodes: Vec<Option<NodeId>>,
+    pub state: PgState,
+    pub created_at_ms: u64,
+}
+
+/// Every change to the replicated state. Closed: adding a variant is a log-format change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    RegisterNode {
+        node_id: NodeId,
+        address: String,
+        ports: NodePorts,
+        resources: Resources,
+        labels: Labels,
+        is_head: bool,
+        time_ms: u64,
+    },
+    MarkNodeDead { node_id: NodeId, incarnation: u64, reason: String, time_ms: u64 },
+    KvPut { namespace: String, key: Vec<u8>, value: Vec<u8>, overwrite: bool },
+    KvDelete { namespace: String, key: Vec<u8> },
+    SubmitJob {
+        job_id: String,
+        submission_id: Option<String>,
+        entrypoint: String,
+        runtime_env_json: String,
+        metadata: Labels,
+        resources: Resources,
+        time_ms: u64,
+    },
+    SetJobStatus {
+        job_id: String,
+        status: JobStatus,
+        driver_node: Option<NodeId>,
+        exit_code: Option<i32>,
+        message: String,
+        time_ms: u64,
+    },
+    CreateActor {
+        actor_id: String,
+        job_id: String,
+        class_name: String,
+        name: Option<String>,
+        namespace: String,
+        detached: bool,
+        max_restarts: i64,
+        time_ms: u64,
+    },
+    SetActorState { actor_id: String, state: ActorState, node_id: Option<NodeId>, message: String },
+    CreatePlacementGroup {
+        pg_id: String,
+        job_id: String,
+        name: String,
+        strategy: PgStrategy,
+        bundles: Vec<Resources>,
+        time_ms: u64,
+    },
+    SetPlacementGroupState { pg_id: String, state: PgState, bundle_nodes: Vec<Option<NodeId>> },
+    /// Several commands in one log entry (one fsync); each is applied in order and answered
+    /// on its own.
+    Batch(Vec<Command>),
+}
+
+/// Why a committed command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: String, id: String },
+    #[error("{kind} {id} already exists")]
+    AlreadyExists { kind: String, id: String },
+    #[error("{kind} {id} cannot go from {from} to {to}")]
+    InvalidTransition { kind: String, id: String, from: String, to: String },
+    #[error("node {node_id} incarnation {given} is fenced (current incarnation {current}, {state})")]
+    Fenced { node_id: String, given: u64, current: u64, state: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    NodeRegistered { incarnation: u64 },
+    /// KvPut: whether the value was written; KvDelete: whether a key was removed.
+    Kv(bool),
+    Batch(Vec<Response>),
+    Rejected(Rejection),
+}
+
+/// All replicated tables.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub jobs: BTreeMap<String, JobRecord>,
+    /// submission_id → job_id, so a retried submit finds its job.
+    pub submissions: BTreeMap<String, String>,
+    pub actors: BTreeMap<String, ActorRecord>,
+    /// (namespace, name) → actor_id, for actors that are not DEAD.
+    pub named_actors: BTreeMap<(String, String), String>,
+    pub placement_groups: BTreeMap<String, PlacementGroupRecord>,
+    pub kv: BTreeMap<(String, Vec<u8>), Vec<u8>>,
+}
+
+fn not_found(kind: &str, id: impl ToString) -> Response {
+    Response::Rejected(Rejection::NotFound { kind: kind.into(), id: id.to_string() })
+}
+
+fn exists(kind: &str, id: impl ToString) -> Response {
+    Response::Rejected(Rejection::AlreadyExists { kind: kind.into(), id: id.to_string() })
+}
+
+fn transition(kind: &str, id: &str, from: impl std::fmt::Debug, to: impl std::fmt::Debug) -> Response {
+    Response::Rejected(Rejection::InvalidTransition {
+        kind: kind.into(),
+        id: id.into(),
+        from: format!("{from:?}"),
+        to: format!("{to:?}"),
+    })
+}
+
+impl ClusterState {
+    /// Applies one committed command. Deterministic; never panics on any input.
+    pub fn apply(&mut self, cmd: Command) -> Response {
+        match cmd {
+            Command::Batch(cmds) => Response::Batch(cmds.into_iter().map(|c| self.apply(c)).collect()),
+            Command::RegisterNode { node_id, address, ports, resources, labels, is_head, time_ms } => {
+                if let Some(bad) = resources.iter().find(|(_, v)| !v.is_finite() || **v < 0.0) {
+                    return Response::Rejected(Rejection::Invalid(format!(
+                        "resource {} = {} must be finite and non-negative",
+                        bad.0, bad.1
+                    )));
+                }
+                let incarnation = self.nodes.get(&node_id).map_or(1, |n| n.incarnation + 1);
+                self.nodes.insert(node_id, NodeRecord {
+                    node_id,
+                    address,
+                    ports,
+                    resources_total: resources,
+                    labels,
+                    is_head,
+                    state: NodeState::Alive,
+                    incarnation,
+                    registered_at_ms: time_ms,
+                    dead_at_ms: 0,
+                    death_reason: String::new(),
+                });
+                Response::NodeRegistered { incarnation }
+            }
+            Command::MarkNodeDead { node_id, incarnation, reason, time_ms } => {
+                let Some(n) = self.nodes.get_mut(&node_id) else { return not_found("node", node_id) };
+                if n.incarnation != incarnation || n.state != NodeState::Alive {
+                    return Response::Rejected(Rejection::Fenced {
+                        node_id: node_id.to_string(),
+                        given: incarnation,
+                        current: n.incarnation,
+                        state: format!("{:?}", n.state).to_uppercase(),
+                    });
+                }
+                n.state = NodeState::Dead;
+                n.dead_at_ms = time_ms;
+                n.death_reason = reason;
+                Response::Ok
+            }
+            Command::KvPut { namespace, key, value, overwrite } => {
+                let k = (namespace, key);
+                if !overwrite && self.kv.contains_key(&k) {
+                    return Response::Kv(false);
+                }
+                self.kv.insert(k, value);
+                Response::Kv(true)
+            }
+            Command::KvDelete { namespace, key } => Response::Kv(self.kv.remove(&(namespace, key)).is_some()),
+            Command::SubmitJob { job_id, submission_id, entrypoint, runtime_env_json, metadata, resources, time_ms } => {
+                if self.jobs.contains_key(&job_id) {
+                    return exists("job", job_id);
+                }
+                if let Some(sid) = &submission_id {
+                    if self.submissions.contains_key(sid) {
+                        return exists("submission", sid);
+                    }
+                    self.submissions.insert(sid.clone(), job_id.clone());
+                }
+                self.jobs.insert(job_id.clone(), JobRecord {
+                    job_id,
+                    submission_id,
+                    entrypoint,
+                    runtime_env_json,
+                    metadata,
+                    entrypoint_resources: resources,
+                    status: JobStatus::Pending,
+                    driver_node: None,
+                    exit_code: None,
+                    message: String::new(),
+                    submitted_at_ms: time_ms,
+                    started_at_ms: 0,
+                    ended_at_ms: 0,
+                });
+                Response::Ok
+            }
+            Command::SetJobStatus { job_id, status, driver_node, exit_code, message, time_ms } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+                if !j.status.may_become(status) {
+                    return transition("job", &job_id, j.status, status);
+                }
+                j.status = status;
+                if driver_node.is_some() {
+                    j.driver_node = driver_node;
+                }
+                if status == JobStatus::Running {
+                    j.started_at_ms = time_ms;
+                }
+                if status.is_terminal() {
+                    j.ended_at_ms = time_ms;
+                }
+                j.exit_code = exit_code.or(j.exit_code);
+                j.message = message;
+                Response::Ok
+            }
+            Command::CreateActor { actor_id, job_id, class_name, name, namespace, detached, max_restarts, time_ms } => {
+                if self.actors.contains_key(&actor_id) {
+                    return exists("actor", actor_id);
+                }
+                if let Some(n) = &name {
+                    let key = (namespace.clone(), n.clone());
+                    if self.named_actors.contains_key(&key) {
+                        return exists("named actor", format!("{namespace}/{n}"));
+                    }
+                    self.named_actors.insert(key, actor_id.clone());
+                }
+                self.actors.insert(actor_id.clone(), ActorRecord {
+                    actor_id,
+                    job_id,
+                    class_name,
+                    name,
+                    namespace,
+                    detached,
+                    max_restarts,
+                    num_restarts: 0,
+                    state: ActorState::PendingCreation,
+                    node_id: None,
+                    created_at_ms: time_ms,
+                    message: String::new(),
+                });
+                Response::Ok
+            }
+            Command::SetActorState { actor_id, state, node_id, message } => {
+                use ActorState::*;
+                let Some(a) = self.actors.get_mut(&actor_id) else { return not_found("actor", actor_id) };
+                let allowed = matches!(
+                    (a.state, state),
+                    (PendingCreation, Alive | Dead) | (Alive, Restarting | Dead) | (Restarting, Alive | Dead)
+                );
+                let restarts_left = a.max_restarts < 0 || a.num_restarts < a.max_restarts.unsigned_abs();
+                if !allowed || (state == Restarting && !restarts_left) {
+                    return transition("actor", &actor_id, a.state, state);
+                }
+                if state == Restarting {
+                    a.num_restarts += 1;
+                }
+                a.state = state;
+                a.node_id = if state == Alive { node_id } else { None };
+                a.message = message;
+                if state == Dead {
+                    if let Some(n) = &a.name {
+                        self.named_actors.remove(&(a.namespace.clone(), n.clone()));
+                    }
+                }
+                Response::Ok
+            }
+            Command::CreatePlacementGroup { pg_id, job_id, name, strategy, bundles, time_ms } => {
+                if self.placement_groups.contains_key(&pg_id) {
+                    return exists("placement group", pg_id);
+                }
+                if bundles.is_empty() {
+                    return Response::Rejected(Rejection::Invalid("a placement group needs at least one bundle".into()));
+                }
+                let n = bundles.len();
+                self.placement_groups.insert(pg_id.clone(), PlacementGroupRecord {
+                    pg_id,
+                    job_id,
+                    name,
+                    strategy,
+                    bundles,
+                    bundle_nodes: vec![None; n],
+                    state: PgState::Pending,
+                    created_at_ms: time_ms,
+                });
+                Response::Ok
+            }
+            Command::SetPlacementGroupState { pg_id, state, bundle_nodes } => {
+                use PgState::*;
+                let Some(pg) = self.placement_groups.get_mut(&pg_id) else {
+                    return not_found("placement group", pg_id);
+                };
+                let allowed = matches!(
+                    (pg.state, state),
+                    (Pending, Created | Removed) | (Created, Rescheduling | Removed) | (Rescheduling, Created | Removed)
+                );
+                if !allowed {
+                    return transition("placement group", &pg_id, pg.state, state);
+                }
+                if state == Created && (bundle_nodes.len() != pg.bundles.len() || bundle_nodes.iter().any(Option::is_none)) {
+                    return Response::Rejected(Rejection::Invalid(format!(
+                        "placement group {pg_id}: CREATED needs a node for each of its {} bundles",
+                        pg.bundles.len()
+                    )));
+                }
+                pg.state = state;
+                pg.bundle_nodes = if state == Removed { vec![None; pg.bundles.len()] } else { bundle_nodes };
+                Response::Ok
+            }
+        }
+    }
+
+    pub fn alive_nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values().filter(|n| n.state == NodeState::Alive)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn nid(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 16])
+    }
+
+    fn register(b: u8) -> Command {
+        Command::RegisterNode {
+            node_id: nid(b),
+            address: format!("127.0.0.1:{}", 1000 + u16::from(b)),
+            ports: NodePorts::default(),
+            resources: [("CPU".to_string(), 2.0)].into(),
+            labels: Labels::new(),
+            is_head: false,
+            time_ms: 10,
+        }
+    }
+
+    fn dead(b: u8, incarnation: u64) -> Command {
+        Command::MarkNodeDead { node_id: nid(b), incarnation, reason: "missed heartbeats".into(), time_ms: 20 }
+    }
+
+    #[test]
+    fn node_incarnations_are_fenced() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(register(1)), Response::NodeRegistered { incarnation: 1 });
+        assert_eq!(s.apply(dead(1, 1)), Response::Ok);
+        assert_eq!(s.nodes[&nid(1)].state, NodeState::Dead);
+        // Dead twice, or a stale incarnation: fenced.
+        assert!(matches!(s.apply(dead(1, 1)), Response::Rejected(Rejection::Fenced { .. })));
+        assert_eq!(s.apply(register(1)), Response::NodeRegistered { incarnation: 2 });
+        assert!(matches!(s.apply(dead(1, 1)), Response::Rejected(Rejection::Fenced { current: 2, .. })));
+        assert_eq!(s.nodes[&nid(1)].state, NodeState::Alive);
+        assert!(matches!(s.apply(dead(9, 1)), Response::Rejected(Rejection::NotFound { .. })));
+    }
+
+    #[test]
+    fn bad_resources_are_rejected() {
+        let mut s = ClusterState::default();
+        for v in [f64::NAN, -1.0, f64::INFINITY] {
+            let Command::RegisterNode { node_id, address, ports, labels, is_head, time_ms, .. } = register(1) else {
+                unreachable!()
+            };
+            let cmd = Command::RegisterNode {
+                node_id,
+                address,
+                ports,
+                resources: [("CPU".to_string(), v)].into(),
+                labels,
+                is_head,
+                time_ms,
+            };
+            assert!(matches!(s.apply(cmd), Response::Rejected(Rejection::Invalid(_))), "{v}");
+        }
+        assert!(s.nodes.is_empty());
+    }
+
+    #[test]
+    fn kv_put_get_delete() {
+        let mut s = ClusterState::default();
+        let put = |v: &str, overwrite| Command::KvPut {
+            namespace: "ns".into(),
+            key: b"k".to_vec(),
+            value: v.as_bytes().to_vec(),
+            overwrite,
+        };
+        assert_eq!(s.apply(put("a", false)), Response::Kv(true));
+        assert_eq!(s.apply(put("b", false)), Response::Kv(false));
+        assert_eq!(s.kv[&("ns".to_string(), b"k".to_vec())], b"a");
+        assert_eq!(s.apply(put("c", true)), Response::Kv(true));
+        assert_eq!(s.kv[&("ns".to_string(), b"k".to_vec())], b"c");
+        let del = Command::KvDelete { namespace: "ns".into(), key: b"k".to_vec() };
+        assert_eq!(s.apply(del.clone()), Response::Kv(true));
+        assert_eq!(s.apply(del), Response::Kv(false));
+    }
+
+    fn submit(id: &str, sid: Option<&str>) -> Command {
+        Command::SubmitJob {
+            job_id: id.into(),
+            submission_id: sid.map(str::to_string),
+            entrypoint: "echo hi".into(),
+            runtime_env_json: "{}".into(),
+            metadata: Labels::new(),
+            resources: Resources::new(),
+            time_ms: 1,
+        }
+    }
+
+    fn job_status(id: &str, status: JobStatus) -> Command {
+        Command::SetJobStatus {
+            job_id: id.into(),
+            status,
+            driver_node: Some(nid(1)),
+            exit_code: None,
+            message: String::new(),
+            time_ms: 2,
+        }
+    }
+
+    #[test]
+    fn job_transitions() {
+        use JobStatus::*;
+        // (from-path, to, accepted)
+        let cases: &[(&[JobStatus], JobStatus, bool)] = &[
+            (&[], Running, true),
+            (&[], Succeeded, false),
+            (&[], Stopped, true),
+            (&[Running], Succeeded, true),
+            (&[Running], Pending, false),
+            (&[Running, Succeeded], Failed, false),
+            (&[Failed], Running, false),
+            (&[Stopped], Stopped, false),
+        ];
+        for (i, (path, to, ok)) in cases.iter().enumerate() {
+            let mut s = ClusterState::default();
+            s.apply(submit("j", None));
+            for st in *path {
+                assert_eq!(s.apply(job_status("j", *st)), Response::Ok, "case {i}");
+            }
+            let r = s.apply(job_status("j", *to));
+            assert_eq!(r == Response::Ok, *ok, "case {i}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_submission_ids_are_rejected() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(submit("a", Some("sub"))), Response::Ok);
+        assert!(matches!(s.apply(submit("b", Some("sub"))), Response::Rejected(Rejection::AlreadyExists { .. })));
+        assert!(matches!(s.apply(submit("a", None)), Response::Rejected(Rejection::AlreadyExists { .. })));
+        assert!(!s.jobs.contains_key("b"));
+        assert_eq!(s.submissions["sub"], "a");
+    }
+
+    fn actor(id: &str, name: Option<&str>, max_restarts: i64) -> Command {
+        Command::CreateActor {
+            actor_id: id.into(),
+            job_id: "j".into(),
+            class_name: "Counter".into(),
+            name: name.map(str::to_string),
+            namespace: "default".into(),
+            detached: false,
+            max_restarts,
+            time_ms: 1,
+        }
+    }
+
+    fn actor_state(id: &str, state: ActorState) -> Command {
+        Command::SetActorState { actor_id: id.into(), state, node_id: Some(nid(1)), message: String::new() }
+    }
+
+    #[test]
+    fn actor_restarts_are_bounded_and_names_freed_on_death() {
+        use ActorState::*;
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(actor("a", Some("c"), 1)), Response::Ok);
+        assert!(matches!(s.apply(actor("b", Some("c"), 0)), Response::Rejected(Rejection::AlreadyExists { .. })));
+        assert_eq!(s.apply(actor_state("a", Alive)), Response::Ok);
+        assert_eq!(s.actors["a"].node_id, Some(nid(1)));
+        assert_eq!(s.apply(actor_state("a", Restarting)), Response::Ok);
+        assert_eq!(s.apply(actor_state("a", Alive)), Response::Ok);
+        // One restart used of one.
+        assert!(matches!(s.apply(actor_state("a", Restarting)), Response::Rejected(_)));
+        assert_eq!(s.apply(actor_state("a", Dead)), Response::Ok);
+        assert!(matches!(s.apply(actor_state("a", Alive)), Response::Rejected(_)));
+        assert_eq!(s.apply(actor("b", Some("c"), 0)), Response::Ok, "name is free once the holder is dead");
+    }
+
+    #[test]
+    fn placement_groups_need_every_bundle_placed() {
+        let mut s = ClusterState::default();
+        let create = Command::CreatePlacementGroup {
+            pg_id: "pg".into(),
+            job_id: "j".into(),
+            name: String::new(),
+            strategy: PgStrategy::StrictSpread,
+            bundles: vec![Resources::new(), Resources::new()],
+            time_ms: 1,
+        };
+        assert_eq!(s.apply(create.clone()), Response::Ok);
+        assert!(matches!(s.apply(create), Response::Rejected(Rejection::AlreadyExists { .. })));
+        let set = |state, nodes| Command::SetPlacementGroupState { pg_id: "pg".into(), state, bundle_nodes: nodes };
+        assert!(matches!(s.apply(set(PgState::Created, vec![Some(nid(1)), None])), Response::Rejected(_)));
+        assert_eq!(s.apply(set(PgState::Created, vec![Some(nid(1)), Some(nid(2))])), Response::Ok);
+        assert_eq!(s.apply(set(PgState::Removed, vec![])), Response::Ok);
+        assert_eq!(s.placement_groups["pg"].bundle_nodes, vec![None, None]);
+        assert!(matches!(s.apply(set(PgState::Created, vec![Some(nid(1)), Some(nid(2))])), Response::Rejected(_)));
+    }
+
+    fn any_command() -> impl Strategy<Value = Command> {
+        let b = 0u8..4;
+        prop_oneof![
+            b.clone().prop_map(register),
+            (b.clone(), 0u64..4).prop_map(|(b, i)| dead(b, i)),
+            (0u8..3, any::<bool>()).prop_map(|(k, o)| Command::KvPut {
+                namespace: "n".into(),
+                key: vec![k],
+                value: vec![k],
+                overwrite: o
+            }),
+            (0u8..3).prop_map(|k| Command::KvDelete { namespace: "n".into(), key: vec![k] }),
+            (0u8..3).prop_map(|j| submit(&format!("j{j}"), Some(&format!("s{j}")))),
+            (0u8..3, 0usize..5).prop_map(|(j, st)| job_status(
+                &format!("j{j}"),
+                [JobStatus::Pending, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Stopped][st]
+            )),
+        ]
+    }
+
+    proptest! {
+        /// Same log, same state: and the snapshot encoding round-trips it.
+        #[test]
+        fn apply_is_deterministic(cmds in proptest::collection::vec(any_command(), 0..60)) {
+            let mut a = ClusterState::default();
+            let mut b = ClusterState::default();
+            let ra: Vec<_> = cmds.iter().cloned().map(|c| a.apply(c)).collect();
+            let rb = b.apply(Command::Batch(cmds));
+            prop_assert_eq!(Response::Batch(ra), rb);
+            prop_assert_eq!(&a, &b);
+            let bytes = postcard::to_allocvec(&a).unwrap();
+            let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(a, back);
+        }
+
+        /// Incarnations never go down and terminal jobs never change.
+        #[test]
+        fn monotonic_invariants(cmds in proptest::collection::vec(any_command(), 0..80)) {
+            let mut s = ClusterState::default();
+            for c in cmds {
+                let before = s.clone();
+                s.apply(c);
+                for (id, n) in &before.nodes {
+                    prop_assert!(s.nodes[id].incarnation >= n.incarnation);
+                }
+                for (id, j) in &before.jobs {
+                    if j.status.is_terminal() {
+                        prop_assert_eq!(&s.jobs[id], j);
+                    }
+                }
+            }
+        }
+    }
+}

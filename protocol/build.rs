@@ -1,0 +1,14 @@
+//! Compiles `proto/` with the pure-Rust `protox` compiler (no system protoc). With the `grpc`
+//! feature off only the prost messages are generated, so the crate builds without tokio.
+use std::io::Result;
+
+fn main() -> Result<()> {
+    println!("cargo:rerun-if-changed=proto");
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
+    let fds = protox::compile(["rayctl/v1/cluster.proto"], ["proto"])
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    tonic_prost_build::configure()
+        .build_client(grpc)
+        .build_server(grpc)
+        .compile_fds(fds)
+}

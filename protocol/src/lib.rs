@@ -1,0 +1,35 @@
+//! The wire contract of the cluster: generated protobuf messages (and, with the `grpc`
+//! feature, the tonic clients and servers), the id newtypes, the error-code mapping, the
+//! cluster-token check and `HeadClient`, the retrying client every process uses to reach the
+//! heads.
+//!
+//! Invariant: with default features this crate has no tokio in its dependency tree
+//! (`tests/no_tokio.rs`), so pure crates such as `scheduler` may depend on it.
+
+pub mod error;
+pub mod ids;
+
+#[cfg(feature = "grpc")]
+pub mod auth;
+#[cfg(feature = "grpc")]
+pub mod client;
+#[cfg(feature = "grpc")]
+pub mod server;
+
+/// Generated protobuf types of package `rayctl.v1`.
+#[allow(unreachable_pub, clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/rayctl.v1.rs"));
+}
+
+pub use error::RpcError;
+pub use ids::{NodeId, RaftId};
+
+/// Largest gRPC message any of our servers or clients accepts. Larger ones are answered with
+/// RESOURCE_EXHAUSTED.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Environment variable holding the cluster token (alternative to `--auth-token-file`).
+pub const AUTH_TOKEN_ENV: &str = "RAYCTL_AUTH_TOKEN";
+/// Environment variable holding the head addresses, comma separated.
+pub const ADDRESS_ENV: &str = "RAYCTL_ADDRESS";
