@@ -1,1 +1,343 @@
-//! placeholder
+//! The multi-process fixture every fault test builds on: N heads and M worker nodes started
+//! from the real `rayctl` binary on free loopback ports, each with its own data dir under one
+//! temp dir; SIGKILL / SIGSTOP / SIGCONT / restart any of them; poll with deadlines.
+//!
+//! Invariant: dropping a `Cluster` kills every process it started (SIGKILL after SIGCONT, so
+//! stopped ones die too) and removes its temp dir, also when the test panics.
+//!
+//! The binary is `$RAYCTL_BIN`, else `rayctl` beside the test executable's target dir
+//! (`cargo build -p rayctl` first; `scripts/test` does).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use protocol::auth::AuthToken;
+use protocol::client::{ClientOptions, HeadClient};
+use serde_json::Value;
+
+/// Path of the `rayctl` binary under test.
+pub fn rayctl_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("RAYCTL_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> or target/<profile>/<bench>
+    for dir in exe.ancestors().skip(1).take(3) {
+        let cand = dir.join("rayctl");
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    bail!("rayctl binary not found near {}; run `cargo build -p rayctl` (or set RAYCTL_BIN)", exe.display())
+}
+
+/// A free loopback port (bound once, then released for the process to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// One daemon process (`rayctl start --block …`) and how to start it again.
+pub struct Proc {
+    pub name: String,
+    args: Vec<String>,
+    ready_file: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// What the daemon reported when it became ready (ports, ids).
+    pub ready: Value,
+}
+
+impl Proc {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        let pid = self.pid().context("process is not running")?;
+        kill(Pid::from_raw(pid), sig).with_context(|| format!("kill -{sig} {}", self.name))
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+pub struct ClusterOptions {
+    pub heads: usize,
+    pub nodes: usize,
+    pub token: Option<String>,
+    pub health_period: Duration,
+    pub health_threshold: u32,
+    pub snapshot_interval: u64,
+    pub node_cpus: f64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            heads: 1,
+            nodes: 0,
+            token: None,
+            health_period: Duration::from_millis(500),
+            health_threshold: 5,
+            snapshot_interval: 5000,
+            node_cpus: 1.0,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub heads: Vec<Proc>,
+    pub nodes: Vec<Proc>,
+    pub head_addrs: Vec<String>,
+    pub token: Option<String>,
+    bin: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in self.heads.iter_mut().chain(self.nodes.iter_mut()) {
+            p.kill9();
+        }
+        // The heads' node daemons die with their head (PR_SET_PDEATHSIG); make sure.
+        let marker = self.dir.path().display().to_string();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.filter_map(Result::ok) {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmd).contains(&marker) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts `opts.heads` heads (one group) and `opts.nodes` worker nodes, and waits until
+    /// every one of them is ready.
+    pub fn start(opts: ClusterOptions) -> Result<Self> {
+        let bin = rayctl_bin()?;
+        let dir = tempfile::Builder::new().prefix("rayctl-chaos-").tempdir()?;
+        let ports: Vec<u16> = (0..opts.heads).map(|_| free_port()).collect();
+        let head_addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut c = Cluster { dir, heads: Vec::new(), nodes: Vec::new(), head_addrs: head_addrs.clone(), token: opts.token.clone(), bin };
+        let token_args = match &opts.token {
+            Some(t) => {
+                let f = c.dir.path().join("token");
+                std::fs::write(&f, t)?;
+                vec![format!("--auth-token-file={}", f.display())]
+            }
+            None => vec![],
+        };
+        for (i, port) in ports.iter().enumerate() {
+            let mut args = vec![
+                "--head".to_string(),
+                format!("--port={port}"),
+                "--dashboard-port=0".into(),
+                format!("--peers={}", head_addrs.join(",")),
+                format!("--data-dir={}", c.dir.path().join(format!("head-{i}")).display()),
+                format!("--health-check-period={}ms", opts.health_period.as_millis()),
+                format!("--health-check-failure-threshold={}", opts.health_threshold),
+                format!("--raft-snapshot-interval={}", opts.snapshot_interval),
+                "--num-cpus=1".into(),
+                "--memory=1GiB".into(),
+            ];
+            args.extend(token_args.clone());
+            let p = c.spawn(&format!("head-{i}"), args)?;
+            c.heads.push(p);
+        }
+        for i in 0..opts.nodes {
+            let mut args = vec![
+                format!("--address={}", head_addrs.join(",")),
+                format!("--data-dir={}", c.dir.path().join(format!("node-{i}")).display()),
+                format!("--num-cpus={}", opts.node_cpus),
+                "--memory=1GiB".into(),
+                format!("--resources={{\"node{i}\": 1}}"),
+            ];
+            args.extend(token_args.clone());
+            let p = c.spawn(&format!("node-{i}"), args)?;
+            c.nodes.push(p);
+        }
+        for i in 0..c.heads.len() {
+            c.wait_ready(true, i)?;
+        }
+        for i in 0..c.nodes.len() {
+            c.wait_ready(false, i)?;
+        }
+        Ok(c)
+    }
+
+    fn spawn(&self, name: &str, mut args: Vec<String>) -> Result<Proc> {
+        let ready_file = self.dir.path().join(format!("{name}.ready.json"));
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut full = vec!["start".to_string(), "--block".into()];
+        full.append(&mut args);
+        full.push(format!("--ready-file={}", ready_file.display()));
+        full.push(format!("--session-dir={}", self.dir.path().join(format!("{name}-session")).display()));
+        let mut p = Proc { name: name.into(), args: full, ready_file, log, child: None, ready: Value::Null };
+        self.launch(&mut p)?;
+        Ok(p)
+    }
+
+    fn launch(&self, p: &mut Proc) -> Result<()> {
+        let _ = std::fs::remove_file(&p.ready_file);
+        std::fs::create_dir_all(self.dir.path().join(format!("{}-session", p.name)).join("logs"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&p.log)?;
+        let child = Command::new(&self.bin)
+            .args(&p.args)
+            .env("RAYCTL_TMPDIR", self.dir.path())
+            .env_remove(protocol::AUTH_TOKEN_ENV)
+            .env_remove(protocol::ADDRESS_ENV)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", p.name))?;
+        p.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, head: bool, i: usize) -> Result<()> {
+        let p = if head { &mut self.heads[i] } else { &mut self.nodes[i] };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(b) = std::fs::read(&p.ready_file) {
+                if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+                    p.ready = v;
+                    return Ok(());
+                }
+            }
+            if let Some(c) = p.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    p.child = None;
+                    bail!("{} exited before ready ({st}):\n{}", p.name, p.log_tail());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready within 60s:\n{}", p.name, p.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts head `i` again with its original arguments and data dir.
+    pub fn restart_head(&mut self, i: usize) -> Result<()> {
+        self.heads[i].kill9();
+        let mut p = std::mem::replace(&mut self.heads[i], placeholder());
+        let r = self.launch(&mut p);
+        self.heads[i] = p;
+        r?;
+        self.wait_ready(true, i)
+    }
+
+    /// Starts worker node `i` again with its original arguments and data dir.
+    pub fn restart_node(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].kill9();
+        let mut p = std::mem::replace(&mut self.nodes[i], placeholder());
+        let r = self.launch(&mut p);
+        self.nodes[i] = p;
+        r?;
+        self.wait_ready(false, i)
+    }
+
+    pub fn auth(&self) -> Option<AuthToken> {
+        self.token.as_deref().and_then(|t| AuthToken::new(t, "test").ok())
+    }
+
+    /// A client holding every head address.
+    pub fn client(&self) -> HeadClient {
+        self.client_for(&self.head_addrs, ClientOptions::default())
+    }
+
+    pub fn client_for(&self, addrs: &[String], opts: ClientOptions) -> HeadClient {
+        HeadClient::new(addrs, self.auth(), opts).expect("valid addresses")
+    }
+
+    /// Runs `rayctl ARGS` against this cluster and returns (exit code, stdout, stderr).
+    pub fn rayctl(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).env("RAYCTL_TMPDIR", self.dir.path()).env_remove(protocol::ADDRESS_ENV);
+        match &self.token {
+            Some(t) => cmd.env(protocol::AUTH_TOKEN_ENV, t),
+            None => cmd.env_remove(protocol::AUTH_TOKEN_ENV),
+        };
+        let out = cmd.output().context("run rayctl")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// `rayctl status -o json --address ADDR` (ADDR: one head, or all when `None`).
+    pub fn status(&self, via: Option<usize>) -> Result<Value> {
+        let addr = match via {
+            Some(i) => self.head_addrs[i].clone(),
+            None => self.head_addrs.join(","),
+        };
+        let (code, out, err) = self.rayctl(&["status", "-o", "json", "--timeout", "5s", "--address", &addr])?;
+        if code != 0 {
+            bail!("rayctl status exited {code}: {err}");
+        }
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Index of the current leader in `heads`, once one is elected and serving.
+    pub fn wait_leader(&self, timeout: Duration) -> Result<usize> {
+        wait_for("a leader", timeout, || {
+            let s = self.status(None).ok()?;
+            let l = s["leader"].as_str()?.to_string();
+            self.head_addrs.iter().position(|a| *a == l)
+        })
+    }
+
+    /// Nodes in `status` with the given state.
+    pub fn nodes_in_state(status: &Value, state: &str) -> Vec<Value> {
+        status["nodes"].as_array().map(|a| a.iter().filter(|n| n["state"] == state).cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn placeholder() -> Proc {
+    Proc { name: String::new(), args: vec![], ready_file: PathBuf::new(), log: PathBuf::new(), child: None, ready: Value::Null }
+}

@@ -32,11 +32,15 @@ pub struct ClientOptions {
     /// Budget of one attempt.
     pub rpc_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Cap of the exponential backoff between attempts.
+    pub max_backoff: Duration,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { deadline: Duration::from_secs(10), rpc_timeout: Duration::from_secs(3), connect_timeout: Duration::from_secs(1) }
+        Self { deadline: Duration::from_secs(10), rpc_timeout: Duration::from_secs(3), connect_timeout: Duration::from_secs(1),
+            max_backoff: Duration::from_millis(500),
+        }
     }
 }
 
@@ -227,7 +231,7 @@ impl HeadClient {
             if !redirected {
                 let left = self.opts.deadline.saturating_sub(start.elapsed());
                 tokio::time::sleep(backoff.min(left)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(self.opts.max_backoff);
             }
         }
     }

@@ -57,15 +57,28 @@ async fn rpc_metrics(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
-    let too_large = h.get("grpc-status").is_some_and(|v| v == "11")
-        && h.get("grpc-message").and_then(|v| v.to_str().ok()).is_some_and(|m| m.contains("too large"));
-    if too_large {
-        h.insert("grpc-status", HeaderValue::from_static("8"));
-    }
+    remap_too_large(h);
     let code = h.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
+    // tonic reports a decode failure in the trailers: remap there too.
+    let resp = resp.map(|b| {
+        Body::new(http_body_util::BodyExt::map_frame(b, |mut f| {
+            if let Some(t) = f.trailers_mut() {
+                remap_too_large(t);
+            }
+            f
+        }))
+    });
     metrics::histogram!(RPC_LATENCY, "method" => method.clone()).record(start.elapsed().as_secs_f64());
     metrics::counter!(RPC_REQUESTS, "method" => method, "code" => code).increment(1);
     resp
+}
+
+fn remap_too_large(h: &mut axum::http::HeaderMap) {
+    let too_large = h.get("grpc-status").is_some_and(|v| v == "11")
+        && h.get("grpc-message").and_then(|v| v.to_str().ok()).is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if too_large {
+        h.insert("grpc-status", HeaderValue::from_static("8"));
+    }
 }
 
 /// The axum router serving `routes` (gRPC) behind the token check and RPC metrics.

@@ -1,1 +1,44 @@
-fn main() {}
+//! `rayctl`: the one binary users install. Thin: parses options, sets up tracing and the
+//! metrics recorder, and calls the libraries' `start`/clients.
+//!
+//! Exit codes: 0 ok, 1 failed, 2 usage, 3 cluster unreachable, 4 not found.
+
+mod cli;
+mod daemon;
+mod session;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code_for(&e))
+        }
+    }
+}
+
+/// Maps an error to the documented exit code.
+fn exit_code_for(e: &anyhow::Error) -> u8 {
+    use protocol::client::ClientError;
+    use protocol::RpcError;
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<ClientError>() {
+            return match c {
+                ClientError::Unreachable { .. } => 3,
+                ClientError::Rpc(RpcError::NotFound(_)) => 4,
+                ClientError::Rpc(RpcError::InvalidArgument(_)) => 2,
+                ClientError::Rpc(_) => 1,
+            };
+        }
+        if cause.downcast_ref::<session::NoCluster>().is_some() {
+            return 3;
+        }
+    }
+    1
+}

@@ -1,0 +1,67 @@
+//! Keeps the node registered: register, then heartbeat every period the control plane asked
+//! for; when the control plane says this incarnation is fenced (declared dead) or unknown,
+//! register anew and carry on with the new incarnation.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::client::{ClientError, HeadClient};
+use protocol::{pb, RpcError};
+
+use crate::NodeShared;
+
+pub(crate) async fn run(
+    client: HeadClient,
+    node: Arc<NodeShared>,
+    resources: BTreeMap<String, f64>,
+    labels: BTreeMap<String, String>,
+    is_head: bool,
+) {
+    let register = pb::RegisterNodeRequest {
+        node_id: node.node_id.to_string(),
+        address: node.address.clone(),
+        ports: Some(node.ports),
+        resources_total: resources.clone().into_iter().collect(),
+        labels: labels.into_iter().collect(),
+        is_head,
+    };
+    loop {
+        let reply = match client.call(|mut c| { let r = register.clone(); async move { c.register_node(r).await } }).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("registration failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        node.incarnation.store(reply.incarnation, Ordering::Release);
+        crate::metrics::registered(reply.incarnation);
+        tracing::info!(incarnation = reply.incarnation, "registered with the control plane");
+        let period = Duration::from_millis(reply.heartbeat_period_ms.clamp(10, 60_000));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let hb = pb::HeartbeatRequest {
+                node_id: node.node_id.to_string(),
+                incarnation: reply.incarnation,
+                // No leases yet: everything registered is available.
+                resources_available: resources.clone().into_iter().collect(),
+            };
+            match client.call(|mut c| { let hb = hb.clone(); async move { c.heartbeat(hb).await } }).await {
+                Ok(_) => crate::metrics::heartbeat("ok"),
+                Err(ClientError::Rpc(RpcError::Fenced(msg))) | Err(ClientError::Rpc(RpcError::NotFound(msg))) => {
+                    crate::metrics::heartbeat("fenced");
+                    tracing::warn!("control plane fenced this node ({msg}); registering anew");
+                    break;
+                }
+                Err(e) => {
+                    crate::metrics::heartbeat("error");
+                    tracing::warn!("heartbeat failed: {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The clap tree and the dispatch to each command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "rayctl", version, about = "Start, stop and inspect a rayctl cluster")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Start a head (`--head`) or a worker node (`--address`) on this machine.
+    Start(Box<StartArgs>),
+    /// Stop every daemon `rayctl start` started on this machine.
+    Stop(StopArgs),
+    /// Show the heads and nodes of the cluster.
+    Status(StatusArgs),
+    /// Cluster administration.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum OperatorCommand {
+    /// Raft group membership of the heads.
+    Raft {
+        #[command(subcommand)]
+        command: RaftCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum RaftCommand {
+    /// List the heads in the Raft group.
+    ListPeers(ClientArgs),
+    /// Add a head (started with `--join`, or not yet started) as a voter.
+    AddPeer {
+        /// The new head's advertised HOST:PORT.
+        peer: String,
+        /// Add it as a non-voting learner only.
+        #[arg(long)]
+        learner: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a head from the Raft group.
+    RemovePeer {
+        /// The head's advertised HOST:PORT.
+        peer: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ClientArgs {
+    /// Head addresses HOST:PORT[,HOST:PORT…]; default RAYCTL_ADDRESS, then the local session.
+    #[arg(long)]
+    pub(crate) address: Option<String>,
+    /// File holding the cluster token (or set RAYCTL_AUTH_TOKEN).
+    #[arg(long)]
+    pub(crate) auth_token_file: Option<PathBuf>,
+    /// Give up after this long (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Duration,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub(crate) output: Output,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StopArgs {
+    /// SIGKILL at once instead of SIGTERM and a grace period.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// How long to wait for a graceful exit before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) grace: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct StartArgs {
+    /// Start a head: a control-plane replica plus a node daemon.
+    #[arg(long, conflicts_with = "address")]
+    pub(crate) head: bool,
+    /// Head addresses to join as a worker node: HOST:PORT[,HOST:PORT…].
+    #[arg(long, required_unless_present = "head")]
+    pub(crate) address: Option<String>,
+    /// The head's gRPC port (0 picks a free one).
+    #[arg(long, default_value_t = 6379)]
+    pub(crate) port: u16,
+    /// The head's HTTP port (/metrics; the Jobs API later). 0 picks a free one.
+    #[arg(long, default_value_t = 8265)]
+    pub(crate) dashboard_port: u16,
+    /// Every head's HOST:PORT, this one included, to form a 3- or 5-head group.
+    #[arg(long, requires = "head")]
+    pub(crate) peers: Option<String>,
+    /// Existing heads to join as a new head (the group adds it as a voter).
+    #[arg(long, requires = "head", conflicts_with = "peers")]
+    pub(crate) join: Option<String>,
+    /// Durable state: the Raft log of a head, the identity of a node.
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// The address this machine advertises to the others (never guessed).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) node_ip_address: String,
+    /// The interface servers listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) bind_host: String,
+    #[arg(long)]
+    pub(crate) num_cpus: Option<f64>,
+    #[arg(long)]
+    pub(crate) num_gpus: Option<f64>,
+    /// Memory for tasks, e.g. 4GiB or a byte count.
+    #[arg(long)]
+    pub(crate) memory: Option<String>,
+    /// Custom resources as JSON, e.g. '{"accel": 2}'.
+    #[arg(long)]
+    pub(crate) resources: Option<String>,
+    /// Node labels as JSON, e.g. '{"zone": "a"}'.
+    #[arg(long)]
+    pub(crate) labels: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) node_manager_port: u16,
+    /// Reserved for the object manager (object-store issue); not bound yet.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) object_manager_port: u16,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) metrics_export_port: u16,
+    /// File holding the cluster token (or set RAYCTL_AUTH_TOKEN).
+    #[arg(long)]
+    pub(crate) auth_token_file: Option<PathBuf>,
+    /// Stay in the foreground (systemd, containers).
+    #[arg(long)]
+    pub(crate) block: bool,
+    /// Expected node heartbeat period (heads).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) health_check_period: Duration,
+    /// Missed heartbeat periods before a node is declared dead (heads).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) health_check_failure_threshold: u32,
+    /// Snapshot the Raft state (and compact the log) every this many entries (heads).
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) raft_snapshot_interval: u64,
+    /// Where the daemon reports its bound ports once ready (used by `rayctl start` itself).
+    #[arg(long, hide = true)]
+    pub(crate) ready_file: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    pub(crate) session_dir: Option<PathBuf>,
+    /// This node daemon belongs to a head (started by the head process).
+    #[arg(long, hide = true)]
+    pub(crate) head_node: bool,
+}
+
+pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Start(args) => crate::daemon::start(*args),
+        Command::Stop(args) => crate::daemon::stop(args),
+        Command::Status(args) => runtime()?.block_on(crate::status::status(args.client)),
+        Command::Operator { command: OperatorCommand::Raft { command } } => {
+            runtime()?.block_on(crate::status::raft(command))
+        }
+    }
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

@@ -1,0 +1,446 @@
+//! `rayctl start` and `rayctl stop`.
+//!
+//! Process model (DESIGN §1): a head is two processes, the control-plane replica (this
+//! process, in `--block` mode) and its node daemon (a child `rayctl start --address … --block`
+//! that the kernel kills if the head process dies, as if the machine died). A worker node is
+//! one process. Without `--block`, `rayctl start` re-runs itself with `--block` in a new
+//! session (setsid), waits until the daemon reports its bound ports in a ready file, prints
+//! them and exits.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use protocol::auth::AuthToken;
+use serde_json::{json, Value};
+
+use crate::cli::{StartArgs, StopArgs};
+use crate::session::{self, DaemonRecord};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(crate) fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
+    validate(&args)?;
+    if args.block {
+        init_tracing();
+        let rt = crate::cli::runtime()?;
+        rt.block_on(run_blocking(args))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    launch_background(args)
+}
+
+fn validate(a: &StartArgs) -> anyhow::Result<()> {
+    let peers = a.peers.as_deref().map(protocol::client::HeadClient::parse_addresses).unwrap_or_default();
+    if a.peers.is_some() && a.port == 0 {
+        bail!("--peers needs a fixed --port (the others must know this head's address)");
+    }
+    if !peers.is_empty() && ![1, 3, 5, 7].contains(&peers.len()) {
+        bail!("--peers lists {} heads; use an odd number (1, 3, 5 or 7) so a majority survives failures", peers.len());
+    }
+    for p in &peers {
+        protocol::ids::validate_address(p).with_context(|| format!("bad --peers entry {p:?}"))?;
+    }
+    if let Some(a) = &a.address {
+        for h in protocol::client::HeadClient::parse_addresses(a) {
+            protocol::ids::validate_address(&h).with_context(|| format!("bad --address entry {h:?}"))?;
+        }
+    }
+    resources(a)?;
+    labels(a)?;
+    AuthToken::load(a.auth_token_file.as_deref())?;
+    if a.health_check_period.is_zero() || a.health_check_failure_threshold == 0 {
+        bail!("--health-check-period and --health-check-failure-threshold must be positive");
+    }
+    Ok(())
+}
+
+fn total_memory_bytes() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
+/// The node's resources: CPU, GPU, memory and custom ones.
+fn resources(a: &StartArgs) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut r: BTreeMap<String, f64> = match &a.resources {
+        Some(j) => serde_json::from_str(j).with_context(|| format!("--resources {j:?}: expected a JSON object of numbers"))?,
+        None => BTreeMap::new(),
+    };
+    for k in ["CPU", "GPU", "memory"] {
+        if r.contains_key(k) {
+            bail!("--resources must not set {k}; use --num-cpus, --num-gpus or --memory");
+        }
+    }
+    let cpus = a.num_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64));
+    r.insert("CPU".into(), cpus);
+    if let Some(g) = a.num_gpus {
+        r.insert("GPU".into(), g);
+    }
+    let mem = match &a.memory {
+        Some(m) => m
+            .parse::<bytesize::ByteSize>()
+            .map_err(|e| anyhow::anyhow!("--memory {m:?}: {e}; expected a size like 4GiB or 1000000"))?
+            .as_u64() as f64,
+        None => (total_memory_bytes().unwrap_or(0.0) * 0.7).floor(),
+    };
+    r.insert("memory".into(), mem);
+    r.retain(|_, v| *v != 0.0);
+    scheduler_check(&r)?;
+    Ok(r)
+}
+
+fn scheduler_check(r: &BTreeMap<String, f64>) -> anyhow::Result<()> {
+    for (k, v) in r {
+        if !v.is_finite() || *v < 0.0 || k.is_empty() {
+            bail!("resource {k:?} = {v}: expected a name and a finite, non-negative amount");
+        }
+    }
+    Ok(())
+}
+
+fn labels(a: &StartArgs) -> anyhow::Result<BTreeMap<String, String>> {
+    match &a.labels {
+        Some(j) => serde_json::from_str(j).with_context(|| format!("--labels {j:?}: expected a JSON object of strings")),
+        None => Ok(BTreeMap::new()),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RAYCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Installs the Prometheus recorder for this process and returns its renderer.
+fn install_metrics() -> anyhow::Result<Arc<dyn Fn() -> String + Send + Sync>> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(control_plane::metrics::RAFT_FLUSH_BATCH.into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+        )?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(Arc::new(move || handle.render()))
+}
+
+fn default_data_dir(a: &StartArgs) -> PathBuf {
+    if a.head {
+        session::base_dir().join("data").join(format!("head-{}", a.port))
+    } else {
+        session::base_dir().join("data").join("node")
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+/// Removes this daemon's record from `daemons/` when it exits normally.
+struct RecordGuard(Option<PathBuf>);
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn run_blocking(args: StartArgs) -> anyhow::Result<()> {
+    let render = install_metrics()?;
+    let token = AuthToken::load(args.auth_token_file.as_deref())?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(&args));
+    let session_dir = match &args.session_dir {
+        Some(s) => s.clone(),
+        None if args.head_node => data_dir.clone(),
+        None => session::new_session()?,
+    };
+    if args.head {
+        run_head(args, data_dir, session_dir, token, render).await
+    } else {
+        run_node(args, data_dir, session_dir, token, render).await
+    }
+}
+
+async fn run_node(
+    args: StartArgs,
+    data_dir: PathBuf,
+    session_dir: PathBuf,
+    token: Option<AuthToken>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> anyhow::Result<()> {
+    let heads = protocol::client::HeadClient::parse_addresses(args.address.as_deref().unwrap_or_default());
+    let mut opts = node::NodeOptions::new(heads.clone(), data_dir);
+    opts.bind_host = args.bind_host.clone();
+    opts.advertise_host = args.node_ip_address.clone();
+    opts.node_manager_port = args.node_manager_port;
+    opts.metrics_export_port = args.metrics_export_port;
+    opts.resources = resources(&args)?;
+    opts.labels = labels(&args)?;
+    opts.is_head = args.head_node;
+    opts.token = token;
+    opts.metrics = Some(render);
+    let node = node::start(opts).await?;
+    let _record = if args.head_node {
+        RecordGuard(None)
+    } else {
+        session::write_cluster_file(&session_dir, &heads)?;
+        RecordGuard(Some(session::register_daemon(&DaemonRecord {
+            pid: std::process::id(),
+            kind: "node".into(),
+            address: node.address.clone(),
+            session: session_dir.clone(),
+        })?))
+    };
+    let ready = json!({
+        "kind": "node",
+        "pid": std::process::id(),
+        "node_id": node.node_id.to_string(),
+        "address": node.address,
+        "node_manager_port": node.node_manager_port,
+        "metrics_export_port": node.metrics_export_port,
+        "session_dir": session_dir,
+    });
+    if let Some(f) = &args.ready_file {
+        session::write_atomic(f, serde_json::to_string(&ready)?.as_bytes())?;
+    }
+    wait_for_signal().await?;
+    tracing::info!("stopping node");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn run_head(
+    args: StartArgs,
+    data_dir: PathBuf,
+    session_dir: PathBuf,
+    token: Option<AuthToken>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> anyhow::Result<()> {
+    let mut opts = control_plane::HeadOptions::new(data_dir.clone());
+    opts.bind_host = args.bind_host.clone();
+    opts.advertise_host = args.node_ip_address.clone();
+    opts.port = args.port;
+    opts.dashboard_port = args.dashboard_port;
+    opts.peers = args.peers.as_deref().map(protocol::client::HeadClient::parse_addresses).unwrap_or_default();
+    opts.join = args.join.as_deref().map(protocol::client::HeadClient::parse_addresses).unwrap_or_default();
+    opts.token = token;
+    opts.health = control_plane::HealthConfig {
+        period: args.health_check_period,
+        failure_threshold: args.health_check_failure_threshold,
+    };
+    opts.snapshot_every = args.raft_snapshot_interval.max(10);
+    opts.metrics = Some(render);
+    let head = control_plane::start(opts.clone()).await?;
+    let mut heads = if opts.peers.is_empty() { vec![head.address.clone()] } else { opts.peers.clone() };
+    for j in &opts.join {
+        if !heads.contains(j) {
+            heads.push(j.clone());
+        }
+    }
+    session::write_cluster_file(&session_dir, &heads)?;
+
+    // The head's node daemon: a child process the kernel kills with us.
+    let node_ready = session_dir.join(format!("node-ready-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&node_ready);
+    let mut child_args = vec![
+        "start".to_string(),
+        "--block".into(),
+        "--head-node".into(),
+        format!("--address={}", heads.join(",")),
+        format!("--data-dir={}", data_dir.join("node").display()),
+        format!("--session-dir={}", session_dir.display()),
+        format!("--ready-file={}", node_ready.display()),
+        format!("--node-ip-address={}", args.node_ip_address),
+        format!("--bind-host={}", args.bind_host),
+        format!("--node-manager-port={}", args.node_manager_port),
+        format!("--object-manager-port={}", args.object_manager_port),
+        format!("--metrics-export-port={}", args.metrics_export_port),
+    ];
+    for (flag, v) in [
+        ("--num-cpus", args.num_cpus.map(|v| v.to_string())),
+        ("--num-gpus", args.num_gpus.map(|v| v.to_string())),
+        ("--memory", args.memory.clone()),
+        ("--resources", args.resources.clone()),
+        ("--labels", args.labels.clone()),
+        ("--auth-token-file", args.auth_token_file.as_ref().map(|p| p.display().to_string())),
+    ] {
+        if let Some(v) = v {
+            child_args.push(format!("{flag}={v}"));
+        }
+    }
+    let log = std::fs::File::create(session_dir.join("logs").join(format!("node-{}.log", std::process::id())))
+        .or_else(|_| std::fs::File::create(session_dir.join(format!("node-{}.log", std::process::id()))))
+        .context("cannot create the node daemon's log file")?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(&child_args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the head's node daemon")?;
+    let node_info = wait_ready(&node_ready, &mut child, READY_TIMEOUT)?;
+
+    let _record = RecordGuard(Some(session::register_daemon(&DaemonRecord {
+        pid: std::process::id(),
+        kind: "head".into(),
+        address: head.address.clone(),
+        session: session_dir.clone(),
+    })?));
+    let ready = json!({
+        "kind": "head",
+        "pid": std::process::id(),
+        "address": head.address,
+        "raft_id": head.raft_id.to_string(),
+        "port": head.port,
+        "dashboard_port": head.dashboard_port,
+        "heads": heads,
+        "session_dir": session_dir,
+        "node": node_info,
+    });
+    if let Some(f) = &args.ready_file {
+        session::write_atomic(f, serde_json::to_string(&ready)?.as_bytes())?;
+    }
+    wait_for_signal().await?;
+    tracing::info!("stopping head");
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    head.shutdown().await;
+    Ok(())
+}
+
+/// Waits for a daemon's ready file; fails early if the daemon exits.
+fn wait_ready(path: &Path, child: &mut std::process::Child, timeout: Duration) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(b) = std::fs::read(path) {
+            if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+                let _ = std::fs::remove_file(path);
+                return Ok(v);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the daemon exited before it was ready ({status})");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the daemon was not ready within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn launch_background(args: StartArgs) -> anyhow::Result<ExitCode> {
+    let session_dir = session::new_session()?;
+    let kind = if args.head { "head" } else { "node" };
+    let ready = session_dir.join(format!("{kind}-ready.json"));
+    let log_path = session_dir.join("logs").join(format!("{kind}.log"));
+    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(std::env::args_os().skip(1))
+        .arg("--block")
+        .arg(format!("--ready-file={}", ready.display()))
+        .arg(format!("--session-dir={}", session_dir.display()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the daemon leaves our session and terminal.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let mut child = cmd.spawn().context("cannot start the daemon")?;
+    let info = match wait_ready(&ready, &mut child, READY_TIMEOUT) {
+        Ok(v) => v,
+        Err(e) => {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{e}; its log {} ends with:\n{}", log_path.display(), tail.join("\n"));
+        }
+    };
+    if args.head {
+        let addr = info["address"].as_str().unwrap_or_default();
+        let heads = info["heads"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","));
+        let heads = heads.unwrap_or_else(|| addr.to_string());
+        println!("Started a head at {addr} (pid {}).", info["pid"]);
+        println!("  dashboard and /metrics: http://{}:{}", args.node_ip_address, info["dashboard_port"]);
+        println!("  node {} on port {}", info["node"]["node_id"].as_str().unwrap_or("?"), info["node"]["node_manager_port"]);
+        println!("  logs: {}", session_dir.join("logs").display());
+        println!("To add a worker node:  rayctl start --address {heads}");
+        println!("To see the cluster:    rayctl status");
+        println!("To stop everything:    rayctl stop");
+    } else {
+        println!(
+            "Started node {} at {} (pid {}); logs in {}",
+            info["node_id"].as_str().unwrap_or("?"),
+            info["address"].as_str().unwrap_or("?"),
+            info["pid"],
+            session_dir.join("logs").display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn is_rayctl(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("rayctl"))
+        .unwrap_or(false)
+}
+
+pub(crate) fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
+    let daemons = session::list_daemons();
+    let mut live = Vec::new();
+    for (path, rec) in daemons {
+        if is_rayctl(rec.pid) {
+            let sig = if args.force { Signal::SIGKILL } else { Signal::SIGTERM };
+            let _ = kill(Pid::from_raw(rec.pid as i32), sig);
+            live.push((path, rec));
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let deadline = Instant::now() + args.grace;
+    while Instant::now() < deadline && live.iter().any(|(_, r)| is_rayctl(r.pid)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut killed = 0;
+    for (path, rec) in &live {
+        if is_rayctl(rec.pid) {
+            let _ = kill(Pid::from_raw(rec.pid as i32), Signal::SIGKILL);
+            killed += 1;
+        }
+        let _ = std::fs::remove_file(path);
+        eprintln!("stopped {} {} (pid {})", rec.kind, rec.address, rec.pid);
+    }
+    eprintln!("Stopped {} daemon(s){}.", live.len(), if killed > 0 { format!(", {killed} with SIGKILL") } else { String::new() });
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,204 @@
+//! `rayctl status` and `rayctl operator raft …`: clients of the control plane.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use protocol::auth::AuthToken;
+use protocol::client::{ClientOptions, HeadClient};
+use protocol::pb;
+use serde_json::{json, Value};
+
+use crate::cli::{ClientArgs, Output, RaftCommand};
+
+pub(crate) fn client(args: &ClientArgs) -> anyhow::Result<HeadClient> {
+    let heads = crate::session::resolve_heads(args.address.as_deref())?;
+    let token = AuthToken::load(args.auth_token_file.as_deref())?;
+    let opts = ClientOptions { deadline: args.timeout, ..Default::default() };
+    Ok(HeadClient::new(&heads, token, opts)?)
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::NodeState::try_from(s) {
+        Ok(pb::NodeState::Alive) => "ALIVE",
+        Ok(pb::NodeState::Dead) => "DEAD",
+        _ => "UNKNOWN",
+    }
+}
+
+fn sorted(m: &std::collections::HashMap<String, f64>) -> BTreeMap<String, f64> {
+    m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+pub(crate) fn status_json(s: &pb::ClusterStatus) -> Value {
+    json!({
+        "leader": s.leader,
+        "term": s.term,
+        "commit_index": s.commit_index,
+        "heads": s.heads.iter().map(|h| {
+            let p = h.ports.unwrap_or_default();
+            json!({
+                "address": h.address,
+                "role": h.role,
+                "raft_id": h.raft_id.to_string(),
+                "term": h.term,
+                "last_log_index": h.last_log_index,
+                "last_applied": h.last_applied,
+                "ports": {"port": p.port, "dashboard_port": p.dashboard_port},
+            })
+        }).collect::<Vec<_>>(),
+        "nodes": s.nodes.iter().map(|n| {
+            let p = n.ports.unwrap_or_default();
+            json!({
+                "node_id": n.node_id,
+                "address": n.address,
+                "state": state_name(n.state),
+                "incarnation": n.incarnation,
+                "is_head": n.is_head,
+                "resources_total": sorted(&n.resources_total),
+                "resources_available": sorted(&n.resources_available),
+                "labels": n.labels.iter().collect::<BTreeMap<_, _>>(),
+                "ports": {
+                    "node_manager_port": p.node_manager_port,
+                    "object_manager_port": p.object_manager_port,
+                    "metrics_export_port": p.metrics_export_port,
+                },
+                "registered_at_ms": n.registered_at_ms,
+                "dead_at_ms": n.dead_at_ms,
+                "death_reason": n.death_reason,
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn fmt_amount(name: &str, v: f64) -> String {
+    if name == "memory" || name.ends_with("memory") {
+        bytesize::ByteSize::b(v as u64).to_string()
+    } else {
+        format!("{v}")
+    }
+}
+
+fn status_text(s: &pb::ClusterStatus) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "======== Cluster status ========");
+    let _ = writeln!(o, "Leader: {} (term {}, commit index {})", s.leader, s.term, s.commit_index);
+    let _ = writeln!(o, "Heads\n---------------------------------------------------------------");
+    for h in &s.heads {
+        let p = h.ports.unwrap_or_default();
+        let _ = writeln!(
+            o,
+            " {:<22} {:<11} applied {:<8} dashboard :{}",
+            h.address, h.role, h.last_applied, p.dashboard_port
+        );
+    }
+    let alive: Vec<_> = s.nodes.iter().filter(|n| n.state == pb::NodeState::Alive as i32).collect();
+    let dead: Vec<_> = s.nodes.iter().filter(|n| n.state != pb::NodeState::Alive as i32).collect();
+    let _ = writeln!(o, "Node status\n---------------------------------------------------------------");
+    let _ = writeln!(o, "Active:");
+    for n in &alive {
+        let _ = writeln!(o, " 1 node_{} {}{} (incarnation {})", n.node_id, n.address, if n.is_head { " head" } else { "" }, n.incarnation);
+    }
+    if alive.is_empty() {
+        let _ = writeln!(o, " (no active nodes)");
+    }
+    let _ = writeln!(o, "Dead:");
+    for n in &dead {
+        let _ = writeln!(o, " 1 node_{} {}: {}", n.node_id, n.address, n.death_reason);
+    }
+    if dead.is_empty() {
+        let _ = writeln!(o, " (no dead nodes)");
+    }
+    let mut total: BTreeMap<String, f64> = BTreeMap::new();
+    let mut avail: BTreeMap<String, f64> = BTreeMap::new();
+    for n in &alive {
+        for (k, v) in &n.resources_total {
+            *total.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &n.resources_available {
+            *avail.entry(k.clone()).or_default() += v;
+        }
+    }
+    let _ = writeln!(o, "Resources\n---------------------------------------------------------------\nUsage:");
+    for (k, t) in &total {
+        let used = t - avail.get(k).copied().unwrap_or(0.0);
+        let _ = writeln!(o, " {}/{} {k}", fmt_amount(k, used), fmt_amount(k, *t));
+    }
+    o
+}
+
+pub(crate) async fn status(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let c = client(&args)?;
+    let s = c
+        .call(|mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await })
+        .await
+        .context("cannot get the cluster status")?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status_json(&s))?),
+        Output::Text => print!("{}", status_text(&s)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_peers(p: &pb::RaftPeers, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => {
+            let v = json!({
+                "term": p.term,
+                "leader": p.leader,
+                "peers": p.peers.iter().map(|x| json!({
+                    "raft_id": x.raft_id.to_string(),
+                    "address": x.address,
+                    "voter": x.voter,
+                    "leader": x.leader,
+                    "matched_index": x.matched_index,
+                })).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Text => {
+            println!("{:<22} {:<20} {:<8} {:<8} {}", "Address", "ID", "Voter", "Leader", "Matched");
+            for x in &p.peers {
+                println!(
+                    "{:<22} {:<20} {:<8} {:<8} {}",
+                    x.address,
+                    x.raft_id,
+                    x.voter,
+                    x.leader,
+                    x.matched_index.map_or("-".to_string(), |m| m.to_string())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn raft(cmd: RaftCommand) -> anyhow::Result<ExitCode> {
+    let (args, peers) = match cmd {
+        RaftCommand::ListPeers(args) => {
+            let c = client(&args)?;
+            let p = c.call(|mut c| async move { c.raft_list_peers(pb::RaftListPeersRequest {}).await }).await?;
+            (args, p)
+        }
+        RaftCommand::AddPeer { peer, learner, client: args } => {
+            let mut args = args;
+            // Catching up a new head can take a while.
+            args.timeout = args.timeout.max(std::time::Duration::from_secs(30));
+            let c = client(&args)?;
+            let opts = ClientOptions { rpc_timeout: args.timeout, deadline: args.timeout, ..Default::default() };
+            let c = c.with_options(opts);
+            let req = pb::RaftAddPeerRequest { address: peer, learner_only: learner };
+            let p = c.call(|mut c| { let r = req.clone(); async move { c.raft_add_peer(r).await } }).await?;
+            (args, p)
+        }
+        RaftCommand::RemovePeer { peer, client: args } => {
+            let c = client(&args)?;
+            let req = pb::RaftRemovePeerRequest { address: peer };
+            let p = c.call(|mut c| { let r = req.clone(); async move { c.raft_remove_peer(r).await } }).await?;
+            (args, p)
+        }
+    };
+    print_peers(&peers, args.output)?;
+    Ok(ExitCode::SUCCESS)
+}
