@@ -1,1 +1,69 @@
-fn main() {}
+//! Benchmarks of the hot paths over real processes. Prints one JSON line per figure:
+//! `{"name": …, "value": …, "unit": …}`; baselines (e.g. the disk's fsync rate) are measured
+//! in the same run so figures can be quoted as ratios.
+//!
+//! `cargo run --release -p bench -- control-plane` (add `--smoke` for the quick CI run).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+
+mod control_plane;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    All,
+    ControlPlane,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "rayctl benchmarks (JSON lines on stdout)")]
+struct Args {
+    #[arg(value_enum)]
+    suite: Suite,
+    /// A short run that only proves the benchmark works (CI).
+    #[arg(long)]
+    smoke: bool,
+}
+
+pub(crate) fn emit(name: &str, value: f64, unit: &str) {
+    println!("{}", serde_json::json!({ "name": name, "value": (value * 1000.0).round() / 1000.0, "unit": unit }));
+}
+
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Under `cargo run`, (re)build the rayctl binary of the same profile so the figures are of
+/// the current code.
+fn ensure_rayctl() -> Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else { return Ok(()) };
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "rayctl"]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().context("cargo build -p rayctl")?;
+    if !st.success() {
+        bail!("cargo build -p rayctl failed");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure_rayctl()?;
+    let started = Instant::now();
+    match args.suite {
+        Suite::All | Suite::ControlPlane => control_plane::run(args.smoke)?,
+    }
+    eprintln!("bench finished in {:.1?}", started.elapsed());
+    let _ = Duration::ZERO;
+    Ok(())
+}

@@ -26,23 +26,30 @@ pub(crate) struct ClusterFile {
     pub(crate) heads: Vec<String>,
 }
 
-/// Creates a new session dir and points `session_latest` at it.
+/// Creates a new session dir. `session_latest` moves to it once its daemon is up
+/// (`write_cluster_file`), so a daemon that fails to start never hides a running cluster.
 pub(crate) fn new_session() -> anyhow::Result<PathBuf> {
     let base = base_dir();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     let dir = base.join(format!("session_{now}_{}", std::process::id()));
     std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn point_latest_at(dir: &Path) -> anyhow::Result<()> {
+    let base = base_dir();
     let latest = base.join("session_latest");
     let tmp = base.join(format!(".session_latest.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(&dir, &tmp).context("cannot link session_latest")?;
+    std::os::unix::fs::symlink(dir, &tmp).context("cannot link session_latest")?;
     std::fs::rename(&tmp, &latest).context("cannot link session_latest")?;
-    Ok(dir)
+    Ok(())
 }
 
 pub(crate) fn write_cluster_file(session: &Path, heads: &[String]) -> anyhow::Result<()> {
     let f = ClusterFile { heads: heads.to_vec() };
-    write_atomic(&session.join("cluster.json"), &serde_json::to_vec_pretty(&f)?)
+    write_atomic(&session.join("cluster.json"), &serde_json::to_vec_pretty(&f)?)?;
+    point_latest_at(session)
 }
 
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

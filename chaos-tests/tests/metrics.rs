@@ -1,0 +1,83 @@
+//! Every process's `/metrics` is scraped by a real Prometheus (Debian's `prometheus`
+//! package; `.ci/run` installs it) and the control plane's series arrive.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chaos_tests::{free_port, wait_for, Cluster, ClusterOptions};
+use serde_json::Value;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn query(port: u16, q: &str) -> Option<Vec<Value>> {
+    let url = format!("http://127.0.0.1:{port}/api/v1/query");
+    let mut resp = ureq::get(&url).query("query", q).call().ok()?;
+    let body: Value = serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()?;
+    body["data"]["result"].as_array().cloned()
+}
+
+fn values(results: &[Value]) -> Vec<f64> {
+    results.iter().filter_map(|r| r["value"][1].as_str()?.parse().ok()).collect()
+}
+
+#[test]
+fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
+    let bin = which("prometheus").context("the `prometheus` binary is required (apt-get install prometheus; .ci/run does)")?;
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, ..Default::default() })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    let head = &c.heads[0].ready;
+    let targets = [
+        format!("127.0.0.1:{}", head["dashboard_port"]),
+        format!("127.0.0.1:{}", head["node"]["metrics_export_port"]),
+        format!("127.0.0.1:{}", c.nodes[0].ready["metrics_export_port"]),
+    ];
+    let cfg = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: rayctl\n    static_configs:\n      - targets: [{}]\n",
+        targets.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", ")
+    );
+    let cfg_path = c.path().join("prometheus.yml");
+    std::fs::write(&cfg_path, cfg)?;
+    let port = free_port();
+    let log = std::fs::File::create(c.path().join("prometheus.log"))?;
+    let _prom = KillOnDrop(
+        Command::new(bin)
+            .arg(format!("--config.file={}", cfg_path.display()))
+            .arg(format!("--storage.tsdb.path={}", c.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    wait_for("all 3 targets up", Duration::from_secs(60), || {
+        let up = values(&query(port, "up")?);
+        (up.len() == 3 && up.iter().all(|v| *v == 1.0)).then_some(())
+    })?;
+    wait_for("the leader's series", Duration::from_secs(30), || {
+        let leader = values(&query(port, "rayctl_raft_is_leader")?);
+        let term = values(&query(port, "rayctl_raft_term")?);
+        let applied = values(&query(port, "rayctl_raft_applied_index")?);
+        let alive = values(&query(port, "rayctl_nodes{state=\"ALIVE\"}")?);
+        (leader == [1.0] && term.first().is_some_and(|t| *t >= 1.0) && applied.first().is_some_and(|a| *a >= 1.0) && alive == [2.0])
+            .then_some(())
+    })?;
+    wait_for("node and rpc series", Duration::from_secs(30), || {
+        let hb = values(&query(port, "sum(rayctl_node_heartbeats_total{result=\"ok\"})")?);
+        let rpc = query(port, "rayctl_rpc_latency_seconds_count{method=\"Heartbeat\"}")?;
+        let append = values(&query(port, "rayctl_raft_append_latency_seconds_count")?);
+        (hb.first().is_some_and(|v| *v >= 1.0) && !rpc.is_empty() && append.first().is_some_and(|v| *v >= 1.0)).then_some(())
+    })?;
+    Ok(())
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(name)).find(|p| p.is_file())
+}
