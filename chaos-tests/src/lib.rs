@@ -257,6 +257,27 @@ impl Cluster {
         }
     }
 
+    /// Starts a new head that joins the existing group with `--join` (it asks the leader to
+    /// add it as a voter). Returns its index in `heads`.
+    pub fn add_joining_head(&mut self) -> Result<usize> {
+        let i = self.heads.len();
+        let port = free_port();
+        let args = vec![
+            "--head".to_string(),
+            format!("--port={port}"),
+            "--dashboard-port=0".into(),
+            format!("--join={}", self.head_addrs.join(",")),
+            format!("--data-dir={}", self.dir.path().join(format!("head-{i}")).display()),
+            "--num-cpus=1".into(),
+            "--memory=1GiB".into(),
+        ];
+        let p = self.spawn(&format!("head-{i}"), args)?;
+        self.heads.push(p);
+        self.head_addrs.push(format!("127.0.0.1:{port}"));
+        self.wait_ready(true, i)?;
+        Ok(i)
+    }
+
     /// Starts head `i` again with its original arguments and data dir.
     pub fn restart_head(&mut self, i: usize) -> Result<()> {
         self.heads[i].kill9();

@@ -39,22 +39,27 @@ impl GrpcRaftNetworkFactory {
 pub struct GrpcRaftNetwork {
     target: u64,
     node: BasicNode,
+    token: Option<AuthToken>,
     client: Result<Client, String>,
+}
+
+fn connect(addr: &str, token: Option<AuthToken>) -> Result<Client, String> {
+    let opts = ClientOptions { rpc_timeout: std::time::Duration::from_secs(10), ..Default::default() };
+    channel(addr, &opts)
+        .map(|ch| {
+            RaftClient::with_interceptor(ch, ClientAuth(token))
+                .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES)
+        })
+        .map_err(|e| e.to_string())
 }
 
 impl RaftNetworkFactory<TypeConfig> for GrpcRaftNetworkFactory {
     type Network = GrpcRaftNetwork;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GrpcRaftNetwork {
-        let opts = ClientOptions { rpc_timeout: std::time::Duration::from_secs(10), ..Default::default() };
-        let client = channel(&node.addr, &opts)
-            .map(|ch| {
-                RaftClient::with_interceptor(ch, ClientAuth(self.token.clone()))
-                    .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES)
-            })
-            .map_err(|e| e.to_string());
-        GrpcRaftNetwork { target, node: node.clone(), client }
+        let client = connect(&node.addr, self.token.clone());
+        GrpcRaftNetwork { target, node: node.clone(), token: self.token.clone(), client }
     }
 }
 
@@ -87,6 +92,11 @@ impl GrpcRaftNetwork {
             "vote" => client.vote(request).await,
             _ => client.install_snapshot(request).await,
         };
+        if reply.is_err() {
+            // Dial afresh next time: a channel that saw its peer die may sit in reconnect
+            // backoff and stall the next vote, which is exactly when the peer is back.
+            self.client = connect(&self.node.addr, self.token.clone());
+        }
         let reply = reply.map_err(|s| {
             let e = Msg(format!("{kind} to {} ({}): {}", self.target, self.node.addr, s.message()));
             match s.code() {
