@@ -280,22 +280,22 @@ impl Cluster {
 
     /// Starts head `i` again with its original arguments and data dir.
     pub fn restart_head(&mut self, i: usize) -> Result<()> {
-        self.heads[i].kill9();
-        let mut p = std::mem::replace(&mut self.heads[i], placeholder());
-        let r = self.launch(&mut p);
-        self.heads[i] = p;
-        r?;
-        self.wait_ready(true, i)
+        self.restart(true, i)
     }
 
     /// Starts worker node `i` again with its original arguments and data dir.
     pub fn restart_node(&mut self, i: usize) -> Result<()> {
-        self.nodes[i].kill9();
-        let mut p = std::mem::replace(&mut self.nodes[i], placeholder());
+        self.restart(false, i)
+    }
+
+    fn restart(&mut self, head: bool, i: usize) -> Result<()> {
+        let list = if head { &mut self.heads } else { &mut self.nodes };
+        list[i].kill9();
+        let mut p = std::mem::replace(&mut list[i], placeholder());
         let r = self.launch(&mut p);
-        self.nodes[i] = p;
+        if head { self.heads[i] = p } else { self.nodes[i] = p }
         r?;
-        self.wait_ready(false, i)
+        self.wait_ready(head, i)
     }
 
     pub fn auth(&self) -> Option<AuthToken> {

@@ -29,9 +29,9 @@ use openraft::{BasicNode, Config, SnapshotPolicy};
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient};
 use protocol::pb;
+use protocol::server::Listeners;
 use protocol::RaftId;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use leader::HealthConfig;
@@ -42,8 +42,7 @@ use crate::network::GrpcRaftNetworkFactory;
 use crate::service::{ControlPlaneService, HeadShared, RaftTransportService};
 use crate::sm_store::StateMachineStore;
 
-/// Renders the process's Prometheus metrics (installed by the binary).
-pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+pub use protocol::server::MetricsRender;
 
 #[derive(Clone)]
 pub struct HeadOptions {
@@ -98,24 +97,18 @@ pub struct RunningHead {
     pub port: u16,
     pub dashboard_port: u16,
     pub raft: types::Raft,
-    shutdown: watch::Sender<bool>,
+    listeners: Listeners,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningHead {
     /// Stops serving and stops Raft.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.listeners.stop();
         let _ = self.raft.shutdown().await;
         for t in self.tasks {
             t.abort();
         }
-    }
-
-    /// Resolves when a shutdown was requested.
-    pub async fn stopped(&self) {
-        let mut rx = self.shutdown.subscribe();
-        let _ = rx.wait_for(|s| *s).await;
     }
 }
 
@@ -179,10 +172,6 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         token: opts.token.clone(),
     });
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let routes = tonic::service::Routes::new(
         pb::control_plane_server::ControlPlaneServer::new(ControlPlaneService(shared.clone()))
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
@@ -193,25 +182,8 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
+    let listeners = Listeners::spawn(grpc, routes, http, opts.metrics.clone(), opts.token.clone());
     let mut tasks = Vec::new();
-    let grpc_router = protocol::server::grpc_router(routes, opts.token.clone());
-    let rx = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = protocol::server::serve(grpc, grpc_router, stop(rx)).await {
-            tracing::error!("gRPC server stopped: {e}");
-        }
-    }));
-    let render = opts.metrics.clone();
-    let http_router = protocol::server::with_token(
-        protocol::server::metrics_route(move || render.as_ref().map(|r| r()).unwrap_or_default()),
-        opts.token.clone(),
-    );
-    let rx = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = protocol::server::serve(http, http_router, stop(rx)).await {
-            tracing::error!("dashboard server stopped: {e}");
-        }
-    }));
     tasks.push(tokio::spawn(leader::supervise(shared.clone(), opts.health)));
     tasks.push(tokio::spawn(commit_index_metric(raft.clone())));
 
@@ -230,7 +202,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
     }
 
     tracing::info!(%address, raft_id, port, dashboard_port, "head started");
-    Ok(RunningHead { address, raft_id, port, dashboard_port, raft, shutdown: stop_tx, tasks })
+    Ok(RunningHead { address, raft_id, port, dashboard_port, raft, listeners, tasks })
 }
 
 /// Asks an existing group to add this head, until it does.

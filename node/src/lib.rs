@@ -21,13 +21,12 @@ use anyhow::Context;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient};
 use protocol::pb::{self, node_manager_server::NodeManager};
+use protocol::server::Listeners;
 use protocol::NodeId;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Renders the process's Prometheus metrics (installed by the binary).
-pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+pub use protocol::server::MetricsRender;
 
 #[derive(Clone)]
 pub struct NodeOptions {
@@ -81,7 +80,7 @@ pub struct RunningNode {
     pub metrics_export_port: u16,
     shared: Arc<NodeShared>,
     client: HeadClient,
-    shutdown: watch::Sender<bool>,
+    listeners: Listeners,
     tasks: Vec<JoinHandle<()>>,
     _lock: identity::IdentityLock,
 }
@@ -94,7 +93,6 @@ impl RunningNode {
 
     /// Stops serving; tells the control plane this node is going away (best effort, 2 s).
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
         let incarnation = self.incarnation();
         if incarnation > 0 {
             let c = self.client.with_options(ClientOptions { deadline: Duration::from_secs(2), ..Default::default() });
@@ -107,6 +105,7 @@ impl RunningNode {
                 tracing::warn!("could not unregister: {e}");
             }
         }
+        self.listeners.stop();
         for t in self.tasks {
             t.abort();
         }
@@ -130,16 +129,17 @@ impl NodeManager for NodeManagerService {
     }
 }
 
+/// Validates a node's resources (names and amounts) with the scheduler's rules.
+pub fn check_resources(r: &BTreeMap<String, f64>) -> Result<(), scheduler::ResourceError> {
+    scheduler::ResourceSet::from_map(r.iter().map(|(k, v)| (k.as_str(), *v))).map(|_| ())
+}
+
 /// Starts the node daemon: takes the identity in `data_dir`, binds its ports, serves, and
 /// keeps itself registered with the control plane.
 pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     metrics::describe();
     let (lock, node_id) = identity::acquire(&opts.data_dir)?;
-    for (k, v) in &opts.resources {
-        if !v.is_finite() || *v < 0.0 {
-            anyhow::bail!("resource {k} = {v}: expected a finite, non-negative amount");
-        }
-    }
+    check_resources(&opts.resources)?;
     let client = HeadClient::new(&opts.heads, opts.token.clone(), ClientOptions::default())
         .context("bad head addresses")?;
     let nm = TcpListener::bind((opts.bind_host.as_str(), opts.node_manager_port))
@@ -162,33 +162,12 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         incarnation: AtomicU64::new(0),
     });
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let mut tasks = Vec::new();
     let routes = tonic::service::Routes::new(
         pb::node_manager_server::NodeManagerServer::new(NodeManagerService(shared.clone()))
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
-    let router = protocol::server::grpc_router(routes, opts.token.clone());
-    let rx = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = protocol::server::serve(nm, router, stop(rx)).await {
-            tracing::error!("node manager server stopped: {e}");
-        }
-    }));
-    let render = opts.metrics.clone();
-    let http = protocol::server::with_token(
-        protocol::server::metrics_route(move || render.as_ref().map(|r| r()).unwrap_or_default()),
-        opts.token.clone(),
-    );
-    let rx = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = protocol::server::serve(mx, http, stop(rx)).await {
-            tracing::error!("metrics server stopped: {e}");
-        }
-    }));
+    let listeners = Listeners::spawn(nm, routes, mx, opts.metrics.clone(), opts.token.clone());
+    let mut tasks = Vec::new();
     tasks.push(tokio::spawn(registration::run(
         client.clone(),
         shared.clone(),
@@ -204,7 +183,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         metrics_export_port,
         shared,
         client,
-        shutdown: stop_tx,
+        listeners,
         tasks,
         _lock: lock,
     })

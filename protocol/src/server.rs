@@ -120,3 +120,49 @@ pub async fn serve(
     });
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
+
+/// Renders a process's Prometheus metrics (the binary installs the recorder).
+pub type MetricsRender = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The running listeners of one daemon: gRPC on one port, HTTP (`/metrics`, later REST) on
+/// another, both behind the token check. `stop` ends both gracefully.
+pub struct Listeners {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Listeners {
+    /// Serves `routes` on `grpc` and `/metrics` rendered by `metrics` on `http`.
+    pub fn spawn(
+        grpc: TcpListener,
+        routes: tonic::service::Routes,
+        http: TcpListener,
+        metrics: Option<MetricsRender>,
+        token: Option<AuthToken>,
+    ) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let http_router = with_token(metrics_route(move || metrics.as_ref().map(|r| r()).unwrap_or_default()), token.clone());
+        let grpc_router = grpc_router(routes, token);
+        let mut tasks = Vec::new();
+        for (name, listener, router) in [("gRPC", grpc, grpc_router), ("HTTP", http, http_router)] {
+            let stopped = until_stopped(rx.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = serve(listener, router, stopped).await {
+                    tracing::error!("{name} server stopped: {e}");
+                }
+            }));
+        }
+        Self { stop, tasks }
+    }
+
+    /// Stops accepting and ends both servers.
+    pub fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}

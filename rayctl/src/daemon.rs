@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use protocol::auth::AuthToken;
+use protocol::server::MetricsRender;
 use serde_json::{json, Value};
 
 use crate::cli::{StartArgs, StopArgs};
@@ -92,17 +93,8 @@ fn resources(a: &StartArgs) -> anyhow::Result<BTreeMap<String, f64>> {
     };
     r.insert("memory".into(), mem);
     r.retain(|_, v| *v != 0.0);
-    scheduler_check(&r)?;
+    node::check_resources(&r)?;
     Ok(r)
-}
-
-fn scheduler_check(r: &BTreeMap<String, f64>) -> anyhow::Result<()> {
-    for (k, v) in r {
-        if !v.is_finite() || *v < 0.0 || k.is_empty() {
-            bail!("resource {k:?} = {v}: expected a name and a finite, non-negative amount");
-        }
-    }
-    Ok(())
 }
 
 fn labels(a: &StartArgs) -> anyhow::Result<BTreeMap<String, String>> {
@@ -119,7 +111,7 @@ fn init_tracing() {
 }
 
 /// Installs the Prometheus recorder for this process and returns its renderer.
-fn install_metrics() -> anyhow::Result<Arc<dyn Fn() -> String + Send + Sync>> {
+fn install_metrics() -> anyhow::Result<MetricsRender> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])?
         .set_buckets_for_metric(
@@ -177,20 +169,24 @@ async fn run_blocking(args: StartArgs) -> anyhow::Result<()> {
         None if args.head_node => data_dir.clone(),
         None => session::new_session()?,
     };
+    let env = DaemonEnv { data_dir, session_dir, token, render };
     if args.head {
-        run_head(args, data_dir, session_dir, token, render).await
+        run_head(args, env).await
     } else {
-        run_node(args, data_dir, session_dir, token, render).await
+        run_node(args, env).await
     }
 }
 
-async fn run_node(
-    args: StartArgs,
+/// What every daemon gets besides its flags.
+struct DaemonEnv {
     data_dir: PathBuf,
     session_dir: PathBuf,
     token: Option<AuthToken>,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> anyhow::Result<()> {
+    render: MetricsRender,
+}
+
+async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
+    let DaemonEnv { data_dir, session_dir, token, render } = env;
     let heads = protocol::client::HeadClient::parse_addresses(args.address.as_deref().unwrap_or_default());
     let mut opts = node::NodeOptions::new(heads.clone(), data_dir);
     opts.bind_host = args.bind_host.clone();
@@ -232,13 +228,8 @@ async fn run_node(
     Ok(())
 }
 
-async fn run_head(
-    args: StartArgs,
-    data_dir: PathBuf,
-    session_dir: PathBuf,
-    token: Option<AuthToken>,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> anyhow::Result<()> {
+async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
+    let DaemonEnv { data_dir, session_dir, token, render } = env;
     let mut opts = control_plane::HeadOptions::new(data_dir.clone());
     opts.bind_host = args.bind_host.clone();
     opts.advertise_host = args.node_ip_address.clone();
