@@ -97,9 +97,9 @@ fn leader_kill_loses_no_acknowledged_write_and_the_head_catches_up() -> Result<(
     })?;
     let failover = first_after - killed_at;
     eprintln!("failover: first write acknowledged {failover:?} after kill -9 of the leader");
-    // Goal: 2 s (see `bench -- control-plane`, cp_failover_s_*); the bound here is looser so a
-    // loaded CI machine does not flake.
-    assert!(failover < Duration::from_secs(8), "new leader took {failover:?}");
+    // The bound. Typical here: about 1 s (heartbeat 50 ms, election 250–500 ms,
+    // leader lease 500 ms); `bench -- control-plane` reports p50/p99.
+    assert!(failover < Duration::from_secs(2), "new leader took {failover:?}");
     wait_for("more writes", Duration::from_secs(20), || (acked.lock().unwrap().len() >= 400).then_some(()))?;
     stop.store(true, Ordering::Relaxed);
     rt.block_on(writer)?;

@@ -82,8 +82,8 @@ impl HeadOptions {
             join: Vec::new(),
             token: None,
             health: HealthConfig::default(),
-            raft_heartbeat: Duration::from_millis(100),
-            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            raft_heartbeat: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(250), Duration::from_millis(500)),
             snapshot_every: 5000,
             metrics: None,
         }
@@ -161,6 +161,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         .await
         .context("cannot start raft")?;
 
+    let (proposals, proposal_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(HeadShared {
         raft: raft.clone(),
         state: reader,
@@ -170,6 +171,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         ports: pb::HeadPorts { port: port.into(), dashboard_port: dashboard_port.into() },
         heartbeat_period: opts.health.period,
         token: opts.token.clone(),
+        proposals,
     });
 
     let routes = tonic::service::Routes::new(
@@ -184,6 +186,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
     );
     let listeners = Listeners::spawn(grpc, routes, http, opts.metrics.clone(), opts.token.clone());
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(service::run_proposer(shared.clone(), proposal_rx)));
     tasks.push(tokio::spawn(leader::supervise(shared.clone(), opts.health)));
     tasks.push(tokio::spawn(commit_index_metric(raft.clone())));
 

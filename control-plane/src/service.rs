@@ -17,6 +17,7 @@ use protocol::client::{self, ClientOptions};
 use protocol::ids::validate_address;
 use protocol::pb::{self, control_plane_server::ControlPlane, raft_server};
 use protocol::{NodeId, RaftId, RpcError};
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::sm_store::StateReader;
@@ -44,6 +45,7 @@ pub(crate) struct HeadShared {
     pub(crate) ports: pb::HeadPorts,
     pub(crate) heartbeat_period: Duration,
     pub(crate) token: Option<AuthToken>,
+    pub(crate) proposals: mpsc::UnboundedSender<Proposal>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -88,8 +90,18 @@ impl HeadShared {
         }
     }
 
-    /// Commits `cmd` through Raft and returns what `apply` answered.
+    /// Commits `cmd` through Raft and returns what `apply` answered. Concurrent proposals
+    /// are batched into one log entry by the proposer task (`run_proposer`).
     pub(crate) async fn propose(&self, cmd: Command) -> Result<SmResponse, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.proposals
+            .send((cmd, tx))
+            .map_err(|_| Status::from(RpcError::Unavailable("the head is shutting down".into())))?;
+        rx.await.map_err(|_| Status::from(RpcError::Unavailable("the head is shutting down".into())))?
+    }
+
+    /// One Raft write, unbatched.
+    async fn write(&self, cmd: Command) -> Result<SmResponse, Status> {
         match self.raft.client_write(cmd).await {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -212,6 +224,58 @@ fn check_kv(namespace: &str, key: &[u8]) -> Result<(), Status> {
         return Err(invalid(format!("kv key must be 1..={MAX_KV_KEY} bytes, got {}", key.len())));
     }
     Ok(())
+}
+
+/// A proposal waiting for its batch.
+pub(crate) type Proposal = (Command, oneshot::Sender<Result<SmResponse, Status>>);
+
+/// Most batches in flight at once: while they commit, new proposals queue up and form the
+/// next batch, so concurrent clients share log entries (and fsyncs and RPCs).
+const BATCHES_IN_FLIGHT: usize = 4;
+const MAX_BATCH: usize = 1024;
+
+/// Turns queued proposals into batched Raft writes (`Command::Batch`), pipelined.
+pub(crate) async fn run_proposer(shared: Arc<HeadShared>, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            crate::metrics::record_proposal_batch(batch.len());
+            if batch.len() == 1 {
+                let (cmd, reply) = batch.pop().expect("one proposal");
+                let _ = reply.send(shared.write(cmd).await);
+                return;
+            }
+            let (cmds, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            match shared.write(Command::Batch(cmds)).await {
+                Ok(SmResponse::Batch(rs)) if rs.len() == replies.len() => {
+                    for (r, reply) in rs.into_iter().zip(replies) {
+                        let _ = reply.send(Ok(r));
+                    }
+                }
+                Ok(other) => {
+                    let e = Status::from(RpcError::Internal(format!("unexpected batch result {other:?}")));
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// The `ControlPlane` gRPC service.

@@ -115,8 +115,8 @@ fn install_metrics() -> anyhow::Result<MetricsRender> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])?
         .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(control_plane::metrics::RAFT_FLUSH_BATCH.into()),
-            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+            metrics_exporter_prometheus::Matcher::Suffix("_batch_size".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0],
         )?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
