@@ -127,9 +127,23 @@ fn killing_every_head_keeps_all_acknowledged_state() -> Result<()> {
     let rt = rt();
     let _enter = rt.enter();
     let client = c.client();
-    for k in 0..300u64 {
-        let req = put(k);
-        rt.block_on(client.call(|mut c| { let r = req.clone(); async move { c.kv_put(r).await } }))?;
+    // 16 concurrent writers, so the leader batches them into shared log entries; every
+    // reply must still belong to its own write.
+    let writers: Vec<_> = (0..16u64)
+        .map(|w| {
+            let client = client.clone();
+            rt.spawn(async move {
+                for k in (w..300).step_by(16) {
+                    let req = put(k);
+                    let r = client.call(|mut c| { let r = req.clone(); async move { c.kv_put(r).await } }).await?;
+                    assert!(r.written, "overwrite=true always writes");
+                }
+                Ok::<_, protocol::client::ClientError>(())
+            })
+        })
+        .collect();
+    for w in writers {
+        rt.block_on(w)??;
     }
     let before = wait_for("the worker registered", Duration::from_secs(30), || {
         let s = c.status(None).ok()?;

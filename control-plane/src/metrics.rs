@@ -12,6 +12,7 @@ pub const RAFT_LAST_LOG_INDEX: &str = "rayctl_raft_last_log_index";
 pub const RAFT_LEADER_CHANGES: &str = "rayctl_raft_leader_changes_total";
 pub const RAFT_APPEND_LATENCY: &str = "rayctl_raft_append_latency_seconds";
 pub const RAFT_FLUSH_BATCH: &str = "rayctl_raft_log_flush_batch_size";
+pub const RAFT_COMMIT_LATENCY: &str = "rayctl_raft_commit_latency_seconds";
 pub const PROPOSAL_BATCH: &str = "rayctl_raft_proposal_batch_size";
 pub const RAFT_SNAPSHOT_BYTES: &str = "rayctl_raft_snapshot_bytes";
 pub const NODES: &str = "rayctl_nodes";
@@ -26,6 +27,7 @@ pub fn describe() {
     describe_counter!(RAFT_LEADER_CHANGES, "times this head saw the leader change");
     describe_histogram!(RAFT_APPEND_LATENCY, Unit::Seconds, "log append to durable (fsync done), per append");
     describe_histogram!(RAFT_FLUSH_BATCH, Unit::Count, "appends made durable by one fsync (group commit)");
+    describe_histogram!(RAFT_COMMIT_LATENCY, Unit::Seconds, "Raft write proposed → committed and applied, on the leader");
     describe_histogram!(PROPOSAL_BATCH, Unit::Count, "client commands carried by one Raft log entry");
     describe_gauge!(RAFT_SNAPSHOT_BYTES, Unit::Bytes, "size of the last snapshot built");
     describe_gauge!(NODES, "nodes in the node table, by state (leader only)");
@@ -35,6 +37,10 @@ pub fn describe() {
 
 pub(crate) fn record_log_flush(appends: usize) {
     histogram!(RAFT_FLUSH_BATCH).record(appends as f64);
+}
+
+pub(crate) fn record_commit_latency(d: Duration) {
+    histogram!(RAFT_COMMIT_LATENCY).record(d.as_secs_f64());
 }
 
 pub(crate) fn record_proposal_batch(commands: usize) {

@@ -102,7 +102,10 @@ impl HeadShared {
 
     /// One Raft write, unbatched.
     async fn write(&self, cmd: Command) -> Result<SmResponse, Status> {
-        match self.raft.client_write(cmd).await {
+        let started = Instant::now();
+        let result = self.raft.client_write(cmd).await;
+        crate::metrics::record_commit_latency(started.elapsed());
+        match result {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(RpcError::NotLeader { leader: f.leader_node.map(|n| n.addr).or_else(|| self.leader_address(f.leader_id)) }
@@ -229,9 +232,10 @@ fn check_kv(namespace: &str, key: &[u8]) -> Result<(), Status> {
 /// A proposal waiting for its batch.
 pub(crate) type Proposal = (Command, oneshot::Sender<Result<SmResponse, Status>>);
 
-/// Most batches in flight at once: while they commit, new proposals queue up and form the
-/// next batch, so concurrent clients share log entries (and fsyncs and RPCs).
-const BATCHES_IN_FLIGHT: usize = 4;
+/// Most batches in flight at once. One: openraft 0.9 flushes appends one after another, so a
+/// second batch in flight only waits in its queue while it could be growing in ours; measured
+/// on 3 heads with 16 clients, 1 in flight gives 3,400 writes/s against 2,300 with 4.
+const BATCHES_IN_FLIGHT: usize = 1;
 const MAX_BATCH: usize = 1024;
 
 /// Turns queued proposals into batched Raft writes (`Command::Batch`), pipelined.
