@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::auth::{AuthToken, ClientAuth};
 use crate::pb::control_plane_client::ControlPlaneClient;
 use crate::pb::node_manager_client::NodeManagerClient;
+use crate::pb::object_manager_client::ObjectManagerClient;
 use crate::{MAX_MESSAGE_BYTES, RpcError};
 
 pub type CpClient = ControlPlaneClient<InterceptedService<Channel, ClientAuth>>;
@@ -80,6 +81,16 @@ pub fn channel(addr: &str, opts: &ClientOptions) -> Result<Channel, RpcError> {
 /// A node manager client for one node daemon.
 pub fn node_manager(addr: &str, token: Option<AuthToken>, opts: &ClientOptions) -> Result<NmClient, RpcError> {
     Ok(NodeManagerClient::with_interceptor(channel(addr, opts)?, ClientAuth(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// An object manager client for one node (object transfer).
+pub type OmClient = ObjectManagerClient<InterceptedService<Channel, ClientAuth>>;
+
+/// An object manager client for the node whose object manager listens on `addr`.
+pub fn object_manager(addr: &str, token: Option<AuthToken>, opts: &ClientOptions) -> Result<OmClient, RpcError> {
+    Ok(ObjectManagerClient::with_interceptor(channel(addr, opts)?, ClientAuth(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }

@@ -48,22 +48,74 @@ impl FromStr for NodeId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
         let err = || IdError { kind: "node id", value: s.chars().take(80).collect(), expected: "32 lowercase hex characters" };
-        if s.len() != 32 {
-            return Err(err());
+        parse_hex(s).map(Self).ok_or_else(err)
+    }
+}
+
+/// Parses exactly `2 * N` lowercase hex characters.
+fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let hex = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        out[i] = hex(chunk[0])? << 4 | hex(chunk[1])?;
+    }
+    Some(out)
+}
+
+/// Identity of an object: 20 bytes shown as 40 lowercase hex chars. Issue 5 gives it
+/// structure (the creating task's id and a return index, or a put id); the object store only
+/// needs it to be unique per object.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct ObjectId([u8; 20]);
+
+impl ObjectId {
+    pub const LEN: usize = 20;
+    pub const fn from_bytes(b: [u8; 20]) -> Self {
+        Self(b)
+    }
+    pub const fn as_bytes(&self) -> &[u8; 20] {
+        &self.0
+    }
+    /// Parses the 20 raw bytes of a wire `bytes` field.
+    pub fn from_slice(b: &[u8]) -> Result<Self, IdError> {
+        <[u8; 20]>::try_from(b).map(Self).map_err(|_| IdError {
+            kind: "object id",
+            value: format!("{} bytes", b.len()),
+            expected: "20 bytes",
+        })
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
         }
-        let mut out = [0u8; 16];
-        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-            let hex = |c: u8| match c {
-                b'0'..=b'9' => Some(c - b'0'),
-                b'a'..=b'f' => Some(c - b'a' + 10),
-                _ => None,
-            };
-            match (hex(chunk[0]), hex(chunk[1])) {
-                (Some(h), Some(l)) => out[i] = h << 4 | l,
-                _ => return Err(err()),
-            }
-        }
-        Ok(Self(out))
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObjectId({self})")
+    }
+}
+
+impl FromStr for ObjectId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        parse_hex(s).map(Self).ok_or_else(|| IdError {
+            kind: "object id",
+            value: s.chars().take(80).collect(),
+            expected: "40 lowercase hex characters",
+        })
     }
 }
 
@@ -108,6 +160,17 @@ mod tests {
         for bad in ["", "ab", &"AB".repeat(16), &"zz".repeat(16), &"ab".repeat(17)] {
             let e = bad.parse::<NodeId>().unwrap_err();
             assert_eq!(e.kind, "node id", "{bad}");
+        }
+    }
+
+    #[test]
+    fn object_id_round_trips_and_rejects_bad_input() {
+        let id = ObjectId::from_bytes([0x0f; 20]);
+        assert_eq!(id.to_string().parse::<ObjectId>(), Ok(id));
+        assert_eq!(ObjectId::from_slice(id.as_bytes()), Ok(id));
+        assert!(ObjectId::from_slice(&[1; 19]).is_err());
+        for bad in ["", &"0f".repeat(16), &"0F".repeat(20), &"g0".repeat(20)] {
+            assert_eq!(bad.parse::<ObjectId>().unwrap_err().kind, "object id", "{bad}");
         }
     }
 

@@ -23,7 +23,7 @@ pub mod pb {
 }
 
 pub use error::RpcError;
-pub use ids::{NodeId, RaftId};
+pub use ids::{NodeId, ObjectId, RaftId};
 
 /// Largest gRPC message any of our servers or clients accepts. Larger ones are answered with
 /// RESOURCE_EXHAUSTED.
