@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +28,8 @@ pub struct StoreServer {
     path: PathBuf,
     listener: UnixListener,
     stopped: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<UnixStream>>>,
+    /// A clone of each open connection, so `stop` can close them.
+    conns: Arc<Mutex<HashMap<u64, UnixStream>>>,
 }
 
 impl StoreServer {
@@ -39,22 +41,23 @@ impl StoreServer {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let stopped = Arc::new(AtomicBool::new(false));
-        let conns = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(Mutex::new(HashMap::new()));
         let accept = listener.try_clone()?;
         let (s, c) = (stopped.clone(), conns.clone());
         std::thread::Builder::new().name("object-store-accept".into()).spawn(move || {
-            for conn in accept.incoming() {
+            for (n, conn) in accept.incoming().enumerate() {
                 if s.load(Ordering::Acquire) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
                 if let Ok(clone) = conn.try_clone() {
-                    c.lock().unwrap_or_else(|p| p.into_inner()).push(clone);
+                    c.lock().unwrap_or_else(|p| p.into_inner()).insert(n as u64, clone);
                 }
-                let (store, puller) = (store.clone(), puller.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("object-store-conn".into())
-                    .spawn(move || serve_client(&store, conn, puller.as_ref()));
+                let (store, puller, conns) = (store.clone(), puller.clone(), c.clone());
+                let spawned = std::thread::Builder::new().name("object-store-conn".into()).spawn(move || {
+                    serve_client(&store, conn, puller.as_ref());
+                    conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&(n as u64));
+                });
                 if let Err(e) = spawned {
                     tracing::error!("cannot start an object store connection thread: {e}");
                 }
@@ -74,7 +77,7 @@ impl StoreServer {
         let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         // Wake the accept loop on kernels where shutdown does not.
         let _ = UnixStream::connect(&self.path);
-        for c in self.conns.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for (_, c) in self.conns.lock().unwrap_or_else(|p| p.into_inner()).drain() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         let _ = std::fs::remove_file(&self.path);
