@@ -75,6 +75,11 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
         let append = values(&query(port, "rayctl_raft_append_latency_seconds_count")?);
         (hb.first().is_some_and(|v| *v >= 1.0) && !rpc.is_empty() && append.first().is_some_and(|v| *v >= 1.0)).then_some(())
     })?;
+    wait_for("object store series from both nodes", Duration::from_secs(30), || {
+        let cap = values(&query(port, "rayctl_object_store_capacity_bytes")?);
+        let shm = query(port, "ray_object_store_memory{Location=\"MMAP_SHM\"}")?;
+        (cap.len() == 2 && cap.iter().all(|v| *v > 0.0) && shm.len() == 2).then_some(())
+    })?;
     Ok(())
 }
 

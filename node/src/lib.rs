@@ -1,8 +1,9 @@
 //! The node daemon: one per machine (heads run one too). Today it owns the node's identity,
 //! registers with the control plane, heartbeats its available resources (soft state, never
-//! in the Raft log), re-registers when fenced, and serves the `NodeManager` gRPC service and
-//! `/metrics`. Later issues add the worker pool, leases, spillback, the object store host and
-//! the job agent here.
+//! in the Raft log), re-registers when fenced, serves the `NodeManager` gRPC service and
+//! `/metrics`, and hosts the node's object store: the shared-memory store on a Unix socket
+//! for local clients and the `ObjectManager` transfer service on the object manager port.
+//! Later issues add the worker pool, leases, spillback and the job agent here.
 //!
 //! API Boundary: `node` and `control-plane` never depend on each other; they meet only
 //! through `protocol`.
@@ -44,12 +45,45 @@ pub struct NodeOptions {
     pub is_head: bool,
     pub token: Option<AuthToken>,
     pub metrics: Option<MetricsRender>,
+    pub object_store: ObjectStoreOptions,
+}
+
+/// How the node hosts its object store.
+#[derive(Clone, Debug)]
+pub struct ObjectStoreOptions {
+    /// Capacity in bytes; `None`: 30 % of RAM capped by the free space of `plasma_dir`.
+    pub memory: Option<u64>,
+    /// The tmpfs holding the arena (`/dev/shm`).
+    pub plasma_dir: PathBuf,
+    /// Spill files go to a per-process directory under this one, removed on shutdown.
+    pub spill_root: PathBuf,
+    /// The store's Unix socket.
+    pub socket_path: PathBuf,
+    pub object_manager_port: u16,
+    pub transfer_chunk_bytes: u64,
+    pub max_bytes_in_flight: u64,
+}
+
+impl ObjectStoreOptions {
+    /// Defaults for a node whose session directory is `session_dir`.
+    pub fn in_session(session_dir: &std::path::Path) -> Self {
+        Self {
+            memory: None,
+            plasma_dir: PathBuf::from("/dev/shm"),
+            spill_root: session_dir.join("spill"),
+            socket_path: session_dir.join("sockets").join(format!("object_store.{}.sock", std::process::id())),
+            object_manager_port: 0,
+            transfer_chunk_bytes: object_store::transfer::DEFAULT_CHUNK_BYTES,
+            max_bytes_in_flight: object_store::transfer::DEFAULT_MAX_BYTES_IN_FLIGHT,
+        }
+    }
 }
 
 impl NodeOptions {
     pub fn new(heads: Vec<String>, data_dir: PathBuf) -> Self {
         Self {
             heads,
+            object_store: ObjectStoreOptions::in_session(&data_dir),
             data_dir,
             bind_host: "127.0.0.1".into(),
             advertise_host: "127.0.0.1".into(),
@@ -71,6 +105,8 @@ pub(crate) struct NodeShared {
     pub(crate) ports: pb::NodePorts,
     /// 0 until registered.
     pub(crate) incarnation: AtomicU64,
+    pub(crate) object_store_socket: PathBuf,
+    pub(crate) object_store_capacity: u64,
 }
 
 pub struct RunningNode {
@@ -78,6 +114,12 @@ pub struct RunningNode {
     pub address: String,
     pub node_manager_port: u16,
     pub metrics_export_port: u16,
+    pub object_manager_port: u16,
+    pub object_store_socket: PathBuf,
+    pub store: Arc<object_store::Store>,
+    pub puller: Arc<object_store::Puller>,
+    store_server: object_store::StoreServer,
+    spill_dir: PathBuf,
     shared: Arc<NodeShared>,
     client: HeadClient,
     listeners: Listeners,
@@ -109,6 +151,8 @@ impl RunningNode {
         for t in self.tasks {
             t.abort();
         }
+        self.store_server.stop();
+        let _ = std::fs::remove_dir_all(&self.spill_dir);
     }
 }
 
@@ -125,6 +169,8 @@ impl NodeManager for NodeManagerService {
             node_id: self.0.node_id.to_string(),
             incarnation: self.0.incarnation.load(Ordering::Acquire),
             ports: Some(self.0.ports),
+            object_store_socket: self.0.object_store_socket.display().to_string(),
+            object_store_capacity: self.0.object_store_capacity,
         }))
     }
 }
@@ -148,18 +194,25 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     let mx = TcpListener::bind((opts.bind_host.as_str(), opts.metrics_export_port))
         .await
         .with_context(|| format!("cannot bind metrics export port {}:{}", opts.bind_host, opts.metrics_export_port))?;
+    let om = TcpListener::bind((opts.bind_host.as_str(), opts.object_store.object_manager_port))
+        .await
+        .with_context(|| format!("cannot bind object manager port {}:{}", opts.bind_host, opts.object_store.object_manager_port))?;
     let node_manager_port = nm.local_addr()?.port();
     let metrics_export_port = mx.local_addr()?.port();
+    let object_manager_port = om.local_addr()?.port();
     let address = format!("{}:{node_manager_port}", opts.advertise_host);
+    let (store, store_server, spill_dir, puller) = start_object_store(&opts.object_store, opts.token.clone())?;
     let shared = Arc::new(NodeShared {
         node_id,
         address: address.clone(),
         ports: pb::NodePorts {
             node_manager_port: node_manager_port.into(),
-            object_manager_port: 0,
+            object_manager_port: object_manager_port.into(),
             metrics_export_port: metrics_export_port.into(),
         },
         incarnation: AtomicU64::new(0),
+        object_store_socket: store_server.path().to_owned(),
+        object_store_capacity: store.arena().capacity(),
     });
 
     let routes = tonic::service::Routes::new(
@@ -168,6 +221,20 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     );
     let listeners = Listeners::spawn(nm, routes, mx, opts.metrics.clone(), opts.token.clone());
     let mut tasks = Vec::new();
+    let om_routes = tonic::service::Routes::new(object_store::ObjectManagerService::new(store.clone()).into_server());
+    let om_router = protocol::server::grpc_router(om_routes, opts.token.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = protocol::server::serve(om, om_router, std::future::pending()).await {
+            tracing::error!("object manager server stopped: {e}");
+        }
+    }));
+    let s = store.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            object_store::metrics::record(&s.stats());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }));
     tasks.push(tokio::spawn(registration::run(
         client.clone(),
         shared.clone(),
@@ -175,16 +242,54 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         opts.labels.clone(),
         opts.is_head,
     )));
-    tracing::info!(%node_id, %address, metrics_export_port, "node started");
+    tracing::info!(%node_id, %address, metrics_export_port, object_manager_port, socket = %store_server.path().display(), "node started");
     Ok(RunningNode {
         node_id,
         address,
         node_manager_port,
         metrics_export_port,
+        object_manager_port,
+        object_store_socket: store_server.path().to_owned(),
+        store,
+        puller,
+        store_server,
+        spill_dir,
         shared,
         client,
         listeners,
         tasks,
         _lock: lock,
     })
+}
+
+type ObjectStoreParts = (Arc<object_store::Store>, object_store::StoreServer, PathBuf, Arc<object_store::Puller>);
+
+/// Opens the node's store, its socket server and its puller (which serves the socket's `Pull`
+/// requests on this runtime).
+fn start_object_store(o: &ObjectStoreOptions, token: Option<AuthToken>) -> anyhow::Result<ObjectStoreParts> {
+    object_store::metrics::describe();
+    let capacity = o.memory.unwrap_or_else(|| object_store::default_capacity(&o.plasma_dir));
+    anyhow::ensure!(
+        capacity >= 1 << 20,
+        "object store memory of {capacity} bytes is too small: at least 1 MiB (1048576) is needed"
+    );
+    let spill_dir = o.spill_root.join(format!("node-{}", std::process::id()));
+    let cfg = object_store::StoreConfig {
+        capacity,
+        plasma_dir: o.plasma_dir.clone(),
+        spill_dir: spill_dir.clone(),
+        chunk: object_store::arena::DEFAULT_CHUNK,
+    };
+    let store = Arc::new(object_store::Store::open(&cfg).context("cannot open the object store")?);
+    let puller = Arc::new(object_store::Puller::new(
+        store.clone(),
+        object_store::PullerConfig {
+            chunk_bytes: o.transfer_chunk_bytes,
+            max_bytes_in_flight: o.max_bytes_in_flight,
+            token,
+        },
+    ));
+    let server = object_store::StoreServer::start(store.clone(), &o.socket_path, Some(puller.hook(tokio::runtime::Handle::current())))
+        .with_context(|| format!("cannot serve the object store on {}", o.socket_path.display()))?;
+    Ok((store, server, spill_dir, puller))
 }

@@ -141,9 +141,19 @@ pub(crate) struct StartArgs {
     pub(crate) labels: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub(crate) node_manager_port: u16,
-    /// Reserved for the object manager (object-store issue); not bound yet.
+    /// The object manager's port (object transfer between nodes); 0 picks a free one.
     #[arg(long, default_value_t = 0)]
     pub(crate) object_manager_port: u16,
+    /// Object store capacity, e.g. 2GiB (default: 30 % of RAM, capped by the free space of
+    /// the plasma directory). Reserved in chunks as the store fills.
+    #[arg(long)]
+    pub(crate) object_store_memory: Option<String>,
+    /// The tmpfs that holds the object store's shared memory.
+    #[arg(long, default_value = "/dev/shm")]
+    pub(crate) plasma_directory: PathBuf,
+    /// Where objects spill under memory pressure (default: the session directory).
+    #[arg(long)]
+    pub(crate) object_spilling_directory: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub(crate) metrics_export_port: u16,
     /// File holding the cluster token (or set RAYCTL_AUTH_TOKEN).

@@ -97,6 +97,22 @@ fn resources(a: &StartArgs) -> anyhow::Result<BTreeMap<String, f64>> {
     Ok(r)
 }
 
+fn object_store_options(a: &StartArgs, session_dir: &Path) -> anyhow::Result<node::ObjectStoreOptions> {
+    let mut o = node::ObjectStoreOptions::in_session(session_dir);
+    o.object_manager_port = a.object_manager_port;
+    o.plasma_dir = a.plasma_directory.clone();
+    if let Some(dir) = &a.object_spilling_directory {
+        o.spill_root = dir.clone();
+    }
+    if let Some(m) = &a.object_store_memory {
+        let size = m
+            .parse::<bytesize::ByteSize>()
+            .map_err(|e| anyhow::anyhow!("--object-store-memory {m:?}: {e}; expected a size like 2GiB or 100000000"))?;
+        o.memory = Some(size.as_u64());
+    }
+    Ok(o)
+}
+
 fn labels(a: &StartArgs) -> anyhow::Result<BTreeMap<String, String>> {
     match &a.labels {
         Some(j) => serde_json::from_str(j).with_context(|| format!("--labels {j:?}: expected a JSON object of strings")),
@@ -198,6 +214,7 @@ async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
     opts.is_head = args.head_node;
     opts.token = token;
     opts.metrics = Some(render);
+    opts.object_store = object_store_options(&args, &session_dir)?;
     let node = node::start(opts).await?;
     let _record = if args.head_node {
         RecordGuard(None)
@@ -217,6 +234,9 @@ async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         "address": node.address,
         "node_manager_port": node.node_manager_port,
         "metrics_export_port": node.metrics_export_port,
+        "object_manager_port": node.object_manager_port,
+        "object_store_socket": node.object_store_socket,
+        "object_store_memory": node.store.arena().capacity(),
         "session_dir": session_dir,
     });
     if let Some(f) = &args.ready_file {
@@ -269,6 +289,7 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         format!("--node-manager-port={}", args.node_manager_port),
         format!("--object-manager-port={}", args.object_manager_port),
         format!("--metrics-export-port={}", args.metrics_export_port),
+        format!("--plasma-directory={}", args.plasma_directory.display()),
     ];
     for (flag, v) in [
         ("--num-cpus", args.num_cpus.map(|v| v.to_string())),
@@ -277,6 +298,8 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         ("--resources", args.resources.clone()),
         ("--labels", args.labels.clone()),
         ("--auth-token-file", args.auth_token_file.as_ref().map(|p| p.display().to_string())),
+        ("--object-store-memory", args.object_store_memory.clone()),
+        ("--object-spilling-directory", args.object_spilling_directory.as_ref().map(|p| p.display().to_string())),
     ] {
         if let Some(v) = v {
             child_args.push(format!("{flag}={v}"));
