@@ -2,7 +2,8 @@
 //! `{"name": …, "value": …, "unit": …}`; baselines (e.g. the disk's fsync rate) are measured
 //! in the same run so figures can be quoted as ratios.
 //!
-//! `cargo run --release -p bench -- control-plane` (add `--smoke` for the quick CI run).
+//! `cargo run --release -p bench -- control-plane|object-store|all` (add `--smoke` for the
+//! quick CI run).
 
 use std::process::Command;
 use std::time::Instant;
@@ -11,11 +12,16 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
 mod control_plane;
+mod object_store;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Suite {
     All,
     ControlPlane,
+    ObjectStore,
+    /// The second process of the object-store get benchmark.
+    #[value(hide = true)]
+    GetChild,
 }
 
 #[derive(Parser, Debug)]
@@ -29,6 +35,12 @@ struct Args {
     /// Heads in the control-plane cluster (failover is measured only with 3 or more).
     #[arg(long, default_value_t = 3)]
     heads: usize,
+    #[arg(long, hide = true)]
+    socket: Option<std::path::PathBuf>,
+    #[arg(long, hide = true)]
+    id: Option<protocol::ObjectId>,
+    #[arg(long, hide = true, default_value_t = 1000)]
+    iters: usize,
 }
 
 pub(crate) fn emit(name: &str, value: f64, unit: &str) {
@@ -61,10 +73,17 @@ fn ensure_rayctl() -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.suite == Suite::GetChild {
+        let (Some(socket), Some(id)) = (&args.socket, args.id) else { bail!("get-child needs --socket and --id") };
+        return object_store::get_child(socket, id, args.iters);
+    }
     ensure_rayctl()?;
     let started = Instant::now();
-    match args.suite {
-        Suite::All | Suite::ControlPlane => control_plane::run(args.smoke, args.heads)?,
+    if matches!(args.suite, Suite::All | Suite::ControlPlane) {
+        control_plane::run(args.smoke, args.heads)?;
+    }
+    if matches!(args.suite, Suite::All | Suite::ObjectStore) {
+        object_store::run(args.smoke)?;
     }
     eprintln!("bench finished in {:.1?}", started.elapsed());
     Ok(())

@@ -238,18 +238,16 @@ impl Cluster {
         let p = if head { &mut self.heads[i] } else { &mut self.nodes[i] };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(b) = std::fs::read(&p.ready_file) {
-                if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+            if let Ok(b) = std::fs::read(&p.ready_file)
+                && let Ok(v) = serde_json::from_slice::<Value>(&b) {
                     p.ready = v;
                     return Ok(());
                 }
-            }
-            if let Some(c) = p.child.as_mut() {
-                if let Some(st) = c.try_wait()? {
+            if let Some(c) = p.child.as_mut()
+                && let Some(st) = c.try_wait()? {
                     p.child = None;
                     bail!("{} exited before ready ({st}):\n{}", p.name, p.log_tail());
                 }
-            }
             if Instant::now() > deadline {
                 bail!("{} not ready within 60s:\n{}", p.name, p.log_tail());
             }

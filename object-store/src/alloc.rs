@@ -114,14 +114,13 @@ impl Allocator {
     }
 
     fn insert_free(&mut self, mut off: u64, mut len: u64) {
-        if let Some((&prev, &plen)) = self.free_by_offset.range(..off).next_back() {
-            if prev + plen == off {
+        if let Some((&prev, &plen)) = self.free_by_offset.range(..off).next_back()
+            && prev + plen == off {
                 self.free_by_offset.remove(&prev);
                 self.free_by_len.remove(&(plen, prev));
                 off = prev;
                 len += plen;
             }
-        }
         if let Some(&nlen) = self.free_by_offset.get(&(off + len)) {
             self.free_by_offset.remove(&(off + len));
             self.free_by_len.remove(&(nlen, off + len));

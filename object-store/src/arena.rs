@@ -57,6 +57,10 @@ impl ShmArena {
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
+    /// Reservation granularity: the reserved size is always a multiple of it, or the capacity.
+    pub fn chunk(&self) -> u64 {
+        self.chunk
+    }
     /// Bytes reserved so far (`0..reserved` is backed by memory).
     pub fn reserved(&self) -> u64 {
         self.reserved.load(Ordering::Acquire)

@@ -54,17 +54,35 @@ struct Conn {
     writer: BufWriter<UnixStream>,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+    /// Releases not sent yet: they go out ahead of the next request.
+    pending: Vec<ObjectId>,
+}
+
+/// Views up to this size have their release deferred; larger ones release at once, so
+/// deferred pins never hold more than `MAX_PENDING * DEFERRED_MAX` bytes.
+const DEFERRED_MAX: u64 = 64 * 1024;
+const MAX_PENDING: usize = 64;
+
+impl Conn {
+    fn queue_flush(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            let ids = std::mem::take(&mut self.pending);
+            ipc::write_frame(&mut self.writer, &mut self.wbuf, &Request::Release { ids })?;
+        }
+        Ok(())
+    }
 }
 
 struct Inner {
     conn: Mutex<Conn>,
     map: MmapRaw,
     capacity: u64,
-    /// One bit per 2 MiB granule this process has already pre-faulted for writing.
+    /// One bit per granule this process has already pre-faulted for writing.
     populated: Mutex<Vec<u64>>,
+    /// Divides the store's reservation chunk, so a granule holding part of a block is
+    /// entirely reserved (or reserved up to the capacity).
+    granule: u64,
 }
-
-const GRANULE: u64 = 2 * 1024 * 1024;
 
 /// A connection to the node's object store. Cheap to clone; every clone shares one socket.
 #[derive(Clone)]
@@ -89,12 +107,15 @@ impl StoreClient {
         if (map.len() as u64) < hello.capacity {
             return Err(ClientError::Protocol(format!("arena is {} bytes, the store announced {}", map.len(), hello.capacity)));
         }
-        let granules = hello.capacity.div_ceil(GRANULE).div_ceil(64) as usize;
+        const PREFERRED_GRANULE: u64 = 4 << 20;
+        let granule = if hello.chunk % PREFERRED_GRANULE == 0 { PREFERRED_GRANULE } else { hello.chunk.max(4096) };
+        let granules = hello.capacity.div_ceil(granule).div_ceil(64) as usize;
         let conn = Conn {
             reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
             writer: BufWriter::with_capacity(64 * 1024, stream),
             rbuf: Vec::new(),
             wbuf: Vec::new(),
+            pending: Vec::new(),
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -102,6 +123,7 @@ impl StoreClient {
                 map,
                 capacity: hello.capacity,
                 populated: Mutex::new(vec![0; granules]),
+                granule,
             }),
         })
     }
@@ -138,6 +160,25 @@ impl StoreClient {
         w.data_mut().copy_from_slice(data);
         w.meta_mut().copy_from_slice(meta);
         w.seal()
+    }
+
+    /// Puts several small objects (each at most `ipc::INLINE_PUT_MAX` bytes) in one round
+    /// trip. Returns one result per item, in order.
+    pub fn put_many(&self, items: &[(ObjectId, &[u8], &[u8])]) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+        if let Some((id, d, m)) = items.iter().find(|(_, d, m)| d.len() + m.len() > ipc::INLINE_PUT_MAX) {
+            return Err(ClientError::Store {
+                kind: "TooLarge".into(),
+                message: format!("object {id} has {} bytes; put_many takes objects up to {} bytes, use put", d.len() + m.len(), ipc::INLINE_PUT_MAX),
+            });
+        }
+        let items = items.iter().map(|(id, d, m)| (*id, d.to_vec(), m.to_vec())).collect::<Vec<_>>();
+        let n = items.len();
+        match self.call(&Request::PutMany { items })? {
+            Reply::Results(r) if r.len() == n => {
+                Ok(r.into_iter().map(|e| e.map_or(Ok(()), |(kind, message)| Err(ClientError::Store { kind, message }))).collect())
+            }
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Waits up to `timeout` (`None`: no limit) until all `ids` are sealed on this node, and
@@ -196,9 +237,11 @@ impl StoreClient {
 
     fn call(&self, req: &Request) -> Result<Reply, ClientError> {
         let mut c = self.lock();
-        let Conn { reader, writer, rbuf, wbuf } = &mut *c;
+        c.queue_flush()?;
+        let Conn { reader, writer, rbuf, wbuf, .. } = &mut *c;
         ipc::write_frame(writer, wbuf, req)?;
         writer.flush()?;
+        ipc::spin_until_readable(reader.get_ref().as_raw_fd(), ipc::SPIN);
         match ipc::read_frame::<Reply>(reader, rbuf)? {
             Some(Reply::Error { kind, message }) => Err(ClientError::Store { kind, message }),
             Some(r) => Ok(r),
@@ -206,14 +249,23 @@ impl StoreClient {
         }
     }
 
-    /// Sends a request that has no reply (`Release`). Errors are ignored: a broken connection
-    /// releases every pin anyway.
-    fn send(&self, req: &Request) {
+    /// Releases a pin: deferred for a small object, at once for a large one. Errors are
+    /// ignored: a broken connection releases every pin anyway.
+    fn release(&self, id: ObjectId, size: u64) {
         let mut c = self.lock();
-        let Conn { writer, wbuf, .. } = &mut *c;
-        if ipc::write_frame(writer, wbuf, req).is_ok() {
-            let _ = writer.flush();
-        }
+        c.pending.push(id);
+        if (size > DEFERRED_MAX || c.pending.len() >= MAX_PENDING)
+            && c.queue_flush().is_ok() {
+                let _ = c.writer.flush();
+            }
+    }
+
+    /// Sends every deferred release now.
+    pub fn flush_releases(&self) -> Result<(), ClientError> {
+        let mut c = self.lock();
+        c.queue_flush()?;
+        c.writer.flush()?;
+        Ok(())
     }
 }
 
@@ -225,24 +277,28 @@ impl Inner {
         }
     }
 
-    /// Pre-faults the pages of a new writable block, so a put does not pay a page fault per
-    /// 4 KiB. Granules (2 MiB) the block fully covers are remembered and not done again; a
-    /// block lying in already-done granules costs nothing. Best effort.
+    /// Pre-faults, once per process, the granules a new writable block lies in, so a put does
+    /// not pay a page fault per 4 KiB and repeated puts pay nothing. Best effort.
     fn prefault(&self, b: Block) {
         if b.total() == 0 {
             return;
         }
-        let (lo, hi) = (b.offset, b.offset + b.total());
+        let g = self.granule;
+        let (first, last) = (b.offset / g, (b.offset + b.total() - 1) / g);
         let mut bits = self.populated.lock().unwrap_or_else(|p| p.into_inner());
-        let marked = |bits: &[u64], g: u64| bits[(g / 64) as usize] & (1 << (g % 64)) != 0;
-        if (lo / GRANULE..=(hi - 1) / GRANULE).all(|g| marked(&bits, g)) {
-            return;
-        }
-        let lo_page = lo & !4095;
-        let _ = self.map.advise_range(Advice::PopulateWrite, lo_page as usize, (hi - lo_page) as usize);
-        // Only whole granules are marked: the rest of a partial one may not be reserved yet.
-        for g in lo.div_ceil(GRANULE)..hi / GRANULE {
-            bits[(g / 64) as usize] |= 1 << (g % 64);
+        let mut i = first;
+        while i <= last {
+            if bits[(i / 64) as usize] & (1 << (i % 64)) != 0 {
+                i += 1;
+                continue;
+            }
+            let run = i;
+            while i <= last && bits[(i / 64) as usize] & (1 << (i % 64)) == 0 {
+                bits[(i / 64) as usize] |= 1 << (i % 64);
+                i += 1;
+            }
+            let (lo, hi) = (run * g, (i * g).min(self.capacity));
+            let _ = self.map.advise_range(Advice::PopulateWrite, lo as usize, (hi - lo) as usize);
         }
     }
 
@@ -324,9 +380,7 @@ impl ObjectWriter {
     /// Seals the object and drops the creator's pin.
     pub fn seal(mut self) -> Result<(), ClientError> {
         self.done = true;
-        self.client.call(&Request::Seal { id: self.id }).and_then(expect_ok)?;
-        self.client.send(&Request::Release { id: self.id });
-        Ok(())
+        self.client.call(&Request::Seal { id: self.id, release: true }).and_then(expect_ok)
     }
 
     pub fn abort(mut self) -> Result<(), ClientError> {
@@ -370,6 +424,6 @@ impl std::fmt::Debug for ObjectView {
 
 impl Drop for ObjectView {
     fn drop(&mut self) {
-        self.client.send(&Request::Release { id: self.id });
+        self.client.release(self.id, self.block.total());
     }
 }

@@ -38,7 +38,7 @@ pub fn default_capacity(plasma_dir: &std::path::Path) -> u64 {
         .zip(nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten())
         .map_or(2 << 30, |(pages, size)| pages as u64 * size as u64);
     let free = nix::sys::statvfs::statvfs(plasma_dir)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks_available() * s.fragment_size())
         .unwrap_or(u64::MAX);
     (ram * 3 / 10).min(free) & !(alloc::ALIGN - 1)
 }

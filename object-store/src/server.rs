@@ -110,7 +110,11 @@ fn serve_client(store: &Store, conn: UnixStream, puller: Option<&PullHook>) {
     let mut reader = BufReader::with_capacity(64 * 1024, conn);
     let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
     let (mut rbuf, mut wbuf) = (Vec::new(), Vec::new());
+    let fd = reader.get_ref().as_raw_fd();
     loop {
+        if reader.buffer().is_empty() {
+            ipc::spin_until_readable(fd, ipc::SPIN);
+        }
         let req = match ipc::read_frame::<Request>(&mut reader, &mut rbuf) {
             Ok(Some(r)) => r,
             Ok(None) => break,
@@ -140,7 +144,7 @@ fn serve_client(store: &Store, conn: UnixStream, puller: Option<&PullHook>) {
 
 fn send_hello(store: &Store, conn: &UnixStream) -> std::io::Result<()> {
     let mut frame = Vec::new();
-    ipc::write_frame(&mut frame, &mut Vec::new(), &Hello { version: ipc::PROTOCOL_VERSION, capacity: store.arena().capacity() })?;
+    ipc::write_frame(&mut frame, &mut Vec::new(), &Hello { version: ipc::PROTOCOL_VERSION, capacity: store.arena().capacity(), chunk: store.arena().chunk() })?;
     let fds = [store.arena().fd().as_raw_fd()];
     let iov = [std::io::IoSlice::new(&frame)];
     let sent = nix::sys::socket::sendmsg::<()>(conn.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)?;
@@ -162,13 +166,21 @@ fn handle(
     let timeout = |ms: Option<u64>| ms.map(Duration::from_millis);
     Some(match req {
         Request::Create { id, data_size, meta_size } => store.create(client, id, data_size, meta_size, true).map(Reply::Created),
-        Request::Seal { id } => store.seal(client, id).map(|()| Reply::Ok),
+        Request::Seal { id, release } => store.seal(client, id).and_then(|()| if release { store.release(client, id) } else { Ok(()) }).map(|()| Reply::Ok),
         Request::Abort { id } => store.abort(client, id).map(|()| Reply::Ok),
-        Request::Put { id, data, meta } => store.put(client, id, &data, &meta, true).map(|()| Reply::Ok),
+        Request::Put { id, data, meta } => store.put(id, &data, &meta, true).map(|()| Reply::Ok),
+        Request::PutMany { items } => Ok(Reply::Results(
+            items
+                .into_iter()
+                .map(|(id, data, meta)| store.put(id, &data, &meta, true).err().map(|e| (e.kind().to_owned(), e.to_string())))
+                .collect(),
+        )),
         Request::Get { ids, timeout_ms } => store.get(client, &ids, timeout(timeout_ms), gone).map(Reply::Objects),
-        Request::Release { id } => {
-            if let Err(e) = store.release(client, id) {
-                tracing::debug!("release from client {client}: {e}");
+        Request::Release { ids } => {
+            for id in ids {
+                if let Err(e) = store.release(client, id) {
+                    tracing::debug!("release from client {client}: {e}");
+                }
             }
             return None;
         }

@@ -144,6 +144,23 @@ struct Entry {
 }
 
 impl Entry {
+    /// A new in-memory object: unsealed with its creator, or sealed when `creator` is `None`.
+    fn new(data_size: u64, meta_size: u64, offset: u64, creator: Option<ClientId>, primary: bool) -> Self {
+        Self {
+            data_size,
+            meta_size,
+            offset: Some(offset),
+            sealed: creator.is_none(),
+            creator,
+            pins: 0,
+            primary,
+            tick: 0,
+            spilled: false,
+            delete_pending: false,
+            crc: None,
+        }
+    }
+
     fn block(&self) -> Option<Block> {
         self.offset.map(|offset| Block { offset, data_size: self.data_size, meta_size: self.meta_size })
     }
@@ -178,13 +195,12 @@ impl State {
     fn lru_touch(&mut self, id: ObjectId) {
         self.tick += 1;
         let tick = self.tick;
-        if let Some(e) = self.objects.get_mut(&id) {
-            if e.sealed && e.pins == 0 && e.offset.is_some() && !e.delete_pending {
+        if let Some(e) = self.objects.get_mut(&id)
+            && e.sealed && e.pins == 0 && e.offset.is_some() && !e.delete_pending {
                 e.tick = tick;
                 let list = if e.primary { &mut self.lru_primary } else { &mut self.lru_secondary };
                 list.insert(tick, id);
             }
-        }
     }
 
     fn pin(&mut self, client: ClientId, id: ObjectId) {
@@ -257,33 +273,13 @@ impl Store {
 
     /// Creates an unsealed object and pins it for `client`, making room if needed.
     pub fn create(&self, client: ClientId, id: ObjectId, data_size: u64, meta_size: u64, primary: bool) -> Result<Block, StoreError> {
-        let total = data_size.checked_add(meta_size).and_then(alloc::round_up);
-        let capacity = self.arena.capacity();
-        let need = match total {
-            Some(n) if n <= capacity => n,
-            _ => return Err(StoreError::TooLarge { id, requested: data_size.saturating_add(meta_size), capacity }),
-        };
+        let need = self.check_size(id, data_size, meta_size)?;
         let mut st = self.lock();
         if st.objects.contains_key(&id) {
             return Err(StoreError::AlreadyExists(id));
         }
         let offset = self.make_room(&mut st, id, need)?;
-        st.objects.insert(
-            id,
-            Entry {
-                data_size,
-                meta_size,
-                offset: Some(offset),
-                sealed: false,
-                creator: Some(client),
-                pins: 0,
-                primary,
-                tick: 0,
-                spilled: false,
-                delete_pending: false,
-                crc: None,
-            },
-        );
+        st.objects.insert(id, Entry::new(data_size, meta_size, offset, Some(client), primary));
         st.pin(client, id);
         Ok(Block { offset, data_size, meta_size })
     }
@@ -331,12 +327,32 @@ impl Store {
     }
 
     /// Create, copy, seal and release in one step, for small objects sent inline.
-    pub fn put(&self, client: ClientId, id: ObjectId, data: &[u8], meta: &[u8], primary: bool) -> Result<(), StoreError> {
-        let b = self.create(client, id, data.len() as u64, meta.len() as u64, primary)?;
-        self.arena.write(b.offset, data);
-        self.arena.write(b.offset + b.data_size, meta);
-        self.seal(client, id)?;
-        self.release(client, id)
+    pub fn put(&self, id: ObjectId, data: &[u8], meta: &[u8], primary: bool) -> Result<(), StoreError> {
+        let (data_size, meta_size) = (data.len() as u64, meta.len() as u64);
+        let need = self.check_size(id, data_size, meta_size)?;
+        let mut st = self.lock();
+        if st.objects.contains_key(&id) {
+            return Err(StoreError::AlreadyExists(id));
+        }
+        let offset = self.make_room(&mut st, id, need)?;
+        // Written under the lock: small objects only come this way, and no one can see the
+        // block before the entry exists.
+        self.arena.write(offset, data);
+        self.arena.write(offset + data_size, meta);
+        st.objects.insert(id, Entry::new(data_size, meta_size, offset, None, primary));
+        st.lru_touch(id);
+        drop(st);
+        self.sealed.notify_all();
+        Ok(())
+    }
+
+    /// The allocation size of an object, or `TooLarge`.
+    fn check_size(&self, id: ObjectId, data_size: u64, meta_size: u64) -> Result<u64, StoreError> {
+        let capacity = self.arena.capacity();
+        match data_size.checked_add(meta_size).and_then(alloc::round_up) {
+            Some(n) if n <= capacity => Ok(n),
+            _ => Err(StoreError::TooLarge { id, requested: data_size.saturating_add(meta_size), capacity }),
+        }
     }
 
     /// Waits until every id is sealed here, `timeout` passes, or `cancelled()` turns true;
@@ -720,7 +736,7 @@ mod tests {
     fn disconnect_releases_pins_and_aborts_unsealed() {
         let (s, _d) = store(1 << 20);
         let (w, r) = (s.new_client(), s.new_client());
-        s.put(w, oid(1), &bytes(1, 1000), b"m", true).unwrap();
+        s.put(oid(1), &bytes(1, 1000), b"m", true).unwrap();
         s.create(w, oid(2), 500, 0, true).unwrap();
         s.get(r, &[oid(1)], None, &|| false).unwrap();
         s.get(r, &[oid(1)], None, &|| false).unwrap();
@@ -737,16 +753,16 @@ mod tests {
         let (s, d) = store(256 * 1024);
         let c = s.new_client();
         let chunk = 64 * 1024;
-        s.put(c, oid(1), &bytes(1, chunk), b"", false).unwrap(); // secondary
-        s.put(c, oid(2), &bytes(2, chunk), b"", true).unwrap();
-        s.put(c, oid(3), &bytes(3, chunk), b"", true).unwrap();
-        s.put(c, oid(4), &bytes(4, chunk), b"", true).unwrap();
+        s.put(oid(1), &bytes(1, chunk), b"", false).unwrap(); // secondary
+        s.put(oid(2), &bytes(2, chunk), b"", true).unwrap();
+        s.put(oid(3), &bytes(3, chunk), b"", true).unwrap();
+        s.put(oid(4), &bytes(4, chunk), b"", true).unwrap();
         // Full: the secondary copy goes first.
-        s.put(c, oid(5), &bytes(5, chunk), b"", true).unwrap();
+        s.put(oid(5), &bytes(5, chunk), b"", true).unwrap();
         assert!(!s.contains(&oid(1)));
         assert_eq!(s.stats().evictions_total, 1);
         // Then the least recently used primary is spilled, not lost.
-        s.put(c, oid(6), &bytes(6, chunk), b"", true).unwrap();
+        s.put(oid(6), &bytes(6, chunk), b"", true).unwrap();
         let st = s.stats();
         assert_eq!((st.objects_spilled, st.spilled), (1, chunk as u64));
         assert!(d.path().join("spill").join(oid(2).to_string()).exists());
@@ -770,7 +786,7 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Put { client: u8, id: u8, len: u16, primary: bool },
+        Put { id: u8, len: u16, primary: bool },
         CreateUnsealed { client: u8, id: u8, len: u16 },
         Seal { id: u8 },
         Get { client: u8, id: u8 },
@@ -782,7 +798,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         let (c, i) = (0u8..3, 0u8..10);
         prop_oneof![
-            4 => (c.clone(), i.clone(), 0u16..20_000, any::<bool>()).prop_map(|(client, id, len, primary)| Op::Put { client, id, len, primary }),
+            4 => (i.clone(), 0u16..20_000, any::<bool>()).prop_map(|(id, len, primary)| Op::Put { id, len, primary }),
             1 => (c.clone(), i.clone(), 0u16..20_000).prop_map(|(client, id, len)| Op::CreateUnsealed { client, id, len }),
             1 => i.clone().prop_map(|id| Op::Seal { id }),
             3 => (c.clone(), i.clone()).prop_map(|(client, id)| Op::Get { client, id }),
@@ -845,13 +861,13 @@ mod tests {
             let mut m = Model::default();
             for op in ops {
                 match op {
-                    Op::Put { client, id, len, primary } => {
+                    Op::Put { id, len, primary } => {
                         let data = bytes(id ^ len as u8, len as usize);
                         let visible = m.objects.get(&id).is_some_and(|o| o.1) && !m.doomed.contains(&id);
                         if visible && !s.contains(&oid(id)) {
                             prop_assert!(m.evicted(id), "object {} lost", id);
                         }
-                        match s.put(clients[client as usize], oid(id), &data, &[], primary) {
+                        match s.put(oid(id), &data, &[], primary) {
                             Ok(()) => {
                                 prop_assert!(!m.objects.contains_key(&id));
                                 m.objects.insert(id, (data, true, None));

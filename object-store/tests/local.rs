@@ -214,6 +214,13 @@ fn bad_input_gets_clear_errors_and_the_store_keeps_serving() {
     c.put(oid(1), b"x", b"").unwrap();
     assert_eq!(c.put(oid(1), b"x", b"").unwrap_err().kind(), Some("AlreadyExists"));
     assert!(c.get_one(oid(2), Some(Duration::from_millis(50))).is_err());
+    // A batch reports each item: the duplicate fails, the others land.
+    let r = c.put_many(&[(oid(4), b"a", b""), (oid(1), b"dup", b""), (oid(5), b"b", b"m")]).unwrap();
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    assert_eq!(r[1].as_ref().unwrap_err().kind(), Some("AlreadyExists"));
+    assert_eq!(c.get_one(oid(5), Some(Duration::ZERO)).unwrap().metadata(), b"m");
+    let big = vec![0u8; 1 << 20];
+    assert_eq!(c.put_many(&[(oid(6), &big, b"")]).unwrap_err().kind(), Some("TooLarge"));
     assert_eq!(c.pull(oid(2), "127.0.0.1:1", None).unwrap_err().kind(), Some("Unsupported"));
     // A writer dropped without sealing aborts its object.
     drop(c.create(oid(3), 100, 0).unwrap());

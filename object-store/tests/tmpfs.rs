@@ -44,7 +44,7 @@ fn a_full_shm_and_a_full_spill_disk_give_clean_errors() {
     let mut stored = Vec::new();
     let mut errors = Vec::new();
     for i in 0..64 {
-        match s.put(NODE_CLIENT, oid(i), &obj(i), b"", true) {
+        match s.put(oid(i), &obj(i), b"", true) {
             Ok(()) => stored.push(i),
             Err(e) => errors.push(e),
         }
@@ -82,6 +82,6 @@ fn a_full_shm_and_a_full_spill_disk_give_clean_errors() {
     assert!(read_back >= stored.len() / 2, "read back {read_back} of {}", stored.len());
     // Freeing space makes the store usable again.
     s.delete(&stored.iter().map(|&i| oid(i)).collect::<Vec<_>>());
-    s.put(NODE_CLIENT, oid(1000), &obj(1), b"", true).unwrap();
+    s.put(oid(1000), &obj(1), b"", true).unwrap();
     drop(s);
 }

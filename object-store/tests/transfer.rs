@@ -42,7 +42,7 @@ async fn pulls_a_large_object_in_chunks_under_the_in_flight_cap() {
 
     let sa = StoreServer::start(a.clone(), &dir.path().join("a.sock"), None).unwrap();
     let ca = StoreClient::connect(sa.path()).unwrap();
-    let data: Vec<u8> = (0..(100u64 << 20) + 12345).map(|i| (i * 2654435761 >> 13) as u8).collect();
+    let data: Vec<u8> = (0..(100u64 << 20) + 12345).map(|i| ((i * 2654435761) >> 13) as u8).collect();
     ca.put(oid(1), &data, b"the metadata").unwrap();
 
     let cfg = PullerConfig { chunk_bytes: 1 << 20, max_bytes_in_flight: 3 << 20, token: Some(token.clone()) };
@@ -83,7 +83,7 @@ async fn bad_sources_give_clear_errors_and_leave_nothing_behind() {
     let token = AuthToken::new("s3cret-token-for-tests", "test").unwrap();
     let (a, b) = (store(dir.path(), "a", 16 << 20), store(dir.path(), "b", 16 << 20));
     let addr = serve(a.clone(), Some(token.clone())).await;
-    a.put(object_store::store::NODE_CLIENT, oid(1), b"hello", b"", true).unwrap();
+    a.put(oid(1), b"hello", b"", true).unwrap();
 
     let good = Arc::new(Puller::new(b.clone(), PullerConfig { token: Some(token), ..Default::default() }));
     let e = good.pull(oid(9), &addr).await.unwrap_err();

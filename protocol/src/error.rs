@@ -72,11 +72,10 @@ mod grpc {
             if let Some(kind) = kind {
                 status.metadata_mut().insert(ERROR_KIND_KEY, tonic::metadata::MetadataValue::from_static(kind));
             }
-            if let RpcError::NotLeader { leader: Some(addr) } = &e {
-                if let Ok(v) = addr.parse() {
+            if let RpcError::NotLeader { leader: Some(addr) } = &e
+                && let Ok(v) = addr.parse() {
                     status.metadata_mut().insert(LEADER_ADDRESS_KEY, v);
                 }
-            }
             status
         }
     }

@@ -356,12 +356,11 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
 fn wait_ready(path: &Path, child: &mut std::process::Child, timeout: Duration) -> anyhow::Result<Value> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(b) = std::fs::read(path) {
-            if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+        if let Ok(b) = std::fs::read(path)
+            && let Ok(v) = serde_json::from_slice::<Value>(&b) {
                 let _ = std::fs::remove_file(path);
                 return Ok(v);
             }
-        }
         if let Some(status) = child.try_wait()? {
             bail!("the daemon exited before it was ready ({status})");
         }

@@ -63,11 +63,10 @@ pub(crate) fn resolve_heads(address: Option<&str>) -> anyhow::Result<Vec<String>
     if let Some(a) = address.filter(|a| !a.is_empty()) {
         return Ok(protocol::client::HeadClient::parse_addresses(a));
     }
-    if let Ok(a) = std::env::var(protocol::ADDRESS_ENV) {
-        if !a.is_empty() {
+    if let Ok(a) = std::env::var(protocol::ADDRESS_ENV)
+        && !a.is_empty() {
             return Ok(protocol::client::HeadClient::parse_addresses(&a));
         }
-    }
     let path = base_dir().join("session_latest").join("cluster.json");
     match std::fs::read(&path) {
         Ok(b) => {

@@ -158,7 +158,7 @@ fn print_peers(p: &pb::RaftPeers, output: Output) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Text => {
-            println!("{:<22} {:<20} {:<8} {:<8} {}", "Address", "ID", "Voter", "Leader", "Matched");
+            println!("{:<22} {:<20} {:<8} {:<8} Matched", "Address", "ID", "Voter", "Leader");
             for x in &p.peers {
                 println!(
                     "{:<22} {:<20} {:<8} {:<8} {}",
