@@ -274,6 +274,10 @@ fn start_object_store(o: &ObjectStoreOptions, token: Option<AuthToken>) -> anyho
         "object store memory of {capacity} bytes is too small: at least 1 MiB (1048576) is needed"
     );
     let spill_dir = o.spill_root.join(format!("node-{}", std::process::id()));
+    remove_stale(&o.spill_root, "node-", "");
+    if let Some(dir) = o.socket_path.parent() {
+        remove_stale(dir, "object_store.", ".sock");
+    }
     let cfg = object_store::StoreConfig {
         capacity,
         plasma_dir: o.plasma_dir.clone(),
@@ -281,6 +285,7 @@ fn start_object_store(o: &ObjectStoreOptions, token: Option<AuthToken>) -> anyho
         chunk: object_store::arena::DEFAULT_CHUNK,
     };
     let store = Arc::new(object_store::Store::open(&cfg).context("cannot open the object store")?);
+    store.start_spiller(object_store::store::DEFAULT_SPILL_THRESHOLD, Duration::from_secs(1))?;
     let puller = Arc::new(object_store::Puller::new(
         store.clone(),
         object_store::PullerConfig {
@@ -292,4 +297,21 @@ fn start_object_store(o: &ObjectStoreOptions, token: Option<AuthToken>) -> anyho
     let server = object_store::StoreServer::start(store.clone(), &o.socket_path, Some(puller.hook(tokio::runtime::Handle::current())))
         .with_context(|| format!("cannot serve the object store on {}", o.socket_path.display()))?;
     Ok((store, server, spill_dir, puller))
+}
+
+/// Removes `<prefix><pid><suffix>` entries of `dir` left by node daemons that died without
+/// cleaning up (their pid no longer runs).
+fn remove_stale(dir: &std::path::Path, prefix: &str, suffix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix)).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            let path = e.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
 }

@@ -11,8 +11,10 @@
 //!
 //! Primary copies are the ones created on this node (puts and task returns); secondary copies
 //! were pulled from another node and can be dropped, since the primary lives elsewhere.
-//! Spilling is synchronous under the store lock: simple and correct, but a large spill stalls
-//! other clients of this node while it writes (docs/decisions.md).
+//! Spilling ahead: above a usage threshold (80 % by default, as Ray) a background thread
+//! writes spill copies of the least recently used primaries without holding the lock, and
+//! keeps them in memory; when room is needed they are dropped with no I/O. Only when that has
+//! not kept up does `create` spill synchronously, under the lock (docs/decisions.md).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -30,6 +32,10 @@ use crate::arena::{ArenaError, ShmArena};
 /// Identifies a connection to the store, for pin accounting. [`NODE_CLIENT`] is the node itself.
 pub type ClientId = u64;
 pub const NODE_CLIENT: ClientId = 0;
+/// Holds the pin of an object while the spill-ahead thread writes it.
+const SPILLER: ClientId = u64::MAX;
+/// Usage above which primaries are spilled ahead, as Ray's `object_spilling_threshold`.
+pub const DEFAULT_SPILL_THRESHOLD: f64 = 0.8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -181,6 +187,8 @@ struct State {
     pinned_bytes: u64,
     spilled_only_bytes: u64,
     objects_spilled: u64,
+    /// Bytes in memory that also have a spill copy (droppable without I/O).
+    spilled_ahead_bytes: u64,
 }
 
 impl State {
@@ -236,6 +244,8 @@ pub struct Store {
     state: Mutex<State>,
     sealed: Condvar,
     spill_dir: PathBuf,
+    spill_wanted: Mutex<bool>,
+    spill_kick: Condvar,
     next_client: AtomicU64,
     evictions: AtomicU64,
     spilled_bytes: AtomicU64,
@@ -251,6 +261,8 @@ impl Store {
             state: Mutex::new(State::default()),
             sealed: Condvar::new(),
             spill_dir: cfg.spill_dir.clone(),
+            spill_wanted: Mutex::new(false),
+            spill_kick: Condvar::new(),
             next_client: AtomicU64::new(NODE_CLIENT + 1),
             evictions: AtomicU64::new(0),
             spilled_bytes: AtomicU64::new(0),
@@ -281,6 +293,7 @@ impl Store {
         let offset = self.make_room(&mut st, id, need)?;
         st.objects.insert(id, Entry::new(data_size, meta_size, offset, Some(client), primary));
         st.pin(client, id);
+        self.kick_spiller(&st);
         Ok(Block { offset, data_size, meta_size })
     }
 
@@ -341,9 +354,24 @@ impl Store {
         self.arena.write(offset + data_size, meta);
         st.objects.insert(id, Entry::new(data_size, meta_size, offset, None, primary));
         st.lru_touch(id);
+        self.kick_spiller(&st);
         drop(st);
         self.sealed.notify_all();
         Ok(())
+    }
+
+    /// Wakes the spill-ahead thread when usage passes the default threshold. Cheap: one
+    /// comparison on the hot path.
+    fn kick_spiller(&self, st: &State) {
+        let limit = (self.arena.capacity() as f64 * DEFAULT_SPILL_THRESHOLD) as u64;
+        if st.alloc.used_bytes().saturating_sub(st.spilled_ahead_bytes) > limit {
+            if let Ok(mut w) = self.spill_wanted.try_lock() {
+                if !*w {
+                    *w = true;
+                    self.spill_kick.notify_one();
+                }
+            }
+        }
     }
 
     /// The allocation size of an object, or `TooLarge`.
@@ -543,13 +571,77 @@ impl Store {
             let e = st.objects.get_mut(&id).expect("exists");
             e.spilled = true;
             e.crc.get_or_insert(crc);
+            st.spilled_ahead_bytes += b.total();
         }
         st.lru_remove(&id);
         let e = st.objects.get_mut(&id).expect("exists");
         let off = e.offset.take().expect("in memory");
         st.alloc.free(off).expect("the block was allocated");
+        st.spilled_ahead_bytes -= b.total();
         st.spilled_only_bytes += b.total();
         st.objects_spilled += 1;
+        Ok(())
+    }
+
+    /// Writes spill copies of least recently used primaries, without holding the lock while
+    /// writing, until the bytes in memory that have no copy on disk fall below `threshold` of
+    /// the capacity. The objects stay in memory; `make_room` can then drop them without I/O.
+    /// Returns the bytes written.
+    pub fn spill_ahead(&self, threshold: f64) -> Result<u64, StoreError> {
+        let limit = (self.arena.capacity() as f64 * threshold) as u64;
+        let mut written = 0;
+        loop {
+            let (id, block, tick) = {
+                let mut st = self.lock();
+                if st.alloc.used_bytes().saturating_sub(st.spilled_ahead_bytes) <= limit {
+                    return Ok(written);
+                }
+                let Some((tick, id)) = st.lru_primary.iter().map(|(t, id)| (*t, *id)).find(|(_, id)| !st.objects[id].spilled) else {
+                    return Ok(written);
+                };
+                st.pin(SPILLER, id);
+                (id, st.objects[&id].block().expect("an LRU object is in memory"), tick)
+            };
+            // The pin keeps the block in place and the sealed bytes never change.
+            let res = write_spill_file(&self.spill_dir, id, self.arena.slice(block.offset, block.total()), block.data_size);
+            let mut st = self.lock();
+            if let Ok(crc) = &res {
+                let e = st.objects.get_mut(&id).expect("a pinned object exists");
+                e.spilled = true;
+                e.crc.get_or_insert(*crc);
+                st.spilled_ahead_bytes += block.total();
+                written += block.total();
+                self.spilled_bytes.fetch_add(block.total(), Ordering::Relaxed);
+            }
+            if st.unpin(SPILLER, id).expect("the spiller holds a pin") {
+                if st.objects[&id].delete_pending {
+                    Self::remove(&mut st, &self.spill_dir, id);
+                } else {
+                    // Back to its old place in the LRU order: writing it was not a use.
+                    st.lru_remove(&id);
+                    let e = st.objects.get_mut(&id).expect("exists");
+                    e.tick = tick;
+                    st.lru_primary.insert(tick, id);
+                }
+            }
+            res?;
+        }
+    }
+
+    /// Runs [`spill_ahead`](Self::spill_ahead) in a background thread every `period` (and
+    /// when a create finds the store above the threshold) until the store is dropped.
+    pub fn start_spiller(self: &std::sync::Arc<Self>, threshold: f64, period: Duration) -> std::io::Result<()> {
+        let weak = std::sync::Arc::downgrade(self);
+        std::thread::Builder::new().name("object-store-spiller".into()).spawn(move || {
+            while let Some(store) = weak.upgrade() {
+                if let Err(e) = store.spill_ahead(threshold) {
+                    tracing::warn!("spilling ahead failed: {e}");
+                }
+                let wanted = store.spill_wanted.lock().unwrap_or_else(|p| p.into_inner());
+                let mut wanted = store.spill_kick.wait_timeout(wanted, period).unwrap_or_else(|p| p.into_inner()).0;
+                *wanted = false;
+            }
+        })?;
         Ok(())
     }
 
@@ -571,6 +663,7 @@ impl Store {
         self.restored_bytes.fetch_add(total, Ordering::Relaxed);
         let e = st.objects.get_mut(&id).expect("exists");
         e.offset = Some(off);
+        st.spilled_ahead_bytes += total;
         st.spilled_only_bytes -= total;
         st.objects_spilled -= 1;
         st.lru_touch(id);
@@ -586,6 +679,9 @@ impl Store {
         match e.offset {
             Some(off) => {
                 st.alloc.free(off).expect("the block was allocated");
+                if e.spilled {
+                    st.spilled_ahead_bytes -= e.data_size + e.meta_size;
+                }
             }
             None => {
                 st.spilled_only_bytes -= e.data_size + e.meta_size;
@@ -784,6 +880,27 @@ mod tests {
         assert!(!d.path().join("spill").join(oid(2).to_string()).exists());
     }
 
+    #[test]
+    fn spilling_ahead_takes_disk_writes_off_the_create_path() {
+        let (s, d) = store(256 * 1024);
+        let chunk = 64 * 1024;
+        for i in 1..=4 {
+            s.put(oid(i), &bytes(i, chunk), b"", true).unwrap();
+        }
+        // Above 50 %: the two oldest get disk copies and stay in memory.
+        assert_eq!(s.spill_ahead(0.5).unwrap(), 2 * chunk as u64);
+        let st = s.stats();
+        assert_eq!((st.objects_in_memory, st.objects_spilled, st.spilled_bytes_total), (4, 0, 2 * chunk as u64));
+        assert!(d.path().join("spill").join(oid(1).to_string()).exists());
+        // Room for two more is made by dropping those copies: no new writes.
+        s.put(oid(5), &bytes(5, chunk), b"", true).unwrap();
+        s.put(oid(6), &bytes(6, chunk), b"", true).unwrap();
+        let st = s.stats();
+        assert_eq!((st.objects_spilled, st.spilled_bytes_total), (2, 2 * chunk as u64));
+        let b = s.get(1, &[oid(1)], Some(Duration::ZERO), &|| false).unwrap()[0].unwrap();
+        assert_eq!(read(&s, b), bytes(1, chunk));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Put { id: u8, len: u16, primary: bool },
@@ -793,6 +910,7 @@ mod tests {
         Release { client: u8, id: u8 },
         Delete { id: u8 },
         Disconnect { client: u8 },
+        SpillAhead,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -805,6 +923,7 @@ mod tests {
             3 => (c.clone(), i.clone()).prop_map(|(client, id)| Op::Release { client, id }),
             1 => i.clone().prop_map(|id| Op::Delete { id }),
             1 => c.prop_map(|client| Op::Disconnect { client }),
+            1 => Just(Op::SpillAhead),
         ]
     }
 
@@ -950,6 +1069,9 @@ mod tests {
                             m.doomed.insert(id);
                             m.forget_if_free(id);
                         }
+                    }
+                    Op::SpillAhead => {
+                        s.spill_ahead(0.25).unwrap();
                     }
                     Op::Disconnect { client } => {
                         s.disconnect(clients[client as usize]);

@@ -29,6 +29,8 @@ impl Fixture {
             chunk: 16 << 20,
         };
         let store = Arc::new(Store::open(&cfg).unwrap());
+        // As the node runs it: spilling ahead in the background, racing the creates.
+        store.start_spiller(object_store::store::DEFAULT_SPILL_THRESHOLD, Duration::from_millis(50)).unwrap();
         let server = StoreServer::start(store.clone(), &dir.path().join("store.sock"), None).unwrap();
         Self { store, server, _dir: dir }
     }
