@@ -302,12 +302,7 @@ impl Store {
     pub fn seal(&self, client: ClientId, id: ObjectId) -> Result<(), StoreError> {
         let mut st = self.lock();
         let e = st.objects.get_mut(&id).ok_or(StoreError::NotFound(id))?;
-        if e.sealed {
-            return Err(StoreError::AlreadySealed(id));
-        }
-        if e.creator != Some(client) {
-            return Err(StoreError::NotCreator(id));
-        }
+        check_unsealed_by(e, client, id)?;
         e.sealed = true;
         e.creator = None;
         drop(st);
@@ -328,12 +323,7 @@ impl Store {
     pub fn abort(&self, client: ClientId, id: ObjectId) -> Result<(), StoreError> {
         let mut st = self.lock();
         let e = st.objects.get(&id).ok_or(StoreError::NotFound(id))?;
-        if e.sealed {
-            return Err(StoreError::AlreadySealed(id));
-        }
-        if e.creator != Some(client) {
-            return Err(StoreError::NotCreator(id));
-        }
+        check_unsealed_by(e, client, id)?;
         st.unpin(client, id)?;
         Self::remove(&mut st, &self.spill_dir, id);
         Ok(())
@@ -692,6 +682,17 @@ impl Store {
             let _ = std::fs::remove_file(spill_path(spill_dir, id));
         }
     }
+}
+
+/// Seal and abort are for the creator of an unsealed object only.
+fn check_unsealed_by(e: &Entry, client: ClientId, id: ObjectId) -> Result<(), StoreError> {
+    if e.sealed {
+        return Err(StoreError::AlreadySealed(id));
+    }
+    if e.creator != Some(client) {
+        return Err(StoreError::NotCreator(id));
+    }
+    Ok(())
 }
 
 const SPILL_MAGIC: &[u8; 8] = b"RYOBJv1\0";
