@@ -3,7 +3,8 @@
 //! by earlier leaders is applied), then starts the services from the replicated state; when it
 //! loses leadership it stops them. Services never mutate state directly: they propose commands.
 //!
-//! Today: node health. Later issues add the job manager, actor manager and autoscaler here.
+//! Today: node health and the job manager (`jobs::job_manager`). Later issues add the actor
+//! manager and the autoscaler here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,9 +30,9 @@ impl Default for HealthConfig {
 }
 
 /// Watches leadership and runs the singleton services while this head leads.
-pub(crate) async fn supervise(shared: Arc<HeadShared>, health: HealthConfig) {
+pub(crate) async fn supervise(shared: Arc<HeadShared>, health: HealthConfig, jobs: crate::jobs::JobConfig) {
     let mut rx = shared.raft.metrics();
-    let mut running: Option<JoinHandle<()>> = None;
+    let mut running: Option<Vec<JoinHandle<()>>> = None;
     let mut last_leader = None;
     loop {
         let (is_leader, leader, term, last_log) = {
@@ -45,9 +46,14 @@ pub(crate) async fn supervise(shared: Arc<HeadShared>, health: HealthConfig) {
         }
         crate::metrics::record_raft(term, is_leader, last_log, None);
         match (is_leader, &running) {
-            (true, None) => running = Some(tokio::spawn(node_health(shared.clone(), health))),
-            (false, Some(h)) => {
-                h.abort();
+            (true, None) => {
+                running = Some(vec![
+                    tokio::spawn(node_health(shared.clone(), health)),
+                    tokio::spawn(crate::jobs::job_manager(shared.clone(), jobs)),
+                ])
+            }
+            (false, Some(hs)) => {
+                hs.iter().for_each(JoinHandle::abort);
                 running = None;
             }
             _ => {}
@@ -56,8 +62,8 @@ pub(crate) async fn supervise(shared: Arc<HeadShared>, health: HealthConfig) {
             break;
         }
     }
-    if let Some(h) = running {
-        h.abort();
+    if let Some(hs) = running {
+        hs.iter().for_each(JoinHandle::abort);
     }
 }
 

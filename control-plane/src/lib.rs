@@ -10,7 +10,9 @@
 //! serves until [`RunningHead::shutdown`].
 
 pub mod db;
-pub mod leader;
+pub mod jobs;
+mod jobs_api;
+mod leader;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
@@ -63,6 +65,7 @@ pub struct HeadOptions {
     pub join: Vec<String>,
     pub token: Option<AuthToken>,
     pub health: HealthConfig,
+    pub jobs: jobs::JobConfig,
     pub raft_heartbeat: Duration,
     pub election_timeout: (Duration, Duration),
     /// Build a snapshot (and purge the log) every this many applied entries.
@@ -82,6 +85,7 @@ impl HeadOptions {
             join: Vec::new(),
             token: None,
             health: HealthConfig::default(),
+            jobs: jobs::JobConfig::default(),
             raft_heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(250), Duration::from_millis(500)),
             snapshot_every: 5000,
@@ -172,6 +176,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         heartbeat_period: opts.health.period,
         token: opts.token.clone(),
         proposals,
+        job_kick: tokio::sync::Notify::new(),
     });
 
     let routes = tonic::service::Routes::new(
@@ -184,10 +189,16 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
-    let listeners = Listeners::spawn(grpc, routes, http, opts.metrics.clone(), opts.token.clone());
+    let api_heads = {
+        let mut h = vec![address.clone()];
+        h.extend(opts.peers.iter().chain(&opts.join).filter(|a| **a != address).cloned());
+        h
+    };
+    let api = jobs_api::router(api_heads, opts.token.clone())?;
+    let listeners = Listeners::spawn(grpc, routes, http, api, opts.metrics.clone(), opts.token.clone());
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(service::run_proposer(shared.clone(), proposal_rx)));
-    tasks.push(tokio::spawn(leader::supervise(shared.clone(), opts.health)));
+    tasks.push(tokio::spawn(leader::supervise(shared.clone(), opts.health, opts.jobs)));
     tasks.push(tokio::spawn(commit_index_metric(raft.clone())));
 
     if opts.join.is_empty() {

@@ -17,6 +17,9 @@ pub const PROPOSAL_BATCH: &str = "rayctl_raft_proposal_batch_size";
 pub const RAFT_SNAPSHOT_BYTES: &str = "rayctl_raft_snapshot_bytes";
 pub const NODES: &str = "rayctl_nodes";
 pub const NODES_DECLARED_DEAD: &str = "rayctl_nodes_declared_dead_total";
+pub const JOBS: &str = "rayctl_jobs";
+pub const JOB_RUN_TIME: &str = "rayctl_job_run_seconds";
+pub const JOBS_ENDED: &str = "rayctl_jobs_ended_total";
 
 pub fn describe() {
     describe_gauge!(RAFT_TERM, "current Raft term of this head");
@@ -32,7 +35,25 @@ pub fn describe() {
     describe_gauge!(RAFT_SNAPSHOT_BYTES, Unit::Bytes, "size of the last snapshot built");
     describe_gauge!(NODES, "nodes in the node table, by state (leader only)");
     describe_counter!(NODES_DECLARED_DEAD, "nodes this head, as leader, declared dead");
+    describe_gauge!(JOBS, "jobs in the job table, by status (leader only)");
+    describe_histogram!(JOB_RUN_TIME, Unit::Seconds, "RUNNING to terminal, per job that ran (leader only)");
+    describe_counter!(JOBS_ENDED, "jobs that reached a terminal status, by status (leader only)");
     protocol::server::describe_rpc_metrics();
+}
+
+pub(crate) fn record_jobs(state: &crate::state::ClusterState) {
+    use crate::state::JobStatus::*;
+    for (status, name) in [(Pending, "PENDING"), (Running, "RUNNING"), (Succeeded, "SUCCEEDED"), (Failed, "FAILED"), (Stopped, "STOPPED")] {
+        let n = state.jobs.values().filter(|j| j.status == status).count();
+        gauge!(JOBS, "status" => name).set(n as f64);
+    }
+}
+
+pub(crate) fn record_job_ended(status: crate::state::JobStatus, started_ms: u64, ended_ms: u64) {
+    counter!(JOBS_ENDED, "status" => format!("{status:?}").to_uppercase()).increment(1);
+    if started_ms > 0 && ended_ms >= started_ms {
+        histogram!(JOB_RUN_TIME).record((ended_ms - started_ms) as f64 / 1000.0);
+    }
 }
 
 pub(crate) fn record_log_flush(appends: usize) {

@@ -46,6 +46,8 @@ pub(crate) struct HeadShared {
     pub(crate) heartbeat_period: Duration,
     pub(crate) token: Option<AuthToken>,
     pub(crate) proposals: mpsc::UnboundedSender<Proposal>,
+    /// Wakes the job manager (a job was submitted, stopped, or an attempt changed).
+    pub(crate) job_kick: tokio::sync::Notify,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -459,6 +461,40 @@ impl ControlPlane for ControlPlaneService {
             SmResponse::Kv(deleted) => Ok(Response::new(pb::KvDeleteReply { deleted })),
             other => Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
         }
+    }
+
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+        crate::jobs::submit(&self.0, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+        let j = crate::jobs::get(&self.0, &req.into_inner().job_id).await?;
+        Ok(Response::new(crate::jobs::job_info(&self.0, &j)))
+    }
+
+    async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsReply>, Status> {
+        Ok(Response::new(pb::ListJobsReply { jobs: crate::jobs::list(&self.0).await? }))
+    }
+
+    async fn stop_job(&self, req: Request<pb::StopJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+        crate::jobs::stop(&self.0, &req.into_inner().job_id).await.map(Response::new)
+    }
+
+    async fn delete_job(&self, req: Request<pb::DeleteJobRequest>) -> Result<Response<pb::DeleteJobReply>, Status> {
+        let deleted = crate::jobs::delete(&self.0, &req.into_inner().job_id).await?;
+        Ok(Response::new(pb::DeleteJobReply { deleted }))
+    }
+
+    async fn get_job_logs(&self, req: Request<pb::GetJobLogsRequest>) -> Result<Response<pb::JobLogs>, Status> {
+        crate::jobs::logs(&self.0, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn report_job_attempt(
+        &self,
+        req: Request<pb::ReportJobAttemptRequest>,
+    ) -> Result<Response<pb::ReportJobAttemptReply>, Status> {
+        crate::jobs::report(&self.0, req.into_inner()).await?;
+        Ok(Response::new(pb::ReportJobAttemptReply {}))
     }
 
     async fn raft_list_peers(&self, _: Request<pb::RaftListPeersRequest>) -> Result<Response<pb::RaftPeers>, Status> {

@@ -20,7 +20,8 @@ use crate::state::{ClusterState, Response};
 use crate::types::{Entry, LogId, StorageError, StoredMembership, TypeConfig, storage_err};
 
 const SNAPSHOT: &str = "snapshot";
-const SNAPSHOT_VERSION: u32 = 1;
+// 2: jobs gained attempts, retries, priority and stop requests (issue 4).
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// What is applied so far. Shared with the services, which read it under the lock.
 #[derive(Debug, Default, Clone)]

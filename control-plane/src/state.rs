@@ -74,11 +74,33 @@ pub struct JobRecord {
     pub entrypoint_resources: Resources,
     pub status: JobStatus,
     pub driver_node: Option<NodeId>,
+    /// The incarnation of `driver_node` the current attempt was assigned to.
+    pub driver_incarnation: u64,
     pub exit_code: Option<i32>,
     pub message: String,
     pub submitted_at_ms: u64,
     pub started_at_ms: u64,
     pub ended_at_ms: u64,
+    /// 0 for the first run; a retry is a new attempt, and reports of older attempts are stale.
+    pub attempt: u32,
+    pub max_retries: u32,
+    pub priority: i32,
+    pub stop_requested: bool,
+    /// Set by the submitting client; a retried submit with the same token gets this job back.
+    pub client_token: String,
+}
+
+/// How one attempt of a job ended, as its node (or the job manager) reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptOutcome {
+    /// The entrypoint exited with this code.
+    Exited(i32),
+    /// Ended by a stop request.
+    Stopped,
+    /// The attempt was lost with its node; may be retried.
+    Lost,
+    /// Could not run at all (queue timeout, bad working dir); never retried.
+    Failed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,8 +179,22 @@ pub enum Command {
         runtime_env_json: String,
         metadata: Labels,
         resources: Resources,
+        max_retries: u32,
+        priority: i32,
+        client_token: String,
         time_ms: u64,
     },
+    /// The job manager placed the current attempt of a PENDING job on a node.
+    AssignJob { job_id: String, attempt: u32, node_id: NodeId, incarnation: u64 },
+    /// The node's agent started the attempt: PENDING → RUNNING.
+    JobAttemptStarted { job_id: String, attempt: u32, node_id: NodeId, time_ms: u64 },
+    /// The attempt ended: the job becomes terminal, or PENDING again as a new attempt when it
+    /// failed and has retries left.
+    JobAttemptEnded { job_id: String, attempt: u32, outcome: AttemptOutcome, message: String, time_ms: u64 },
+    /// Stop: at once for a job not yet placed, else through its node's agent.
+    RequestJobStop { job_id: String, time_ms: u64 },
+    /// Forgets a terminal job.
+    DeleteJob { job_id: String },
     SetJobStatus {
         job_id: String,
         status: JobStatus,
@@ -248,6 +284,10 @@ fn transition(kind: &str, id: &str, from: impl std::fmt::Debug, to: impl std::fm
     })
 }
 
+fn stale_attempt(job_id: &str, given: u32, current: u32) -> Response {
+    Response::Rejected(Rejection::Invalid(format!("job {job_id}: attempt {given} is not the current attempt {current}")))
+}
+
 impl ClusterState {
     /// Applies one committed command. Deterministic; never panics on any input.
     pub fn apply(&mut self, cmd: Command) -> Response {
@@ -300,7 +340,18 @@ impl ClusterState {
                 Response::Kv(true)
             }
             Command::KvDelete { namespace, key } => Response::Kv(self.kv.remove(&(namespace, key)).is_some()),
-            Command::SubmitJob { job_id, submission_id, entrypoint, runtime_env_json, metadata, resources, time_ms } => {
+            Command::SubmitJob {
+                job_id,
+                submission_id,
+                entrypoint,
+                runtime_env_json,
+                metadata,
+                resources,
+                max_retries,
+                priority,
+                client_token,
+                time_ms,
+            } => {
                 if self.jobs.contains_key(&job_id) {
                     return exists("job", job_id);
                 }
@@ -319,12 +370,101 @@ impl ClusterState {
                     entrypoint_resources: resources,
                     status: JobStatus::Pending,
                     driver_node: None,
+                    driver_incarnation: 0,
                     exit_code: None,
-                    message: String::new(),
+                    message: "waiting for a node".into(),
                     submitted_at_ms: time_ms,
                     started_at_ms: 0,
                     ended_at_ms: 0,
+                    attempt: 0,
+                    max_retries,
+                    priority,
+                    stop_requested: false,
+                    client_token,
                 });
+                Response::Ok
+            }
+            Command::AssignJob { job_id, attempt, node_id, incarnation } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+                if j.status != JobStatus::Pending || j.driver_node.is_some() || j.attempt != attempt || j.stop_requested {
+                    return transition("job", &job_id, j.status, "ASSIGNED");
+                }
+                j.driver_node = Some(node_id);
+                j.driver_incarnation = incarnation;
+                j.message = format!("starting on node {node_id}");
+                Response::Ok
+            }
+            Command::JobAttemptStarted { job_id, attempt, node_id, time_ms } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+                if j.attempt != attempt || j.driver_node != Some(node_id) {
+                    return stale_attempt(&job_id, attempt, j.attempt);
+                }
+                match j.status {
+                    JobStatus::Running => Response::Ok,
+                    JobStatus::Pending => {
+                        j.status = JobStatus::Running;
+                        j.started_at_ms = time_ms;
+                        j.message = "running".into();
+                        Response::Ok
+                    }
+                    other => transition("job", &job_id, other, JobStatus::Running),
+                }
+            }
+            Command::JobAttemptEnded { job_id, attempt, outcome, message, time_ms } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+                if j.status.is_terminal() {
+                    return transition("job", &job_id, j.status, "ENDED");
+                }
+                if j.attempt != attempt {
+                    return stale_attempt(&job_id, attempt, j.attempt);
+                }
+                let (status, exit_code) = match outcome {
+                    _ if j.stop_requested => (JobStatus::Stopped, None),
+                    AttemptOutcome::Stopped => (JobStatus::Stopped, None),
+                    AttemptOutcome::Exited(0) => (JobStatus::Succeeded, Some(0)),
+                    AttemptOutcome::Exited(c) => (JobStatus::Failed, Some(c)),
+                    AttemptOutcome::Lost | AttemptOutcome::Failed => (JobStatus::Failed, None),
+                };
+                let retry = status == JobStatus::Failed && outcome != AttemptOutcome::Failed && j.attempt < j.max_retries;
+                if retry {
+                    j.status = JobStatus::Pending;
+                    j.attempt += 1;
+                    j.driver_node = None;
+                    j.driver_incarnation = 0;
+                    j.exit_code = exit_code;
+                    j.message = format!("attempt {attempt} failed ({message}); retrying, attempt {} of {}", j.attempt, j.max_retries);
+                } else {
+                    j.status = status;
+                    j.exit_code = exit_code;
+                    j.ended_at_ms = time_ms;
+                    j.message = message;
+                }
+                Response::Ok
+            }
+            Command::RequestJobStop { job_id, time_ms } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+                if j.status.is_terminal() {
+                    return transition("job", &job_id, j.status, JobStatus::Stopped);
+                }
+                if j.status == JobStatus::Pending && j.driver_node.is_none() {
+                    j.status = JobStatus::Stopped;
+                    j.ended_at_ms = time_ms;
+                    j.message = "stopped before it started".into();
+                } else {
+                    j.stop_requested = true;
+                    j.message = "stopping".into();
+                }
+                Response::Ok
+            }
+            Command::DeleteJob { job_id } => {
+                let Some(j) = self.jobs.get(&job_id) else { return not_found("job", job_id) };
+                if !j.status.is_terminal() {
+                    return transition("job", &job_id, j.status, "DELETED");
+                }
+                if let Some(sid) = &j.submission_id {
+                    self.submissions.remove(sid);
+                }
+                self.jobs.remove(&job_id);
                 Response::Ok
             }
             Command::SetJobStatus { job_id, status, driver_node, exit_code, message, time_ms } => {
@@ -534,6 +674,9 @@ mod tests {
             runtime_env_json: "{}".into(),
             metadata: Labels::new(),
             resources: Resources::new(),
+            max_retries: 0,
+            priority: 0,
+            client_token: String::new(),
             time_ms: 1,
         }
     }
@@ -656,7 +799,90 @@ mod tests {
                 &format!("j{j}"),
                 [JobStatus::Pending, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Stopped][st]
             )),
+            (0u8..3, 0u32..3, b.clone()).prop_map(|(j, attempt, n)| Command::AssignJob {
+                job_id: format!("j{j}"),
+                attempt,
+                node_id: nid(n),
+                incarnation: 1
+            }),
+            (0u8..3, 0u32..3, b.clone()).prop_map(|(j, attempt, n)| Command::JobAttemptStarted {
+                job_id: format!("j{j}"),
+                attempt,
+                node_id: nid(n),
+                time_ms: 3
+            }),
+            (0u8..3, 0u32..3, -1i32..2, 0usize..3).prop_map(|(j, attempt, code, o)| Command::JobAttemptEnded {
+                job_id: format!("j{j}"),
+                attempt,
+                outcome: [AttemptOutcome::Exited(code), AttemptOutcome::Lost, AttemptOutcome::Stopped][o],
+                message: String::new(),
+                time_ms: 4
+            }),
+            (0u8..3).prop_map(|j| Command::RequestJobStop { job_id: format!("j{j}"), time_ms: 5 }),
+            (0u8..3).prop_map(|j| Command::DeleteJob { job_id: format!("j{j}") }),
         ]
+    }
+
+    #[test]
+    fn job_attempts_retry_then_fail_and_stale_reports_are_refused() {
+        let mut s = ClusterState::default();
+        let mut sub = submit("j", Some("s"));
+        if let Command::SubmitJob { max_retries, .. } = &mut sub {
+            *max_retries = 1;
+        }
+        assert_eq!(s.apply(sub), Response::Ok);
+        let assign = |attempt, n| Command::AssignJob { job_id: "j".into(), attempt, node_id: nid(n), incarnation: 1 };
+        let started = |attempt, n| Command::JobAttemptStarted { job_id: "j".into(), attempt, node_id: nid(n), time_ms: 10 };
+        let ended = |attempt, outcome| Command::JobAttemptEnded {
+            job_id: "j".into(),
+            attempt,
+            outcome,
+            message: "node died".into(),
+            time_ms: 20,
+        };
+        assert!(matches!(s.apply(started(0, 1)), Response::Rejected(_)), "not assigned yet");
+        assert_eq!(s.apply(assign(0, 1)), Response::Ok);
+        assert!(matches!(s.apply(assign(0, 2)), Response::Rejected(_)), "never assigned twice");
+        assert!(matches!(s.apply(started(0, 2)), Response::Rejected(_)), "only the assigned node starts it");
+        assert_eq!(s.apply(started(0, 1)), Response::Ok);
+        assert_eq!(s.apply(started(0, 1)), Response::Ok, "a repeated report is harmless");
+        // The first attempt is lost with its node: a retry is a new, unassigned attempt.
+        assert_eq!(s.apply(ended(0, AttemptOutcome::Lost)), Response::Ok);
+        let j = &s.jobs["j"];
+        assert_eq!((j.status, j.attempt, j.driver_node), (JobStatus::Pending, 1, None));
+        assert!(matches!(s.apply(ended(0, AttemptOutcome::Exited(0))), Response::Rejected(_)), "stale attempt");
+        assert_eq!(s.apply(assign(1, 2)), Response::Ok);
+        assert_eq!(s.apply(started(1, 2)), Response::Ok);
+        assert_eq!(s.apply(ended(1, AttemptOutcome::Exited(3))), Response::Ok);
+        let j = &s.jobs["j"];
+        assert_eq!((j.status, j.exit_code, j.ended_at_ms), (JobStatus::Failed, Some(3), 20));
+        assert!(matches!(s.apply(Command::RequestJobStop { job_id: "j".into(), time_ms: 30 }), Response::Rejected(_)));
+        assert_eq!(s.apply(Command::DeleteJob { job_id: "j".into() }), Response::Ok);
+        assert!(s.jobs.is_empty() && s.submissions.is_empty());
+    }
+
+    #[test]
+    fn stopping_a_job() {
+        let mut s = ClusterState::default();
+        s.apply(submit("a", None));
+        s.apply(submit("b", None));
+        assert!(matches!(s.apply(Command::DeleteJob { job_id: "a".into() }), Response::Rejected(_)), "only terminal jobs");
+        // Not placed yet: stopped at once.
+        assert_eq!(s.apply(Command::RequestJobStop { job_id: "a".into(), time_ms: 5 }), Response::Ok);
+        assert_eq!(s.jobs["a"].status, JobStatus::Stopped);
+        // Placed: stop is requested; whatever the attempt reports, it ends STOPPED.
+        s.apply(Command::AssignJob { job_id: "b".into(), attempt: 0, node_id: nid(1), incarnation: 1 });
+        assert_eq!(s.apply(Command::RequestJobStop { job_id: "b".into(), time_ms: 5 }), Response::Ok);
+        assert_eq!(s.jobs["b"].status, JobStatus::Pending);
+        let end = Command::JobAttemptEnded {
+            job_id: "b".into(),
+            attempt: 0,
+            outcome: AttemptOutcome::Exited(143),
+            message: "terminated".into(),
+            time_ms: 6,
+        };
+        assert_eq!(s.apply(end), Response::Ok);
+        assert_eq!(s.jobs["b"].status, JobStatus::Stopped);
     }
 
     proptest! {
@@ -674,7 +900,7 @@ mod tests {
             prop_assert_eq!(a, back);
         }
 
-        /// Incarnations never go down and terminal jobs never change.
+        /// Incarnations never go down and terminal jobs never change (they may be deleted).
         #[test]
         fn monotonic_invariants(cmds in proptest::collection::vec(any_command(), 0..80)) {
             let mut s = ClusterState::default();
@@ -686,7 +912,8 @@ mod tests {
                 }
                 for (id, j) in &before.jobs {
                     if j.status.is_terminal() {
-                        prop_assert_eq!(&s.jobs[id], j);
+                        // Unchanged, or deleted.
+                        prop_assert!(s.jobs.get(id).is_none_or(|now| now == j));
                     }
                 }
             }

@@ -9,6 +9,7 @@
 //! through `protocol`.
 
 pub mod identity;
+mod jobs;
 pub mod metrics;
 mod registration;
 
@@ -46,6 +47,10 @@ pub struct NodeOptions {
     pub token: Option<AuthToken>,
     pub metrics: Option<MetricsRender>,
     pub object_store: ObjectStoreOptions,
+    /// Job driver logs (`job-driver-<id>.log`).
+    pub log_dir: PathBuf,
+    /// Each job's working directory is `<job_dir>/<job id>`.
+    pub job_dir: PathBuf,
 }
 
 /// How the node hosts its object store.
@@ -84,6 +89,8 @@ impl NodeOptions {
         Self {
             heads,
             object_store: ObjectStoreOptions::in_session(&data_dir),
+            log_dir: data_dir.join("logs"),
+            job_dir: data_dir.join("jobs"),
             data_dir,
             bind_host: "127.0.0.1".into(),
             advertise_host: "127.0.0.1".into(),
@@ -120,6 +127,7 @@ pub struct RunningNode {
     pub puller: Arc<object_store::Puller>,
     store_server: object_store::StoreServer,
     spill_dir: PathBuf,
+    agent: Arc<jobs::JobAgent>,
     shared: Arc<NodeShared>,
     client: HeadClient,
     listeners: Listeners,
@@ -151,13 +159,17 @@ impl RunningNode {
         for t in self.tasks {
             t.abort();
         }
+        self.agent.kill_all();
         self.store_server.stop();
         let _ = std::fs::remove_dir_all(&self.spill_dir);
     }
 }
 
 #[derive(Clone)]
-struct NodeManagerService(Arc<NodeShared>);
+struct NodeManagerService {
+    shared: Arc<NodeShared>,
+    agent: Arc<jobs::JobAgent>,
+}
 
 #[tonic::async_trait]
 impl NodeManager for NodeManagerService {
@@ -166,12 +178,34 @@ impl NodeManager for NodeManagerService {
         _: tonic::Request<pb::NodeHealthCheckRequest>,
     ) -> Result<tonic::Response<pb::NodeHealthCheckReply>, tonic::Status> {
         Ok(tonic::Response::new(pb::NodeHealthCheckReply {
-            node_id: self.0.node_id.to_string(),
-            incarnation: self.0.incarnation.load(Ordering::Acquire),
-            ports: Some(self.0.ports),
-            object_store_socket: self.0.object_store_socket.display().to_string(),
-            object_store_capacity: self.0.object_store_capacity,
+            node_id: self.shared.node_id.to_string(),
+            incarnation: self.shared.incarnation.load(Ordering::Acquire),
+            ports: Some(self.shared.ports),
+            object_store_socket: self.shared.object_store_socket.display().to_string(),
+            object_store_capacity: self.shared.object_store_capacity,
         }))
+    }
+
+    async fn start_job(&self, req: tonic::Request<pb::StartJobRequest>) -> Result<tonic::Response<pb::StartJobReply>, tonic::Status> {
+        let started = self.agent.start(req.into_inner())?;
+        Ok(tonic::Response::new(pb::StartJobReply { started }))
+    }
+
+    async fn stop_job_process(
+        &self,
+        req: tonic::Request<pb::StopJobProcessRequest>,
+    ) -> Result<tonic::Response<pb::StopJobProcessReply>, tonic::Status> {
+        let was_running = self.agent.stop(&req.into_inner());
+        Ok(tonic::Response::new(pb::StopJobProcessReply { was_running }))
+    }
+
+    async fn read_job_log(&self, req: tonic::Request<pb::GetJobLogsRequest>) -> Result<tonic::Response<pb::JobLogs>, tonic::Status> {
+        let agent = self.agent.clone();
+        let r = req.into_inner();
+        tokio::task::spawn_blocking(move || agent.read_log(&r))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .map(tonic::Response::new)
     }
 }
 
@@ -215,11 +249,12 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         object_store_capacity: store.arena().capacity(),
     });
 
+    let agent = Arc::new(jobs::JobAgent::new(shared.clone(), opts.log_dir.clone(), opts.job_dir.clone(), client.clone()));
     let routes = tonic::service::Routes::new(
-        pb::node_manager_server::NodeManagerServer::new(NodeManagerService(shared.clone()))
+        pb::node_manager_server::NodeManagerServer::new(NodeManagerService { shared: shared.clone(), agent: agent.clone() })
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
-    let listeners = Listeners::spawn(nm, routes, mx, opts.metrics.clone(), opts.token.clone());
+    let listeners = Listeners::spawn(nm, routes, mx, axum::Router::new(), opts.metrics.clone(), opts.token.clone());
     let mut tasks = Vec::new();
     let om_routes = tonic::service::Routes::new(object_store::ObjectManagerService::new(store.clone()).into_server());
     let om_router = protocol::server::grpc_router(om_routes, opts.token.clone());
@@ -254,6 +289,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         puller,
         store_server,
         spill_dir,
+        agent,
         shared,
         client,
         listeners,

@@ -41,6 +41,24 @@ pub enum RpcError {
 }
 
 impl RpcError {
+    /// The message without this variant's prefix (a message that crossed the wire already
+    /// carries the prefix of the error that made it).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::NotLeader { .. } => self.to_string(),
+            Self::Fenced(m)
+            | Self::NotFound(m)
+            | Self::InvalidArgument(m)
+            | Self::AlreadyExists(m)
+            | Self::ResourceExhausted(m)
+            | Self::Unauthenticated(m)
+            | Self::Unavailable(m)
+            | Self::DeadlineExceeded(m)
+            | Self::FailedPrecondition(m)
+            | Self::Internal(m) => m.clone(),
+        }
+    }
+
     /// Whether the same request may succeed when sent again (possibly to another head).
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::NotLeader { .. } | Self::Unavailable(_) | Self::DeadlineExceeded(_))

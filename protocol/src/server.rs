@@ -132,11 +132,13 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Serves `routes` on `grpc` and `/metrics` rendered by `metrics` on `http`.
+    /// Serves `routes` on `grpc`, and `/metrics` rendered by `metrics` plus `http_routes`
+    /// (REST) on `http`.
     pub fn spawn(
         grpc: TcpListener,
         routes: tonic::service::Routes,
         http: TcpListener,
+        http_routes: Router,
         metrics: Option<MetricsRender>,
         token: Option<AuthToken>,
     ) -> Self {
@@ -144,7 +146,10 @@ impl Listeners {
         let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let http_router = with_token(metrics_route(move || metrics.as_ref().map(|r| r()).unwrap_or_default()), token.clone());
+        let http_router = with_token(
+            metrics_route(move || metrics.as_ref().map(|r| r()).unwrap_or_default()).merge(http_routes),
+            token.clone(),
+        );
         let grpc_router = grpc_router(routes, token);
         let mut tasks = Vec::new();
         for (name, listener, router) in [("gRPC", grpc, grpc_router), ("HTTP", http, http_router)] {

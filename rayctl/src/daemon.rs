@@ -215,6 +215,8 @@ async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
     opts.token = token;
     opts.metrics = Some(render);
     opts.object_store = object_store_options(&args, &session_dir)?;
+    opts.log_dir = session_dir.join("logs");
+    opts.job_dir = session_dir.join("jobs");
     let node = node::start(opts).await?;
     let _record = if args.head_node {
         RecordGuard(None)

@@ -1,0 +1,295 @@
+//! The Jobs REST API on every head's HTTP port, following Ray's documented paths and JSON
+//! fields so existing Ray job clients work: `GET /api/version`, `POST /api/jobs/`,
+//! `GET /api/jobs/`, `GET /api/jobs/{id}`, `GET /api/jobs/{id}/logs`,
+//! `GET /api/jobs/{id}/logs/tail` (a chunked text stream until the job ends),
+//! `POST /api/jobs/{id}/stop`, `DELETE /api/jobs/{id}`, and `GET /api/openapi.json`.
+//!
+//! API Boundary: every handler goes through the cluster's gRPC API with a `HeadClient` that
+//! knows every head, so a follower's request reaches the leader (forwarding) and the REST
+//! layer holds no state. Errors are JSON `{"error": …}` with 400 (bad input), 404, 409
+//! (duplicate submission_id) or 503 (no leader reachable).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use protocol::auth::AuthToken;
+use protocol::client::{ClientError, ClientOptions, HeadClient};
+use protocol::{pb, RpcError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The version Ray's job clients check for (`dashboard/modules/version.py`).
+const RAY_API_VERSION: &str = "4";
+const OPENAPI: &str = include_str!("jobs_openapi.json");
+
+#[derive(Clone)]
+struct Api {
+    client: HeadClient,
+}
+
+pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Result<Router> {
+    let opts = ClientOptions { deadline: Duration::from_secs(15), ..Default::default() };
+    let client = HeadClient::new(&heads, token, opts)?;
+    Ok(Router::new()
+        .route("/api/version", get(version))
+        .route("/api/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
+        .route("/api/jobs/", post(submit).get(list))
+        .route("/api/jobs/{id}", get(get_job).delete(delete_job))
+        .route("/api/jobs/{id}/logs", get(logs))
+        .route("/api/jobs/{id}/logs/tail", get(tail))
+        .route("/api/jobs/{id}/stop", post(stop))
+        .with_state(Api { client }))
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        let code = match e.rpc() {
+            Some(RpcError::InvalidArgument(_) | RpcError::FailedPrecondition(_)) => StatusCode::BAD_REQUEST,
+            Some(RpcError::NotFound(_)) => StatusCode::NOT_FOUND,
+            Some(RpcError::AlreadyExists(_)) => StatusCode::CONFLICT,
+            Some(RpcError::ResourceExhausted(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            Some(RpcError::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,
+            Some(RpcError::Unavailable(_) | RpcError::NotLeader { .. } | RpcError::DeadlineExceeded(_)) | None => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Some(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.rpc().map_or_else(|| e.to_string(), RpcError::detail))
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({
+        "version": RAY_API_VERSION,
+        "ray_version": "2.60.0",
+        "ray_commit": concat!("rayctl-", env!("CARGO_PKG_VERSION")),
+        "session_name": "rayctl",
+    }))
+}
+
+/// Ray's `JobSubmitRequest`, plus our `max_retries` and `priority`. Unknown fields are
+/// ignored, as newer Ray clients send fields older servers do not know.
+#[derive(Deserialize)]
+struct SubmitBody {
+    entrypoint: String,
+    #[serde(default)]
+    submission_id: Option<String>,
+    /// Deprecated alias of `submission_id` in Ray.
+    #[serde(default)]
+    job_id: Option<String>,
+    #[serde(default)]
+    runtime_env: Option<Value>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    entrypoint_num_cpus: Option<f64>,
+    #[serde(default)]
+    entrypoint_num_gpus: Option<f64>,
+    #[serde(default)]
+    entrypoint_memory: Option<f64>,
+    #[serde(default)]
+    entrypoint_resources: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    max_retries: Option<u32>,
+    #[serde(default)]
+    priority: Option<i32>,
+    /// Ours: lets a client retry a submit safely (see `SubmitJobRequest.client_token`).
+    #[serde(default)]
+    client_token: Option<String>,
+}
+
+async fn submit(State(api): State<Api>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let b: SubmitBody = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid job submission JSON: {e}")))?;
+    let mut resources: BTreeMap<String, f64> = b.entrypoint_resources.unwrap_or_default();
+    for (name, v) in [("CPU", b.entrypoint_num_cpus), ("GPU", b.entrypoint_num_gpus), ("memory", b.entrypoint_memory)] {
+        if let Some(v) = v {
+            if resources.insert(name.to_owned(), v).is_some() {
+                return Err(bad(format!("{name} is given both as entrypoint_num_* and in entrypoint_resources")));
+            }
+        }
+    }
+    let runtime_env_json = match b.runtime_env {
+        None | Some(Value::Null) => String::new(),
+        Some(v) => v.to_string(),
+    };
+    let submission_id = b.submission_id.or(b.job_id).unwrap_or_else(crate::jobs::new_submission_id);
+    let req = pb::SubmitJobRequest {
+        submission_id,
+        entrypoint: b.entrypoint,
+        runtime_env_json,
+        metadata: b.metadata.unwrap_or_default().into_iter().collect(),
+        entrypoint_resources: resources.into_iter().collect(),
+        max_retries: b.max_retries.unwrap_or(0),
+        priority: b.priority.unwrap_or(0),
+        client_token: b.client_token.unwrap_or_default(),
+    };
+    let info = api
+        .client
+        .call(|mut c| {
+            let r = req.clone();
+            async move { c.submit_job(r).await }
+        })
+        .await?;
+    Ok(Json(json!({ "job_id": info.job_id, "submission_id": info.submission_id })))
+}
+
+fn status_name(s: i32) -> &'static str {
+    match pb::JobStatus::try_from(s).unwrap_or(pb::JobStatus::Unspecified) {
+        pb::JobStatus::Pending => "PENDING",
+        pb::JobStatus::Running => "RUNNING",
+        pb::JobStatus::Succeeded => "SUCCEEDED",
+        pb::JobStatus::Failed => "FAILED",
+        pb::JobStatus::Stopped => "STOPPED",
+        pb::JobStatus::Unspecified => "UNKNOWN",
+    }
+}
+
+/// Ray's `JobDetails` for one job.
+pub(crate) fn details(j: &pb::JobInfo) -> Value {
+    let opt_ms = |v: u64| if v == 0 { Value::Null } else { json!(v) };
+    let runtime_env: Value = serde_json::from_str(&j.runtime_env_json).unwrap_or_else(|_| json!({}));
+    let res = |k: &str| j.entrypoint_resources.get(k).copied().map_or(Value::Null, |v| json!(v));
+    let custom: BTreeMap<&String, &f64> =
+        j.entrypoint_resources.iter().filter(|(k, _)| !["CPU", "GPU", "memory"].contains(&k.as_str())).collect();
+    json!({
+        "type": "SUBMISSION",
+        "job_id": j.job_id,
+        "submission_id": j.submission_id,
+        "driver_info": null,
+        "status": status_name(j.status),
+        "entrypoint": j.entrypoint,
+        "message": j.message,
+        "error_type": null,
+        "start_time": opt_ms(j.submitted_at_ms),
+        "end_time": opt_ms(j.ended_at_ms),
+        "metadata": j.metadata,
+        "runtime_env": runtime_env,
+        "driver_agent_http_address": null,
+        "driver_node_id": if j.driver_node_id.is_empty() { Value::Null } else { json!(j.driver_node_id) },
+        "driver_exit_code": if j.has_exit_code { json!(j.exit_code) } else { Value::Null },
+        "entrypoint_num_cpus": res("CPU"),
+        "entrypoint_num_gpus": res("GPU"),
+        "entrypoint_memory": res("memory"),
+        "entrypoint_resources": if custom.is_empty() { Value::Null } else { json!(custom) },
+        "attempt": j.attempt,
+        "max_retries": j.max_retries,
+        "priority": j.priority,
+    })
+}
+
+async fn list(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+    let r = api.client.call(|mut c| async move { c.list_jobs(pb::ListJobsRequest {}).await }).await?;
+    Ok(Json(Value::Array(r.jobs.iter().map(details).collect())))
+}
+
+async fn get_one(api: &Api, id: String) -> Result<pb::JobInfo, ApiError> {
+    let req = pb::GetJobRequest { job_id: id };
+    Ok(api
+        .client
+        .call(|mut c| {
+            let r = req.clone();
+            async move { c.get_job(r).await }
+        })
+        .await?)
+}
+
+async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(details(&get_one(&api, id).await?)))
+}
+
+async fn read_logs(api: &Api, id: &str, offset: u64) -> Result<pb::JobLogs, ApiError> {
+    let req = pb::GetJobLogsRequest { job_id: id.to_owned(), offset, max_bytes: 4 << 20 };
+    Ok(api
+        .client
+        .call(|mut c| {
+            let r = req.clone();
+            async move { c.get_job_logs(r).await }
+        })
+        .await?)
+}
+
+/// The whole log so far.
+async fn logs(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let mut out = Vec::new();
+    loop {
+        let l = read_logs(&api, &id, out.len() as u64).await?;
+        if l.data.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&l.data);
+    }
+    Ok(Json(json!({ "logs": String::from_utf8_lossy(&out) })))
+}
+
+/// Streams the log as it grows until the job ends (chunked `text/plain`).
+async fn tail(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    // Fail with a status code, not a broken stream, when the job does not exist.
+    get_one(&api, id.clone()).await?;
+    let stream = futures_util::stream::unfold(Some(0u64), move |offset| {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            let mut offset = offset?;
+            loop {
+                match read_logs(&api, &id, offset).await {
+                    Ok(l) if !l.data.is_empty() => {
+                        offset = l.next_offset;
+                        return Some((Ok::<_, std::io::Error>(Bytes::from(l.data)), Some(offset)));
+                    }
+                    Ok(l) if l.complete => return None,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    Err(e) => return Some((Ok(Bytes::from(format!("\n[rayctl: log tail ended: {}]\n", e.1))), None)),
+                }
+            }
+        }
+    });
+    Ok(([("content-type", "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response())
+}
+
+async fn stop(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let before = get_one(&api, id.clone()).await?;
+    let terminal = matches!(
+        pb::JobStatus::try_from(before.status),
+        Ok(pb::JobStatus::Succeeded | pb::JobStatus::Failed | pb::JobStatus::Stopped)
+    );
+    if terminal {
+        return Ok(Json(json!({ "stopped": false })));
+    }
+    let req = pb::StopJobRequest { job_id: id };
+    api.client
+        .call(|mut c| {
+            let r = req.clone();
+            async move { c.stop_job(r).await }
+        })
+        .await?;
+    Ok(Json(json!({ "stopped": true })))
+}
+
+async fn delete_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let req = pb::DeleteJobRequest { job_id: id };
+    let r = api
+        .client
+        .call(|mut c| {
+            let r = req.clone();
+            async move { c.delete_job(r).await }
+        })
+        .await?;
+    Ok(Json(json!({ "deleted": r.deleted })))
+}

@@ -1,0 +1,253 @@
+//! The job agent: runs job entrypoints on this node for the leader's job manager.
+//!
+//! Each attempt runs `sh -c ENTRYPOINT` in its own process group, in the job's directory,
+//! with `RAYCTL_ADDRESS` and `RAYCTL_JOB_ID` in its environment, stdout and stderr appended
+//! to `<log dir>/job-driver-<job id>.log`. The agent reports STARTED and then EXITED (with
+//! the exit code) or STOPPED to the control plane, retrying until the report is taken.
+//!
+//! Invariants: each (job, attempt) starts at most once on this node, and only for the node
+//! incarnation it was assigned to; a stop that arrives before the start marks the attempt
+//! stopped so a late start cannot run it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use protocol::client::HeadClient;
+use protocol::pb;
+use protocol::RpcError;
+use tonic::Status;
+
+/// What the agent knows of one attempt.
+enum Attempt {
+    Running { pgid: i32, stop: Arc<AtomicBool> },
+    Ended,
+}
+
+pub(crate) struct JobAgent {
+    node: Arc<crate::NodeShared>,
+    log_dir: PathBuf,
+    work_dir: PathBuf,
+    client: HeadClient,
+    attempts: Mutex<HashMap<(String, u32), Attempt>>,
+}
+
+const MAX_READ: u64 = 4 * 1024 * 1024;
+
+impl JobAgent {
+    pub(crate) fn new(node: Arc<crate::NodeShared>, log_dir: PathBuf, work_dir: PathBuf, client: HeadClient) -> Self {
+        Self { node, log_dir, work_dir, client, attempts: Mutex::default() }
+    }
+
+    fn log_path(&self, job_id: &str) -> PathBuf {
+        self.log_dir.join(format!("job-driver-{job_id}.log"))
+    }
+
+    pub(crate) fn start(self: &Arc<Self>, r: pb::StartJobRequest) -> Result<bool, Status> {
+        check_job_id(&r.job_id)?;
+        let current = self.node.incarnation.load(Ordering::Acquire);
+        if r.incarnation != current {
+            return Err(RpcError::FailedPrecondition(format!(
+                "job {} attempt {} was assigned to incarnation {} of this node, which is now {current}",
+                r.job_id, r.attempt, r.incarnation
+            ))
+            .into());
+        }
+        let key = (r.job_id.clone(), r.attempt);
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if attempts.contains_key(&key) {
+            return Ok(false);
+        }
+        match self.spawn(&r) {
+            Ok((child, pgid, stop)) => {
+                attempts.insert(key, Attempt::Running { pgid, stop: stop.clone() });
+                drop(attempts);
+                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::Started, 0, String::new());
+                let me = self.clone();
+                tokio::spawn(async move { me.wait(r.job_id, r.attempt, child, stop).await });
+            }
+            Err(message) => {
+                attempts.insert(key, Attempt::Ended);
+                drop(attempts);
+                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::FailedToStart, 0, message);
+            }
+        }
+        Ok(true)
+    }
+
+    fn spawn(&self, r: &pb::StartJobRequest) -> Result<(tokio::process::Child, i32, Arc<AtomicBool>), String> {
+        let env: serde_json::Value = serde_json::from_str(if r.runtime_env_json.is_empty() { "{}" } else { &r.runtime_env_json })
+            .map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
+        if let Some(w) = env.get("working_dir").and_then(|v| v.as_str()) {
+            return Err(format!("working_dir {w:?}: working_dir packages are not supported by this node yet"));
+        }
+        let dir = self.work_dir.join(&r.job_id);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&self.log_dir).map_err(|e| format!("cannot create the log directory {}: {e}", self.log_dir.display()))?;
+        let log_path = self.log_path(&r.job_id);
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("cannot open the job log {}: {e}", log_path.display()))?;
+        if r.attempt > 0 {
+            use std::io::Write;
+            let _ = writeln!(log, "--- rayctl: attempt {} of job {} ---", r.attempt, r.job_id);
+        }
+        let err = log.try_clone().map_err(|e| format!("cannot open the job log: {e}"))?;
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(&r.entrypoint)
+            .current_dir(&dir)
+            .env(protocol::ADDRESS_ENV, r.cluster_addresses.join(","))
+            .env("RAYCTL_JOB_ID", &r.job_id)
+            .env("RAY_JOB_SUBMISSION_ID", &r.job_id)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(vars) = env.get("env_vars").and_then(|v| v.as_object()) {
+            for (k, v) in vars {
+                if let Some(v) = v.as_str() {
+                    cmd.env(k, v);
+                }
+            }
+        }
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. The
+        // shell dies with this daemon, so a dead node runs no driver.
+        unsafe {
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start `sh -c {}`: {e}", r.entrypoint))?;
+        let pgid = child.id().map(|p| p as i32).ok_or("the entrypoint exited before it could be tracked")?;
+        Ok((child, pgid, Arc::new(AtomicBool::new(false))))
+    }
+
+    async fn wait(self: Arc<Self>, job_id: String, attempt: u32, mut child: tokio::process::Child, stop: Arc<AtomicBool>) {
+        let status = child.wait().await;
+        self.attempts.lock().unwrap_or_else(|p| p.into_inner()).insert((job_id.clone(), attempt), Attempt::Ended);
+        let (event, code, message) = match status {
+            _ if stop.load(Ordering::Acquire) => (pb::JobAttemptEvent::Stopped, 0, "stopped by request".to_string()),
+            Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+                (Some(0), _) => (pb::JobAttemptEvent::Exited, 0, "succeeded".to_string()),
+                (Some(c), _) => (pb::JobAttemptEvent::Exited, c, format!("the entrypoint exited with code {c}")),
+                (None, Some(sig)) => (pb::JobAttemptEvent::Exited, 128 + sig, format!("the entrypoint was killed by signal {sig}")),
+                (None, None) => (pb::JobAttemptEvent::Exited, -1, "the entrypoint ended without an exit code".to_string()),
+            },
+            Err(e) => (pb::JobAttemptEvent::Exited, -1, format!("cannot wait for the entrypoint: {e}")),
+        };
+        self.report(&job_id, attempt, event, code, message);
+    }
+
+    /// SIGTERM to the attempt's process group, SIGKILL after `grace`.
+    pub(crate) fn stop(self: &Arc<Self>, r: &pb::StopJobProcessRequest) -> bool {
+        let key = (r.job_id.clone(), r.attempt);
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        match attempts.get(&key) {
+            Some(Attempt::Running { pgid, stop }) => {
+                stop.store(true, Ordering::Release);
+                let pgid = Pid::from_raw(*pgid);
+                let _ = killpg(pgid, Signal::SIGTERM);
+                let grace = Duration::from_millis(r.grace_ms);
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                });
+                true
+            }
+            Some(Attempt::Ended) => false,
+            None => {
+                // Stopped before it started here: make sure a late start cannot run it.
+                attempts.insert(key, Attempt::Ended);
+                drop(attempts);
+                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::Stopped, 0, "stopped before it started".into());
+                false
+            }
+        }
+    }
+
+    /// Kills every running attempt (the node is shutting down).
+    pub(crate) fn kill_all(&self) {
+        for a in self.attempts.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if let Attempt::Running { pgid, .. } = a {
+                let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    pub(crate) fn read_log(&self, r: &pb::GetJobLogsRequest) -> Result<pb::JobLogs, Status> {
+        use std::io::{Read, Seek, SeekFrom};
+        check_job_id(&r.job_id)?;
+        let path = self.log_path(&r.job_id);
+        let running = self
+            .attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|((j, _), a)| j == &r.job_id && matches!(a, Attempt::Running { .. }));
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RpcError::NotFound(format!("no log for job {} on this node", r.job_id)).into());
+            }
+            Err(e) => return Err(RpcError::Internal(format!("cannot open {}: {e}", path.display())).into()),
+        };
+        let len = f.metadata().map_err(|e| Status::internal(e.to_string()))?.len();
+        let offset = r.offset.min(len);
+        f.seek(SeekFrom::Start(offset)).map_err(|e| Status::internal(e.to_string()))?;
+        let want = r.max_bytes.clamp(1, MAX_READ).min(len - offset);
+        let mut data = vec![0; want as usize];
+        f.read_exact(&mut data).map_err(|e| Status::internal(e.to_string()))?;
+        let next = offset + want;
+        Ok(pb::JobLogs { data, next_offset: next, complete: !running && next == len })
+    }
+
+    /// Sends a report in the background, retrying until the control plane takes it or
+    /// answers that it no longer applies.
+    fn report(&self, job_id: &str, attempt: u32, event: pb::JobAttemptEvent, exit_code: i32, message: String) {
+        let req = pb::ReportJobAttemptRequest {
+            job_id: job_id.to_owned(),
+            attempt,
+            node_id: self.node.node_id.to_string(),
+            event: event as i32,
+            exit_code,
+            message,
+        };
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let res = client
+                    .call(|mut c| {
+                        let r = req.clone();
+                        async move { c.report_job_attempt(r).await }
+                    })
+                    .await;
+                match res {
+                    Ok(_) => return,
+                    Err(e) if e.rpc().is_some_and(|r| !r.is_retryable()) => {
+                        tracing::info!(job = req.job_id, attempt, "job report no longer applies: {e}");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(job = req.job_id, attempt, "job report will be retried: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn check_job_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) || id.starts_with('.') {
+        return Err(RpcError::InvalidArgument(format!("bad job id {:?}", id.chars().take(140).collect::<String>())).into());
+    }
+    Ok(())
+}
