@@ -5,7 +5,7 @@
 //! Every RPC carries openraft's deadline (`RPCOption::hard_ttl`), so a stopped or partitioned
 //! peer costs one timeout, never a hang.
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -67,11 +67,21 @@ impl RaftNetworkFactory<TypeConfig> for GrpcRaftNetworkFactory {
 #[error("{0}")]
 struct Msg(String);
 
+/// AppendEntries above this are split (openraft retries with fewer entries on
+/// `PayloadTooLarge`), so large KV values never make a message gRPC refuses.
+const MAX_APPEND_BYTES: usize = protocol::MAX_MESSAGE_BYTES / 2;
+
+/// How many entries to send next time so the message fits: proportionally fewer, at least 1.
+fn entries_hint(bytes: usize, entries: usize) -> u64 {
+    ((entries * MAX_APPEND_BYTES / bytes.max(1)).max(1) as u64).min(entries.max(1) as u64)
+}
+
 impl GrpcRaftNetwork {
     async fn call<Req, Resp, E>(
         &mut self,
         kind: &'static str,
         req: &Req,
+        entries: usize,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
     where
@@ -84,6 +94,9 @@ impl GrpcRaftNetwork {
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
         };
         let data = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if kind == "append" && entries > 1 && data.len() > MAX_APPEND_BYTES {
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries_hint(data.len(), entries))));
+        }
         let mut request = tonic::Request::new(RaftMessage { data });
         request.set_timeout(option.hard_ttl());
         let mut client = client;
@@ -118,7 +131,8 @@ impl RaftNetwork<TypeConfig> for GrpcRaftNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call("append", &rpc, &option).await
+        let n = rpc.entries.len();
+        self.call("append", &rpc, n, &option).await
     }
 
     async fn install_snapshot(
@@ -126,7 +140,7 @@ impl RaftNetwork<TypeConfig> for GrpcRaftNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
-        self.call("snapshot", &rpc, &option).await
+        self.call("snapshot", &rpc, 0, &option).await
     }
 
     async fn vote(
@@ -134,6 +148,6 @@ impl RaftNetwork<TypeConfig> for GrpcRaftNetwork {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call("vote", &rpc, &option).await
+        self.call("vote", &rpc, 0, &option).await
     }
 }

@@ -241,14 +241,34 @@ const BATCHES_IN_FLIGHT: usize = 1;
 const MAX_BATCH: usize = 1024;
 
 /// Turns queued proposals into batched Raft writes (`Command::Batch`), pipelined.
+/// Most bytes of commands in one batched log entry.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
 pub(crate) async fn run_proposer(shared: Arc<HeadShared>, mut rx: mpsc::UnboundedReceiver<Proposal>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    let mut carried: Option<Proposal> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut bytes = first.0.approx_bytes();
         let mut batch = vec![first];
+        // One log entry stays well under the gRPC message limit, whatever the KV values.
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) if bytes + p.0.approx_bytes() > MAX_BATCH_BYTES => {
+                    carried = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.0.approx_bytes();
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }

@@ -284,6 +284,18 @@ fn transition(kind: &str, id: &str, from: impl std::fmt::Debug, to: impl std::fm
     })
 }
 
+impl Command {
+    /// A rough size of the command in the log, for batching under a byte budget.
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            Command::KvPut { namespace, key, value, .. } => 64 + namespace.len() + key.len() + value.len(),
+            Command::SubmitJob { entrypoint, runtime_env_json, .. } => 256 + entrypoint.len() + runtime_env_json.len(),
+            Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
+            _ => 256,
+        }
+    }
+}
+
 fn stale_attempt(job_id: &str, given: u32, current: u32) -> Response {
     Response::Rejected(Rejection::Invalid(format!("job {job_id}: attempt {given} is not the current attempt {current}")))
 }

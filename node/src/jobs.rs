@@ -24,6 +24,8 @@ use tonic::Status;
 
 /// What the agent knows of one attempt.
 enum Attempt {
+    /// Fetching and unpacking its working_dir.
+    Starting { stop: Arc<AtomicBool> },
     Running { pgid: i32, stop: Arc<AtomicBool> },
     Ended,
 }
@@ -58,35 +60,86 @@ impl JobAgent {
             .into());
         }
         let key = (r.job_id.clone(), r.attempt);
-        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-        if attempts.contains_key(&key) {
-            return Ok(false);
-        }
-        match self.spawn(&r) {
-            Ok((child, pgid, stop)) => {
-                attempts.insert(key, Attempt::Running { pgid, stop: stop.clone() });
-                drop(attempts);
-                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::Started, 0, String::new());
-                let me = self.clone();
-                tokio::spawn(async move { me.wait(r.job_id, r.attempt, child, stop).await });
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            if attempts.contains_key(&key) {
+                return Ok(false);
             }
-            Err(message) => {
-                attempts.insert(key, Attempt::Ended);
-                drop(attempts);
-                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::FailedToStart, 0, message);
-            }
+            attempts.insert(key, Attempt::Starting { stop: stop.clone() });
         }
+        // Setting up may fetch a package: answer now, run in the background.
+        let me = self.clone();
+        tokio::spawn(async move { me.run(r, stop).await });
         Ok(true)
     }
 
-    fn spawn(&self, r: &pb::StartJobRequest) -> Result<(tokio::process::Child, i32, Arc<AtomicBool>), String> {
+    async fn run(self: Arc<Self>, r: pb::StartJobRequest, stop: Arc<AtomicBool>) {
+        let key = (r.job_id.clone(), r.attempt);
+        let ended = |me: &Self| {
+            me.attempts.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Attempt::Ended);
+        };
+        let dir = match self.prepare(&r).await {
+            Ok(d) => d,
+            Err(message) => {
+                ended(&self);
+                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::FailedToStart, 0, message);
+                return;
+            }
+        };
+        let spawned = {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            if stop.load(Ordering::Acquire) {
+                attempts.insert(key, Attempt::Ended);
+                None
+            } else {
+                let res = self.spawn(&r, &dir);
+                attempts.insert(
+                    key,
+                    match &res {
+                        Ok((_, pgid)) => Attempt::Running { pgid: *pgid, stop: stop.clone() },
+                        Err(_) => Attempt::Ended,
+                    },
+                );
+                Some(res)
+            }
+        };
+        match spawned {
+            None => self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::Stopped, 0, "stopped before it started".into()),
+            Some(Ok((child, _))) => {
+                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::Started, 0, String::new());
+                self.wait(r.job_id, r.attempt, child, stop).await;
+            }
+            Some(Err(message)) => self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::FailedToStart, 0, message),
+        }
+    }
+
+    /// The job's directory: fresh, with its working_dir package unpacked into it.
+    async fn prepare(&self, r: &pb::StartJobRequest) -> Result<PathBuf, String> {
         let env: serde_json::Value = serde_json::from_str(if r.runtime_env_json.is_empty() { "{}" } else { &r.runtime_env_json })
             .map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
-        if let Some(w) = env.get("working_dir").and_then(|v| v.as_str()) {
-            return Err(format!("working_dir {w:?}: working_dir packages are not supported by this node yet"));
-        }
         let dir = self.work_dir.join(&r.job_id);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?;
+        // A retry starts from a clean copy.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clean the job directory {}: {e}", dir.display()))?;
+        }
+        match env.get("working_dir").and_then(|v| v.as_str()) {
+            Some(uri) => {
+                let bytes = crate::package::fetch(&self.client, uri).await?;
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || crate::package::unpack(&bytes, &d, crate::package::Limits::default()))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("working_dir {uri}: {e}"))?;
+            }
+            None => std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?,
+        }
+        Ok(dir)
+    }
+
+    fn spawn(&self, r: &pb::StartJobRequest, dir: &std::path::Path) -> Result<(tokio::process::Child, i32), String> {
+        let env: serde_json::Value = serde_json::from_str(if r.runtime_env_json.is_empty() { "{}" } else { &r.runtime_env_json })
+            .map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
         std::fs::create_dir_all(&self.log_dir).map_err(|e| format!("cannot create the log directory {}: {e}", self.log_dir.display()))?;
         let log_path = self.log_path(&r.job_id);
         let mut log = std::fs::OpenOptions::new()
@@ -102,7 +155,7 @@ impl JobAgent {
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")
             .arg(&r.entrypoint)
-            .current_dir(&dir)
+            .current_dir(dir)
             .env(protocol::ADDRESS_ENV, r.cluster_addresses.join(","))
             .env("RAYCTL_JOB_ID", &r.job_id)
             .env("RAY_JOB_SUBMISSION_ID", &r.job_id)
@@ -125,10 +178,10 @@ impl JobAgent {
         }
         let child = cmd.spawn().map_err(|e| format!("cannot start `sh -c {}`: {e}", r.entrypoint))?;
         let pgid = child.id().map(|p| p as i32).ok_or("the entrypoint exited before it could be tracked")?;
-        Ok((child, pgid, Arc::new(AtomicBool::new(false))))
+        Ok((child, pgid))
     }
 
-    async fn wait(self: Arc<Self>, job_id: String, attempt: u32, mut child: tokio::process::Child, stop: Arc<AtomicBool>) {
+    async fn wait(&self, job_id: String, attempt: u32, mut child: tokio::process::Child, stop: Arc<AtomicBool>) {
         let status = child.wait().await;
         self.attempts.lock().unwrap_or_else(|p| p.into_inner()).insert((job_id.clone(), attempt), Attempt::Ended);
         let (event, code, message) = match status {
@@ -149,6 +202,10 @@ impl JobAgent {
         let key = (r.job_id.clone(), r.attempt);
         let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         match attempts.get(&key) {
+            Some(Attempt::Starting { stop }) => {
+                stop.store(true, Ordering::Release);
+                true
+            }
             Some(Attempt::Running { pgid, stop }) => {
                 stop.store(true, Ordering::Release);
                 let pgid = Pid::from_raw(*pgid);
@@ -189,11 +246,12 @@ impl JobAgent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|((j, _), a)| j == &r.job_id && matches!(a, Attempt::Running { .. }));
+            .any(|((j, _), a)| j == &r.job_id && !matches!(a, Attempt::Ended));
         let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
+            // Not started yet (or never will be here): nothing to read so far.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(RpcError::NotFound(format!("no log for job {} on this node", r.job_id)).into());
+                return Ok(pb::JobLogs { data: Vec::new(), next_offset: r.offset, complete: !running });
             }
             Err(e) => return Err(RpcError::Internal(format!("cannot open {}: {e}", path.display())).into()),
         };

@@ -10,6 +10,7 @@
 
 pub mod identity;
 mod jobs;
+mod package;
 pub mod metrics;
 mod registration;
 

@@ -72,7 +72,9 @@ mod grpc {
 
     impl From<RpcError> for Status {
         fn from(e: RpcError) -> Status {
-            let msg = e.to_string();
+            // The code carries the kind; the message only the detail, so the prefix of the
+            // kind is not repeated when the error is rebuilt on the other side.
+            let msg = e.detail();
             let (code, kind) = match &e {
                 RpcError::NotLeader { .. } => (Code::FailedPrecondition, Some("not-leader")),
                 RpcError::Fenced(_) => (Code::Aborted, Some("fenced")),

@@ -21,6 +21,11 @@ pub(crate) enum Command {
     Stop(StopArgs),
     /// Show the heads and nodes of the cluster.
     Status(StatusArgs),
+    /// Submit and manage jobs.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
     /// Cluster administration.
     Operator {
         #[command(subcommand)]
@@ -58,6 +63,82 @@ pub(crate) enum RaftCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum JobCommand {
+    /// Submit a job; without --no-wait, follow its logs until it ends and exit with its
+    /// outcome (0 SUCCEEDED, 1 FAILED, 5 STOPPED).
+    Submit(Box<JobSubmitArgs>),
+    /// Show one job.
+    Status(JobIdArgs),
+    /// Print a job's log; -f follows it until the job ends.
+    Logs {
+        #[command(flatten)]
+        job: JobIdArgs,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Stop a job (SIGTERM to its process group, then SIGKILL).
+    Stop {
+        #[command(flatten)]
+        job: JobIdArgs,
+        /// Return without waiting for the job to end.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List every job.
+    List(ClientArgs),
+    /// Delete a job that has ended.
+    Delete(JobIdArgs),
+    /// Wait until a job ends; the exit code reflects its outcome as for `submit`.
+    Wait(JobIdArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct JobIdArgs {
+    /// The job (submission) id.
+    pub(crate) id: String,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct JobSubmitArgs {
+    #[arg(long)]
+    pub(crate) submission_id: Option<String>,
+    /// Uploaded with the job (`.git` and what `.gitignore` excludes are left out).
+    #[arg(long)]
+    pub(crate) working_dir: Option<PathBuf>,
+    /// The runtime_env as JSON, e.g. '{"env_vars": {"A": "1"}}'.
+    #[arg(long)]
+    pub(crate) runtime_env_json: Option<String>,
+    #[arg(long)]
+    pub(crate) metadata_json: Option<String>,
+    #[arg(long)]
+    pub(crate) entrypoint_num_cpus: Option<f64>,
+    #[arg(long)]
+    pub(crate) entrypoint_num_gpus: Option<f64>,
+    /// Memory for the entrypoint, e.g. 1GiB.
+    #[arg(long)]
+    pub(crate) entrypoint_memory: Option<String>,
+    /// Custom resources as JSON, e.g. '{"accel": 1}'.
+    #[arg(long)]
+    pub(crate) entrypoint_resources: Option<String>,
+    /// Re-run the job up to this many times when it fails.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) max_retries: u32,
+    /// Higher runs first when jobs wait for resources.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) priority: i32,
+    /// Return once the job is accepted.
+    #[arg(long)]
+    pub(crate) no_wait: bool,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    /// The shell command the job runs.
+    #[arg(last = true, required = true)]
+    pub(crate) entrypoint: Vec<String>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -186,6 +267,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Start(args) => crate::daemon::start(*args),
         Command::Stop(args) => crate::daemon::stop(args),
         Command::Status(args) => runtime()?.block_on(crate::status::status(args.client)),
+        Command::Job { command } => runtime()?.block_on(crate::job::run(command)),
         Command::Operator { command: OperatorCommand::Raft { command } } => {
             runtime()?.block_on(crate::status::raft(command))
         }

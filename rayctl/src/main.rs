@@ -1,10 +1,12 @@
 //! `rayctl`: the one binary users install. Thin: parses options, sets up tracing and the
 //! metrics recorder, and calls the libraries' `start`/clients.
 //!
-//! Exit codes: 0 ok, 1 failed, 2 usage, 3 cluster unreachable, 4 not found.
+//! Exit codes: 0 ok, 1 failed, 2 usage, 3 cluster unreachable, 4 not found, 5 job stopped.
 
 mod cli;
 mod daemon;
+mod job;
+mod package;
 mod session;
 mod status;
 
