@@ -166,7 +166,67 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
     let (code, _, err) = c.rayctl(&["job", "submit", "--working-dir", &wd_s, "--", "true"])?;
     assert_eq!(code, 0);
     assert!(err.contains("already in the cluster"), "uploaded once: {err}");
+
+    // Ray's package endpoints: bad archives are refused with 400 and nothing is stored.
+    let put = |name: &str, body: Vec<u8>| -> Result<(u16, String)> {
+        let url = format!("{}/api/packages/gcs/{name}", api.base);
+        let mut r = api.agent.put(&url).header("authorization", format!("Bearer {TOKEN}")).send(&body[..])?;
+        Ok((r.status().as_u16(), r.body_mut().read_to_string()?))
+    };
+    let name = "_ray_pkg_00112233445566778899aabbccddeeff.zip";
+    for (i, (bytes, want)) in [
+        (archive(&[("../escape", &b"x"[..])], &[]), "outside"),
+        (archive(&[("/abs", &b"x"[..])], &[]), "outside"),
+        (archive(&[], &[("l", "../../etc")]), "points outside"),
+        (bomb(), "zip bomb"),
+        (b"not a zip".to_vec(), "not a zip"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (code, text) = put(name, bytes)?;
+        assert!(code == 400 && text.contains(want), "case {i}: {code} {text}");
+    }
+    let (code, _) = api.json("GET", &format!("/api/packages/gcs/{name}"), None)?;
+    assert_eq!(code, 404, "nothing stored");
+    let (code, _) = put("../../x.zip", archive(&[("a", &b"x"[..])], &[]))?;
+    assert!(code == 400 || code == 404, "{code}");
+    let (code, text) = put(name, archive(&[("hello.txt", &b"from a ray client\n"[..])], &[]))?;
+    assert_eq!(code, 200, "{text}");
+    let (code, _) = api.json("GET", &format!("/api/packages/gcs/{name}"), None)?;
+    assert_eq!(code, 200);
+    let body = json!({"entrypoint": "cat hello.txt", "runtime_env": {"working_dir": format!("gcs://{name}")}, "submission_id": "pkg-job"});
+    assert_eq!(api.json("POST", "/api/jobs/", Some(body))?.0, 200);
+    api.wait_status("pkg-job", &["SUCCEEDED"], Duration::from_secs(60))?;
+    assert_eq!(api.json("GET", "/api/jobs/pkg-job/logs", None)?.1["logs"], "from a ray client\n");
     Ok(())
+}
+
+fn archive(files: &[(&str, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let o = zip::write::SimpleFileOptions::default();
+    for (n, d) in files {
+        z.start_file(*n, o).expect("zip");
+        z.write_all(d).expect("zip");
+    }
+    for (n, t) in links {
+        z.add_symlink(*n, *t, o).expect("zip");
+    }
+    z.finish().expect("zip").into_inner()
+}
+
+/// 1.1 GiB of zeros in a few MiB: more than a node unpacks.
+fn bomb() -> Vec<u8> {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated).large_file(true);
+    z.start_file("zeros", o).expect("zip");
+    let block = vec![0u8; 1 << 20];
+    for _ in 0..1100 {
+        z.write_all(&block).expect("zip");
+    }
+    z.finish().expect("zip").into_inner()
 }
 
 #[test]

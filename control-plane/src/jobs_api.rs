@@ -2,7 +2,9 @@
 //! fields so existing Ray job clients work: `GET /api/version`, `POST /api/jobs/`,
 //! `GET /api/jobs/`, `GET /api/jobs/{id}`, `GET /api/jobs/{id}/logs`,
 //! `GET /api/jobs/{id}/logs/tail` (a chunked text stream until the job ends),
-//! `POST /api/jobs/{id}/stop`, `DELETE /api/jobs/{id}`, and `GET /api/openapi.json`.
+//! `POST /api/jobs/{id}/stop`, `DELETE /api/jobs/{id}`, `GET /api/openapi.json`, and the
+//! package endpoints Ray's client uses for `working_dir`: `GET|PUT /api/packages/gcs/{name}`
+//! (an archive is checked by unpacking it into a scratch directory before it is stored).
 //!
 //! API Boundary: every handler goes through the cluster's gRPC API with a `HeadClient` that
 //! knows every head, so a follower's request reaches the leader (forwarding) and the REST
@@ -44,6 +46,12 @@ pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Re
         .route("/api/jobs/{id}/logs", get(logs))
         .route("/api/jobs/{id}/logs/tail", get(tail))
         .route("/api/jobs/{id}/stop", post(stop))
+        .route(
+            "/api/packages/{protocol}/{name}",
+            get(package_exists)
+                .put(package_upload)
+                .layer(axum::extract::DefaultBodyLimit::max(protocol::package::DEFAULT_MAX_BYTES as usize + 1)),
+        )
         .with_state(Api { client }))
 }
 
@@ -292,4 +300,66 @@ async fn delete_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Js
         })
         .await?;
     Ok(Json(json!({ "deleted": r.deleted })))
+}
+
+fn check_package_path(proto: &str, name: &str) -> Result<(), ApiError> {
+    if proto != "gcs" {
+        return Err(bad(format!("package protocol {proto:?} is not supported (gcs)")));
+    }
+    protocol::package::check_name(name).map_err(bad)
+}
+
+async fn package_exists(State(api): State<Api>, Path((proto, name)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    check_package_path(&proto, &name)?;
+    let req = pb::KvGetRequest { namespace: protocol::package::KV_NAMESPACE.into(), key: protocol::package::manifest_key(&name) };
+    api.client
+        .call(|mut c| {
+            let r = req.clone();
+            async move { c.kv_get(r).await }
+        })
+        .await?;
+    Ok(Json(json!({ "exists": true })))
+}
+
+/// Stores a package after checking it unpacks safely (into a scratch directory).
+async fn package_upload(
+    State(api): State<Api>,
+    Path((proto, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    check_package_path(&proto, &name)?;
+    if body.is_empty() {
+        return Err(bad("the package body is empty"));
+    }
+    let bytes = body.clone();
+    let checked = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let scratch = tempfile::tempdir().map_err(|e| format!("no scratch directory: {e}"))?;
+        protocol::package::unpack(&bytes, &scratch.path().join("p"), protocol::package::Limits::default())
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    checked.map_err(|e| bad(format!("package {name} is refused: {e}")))?;
+    let chunks: Vec<&[u8]> = body.chunks(protocol::package::CHUNK).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        kv_put(&api, protocol::package::chunk_key(&name, i as u64), chunk.to_vec()).await?;
+    }
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let manifest = protocol::package::Manifest { size: body.len() as u64, chunks: chunks.len() as u64, sha256: sha };
+    let m = serde_json::to_vec(&manifest).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    kv_put(&api, protocol::package::manifest_key(&name), m).await?;
+    Ok(Json(json!({ "uploaded": true, "uri": protocol::package::uri(&name) })))
+}
+
+async fn kv_put(api: &Api, key: Vec<u8>, value: Vec<u8>) -> Result<(), ApiError> {
+    let req = pb::KvPutRequest { namespace: protocol::package::KV_NAMESPACE.into(), key, value, overwrite: true };
+    api.client
+        .call(|mut c| {
+            let r = req.clone();
+            async move { c.kv_put(r).await }
+        })
+        .await?;
+    Ok(())
 }

@@ -127,7 +127,7 @@ impl JobAgent {
             Some(uri) => {
                 let bytes = crate::package::fetch(&self.client, uri).await?;
                 let d = dir.clone();
-                tokio::task::spawn_blocking(move || crate::package::unpack(&bytes, &d, crate::package::Limits::default()))
+                tokio::task::spawn_blocking(move || protocol::package::unpack(&bytes, &d, protocol::package::Limits::default()))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("working_dir {uri}: {e}"))?;
