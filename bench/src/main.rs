@@ -2,7 +2,7 @@
 //! `{"name": …, "value": …, "unit": …}`; baselines (e.g. the disk's fsync rate) are measured
 //! in the same run so figures can be quoted as ratios.
 //!
-//! `cargo run --release -p bench -- control-plane|object-store|all` (add `--smoke` for the
+//! `cargo run --release -p bench -- control-plane|object-store|jobs|all` (add `--smoke` for the
 //! quick CI run).
 
 use std::process::Command;
@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
 mod control_plane;
+mod jobs;
 mod object_store;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -19,6 +20,7 @@ enum Suite {
     All,
     ControlPlane,
     ObjectStore,
+    Jobs,
     /// The second process of the object-store get benchmark.
     #[value(hide = true)]
     GetChild,
@@ -84,6 +86,9 @@ fn main() -> Result<()> {
     }
     if matches!(args.suite, Suite::All | Suite::ObjectStore) {
         object_store::run(args.smoke)?;
+    }
+    if matches!(args.suite, Suite::All | Suite::Jobs) {
+        jobs::run(args.smoke)?;
     }
     eprintln!("bench finished in {:.1?}", started.elapsed());
     Ok(())

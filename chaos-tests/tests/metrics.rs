@@ -80,6 +80,10 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
         let shm = query(port, "ray_object_store_memory{Location=\"MMAP_SHM\"}")?;
         (cap.len() == 2 && cap.iter().all(|v| *v > 0.0) && shm.len() == 2).then_some(())
     })?;
+    wait_for("the job manager's series", Duration::from_secs(30), || {
+        let pending = query(port, "rayctl_jobs{status=\"PENDING\"}")?;
+        (!pending.is_empty()).then_some(())
+    })?;
     Ok(())
 }
 

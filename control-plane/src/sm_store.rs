@@ -4,7 +4,7 @@
 //! Invariants:
 //! - A snapshot is durable before `build_snapshot`/`install_snapshot` return, so openraft may
 //!   purge the log entries it covers.
-//! - The snapshot format is `SnapshotV1`, versioned on its own; an unknown version is an
+//! - The snapshot format is `SnapshotV2`, versioned on its own; an unknown version is an
 //!   error, never a silent reset.
 
 use std::io::Cursor;
@@ -32,7 +32,7 @@ pub struct Applied {
 }
 
 #[derive(Serialize, Deserialize)]
-struct SnapshotV1 {
+struct SnapshotV2 {
     version: u32,
     last_applied: Option<LogId>,
     membership: StoredMembership,
@@ -97,7 +97,7 @@ impl StateReader {
 }
 
 fn decode_snapshot(data: &[u8]) -> Result<Applied, StorageError> {
-    let s: SnapshotV1 = postcard::from_bytes(data).map_err(|e| storage_err(false, e))?;
+    let s: SnapshotV2 = postcard::from_bytes(data).map_err(|e| storage_err(false, e))?;
     if s.version != SNAPSHOT_VERSION {
         return Err(storage_err(
             false,
@@ -111,7 +111,7 @@ impl<D: RaftDb> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<D> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (data, last_applied, membership) = {
             let a = self.applied.read().unwrap_or_else(|p| p.into_inner());
-            let snap = SnapshotV1 {
+            let snap = SnapshotV2 {
                 version: SNAPSHOT_VERSION,
                 last_applied: a.last_applied,
                 membership: a.membership.clone(),
