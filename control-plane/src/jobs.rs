@@ -381,6 +381,9 @@ pub(crate) fn plan(state: &crate::state::ClusterState, now_ms: u64, queue_timeou
     p
 }
 
+/// Agent RPCs (job, attempt, "start"|"stop") in flight or done in this term.
+type SentSet = Arc<Mutex<HashSet<(String, u32, &'static str)>>>;
+
 /// The job manager: runs on the leader only (started and stopped by `leader::supervise`).
 pub(crate) async fn job_manager(shared: Arc<HeadShared>, cfg: JobConfig) {
     while let Err(e) = shared.linearizable().await {
@@ -389,7 +392,7 @@ pub(crate) async fn job_manager(shared: Arc<HeadShared>, cfg: JobConfig) {
     }
     tracing::info!("job manager started");
     // RPCs to agents in flight or done in this term, so each is sent once per round of need.
-    let sent: Arc<Mutex<HashSet<(String, u32, &'static str)>>> = Arc::default();
+    let sent: SentSet = Arc::default();
     loop {
         let plan = {
             let st = shared.state.read();
@@ -397,13 +400,12 @@ pub(crate) async fn job_manager(shared: Arc<HeadShared>, cfg: JobConfig) {
             plan(&st.state, now_ms(), cfg.queue_timeout)
         };
         let starts_now: Vec<_> = plan.starts;
-        if !plan.commands.is_empty() {
-            if let Err(e) = shared.propose(Command::Batch(plan.commands)).await {
+        if !plan.commands.is_empty()
+            && let Err(e) = shared.propose(Command::Batch(plan.commands)).await {
                 tracing::warn!("job manager could not commit its decisions: {}", e.message());
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-        }
         for (job, attempt, node) in starts_now {
             send_once(&shared, &sent, job, attempt, node, "start", cfg);
         }
@@ -421,7 +423,7 @@ pub(crate) async fn job_manager(shared: Arc<HeadShared>, cfg: JobConfig) {
 /// failed send is forgotten so the next round retries it.
 fn send_once(
     shared: &Arc<HeadShared>,
-    sent: &Arc<Mutex<HashSet<(String, u32, &'static str)>>>,
+    sent: &SentSet,
     job: String,
     attempt: u32,
     node: NodeId,

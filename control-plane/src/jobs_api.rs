@@ -128,11 +128,10 @@ async fn submit(State(api): State<Api>, body: Bytes) -> Result<Json<Value>, ApiE
     let b: SubmitBody = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid job submission JSON: {e}")))?;
     let mut resources: BTreeMap<String, f64> = b.entrypoint_resources.unwrap_or_default();
     for (name, v) in [("CPU", b.entrypoint_num_cpus), ("GPU", b.entrypoint_num_gpus), ("memory", b.entrypoint_memory)] {
-        if let Some(v) = v {
-            if resources.insert(name.to_owned(), v).is_some() {
+        if let Some(v) = v
+            && resources.insert(name.to_owned(), v).is_some() {
                 return Err(bad(format!("{name} is given both as entrypoint_num_* and in entrypoint_resources")));
             }
-        }
     }
     let runtime_env_json = match b.runtime_env {
         None | Some(Value::Null) => String::new(),

@@ -542,11 +542,10 @@ impl ClusterState {
                 a.state = state;
                 a.node_id = if state == Alive { node_id } else { None };
                 a.message = message;
-                if state == Dead {
-                    if let Some(n) = &a.name {
+                if state == Dead
+                    && let Some(n) = &a.name {
                         self.named_actors.remove(&(a.namespace.clone(), n.clone()));
                     }
-                }
                 Response::Ok
             }
             Command::CreatePlacementGroup { pg_id, job_id, name, strategy, bundles, time_ms } => {

@@ -354,14 +354,12 @@ impl Store {
     /// comparison on the hot path.
     fn kick_spiller(&self, st: &State) {
         let limit = (self.arena.capacity() as f64 * DEFAULT_SPILL_THRESHOLD) as u64;
-        if st.alloc.used_bytes().saturating_sub(st.spilled_ahead_bytes) > limit {
-            if let Ok(mut w) = self.spill_wanted.try_lock() {
-                if !*w {
+        if st.alloc.used_bytes().saturating_sub(st.spilled_ahead_bytes) > limit
+            && let Ok(mut w) = self.spill_wanted.try_lock()
+                && !*w {
                     *w = true;
                     self.spill_kick.notify_one();
                 }
-            }
-        }
     }
 
     /// The allocation size of an object, or `TooLarge`.

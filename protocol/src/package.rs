@@ -189,7 +189,7 @@ mod unpack_tests {
     use std::io::Write;
 
     use super::*;
-    use std::path::Path;
+    
 
     fn archive(entries: &[(&str, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
         let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));

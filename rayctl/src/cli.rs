@@ -249,6 +249,12 @@ pub(crate) struct StartArgs {
     /// Missed heartbeat periods before a node is declared dead (heads).
     #[arg(long, default_value_t = 5)]
     pub(crate) health_check_failure_threshold: u32,
+    /// A job that no node can take for this long fails (heads).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub(crate) job_queue_timeout: Duration,
+    /// When a job is stopped: SIGTERM, then SIGKILL after this long (heads).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub(crate) job_stop_grace: Duration,
     /// Snapshot the Raft state (and compact the log) every this many entries (heads).
     #[arg(long, default_value_t = 5000)]
     pub(crate) raft_snapshot_interval: u64,

@@ -265,6 +265,7 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         failure_threshold: args.health_check_failure_threshold,
     };
     opts.snapshot_every = args.raft_snapshot_interval.max(10);
+    opts.jobs = control_plane::jobs::JobConfig { queue_timeout: args.job_queue_timeout, stop_grace: args.job_stop_grace };
     opts.metrics = Some(render);
     let head = control_plane::start(opts.clone()).await?;
     let mut heads = if opts.peers.is_empty() { vec![head.address.clone()] } else { opts.peers.clone() };
