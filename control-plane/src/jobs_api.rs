@@ -158,17 +158,6 @@ async fn submit(State(api): State<Api>, body: Bytes) -> Result<Json<Value>, ApiE
     Ok(Json(json!({ "job_id": info.job_id, "submission_id": info.submission_id })))
 }
 
-fn status_name(s: i32) -> &'static str {
-    match pb::JobStatus::try_from(s).unwrap_or(pb::JobStatus::Unspecified) {
-        pb::JobStatus::Pending => "PENDING",
-        pb::JobStatus::Running => "RUNNING",
-        pb::JobStatus::Succeeded => "SUCCEEDED",
-        pb::JobStatus::Failed => "FAILED",
-        pb::JobStatus::Stopped => "STOPPED",
-        pb::JobStatus::Unspecified => "UNKNOWN",
-    }
-}
-
 /// Ray's `JobDetails` for one job.
 pub(crate) fn details(j: &pb::JobInfo) -> Value {
     let opt_ms = |v: u64| if v == 0 { Value::Null } else { json!(v) };
@@ -181,7 +170,7 @@ pub(crate) fn details(j: &pb::JobInfo) -> Value {
         "job_id": j.job_id,
         "submission_id": j.submission_id,
         "driver_info": null,
-        "status": status_name(j.status),
+        "status": protocol::job_status_name(j.status),
         "entrypoint": j.entrypoint,
         "message": j.message,
         "error_type": null,

@@ -23,6 +23,18 @@ pub mod pb {
 }
 
 pub use error::RpcError;
+
+/// A job status as Ray spells it (`PENDING`, `RUNNING`, …; `UNKNOWN` for other values).
+pub fn job_status_name(status: i32) -> &'static str {
+    match pb::JobStatus::try_from(status).unwrap_or(pb::JobStatus::Unspecified) {
+        pb::JobStatus::Pending => "PENDING",
+        pb::JobStatus::Running => "RUNNING",
+        pb::JobStatus::Succeeded => "SUCCEEDED",
+        pb::JobStatus::Failed => "FAILED",
+        pb::JobStatus::Stopped => "STOPPED",
+        pb::JobStatus::Unspecified => "UNKNOWN",
+    }
+}
 pub use ids::{NodeId, ObjectId, RaftId};
 
 /// Largest gRPC message any of our servers or clients accepts. Larger ones are answered with

@@ -71,23 +71,12 @@ pub(crate) async fn run(cmd: JobCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn status_name(s: i32) -> &'static str {
-    match pb::JobStatus::try_from(s).unwrap_or(pb::JobStatus::Unspecified) {
-        pb::JobStatus::Pending => "PENDING",
-        pb::JobStatus::Running => "RUNNING",
-        pb::JobStatus::Succeeded => "SUCCEEDED",
-        pb::JobStatus::Failed => "FAILED",
-        pb::JobStatus::Stopped => "STOPPED",
-        pb::JobStatus::Unspecified => "UNKNOWN",
-    }
-}
-
 fn is_terminal(j: &pb::JobInfo) -> bool {
-    matches!(status_name(j.status), "SUCCEEDED" | "FAILED" | "STOPPED")
+    matches!(protocol::job_status_name(j.status), "SUCCEEDED" | "FAILED" | "STOPPED")
 }
 
 fn outcome(j: &pb::JobInfo) -> ExitCode {
-    match status_name(j.status) {
+    match protocol::job_status_name(j.status) {
         "SUCCEEDED" => ExitCode::SUCCESS,
         "STOPPED" => ExitCode::from(EXIT_STOPPED),
         _ => ExitCode::FAILURE,
@@ -98,7 +87,7 @@ fn job_json(j: &pb::JobInfo) -> Value {
     json!({
         "job_id": j.job_id,
         "submission_id": j.submission_id,
-        "status": status_name(j.status),
+        "status": protocol::job_status_name(j.status),
         "entrypoint": j.entrypoint,
         "message": j.message,
         "driver_node_id": j.driver_node_id,
@@ -120,7 +109,7 @@ fn print_job(j: &pb::JobInfo, output: Output) {
         Output::Json => println!("{}", job_json(j)),
         Output::Text => {
             let code = if j.has_exit_code { format!(", exit code {}", j.exit_code) } else { String::new() };
-            println!("job {}: {}{code} ({})", j.job_id, status_name(j.status), j.message);
+            println!("job {}: {}{code} ({})", j.job_id, protocol::job_status_name(j.status), j.message);
         }
     }
 }
@@ -181,7 +170,7 @@ async fn list(a: &ClientArgs) -> anyhow::Result<ExitCode> {
             for j in &r.jobs {
                 let code = if j.has_exit_code { j.exit_code.to_string() } else { "-".into() };
                 let ep: String = j.entrypoint.chars().take(60).collect();
-                println!("{:<28} {:<10} {:<6} {ep}", j.job_id, status_name(j.status), code);
+                println!("{:<28} {:<10} {:<6} {ep}", j.job_id, protocol::job_status_name(j.status), code);
             }
         }
     }
@@ -256,7 +245,7 @@ async fn submit(a: JobSubmitArgs) -> anyhow::Result<ExitCode> {
     let j = wait_terminal(&c, &j.job_id).await?;
     match a.client.output {
         Output::Json => println!("{}", job_json(&j)),
-        Output::Text => eprintln!("job {} {} ({})", j.job_id, status_name(j.status), j.message),
+        Output::Text => eprintln!("job {} {} ({})", j.job_id, protocol::job_status_name(j.status), j.message),
     }
     Ok(outcome(&j))
 }
