@@ -73,6 +73,25 @@ impl ResourceSet {
         self.0.is_empty()
     }
 
+    /// `(name, amount)` of every non-zero resource, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), to_amount(*v)))
+    }
+
+    /// The highest fraction in use of any resource this set (the total) has, given what is
+    /// still `available` and what `demand` would add: Ray's critical-resource utilisation.
+    pub fn utilization(&self, available: &ResourceSet, demand: &ResourceSet) -> f64 {
+        self.0
+            .iter()
+            .filter(|(_, t)| **t > 0)
+            .map(|(k, t)| {
+                let avail = available.0.get(k).copied().unwrap_or(0).min(*t);
+                let used = t - avail + demand.0.get(k).copied().unwrap_or(0);
+                used as f64 / *t as f64
+            })
+            .fold(0.0, f64::max)
+    }
+
     /// Whether every amount in `other` is available here.
     pub fn contains(&self, other: &ResourceSet) -> bool {
         other.0.iter().all(|(k, v)| self.0.get(k).copied().unwrap_or(0) >= *v)
