@@ -364,9 +364,23 @@ impl ControlPlane for ControlPlaneService {
                 }));
             }
         }
-        let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
-        soft.heartbeats.insert(node_id, (r.incarnation, Instant::now(), available));
-        Ok(Response::new(pb::HeartbeatReply {}))
+        self.0.soft.lock().unwrap_or_else(|p| p.into_inner()).heartbeats.insert(node_id, (r.incarnation, Instant::now(), available));
+        let cluster_view = {
+            let st = self.0.state.read();
+            st.state
+                .alive_nodes()
+                .map(|n| {
+                    let info = self.0.node_info(n);
+                    pb::NodeResources {
+                        node_id: info.node_id,
+                        address: info.address,
+                        total: info.resources_total,
+                        available: info.resources_available,
+                    }
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::HeartbeatReply { cluster_view }))
     }
 
     async fn unregister_node(&self, req: Request<pb::UnregisterNodeRequest>) -> Result<Response<pb::UnregisterNodeReply>, Status> {

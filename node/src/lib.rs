@@ -115,6 +115,8 @@ pub(crate) struct NodeShared {
     pub(crate) incarnation: AtomicU64,
     pub(crate) object_store_socket: PathBuf,
     pub(crate) object_store_capacity: u64,
+    /// The leader's resource view from the last heartbeat reply (soft state).
+    pub(crate) cluster_view: std::sync::Mutex<Vec<pb::NodeResources>>,
 }
 
 pub struct RunningNode {
@@ -187,6 +189,14 @@ impl NodeManager for NodeManagerService {
         }))
     }
 
+    async fn get_cluster_view(
+        &self,
+        _: tonic::Request<pb::GetClusterViewRequest>,
+    ) -> Result<tonic::Response<pb::HeartbeatReply>, tonic::Status> {
+        let cluster_view = self.shared.cluster_view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(tonic::Response::new(pb::HeartbeatReply { cluster_view }))
+    }
+
     async fn start_job(&self, req: tonic::Request<pb::StartJobRequest>) -> Result<tonic::Response<pb::StartJobReply>, tonic::Status> {
         let started = self.agent.start(req.into_inner())?;
         Ok(tonic::Response::new(pb::StartJobReply { started }))
@@ -248,6 +258,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         incarnation: AtomicU64::new(0),
         object_store_socket: store_server.path().to_owned(),
         object_store_capacity: store.arena().capacity(),
+        cluster_view: std::sync::Mutex::default(),
     });
 
     let agent = Arc::new(jobs::JobAgent::new(shared.clone(), opts.log_dir.clone(), opts.job_dir.clone(), client.clone()));

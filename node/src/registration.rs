@@ -51,7 +51,10 @@ pub(crate) async fn run(
                 resources_available: resources.clone().into_iter().collect(),
             };
             match client.call(|mut c| { let hb = hb.clone(); async move { c.heartbeat(hb).await } }).await {
-                Ok(_) => crate::metrics::heartbeat("ok"),
+                Ok(r) => {
+                    crate::metrics::heartbeat("ok");
+                    *node.cluster_view.lock().unwrap_or_else(|p| p.into_inner()) = r.cluster_view;
+                }
                 Err(ClientError::Rpc(RpcError::Fenced(msg))) | Err(ClientError::Rpc(RpcError::NotFound(msg))) => {
                     crate::metrics::heartbeat("fenced");
                     tracing::warn!("control plane fenced this node ({msg}); registering anew");
