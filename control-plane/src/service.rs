@@ -34,6 +34,8 @@ const MAX_KV_VALUE: usize = 1024 * 1024;
 pub(crate) struct SoftState {
     /// node → (incarnation, when its last heartbeat arrived, available resources)
     pub(crate) heartbeats: HashMap<NodeId, (u64, Instant, state::Resources)>,
+    /// node → the queued and infeasible shapes of its last heartbeat
+    pub(crate) demand: HashMap<NodeId, Vec<pb::ResourceDemand>>,
 }
 
 pub(crate) struct HeadShared {
@@ -148,6 +150,25 @@ impl HeadShared {
             ports: Some(self.ports),
             leader: self.leader_address(m.current_leader).unwrap_or_default(),
         }
+    }
+
+    /// The live nodes' reported demand, summed by shape.
+    fn pending_demand(&self) -> Vec<pb::ResourceDemand> {
+        let alive: BTreeSet<NodeId> = self.state.read().state.alive_nodes().map(|n| n.node_id).collect();
+        let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_shape: BTreeMap<String, pb::ResourceDemand> = BTreeMap::new();
+        for (node, demands) in &soft.demand {
+            if !alive.contains(node) {
+                continue;
+            }
+            for d in demands {
+                let shape: BTreeMap<&String, &f64> = d.shape.iter().collect();
+                let e = by_shape.entry(format!("{shape:?}")).or_insert_with(|| pb::ResourceDemand { shape: d.shape.clone(), ..Default::default() });
+                e.queued += d.queued;
+                e.infeasible += d.infeasible;
+            }
+        }
+        by_shape.into_values().collect()
     }
 
     fn node_info(&self, n: &NodeRecord) -> pb::NodeInfo {
@@ -364,7 +385,11 @@ impl ControlPlane for ControlPlaneService {
                 }));
             }
         }
-        self.0.soft.lock().unwrap_or_else(|p| p.into_inner()).heartbeats.insert(node_id, (r.incarnation, Instant::now(), available));
+        {
+            let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
+            soft.heartbeats.insert(node_id, (r.incarnation, Instant::now(), available));
+            soft.demand.insert(node_id, r.pending_demand);
+        }
         let cluster_view = {
             let st = self.0.state.read();
             st.state
@@ -437,7 +462,9 @@ impl ControlPlane for ControlPlaneService {
             }
         }
         heads.sort_by(|a, b| a.address.cmp(&b.address));
+        let pending_demand = self.0.pending_demand();
         Ok(Response::new(pb::ClusterStatus {
+            pending_demand,
             leader: self.0.address.clone(),
             term: m.current_term,
             commit_index: m.last_applied.map_or(0, |l| l.index),

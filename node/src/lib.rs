@@ -10,6 +10,7 @@
 
 pub mod identity;
 mod jobs;
+mod leases;
 mod package;
 pub mod metrics;
 mod registration;
@@ -117,6 +118,7 @@ pub(crate) struct NodeShared {
     pub(crate) object_store_capacity: u64,
     /// The leader's resource view from the last heartbeat reply (soft state).
     pub(crate) cluster_view: std::sync::Mutex<Vec<pb::NodeResources>>,
+    pub(crate) leases: leases::Leases,
 }
 
 pub struct RunningNode {
@@ -197,6 +199,19 @@ impl NodeManager for NodeManagerService {
         Ok(tonic::Response::new(pb::HeartbeatReply { cluster_view }))
     }
 
+    async fn request_worker_lease(&self, req: tonic::Request<pb::LeaseRequest>) -> Result<tonic::Response<pb::LeaseReply>, tonic::Status> {
+        let view = self.shared.cluster_view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.shared.leases.request(req.into_inner(), &view).await.map(tonic::Response::new)
+    }
+
+    async fn return_worker_lease(
+        &self,
+        req: tonic::Request<pb::ReturnLeaseRequest>,
+    ) -> Result<tonic::Response<pb::ReturnLeaseReply>, tonic::Status> {
+        let returned = self.shared.leases.give_back(&req.into_inner().lease_id);
+        Ok(tonic::Response::new(pb::ReturnLeaseReply { returned }))
+    }
+
     async fn start_job(&self, req: tonic::Request<pb::StartJobRequest>) -> Result<tonic::Response<pb::StartJobReply>, tonic::Status> {
         let started = self.agent.start(req.into_inner())?;
         Ok(tonic::Response::new(pb::StartJobReply { started }))
@@ -259,6 +274,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         object_store_socket: store_server.path().to_owned(),
         object_store_capacity: store.arena().capacity(),
         cluster_view: std::sync::Mutex::default(),
+        leases: leases::Leases::new(node_id, scheduler::ResourceSet::from_map(opts.resources.iter().map(|(k, v)| (k.as_str(), *v)))?),
     });
 
     let agent = Arc::new(jobs::JobAgent::new(shared.clone(), opts.log_dir.clone(), opts.job_dir.clone(), client.clone()));

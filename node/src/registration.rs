@@ -47,8 +47,8 @@ pub(crate) async fn run(
             let hb = pb::HeartbeatRequest {
                 node_id: node.node_id.to_string(),
                 incarnation: reply.incarnation,
-                // No leases yet: everything registered is available.
-                resources_available: resources.clone().into_iter().collect(),
+                resources_available: node.leases.available().to_map().into_iter().collect(),
+                pending_demand: node.leases.demand(),
             };
             match client.call(|mut c| { let hb = hb.clone(); async move { c.heartbeat(hb).await } }).await {
                 Ok(r) => {

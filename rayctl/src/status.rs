@@ -68,6 +68,11 @@ pub(crate) fn status_json(s: &pb::ClusterStatus) -> Value {
                 "death_reason": n.death_reason,
             })
         }).collect::<Vec<_>>(),
+        "pending_demand": s.pending_demand.iter().map(|d| json!({
+            "shape": sorted(&d.shape),
+            "queued": d.queued,
+            "infeasible": d.infeasible,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -124,6 +129,14 @@ fn status_text(s: &pb::ClusterStatus) -> String {
     for (k, t) in &total {
         let used = t - avail.get(k).copied().unwrap_or(0.0);
         let _ = writeln!(o, " {}/{} {k}", fmt_amount(k, used), fmt_amount(k, *t));
+    }
+    let _ = writeln!(o, "Demands:");
+    for d in &s.pending_demand {
+        let shape: Vec<String> = sorted(&d.shape).iter().map(|(k, v)| format!("{k}: {}", fmt_amount(k, *v))).collect();
+        let _ = writeln!(o, " {{{}}}: {} queued, {} infeasible", shape.join(", "), d.queued, d.infeasible);
+    }
+    if s.pending_demand.is_empty() {
+        let _ = writeln!(o, " (no resource demands)");
     }
     o
 }

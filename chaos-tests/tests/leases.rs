@@ -1,0 +1,99 @@
+//! Worker leases over real node daemons: spillback to the node that has the resource, bounded
+//! hops, queueing until a lease is returned, timeouts, infeasible requests, and the queued and
+//! infeasible demand reported to the control plane (what the autoscaler will read).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chaos_tests::{wait_for, Cluster, ClusterOptions};
+use protocol::client::ClientOptions;
+use protocol::pb;
+
+fn req(resources: &[(&str, f64)], timeout_ms: u64, hops: u32) -> pb::LeaseRequest {
+    pb::LeaseRequest {
+        resources: resources.iter().map(|(k, v)| (k.to_string(), *v)).collect::<HashMap<_, _>>(),
+        strategy: pb::SchedulingStrategy::Hybrid as i32,
+        spillback_count: hops,
+        queue_timeout_ms: timeout_ms,
+        ..Default::default()
+    }
+}
+
+async fn lease(c: &Cluster, addr: &str, r: pb::LeaseRequest) -> Result<pb::LeaseReply> {
+    let opts = ClientOptions { rpc_timeout: Duration::from_secs(60), ..Default::default() };
+    let mut nm = protocol::client::node_manager(addr, c.auth(), &opts)?;
+    Ok(nm.request_worker_lease(r).await?.into_inner())
+}
+
+fn outcome(r: &pb::LeaseReply) -> pb::LeaseOutcome {
+    pb::LeaseOutcome::try_from(r.outcome).unwrap_or(pb::LeaseOutcome::Unspecified)
+}
+
+#[test]
+fn leases_spill_back_queue_time_out_and_report_demand() -> Result<()> {
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, ..Default::default() })?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let head_node = format!("127.0.0.1:{}", c.heads[0].ready["node"]["node_manager_port"]);
+    let n1_id = c.nodes[1].ready["node_id"].as_str().context("node id")?.to_owned();
+    let n1 = c.nodes[1].ready["address"].as_str().context("address")?.to_owned();
+    // The head's node learns the others' resources through the leader.
+    wait_for("the head's node to know node 1", Duration::from_secs(30), || {
+        let r = rt.block_on(lease(&c, &head_node, req(&[("node1", 1.0)], 0, 0))).ok()?;
+        (outcome(&r) == pb::LeaseOutcome::Spillback).then_some(r)
+    })
+    .map(|r| assert_eq!((r.node_id.as_str(), r.address.as_str()), (n1_id.as_str(), n1.as_str())))?;
+
+    // Node 1 grants it; a second one waits and times out, a third waits until the first is back.
+    let first = rt.block_on(lease(&c, &n1, req(&[("node1", 1.0)], 0, 1)))?;
+    assert_eq!(outcome(&first), pb::LeaseOutcome::Granted);
+    let second = rt.block_on(lease(&c, &n1, req(&[("node1", 1.0)], 200, 1)))?;
+    assert_eq!(outcome(&second), pb::LeaseOutcome::TimedOut, "{second:?}");
+    let waiting = {
+        let n1 = n1.clone();
+        let r = req(&[("node1", 1.0)], 30_000, 1);
+        let auth = c.auth();
+        rt.spawn(async move {
+            let mut nm = protocol::client::node_manager(&n1, auth, &ClientOptions { rpc_timeout: Duration::from_secs(60), ..Default::default() })?;
+            anyhow::Ok(nm.request_worker_lease(r).await?.into_inner())
+        })
+    };
+    // While it waits, the leader hears of the queued shape; an infeasible one is reported too.
+    let gpu = rt.block_on(lease(&c, &head_node, req(&[("GPU", 1.0)], 0, 0)))?;
+    assert_eq!(outcome(&gpu), pb::LeaseOutcome::Infeasible);
+    assert!(gpu.message.contains("GPU"), "{}", gpu.message);
+    wait_for("the demand in rayctl status", Duration::from_secs(30), || {
+        let s = c.status(None).ok()?;
+        let d = s["pending_demand"].as_array()?;
+        let queued = d.iter().any(|x| x["shape"]["node1"] == 1.0 && x["queued"] == 1);
+        let infeasible = d.iter().any(|x| x["shape"]["GPU"] == 1.0 && x["infeasible"].as_u64().is_some_and(|n| n >= 1));
+        // Node 1's lease shows in its available resources.
+        let node = s["nodes"].as_array()?.iter().find(|n| n["node_id"] == n1_id.as_str())?.clone();
+        let busy = node["resources_available"]["node1"].is_null();
+        (queued && infeasible && busy).then_some(())
+    })?;
+    let back = rt.block_on(async {
+        let mut nm = protocol::client::node_manager(&n1, c.auth(), &ClientOptions::default())?;
+        anyhow::Ok(nm.return_worker_lease(pb::ReturnLeaseRequest { lease_id: first.lease_id.clone() }).await?.into_inner())
+    })?;
+    assert!(back.returned);
+    let third = rt.block_on(waiting)??;
+    assert_eq!(outcome(&third), pb::LeaseOutcome::Granted, "{third:?}");
+    // Returning twice frees nothing.
+    let again = rt.block_on(async {
+        let mut nm = protocol::client::node_manager(&n1, c.auth(), &ClientOptions::default())?;
+        anyhow::Ok(nm.return_worker_lease(pb::ReturnLeaseRequest { lease_id: first.lease_id.clone() }).await?.into_inner())
+    })?;
+    assert!(!again.returned);
+
+    // Past the hop limit the node asked last keeps what it can run, even if another node
+    // would be preferred; what it can never run stays infeasible.
+    let kept = rt.block_on(lease(&c, &head_node, req(&[("CPU", 1.0)], 5_000, 100)))?;
+    assert_eq!(outcome(&kept), pb::LeaseOutcome::Granted, "{kept:?}");
+    let never = rt.block_on(lease(&c, &head_node, req(&[("node1", 1.0)], 0, 100)))?;
+    assert_eq!(outcome(&never), pb::LeaseOutcome::Infeasible);
+    // Bad input.
+    let bad = rt.block_on(lease(&c, &head_node, req(&[("CPU", -1.0)], 0, 0)));
+    assert!(bad.is_err_and(|e| e.to_string().contains("CPU")));
+    Ok(())
+}

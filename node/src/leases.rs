@@ -1,0 +1,243 @@
+//! Worker leases and the spillback protocol (DESIGN §3, §6): a lease reserves a resource
+//! shape on this node. A request goes through `scheduler::decide` over the leader's view (with
+//! this node's own entry replaced by its exact local accounting): granted here, answered with
+//! a better node (spillback), queued here until resources free up or its timeout passes, or
+//! refused as infeasible. Hops are bounded: past `MAX_SPILLBACKS` the node asked last keeps a
+//! request it could ever run.
+//!
+//! Invariants: leased resources never exceed the node's total (`ResourceSet::subtract` is
+//! all-or-nothing); a returned lease frees exactly what it took, once. Queued and infeasible
+//! shapes are reported with heartbeats for the autoscaler.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use protocol::pb;
+use protocol::{NodeId, RpcError};
+use scheduler::{ClusterView, Decision, NodeView, PolicyConfig, ResourceSet, SchedulingStrategy};
+use tonic::Status;
+
+/// Spillback hops after which a request stays on the node asked last (if it can ever run it).
+pub(crate) const MAX_SPILLBACKS: u32 = 4;
+/// How long an infeasible shape stays in the reported demand after it was last asked for.
+const INFEASIBLE_MEMORY: Duration = Duration::from_secs(10);
+
+struct State {
+    available: ResourceSet,
+    leases: HashMap<String, ResourceSet>,
+    next_lease: u64,
+    spread_cursor: usize,
+    rng: u64,
+    /// shape (sorted pairs) → requests waiting now
+    queued: BTreeMap<Vec<(String, u64)>, u32>,
+    /// shape → (requests, last asked)
+    infeasible: BTreeMap<Vec<(String, u64)>, (u32, Instant)>,
+}
+
+pub(crate) struct Leases {
+    node_id: NodeId,
+    total: ResourceSet,
+    state: Mutex<State>,
+    freed: tokio::sync::Notify,
+}
+
+fn shape_key(r: &ResourceSet) -> Vec<(String, u64)> {
+    r.iter().map(|(k, v)| (k.to_owned(), (v * 10_000.0).round() as u64)).collect()
+}
+
+fn shape_map(k: &[(String, u64)]) -> std::collections::HashMap<String, f64> {
+    k.iter().map(|(n, u)| (n.clone(), *u as f64 / 10_000.0)).collect()
+}
+
+fn invalid(msg: String) -> Status {
+    RpcError::InvalidArgument(msg).into()
+}
+
+impl Leases {
+    pub(crate) fn new(node_id: NodeId, total: ResourceSet) -> Self {
+        let seed = u64::from_le_bytes(node_id.as_bytes()[..8].try_into().unwrap_or([1; 8])) | 1;
+        Self {
+            node_id,
+            state: Mutex::new(State {
+                available: total.clone(),
+                leases: HashMap::new(),
+                next_lease: 0,
+                spread_cursor: 0,
+                rng: seed,
+                queued: BTreeMap::new(),
+                infeasible: BTreeMap::new(),
+            }),
+            total,
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn available(&self) -> ResourceSet {
+        self.lock().available.clone()
+    }
+
+    /// Queued and infeasible shapes for the next heartbeat.
+    pub(crate) fn demand(&self) -> Vec<pb::ResourceDemand> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        st.infeasible.retain(|_, (_, at)| now.duration_since(*at) < INFEASIBLE_MEMORY);
+        let mut out: BTreeMap<Vec<(String, u64)>, (u32, u32)> = BTreeMap::new();
+        for (k, n) in &st.queued {
+            out.entry(k.clone()).or_default().0 += n;
+        }
+        for (k, (n, _)) in &st.infeasible {
+            out.entry(k.clone()).or_default().1 += n;
+        }
+        out.into_iter()
+            .filter(|(_, (q, i))| q + i > 0)
+            .map(|(k, (queued, infeasible))| pb::ResourceDemand { shape: shape_map(&k), queued, infeasible })
+            .collect()
+    }
+
+    fn try_grant(&self, st: &mut State, demand: &ResourceSet) -> Option<String> {
+        st.available.subtract(demand).ok()?;
+        st.next_lease += 1;
+        let id = format!("{}-{}", self.node_id, st.next_lease);
+        st.leases.insert(id.clone(), demand.clone());
+        Some(id)
+    }
+
+    fn granted(&self, lease_id: String) -> pb::LeaseReply {
+        pb::LeaseReply {
+            outcome: pb::LeaseOutcome::Granted as i32,
+            lease_id,
+            node_id: self.node_id.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Answers a lease request. `view` is the leader's last resource view.
+    pub(crate) async fn request(&self, r: pb::LeaseRequest, view: &[pb::NodeResources]) -> Result<pb::LeaseReply, Status> {
+        let demand = ResourceSet::from_map(r.resources.iter().map(|(k, v)| (k.as_str(), *v))).map_err(|e| invalid(e.to_string()))?;
+        let strategy = match pb::SchedulingStrategy::try_from(r.strategy) {
+            Ok(pb::SchedulingStrategy::Hybrid) => SchedulingStrategy::Hybrid,
+            Ok(pb::SchedulingStrategy::Spread) => SchedulingStrategy::Spread,
+            Ok(pb::SchedulingStrategy::NodeAffinity) => SchedulingStrategy::NodeAffinity {
+                node: r.affinity_node_id.parse().map_err(|e: protocol::ids::IdError| invalid(e.to_string()))?,
+                soft: r.affinity_soft,
+            },
+            Err(_) => return Err(invalid(format!("unknown scheduling strategy {}", r.strategy))),
+        };
+        let mut addresses = HashMap::new();
+        let mut cluster = ClusterView::default();
+        for n in view {
+            let Ok(id) = n.node_id.parse::<NodeId>() else { continue };
+            let set = |m: &std::collections::HashMap<String, f64>| {
+                ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v))).unwrap_or_default()
+            };
+            addresses.insert(id, n.address.clone());
+            cluster.nodes.insert(id, NodeView { total: set(&n.total), available: set(&n.available), alive: true });
+        }
+        let decision = {
+            let mut st = self.lock();
+            // This node knows itself exactly; the view may lag.
+            cluster.nodes.insert(self.node_id, NodeView { total: self.total.clone(), available: st.available.clone(), alive: true });
+            let d = if r.spillback_count >= MAX_SPILLBACKS {
+                // Enough hops: keep it here if this node can ever run it.
+                if self.total.contains(&demand) { Decision::Local } else { Decision::Infeasible }
+            } else {
+                let State { spread_cursor, rng, .. } = &mut *st;
+                let spread = matches!(strategy, SchedulingStrategy::Spread);
+                let mut pick = |n: usize| {
+                    if spread {
+                        *spread_cursor = spread_cursor.wrapping_add(1);
+                        *spread_cursor % n
+                    } else {
+                        *rng ^= *rng << 13;
+                        *rng ^= *rng >> 7;
+                        *rng ^= *rng << 17;
+                        (*rng % n as u64) as usize
+                    }
+                };
+                scheduler::decide(&cluster, self.node_id, &demand, &strategy, PolicyConfig::default(), &mut pick)
+            };
+            match d {
+                Decision::Local => match self.try_grant(&mut st, &demand) {
+                    Some(id) => return Ok(self.granted(id)),
+                    None => Decision::Queue,
+                },
+                Decision::Infeasible => {
+                    let e = st.infeasible.entry(shape_key(&demand)).or_insert((0, Instant::now()));
+                    e.0 = e.0.saturating_add(1).min(1_000_000);
+                    e.1 = Instant::now();
+                    d
+                }
+                other => other,
+            }
+        };
+        match decision {
+            Decision::Spillback(node) => Ok(pb::LeaseReply {
+                outcome: pb::LeaseOutcome::Spillback as i32,
+                node_id: node.to_string(),
+                address: addresses.get(&node).cloned().unwrap_or_default(),
+                ..Default::default()
+            }),
+            Decision::Infeasible => Ok(pb::LeaseReply {
+                outcome: pb::LeaseOutcome::Infeasible as i32,
+                message: format!("no live node has {:?} in total", demand.to_map()),
+                ..Default::default()
+            }),
+            Decision::Queue | Decision::Local => self.wait(demand, Duration::from_millis(r.queue_timeout_ms)).await,
+        }
+    }
+
+    /// Waits in this node's queue until the demand fits or `timeout` passes.
+    async fn wait(&self, demand: ResourceSet, timeout: Duration) -> Result<pb::LeaseReply, Status> {
+        let key = shape_key(&demand);
+        *self.lock().queued.entry(key.clone()).or_default() += 1;
+        // Counted as queued until this ends, however it ends (a caller may give up).
+        let _queued = Queued { leases: self, key };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let result = loop {
+            let freed = self.freed.notified();
+            if let Some(id) = self.try_grant(&mut self.lock(), &demand) {
+                break self.granted(id);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                break pb::LeaseReply {
+                    outcome: pb::LeaseOutcome::TimedOut as i32,
+                    message: format!("{:?} did not free up on this node within {timeout:?}", demand.to_map()),
+                    ..Default::default()
+                };
+            }
+        };
+        Ok(result)
+    }
+
+    /// Frees a lease's resources; false if it is unknown (already returned).
+    pub(crate) fn give_back(&self, lease_id: &str) -> bool {
+        let mut st = self.lock();
+        let Some(r) = st.leases.remove(lease_id) else { return false };
+        st.available.add(&r);
+        drop(st);
+        self.freed.notify_waiters();
+        true
+    }
+}
+
+struct Queued<'a> {
+    leases: &'a Leases,
+    key: Vec<(String, u64)>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut st = self.leases.lock();
+        if let Some(n) = st.queued.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                st.queued.remove(&self.key);
+            }
+        }
+    }
+}
