@@ -118,11 +118,10 @@ pub fn decide(
         }
         _ => {
             let local_view = ready.iter().find(|(id, _)| **id == local).map(|(_, n)| *n);
-            if let Some(n) = local_view {
-                if score(n, demand) < cfg.spread_threshold {
+            if let Some(n) = local_view
+                && score(n, demand) < cfg.spread_threshold {
                     return Decision::Local;
                 }
-            }
             // Below the threshold every node counts as empty; among equals, local first.
             let key = |id: &NodeId, n: &NodeView| {
                 let s = score(n, demand);
