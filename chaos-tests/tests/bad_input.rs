@@ -75,7 +75,7 @@ fn garbage_oversize_and_unknown_ids_get_clear_errors() -> Result<()> {
         RpcError::InvalidArgument(m) => assert!(m.contains("xyz"), "the error names the bad value: {m}"),
         other => panic!("{other}"),
     }
-    let hb = pb::HeartbeatRequest { node_id: unknown.clone(), incarnation: 1, resources_available: Default::default() };
+    let hb = pb::HeartbeatRequest { node_id: unknown.clone(), incarnation: 1, ..Default::default() };
     let e = rt.block_on(client.call(|mut c| { let r = hb.clone(); async move { c.heartbeat(r).await } })).unwrap_err();
     assert!(matches!(rpc_err(e), RpcError::NotFound(_)));
     let reg = pb::RegisterNodeRequest {
