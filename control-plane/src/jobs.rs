@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::client::{self, ClientOptions};
 use protocol::pb;
 use protocol::{NodeId, RpcError};
 use tonic::Status;
@@ -165,10 +164,14 @@ pub(crate) async fn submit(shared: &HeadShared, r: pb::SubmitJobRequest) -> Resu
         Response::Ok => {}
         Response::Rejected(Rejection::AlreadyExists { .. }) => {
             // A client retrying its own submit (same token) gets its job back.
-            let st = shared.state.read();
-            let same = st.state.jobs.get(&id).filter(|j| !r.client_token.is_empty() && j.client_token == r.client_token);
+            // Cloned out of the lock: `job_info` takes the read lock itself, and a second read
+            // while a writer waits would deadlock.
+            let same = {
+                let st = shared.state.read();
+                st.state.jobs.get(&id).filter(|j| !r.client_token.is_empty() && j.client_token == r.client_token).cloned()
+            };
             return match same {
-                Some(j) => Ok(job_info(shared, &j.clone())),
+                Some(j) => Ok(job_info(shared, &j)),
                 None => Err(RpcError::AlreadyExists(format!("a job with submission_id {id} already exists")).into()),
             };
         }
@@ -237,8 +240,7 @@ pub(crate) async fn logs(shared: &HeadShared, r: pb::GetJobLogsRequest) -> Resul
         let n = st.state.nodes.get(&node).ok_or_else(|| Status::internal(format!("driver node {node} is unknown")))?;
         (n.address.clone(), n.state == NodeState::Alive)
     };
-    let opts = ClientOptions { rpc_timeout: Duration::from_secs(10), ..Default::default() };
-    let mut nm = client::node_manager(&addr, shared.token.clone(), &opts).map_err(Status::from)?;
+    let mut nm = shared.node_manager(&addr)?;
     let req = pb::GetJobLogsRequest { job_id: j.job_id.clone(), offset: r.offset, max_bytes: r.max_bytes.clamp(1, MAX_LOG_CHUNK) };
     match nm.read_job_log(req).await {
         Ok(reply) => {
@@ -454,8 +456,7 @@ async fn agent_call(shared: &HeadShared, job: &str, attempt: u32, node: NodeId, 
         let heads: Vec<String> = m.membership().nodes().map(|(_, n)| n.addr.clone()).collect();
         (n.address.clone(), n.incarnation, j, heads)
     };
-    let opts = ClientOptions { rpc_timeout: Duration::from_secs(10), ..Default::default() };
-    let mut nm = client::node_manager(&addr, shared.token.clone(), &opts).map_err(Status::from)?;
+    let mut nm = shared.node_manager(&addr)?;
     if what == "start" {
         nm.start_job(pb::StartJobRequest {
             job_id: j.job_id,

@@ -177,6 +177,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         token: opts.token.clone(),
         proposals,
         job_kick: tokio::sync::Notify::new(),
+        node_clients: Mutex::default(),
     });
 
     let routes = tonic::service::Routes::new(

@@ -50,6 +50,8 @@ pub(crate) struct HeadShared {
     pub(crate) proposals: mpsc::UnboundedSender<Proposal>,
     /// Wakes the job manager (a job was submitted, stopped, or an attempt changed).
     pub(crate) job_kick: tokio::sync::Notify,
+    /// One client per node manager address, so job starts and log reads reuse a connection.
+    pub(crate) node_clients: Mutex<HashMap<String, client::NmClient>>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -150,6 +152,18 @@ impl HeadShared {
             ports: Some(self.ports),
             leader: self.leader_address(m.current_leader).unwrap_or_default(),
         }
+    }
+
+    /// A client of the node manager at `addr` (cached; the channel reconnects by itself).
+    pub(crate) fn node_manager(&self, addr: &str) -> Result<client::NmClient, Status> {
+        let mut m = self.node_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = m.get(addr) {
+            return Ok(c.clone());
+        }
+        let opts = ClientOptions { rpc_timeout: Duration::from_secs(10), ..Default::default() };
+        let c = client::node_manager(addr, self.token.clone(), &opts).map_err(Status::from)?;
+        m.insert(addr.to_owned(), c.clone());
+        Ok(c)
     }
 
     /// The live nodes' reported demand, summed by shape.

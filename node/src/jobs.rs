@@ -79,7 +79,7 @@ impl JobAgent {
         let ended = |me: &Self| {
             me.attempts.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Attempt::Ended);
         };
-        let dir = match self.prepare(&r).await {
+        let (dir, env) = match self.prepare(&r).await {
             Ok(d) => d,
             Err(message) => {
                 ended(&self);
@@ -93,7 +93,7 @@ impl JobAgent {
                 attempts.insert(key, Attempt::Ended);
                 None
             } else {
-                let res = self.spawn(&r, &dir);
+                let res = self.spawn(&r, &dir, &env);
                 attempts.insert(
                     key,
                     match &res {
@@ -114,8 +114,9 @@ impl JobAgent {
         }
     }
 
-    /// The job's directory: fresh, with its working_dir package unpacked into it.
-    async fn prepare(&self, r: &pb::StartJobRequest) -> Result<PathBuf, String> {
+    /// The job's directory (fresh, with its working_dir package unpacked into it) and its
+    /// parsed runtime_env.
+    async fn prepare(&self, r: &pb::StartJobRequest) -> Result<(PathBuf, serde_json::Value), String> {
         let env: serde_json::Value = serde_json::from_str(if r.runtime_env_json.is_empty() { "{}" } else { &r.runtime_env_json })
             .map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
         let dir = self.work_dir.join(&r.job_id);
@@ -134,12 +135,10 @@ impl JobAgent {
             }
             None => std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?,
         }
-        Ok(dir)
+        Ok((dir, env))
     }
 
-    fn spawn(&self, r: &pb::StartJobRequest, dir: &std::path::Path) -> Result<(tokio::process::Child, i32), String> {
-        let env: serde_json::Value = serde_json::from_str(if r.runtime_env_json.is_empty() { "{}" } else { &r.runtime_env_json })
-            .map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
+    fn spawn(&self, r: &pb::StartJobRequest, dir: &std::path::Path, env: &serde_json::Value) -> Result<(tokio::process::Child, i32), String> {
         std::fs::create_dir_all(&self.log_dir).map_err(|e| format!("cannot create the log directory {}: {e}", self.log_dir.display()))?;
         let log_path = self.log_path(&r.job_id);
         let mut log = std::fs::OpenOptions::new()
