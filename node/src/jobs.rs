@@ -158,6 +158,14 @@ impl JobAgent {
             .env(protocol::ADDRESS_ENV, r.cluster_addresses.join(","))
             .env("RAYCTL_JOB_ID", &r.job_id)
             .env("RAY_JOB_SUBMISSION_ID", &r.job_id)
+            // The driver's local node (the SDK uses its store and leases from it).
+            .env("RAYCTL_NODE_ID", self.node.node_id.to_string())
+            .env("RAYCTL_NODE_ADDRESS", &self.node.address)
+            .env("RAYCTL_OBJECT_STORE_SOCKET", &self.node.object_store_socket)
+            .env(
+                "RAYCTL_OBJECT_MANAGER_ADDRESS",
+                format!("{}:{}", self.node.address.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h), self.node.ports.object_manager_port),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(err)

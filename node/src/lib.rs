@@ -14,6 +14,9 @@ mod leases;
 mod package;
 pub mod metrics;
 mod registration;
+mod workers;
+
+pub use workers::WorkerOptions;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -53,6 +56,7 @@ pub struct NodeOptions {
     pub log_dir: PathBuf,
     /// Each job's working directory is `<job_dir>/<job id>`.
     pub job_dir: PathBuf,
+    pub workers: WorkerOptions,
 }
 
 /// How the node hosts its object store.
@@ -93,6 +97,11 @@ impl NodeOptions {
             object_store: ObjectStoreOptions::in_session(&data_dir),
             log_dir: data_dir.join("logs"),
             job_dir: data_dir.join("jobs"),
+            workers: WorkerOptions {
+                idle_timeout: Duration::from_secs(60),
+                start_timeout: Duration::from_secs(60),
+                binary_dir: data_dir.join("binaries"),
+            },
             data_dir,
             bind_host: "127.0.0.1".into(),
             advertise_host: "127.0.0.1".into(),
@@ -118,7 +127,8 @@ pub(crate) struct NodeShared {
     pub(crate) object_store_capacity: u64,
     /// The leader's resource view from the last heartbeat reply (soft state).
     pub(crate) cluster_view: std::sync::Mutex<Vec<pb::NodeResources>>,
-    pub(crate) leases: leases::Leases,
+    pub(crate) leases: Arc<leases::Leases>,
+    pub(crate) workers: Arc<workers::WorkerPool>,
 }
 
 pub struct RunningNode {
@@ -165,6 +175,7 @@ impl RunningNode {
             t.abort();
         }
         self.agent.kill_all();
+        self.shared.workers.kill_all();
         self.store_server.stop();
         let _ = std::fs::remove_dir_all(&self.spill_dir);
     }
@@ -174,6 +185,7 @@ impl RunningNode {
 struct NodeManagerService {
     shared: Arc<NodeShared>,
     agent: Arc<jobs::JobAgent>,
+    store: Arc<object_store::Store>,
 }
 
 #[tonic::async_trait]
@@ -200,15 +212,94 @@ impl NodeManager for NodeManagerService {
     }
 
     async fn request_worker_lease(&self, req: tonic::Request<pb::LeaseRequest>) -> Result<tonic::Response<pb::LeaseReply>, tonic::Status> {
+        let start = std::time::Instant::now();
+        let r = req.into_inner();
+        let (sha, source, job) = (r.binary_sha256.clone(), r.binary_source.clone(), r.job_id.clone());
         let view = self.shared.cluster_view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        self.shared.leases.request(req.into_inner(), &view).await.map(tonic::Response::new)
+        let mut reply = match self.shared.leases.request(r, &view).await {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::lease("error", None);
+                return Err(e);
+            }
+        };
+        if reply.outcome == pb::LeaseOutcome::Granted as i32 && !sha.is_empty() {
+            match self.shared.workers.attach(&reply.lease_id, &sha, &source, &job).await {
+                Ok((worker_id, address)) => {
+                    reply.worker_id = worker_id;
+                    reply.worker_address = address;
+                }
+                Err(e) => {
+                    self.shared.leases.give_back(&reply.lease_id);
+                    metrics::lease("error", None);
+                    return Err(e);
+                }
+            }
+        }
+        let outcome = match pb::LeaseOutcome::try_from(reply.outcome) {
+            Ok(pb::LeaseOutcome::Granted) => "granted",
+            Ok(pb::LeaseOutcome::Spillback) => "spillback",
+            Ok(pb::LeaseOutcome::Infeasible) => "infeasible",
+            Ok(pb::LeaseOutcome::TimedOut) => "timed_out",
+            _ => "error",
+        };
+        metrics::lease(outcome, (outcome == "granted").then(|| start.elapsed().as_secs_f64()));
+        Ok(tonic::Response::new(reply))
+    }
+
+    type WorkerChannelStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::NodeToWorker, tonic::Status>> + Send>>;
+
+    async fn worker_channel(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::WorkerMessage>>,
+    ) -> Result<tonic::Response<Self::WorkerChannelStream>, tonic::Status> {
+        let rx = self.shared.workers.channel(req.into_inner());
+        let s = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (Ok(m), rx)) });
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+
+    async fn register_binary(
+        &self,
+        req: tonic::Request<pb::RegisterBinaryRequest>,
+    ) -> Result<tonic::Response<pb::RegisterBinaryReply>, tonic::Status> {
+        let r = req.into_inner();
+        self.shared.workers.register_local(r.sha256, r.path).await.map(tonic::Response::new)
+    }
+
+    async fn upload_binary(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::BinaryChunk>>,
+    ) -> Result<tonic::Response<pb::RegisterBinaryReply>, tonic::Status> {
+        self.shared.workers.upload(req.into_inner()).await.map(tonic::Response::new)
+    }
+
+    type ReadBinaryStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::BinaryChunk, tonic::Status>> + Send>>;
+
+    async fn read_binary(&self, req: tonic::Request<pb::ReadBinaryRequest>) -> Result<tonic::Response<Self::ReadBinaryStream>, tonic::Status> {
+        let rx = self.shared.workers.read(&req.into_inner().sha256)?;
+        let s = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+
+    async fn free_objects(&self, req: tonic::Request<pb::FreeObjectsRequest>) -> Result<tonic::Response<pb::FreeObjectsReply>, tonic::Status> {
+        let ids = req
+            .into_inner()
+            .object_ids
+            .iter()
+            .map(|b| protocol::ObjectId::from_slice(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let freed = self.store.delete(&ids) as u32;
+        Ok(tonic::Response::new(pb::FreeObjectsReply { freed }))
     }
 
     async fn return_worker_lease(
         &self,
         req: tonic::Request<pb::ReturnLeaseRequest>,
     ) -> Result<tonic::Response<pb::ReturnLeaseReply>, tonic::Status> {
-        let returned = self.shared.leases.give_back(&req.into_inner().lease_id);
+        let lease_id = req.into_inner().lease_id;
+        self.shared.workers.lease_returned(&lease_id);
+        let returned = self.shared.leases.give_back(&lease_id);
         Ok(tonic::Response::new(pb::ReturnLeaseReply { returned }))
     }
 
@@ -244,6 +335,7 @@ pub fn check_resources(r: &BTreeMap<String, f64>) -> Result<(), scheduler::Resou
 /// keeps itself registered with the control plane.
 pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     metrics::describe();
+    metrics::describe_workers();
     let (lock, node_id) = identity::acquire(&opts.data_dir)?;
     check_resources(&opts.resources)?;
     let client = HeadClient::new(&opts.heads, opts.token.clone(), ClientOptions::default())
@@ -262,6 +354,22 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     let object_manager_port = om.local_addr()?.port();
     let address = format!("{}:{node_manager_port}", opts.advertise_host);
     let (store, store_server, spill_dir, puller) = start_object_store(&opts.object_store, opts.token.clone())?;
+    let leases = Arc::new(leases::Leases::new(node_id, scheduler::ResourceSet::from_map(opts.resources.iter().map(|(k, v)| (k.as_str(), *v)))?));
+    let pool = Arc::new(workers::WorkerPool::new(
+        workers::PoolConfig {
+            opts: opts.workers.clone(),
+            node_id: node_id.to_string(),
+            node_address: address.clone(),
+            object_manager_address: format!("{}:{object_manager_port}", opts.advertise_host),
+            store_socket: store_server.path().to_owned(),
+            heads: opts.heads.clone(),
+            token: opts.token.clone(),
+            log_dir: opts.log_dir.clone(),
+            job_dir: opts.job_dir.clone(),
+            advertise_host: opts.advertise_host.clone(),
+        },
+        leases.clone(),
+    ));
     let shared = Arc::new(NodeShared {
         node_id,
         address: address.clone(),
@@ -274,12 +382,13 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         object_store_socket: store_server.path().to_owned(),
         object_store_capacity: store.arena().capacity(),
         cluster_view: std::sync::Mutex::default(),
-        leases: leases::Leases::new(node_id, scheduler::ResourceSet::from_map(opts.resources.iter().map(|(k, v)| (k.as_str(), *v)))?),
+        leases,
+        workers: pool,
     });
 
     let agent = Arc::new(jobs::JobAgent::new(shared.clone(), opts.log_dir.clone(), opts.job_dir.clone(), client.clone()));
     let routes = tonic::service::Routes::new(
-        pb::node_manager_server::NodeManagerServer::new(NodeManagerService { shared: shared.clone(), agent: agent.clone() })
+        pb::node_manager_server::NodeManagerServer::new(NodeManagerService { shared: shared.clone(), agent: agent.clone(), store: store.clone() })
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
     let listeners = Listeners::spawn(nm, routes, mx, axum::Router::new(), opts.metrics.clone(), opts.token.clone());
@@ -295,6 +404,15 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     tasks.push(tokio::spawn(async move {
         loop {
             object_store::metrics::record(&s.stats());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }));
+    let sh = shared.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            sh.workers.reap_idle();
+            let (by_state, stats) = sh.workers.snapshot();
+            metrics::workers(&by_state, &stats);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }));

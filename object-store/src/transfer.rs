@@ -98,6 +98,62 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
         crate::metrics::record_sent(data.len() as u64);
         Ok(tonic::Response::new(pb::ObjectChunk { data }))
     }
+
+    async fn write_object(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::WriteObjectChunk>>,
+    ) -> Result<tonic::Response<pb::WriteObjectReply>, tonic::Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| tonic::Status::invalid_argument("empty WriteObject stream"))?;
+        let id = ObjectId::from_slice(&first.object_id).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let (ds, ms) = (first.data_size, first.metadata_size);
+        let store = self.store.clone();
+        let block = tokio::task::spawn_blocking(move || store.create(NODE_CLIENT, id, ds, ms, true))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .map_err(|e| match e {
+                StoreError::AlreadyExists(_) => tonic::Status::already_exists(e.to_string()),
+                StoreError::ObjectStoreFull { .. } | StoreError::TooLarge { .. } => tonic::Status::resource_exhausted(e.to_string()),
+                e => tonic::Status::unavailable(e.to_string()),
+            })?;
+        // Aborts the allocation unless the stream completes.
+        struct Abort<'a>(&'a Store, ObjectId, bool);
+        impl Drop for Abort<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    let _ = self.0.abort(NODE_CLIENT, self.1);
+                }
+            }
+        }
+        let mut guard = Abort(&self.store, id, false);
+        let total = block.total();
+        let mut offset = 0u64;
+        let mut chunk = Some(first.payload);
+        loop {
+            if let Some(data) = chunk.take() {
+                let len = data.len() as u64;
+                if offset + len > total {
+                    return Err(tonic::Status::out_of_range(format!("object {id}: {} bytes sent for {total}", offset + len)));
+                }
+                // SAFETY: the block is unsealed and created here; nobody else sees it.
+                let dst = unsafe { self.store.arena().slice_mut(block.offset + offset, len) };
+                dst.copy_from_slice(&data);
+                offset += len;
+            }
+            match stream.message().await? {
+                Some(c) => chunk = Some(c.payload),
+                None => break,
+            }
+        }
+        if offset != total {
+            return Err(tonic::Status::invalid_argument(format!("object {id}: stream ended after {offset} of {total} bytes")));
+        }
+        self.store.seal(NODE_CLIENT, id).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        guard.2 = true;
+        let _ = self.store.release(NODE_CLIENT, id);
+        crate::metrics::record_pulled(total);
+        Ok(tonic::Response::new(pb::WriteObjectReply {}))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,178 @@
+//! A driver for the task tests: each subcommand exercises one behaviour of the SDK against
+//! the cluster named by `RAYCTL_ADDRESS` and prints `RESULT <json>` lines the tests read.
+//! Workers are this binary re-executed by the nodes.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use sdk::{Strategy, TaskOptions, View};
+
+#[sdk::remote]
+fn where_am_i() -> String {
+    std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
+}
+
+#[sdk::remote]
+fn sleep_where(ms: u64) -> String {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
+}
+
+#[sdk::remote]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[sdk::remote]
+fn fail(msg: String) -> i64 {
+    panic!("{msg}")
+}
+
+/// `n` bytes from a seeded generator.
+#[sdk::remote]
+fn make_blob(seed: u64, n: u64) -> Vec<u8> {
+    blob(seed, n)
+}
+
+#[sdk::remote]
+fn checksum(data: View<Vec<u8>>) -> (u32, String) {
+    (crc(&data), std::env::var("RAYCTL_NODE_ID").unwrap_or_default())
+}
+
+/// Writes its pid to `path` (so a test can kill it), then sleeps and answers.
+#[sdk::remote]
+fn victim(path: String, ms: u64) -> u64 {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, std::process::id().to_string()).expect("write pid");
+    std::fs::rename(&tmp, &path).expect("rename pid file");
+    std::thread::sleep(Duration::from_millis(ms));
+    42
+}
+
+fn blob(seed: u64, n: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect()
+}
+
+fn crc(b: &[u8]) -> u32 {
+    crc32fast::hash(b)
+}
+
+fn result(v: serde_json::Value) {
+    println!("RESULT {v}");
+}
+
+fn stdin_line() {
+    let _ = std::io::stdin().lock().lines().next();
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let session = sdk::init()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match arg(0).as_str() {
+        "mode" => {
+            let r = add::remote(2i64, 40i64);
+            result(serde_json::json!({"mode": format!("{:?}", session.mode()), "sum": sdk::get(&r)?, "node": sdk::node_id()?.to_string()}));
+        }
+        "resource" => {
+            let opts = TaskOptions::default().resource(&arg(1), 1.0);
+            let r = where_am_i::remote_with(&opts);
+            result(serde_json::json!({"node": sdk::get(&r)?}));
+        }
+        "spread" => {
+            let n: usize = arg(1).parse()?;
+            let opts = TaskOptions::default().strategy(Strategy::Spread);
+            let refs: Vec<_> = (0..n).map(|_| sleep_where::remote_with(&opts, 500u64)).collect();
+            let nodes: Vec<String> = sdk::get_all(&refs)?;
+            result(serde_json::json!({"nodes": nodes}));
+        }
+        "affinity" => {
+            let node = arg(1).parse()?;
+            let opts = TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false });
+            let refs: Vec<_> = (0..4).map(|_| sleep_where::remote_with(&opts, 50u64)).collect();
+            result(serde_json::json!({"nodes": sdk::get_all(&refs)?}));
+        }
+        "infeasible" => {
+            let opts = TaskOptions::default().resource("unobtainium", 1.0);
+            let r = where_am_i::remote_with(&opts);
+            let (ready, _) = sdk::wait(std::slice::from_ref(&r), 1, Some(Duration::from_secs(2)))?;
+            result(serde_json::json!({"ready_after_2s": ready.len()}));
+            // Stay until the test has seen the demand reported.
+            stdin_line();
+        }
+        "transfer" => {
+            // A 100 MiB object made on node A and consumed on node B.
+            let (a, b) = (arg(1).parse()?, arg(2).parse()?);
+            let n = 100 << 20;
+            let on = |node| TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false });
+            let blob_ref = make_blob::remote_with(&on(a), 7u64, n);
+            let (sum, node) = sdk::get(&checksum::remote_with(&on(b), &blob_ref))?;
+            let expected = crc(&blob(7, n));
+            // And one put by this driver, consumed on B.
+            let put = sdk::put(&blob(9, n))?;
+            let (sum2, node2) = sdk::get(&checksum::remote_with(&on(b), &put))?;
+            let here = sdk::get_view(&blob_ref)?;
+            result(serde_json::json!({
+                "task_crc": sum, "expected": expected, "node": node,
+                "put_crc": sum2, "put_expected": crc(&blob(9, n)), "put_node": node2,
+                "driver_crc": crc(&here), "driver_view_shared": here.is_shared_memory(),
+            }));
+        }
+        "victim" => {
+            let opts = TaskOptions::default().max_retries(arg(2).parse()?);
+            let r = victim::remote_with(&opts, arg(1), 4000u64);
+            match sdk::get(&r) {
+                Ok(v) => result(serde_json::json!({"value": v})),
+                Err(sdk::Error::Task(e)) => result(serde_json::json!({"error_kind": e.kind, "error": e.to_string()})),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        "panic" => {
+            let r = fail::remote("boom from the test".to_string());
+            match sdk::get(&r) {
+                Err(sdk::Error::Task(e)) => result(serde_json::json!({"kind": e.kind, "message": e.message, "task_id": e.task_id, "node": e.node_id, "text": e.to_string()})),
+                other => result(serde_json::json!({"unexpected": format!("{other:?}")})),
+            }
+        }
+        "refcount" => {
+            // Objects in the stores of both nodes while held; freed when the refs drop.
+            let (a, b) = (arg(1).parse()?, arg(2).parse()?);
+            let on = |node| TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false });
+            let mut held = Vec::new();
+            for i in 0..4u64 {
+                held.push(make_blob::remote_with(&on(a), i, 8 << 20));
+            }
+            let puts: Vec<_> = (0..4u64).map(|i| sdk::put(&blob(100 + i, 8 << 20))).collect::<Result<_, _>>()?;
+            // Consumed on B: B pulls copies of A's results and of the puts.
+            let sums: Vec<_> = held.iter().chain(puts.iter()).map(|r| checksum::remote_with(&on(b), r)).collect();
+            sdk::get_all(&sums)?;
+            result(serde_json::json!({"holding": held.len() + puts.len(), "owned": session.owned_objects()}));
+            stdin_line();
+            drop((held, puts, sums));
+            std::thread::sleep(Duration::from_millis(100));
+            result(serde_json::json!({"dropped": true, "owned": session.owned_objects()}));
+            stdin_line();
+        }
+        "many" => {
+            let n: i64 = arg(1).parse()?;
+            let refs: Vec<_> = (0..n).map(|i| add::remote(i, 1i64)).collect();
+            let total: i64 = sdk::get_all(&refs)?.into_iter().sum();
+            // Chained: each result feeds the next task.
+            let mut r = add::remote(0i64, 1i64);
+            for _ in 0..20 {
+                r = add::remote(&r, 1i64);
+            }
+            result(serde_json::json!({"total": total, "chain": sdk::get(&r)?}));
+        }
+        other => return Err(format!("unknown subcommand {other:?}").into()),
+    }
+    Ok(())
+}

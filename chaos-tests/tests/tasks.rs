@@ -1,0 +1,267 @@
+//! Tasks end to end over real processes: a driver built with the SDK (`sdk_driver`), node
+//! daemons that run it again as workers, leases with spillback, object transfer between
+//! nodes, retries after a worker is killed, reference counting, and the three ways to run a
+//! driver (job entrypoint, by hand on a node, remote).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use chaos_tests::{wait_for, Cluster, ClusterOptions};
+use serde_json::Value;
+
+fn driver_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sdk_driver")
+}
+
+/// A running driver whose `RESULT` lines are read as they come.
+struct Driver {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    fn start(c: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let mut cmd = Command::new(driver_bin());
+        cmd.args(args)
+            .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
+            .env("RAYCTL_TMPDIR", c.path())
+            .env_remove("RAYCTL_NODE_ADDRESS")
+            .env_remove("RAYCTL_WORKER_ID")
+            .env_remove("RAYCTL_REMOTE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("start sdk_driver")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = child.stdout.take().context("stdout")?;
+        let err = child.stderr.take().context("stderr")?;
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line.clone());
+                if let Some(r) = line.strip_prefix("RESULT ") {
+                    let _ = tx.send(r.to_owned());
+                }
+            }
+        });
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        Ok(Self { child, lines, log })
+    }
+
+    fn output(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn result(&mut self, timeout: Duration) -> Result<Value> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => Ok(serde_json::from_str(&l)?),
+            Err(_) => bail!("no result within {timeout:?}; driver output:\n{}", self.output()),
+        }
+    }
+
+    fn next_step(&mut self) -> Result<()> {
+        let stdin = self.child.stdin.as_mut().context("stdin")?;
+        writeln!(stdin, "go")?;
+        Ok(stdin.flush()?)
+    }
+
+    fn finish(mut self, timeout: Duration) -> Result<()> {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                if !st.success() {
+                    bail!("driver exited with {st}:\n{}", self.output());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("driver did not exit within {timeout:?}:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs a driver to completion and returns its one result.
+fn run(c: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Value> {
+    let mut d = Driver::start(c, args, env)?;
+    let r = d.result(Duration::from_secs(120))?;
+    d.finish(Duration::from_secs(30))?;
+    Ok(r)
+}
+
+fn node_id(c: &Cluster, i: usize) -> String {
+    c.nodes[i].ready["node_id"].as_str().unwrap_or_default().to_owned()
+}
+
+fn wait_view(c: &Cluster) -> Result<()> {
+    // Every node must be in the leader's resource view for spillback to find it.
+    wait_for("3 alive nodes", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (Cluster::nodes_in_state(&s, "ALIVE").len() == 3).then_some(())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(())
+}
+
+#[test]
+fn tasks_are_placed_by_resources_strategy_and_affinity() -> Result<()> {
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, ..Default::default() })?;
+    wait_view(&c)?;
+    let (n0, n1) = (node_id(&c, 0), node_id(&c, 1));
+
+    let r = run(&c, &["mode"], &[])?;
+    assert_eq!(r["mode"], "Local", "{r}");
+    assert_eq!(r["sum"], 42);
+
+    // Only node 1 has `node1`: the driver's node spills the lease back to it.
+    let r = run(&c, &["resource", "node1"], &[])?;
+    assert_eq!(r["node"], n1.as_str(), "{r}");
+
+    // Three half-second tasks, SPREAD over three one-CPU nodes: not all on one node.
+    let r = run(&c, &["spread", "3"], &[])?;
+    let nodes: std::collections::BTreeSet<&str> = r["nodes"].as_array().context("nodes")?.iter().filter_map(|v| v.as_str()).collect();
+    assert!(nodes.len() >= 2, "SPREAD put every task on one node: {r}");
+
+    // Hard affinity pins every task to node 0.
+    let r = run(&c, &["affinity", &n0], &[])?;
+    assert!(r["nodes"].as_array().context("nodes")?.iter().all(|v| v == n0.as_str()), "{r}");
+
+    // A panic comes back with its message, the task id and the node.
+    let r = run(&c, &["panic"], &[])?;
+    assert_eq!(r["kind"], "PANIC", "{r}");
+    assert!(r["message"].as_str().unwrap_or_default().contains("boom from the test"), "{r}");
+    assert_eq!(r["task_id"].as_str().map(str::len), Some(40), "{r}");
+    assert!(r["text"].as_str().unwrap_or_default().contains(r["node"].as_str().unwrap_or("?")), "{r}");
+
+    // An infeasible task waits (it is not failed) and the demand is reported.
+    let mut d = Driver::start(&c, &["infeasible"], &[])?;
+    let r = d.result(Duration::from_secs(60))?;
+    assert_eq!(r["ready_after_2s"], 0, "{r}");
+    wait_for("the infeasible demand in the cluster status", Duration::from_secs(30), || {
+        let s = c.status(None).ok()?;
+        s["pending_demand"].as_array()?.iter().any(|x| x["shape"]["unobtainium"] == 1.0 && x["infeasible"].as_u64() >= Some(1)).then_some(())
+    })?;
+    d.finish(Duration::from_secs(30))?;
+
+    // Many small tasks and a chain of dependent ones.
+    let r = run(&c, &["many", "500"], &[])?;
+    assert_eq!(r["total"], (0..500).map(|i| i + 1).sum::<i64>(), "{r}");
+    assert_eq!(r["chain"], 21, "{r}");
+    Ok(())
+}
+
+fn used_memory(port: u64) -> Option<f64> {
+    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok()?;
+    let text = resp.body_mut().read_to_string().ok()?;
+    text.lines().find(|l| l.starts_with("ray_object_store_used_memory"))?.split_whitespace().last()?.parse().ok()
+}
+
+#[test]
+fn large_objects_move_between_nodes_and_are_freed_with_their_refs() -> Result<()> {
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, ..Default::default() })?;
+    wait_view(&c)?;
+    let (n0, n1) = (node_id(&c, 0), node_id(&c, 1));
+
+    let r = run(&c, &["transfer", &n0, &n1], &[])?;
+    assert_eq!(r["task_crc"], r["expected"], "{r}");
+    assert_eq!(r["node"], n1.as_str(), "{r}");
+    assert_eq!(r["put_crc"], r["put_expected"], "{r}");
+    assert_eq!(r["put_node"], n1.as_str(), "{r}");
+    assert_eq!(r["driver_crc"], r["expected"], "{r}");
+    assert_eq!(r["driver_view_shared"], true, "{r}");
+
+    // Reference counting: store usage on every node returns to its baseline.
+    let ports: Vec<u64> = std::iter::once(c.heads[0].ready["node"]["metrics_export_port"].as_u64())
+        .chain(c.nodes.iter().map(|n| n.ready["metrics_export_port"].as_u64()))
+        .collect::<Option<_>>()
+        .context("metrics ports")?;
+    let all = |f: &dyn Fn(f64) -> bool| ports.iter().all(|p| used_memory(*p).is_some_and(f));
+    wait_for("stores empty after the first driver", Duration::from_secs(30), || all(&|u| u == 0.0).then_some(()))?;
+    let mut d = Driver::start(&c, &["refcount", &n0, &n1], &[])?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(r["holding"], 8, "{r}");
+    // Held: node 0 has 4 results, node 1 copies of 8 objects, the driver's node 4 puts.
+    wait_for("objects in all three stores", Duration::from_secs(30), || all(&|u| u >= 32.0 * 1024.0 * 1024.0).then_some(()))?;
+    d.next_step()?;
+    let r = d.result(Duration::from_secs(60))?;
+    assert_eq!(r["owned"], 0, "{r}");
+    wait_for("every store back to empty once the refs dropped", Duration::from_secs(30), || all(&|u| u == 0.0).then_some(()))
+        .with_context(|| format!("used: {:?}", ports.iter().map(|p| used_memory(*p)).collect::<Vec<_>>()))?;
+    d.finish(Duration::from_secs(30))
+}
+
+#[test]
+fn a_killed_worker_is_retried_and_without_retries_the_error_is_clear() -> Result<()> {
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 0, ..Default::default() })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    for (retries, expect_value) in [("3", true), ("0", false)] {
+        let pid_file = c.path().join(format!("victim-{retries}.pid"));
+        let _ = std::fs::remove_file(&pid_file);
+        let mut d = Driver::start(&c, &["victim", pid_file.to_str().context("path")?, retries], &[])?;
+        let pid: i32 = wait_for("the task to start", Duration::from_secs(60), || std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok())
+            .with_context(|| d.output())?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+        let r = d.result(Duration::from_secs(120))?;
+        if expect_value {
+            assert_eq!(r["value"], 42, "{r}");
+            // The retry ran in another worker process.
+            let again: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
+            assert_ne!(again, pid);
+        } else {
+            assert_eq!(r["error_kind"], "WORKER_DIED", "{r}");
+            assert!(r["error"].as_str().unwrap_or_default().contains("max_retries=0"), "{r}");
+        }
+        d.finish(Duration::from_secs(30))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn drivers_run_as_jobs_by_hand_and_from_outside_the_cluster() -> Result<()> {
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, ..Default::default() })?;
+    wait_for("2 alive nodes", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
+    })?;
+    // By hand on a node's machine: local mode through the node's store.
+    let r = run(&c, &["mode"], &[])?;
+    assert_eq!((r["mode"].as_str(), r["sum"].as_i64()), (Some("Local"), Some(42)), "{r}");
+
+    // From outside: no shared memory, objects over the network, the binary uploaded.
+    let r = run(&c, &["mode"], &[("RAYCTL_REMOTE", "1")])?;
+    assert_eq!((r["mode"].as_str(), r["sum"].as_i64()), (Some("Remote"), Some(42)), "{r}");
+    let n0 = node_id(&c, 0);
+    let head_node = c.heads[0].ready["node"]["node_id"].as_str().context("head node id")?.to_owned();
+    let r = run(&c, &["transfer", &head_node, &n0], &[("RAYCTL_REMOTE", "1")])?;
+    assert_eq!(r["task_crc"], r["expected"], "{r}");
+    assert_eq!(r["put_crc"], r["put_expected"], "{r}");
+    assert_eq!(r["driver_crc"], r["expected"], "{r}");
+    assert_eq!(r["driver_view_shared"], false, "{r}");
+
+    // As a job's entrypoint.
+    let (code, out, err) = c.rayctl(&["job", "submit", "--", driver_bin(), "mode"])?;
+    assert_eq!(code, 0, "job submit failed: {out}\n{err}");
+    assert!(out.contains("\"sum\":42") && out.contains("\"mode\":\"Local\""), "job output: {out}\n{err}");
+    Ok(())
+}

@@ -1,0 +1,528 @@
+//! The worker pool (DESIGN §1, §3, §8): worker processes are the driver's own binary, re-run
+//! in worker mode. A lease with a binary hash comes with a worker: an idle one running that
+//! binary for that job, or a new one. A node that lacks the binary fetches it by content hash
+//! from the node named in the lease request and checks the hash before running it.
+//!
+//! Every worker and driver on this node keeps a `WorkerChannel` stream open: the worker says
+//! hello with its CoreWorker address, hears which lease it was given, and says when the owner
+//! closed the lease's stream; both send their task counters every second (the node exports
+//! them). A worker's stream ending or its process exiting ends its lease.
+//!
+//! Invariants: a worker holds at most one lease; a lease's resources are given back exactly
+//! once, whichever of lease end, worker exit or start failure comes first; idle workers exit
+//! after `idle_timeout`; every worker dies with the node (PDEATHSIG and kill on drop).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::auth::AuthToken;
+use protocol::pb;
+use sha2::Digest;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use crate::leases::Leases;
+
+/// How a node runs workers.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// An idle worker exits after this long.
+    pub idle_timeout: Duration,
+    /// A new worker must say hello within this long.
+    pub start_timeout: Duration,
+    /// Cached binaries, by sha256.
+    pub binary_dir: PathBuf,
+}
+
+pub(crate) struct PoolConfig {
+    pub(crate) opts: WorkerOptions,
+    pub(crate) node_id: String,
+    pub(crate) node_address: String,
+    pub(crate) object_manager_address: String,
+    pub(crate) store_socket: PathBuf,
+    pub(crate) heads: Vec<String>,
+    pub(crate) token: Option<AuthToken>,
+    pub(crate) log_dir: PathBuf,
+    pub(crate) job_dir: PathBuf,
+    pub(crate) advertise_host: String,
+}
+
+#[derive(Debug, PartialEq)]
+enum WState {
+    /// Started for this lease, not yet said hello.
+    Starting(String),
+    Idle(Instant),
+    Leased(String),
+}
+
+struct Worker {
+    key: (String, String),
+    pid: u32,
+    address: String,
+    state: WState,
+    tx: Option<mpsc::UnboundedSender<pb::NodeToWorker>>,
+    ready: Option<oneshot::Sender<Result<(), String>>>,
+    log: PathBuf,
+}
+
+#[derive(Default)]
+struct PoolState {
+    workers: HashMap<String, Worker>,
+    next: u64,
+    fetches: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Live stats per channel, and the sums of channels that ended (counters stay monotonic).
+    stats: HashMap<u64, pb::WorkerStats>,
+    departed: pb::WorkerStats,
+    next_channel: u64,
+    starts: u64,
+}
+
+pub(crate) struct WorkerPool {
+    cfg: PoolConfig,
+    leases: Arc<Leases>,
+    st: Mutex<PoolState>,
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+}
+
+fn bad_hash(s: &str) -> Status {
+    Status::invalid_argument(format!("binary hash {:?} is not 64 lowercase hex characters", s.chars().take(80).collect::<String>()))
+}
+
+/// sha256 of a file, in hex.
+pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf)? {
+            0 => break,
+            n => h.update(&buf[..n]),
+        }
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl WorkerPool {
+    pub(crate) fn new(cfg: PoolConfig, leases: Arc<Leases>) -> Self {
+        Self { cfg, leases, st: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn binary_path(&self, sha: &str) -> PathBuf {
+        self.cfg.opts.binary_dir.join(sha)
+    }
+
+    /// Puts a checked file into the cache: `tmp` is renamed to its hash if it matches.
+    fn install(&self, tmp: &Path, sha: &str) -> Result<u64, Status> {
+        use std::os::unix::fs::PermissionsExt;
+        let got = sha256_file(tmp).map_err(|e| Status::internal(format!("cannot hash {}: {e}", tmp.display())))?;
+        if got != sha {
+            let _ = std::fs::remove_file(tmp);
+            return Err(Status::data_loss(format!("binary content hashes to {got}, expected {sha}")));
+        }
+        let size = std::fs::metadata(tmp).map(|m| m.len()).unwrap_or(0);
+        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).map_err(|e| Status::internal(e.to_string()))?;
+        std::fs::rename(tmp, self.binary_path(sha)).map_err(|e| Status::internal(format!("cannot install binary {sha}: {e}")))?;
+        Ok(size)
+    }
+
+    fn tmp_path(&self, sha: &str) -> Result<PathBuf, Status> {
+        std::fs::create_dir_all(&self.cfg.opts.binary_dir)
+            .map_err(|e| Status::internal(format!("cannot create {}: {e}", self.cfg.opts.binary_dir.display())))?;
+        let n = {
+            let mut st = self.lock();
+            st.next += 1;
+            st.next
+        };
+        Ok(self.cfg.opts.binary_dir.join(format!(".{sha}.{}.{n}.tmp", std::process::id())))
+    }
+
+    /// `RegisterBinary`: copies a local file into the cache after checking its hash.
+    pub(crate) async fn register_local(self: &Arc<Self>, sha: String, path: String) -> Result<pb::RegisterBinaryReply, Status> {
+        if !is_sha256(&sha) {
+            return Err(bad_hash(&sha));
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let dst = me.binary_path(&sha);
+            if let Ok(m) = std::fs::metadata(&dst) {
+                return Ok(pb::RegisterBinaryReply { sha256: sha, size: m.len() });
+            }
+            let tmp = me.tmp_path(&sha)?;
+            std::fs::copy(&path, &tmp).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                Status::invalid_argument(format!("cannot read binary {path}: {e}"))
+            })?;
+            let size = me.install(&tmp, &sha)?;
+            Ok(pb::RegisterBinaryReply { sha256: sha, size })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    /// `UploadBinary`: a binary sent in chunks by a driver that is not on this machine.
+    pub(crate) async fn upload(self: &Arc<Self>, mut s: tonic::Streaming<pb::BinaryChunk>) -> Result<pb::RegisterBinaryReply, Status> {
+        use tokio::io::AsyncWriteExt;
+        let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty upload"))?;
+        let sha = first.sha256.clone();
+        if !is_sha256(&sha) {
+            return Err(bad_hash(&sha));
+        }
+        if let Ok(m) = std::fs::metadata(self.binary_path(&sha)) {
+            return Ok(pb::RegisterBinaryReply { sha256: sha, size: m.len() });
+        }
+        let tmp = self.tmp_path(&sha)?;
+        let res: Result<(), Status> = async {
+            let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| Status::internal(e.to_string()))?;
+            f.write_all(&first.data).await.map_err(|e| Status::internal(e.to_string()))?;
+            while let Some(c) = s.message().await? {
+                f.write_all(&c.data).await.map_err(|e| Status::internal(e.to_string()))?;
+            }
+            f.flush().await.map_err(|e| Status::internal(e.to_string()))
+        }
+        .await;
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let me = self.clone();
+        let sha2 = sha.clone();
+        let size = tokio::task::spawn_blocking(move || me.install(&tmp, &sha2)).await.map_err(|e| Status::internal(e.to_string()))??;
+        Ok(pb::RegisterBinaryReply { sha256: sha, size })
+    }
+
+    /// `ReadBinary`: streams a cached binary in 1 MiB chunks.
+    pub(crate) fn read(&self, sha: &str) -> Result<mpsc::Receiver<Result<pb::BinaryChunk, Status>>, Status> {
+        if !is_sha256(sha) {
+            return Err(bad_hash(sha));
+        }
+        let path = self.binary_path(sha);
+        let file = std::fs::File::open(&path).map_err(|_| Status::not_found(format!("binary {sha} is not on this node")))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = file;
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                match file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(pb::BinaryChunk { sha256: String::new(), data: buf.into() })).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// The path of binary `sha`, fetched from `source` (a node manager address) if missing.
+    async fn ensure_binary(&self, sha: &str, source: &str) -> Result<PathBuf, Status> {
+        if !is_sha256(sha) {
+            return Err(bad_hash(sha));
+        }
+        let path = self.binary_path(sha);
+        if path.exists() {
+            return Ok(path);
+        }
+        let lock = self.lock().fetches.entry(sha.to_owned()).or_default().clone();
+        let _one_fetch = lock.lock().await;
+        if path.exists() {
+            return Ok(path);
+        }
+        if source.is_empty() || source == self.cfg.node_address {
+            return Err(Status::failed_precondition(format!("binary {sha} is not on this node and the lease names no node to fetch it from")));
+        }
+        let tmp = self.tmp_path(sha)?;
+        let res = self.fetch(sha, source, &tmp).await;
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let t = tmp.clone();
+        let sha2 = sha.to_owned();
+        let installed = tokio::task::block_in_place(|| self.install(&t, &sha2));
+        installed?;
+        tracing::info!(sha, source, "fetched worker binary");
+        Ok(path)
+    }
+
+    async fn fetch(&self, sha: &str, source: &str, tmp: &Path) -> Result<(), Status> {
+        use tokio::io::AsyncWriteExt;
+        let opts = protocol::client::ClientOptions { rpc_timeout: Duration::from_secs(300), ..Default::default() };
+        let mut c = protocol::client::node_manager(source, self.cfg.token.clone(), &opts).map_err(Status::from)?;
+        let mut s = c
+            .read_binary(pb::ReadBinaryRequest { sha256: sha.to_owned() })
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot fetch binary {sha} from {source}: {}", e.message())))?
+            .into_inner();
+        let mut f = tokio::fs::File::create(tmp).await.map_err(|e| Status::internal(e.to_string()))?;
+        while let Some(c) = s.message().await.map_err(|e| Status::unavailable(format!("fetching binary {sha} from {source}: {}", e.message())))? {
+            f.write_all(&c.data).await.map_err(|e| Status::internal(e.to_string()))?;
+        }
+        f.flush().await.map_err(|e| Status::internal(e.to_string()))
+    }
+
+    /// Gives lease `lease_id` a worker running binary `sha` for job `job`: an idle one, or a
+    /// new one. Returns the worker's id and CoreWorker address.
+    pub(crate) async fn attach(self: &Arc<Self>, lease_id: &str, sha: &str, source: &str, job: &str) -> Result<(String, String), Status> {
+        let path = self.ensure_binary(sha, source).await?;
+        let key = (sha.to_owned(), job.to_owned());
+        {
+            let mut st = self.lock();
+            let idle = st
+                .workers
+                .iter_mut()
+                .filter(|(_, w)| w.key == key && matches!(w.state, WState::Idle(_)) && w.tx.is_some())
+                .max_by_key(|(_, w)| match w.state {
+                    WState::Idle(t) => Some(t),
+                    _ => None,
+                });
+            if let Some((id, w)) = idle {
+                w.state = WState::Leased(lease_id.to_owned());
+                let sent = w.tx.as_ref().is_some_and(|tx| tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Leased(lease_id.to_owned())) }).is_ok());
+                if sent {
+                    return Ok((id.clone(), w.address.clone()));
+                }
+                w.state = WState::Idle(Instant::now());
+            }
+        }
+        let (id, ready) = self.spawn(&path, key, lease_id)?;
+        let outcome = tokio::time::timeout(self.cfg.opts.start_timeout, ready).await;
+        let fail = |msg: String| {
+            // The worker is of no use to anyone: make sure it is gone.
+            if let Some(w) = self.lock().workers.get_mut(&id) {
+                w.state = WState::Idle(Instant::now() - self.cfg.opts.idle_timeout);
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+            Err(Status::unavailable(msg))
+        };
+        match outcome {
+            Ok(Ok(Ok(()))) => {
+                let st = self.lock();
+                let addr = st.workers.get(&id).map(|w| w.address.clone()).unwrap_or_default();
+                Ok((id, addr))
+            }
+            Ok(Ok(Err(e))) => fail(e),
+            Ok(Err(_)) => fail(format!("worker {id} went away before it registered")),
+            Err(_) => fail(format!("worker {id} did not register within {:?}", self.cfg.opts.start_timeout)),
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, path: &Path, key: (String, String), lease_id: &str) -> Result<(String, oneshot::Receiver<Result<(), String>>), Status> {
+        let id = {
+            let mut st = self.lock();
+            st.next += 1;
+            st.starts += 1;
+            format!("{}-{}", &self.cfg.node_id[..8.min(self.cfg.node_id.len())], st.next)
+        };
+        std::fs::create_dir_all(&self.cfg.log_dir).map_err(|e| Status::internal(format!("cannot create {}: {e}", self.cfg.log_dir.display())))?;
+        let log = self.cfg.log_dir.join(format!("worker-{id}.log"));
+        let out = std::fs::File::create(&log).map_err(|e| Status::internal(format!("cannot create {}: {e}", log.display())))?;
+        let err = out.try_clone().map_err(|e| Status::internal(e.to_string()))?;
+        let job_dir = self.cfg.job_dir.join(&key.1);
+        let cwd = if !key.1.is_empty() && job_dir.is_dir() { job_dir } else { self.cfg.log_dir.clone() };
+        let mut cmd = tokio::process::Command::new(path);
+        cmd.current_dir(cwd)
+            .env("RAYCTL_WORKER_ID", &id)
+            .env("RAYCTL_NODE_ID", &self.cfg.node_id)
+            .env("RAYCTL_NODE_ADDRESS", &self.cfg.node_address)
+            .env("RAYCTL_OBJECT_STORE_SOCKET", &self.cfg.store_socket)
+            .env("RAYCTL_OBJECT_MANAGER_ADDRESS", &self.cfg.object_manager_address)
+            .env("RAYCTL_NODE_IP_ADDRESS", &self.cfg.advertise_host)
+            .env(protocol::ADDRESS_ENV, self.cfg.heads.join(","))
+            .env("RAYCTL_JOB_ID", &key.1)
+            .env("RAYCTL_BINARY_SHA256", &key.0)
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        match &self.cfg.token {
+            Some(t) => cmd.env(protocol::AUTH_TOKEN_ENV, t.as_str()),
+            None => cmd.env_remove(protocol::AUTH_TOKEN_ENV),
+        };
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. A
+        // worker dies with its node.
+        unsafe {
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from));
+        }
+        let mut child = cmd.spawn().map_err(|e| Status::internal(format!("cannot start worker {}: {e}", path.display())))?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, rx) = oneshot::channel();
+        self.lock().workers.insert(
+            id.clone(),
+            Worker { key, pid, address: String::new(), state: WState::Starting(lease_id.to_owned()), tx: None, ready: Some(tx), log },
+        );
+        crate::metrics::worker_started();
+        let me = self.clone();
+        let wid = id.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            me.exited(&wid, status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
+        });
+        Ok((id, rx))
+    }
+
+    fn exited(&self, id: &str, status: String) {
+        let Some(mut w) = self.lock().workers.remove(id) else { return };
+        match &w.state {
+            WState::Leased(l) | WState::Starting(l) => {
+                self.leases.give_back(l);
+            }
+            WState::Idle(_) => {}
+        }
+        if let Some(r) = w.ready.take() {
+            let _ = r.send(Err(format!("worker {id} exited ({status}) before it registered; see {}", w.log.display())));
+        }
+        tracing::info!(worker = id, pid = w.pid, %status, "worker exited");
+    }
+
+    /// Serves one `WorkerChannel` stream until it ends.
+    pub(crate) fn channel(self: &Arc<Self>, mut s: tonic::Streaming<pb::WorkerMessage>) -> mpsc::UnboundedReceiver<pb::NodeToWorker> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let conn = {
+                let mut st = me.lock();
+                st.next_channel += 1;
+                st.next_channel
+            };
+            let mut worker: Option<String> = None;
+            let mut tx = Some(tx);
+            while let Ok(Some(m)) = s.message().await {
+                match m.kind {
+                    Some(pb::worker_message::Kind::Hello(h)) => {
+                        if h.worker_id.is_empty() {
+                            continue;
+                        }
+                        let mut st = me.lock();
+                        let Some(w) = st.workers.get_mut(&h.worker_id) else { break };
+                        let Some(tx) = tx.take() else { continue };
+                        w.address = h.address;
+                        if let WState::Starting(l) = &w.state {
+                            let l = l.clone();
+                            let _ = tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Leased(l.clone())) });
+                            w.state = WState::Leased(l);
+                        }
+                        w.tx = Some(tx);
+                        if let Some(r) = w.ready.take() {
+                            let _ = r.send(Ok(()));
+                        }
+                        worker = Some(h.worker_id);
+                    }
+                    Some(pb::worker_message::Kind::LeaseStarted(_)) => {}
+                    Some(pb::worker_message::Kind::LeaseEnded(l)) => {
+                        let Some(id) = &worker else { continue };
+                        let mut st = me.lock();
+                        if let Some(w) = st.workers.get_mut(id) {
+                            if w.state == WState::Leased(l.clone()) {
+                                w.state = WState::Idle(Instant::now());
+                                drop(st);
+                                me.leases.give_back(&l);
+                            }
+                        }
+                    }
+                    Some(pb::worker_message::Kind::Stats(stats)) => {
+                        me.lock().stats.insert(conn, stats);
+                    }
+                    None => {}
+                }
+            }
+            let mut st = me.lock();
+            if let Some(last) = st.stats.remove(&conn) {
+                add_totals(&mut st.departed, &last);
+            }
+            // A worker whose channel ended is of no use: end it (its exit frees its lease).
+            if let Some(w) = worker.and_then(|id| st.workers.get(&id)) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        });
+        rx
+    }
+
+    /// The owner returned the lease by RPC instead of closing its stream: its worker is idle.
+    pub(crate) fn lease_returned(&self, lease_id: &str) {
+        for w in self.lock().workers.values_mut() {
+            if w.state == WState::Leased(lease_id.to_owned()) {
+                w.state = WState::Idle(Instant::now());
+            }
+        }
+    }
+
+    /// Tells idle workers past the idle timeout to exit; returns how many.
+    pub(crate) fn reap_idle(&self) -> usize {
+        let now = Instant::now();
+        let st = self.lock();
+        let mut n = 0;
+        for w in st.workers.values() {
+            if let WState::Idle(since) = w.state {
+                if now.duration_since(since) >= self.cfg.opts.idle_timeout {
+                    n += 1;
+                    let sent = w.tx.as_ref().is_some_and(|tx| tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Exit(true)) }).is_ok());
+                    if !sent || now.duration_since(since) >= self.cfg.opts.idle_timeout + Duration::from_secs(5) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Workers by state, and the task counters of every process that reported (live + gone).
+    pub(crate) fn snapshot(&self) -> (HashMap<&'static str, u64>, pb::WorkerStats) {
+        let st = self.lock();
+        let mut by_state: HashMap<&'static str, u64> = [("starting", 0), ("idle", 0), ("leased", 0)].into_iter().collect();
+        for w in st.workers.values() {
+            let k = match w.state {
+                WState::Starting(_) => "starting",
+                WState::Idle(_) => "idle",
+                WState::Leased(_) => "leased",
+            };
+            *by_state.entry(k).or_default() += 1;
+        }
+        let mut sum = st.departed.clone();
+        sum.owned_by_state.clear();
+        sum.tasks_running = 0;
+        for s in st.stats.values() {
+            add_totals(&mut sum, s);
+            sum.tasks_running += s.tasks_running;
+            for (k, v) in &s.owned_by_state {
+                *sum.owned_by_state.entry(k.clone()).or_default() += v;
+            }
+        }
+        (by_state, sum)
+    }
+
+    /// Kills every worker (the node is shutting down).
+    pub(crate) fn kill_all(&self) {
+        for w in self.lock().workers.values() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn add_totals(into: &mut pb::WorkerStats, s: &pb::WorkerStats) {
+    into.tasks_finished_total += s.tasks_finished_total;
+    into.tasks_failed_total += s.tasks_failed_total;
+    into.task_retries_total += s.task_retries_total;
+    into.tasks_executed_total += s.tasks_executed_total;
+}

@@ -1,0 +1,386 @@
+//! The Rust SDK: what user programs link to run work on a cluster (DESIGN §3, §4, §8).
+//!
+//! ```no_run
+//! #[sdk::remote]
+//! fn add(a: i64, b: i64) -> i64 {
+//!     a + b
+//! }
+//!
+//! fn main() -> Result<(), sdk::Error> {
+//!     // In a worker process this never returns: it serves tasks instead.
+//!     let _session = sdk::init()?;
+//!     let r = add::remote(1i64, 2i64);
+//!     assert_eq!(sdk::get(&r)?, 3);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! - [`init`] connects to the cluster named by `RAYCTL_ADDRESS` (or [`Config::address`]); with
+//!   neither it starts a one-node cluster with `rayctl` and stops it when the [`Session`]
+//!   drops. On a node it uses the node's shared-memory object store; elsewhere (remote
+//!   mode) objects travel over gRPC.
+//! - `#[remote]` functions register themselves at compile time. Workers are this same binary
+//!   re-executed by a node in worker mode: `init()` sees `RAYCTL_WORKER_ID` and runs the
+//!   worker loop. Nodes fetch the binary by content hash.
+//! - The process that submits a task owns its result: it leases workers from nodes, pushes
+//!   tasks to them directly (pipelined), keeps the reference counts and locations, and frees
+//!   the copies when the last [`ObjectRef`] drops. The control plane is not on this path.
+//!
+//! Invariants: a value is validated once against its type tag before anyone reads it; an
+//! object stays alive while any `ObjectRef` to it or any pending task using it exists.
+
+mod owner;
+mod runtime;
+mod submit;
+mod value;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use protocol::{NodeId, ObjectId};
+pub use sdk_macros::remote;
+pub use value::{INLINE_MAX, SliceWriter, Value, View};
+
+pub use runtime::{init, init_with, Config, Mode, Session};
+
+/// Why a remote function call failed, with where it ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskError {
+    /// `PANIC`, `WORKER_DIED`, `ARGUMENT`, `UNKNOWN_FUNCTION`, `STORE`, `DEPENDENCY`.
+    pub kind: String,
+    pub message: String,
+    pub task_id: String,
+    pub function: String,
+    pub node_id: String,
+    pub worker_id: String,
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "task {} ({}) failed", self.function, self.task_id)?;
+        if !self.node_id.is_empty() {
+            write!(f, " on node {}", self.node_id)?;
+        }
+        if !self.worker_id.is_empty() {
+            write!(f, " (worker {})", self.worker_id)?;
+        }
+        write!(f, ": {}: {}", self.kind, self.message)
+    }
+}
+
+impl From<protocol::pb::TaskError> for TaskError {
+    fn from(e: protocol::pb::TaskError) -> Self {
+        Self { kind: e.kind, message: e.message, task_id: e.task_id, function: e.function, node_id: e.node_id, worker_id: e.worker_id }
+    }
+}
+
+impl From<&TaskError> for protocol::pb::TaskError {
+    fn from(e: &TaskError) -> Self {
+        Self {
+            kind: e.kind.clone(),
+            message: e.message.clone(),
+            task_id: e.task_id.clone(),
+            function: e.function.clone(),
+            node_id: e.node_id.clone(),
+            worker_id: e.worker_id.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Task(TaskError),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("object {0} is lost: {1}")]
+    ObjectLost(ObjectId, String),
+    #[error("object store: {0}")]
+    Store(String),
+    #[error("cluster: {0}")]
+    Rpc(String),
+    #[error("cannot decode the value: {0}")]
+    Decode(String),
+    #[error("cannot start the SDK: {0}")]
+    Init(String),
+}
+
+/// Where the scheduler may place a task.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Strategy {
+    /// Pack onto the submitting node until it is half used, then spread (Ray's default).
+    #[default]
+    Default,
+    /// One task per lease, rotating over the nodes that fit.
+    Spread,
+    /// A given node; `soft` lets it run elsewhere when that node is dead or cannot fit it.
+    NodeAffinity { node: NodeId, soft: bool },
+}
+
+/// Per-call options of a remote function (Ray's `.options(...)`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOptions {
+    pub num_cpus: f64,
+    pub num_gpus: f64,
+    /// Bytes of the `memory` resource.
+    pub memory: f64,
+    /// Custom resources.
+    pub resources: BTreeMap<String, f64>,
+    /// Retries after system failures (the worker or its node died). Default 3.
+    pub max_retries: u32,
+    pub strategy: Strategy,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        Self { num_cpus: 1.0, num_gpus: 0.0, memory: 0.0, resources: BTreeMap::new(), max_retries: 3, strategy: Strategy::Default }
+    }
+}
+
+impl TaskOptions {
+    pub fn num_cpus(mut self, n: f64) -> Self {
+        self.num_cpus = n;
+        self
+    }
+    pub fn num_gpus(mut self, n: f64) -> Self {
+        self.num_gpus = n;
+        self
+    }
+    pub fn memory(mut self, bytes: f64) -> Self {
+        self.memory = bytes;
+        self
+    }
+    pub fn resource(mut self, name: &str, amount: f64) -> Self {
+        self.resources.insert(name.to_owned(), amount);
+        self
+    }
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+    pub fn strategy(mut self, s: Strategy) -> Self {
+        self.strategy = s;
+        self
+    }
+
+    /// The resource shape a lease asks for (amounts of zero left out).
+    pub(crate) fn shape(&self) -> Result<BTreeMap<String, f64>, String> {
+        let mut m = self.resources.clone();
+        for (k, v) in [("CPU", self.num_cpus), ("GPU", self.num_gpus), ("memory", self.memory)] {
+            if v != 0.0 {
+                m.insert(k.to_owned(), v);
+            }
+        }
+        m.retain(|_, v| *v != 0.0);
+        scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v))).map_err(|e| e.to_string())?;
+        Ok(m)
+    }
+}
+
+/// A reference to a value that exists, or will, somewhere in the cluster. Cloning is cheap;
+/// the value is freed when the last clone (and every task using it) is gone.
+pub struct ObjectRef<T> {
+    pub(crate) h: Arc<owner::Handle>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> ObjectRef<T> {
+    pub(crate) fn new(h: Arc<owner::Handle>) -> Self {
+        Self { h, _t: PhantomData }
+    }
+    pub fn id(&self) -> ObjectId {
+        self.h.id
+    }
+}
+
+impl<T> Clone for ObjectRef<T> {
+    fn clone(&self) -> Self {
+        Self::new(self.h.clone())
+    }
+}
+
+impl<T> std::fmt::Debug for ObjectRef<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectRef<{}>({})", std::any::type_name::<T>(), self.h.id)
+    }
+}
+
+impl<T: Value> ObjectRef<T> {
+    /// Same as [`get`].
+    pub fn get(&self) -> Result<T, Error> {
+        get(self)
+    }
+}
+
+/// Stores `value` in the cluster and returns a reference owned by this process. Small values
+/// stay in this process; large ones go to the local node's store (over the network in
+/// remote mode).
+pub fn put<T: Value>(value: &T) -> Result<ObjectRef<T>, Error> {
+    runtime::current()?.put(value).map(ObjectRef::new)
+}
+
+/// Waits for the value (as long as it takes) and returns an owned copy of it.
+pub fn get<T: Value>(r: &ObjectRef<T>) -> Result<T, Error> {
+    get_timeout(r, None)
+}
+
+/// [`get`] giving up after `timeout`.
+pub fn get_timeout<T: Value>(r: &ObjectRef<T>, timeout: Option<Duration>) -> Result<T, Error> {
+    let rt = runtime::current()?;
+    rt.block_on(rt.clone().get_value::<T>(r.h.id, timeout))
+}
+
+/// Gets many values in order; the first failure is returned.
+pub fn get_all<T: Value>(refs: &[ObjectRef<T>]) -> Result<Vec<T>, Error> {
+    let rt = runtime::current()?;
+    rt.block_on(async {
+        let mut out = Vec::with_capacity(refs.len());
+        for r in refs {
+            out.push(rt.clone().get_value::<T>(r.h.id, None).await?);
+        }
+        Ok(out)
+    })
+}
+
+/// [`get`] for async code.
+pub async fn get_async<T: Value>(r: &ObjectRef<T>) -> Result<T, Error> {
+    let rt = runtime::current()?;
+    let id = r.h.id;
+    let rt2 = rt.clone();
+    // The fetch may block on the local store socket: run it off the caller's executor.
+    rt.spawn(async move { rt2.get_value::<T>(id, None).await }).await.map_err(|e| Error::Rpc(e.to_string()))?
+}
+
+/// A zero-copy view of the value: in the node's shared memory when the object is in the
+/// local store (no copy, whatever its size).
+pub fn get_view<T: Value>(r: &ObjectRef<T>) -> Result<View<T>, Error> {
+    let rt = runtime::current()?;
+    rt.block_on(rt.clone().get_view::<T>(r.h.id, None))
+}
+
+/// Waits until `num_returns` of `refs` are ready (finished or failed) or `timeout` passes.
+/// Returns (ready, not ready), each in the order given.
+pub fn wait<T>(refs: &[ObjectRef<T>], num_returns: usize, timeout: Option<Duration>) -> Result<(Vec<ObjectRef<T>>, Vec<ObjectRef<T>>), Error> {
+    let rt = runtime::current()?;
+    let ids: Vec<ObjectId> = refs.iter().map(|r| r.h.id).collect();
+    let ready = rt.block_on(rt.owner.wait(&ids, num_returns.min(refs.len()), timeout));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for (r, ok) in refs.iter().zip(ready) {
+        if ok { a.push(r.clone()) } else { b.push(r.clone()) }
+    }
+    Ok((a, b))
+}
+
+/// True in a worker process (started by a node). A program whose `main` does other things
+/// before `init` should call `init` first when this is true.
+pub fn is_worker() -> bool {
+    std::env::var_os("RAYCTL_WORKER_ID").is_some_and(|v| !v.is_empty())
+}
+
+/// This process's node (the node it leases from; in remote mode, the node it talks to).
+pub fn node_id() -> Result<NodeId, Error> {
+    let rt = runtime::current()?;
+    rt.node.node_id.parse().map_err(|e: protocol::ids::IdError| Error::Init(e.to_string()))
+}
+
+/// An argument of a remote function: a value, or a reference to one.
+pub trait IntoArg<P> {
+    #[doc(hidden)]
+    fn into_arg(self) -> __private::ArgOut;
+}
+
+impl<T: Value> IntoArg<T> for T {
+    fn into_arg(self) -> __private::ArgOut {
+        __private::ArgOut::encode(&self)
+    }
+}
+impl<T: Value> IntoArg<T> for ObjectRef<T> {
+    fn into_arg(self) -> __private::ArgOut {
+        __private::ArgOut::Ref(self.h)
+    }
+}
+impl<T: Value> IntoArg<T> for &ObjectRef<T> {
+    fn into_arg(self) -> __private::ArgOut {
+        __private::ArgOut::Ref(self.h.clone())
+    }
+}
+impl<T: Value> IntoArg<View<T>> for ObjectRef<T> {
+    fn into_arg(self) -> __private::ArgOut {
+        __private::ArgOut::Ref(self.h)
+    }
+}
+impl<T: Value> IntoArg<View<T>> for &ObjectRef<T> {
+    fn into_arg(self) -> __private::ArgOut {
+        __private::ArgOut::Ref(self.h.clone())
+    }
+}
+impl<T: Value> IntoArg<View<T>> for T {
+    fn into_arg(self) -> __private::ArgOut {
+        __private::ArgOut::encode(&self)
+    }
+}
+
+/// What `#[remote]` expands to uses these; not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use inventory;
+
+    use std::sync::Arc;
+
+    use crate::value::{self, Value};
+    use crate::{ObjectRef, TaskOptions};
+
+    pub use crate::worker::{encode_return, ArgError, ArgIn, Args, Encoded, FromArg};
+
+    /// A registered remote function.
+    pub struct RemoteFunction {
+        pub name: &'static str,
+        pub invoke: fn(&mut Args<'_>) -> Result<Encoded, ArgError>,
+    }
+
+    inventory::collect!(RemoteFunction);
+
+    /// An argument on the submitting side.
+    pub enum ArgOut {
+        /// A small value, sent inline.
+        Inline(protocol::pb::Value),
+        /// An object (resolved before the task is pushed).
+        Ref(Arc<crate::owner::Handle>),
+        /// The value could not be encoded or stored.
+        Failed(String),
+    }
+
+    impl ArgOut {
+        pub(crate) fn encode<T: Value>(v: &T) -> Self {
+            let rt = match crate::runtime::current() {
+                Ok(rt) => rt,
+                Err(e) => return ArgOut::Failed(e.to_string()),
+            };
+            match value::archived_size(v) {
+                Err(e) => ArgOut::Failed(e),
+                Ok(n) if n <= value::INLINE_MAX => match value::archive(v) {
+                    Ok(b) => ArgOut::Inline(protocol::pb::Value {
+                        kind: Some(protocol::pb::value::Kind::Inline(prost::bytes::Bytes::copy_from_slice(&b))),
+                        type_tag: value::type_tag::<T>(),
+                        object_id: Default::default(),
+                    }),
+                    Err(e) => ArgOut::Failed(e),
+                },
+                // Large arguments go through the object store, passed by reference.
+                Ok(_) => match rt.put(v) {
+                    Ok(h) => ArgOut::Ref(h),
+                    Err(e) => ArgOut::Failed(e.to_string()),
+                },
+            }
+        }
+    }
+
+    /// Submits a call of the registered function `name`.
+    pub fn submit<R: Value>(name: &'static str, opts: &TaskOptions, args: Vec<ArgOut>) -> ObjectRef<R> {
+        let rt = crate::runtime::current().unwrap_or_else(|e| panic!("{name}::remote() needs sdk::init() first: {e}"));
+        ObjectRef::new(rt.submit(name, opts, args))
+    }
+}

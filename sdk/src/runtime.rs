@@ -1,0 +1,634 @@
+//! The per-process runtime: how `init` finds its node, and the object operations (put, get,
+//! fetch, free) every mode shares.
+//!
+//! Modes:
+//! - **worker**: started by a node (`RAYCTL_WORKER_ID`); serves tasks, never returns from init.
+//! - **local**: a driver on a node (a job's entrypoint, or started by hand on a node's
+//!   machine): objects go through the node's shared-memory store.
+//! - **remote**: a driver on a machine that is not a node: it talks to one node over gRPC
+//!   and its objects travel over the network (`WriteObject`/`ReadChunk`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use object_store::StoreClient;
+use prost::bytes::Bytes;
+use protocol::auth::AuthToken;
+use protocol::client::{ClientOptions, HeadClient, NmClient, OmClient};
+use protocol::{pb, ObjectId};
+use tokio::sync::mpsc;
+
+use crate::owner::{Handle, Loc, Owner, State};
+use crate::value::{self, Source, Value, View};
+use crate::{submit, Error, TaskOptions};
+
+static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+
+pub(crate) fn current() -> Result<Arc<Runtime>, Error> {
+    RUNTIME.get().cloned().ok_or_else(|| Error::Init("sdk::init() has not been called in this process".into()))
+}
+
+/// How `init` connects.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Head addresses (`host:port[,host:port…]`); default `RAYCTL_ADDRESS`, then the cluster
+    /// `rayctl start` last started on this machine, else a new one-node cluster.
+    pub address: Option<String>,
+    /// Talk to the cluster over the network even on a node's machine (`RAYCTL_REMOTE=1`).
+    pub remote: bool,
+    /// CPUs of the one-node cluster started when there is none (default: all).
+    pub local_num_cpus: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Worker,
+    Local,
+    Remote,
+}
+
+/// The node this process leases from and stores into.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeInfo {
+    pub(crate) node_id: String,
+    pub(crate) address: String,
+    pub(crate) om: String,
+}
+
+impl NodeInfo {
+    pub(crate) fn loc(&self) -> Loc {
+        Loc { node_id: self.node_id.clone(), om: self.om.clone(), nm: self.address.clone() }
+    }
+}
+
+/// Task counters, reported to the node every second.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub(crate) pending_args: AtomicU64,
+    pub(crate) pending_node: AtomicU64,
+    pub(crate) submitted: AtomicU64,
+    pub(crate) running: AtomicU64,
+    pub(crate) finished: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) executed: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn to_pb(&self) -> pb::WorkerStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        pb::WorkerStats {
+            owned_by_state: [
+                ("PENDING_ARGS_AVAIL".to_string(), g(&self.pending_args)),
+                ("PENDING_NODE_ASSIGNMENT".to_string(), g(&self.pending_node)),
+                ("SUBMITTED_TO_WORKER".to_string(), g(&self.submitted)),
+            ]
+            .into_iter()
+            .collect(),
+            tasks_running: g(&self.running),
+            tasks_finished_total: g(&self.finished),
+            tasks_failed_total: g(&self.failed),
+            task_retries_total: g(&self.retries),
+            tasks_executed_total: g(&self.executed),
+        }
+    }
+}
+
+pub(crate) struct Runtime {
+    rt: tokio::runtime::Runtime,
+    pub(crate) mode: Mode,
+    pub(crate) node: NodeInfo,
+    pub(crate) store: Option<StoreClient>,
+    pub(crate) token: Option<AuthToken>,
+    pub(crate) owner: Arc<Owner>,
+    pub(crate) submit_tx: mpsc::UnboundedSender<submit::Event>,
+    /// sha256 of the worker binary, and the node to fetch it from.
+    pub(crate) binary: (String, String),
+    pub(crate) job_id: String,
+    pub(crate) worker_id: String,
+    prefix: [u8; 11],
+    counter: AtomicU64,
+    pub(crate) stats: Stats,
+    nm_clients: Mutex<HashMap<String, NmClient>>,
+    om_clients: Mutex<HashMap<String, OmClient>>,
+}
+
+/// Kept by the driver; dropping it stops the one-node cluster `init` may have started.
+pub struct Session {
+    rt: Arc<Runtime>,
+    cluster: Option<crate::worker::LocalCluster>,
+}
+
+impl Session {
+    pub fn mode(&self) -> Mode {
+        self.rt.mode
+    }
+    /// The node this driver uses.
+    pub fn node_address(&self) -> &str {
+        &self.rt.node.address
+    }
+    /// Objects this process owns now.
+    pub fn owned_objects(&self) -> usize {
+        self.rt.owner.len()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Let queued frees reach their nodes.
+        self.rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+        if let Some(c) = self.cluster.take() {
+            c.stop();
+        }
+    }
+}
+
+/// Connects with the default [`Config`]. In a worker process it serves tasks and never returns.
+pub fn init() -> Result<Session, Error> {
+    init_with(Config::default())
+}
+
+pub fn init_with(cfg: Config) -> Result<Session, Error> {
+    if RUNTIME.get().is_some() {
+        return Err(Error::Init("sdk::init() was already called in this process".into()));
+    }
+    let token = AuthToken::load(None).map_err(|e| Error::Init(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sdk")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Init(format!("cannot start the tokio runtime: {e}")))?;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let Some(worker_id) = env("RAYCTL_WORKER_ID") {
+        let node = NodeInfo {
+            node_id: env("RAYCTL_NODE_ID").unwrap_or_default(),
+            address: env("RAYCTL_NODE_ADDRESS").ok_or_else(|| Error::Init("RAYCTL_NODE_ADDRESS is not set".into()))?,
+            om: env("RAYCTL_OBJECT_MANAGER_ADDRESS").unwrap_or_default(),
+        };
+        let store = connect_store(env("RAYCTL_OBJECT_STORE_SOCKET"))?;
+        let binary = (env("RAYCTL_BINARY_SHA256").unwrap_or_default(), node.address.clone());
+        let r = Runtime::start(rt, Mode::Worker, node, Some(store), token, binary, worker_id)?;
+        crate::worker::serve(r);
+    }
+    let mut cluster = None;
+    let (mode, node, store) = if let Some(address) = env("RAYCTL_NODE_ADDRESS").filter(|_| !cfg.remote && env("RAYCTL_REMOTE").is_none()) {
+        // A job's driver: the job agent named its node.
+        let node = NodeInfo {
+            node_id: env("RAYCTL_NODE_ID").unwrap_or_default(),
+            address,
+            om: env("RAYCTL_OBJECT_MANAGER_ADDRESS").unwrap_or_default(),
+        };
+        (Mode::Local, node, Some(connect_store(env("RAYCTL_OBJECT_STORE_SOCKET"))?))
+    } else {
+        let heads = match cfg.address.clone().or_else(|| env(protocol::ADDRESS_ENV)) {
+            Some(a) => HeadClient::parse_addresses(&a),
+            None => match latest_session_heads() {
+                Some(h) => h,
+                None => {
+                    let c = crate::worker::LocalCluster::start(cfg.local_num_cpus)?;
+                    let heads = c.heads.clone();
+                    cluster = Some(c);
+                    heads
+                }
+            },
+        };
+        let remote = cfg.remote || env("RAYCTL_REMOTE").is_some_and(|v| v != "0");
+        rt.block_on(find_node(&heads, token.clone(), remote))?
+    };
+    let (sha, path) = rt.block_on(hash_self())?;
+    let binary = (sha, node.address.clone());
+    let r = Runtime::start(rt, mode, node, store, token, binary, String::new())?;
+    r.block_on(r.clone().register_binary(path))?;
+    r.spawn(driver_channel(r.clone()));
+    Ok(Session { rt: r, cluster })
+}
+
+fn connect_store(socket: Option<String>) -> Result<StoreClient, Error> {
+    let socket = socket.ok_or_else(|| Error::Init("RAYCTL_OBJECT_STORE_SOCKET is not set".into()))?;
+    StoreClient::connect(&socket).map_err(|e| Error::Init(format!("cannot connect to the node's object store: {e}")))
+}
+
+fn latest_session_heads() -> Option<Vec<String>> {
+    let base = std::env::var_os("RAYCTL_TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/rayctl"));
+    let text = std::fs::read(base.join("session_latest").join("cluster.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let heads: Vec<String> = v.get("heads")?.as_array()?.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect();
+    (!heads.is_empty()).then_some(heads)
+}
+
+/// Picks this process's node: one on this machine whose store socket we can open (local
+/// mode), else any live node (remote mode).
+async fn find_node(heads: &[String], token: Option<AuthToken>, remote: bool) -> Result<(Mode, NodeInfo, Option<StoreClient>), Error> {
+    let client = HeadClient::new(heads, token.clone(), ClientOptions { deadline: Duration::from_secs(30), ..Default::default() })
+        .map_err(|e| Error::Init(format!("bad cluster address: {e}")))?;
+    let status = client
+        .call(|mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await })
+        .await
+        .map_err(|e| Error::Init(format!("cannot reach the cluster at {}: {e}", heads.join(","))))?;
+    let mut nodes: Vec<pb::NodeInfo> = status.nodes.into_iter().filter(|n| n.state == pb::NodeState::Alive as i32).collect();
+    // Heads first: they are the nodes a driver on a head machine expects to use.
+    nodes.sort_by_key(|n| !n.is_head);
+    if nodes.is_empty() {
+        return Err(Error::Init(format!("the cluster at {} has no live node", heads.join(","))));
+    }
+    let om_of = |n: &pb::NodeInfo| {
+        let host = n.address.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+        format!("{host}:{}", n.ports.unwrap_or_default().object_manager_port)
+    };
+    if !remote {
+        for n in &nodes {
+            let Ok(mut c) = protocol::client::node_manager(&n.address, token.clone(), &ClientOptions::default()) else { continue };
+            let Ok(h) = c.health_check(pb::NodeHealthCheckRequest {}).await else { continue };
+            let h = h.into_inner();
+            if h.object_store_socket.is_empty() || !std::path::Path::new(&h.object_store_socket).exists() {
+                continue;
+            }
+            if let Ok(store) = StoreClient::connect(&h.object_store_socket) {
+                let info = NodeInfo { node_id: n.node_id.clone(), address: n.address.clone(), om: om_of(n) };
+                return Ok((Mode::Local, info, Some(store)));
+            }
+        }
+    }
+    let n = &nodes[0];
+    Ok((Mode::Remote, NodeInfo { node_id: n.node_id.clone(), address: n.address.clone(), om: om_of(n) }, None))
+}
+
+/// sha256 of this process's executable (what workers will run), and its path.
+async fn hash_self() -> Result<(String, PathBuf), Error> {
+    let path = std::env::current_exe().map_err(|e| Error::Init(format!("cannot find this program's executable: {e}")))?;
+    let p = path.clone();
+    let sha = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut f = std::fs::File::open(&p)?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match f.read(&mut buf)? {
+                0 => break,
+                n => h.update(&buf[..n]),
+            }
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    })
+    .await
+    .map_err(|e| Error::Init(e.to_string()))?
+    .map_err(|e| Error::Init(format!("cannot read {}: {e}", path.display())))?;
+    Ok((sha, path))
+}
+
+/// A driver's stream to its node: hello, then task counters every second.
+async fn driver_channel(rt: Arc<Runtime>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let hello = pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Hello(pb::WorkerHello {
+            worker_id: String::new(),
+            address: String::new(),
+            pid: std::process::id(),
+            job_id: rt.job_id.clone(),
+        })),
+    };
+    let _ = tx.send(hello);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut c = rt.nm(&rt.node.address);
+    let r = tokio::spawn(async move { c.worker_channel(stream).await });
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stats = pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Stats(rt.stats.to_pb())) };
+        if tx.send(stats).is_err() || r.is_finished() {
+            return;
+        }
+    }
+}
+
+fn new_prefix() -> [u8; 11] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    let a = h.finish().to_le_bytes();
+    let mut out = [0u8; 11];
+    out[..8].copy_from_slice(&a);
+    out[8..].copy_from_slice(&std::process::id().to_le_bytes()[..3]);
+    out
+}
+
+impl Runtime {
+    fn start(
+        rt: tokio::runtime::Runtime,
+        mode: Mode,
+        node: NodeInfo,
+        store: Option<StoreClient>,
+        token: Option<AuthToken>,
+        binary: (String, String),
+        worker_id: String,
+    ) -> Result<Arc<Self>, Error> {
+        let (free_tx, free_rx) = mpsc::unbounded_channel();
+        let (submit_tx, submit_rx) = mpsc::unbounded_channel();
+        let r = Arc::new(Runtime {
+            rt,
+            mode,
+            node,
+            store,
+            token,
+            owner: Arc::new(Owner::new(free_tx)),
+            submit_tx,
+            binary,
+            job_id: std::env::var("RAYCTL_JOB_ID").unwrap_or_default(),
+            worker_id,
+            prefix: new_prefix(),
+            counter: AtomicU64::new(0),
+            stats: Stats::default(),
+            nm_clients: Mutex::default(),
+            om_clients: Mutex::default(),
+        });
+        RUNTIME.set(r.clone()).map_err(|_| Error::Init("sdk::init() was already called in this process".into()))?;
+        r.spawn(free_loop(r.clone(), free_rx));
+        r.spawn(submit::run(r.clone(), submit_rx));
+        Ok(r)
+    }
+
+    pub(crate) fn spawn<F: std::future::Future + Send + 'static>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F::Output: Send + 'static,
+    {
+        self.rt.spawn(f)
+    }
+
+    /// Runs `f` to completion from synchronous code (also from inside another runtime).
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(|| self.rt.handle().block_on(f))
+        } else {
+            self.rt.handle().block_on(f)
+        }
+    }
+
+    /// A new object id: 11 bytes unique to this process, a kind byte (0 put, 1 task), a counter.
+    pub(crate) fn new_id(&self, kind: u8) -> ObjectId {
+        let mut b = [0u8; 20];
+        b[..11].copy_from_slice(&self.prefix);
+        b[11] = kind;
+        b[12..].copy_from_slice(&self.counter.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        ObjectId::from_bytes(b)
+    }
+
+    pub(crate) fn nm(&self, addr: &str) -> NmClient {
+        let mut m = self.nm_clients.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(addr.to_owned())
+            .or_insert_with(|| {
+                let opts = ClientOptions { rpc_timeout: Duration::from_secs(24 * 3600), ..Default::default() };
+                protocol::client::node_manager(addr, self.token.clone(), &opts).expect("node addresses come from the cluster and parse")
+            })
+            .clone()
+    }
+
+    pub(crate) fn om(&self, addr: &str) -> Result<OmClient, Error> {
+        let mut m = self.om_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = m.get(addr) {
+            return Ok(c.clone());
+        }
+        let opts = ClientOptions { rpc_timeout: Duration::from_secs(300), ..Default::default() };
+        let c = protocol::client::object_manager(addr, self.token.clone(), &opts).map_err(|e| Error::Rpc(e.to_string()))?;
+        m.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    async fn register_binary(self: Arc<Self>, path: PathBuf) -> Result<(), Error> {
+        let sha = self.binary.0.clone();
+        let mut c = self.nm(&self.node.address);
+        let res = match self.mode {
+            Mode::Remote => {
+                let file = tokio::fs::read(&path).await.map_err(|e| Error::Init(format!("cannot read {}: {e}", path.display())))?;
+                let file = Bytes::from(file);
+                let chunks: Vec<pb::BinaryChunk> = (0..file.len().div_ceil(4 << 20).max(1))
+                    .map(|i| pb::BinaryChunk {
+                        sha256: if i == 0 { sha.clone() } else { String::new() },
+                        data: file.slice(i * (4 << 20)..((i + 1) * (4 << 20)).min(file.len())),
+                    })
+                    .collect();
+                c.upload_binary(futures_util::stream::iter(chunks)).await
+            }
+            _ => c.register_binary(pb::RegisterBinaryRequest { sha256: sha, path: path.display().to_string() }).await,
+        };
+        res.map(|_| ()).map_err(|e| Error::Init(format!("cannot give this program to node {} for its workers: {}", self.node.address, e.message())))
+    }
+
+    // ---- objects ----
+
+    pub(crate) fn put<T: Value>(self: &Arc<Self>, v: &T) -> Result<Arc<Handle>, Error> {
+        let id = self.new_id(0);
+        let tag = value::type_tag::<T>();
+        let n = value::archived_size(v).map_err(Error::Decode)?;
+        if n <= value::INLINE_MAX {
+            let b = value::archive(v).map_err(Error::Decode)?;
+            return Ok(self.owner.add(id, State::Inline { bytes: Bytes::copy_from_slice(&b), tag }));
+        }
+        match &self.store {
+            Some(store) => {
+                let mut w = store.create(id, n as u64, tag.len() as u64).map_err(|e| Error::Store(e.to_string()))?;
+                value::archive_into(v, w.data_mut()).map_err(Error::Decode)?;
+                w.meta_mut().copy_from_slice(tag.as_bytes());
+                w.seal().map_err(|e| Error::Store(e.to_string()))?;
+            }
+            None => {
+                let b = value::archive(v).map_err(Error::Decode)?;
+                self.block_on(self.write_remote(id, Bytes::from(b.into_vec()), tag.clone()))?;
+            }
+        }
+        Ok(self.owner.add(id, State::Stored { tag, locs: vec![self.node.loc()] }))
+    }
+
+    async fn write_remote(&self, id: ObjectId, data: Bytes, tag: String) -> Result<(), Error> {
+        const CHUNK: usize = 4 << 20;
+        let meta = Bytes::from(tag.into_bytes());
+        let (ds, ms) = (data.len() as u64, meta.len() as u64);
+        let mut chunks = Vec::new();
+        let mut off = 0;
+        while off < data.len() || chunks.is_empty() {
+            let end = (off + CHUNK).min(data.len());
+            chunks.push(pb::WriteObjectChunk {
+                object_id: if chunks.is_empty() { id.as_bytes().to_vec() } else { Vec::new() },
+                data_size: ds,
+                metadata_size: ms,
+                payload: data.slice(off..end),
+            });
+            off = end;
+        }
+        chunks.push(pb::WriteObjectChunk { payload: meta, ..Default::default() });
+        self.om(&self.node.om)?
+            .write_object(futures_util::stream::iter(chunks))
+            .await
+            .map_err(|e| Error::Store(format!("cannot store object {id} on node {}: {}", self.node.address, e.message())))?;
+        Ok(())
+    }
+
+    async fn ready(&self, id: ObjectId, timeout: Option<Duration>) -> Result<State, Error> {
+        match self.owner.ready(id, timeout).await {
+            Some(s) => Ok(s),
+            None if self.owner.state(id).is_none() => Err(Error::ObjectLost(id, "this process does not own it".into())),
+            None => Err(Error::Timeout(timeout.unwrap_or_default(), format!("object {id}"))),
+        }
+    }
+
+    pub(crate) async fn get_value<T: Value>(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<T, Error> {
+        match self.ready(id, timeout).await? {
+            State::Inline { bytes, tag } => value::decode::<T>(&bytes, &tag).map_err(|e| Error::Decode(format!("object {id} {e}"))),
+            State::Failed(e) => Err(Error::Task(e)),
+            State::Stored { tag, locs } => {
+                let src = self.fetch(id, locs).await?;
+                let bytes = match &src {
+                    Source::Store(v) => v.data(),
+                    Source::Heap(v) => &v[..],
+                };
+                value::decode::<T>(bytes, &tag).map_err(|e| Error::Decode(format!("object {id} {e}")))
+            }
+            State::Pending => unreachable!("ready() never returns Pending"),
+        }
+    }
+
+    pub(crate) async fn get_view<T: Value>(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<View<T>, Error> {
+        match self.ready(id, timeout).await? {
+            State::Inline { bytes, tag } => View::from_inline(&bytes, &tag).map_err(|e| Error::Decode(format!("object {id} {e}"))),
+            State::Failed(e) => Err(Error::Task(e)),
+            State::Stored { tag, locs } => {
+                let src = self.fetch(id, locs).await?;
+                View::new(src, &tag).map_err(|e| Error::Decode(format!("object {id} {e}")))
+            }
+            State::Pending => unreachable!("ready() never returns Pending"),
+        }
+    }
+
+    /// The bytes of a sealed object: mapped from the local store (pulled there first if it
+    /// is elsewhere), or, in remote mode, downloaded into this process.
+    pub(crate) async fn fetch(self: &Arc<Self>, id: ObjectId, locs: Vec<Loc>) -> Result<Source, Error> {
+        let Some(store) = self.store.clone() else {
+            return self.download(id, &locs).await.map(Source::Heap);
+        };
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let here = locs.iter().any(|l| l.node_id == me.node.node_id);
+            if !here {
+                let mut last = String::from("no node holds a copy");
+                let mut pulled = false;
+                for l in locs.iter().filter(|l| !l.om.is_empty()) {
+                    match store.pull(id, &l.om, Some(Duration::from_secs(600))) {
+                        Ok(()) => {
+                            pulled = true;
+                            break;
+                        }
+                        Err(e) => last = format!("pull from node {}: {e}", l.node_id),
+                    }
+                }
+                if !pulled {
+                    return Err(Error::ObjectLost(id, last));
+                }
+                me.owner.add_location(id, me.node.loc());
+            }
+            store.get_one(id, Some(Duration::from_secs(60))).map(Source::Store).map_err(|e| Error::ObjectLost(id, e.to_string()))
+        })
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?
+    }
+
+    async fn download(&self, id: ObjectId, locs: &[Loc]) -> Result<rkyv::util::AlignedVec, Error> {
+        const CHUNK: u64 = 4 << 20;
+        let mut last = String::from("no node holds a copy");
+        for l in locs.iter().filter(|l| !l.om.is_empty()) {
+            let mut c = self.om(&l.om)?;
+            let info = match c.get_object_info(pb::GetObjectInfoRequest { object_id: id.as_bytes().to_vec() }).await {
+                Ok(i) => i.into_inner(),
+                Err(e) => {
+                    last = format!("node {}: {}", l.node_id, e.message());
+                    continue;
+                }
+            };
+            let mut out = rkyv::util::AlignedVec::<16>::with_capacity(info.data_size as usize);
+            let mut off = 0;
+            let mut ok = true;
+            while off < info.data_size {
+                let len = CHUNK.min(info.data_size - off);
+                match c.read_chunk(pb::ReadChunkRequest { object_id: id.as_bytes().to_vec(), offset: off, length: len }).await {
+                    Ok(r) => out.extend_from_slice(&r.into_inner().data),
+                    Err(e) => {
+                        last = format!("node {}: {}", l.node_id, e.message());
+                        ok = false;
+                        break;
+                    }
+                }
+                off += len;
+            }
+            if ok && out.len() as u64 == info.data_size {
+                return Ok(out);
+            }
+        }
+        Err(Error::ObjectLost(id, last))
+    }
+
+    // ---- tasks ----
+
+    pub(crate) fn submit(self: &Arc<Self>, name: &'static str, opts: &TaskOptions, args: Vec<crate::__private::ArgOut>) -> Arc<Handle> {
+        let id = self.new_id(1);
+        let h = self.owner.add(id, State::Pending);
+        let fail = |kind: &str, message: String| {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            self.owner.complete(
+                id,
+                State::Failed(crate::TaskError {
+                    kind: kind.into(),
+                    message,
+                    task_id: id.to_string(),
+                    function: name.into(),
+                    node_id: String::new(),
+                    worker_id: String::new(),
+                }),
+            );
+        };
+        let shape = match opts.shape() {
+            Ok(s) => s,
+            Err(e) => {
+                fail("ARGUMENT", format!("bad resources: {e}"));
+                return h;
+            }
+        };
+        if let Some(e) = args.iter().find_map(|a| match a {
+            crate::__private::ArgOut::Failed(e) => Some(e.clone()),
+            _ => None,
+        }) {
+            fail("ARGUMENT", format!("cannot encode an argument: {e}"));
+            return h;
+        }
+        let key = submit::Key::new(shape, &opts.strategy);
+        let task = submit::Task { id, function: name, args, key, attempt: 0, max_retries: opts.max_retries };
+        self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
+        let _ = self.submit_tx.send(submit::Event::Submit(task));
+        h
+    }
+}
+
+/// Frees stored copies of released objects, batched per node.
+async fn free_loop(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<(String, ObjectId)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch: HashMap<String, Vec<ObjectId>> = HashMap::new();
+        batch.entry(first.0).or_default().push(first.1);
+        while let Ok((n, id)) = rx.try_recv() {
+            batch.entry(n).or_default().push(id);
+        }
+        for (node, ids) in batch {
+            if node == rt.node.address {
+                if let Some(store) = rt.store.clone() {
+                    let _ = tokio::task::spawn_blocking(move || store.delete(&ids)).await;
+                    continue;
+                }
+            }
+            let req = pb::FreeObjectsRequest { object_ids: ids.iter().map(|i| i.as_bytes().to_vec()).collect() };
+            if let Err(e) = rt.nm(&node).free_objects(req).await {
+                tracing::debug!("cannot free {} objects on {node}: {}", ids.len(), e.message());
+            }
+        }
+    }
+}

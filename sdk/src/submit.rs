@@ -1,0 +1,501 @@
+//! The owner's task submitter (DESIGN §3): one tokio task that owns every queue, lease and
+//! push stream of this process, fed by events. No lock is held across an await, and the
+//! control plane is never called.
+//!
+//! - Tasks wait for their `ObjectRef` arguments (PENDING_ARGS_AVAIL), then queue per
+//!   scheduling key (resource shape + strategy) until a lease has room
+//!   (PENDING_NODE_ASSIGNMENT), then are pushed to the leased worker (SUBMITTED_TO_WORKER).
+//! - Lease requests start at this process's node and follow spillback replies; the node
+//!   bounds the hops. Infeasible or timed-out requests are retried every second while tasks
+//!   wait (the nodes report that demand to the autoscaler).
+//! - Up to `PIPELINE` tasks are in flight per lease (one for SPREAD, so each task gets its
+//!   own lease); pushes and replies are batched per stream message.
+//! - A lease with nothing to do is kept for `LINGER` (so sequential calls reuse it), then
+//!   its stream is closed, which returns it.
+//! - A broken stream means the worker (or its node) died: its in-flight tasks are retried
+//!   while `attempt < max_retries`, else they fail with WORKER_DIED.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::{pb, ObjectId};
+use tokio::sync::mpsc;
+
+use crate::__private::ArgOut;
+use crate::owner::{Loc, State};
+use crate::runtime::Runtime;
+use crate::{Strategy, TaskError};
+
+const PIPELINE: usize = 16;
+const MAX_PENDING_LEASES: usize = 8;
+const LINGER: Duration = Duration::from_millis(200);
+const LEASE_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tasks with the same key can share leases.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    shape: Vec<(String, u64)>,
+    strategy: i32,
+    affinity: String,
+    soft: bool,
+}
+
+impl Key {
+    pub(crate) fn new(shape: std::collections::BTreeMap<String, f64>, s: &Strategy) -> Arc<Self> {
+        let (strategy, affinity, soft) = match s {
+            Strategy::Default => (pb::SchedulingStrategy::Hybrid as i32, String::new(), false),
+            Strategy::Spread => (pb::SchedulingStrategy::Spread as i32, String::new(), false),
+            Strategy::NodeAffinity { node, soft } => (pb::SchedulingStrategy::NodeAffinity as i32, node.to_string(), *soft),
+        };
+        Arc::new(Self { shape: shape.into_iter().map(|(k, v)| (k, (v * 10_000.0).round() as u64)).collect(), strategy, affinity, soft })
+    }
+
+    fn depth(&self) -> usize {
+        if self.strategy == pb::SchedulingStrategy::Spread as i32 { 1 } else { PIPELINE }
+    }
+}
+
+pub(crate) struct Task {
+    pub(crate) id: ObjectId,
+    pub(crate) function: &'static str,
+    pub(crate) args: Vec<ArgOut>,
+    pub(crate) key: Arc<Key>,
+    pub(crate) attempt: u32,
+    pub(crate) max_retries: u32,
+}
+
+pub(crate) struct Lease {
+    lease_id: String,
+    node_id: String,
+    node_address: String,
+    worker_id: String,
+    worker_address: String,
+}
+
+pub(crate) enum Event {
+    Submit(Task),
+    ArgsReady(Task),
+    Granted(Arc<Key>, Lease),
+    LeaseDone(Arc<Key>),
+    Replies(u64, Vec<pb::TaskReply>),
+    Broken(u64, String),
+}
+
+struct Conn {
+    key: Arc<Key>,
+    lease: Lease,
+    tx: mpsc::UnboundedSender<pb::PushTasksRequest>,
+    in_flight: HashMap<ObjectId, Task>,
+    idle_since: Option<Instant>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    queue: VecDeque<Task>,
+    conns: Vec<u64>,
+    requests: Vec<tokio::task::AbortHandle>,
+}
+
+struct Submitter {
+    rt: Arc<Runtime>,
+    tx: mpsc::UnboundedSender<Event>,
+    keys: HashMap<Arc<Key>, KeyState>,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+}
+
+pub(crate) async fn run(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<Event>) {
+    let tx = rt.submit_tx.clone();
+    let mut s = Submitter { rt, tx, keys: HashMap::new(), conns: HashMap::new(), next_conn: 0 };
+    let mut dirty: Vec<Arc<Key>> = Vec::new();
+    loop {
+        let ev = if s.conns.values().any(|c| c.idle_since.is_some()) {
+            match tokio::time::timeout(LINGER / 2, rx.recv()).await {
+                Ok(ev) => ev,
+                Err(_) => {
+                    s.close_idle();
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(ev) = ev else { return };
+        s.handle(ev, &mut dirty);
+        // Take whatever else is queued before dispatching: pushes go out in batches.
+        for _ in 0..4096 {
+            match rx.try_recv() {
+                Ok(ev) => s.handle(ev, &mut dirty),
+                Err(_) => break,
+            }
+        }
+        dirty.sort_by_key(|k| Arc::as_ptr(k) as usize);
+        dirty.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        for k in dirty.drain(..) {
+            s.dispatch(&k);
+        }
+        s.close_idle();
+    }
+}
+
+impl Submitter {
+    fn handle(&mut self, ev: Event, dirty: &mut Vec<Arc<Key>>) {
+        match ev {
+            Event::Submit(t) => self.resolve_args(t),
+            Event::ArgsReady(t) => {
+                self.rt.stats.pending_args.fetch_sub(1, Ordering::Relaxed);
+                self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+                dirty.push(t.key.clone());
+                self.keys.entry(t.key.clone()).or_default().queue.push_back(t);
+            }
+            Event::Granted(key, lease) => {
+                let id = self.open(key.clone(), lease);
+                self.keys.entry(key.clone()).or_default().conns.push(id);
+                dirty.push(key);
+            }
+            Event::LeaseDone(key) => {
+                if let Some(ks) = self.keys.get_mut(&key) {
+                    ks.requests.retain(|h| !h.is_finished());
+                }
+                dirty.push(key);
+            }
+            Event::Replies(conn, replies) => {
+                if let Some(c) = self.conns.get(&conn) {
+                    dirty.push(c.key.clone());
+                }
+                for r in replies {
+                    self.reply(conn, r);
+                }
+            }
+            Event::Broken(conn, why) => {
+                if let Some(c) = self.conns.get(&conn) {
+                    dirty.push(c.key.clone());
+                }
+                self.broken(conn, why);
+            }
+        }
+    }
+
+    /// Queues the task once every `ObjectRef` argument is ready.
+    fn resolve_args(&self, t: Task) {
+        let pending: Vec<ObjectId> = t
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                ArgOut::Ref(h) if matches!(self.rt.owner.state(h.id), Some(State::Pending)) => Some(h.id),
+                _ => None,
+            })
+            .collect();
+        if pending.is_empty() {
+            let _ = self.tx.send(Event::ArgsReady(t));
+            return;
+        }
+        let (rt, tx) = (self.rt.clone(), self.tx.clone());
+        self.rt.spawn(async move {
+            for id in pending {
+                rt.owner.ready(id, None).await;
+            }
+            let _ = tx.send(Event::ArgsReady(t));
+        });
+    }
+
+    /// Builds the wire spec; an argument whose task failed fails this task (DEPENDENCY).
+    fn spec(&self, t: &Task) -> Result<pb::TaskSpec, TaskError> {
+        let mut args = Vec::with_capacity(t.args.len());
+        for a in &t.args {
+            args.push(match a {
+                ArgOut::Inline(v) => v.clone(),
+                ArgOut::Ref(h) => match self.rt.owner.state(h.id) {
+                    Some(State::Inline { bytes, tag }) => pb::Value { kind: Some(pb::value::Kind::Inline(bytes)), type_tag: tag, object_id: Vec::new() },
+                    Some(State::Stored { tag, locs }) => {
+                        let l = locs.first().cloned().unwrap_or_else(|| self.rt.node.loc());
+                        pb::Value {
+                            kind: Some(pb::value::Kind::Stored(pb::ObjectLocation { node_id: l.node_id, object_manager_address: l.om, node_address: l.nm })),
+                            type_tag: tag,
+                            object_id: h.id.as_bytes().to_vec(),
+                        }
+                    }
+                    Some(State::Failed(e)) => {
+                        return Err(task_error(t, "DEPENDENCY", format!("argument {} failed: {e}", h.id), "", ""));
+                    }
+                    Some(State::Pending) | None => {
+                        return Err(task_error(t, "DEPENDENCY", format!("argument {} is not available", h.id), "", ""));
+                    }
+                },
+                ArgOut::Failed(e) => return Err(task_error(t, "ARGUMENT", e.clone(), "", "")),
+            });
+        }
+        Ok(pb::TaskSpec { task_id: t.id.as_bytes().to_vec(), function: t.function.to_owned(), args, attempt: t.attempt })
+    }
+
+    fn dispatch(&mut self, key: &Arc<Key>) {
+        let depth = key.depth();
+        let Some(ks) = self.keys.get_mut(key) else { return };
+        let mut queue = std::mem::take(&mut ks.queue);
+        let conns = ks.conns.clone();
+        let mut out: HashMap<u64, Vec<pb::TaskSpec>> = HashMap::new();
+        let mut failed = Vec::new();
+        while !queue.is_empty() {
+            let free = conns.iter().filter(|c| self.conns[c].in_flight.len() < depth).min_by_key(|c| self.conns[c].in_flight.len());
+            let Some(&cid) = free else { break };
+            let t = queue.pop_front().expect("not empty");
+            self.rt.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
+            match self.spec(&t) {
+                Ok(spec) => {
+                    self.rt.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                    let c = self.conns.get_mut(&cid).expect("listed conns exist");
+                    c.idle_since = None;
+                    c.in_flight.insert(t.id, t);
+                    out.entry(cid).or_default().push(spec);
+                }
+                Err(e) => failed.push((t, e)),
+            }
+        }
+        for (t, e) in failed {
+            self.finish_failed(&t, e);
+        }
+        for (cid, tasks) in out {
+            if let Some(c) = self.conns.get(&cid) {
+                let _ = c.tx.send(pb::PushTasksRequest { lease_id: String::new(), tasks });
+            }
+        }
+        let ks = self.keys.get_mut(key).expect("taken above");
+        ks.queue = queue;
+        ks.requests.retain(|h| !h.is_finished());
+        if !ks.queue.is_empty() {
+            let want = ks.queue.len().div_ceil(depth).min(MAX_PENDING_LEASES);
+            while ks.requests.len() < want {
+                let h = self.rt.spawn(request_lease(self.rt.clone(), key.clone(), self.tx.clone()));
+                ks.requests.push(h.abort_handle());
+            }
+        } else {
+            // Nothing waits: cancel lease requests still queued at nodes.
+            for h in ks.requests.drain(..) {
+                h.abort();
+            }
+        }
+    }
+
+    fn open(&mut self, key: Arc<Key>, lease: Lease) -> u64 {
+        self.next_conn += 1;
+        let id = self.next_conn;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(pb::PushTasksRequest { lease_id: lease.lease_id.clone(), tasks: Vec::new() });
+        let events = self.tx.clone();
+        let opts = protocol::client::ClientOptions { rpc_timeout: Duration::from_secs(24 * 3600), ..Default::default() };
+        let client = protocol::client::channel(&lease.worker_address, &opts).map(|ch| {
+            pb::core_worker_client::CoreWorkerClient::with_interceptor(ch, protocol::auth::ClientAuth(self.rt.token.clone()))
+                .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES)
+        });
+        self.rt.spawn(async move {
+            let mut client = match client {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = events.send(Event::Broken(id, e.to_string()));
+                    return;
+                }
+            };
+            let outbound = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+            let why = match client.push_tasks(outbound).await {
+                Err(e) => e.message().to_owned(),
+                Ok(resp) => {
+                    let mut s = resp.into_inner();
+                    loop {
+                        match s.message().await {
+                            Ok(Some(r)) => {
+                                if events.send(Event::Replies(id, r.replies)).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break "the worker closed the stream".to_owned(),
+                            Err(e) => break e.message().to_owned(),
+                        }
+                    }
+                }
+            };
+            let _ = events.send(Event::Broken(id, why));
+        });
+        self.conns.insert(id, Conn { key, lease, tx, in_flight: HashMap::new(), idle_since: Some(Instant::now()) });
+        id
+    }
+
+    fn reply(&mut self, cid: u64, r: pb::TaskReply) {
+        let Ok(id) = ObjectId::from_slice(&r.task_id) else { return };
+        let Some(c) = self.conns.get_mut(&cid) else { return };
+        let Some(t) = c.in_flight.remove(&id) else { return };
+        if c.in_flight.is_empty() {
+            c.idle_since = Some(Instant::now());
+        }
+        let exec_loc = Loc { node_id: c.lease.node_id.clone(), om: String::new(), nm: c.lease.node_address.clone() };
+        self.rt.stats.submitted.fetch_sub(1, Ordering::Relaxed);
+        match r.result {
+            Some(pb::task_reply::Result::Value(v)) => {
+                // Arguments the worker pulled now have a copy on its node too.
+                for a in &t.args {
+                    if let ArgOut::Ref(h) = a {
+                        if let Some(State::Stored { locs, .. }) = self.rt.owner.state(h.id) {
+                            if !locs.iter().any(|l| l.node_id == exec_loc.node_id) {
+                                // Known for freeing; pulls use locations with an address.
+                                self.rt.owner.add_location(h.id, exec_loc.clone());
+                            }
+                        }
+                    }
+                }
+                let state = match v.kind {
+                    Some(pb::value::Kind::Inline(bytes)) => State::Inline { bytes, tag: v.type_tag },
+                    Some(pb::value::Kind::Stored(l)) => State::Stored {
+                        tag: v.type_tag,
+                        locs: vec![Loc { node_id: l.node_id, om: l.object_manager_address, nm: l.node_address }],
+                    },
+                    None => State::Failed(task_error(&t, "STORE", "the worker sent an empty value".into(), &c.lease.node_id, &c.lease.worker_id)),
+                };
+                self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
+                self.rt.owner.complete(id, state);
+            }
+            Some(pb::task_reply::Result::Error(e)) => {
+                self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.rt.owner.complete(id, State::Failed(e.into()));
+            }
+            None => {
+                let e = task_error(&t, "STORE", "the worker sent an empty reply".into(), &c.lease.node_id, &c.lease.worker_id);
+                self.finish_failed(&t, e);
+            }
+        }
+    }
+
+    fn finish_failed(&self, t: &Task, e: TaskError) {
+        self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.rt.owner.complete(t.id, State::Failed(e));
+    }
+
+    fn broken(&mut self, cid: u64, why: String) {
+        let Some(c) = self.conns.remove(&cid) else { return };
+        if let Some(ks) = self.keys.get_mut(&c.key) {
+            ks.conns.retain(|x| *x != cid);
+        }
+        if c.in_flight.is_empty() {
+            return;
+        }
+        tracing::warn!(worker = %c.lease.worker_id, node = %c.lease.node_id, tasks = c.in_flight.len(), "lost the worker: {why}");
+        let mut retry = Vec::new();
+        for (_, mut t) in c.in_flight {
+            self.rt.stats.submitted.fetch_sub(1, Ordering::Relaxed);
+            if t.attempt < t.max_retries {
+                t.attempt += 1;
+                self.rt.stats.retries.fetch_add(1, Ordering::Relaxed);
+                self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+                retry.push(t);
+            } else {
+                let msg = format!(
+                    "the worker died while running it ({why}); {} attempt(s) made, max_retries={}",
+                    t.attempt + 1,
+                    t.max_retries
+                );
+                let e = task_error(&t, "WORKER_DIED", msg, &c.lease.node_id, &c.lease.worker_id);
+                self.finish_failed(&t, e);
+            }
+        }
+        retry.sort_by_key(|t| t.id);
+        let ks = self.keys.entry(c.key.clone()).or_default();
+        for t in retry.into_iter().rev() {
+            ks.queue.push_front(t);
+        }
+    }
+
+    /// Closes streams idle for longer than `LINGER` (the worker then returns the lease).
+    fn close_idle(&mut self) {
+        let now = Instant::now();
+        let idle: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.idle_since.is_some_and(|t| now.duration_since(t) >= LINGER))
+            .filter(|(_, c)| self.keys.get(&c.key).is_none_or(|k| k.queue.is_empty()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            if let Some(c) = self.conns.remove(&id) {
+                if let Some(ks) = self.keys.get_mut(&c.key) {
+                    ks.conns.retain(|x| *x != id);
+                }
+            }
+        }
+    }
+}
+
+fn task_error(t: &Task, kind: &str, message: String, node: &str, worker: &str) -> TaskError {
+    TaskError {
+        kind: kind.into(),
+        message,
+        task_id: t.id.to_string(),
+        function: t.function.into(),
+        node_id: node.into(),
+        worker_id: worker.into(),
+    }
+}
+
+/// Asks this process's node for a lease, following spillbacks; retries while it is
+/// infeasible or timed out (the nodes report the waiting demand).
+async fn request_lease(rt: Arc<Runtime>, key: Arc<Key>, events: mpsc::UnboundedSender<Event>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut logged = false;
+    'outer: loop {
+        let mut addr = rt.node.address.clone();
+        let mut hops = 0;
+        loop {
+            let req = pb::LeaseRequest {
+                resources: key.shape.iter().map(|(k, v)| (k.clone(), *v as f64 / 10_000.0)).collect(),
+                strategy: key.strategy,
+                affinity_node_id: key.affinity.clone(),
+                affinity_soft: key.soft,
+                spillback_count: hops,
+                queue_timeout_ms: LEASE_QUEUE_TIMEOUT.as_millis() as u64,
+                binary_sha256: rt.binary.0.clone(),
+                binary_source: rt.binary.1.clone(),
+                job_id: rt.job_id.clone(),
+            };
+            let r = match rt.nm(&addr).request_worker_lease(req).await {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    tracing::warn!("lease request to {addr} failed: {}", e.message());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue 'outer;
+                }
+            };
+            match pb::LeaseOutcome::try_from(r.outcome) {
+                Ok(pb::LeaseOutcome::Granted) => {
+                    let lease = Lease {
+                        lease_id: r.lease_id,
+                        node_id: r.node_id,
+                        node_address: addr,
+                        worker_id: r.worker_id,
+                        worker_address: r.worker_address,
+                    };
+                    let _ = events.send(Event::Granted(key.clone(), lease));
+                    let _ = events.send(Event::LeaseDone(key));
+                    return;
+                }
+                Ok(pb::LeaseOutcome::Spillback) if !r.address.is_empty() => {
+                    addr = r.address;
+                    hops += 1;
+                }
+                Ok(pb::LeaseOutcome::Infeasible) => {
+                    if !logged {
+                        tracing::warn!("tasks needing {:?} wait: {}", key.shape, r.message);
+                        logged = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue 'outer;
+                }
+                _ => {
+                    // Timed out in a node's queue, or a spillback without an address.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'outer;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! Worker mode (DESIGN §8): a node runs this same binary with `RAYCTL_WORKER_ID` set; `init`
+//! comes here and never returns. The worker serves `CoreWorker.PushTasks` for the owner that
+//! holds its lease and runs the tasks one at a time on the main thread, in arrival order,
+//! replying as each finishes (replies are batched per stream message).
+//!
+//! Also here: argument decoding for `#[remote]` functions, result encoding (inline up to
+//! `INLINE_MAX`, else sealed in this node's store under the task's id), and the one-node
+//! cluster `init` starts when there is no cluster.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use prost::bytes::Bytes;
+use protocol::{pb, ObjectId};
+use rkyv::util::AlignedVec;
+use tokio::sync::mpsc;
+
+use crate::runtime::Runtime;
+use crate::value::{self, Source, Value, View};
+use crate::Error;
+
+/// A task argument as the worker received it.
+pub enum ArgIn {
+    Inline(Bytes, String),
+    Stored(object_store::ObjectView),
+}
+
+/// Why an argument or result could not be handled.
+#[derive(Debug)]
+pub struct ArgError(pub(crate) String);
+
+/// A result ready to send: inline bytes, or stored under the task's id.
+pub enum Encoded {
+    Inline(AlignedVec, String),
+    Stored(String),
+}
+
+/// The arguments of one call, in order, and where to put its result.
+pub struct Args<'a> {
+    items: std::vec::IntoIter<ArgIn>,
+    n: usize,
+    task_id: ObjectId,
+    rt: &'a Runtime,
+}
+
+impl Args<'_> {
+    pub fn expect(&self, n: usize) -> Result<(), ArgError> {
+        if self.n != n {
+            return Err(ArgError(format!("the function takes {n} argument(s), the call passed {}", self.n)));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<ArgIn, ArgError> {
+        self.items.next().ok_or_else(|| ArgError("missing argument".into()))
+    }
+}
+
+/// A parameter type of a remote function.
+pub trait FromArg: Sized {
+    fn from_arg(a: ArgIn) -> Result<Self, ArgError>;
+}
+
+impl<T: Value> FromArg for T {
+    fn from_arg(a: ArgIn) -> Result<Self, ArgError> {
+        match a {
+            ArgIn::Inline(b, tag) => value::decode(&b, &tag),
+            ArgIn::Stored(v) => {
+                let tag = String::from_utf8_lossy(v.metadata()).into_owned();
+                value::decode(v.data(), &tag)
+            }
+        }
+        .map_err(|e| ArgError(format!("argument {e}")))
+    }
+}
+
+impl<T: Value> FromArg for View<T> {
+    fn from_arg(a: ArgIn) -> Result<Self, ArgError> {
+        match a {
+            ArgIn::Inline(b, tag) => View::from_inline(&b, &tag),
+            ArgIn::Stored(v) => {
+                let tag = String::from_utf8_lossy(v.metadata()).into_owned();
+                View::new(Source::Store(v), &tag)
+            }
+        }
+        .map_err(|e| ArgError(format!("argument {e}")))
+    }
+}
+
+/// Encodes a return value: inline when small, else sealed in this node's store as the
+/// primary copy under the task's id (the owner frees it).
+pub fn encode_return<T: Value>(args: &mut Args<'_>, v: &T) -> Result<Encoded, ArgError> {
+    let tag = value::type_tag::<T>();
+    let n = value::archived_size(v).map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
+    if n <= value::INLINE_MAX {
+        return value::archive(v).map(|b| Encoded::Inline(b, tag)).map_err(|e| ArgError(format!("cannot encode the result: {e}")));
+    }
+    let store = args.rt.store.as_ref().ok_or_else(|| ArgError("no object store on this worker".into()))?;
+    match store.create(args.task_id, n as u64, tag.len() as u64) {
+        Ok(mut w) => {
+            value::archive_into(v, w.data_mut()).map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
+            w.meta_mut().copy_from_slice(tag.as_bytes());
+            w.seal().map_err(|e| ArgError(format!("cannot seal the result: {e}")))?;
+        }
+        // A retried task whose first attempt already stored the result.
+        Err(e) if e.kind() == Some("AlreadyExists") => {}
+        Err(e) => return Err(ArgError(format!("cannot store the result of {n} bytes: {e}"))),
+    }
+    Ok(Encoded::Stored(tag))
+}
+
+type Invoke = fn(&mut Args<'_>) -> Result<Encoded, ArgError>;
+
+enum Work {
+    Run { spec: pb::TaskSpec, reply: mpsc::UnboundedSender<pb::TaskReply>, closed: Arc<AtomicBool> },
+    End(String),
+}
+
+#[derive(Clone)]
+struct CoreWorker {
+    exec: Arc<Mutex<std_mpsc::Sender<Work>>>,
+    node_tx: mpsc::UnboundedSender<pb::WorkerMessage>,
+}
+
+type ReplyStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::PushTasksReply, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::core_worker_server::CoreWorker for CoreWorker {
+    type PushTasksStream = ReplyStream;
+
+    async fn push_tasks(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::PushTasksRequest>>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        let mut input = req.into_inner();
+        let first = input.message().await?.ok_or_else(|| tonic::Status::invalid_argument("empty PushTasks stream"))?;
+        let lease = first.lease_id.clone();
+        if lease.is_empty() {
+            return Err(tonic::Status::invalid_argument("the first PushTasks message must name the lease"));
+        }
+        let _ = self.node_tx.send(msg(pb::worker_message::Kind::LeaseStarted(lease.clone())));
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel::<pb::TaskReply>();
+        let exec = self.exec.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(async move {
+            let mut batch = first.tasks;
+            loop {
+                for spec in batch.drain(..) {
+                    let _ = exec.send(Work::Run { spec, reply: reply_tx.clone(), closed: closed.clone() });
+                }
+                match input.message().await {
+                    Ok(Some(m)) => batch = m.tasks,
+                    _ => break,
+                }
+            }
+            // The owner closed the lease (or died): skip what it can no longer want, then
+            // tell the node the worker is free once the queue is through.
+            closed.store(true, Ordering::Release);
+            let _ = exec.send(Work::End(lease));
+        });
+        let s = futures_util::stream::unfold(reply_rx, |mut rx| async move {
+            let first = rx.recv().await?;
+            let mut replies = vec![first];
+            while replies.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(r) => replies.push(r),
+                    Err(_) => break,
+                }
+            }
+            Some((Ok(pb::PushTasksReply { replies }), rx))
+        });
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+}
+
+fn msg(kind: pb::worker_message::Kind) -> pb::WorkerMessage {
+    pb::WorkerMessage { kind: Some(kind) }
+}
+
+thread_local! {
+    static PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs the worker until its node tells it to exit or goes away; never returns.
+pub(crate) fn serve(rt: Arc<Runtime>) -> ! {
+    let registry: HashMap<&'static str, Invoke> =
+        inventory::iter::<crate::__private::RemoteFunction>().map(|f| (f.name, f.invoke)).collect();
+    if registry.is_empty() {
+        // The linker can drop registrations in a module nothing references (FIELD-NOTES).
+        eprintln!("rayctl worker: no #[remote] function is registered in this binary");
+    }
+    // Keep the panic message (with its location) for the task error; still print it.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+        default_hook(info);
+    }));
+    let (exec_tx, exec_rx) = std_mpsc::channel::<Work>();
+    let (node_tx, node_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
+    let host = std::env::var("RAYCTL_NODE_IP_ADDRESS").unwrap_or_else(|_| "127.0.0.1".into());
+    let started = rt.block_on(start_server(rt.clone(), host, exec_tx, node_tx.clone(), node_rx));
+    if let Err(e) = started {
+        eprintln!("rayctl worker: {e}");
+        std::process::exit(1);
+    }
+    let worker_id = rt.worker_id.clone();
+    let node_id = rt.node.node_id.clone();
+    for w in exec_rx {
+        match w {
+            Work::End(lease) => {
+                let _ = node_tx.send(msg(pb::worker_message::Kind::LeaseEnded(lease)));
+            }
+            Work::Run { spec, reply, closed } => {
+                if closed.load(Ordering::Acquire) {
+                    continue;
+                }
+                rt.stats.running.store(1, Ordering::Relaxed);
+                let r = execute(&rt, &registry, spec, &node_id, &worker_id);
+                rt.stats.running.store(0, Ordering::Relaxed);
+                rt.stats.executed.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(r);
+            }
+        }
+    }
+    std::process::exit(0)
+}
+
+async fn start_server(
+    rt: Arc<Runtime>,
+    host: String,
+    exec: std_mpsc::Sender<Work>,
+    node_tx: mpsc::UnboundedSender<pb::WorkerMessage>,
+    node_rx: mpsc::UnboundedReceiver<pb::WorkerMessage>,
+) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind((host.as_str(), 0)).await.map_err(|e| Error::Init(format!("cannot bind {host}:0: {e}")))?;
+    let address = format!("{host}:{}", listener.local_addr().map_err(|e| Error::Init(e.to_string()))?.port());
+    let svc = CoreWorker { exec: Arc::new(Mutex::new(exec)), node_tx: node_tx.clone() };
+    let routes = tonic::service::Routes::new(
+        pb::core_worker_server::CoreWorkerServer::new(svc)
+            .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
+    );
+    let router = protocol::server::grpc_router(routes, rt.token.clone());
+    tokio::spawn(async move {
+        if let Err(e) = protocol::server::serve(listener, router, std::future::pending()).await {
+            eprintln!("rayctl worker: server stopped: {e}");
+            std::process::exit(1);
+        }
+    });
+    let _ = node_tx.send(msg(pb::worker_message::Kind::Hello(pb::WorkerHello {
+        worker_id: rt.worker_id.clone(),
+        address,
+        pid: std::process::id(),
+        job_id: rt.job_id.clone(),
+    })));
+    let outbound = futures_util::stream::unfold(node_rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut inbound = rt
+        .nm(&rt.node.address)
+        .worker_channel(outbound)
+        .await
+        .map_err(|e| Error::Init(format!("cannot reach node {}: {}", rt.node.address, e.message())))?
+        .into_inner();
+    let r = rt.clone();
+    tokio::spawn(async move {
+        loop {
+            match inbound.message().await {
+                Ok(Some(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Exit(_)) })) => std::process::exit(0),
+                Ok(Some(_)) => {}
+                // The node is gone: so is this worker.
+                _ => std::process::exit(1),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if node_tx.send(msg(pb::worker_message::Kind::Stats(r.stats.to_pb()))).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn execute(rt: &Arc<Runtime>, registry: &HashMap<&'static str, Invoke>, spec: pb::TaskSpec, node_id: &str, worker_id: &str) -> pb::TaskReply {
+    let task_id = spec.task_id.clone();
+    let err = |kind: &str, message: String| pb::TaskReply {
+        task_id: task_id.clone(),
+        result: Some(pb::task_reply::Result::Error(pb::TaskError {
+            kind: kind.into(),
+            message,
+            task_id: ObjectId::from_slice(&task_id).map(|i| i.to_string()).unwrap_or_default(),
+            function: spec.function.clone(),
+            node_id: node_id.into(),
+            worker_id: worker_id.into(),
+        })),
+    };
+    let Ok(id) = ObjectId::from_slice(&spec.task_id) else { return err("ARGUMENT", "bad task id".into()) };
+    let Some(f) = registry.get(spec.function.as_str()) else {
+        return err("UNKNOWN_FUNCTION", format!("no remote function {:?} in this binary", spec.function));
+    };
+    let mut items = Vec::with_capacity(spec.args.len());
+    for (i, a) in spec.args.into_iter().enumerate() {
+        match resolve(rt, a) {
+            Ok(x) => items.push(x),
+            Err(e) => return err("ARGUMENT", format!("argument {i}: {e}")),
+        }
+    }
+    let n = items.len();
+    let mut args = Args { items: items.into_iter(), n, task_id: id, rt };
+    PANIC.with(|p| p.borrow_mut().take());
+    let out = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut args)));
+    drop(args);
+    match out {
+        Ok(Ok(Encoded::Inline(b, tag))) => pb::TaskReply {
+            task_id,
+            result: Some(pb::task_reply::Result::Value(pb::Value {
+                kind: Some(pb::value::Kind::Inline(Bytes::copy_from_slice(&b))),
+                type_tag: tag,
+                object_id: Vec::new(),
+            })),
+        },
+        Ok(Ok(Encoded::Stored(tag))) => pb::TaskReply {
+            task_id,
+            result: Some(pb::task_reply::Result::Value(pb::Value {
+                kind: Some(pb::value::Kind::Stored(pb::ObjectLocation {
+                    node_id: rt.node.node_id.clone(),
+                    object_manager_address: rt.node.om.clone(),
+                    node_address: rt.node.address.clone(),
+                })),
+                type_tag: tag,
+                object_id: id.as_bytes().to_vec(),
+            })),
+        },
+        Ok(Err(ArgError(e))) => err("ARGUMENT", e),
+        Err(payload) => {
+            let m = PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| {
+                payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic with a non-string payload".into())
+            });
+            err("PANIC", m)
+        }
+    }
+}
+
+/// Makes an argument readable here: inline bytes as they came, stored objects pinned in
+/// this node's store (pulled from their node first if needed).
+fn resolve(rt: &Runtime, v: pb::Value) -> Result<ArgIn, String> {
+    match v.kind {
+        Some(pb::value::Kind::Inline(b)) => Ok(ArgIn::Inline(b, v.type_tag)),
+        Some(pb::value::Kind::Stored(loc)) => {
+            let id = ObjectId::from_slice(&v.object_id).map_err(|e| e.to_string())?;
+            let store = rt.store.as_ref().ok_or("no object store on this worker")?;
+            if loc.node_id != rt.node.node_id {
+                store.pull(id, &loc.object_manager_address, Some(Duration::from_secs(600))).map_err(|e| format!("cannot fetch object {id} from node {}: {e}", loc.node_id))?;
+            }
+            store.get_one(id, Some(Duration::from_secs(60))).map(ArgIn::Stored).map_err(|e| format!("object {id}: {e}"))
+        }
+        None => Err("empty value".into()),
+    }
+}
+
+/// A one-node cluster started by `init` when no cluster was found, stopped with the session.
+pub(crate) struct LocalCluster {
+    pub(crate) heads: Vec<String>,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl LocalCluster {
+    pub(crate) fn start(num_cpus: Option<f64>) -> Result<Self, Error> {
+        let rayctl = find_rayctl().ok_or_else(|| {
+            Error::Init("no cluster to connect to (RAYCTL_ADDRESS is unset) and no `rayctl` binary to start one: put rayctl on PATH or set RAYCTL_BIN".into())
+        })?;
+        let dir = std::env::temp_dir().join(format!("rayctl-sdk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Init(format!("cannot create {}: {e}", dir.display())))?;
+        let ready = dir.join("ready.json");
+        let mut cmd = std::process::Command::new(&rayctl);
+        cmd.args(["start", "--head", "--block", "--port=0", "--dashboard-port=0"])
+            .arg(format!("--ready-file={}", ready.display()))
+            .env("RAYCTL_TMPDIR", &dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("rayctl.log")).map_err(|e| Error::Init(e.to_string()))?);
+        if let Some(n) = num_cpus {
+            cmd.arg(format!("--num-cpus={n}"));
+        }
+        let mut child = cmd.spawn().map_err(|e| Error::Init(format!("cannot run {}: {e}", rayctl.display())))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = std::fs::read(&ready) {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) {
+                    let heads: Vec<String> = v["heads"].as_array().map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+                    if !heads.is_empty() {
+                        return Ok(Self { heads, child, dir });
+                    }
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("rayctl.log")).unwrap_or_default();
+                return Err(Error::Init(format!("the local cluster exited ({status}) before it was ready: {}", log.trim())));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(Error::Init("the local cluster was not ready within 60 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub(crate) fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `RAYCTL_BIN`, then `rayctl` next to this program (or its parent dir, for cargo examples),
+/// then `PATH`.
+fn find_rayctl() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("RAYCTL_BIN") {
+        return Some(p.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join("rayctl");
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|d| d.join("rayctl")).find(|p| p.is_file()))
+}
