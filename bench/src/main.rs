@@ -2,7 +2,7 @@
 //! `{"name": …, "value": …, "unit": …}`; baselines (e.g. the disk's fsync rate) are measured
 //! in the same run so figures can be quoted as ratios.
 //!
-//! `cargo run --release -p bench -- control-plane|object-store|jobs|all` (add `--smoke` for the
+//! `cargo run --release -p bench -- control-plane|object-store|jobs|tasks|all` (add `--smoke` for the
 //! quick CI run).
 
 use std::process::Command;
@@ -14,6 +14,7 @@ use clap::{Parser, ValueEnum};
 mod control_plane;
 mod jobs;
 mod object_store;
+mod tasks;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Suite {
@@ -21,6 +22,7 @@ enum Suite {
     ControlPlane,
     ObjectStore,
     Jobs,
+    Tasks,
     /// The second process of the object-store get benchmark.
     #[value(hide = true)]
     GetChild,
@@ -74,6 +76,10 @@ fn ensure_rayctl() -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // The nodes run this binary again as the tasks suite's workers.
+    if sdk::is_worker() {
+        sdk::init()?;
+    }
     let args = Args::parse();
     if args.suite == Suite::GetChild {
         let (Some(socket), Some(id)) = (&args.socket, args.id) else { bail!("get-child needs --socket and --id") };
@@ -89,6 +95,9 @@ fn main() -> Result<()> {
     }
     if matches!(args.suite, Suite::All | Suite::Jobs) {
         jobs::run(args.smoke)?;
+    }
+    if matches!(args.suite, Suite::All | Suite::Tasks) {
+        tasks::run(args.smoke)?;
     }
     eprintln!("bench finished in {:.1?}", started.elapsed());
     Ok(())

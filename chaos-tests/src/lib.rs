@@ -104,6 +104,7 @@ pub struct ClusterOptions {
     pub health_threshold: u32,
     pub snapshot_interval: u64,
     pub node_cpus: f64,
+    pub head_cpus: f64,
 }
 
 impl Default for ClusterOptions {
@@ -116,6 +117,7 @@ impl Default for ClusterOptions {
             health_threshold: 5,
             snapshot_interval: 5000,
             node_cpus: 1.0,
+            head_cpus: 1.0,
         }
     }
 }
@@ -176,7 +178,7 @@ impl Cluster {
                 format!("--health-check-period={}ms", opts.health_period.as_millis()),
                 format!("--health-check-failure-threshold={}", opts.health_threshold),
                 format!("--raft-snapshot-interval={}", opts.snapshot_interval),
-                "--num-cpus=1".into(),
+                format!("--num-cpus={}", opts.head_cpus),
                 "--memory=1GiB".into(),
             ];
             args.extend(token_args.clone());

@@ -420,6 +420,15 @@ impl Store {
         Ok(st.objects[&id].block())
     }
 
+    /// One more pin of `client` on an object it already holds pinned (the caller keeps its
+    /// pin until this returns, so the object cannot go in between).
+    pub(crate) fn pin_again(&self, client: ClientId, id: ObjectId) {
+        let mut st = self.lock();
+        if st.objects.contains_key(&id) {
+            st.pin(client, id);
+        }
+    }
+
     /// Drops one of `client`'s pins; frees the object if a delete was waiting for it.
     /// The creator's pin on an unsealed object cannot be released (seal or abort it instead), so
     /// every unsealed object keeps a pin of its creator and dies with it.

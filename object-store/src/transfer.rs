@@ -42,7 +42,7 @@ impl ObjectManagerService {
     async fn with_object<T: Send + 'static>(
         &self,
         raw_id: &[u8],
-        f: impl FnOnce(&Store, ObjectId, crate::store::Block) -> Result<T, tonic::Status> + Send + 'static,
+        f: impl FnOnce(&Arc<Store>, ObjectId, crate::store::Block) -> Result<T, tonic::Status> + Send + 'static,
     ) -> Result<T, tonic::Status> {
         let id = ObjectId::from_slice(raw_id).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let store = self.store.clone();
@@ -59,6 +59,33 @@ impl ObjectManagerService {
         })
         .await
         .map_err(|e| tonic::Status::internal(e.to_string()))?
+    }
+}
+
+/// A range of a sealed object in the arena, pinned while it lives (a chunk being sent).
+struct PinnedChunk {
+    store: Arc<Store>,
+    id: ObjectId,
+    offset: u64,
+    len: u64,
+}
+
+impl PinnedChunk {
+    fn new(store: &Arc<Store>, id: ObjectId, offset: u64, len: u64) -> Self {
+        store.pin_again(NODE_CLIENT, id);
+        Self { store: store.clone(), id, offset, len }
+    }
+}
+
+impl AsRef<[u8]> for PinnedChunk {
+    fn as_ref(&self) -> &[u8] {
+        self.store.arena().slice(self.offset, self.len)
+    }
+}
+
+impl Drop for PinnedChunk {
+    fn drop(&mut self) {
+        let _ = self.store.release(NODE_CLIENT, self.id);
     }
 }
 
@@ -91,8 +118,9 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
                 if r.length > protocol::MAX_MESSAGE_BYTES as u64 / 2 {
                     return Err(tonic::Status::invalid_argument(format!("chunk of {} bytes is too large", r.length)));
                 }
-                let bytes = store.arena().slice(b.offset, b.total());
-                Ok(prost::bytes::Bytes::copy_from_slice(&bytes[r.offset as usize..end as usize]))
+                // No copy: the chunk points into the arena and keeps its own pin until
+                // the response is written.
+                Ok(prost::bytes::Bytes::from_owner(PinnedChunk::new(store, id, b.offset + r.offset, end - r.offset)))
             })
             .await?;
         crate::metrics::record_sent(data.len() as u64);

@@ -72,6 +72,11 @@ pub fn channel(addr: &str, opts: &ClientOptions) -> Result<Channel, RpcError> {
         .connect_timeout(opts.connect_timeout)
         .timeout(opts.rpc_timeout)
         .tcp_nodelay(true)
+        // Object chunks are MiBs: HTTP/2's 64 KiB default window would stall them on
+        // round trips.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .max_frame_size(1 << 20)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);

@@ -1,0 +1,146 @@
+//! Tasks through the SDK over a real two-node cluster (a head and a worker node): this
+//! benchmark process is the driver, and the nodes run it again as workers.
+//!
+//! Figures (issue 5): `tasks_async_per_s` (submit N no-op tasks, then get all),
+//! `task_roundtrip_ms` (sequential submit + get, median), `large_arg_task_ms` (a 256 MiB
+//! argument to a task that sums it), `sdk_put_gbps_512MiB` (with memcpy measured in the same
+//! run as the baseline), `transfer_task_gbps` (a 256 MiB object consumed on the other node).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chaos_tests::{Cluster, ClusterOptions};
+use sdk::{Strategy, TaskOptions, View};
+
+use crate::{emit, percentile};
+
+#[sdk::remote]
+fn noop() -> u8 {
+    0
+}
+
+#[sdk::remote]
+fn sum_bytes(data: View<Vec<u8>>) -> u64 {
+    sum(&data)
+}
+
+fn sum(b: &[u8]) -> u64 {
+    // Chunks of u64 lanes: fast enough to be far from the memory bandwidth limit.
+    b.chunks(4096).map(|c| c.iter().map(|x| *x as u64).sum::<u64>()).sum()
+}
+
+fn memcpy_gbps(n: usize) -> f64 {
+    let src = vec![7u8; n];
+    let mut dst = vec![0u8; n];
+    dst.copy_from_slice(&src); // fault the pages in first
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    n as f64 / best / 1e9
+}
+
+pub(crate) fn run(smoke: bool) -> Result<()> {
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, head_cpus: 2.0, node_cpus: 2.0, ..Default::default() })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    chaos_tests::wait_for("2 alive nodes", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: set before the SDK starts any thread that reads the environment.
+    unsafe {
+        std::env::set_var("RAYCTL_TMPDIR", c.path());
+    }
+    let session = sdk::init_with(sdk::Config { address: Some(c.head_addrs.join(",")), ..Default::default() })?;
+    let other: sdk::NodeId = c.nodes[0].ready["node_id"].as_str().context("node id")?.parse()?;
+    eprintln!("driver on node {} ({:?} mode)", session.node_address(), session.mode());
+
+    // Warm up: start the workers.
+    sdk::get_all(&(0..200).map(|_| noop::remote()).collect::<Vec<_>>())?;
+
+    let n = if smoke { 1_000 } else { 10_000 };
+    let mut best = 0f64;
+    for _ in 0..if smoke { 1 } else { 3 } {
+        let t = Instant::now();
+        let refs: Vec<_> = (0..n).map(|_| noop::remote()).collect();
+        sdk::get_all(&refs)?;
+        best = best.max(n as f64 / t.elapsed().as_secs_f64());
+    }
+    emit("tasks_async_per_s", best, "tasks/s");
+    emit("tasks_async_vs_ray_2_60", best / 1255.0, "x");
+
+    let iters = if smoke { 100 } else { 1_000 };
+    let mut lat = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        sdk::get(&noop::remote())?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(f64::total_cmp);
+    emit("task_roundtrip_ms", percentile(&lat, 0.5), "ms");
+    emit("task_roundtrip_p99_ms", percentile(&lat, 0.99), "ms");
+    emit("task_roundtrip_vs_ray_2_60", percentile(&lat, 0.5) / 2.3, "x");
+
+    let big = if smoke { 16 << 20 } else { 256 << 20 };
+    let data: Vec<u8> = (0..big).map(|i| (i % 251) as u8).collect();
+    let t = Instant::now();
+    let local = sum(&data);
+    emit("large_arg_sum_in_process_ms", t.elapsed().as_secs_f64() * 1e3, "ms");
+    // The first run also pays for growing the store's shared memory (page faults in the
+    // node and in this process); later runs reuse it.
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let arg = data.clone();
+        let t = Instant::now();
+        let got = sdk::get(&sum_bytes::remote(arg))?;
+        runs.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(got == local, "the task summed {got}, expected {local}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(data);
+    emit("large_arg_task_cold_ms", runs[0], "ms");
+    emit("large_arg_task_ms", runs[1..].iter().copied().fold(f64::MAX, f64::min), "ms");
+
+    let put_n = if smoke { 32 << 20 } else { 512 << 20 };
+    let base = memcpy_gbps(put_n);
+    let v = vec![3u8; put_n];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let r = sdk::put(&v)?;
+        best = best.max(put_n as f64 / t.elapsed().as_secs_f64() / 1e9);
+        drop(r);
+        // Let the free reach the store before the next put.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    emit("memcpy_gbps", base, "GB/s");
+    emit("sdk_put_gbps_512MiB", best, "GB/s");
+    emit("sdk_put_vs_memcpy", best / base, "x");
+    drop(v);
+
+    // A fresh object each run: the other node pulls it (5 MiB chunks), then sums it.
+    let on_other = TaskOptions::default().strategy(Strategy::NodeAffinity { node: other, soft: false });
+    let mut runs = Vec::new();
+    for i in 0..3u8 {
+        let blob = vec![i; big];
+        let r = sdk::put(&blob)?;
+        let expect = sum(&blob);
+        drop(blob);
+        let t = Instant::now();
+        let got = sdk::get(&sum_bytes::remote_with(&on_other, &r))?;
+        runs.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(got == expect, "the remote task summed {got}, expected {expect}");
+        drop(r);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let warm = runs[1..].iter().copied().fold(f64::MAX, f64::min);
+    emit("transfer_task_cold_gbps", big as f64 / runs[0] / 1e9, "GB/s");
+    emit("transfer_task_gbps", big as f64 / warm / 1e9, "GB/s");
+    emit("transfer_task_vs_memcpy", big as f64 / warm / 1e9 / base, "x");
+    drop(session);
+    Ok(())
+}
