@@ -84,6 +84,27 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
         let pending = query(port, "rayctl_jobs{status=\"PENDING\"}")?;
         (!pending.is_empty()).then_some(())
     })?;
+
+    // Tasks: a driver on the head's node runs tasks that need node 0's resource (a spillback).
+    let out = Command::new(env!("CARGO_BIN_EXE_sdk_driver"))
+        .args(["resource", "node0"])
+        .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
+        .env("RAYCTL_TMPDIR", c.path())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "driver failed: {}", String::from_utf8_lossy(&out.stderr));
+    let last = std::cell::RefCell::new(String::new());
+    wait_for("task, worker and lease series", Duration::from_secs(60), || {
+        let finished = values(&query(port, "sum(ray_tasks{State=\"FINISHED\"})")?);
+        let executed = values(&query(port, "sum(rayctl_tasks_executed_total)")?);
+        let workers = query(port, "rayctl_workers{state=\"idle\"}")?;
+        let spill = values(&query(port, "sum(rayctl_lease_spillbacks_total)")?);
+        let grants = values(&query(port, "sum(rayctl_lease_grant_seconds_count)")?);
+        let at_least = |v: &[f64], n: f64| v.first().is_some_and(|x| *x >= n);
+        *last.borrow_mut() = format!("finished {finished:?} executed {executed:?} idle workers {} spillbacks {spill:?} grants {grants:?}", workers.len());
+        (at_least(&finished, 1.0) && at_least(&executed, 1.0) && workers.len() == 2 && at_least(&spill, 1.0) && at_least(&grants, 1.0))
+            .then_some(())
+    })
+    .with_context(|| last.borrow().clone())?;
     Ok(())
 }
 

@@ -265,3 +265,23 @@ fn drivers_run_as_jobs_by_hand_and_from_outside_the_cluster() -> Result<()> {
     assert!(out.contains("\"sum\":42") && out.contains("\"mode\":\"Local\""), "job output: {out}\n{err}");
     Ok(())
 }
+
+/// The examples, as a user runs them: jobs whose entrypoint is the example binary.
+#[test]
+fn the_examples_run_as_jobs() -> Result<()> {
+    let dir = chaos_tests::rayctl_bin()?.parent().context("bin dir")?.to_owned();
+    let (pi, wordcount) = (dir.join("pi"), dir.join("wordcount"));
+    anyhow::ensure!(pi.is_file() && wordcount.is_file(), "build the examples first: cargo build -p task-examples (scripts/test does)");
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, ..Default::default() })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    let (code, out, err) = c.rayctl(&["job", "submit", "--", pi.to_str().context("path")?, "8", "200000"])?;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("pi ≈ 3.1"), "{out}\n{err}");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tasks/data");
+    let (code, out, err) = c.rayctl(&["job", "submit", "--working-dir", data, "--", wordcount.to_str().context("path")?, "."])?;
+    assert_eq!(code, 0, "{out}\n{err}");
+    // The three texts shipped with the example hold 294 words, "the" 26 times.
+    assert!(out.contains("3 files") && out.contains(": 294 words"), "{out}\n{err}");
+    assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["26", "the"]), "{out}");
+    Ok(())
+}

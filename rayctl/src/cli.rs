@@ -255,6 +255,9 @@ pub(crate) struct StartArgs {
     /// When a job is stopped: SIGTERM, then SIGKILL after this long (heads).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub(crate) job_stop_grace: Duration,
+    /// An idle worker process exits after this long (nodes).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) worker_idle_timeout: Duration,
     /// Snapshot the Raft state (and compact the log) every this many entries (heads).
     #[arg(long, default_value_t = 5000)]
     pub(crate) raft_snapshot_interval: u64,

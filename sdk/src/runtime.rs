@@ -114,6 +114,8 @@ pub(crate) struct Runtime {
     pub(crate) stats: Stats,
     nm_clients: Mutex<HashMap<String, NmClient>>,
     om_clients: Mutex<HashMap<String, OmClient>>,
+    /// A driver's stream to its node (stats).
+    channel: OnceLock<mpsc::UnboundedSender<pb::WorkerMessage>>,
 }
 
 /// Kept by the driver; dropping it stops the one-node cluster `init` may have started.
@@ -138,7 +140,11 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // Let queued frees reach their nodes.
+        // Final counters, so even a driver shorter than one report period is counted.
+        if let Some(tx) = self.rt.channel.get() {
+            let _ = tx.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Stats(self.rt.stats.to_pb())) });
+        }
+        // Let queued frees and the counters reach their nodes.
         self.rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
         if let Some(c) = self.cluster.take() {
             c.stop();
@@ -293,6 +299,7 @@ async fn driver_channel(rt: Arc<Runtime>) {
         })),
     };
     let _ = tx.send(hello);
+    let _ = rt.channel.set(tx.clone());
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut c = rt.nm(&rt.node.address);
     let r = tokio::spawn(async move { c.worker_channel(stream).await });
@@ -345,6 +352,7 @@ impl Runtime {
             stats: Stats::default(),
             nm_clients: Mutex::default(),
             om_clients: Mutex::default(),
+            channel: OnceLock::new(),
         });
         RUNTIME.set(r.clone()).map_err(|_| Error::Init("sdk::init() was already called in this process".into()))?;
         r.spawn(free_loop(r.clone(), free_rx));
