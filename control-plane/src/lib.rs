@@ -9,6 +9,9 @@
 //! Entry point: [`start`] binds the ports, opens the store, joins or forms the Raft group and
 //! serves until [`RunningHead::shutdown`].
 
+// openraft's storage traits fix `StorageError` (224 bytes) as the error type of the store.
+#![allow(clippy::result_large_err)]
+
 pub mod db;
 pub mod jobs;
 mod jobs_api;

@@ -21,6 +21,7 @@ impl StoreBuilder<TypeConfig, LogStore<SledRaftDb>, StateMachineStore<SledRaftDb
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // openraft's own error type
 fn openraft_storage_suite() -> Result<(), StorageError> {
     Suite::test_all(SledBuilder)
 }

@@ -433,12 +433,12 @@ impl WorkerPool {
                     Some(pb::worker_message::Kind::LeaseEnded(l)) => {
                         let Some(id) = &worker else { continue };
                         let mut st = me.lock();
-                        if let Some(w) = st.workers.get_mut(id) {
-                            if w.state == WState::Leased(l.clone()) {
-                                w.state = WState::Idle(Instant::now());
-                                drop(st);
-                                me.leases.give_back(&l);
-                            }
+                        if let Some(w) = st.workers.get_mut(id)
+                            && w.state == WState::Leased(l.clone())
+                        {
+                            w.state = WState::Idle(Instant::now());
+                            drop(st);
+                            me.leases.give_back(&l);
                         }
                     }
                     Some(pb::worker_message::Kind::Stats(stats)) => {
@@ -474,13 +474,13 @@ impl WorkerPool {
         let st = self.lock();
         let mut n = 0;
         for w in st.workers.values() {
-            if let WState::Idle(since) = w.state {
-                if now.duration_since(since) >= self.cfg.opts.idle_timeout {
-                    n += 1;
-                    let sent = w.tx.as_ref().is_some_and(|tx| tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Exit(true)) }).is_ok());
-                    if !sent || now.duration_since(since) >= self.cfg.opts.idle_timeout + Duration::from_secs(5) {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
-                    }
+            if let WState::Idle(since) = w.state
+                && now.duration_since(since) >= self.cfg.opts.idle_timeout
+            {
+                n += 1;
+                let sent = w.tx.as_ref().is_some_and(|tx| tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Exit(true)) }).is_ok());
+                if !sent || now.duration_since(since) >= self.cfg.opts.idle_timeout + Duration::from_secs(5) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
                 }
             }
         }

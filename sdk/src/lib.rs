@@ -93,7 +93,7 @@ impl From<&TaskError> for protocol::pb::TaskError {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
-    Task(TaskError),
+    Task(Box<TaskError>),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
     #[error("object {0} is lost: {1}")]
@@ -261,9 +261,12 @@ pub fn get_view<T: Value>(r: &ObjectRef<T>) -> Result<View<T>, Error> {
     rt.block_on(rt.clone().get_view::<T>(r.h.id, None))
 }
 
+/// What [`wait`] returns: the ready refs and the others.
+pub type WaitResult<T> = (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>);
+
 /// Waits until `num_returns` of `refs` are ready (finished or failed) or `timeout` passes.
 /// Returns (ready, not ready), each in the order given.
-pub fn wait<T>(refs: &[ObjectRef<T>], num_returns: usize, timeout: Option<Duration>) -> Result<(Vec<ObjectRef<T>>, Vec<ObjectRef<T>>), Error> {
+pub fn wait<T>(refs: &[ObjectRef<T>], num_returns: usize, timeout: Option<Duration>) -> Result<WaitResult<T>, Error> {
     let rt = runtime::current()?;
     let ids: Vec<ObjectId> = refs.iter().map(|r| r.h.id).collect();
     let ready = rt.block_on(rt.owner.wait(&ids, num_returns.min(refs.len()), timeout));

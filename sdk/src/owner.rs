@@ -97,10 +97,10 @@ impl Owner {
 
     /// Records one more node holding a copy (a pulled secondary copy).
     pub(crate) fn add_location(&self, id: ObjectId, loc: Loc) {
-        if let Some(Entry { state: State::Stored { locs, .. }, .. }) = self.lock().get_mut(&id) {
-            if !locs.contains(&loc) {
-                locs.push(loc);
-            }
+        if let Some(Entry { state: State::Stored { locs, .. }, .. }) = self.lock().get_mut(&id)
+            && !locs.contains(&loc)
+        {
+            locs.push(loc);
         }
     }
 

@@ -486,7 +486,7 @@ impl Runtime {
     pub(crate) async fn get_value<T: Value>(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<T, Error> {
         match self.ready(id, timeout).await? {
             State::Inline { bytes, tag } => value::decode::<T>(&bytes, &tag).map_err(|e| Error::Decode(format!("object {id} {e}"))),
-            State::Failed(e) => Err(Error::Task(e)),
+            State::Failed(e) => Err(Error::Task(Box::new(e))),
             State::Stored { tag, locs } => {
                 let src = self.fetch(id, locs).await?;
                 let bytes = match &src {
@@ -502,7 +502,7 @@ impl Runtime {
     pub(crate) async fn get_view<T: Value>(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<View<T>, Error> {
         match self.ready(id, timeout).await? {
             State::Inline { bytes, tag } => View::from_inline(&bytes, &tag).map_err(|e| Error::Decode(format!("object {id} {e}"))),
-            State::Failed(e) => Err(Error::Task(e)),
+            State::Failed(e) => Err(Error::Task(Box::new(e))),
             State::Stored { tag, locs } => {
                 let src = self.fetch(id, locs).await?;
                 View::new(src, &tag).map_err(|e| Error::Decode(format!("object {id} {e}")))
@@ -627,11 +627,11 @@ async fn free_loop(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<(String, Ob
             batch.entry(n).or_default().push(id);
         }
         for (node, ids) in batch {
-            if node == rt.node.address {
-                if let Some(store) = rt.store.clone() {
-                    let _ = tokio::task::spawn_blocking(move || store.delete(&ids)).await;
-                    continue;
-                }
+            if node == rt.node.address
+                && let Some(store) = rt.store.clone()
+            {
+                let _ = tokio::task::spawn_blocking(move || store.delete(&ids)).await;
+                continue;
             }
             let req = pb::FreeObjectsRequest { object_ids: ids.iter().map(|i| i.as_bytes().to_vec()).collect() };
             if let Err(e) = rt.nm(&node).free_objects(req).await {

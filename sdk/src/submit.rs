@@ -202,6 +202,7 @@ impl Submitter {
     }
 
     /// Builds the wire spec; an argument whose task failed fails this task (DEPENDENCY).
+    #[allow(clippy::result_large_err)]
     fn spec(&self, t: &Task) -> Result<pb::TaskSpec, TaskError> {
         let mut args = Vec::with_capacity(t.args.len());
         for a in &t.args {
@@ -335,13 +336,12 @@ impl Submitter {
             Some(pb::task_reply::Result::Value(v)) => {
                 // Arguments the worker pulled now have a copy on its node too.
                 for a in &t.args {
-                    if let ArgOut::Ref(h) = a {
-                        if let Some(State::Stored { locs, .. }) = self.rt.owner.state(h.id) {
-                            if !locs.iter().any(|l| l.node_id == exec_loc.node_id) {
-                                // Known for freeing; pulls use locations with an address.
-                                self.rt.owner.add_location(h.id, exec_loc.clone());
-                            }
-                        }
+                    if let ArgOut::Ref(h) = a
+                        && let Some(State::Stored { locs, .. }) = self.rt.owner.state(h.id)
+                        && !locs.iter().any(|l| l.node_id == exec_loc.node_id)
+                    {
+                        // Known for freeing; pulls use locations with an address.
+                        self.rt.owner.add_location(h.id, exec_loc.clone());
                     }
                 }
                 let state = match v.kind {
@@ -416,10 +416,10 @@ impl Submitter {
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
-            if let Some(c) = self.conns.remove(&id) {
-                if let Some(ks) = self.keys.get_mut(&c.key) {
-                    ks.conns.retain(|x| *x != id);
-                }
+            if let Some(c) = self.conns.remove(&id)
+                && let Some(ks) = self.keys.get_mut(&c.key)
+            {
+                ks.conns.retain(|x| *x != id);
             }
         }
     }

@@ -395,12 +395,12 @@ impl LocalCluster {
         let mut child = cmd.spawn().map_err(|e| Error::Init(format!("cannot run {}: {e}", rayctl.display())))?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(text) = std::fs::read(&ready) {
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) {
-                    let heads: Vec<String> = v["heads"].as_array().map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect()).unwrap_or_default();
-                    if !heads.is_empty() {
-                        return Ok(Self { heads, child, dir });
-                    }
+            if let Ok(text) = std::fs::read(&ready)
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text)
+            {
+                let heads: Vec<String> = v["heads"].as_array().map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+                if !heads.is_empty() {
+                    return Ok(Self { heads, child, dir });
                 }
             }
             if let Ok(Some(status)) = child.try_wait() {
