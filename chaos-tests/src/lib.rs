@@ -105,6 +105,8 @@ pub struct ClusterOptions {
     pub snapshot_interval: u64,
     pub node_cpus: f64,
     pub head_cpus: f64,
+    /// More `rayctl start` flags for every head and node.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -118,6 +120,7 @@ impl Default for ClusterOptions {
             snapshot_interval: 5000,
             node_cpus: 1.0,
             head_cpus: 1.0,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -182,6 +185,7 @@ impl Cluster {
                 "--memory=1GiB".into(),
             ];
             args.extend(token_args.clone());
+            args.extend(opts.extra_args.clone());
             let p = c.spawn(&format!("head-{i}"), args)?;
             c.heads.push(p);
         }
@@ -194,6 +198,7 @@ impl Cluster {
                 format!("--resources={{\"node{i}\": 1}}"),
             ];
             args.extend(token_args.clone());
+            args.extend(opts.extra_args.clone());
             let p = c.spawn(&format!("node-{i}"), args)?;
             c.nodes.push(p);
         }

@@ -164,6 +164,17 @@ fn tasks_are_placed_by_resources_strategy_and_affinity() -> Result<()> {
     })?;
     d.finish(Duration::from_secs(30))?;
 
+    // wait: two of five are ready well before the slowest, then all five.
+    let r = run(&c, &["wait"], &[])?;
+    assert_eq!(r["first"][0], 2, "{r}");
+    assert_eq!(r["first"][1], 3, "{r}");
+    assert_eq!((r["all"].as_u64(), r["left"].as_u64()), (Some(5), Some(0)), "{r}");
+    assert!(r["early"].as_u64() < Some(3), "a 1 ms wait found every slow task done: {r}");
+
+    // A task that submits tasks owns their results.
+    let r = run(&c, &["nested"], &[])?;
+    assert_eq!(r["value"], 32, "{r}");
+
     // Many small tasks and a chain of dependent ones.
     let r = run(&c, &["many", "500"], &[])?;
     assert_eq!(r["total"], (0..500).map(|i| i + 1).sum::<i64>(), "{r}");
@@ -284,4 +295,30 @@ fn the_examples_run_as_jobs() -> Result<()> {
     assert!(out.contains("3 files") && out.contains(": 294 words"), "{out}\n{err}");
     assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["26", "the"]), "{out}");
     Ok(())
+}
+
+fn workers_idle(port: u64) -> Option<f64> {
+    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok()?;
+    let text = resp.body_mut().read_to_string().ok()?;
+    text.lines().find(|l| l.starts_with("rayctl_workers{state=\"idle\"}"))?.split_whitespace().last()?.parse().ok()
+}
+
+#[test]
+fn prestarted_workers_wait_for_a_driver_and_idle_ones_exit() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        extra_args: vec!["--prestart-workers=2".into(), "--worker-idle-timeout=3s".into()],
+        ..Default::default()
+    })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    let port = c.heads[0].ready["node"]["metrics_export_port"].as_u64().context("metrics port")?;
+    assert_eq!(workers_idle(port), Some(0.0));
+    let mut d = Driver::start(&c, &["idle"], &[])?;
+    d.result(Duration::from_secs(60))?;
+    // Two workers start as soon as the driver has handed over its binary, before any task.
+    wait_for("two prestarted idle workers", Duration::from_secs(30), || (workers_idle(port) == Some(2.0)).then_some(()))?;
+    // Idle longer than --worker-idle-timeout: they exit.
+    wait_for("idle workers to exit", Duration::from_secs(30), || (workers_idle(port) == Some(0.0)).then_some(()))?;
+    d.finish(Duration::from_secs(30))
 }

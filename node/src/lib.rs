@@ -101,6 +101,7 @@ impl NodeOptions {
                 idle_timeout: Duration::from_secs(60),
                 start_timeout: Duration::from_secs(60),
                 binary_dir: data_dir.join("binaries"),
+                prestart: 0,
             },
             data_dir,
             bind_host: "127.0.0.1".into(),
@@ -263,14 +264,18 @@ impl NodeManager for NodeManagerService {
         req: tonic::Request<pb::RegisterBinaryRequest>,
     ) -> Result<tonic::Response<pb::RegisterBinaryReply>, tonic::Status> {
         let r = req.into_inner();
-        self.shared.workers.register_local(r.sha256, r.path).await.map(tonic::Response::new)
+        let reply = self.shared.workers.register_local(r.sha256.clone(), r.path).await?;
+        self.shared.workers.prestart(&r.sha256, &r.job_id);
+        Ok(tonic::Response::new(reply))
     }
 
     async fn upload_binary(
         &self,
         req: tonic::Request<tonic::Streaming<pb::BinaryChunk>>,
     ) -> Result<tonic::Response<pb::RegisterBinaryReply>, tonic::Status> {
-        self.shared.workers.upload(req.into_inner()).await.map(tonic::Response::new)
+        let (reply, job) = self.shared.workers.upload(req.into_inner()).await?;
+        self.shared.workers.prestart(&reply.sha256, &job);
+        Ok(tonic::Response::new(reply))
     }
 
     type ReadBinaryStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::BinaryChunk, tonic::Status>> + Send>>;

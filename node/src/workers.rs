@@ -34,6 +34,8 @@ pub struct WorkerOptions {
     pub start_timeout: Duration,
     /// Cached binaries, by sha256.
     pub binary_dir: PathBuf,
+    /// Idle workers started for a driver's binary as soon as the driver registers it here.
+    pub prestart: u32,
 }
 
 pub(crate) struct PoolConfig {
@@ -51,8 +53,8 @@ pub(crate) struct PoolConfig {
 
 #[derive(Debug, PartialEq)]
 enum WState {
-    /// Started for this lease, not yet said hello.
-    Starting(String),
+    /// Started (for this lease, or prestarted), not yet said hello.
+    Starting(Option<String>),
     Idle(Instant),
     Leased(String),
 }
@@ -173,16 +175,34 @@ impl WorkerPool {
         .map_err(|e| Status::internal(e.to_string()))?
     }
 
+    /// Starts idle workers for `(sha, job)` up to the prestart count.
+    pub(crate) fn prestart(self: &Arc<Self>, sha: &str, job: &str) {
+        let want = self.cfg.opts.prestart as usize;
+        if want == 0 {
+            return;
+        }
+        let key = (sha.to_owned(), job.to_owned());
+        let have = self.lock().workers.values().filter(|w| w.key == key && !matches!(w.state, WState::Leased(_))).count();
+        let path = self.binary_path(sha);
+        for _ in have..want {
+            if let Err(e) = self.spawn(&path, key.clone(), None) {
+                tracing::warn!("cannot prestart a worker: {e}");
+                return;
+            }
+        }
+    }
+
     /// `UploadBinary`: a binary sent in chunks by a driver that is not on this machine.
-    pub(crate) async fn upload(self: &Arc<Self>, mut s: tonic::Streaming<pb::BinaryChunk>) -> Result<pb::RegisterBinaryReply, Status> {
+    pub(crate) async fn upload(self: &Arc<Self>, mut s: tonic::Streaming<pb::BinaryChunk>) -> Result<(pb::RegisterBinaryReply, String), Status> {
         use tokio::io::AsyncWriteExt;
         let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty upload"))?;
         let sha = first.sha256.clone();
+        let job = first.job_id.clone();
         if !is_sha256(&sha) {
             return Err(bad_hash(&sha));
         }
         if let Ok(m) = std::fs::metadata(self.binary_path(&sha)) {
-            return Ok(pb::RegisterBinaryReply { sha256: sha, size: m.len() });
+            return Ok((pb::RegisterBinaryReply { sha256: sha, size: m.len() }, job));
         }
         let tmp = self.tmp_path(&sha)?;
         let res: Result<(), Status> = async {
@@ -201,7 +221,7 @@ impl WorkerPool {
         let me = self.clone();
         let sha2 = sha.clone();
         let size = tokio::task::spawn_blocking(move || me.install(&tmp, &sha2)).await.map_err(|e| Status::internal(e.to_string()))??;
-        Ok(pb::RegisterBinaryReply { sha256: sha, size })
+        Ok((pb::RegisterBinaryReply { sha256: sha, size }, job))
     }
 
     /// `ReadBinary`: streams a cached binary in 1 MiB chunks.
@@ -221,7 +241,7 @@ impl WorkerPool {
                     Ok(0) => break,
                     Ok(n) => {
                         buf.truncate(n);
-                        if tx.blocking_send(Ok(pb::BinaryChunk { sha256: String::new(), data: buf.into() })).is_err() {
+                        if tx.blocking_send(Ok(pb::BinaryChunk { sha256: String::new(), data: buf.into(), job_id: String::new() })).is_err() {
                             break;
                         }
                     }
@@ -306,7 +326,7 @@ impl WorkerPool {
                 w.state = WState::Idle(Instant::now());
             }
         }
-        let (id, ready) = self.spawn(&path, key, lease_id)?;
+        let (id, ready) = self.spawn(&path, key, Some(lease_id.to_owned()))?;
         let outcome = tokio::time::timeout(self.cfg.opts.start_timeout, ready).await;
         let fail = |msg: String| {
             // The worker is of no use to anyone: make sure it is gone.
@@ -328,7 +348,7 @@ impl WorkerPool {
         }
     }
 
-    fn spawn(self: &Arc<Self>, path: &Path, key: (String, String), lease_id: &str) -> Result<(String, oneshot::Receiver<Result<(), String>>), Status> {
+    fn spawn(self: &Arc<Self>, path: &Path, key: (String, String), lease_id: Option<String>) -> Result<(String, oneshot::Receiver<Result<(), String>>), Status> {
         let id = {
             let mut st = self.lock();
             st.next += 1;
@@ -370,7 +390,7 @@ impl WorkerPool {
         let (tx, rx) = oneshot::channel();
         self.lock().workers.insert(
             id.clone(),
-            Worker { key, pid, address: String::new(), state: WState::Starting(lease_id.to_owned()), tx: None, ready: Some(tx), log },
+            Worker { key, pid, address: String::new(), state: WState::Starting(lease_id), tx: None, ready: Some(tx), log },
         );
         crate::metrics::worker_started();
         let me = self.clone();
@@ -385,10 +405,10 @@ impl WorkerPool {
     fn exited(&self, id: &str, status: String) {
         let Some(mut w) = self.lock().workers.remove(id) else { return };
         match &w.state {
-            WState::Leased(l) | WState::Starting(l) => {
+            WState::Leased(l) | WState::Starting(Some(l)) => {
                 self.leases.give_back(l);
             }
-            WState::Idle(_) => {}
+            WState::Idle(_) | WState::Starting(None) => {}
         }
         if let Some(r) = w.ready.take() {
             let _ = r.send(Err(format!("worker {id} exited ({status}) before it registered; see {}", w.log.display())));
@@ -418,10 +438,14 @@ impl WorkerPool {
                         let Some(w) = st.workers.get_mut(&h.worker_id) else { break };
                         let Some(tx) = tx.take() else { continue };
                         w.address = h.address;
-                        if let WState::Starting(l) = &w.state {
-                            let l = l.clone();
-                            let _ = tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Leased(l.clone())) });
-                            w.state = WState::Leased(l);
+                        match &w.state {
+                            WState::Starting(Some(l)) => {
+                                let l = l.clone();
+                                let _ = tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Leased(l.clone())) });
+                                w.state = WState::Leased(l);
+                            }
+                            WState::Starting(None) => w.state = WState::Idle(Instant::now()),
+                            _ => {}
                         }
                         w.tx = Some(tx);
                         if let Some(r) = w.ready.take() {

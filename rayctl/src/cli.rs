@@ -255,6 +255,10 @@ pub(crate) struct StartArgs {
     /// When a job is stopped: SIGTERM, then SIGKILL after this long (heads).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub(crate) job_stop_grace: Duration,
+    /// Worker processes a node starts for a driver's program as soon as the driver connects,
+    /// so its first tasks find them running (nodes).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) prestart_workers: u32,
     /// An idle worker process exits after this long (nodes).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) worker_idle_timeout: Duration,

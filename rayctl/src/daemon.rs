@@ -218,6 +218,7 @@ async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
     opts.log_dir = session_dir.join("logs");
     opts.job_dir = session_dir.join("jobs");
     opts.workers.idle_timeout = args.worker_idle_timeout;
+    opts.workers.prestart = args.prestart_workers;
     let node = node::start(opts).await?;
     let _record = if args.head_node {
         RecordGuard(None)
@@ -300,6 +301,7 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         ("--num-gpus", args.num_gpus.map(|v| v.to_string())),
         ("--memory", args.memory.clone()),
         ("--worker-idle-timeout", Some(humantime::format_duration(args.worker_idle_timeout).to_string())),
+        ("--prestart-workers", Some(args.prestart_workers.to_string())),
         ("--resources", args.resources.clone()),
         ("--labels", args.labels.clone()),
         ("--auth-token-file", args.auth_token_file.as_ref().map(|p| p.display().to_string())),

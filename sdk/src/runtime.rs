@@ -417,11 +417,12 @@ impl Runtime {
                     .map(|i| pb::BinaryChunk {
                         sha256: if i == 0 { sha.clone() } else { String::new() },
                         data: file.slice(i * (4 << 20)..((i + 1) * (4 << 20)).min(file.len())),
+                        job_id: if i == 0 { self.job_id.clone() } else { String::new() },
                     })
                     .collect();
                 c.upload_binary(futures_util::stream::iter(chunks)).await
             }
-            _ => c.register_binary(pb::RegisterBinaryRequest { sha256: sha, path: path.display().to_string() }).await,
+            _ => c.register_binary(pb::RegisterBinaryRequest { sha256: sha, path: path.display().to_string(), job_id: self.job_id.clone() }).await,
         };
         res.map(|_| ()).map_err(|e| Error::Init(format!("cannot give this program to node {} for its workers: {}", self.node.address, e.message())))
     }

@@ -49,6 +49,14 @@ fn victim(path: String, ms: u64) -> u64 {
     42
 }
 
+/// Submits two tasks from inside a task (the worker is their owner) and adds their results.
+#[sdk::remote]
+fn nested(a: i64, b: i64) -> i64 {
+    let x = add::remote(a, 1i64);
+    let y = add::remote(b, 1i64);
+    sdk::get(&x).expect("nested x") + sdk::get(&y).expect("nested y")
+}
+
 fn blob(seed: u64, n: u64) -> Vec<u8> {
     let mut s = seed | 1;
     (0..n)
@@ -160,6 +168,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::thread::sleep(Duration::from_millis(100));
             result(serde_json::json!({"dropped": true, "owned": session.owned_objects()}));
             stdin_line();
+        }
+        "idle" => {
+            // Connected, no task yet: what the node started on its own.
+            result(serde_json::json!({"connected": true}));
+            stdin_line();
+        }
+        "wait" => {
+            // Five tasks of 0.2 to 1 s on a cluster of three one-CPU nodes.
+            let refs: Vec<_> = (1..=5u64).map(|i| sleep_where::remote(i * 200)).collect();
+            let t = std::time::Instant::now();
+            let (ready, rest) = sdk::wait(&refs, 2, Some(Duration::from_secs(60)))?;
+            let first = (ready.len(), rest.len(), t.elapsed().as_millis() as u64);
+            let (ready0, _) = sdk::wait(&rest, rest.len(), Some(Duration::from_millis(1)))?;
+            let (all, none) = sdk::wait(&refs, 5, None)?;
+            result(serde_json::json!({"first": first, "early": ready0.len(), "all": all.len(), "left": none.len()}));
+        }
+        "nested" => {
+            let r = nested::remote(10i64, 20i64);
+            result(serde_json::json!({"value": sdk::get(&r)?}));
         }
         "many" => {
             let n: i64 = arg(1).parse()?;
