@@ -322,3 +322,74 @@ fn prestarted_workers_wait_for_a_driver_and_idle_ones_exit() -> Result<()> {
     wait_for("idle workers to exit", Duration::from_secs(30), || (workers_idle(port) == Some(0.0)).then_some(()))?;
     d.finish(Duration::from_secs(30))
 }
+
+/// A lease granted with a worker that no owner ever claims (the owner died or gave up after
+/// the node granted it) comes back: the worker gives it up and its resources are free again.
+#[test]
+fn an_unclaimed_lease_is_given_back() -> Result<()> {
+    use protocol::pb;
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 0, ..Default::default() })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    let addr = c.heads[0].ready["node"]["address"].as_str().context("node address")?.to_owned();
+    let port = c.heads[0].ready["node"]["metrics_export_port"].as_u64().context("metrics port")?;
+    let sha = {
+        use sha2::Digest;
+        let bytes = std::fs::read(driver_bin())?;
+        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let _in_rt = rt.enter();
+    let opts = protocol::client::ClientOptions { rpc_timeout: Duration::from_secs(60), ..Default::default() };
+    let mut nm = protocol::client::node_manager(&addr, c.auth(), &opts)?;
+    rt.block_on(nm.register_binary(pb::RegisterBinaryRequest { sha256: sha.clone(), path: driver_bin().into(), job_id: String::new() }))?;
+    let req = || pb::LeaseRequest {
+        resources: [("CPU".to_string(), 1.0)].into_iter().collect(),
+        binary_sha256: sha.clone(),
+        binary_source: addr.clone(),
+        ..Default::default()
+    };
+    let first = rt.block_on(nm.request_worker_lease(req()))?.into_inner();
+    assert_eq!(first.outcome, pb::LeaseOutcome::Granted as i32, "{first:?}");
+    assert!(!first.worker_address.is_empty(), "{first:?}");
+    // The node's only CPU is leased: a second request times out while the first is held.
+    let second = rt.block_on(nm.request_worker_lease(pb::LeaseRequest { queue_timeout_ms: 200, ..req() }))?.into_inner();
+    assert_eq!(second.outcome, pb::LeaseOutcome::TimedOut as i32, "{second:?}");
+    // Nobody opens the lease's stream: within the worker's orphan timeout it is given back.
+    wait_for("the unclaimed lease to be given back", Duration::from_secs(60), || (workers_idle(port) == Some(1.0)).then_some(()))?;
+    let third = rt.block_on(nm.request_worker_lease(pb::LeaseRequest { queue_timeout_ms: 5_000, ..req() }))?.into_inner();
+    assert_eq!(third.outcome, pb::LeaseOutcome::Granted as i32, "{third:?}");
+    // The idle worker is reused.
+    assert_eq!(third.worker_id, first.worker_id);
+    Ok(())
+}
+
+/// Lineage reconstruction: the node holding the only copies of 100 intermediate results
+/// dies; the consumers' owner runs the producers again elsewhere and the checksums match.
+#[test]
+fn results_lost_with_their_node_are_rebuilt_from_lineage() -> Result<()> {
+    let mut c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, node_cpus: 2.0, ..Default::default() })?;
+    wait_view(&c)?;
+    let a = node_id(&c, 0);
+    let mut d = Driver::start(&c, &["dag", &a], &[])?;
+    let r = d.result(Duration::from_secs(180))?;
+    assert_eq!(r["stage1"], 100, "{r}");
+    assert_eq!(r["on"][0], a.as_str(), "the producers did not run on node 0: {r}");
+    c.nodes[0].kill9();
+    d.next_step()?;
+    let r = d.result(Duration::from_secs(240))?;
+    assert_eq!(r["equal"], true, "{r}");
+    assert_eq!(r["direct_equal"], true, "{r}");
+    assert_eq!(r["tasks"], 200, "{r}");
+    d.finish(Duration::from_secs(30))?;
+    // The driver (on the head's node) reported its rebuilds to its node.
+    let port = c.heads[0].ready["node"]["metrics_export_port"].as_u64().context("metrics port")?;
+    wait_for("rebuilds in the head node's metrics", Duration::from_secs(30), || {
+        (metric(port, "rayctl_object_reconstructions_total")? >= 1.0).then_some(())
+    })
+}
+
+fn metric(port: u64, name: &str) -> Option<f64> {
+    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok()?;
+    let text = resp.body_mut().read_to_string().ok()?;
+    text.lines().find(|l| l.starts_with(name))?.split_whitespace().last()?.parse().ok()
+}

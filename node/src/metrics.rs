@@ -31,6 +31,7 @@ pub const LEASES: &str = "rayctl_lease_requests_total";
 pub const TASKS: &str = "ray_tasks";
 pub const TASK_RETRIES: &str = "rayctl_task_retries_total";
 pub const TASKS_EXECUTED: &str = "rayctl_tasks_executed_total";
+pub const RECONSTRUCTIONS: &str = "rayctl_object_reconstructions_total";
 
 pub fn describe_workers() {
     describe_gauge!(WORKERS, "worker processes on this node, by state (starting, idle, leased)");
@@ -41,6 +42,7 @@ pub fn describe_workers() {
     describe_gauge!(TASKS, "tasks by state (Ray's State names), owned or run by processes on this node");
     describe_counter!(TASK_RETRIES, "task retries after worker failures, by owners on this node");
     describe_counter!(TASKS_EXECUTED, "tasks executed by workers on this node");
+    describe_counter!(RECONSTRUCTIONS, "objects rebuilt from lineage by owners on this node after their copies were lost");
 }
 
 pub(crate) fn worker_started() {
@@ -69,4 +71,5 @@ pub(crate) fn workers(by_state: &std::collections::HashMap<&'static str, u64>, s
     gauge!(TASKS, "State" => "FAILED").set(s.tasks_failed_total as f64);
     counter!(TASK_RETRIES).absolute(s.task_retries_total);
     counter!(TASKS_EXECUTED).absolute(s.tasks_executed_total);
+    counter!(RECONSTRUCTIONS).absolute(s.reconstructions_total);
 }

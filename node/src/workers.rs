@@ -549,4 +549,77 @@ fn add_totals(into: &mut pb::WorkerStats, s: &pb::WorkerStats) {
     into.tasks_failed_total += s.tasks_failed_total;
     into.task_retries_total += s.task_retries_total;
     into.tasks_executed_total += s.tasks_executed_total;
+    into.reconstructions_total += s.reconstructions_total;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(dir: &Path) -> Arc<WorkerPool> {
+        let node = protocol::NodeId::from_bytes([7; 16]);
+        let leases = Arc::new(Leases::new(node, scheduler::ResourceSet::from_map([("CPU", 1.0)]).unwrap()));
+        let cfg = PoolConfig {
+            opts: WorkerOptions {
+                idle_timeout: Duration::from_secs(60),
+                start_timeout: Duration::from_secs(5),
+                binary_dir: dir.join("binaries"),
+                prestart: 0,
+            },
+            node_id: node.to_string(),
+            node_address: "127.0.0.1:1".into(),
+            object_manager_address: "127.0.0.1:2".into(),
+            store_socket: dir.join("sock"),
+            heads: vec![],
+            token: None,
+            log_dir: dir.join("logs"),
+            job_dir: dir.join("jobs"),
+            advertise_host: "127.0.0.1".into(),
+        };
+        Arc::new(WorkerPool::new(cfg, leases))
+    }
+
+    #[tokio::test]
+    async fn binaries_are_installed_only_with_the_right_hash_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let file = dir.path().join("prog");
+        let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&file, &content).unwrap();
+        let sha = sha256_file(&file).unwrap();
+
+        let e = p.register_local("ab".repeat(32), file.display().to_string()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::DataLoss, "{e}");
+        assert!(!p.binary_path(&"ab".repeat(32)).exists());
+        let e = p.register_local("not-a-hash".into(), file.display().to_string()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let e = p.register_local(sha.clone(), "/no/such/file".into()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+
+        let r = p.register_local(sha.clone(), file.display().to_string()).await.unwrap();
+        assert_eq!(r.size, content.len() as u64);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(p.binary_path(&sha)).unwrap().permissions().mode() & 0o111, 0o111);
+        // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(dir.path().join("binaries")).unwrap().count(), 1);
+
+        let mut rx = p.read(&sha).unwrap();
+        let mut back = Vec::new();
+        while let Some(c) = rx.recv().await {
+            back.extend_from_slice(&c.unwrap().data);
+        }
+        assert_eq!(back, content);
+        assert_eq!(p.read(&"cd".repeat(32)).unwrap_err().code(), tonic::Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn a_lease_for_a_missing_binary_without_a_source_is_refused_and_frees_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let e = p.attach("lease-1", &"ef".repeat(32), "", "job").await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("not on this node"), "{e}");
+        let (by_state, _) = p.snapshot();
+        assert_eq!(by_state.values().sum::<u64>(), 0);
+    }
 }

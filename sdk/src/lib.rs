@@ -49,7 +49,8 @@ pub use runtime::{init, init_with, Config, Mode, Session};
 /// Why a remote function call failed, with where it ran.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskError {
-    /// `PANIC`, `WORKER_DIED`, `ARGUMENT`, `UNKNOWN_FUNCTION`, `STORE`, `DEPENDENCY`.
+    /// `PANIC`, `WORKER_DIED`, `ARGUMENT`, `UNKNOWN_FUNCTION`, `STORE`, `DEPENDENCY`,
+    /// `SCHEDULING`, `OBJECT_LOST`.
     pub kind: String,
     pub message: String,
     pub task_id: String,
@@ -86,6 +87,7 @@ impl From<&TaskError> for protocol::pb::TaskError {
             function: e.function.clone(),
             node_id: e.node_id.clone(),
             worker_id: e.worker_id.clone(),
+            lost_object_id: Vec::new(),
         }
     }
 }
@@ -347,6 +349,7 @@ pub mod __private {
     inventory::collect!(RemoteFunction);
 
     /// An argument on the submitting side.
+    #[derive(Clone)]
     pub enum ArgOut {
         /// A small value, sent inline.
         Inline(protocol::pb::Value),
@@ -385,5 +388,48 @@ pub mod __private {
     pub fn submit<R: Value>(name: &'static str, opts: &TaskOptions, args: Vec<ArgOut>) -> ObjectRef<R> {
         let rt = crate::runtime::current().unwrap_or_else(|e| panic!("{name}::remote() needs sdk::init() first: {e}"));
         ObjectRef::new(rt.submit(name, opts, args))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_make_the_lease_shape_and_reject_bad_amounts() {
+        let s = TaskOptions::default().num_gpus(1.0).resource("accel", 0.5).shape().unwrap();
+        assert_eq!(s.into_iter().collect::<Vec<_>>(), [("CPU".to_string(), 1.0), ("GPU".to_string(), 1.0), ("accel".to_string(), 0.5)]);
+        // Zero CPUs: a lease of nothing, placeable anywhere.
+        assert!(TaskOptions::default().num_cpus(0.0).shape().unwrap().is_empty());
+        let e = TaskOptions::default().num_cpus(-1.0).shape().unwrap_err();
+        assert!(e.contains("CPU"), "{e}");
+        assert!(TaskOptions::default().resource("", 1.0).shape().is_err());
+    }
+
+    #[test]
+    fn calls_before_init_are_clear_errors() {
+        let e = current_or_error();
+        assert!(e.contains("sdk::init()"), "{e}");
+    }
+
+    fn current_or_error() -> String {
+        match runtime::current() {
+            Ok(_) => "initialised".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn task_errors_name_the_function_task_node_and_worker() {
+        let e = TaskError {
+            kind: "PANIC".into(),
+            message: "boom".into(),
+            task_id: "ab".repeat(20),
+            function: "m::f".into(),
+            node_id: "n1".into(),
+            worker_id: "w1".into(),
+        };
+        let s = Error::Task(Box::new(e)).to_string();
+        assert_eq!(s, format!("task m::f ({}) failed on node n1 (worker w1): PANIC: boom", "ab".repeat(20)));
     }
 }

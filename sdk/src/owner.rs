@@ -34,6 +34,20 @@ pub(crate) enum State {
 struct Entry {
     state: State,
     notify: Option<Arc<Notify>>,
+    /// How to make the object again (tasks only; `put` objects have none).
+    lineage: Option<Arc<crate::submit::Lineage>>,
+    /// Times it was rebuilt after its copies were lost.
+    rebuilds: u32,
+}
+
+/// What `rebuild` decided.
+pub(crate) enum Rebuild {
+    /// Resubmit this lineage (the object is pending again).
+    Run(Arc<crate::submit::Lineage>, u32),
+    /// Someone else is already rebuilding it: wait for it.
+    InProgress,
+    /// It cannot be made again: why.
+    Lost(String),
 }
 
 /// One owned reference; the entry goes when the last `Arc<Handle>` drops.
@@ -69,8 +83,33 @@ impl Owner {
 
     /// Adds an entry and returns its first handle.
     pub(crate) fn add(self: &Arc<Self>, id: ObjectId, state: State) -> Arc<Handle> {
-        self.lock().insert(id, Entry { state, notify: None });
+        self.add_with_lineage(id, state, None)
+    }
+
+    pub(crate) fn add_with_lineage(self: &Arc<Self>, id: ObjectId, state: State, lineage: Option<Arc<crate::submit::Lineage>>) -> Arc<Handle> {
+        self.lock().insert(id, Entry { state, notify: None, lineage, rebuilds: 0 });
         Arc::new(Handle { id, owner: Arc::downgrade(self) })
+    }
+
+    /// Every stored copy of `id` is gone: makes it pending again if its task can run again
+    /// (within the task's `max_retries`), for the caller to resubmit.
+    pub(crate) fn rebuild(&self, id: ObjectId, why: &str) -> Rebuild {
+        let mut objects = self.lock();
+        let Some(e) = objects.get_mut(&id) else { return Rebuild::Lost(format!("{why}; this process no longer references it")) };
+        match &e.state {
+            State::Pending => return Rebuild::InProgress,
+            State::Stored { .. } => {}
+            _ => return Rebuild::Lost(why.to_owned()),
+        }
+        let Some(lineage) = e.lineage.clone() else {
+            return Rebuild::Lost(format!("{why}; it was made by put, so there is no task to run again"));
+        };
+        if e.rebuilds >= lineage.max_retries {
+            return Rebuild::Lost(format!("{why}; already rebuilt {} time(s), max_retries={}", e.rebuilds, lineage.max_retries));
+        }
+        e.rebuilds += 1;
+        e.state = State::Pending;
+        Rebuild::Run(lineage, e.rebuilds)
     }
 
     pub(crate) fn state(&self, id: ObjectId) -> Option<State> {
@@ -185,4 +224,84 @@ impl Owner {
 fn ready_now(o: &Owner, ids: &[ObjectId]) -> Vec<bool> {
     let objects = o.lock();
     ids.iter().map(|id| objects.get(id).is_none_or(|e| !matches!(e.state, State::Pending))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(n: &str) -> Loc {
+        Loc { node_id: n.into(), om: format!("{n}:om"), nm: format!("{n}:nm") }
+    }
+
+    #[test]
+    fn the_last_handle_frees_every_stored_copy_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let id = ObjectId::from_bytes([1; 20]);
+        let h = o.add(id, State::Stored { tag: "t".into(), locs: vec![loc("a")] });
+        o.add_location(id, loc("b"));
+        o.add_location(id, loc("b"));
+        let h2 = h.clone();
+        drop(h);
+        assert!(rx.try_recv().is_err(), "freed while a handle lives");
+        drop(h2);
+        let mut freed: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).map(|(n, i)| {
+            assert_eq!(i, id);
+            n
+        }).collect();
+        freed.sort();
+        assert_eq!(freed, ["a:nm", "b:nm"]);
+        assert_eq!(o.len(), 0);
+    }
+
+    #[test]
+    fn a_result_nobody_references_is_freed_when_it_arrives() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let id = ObjectId::from_bytes([2; 20]);
+        drop(o.add(id, State::Pending));
+        o.complete(id, State::Stored { tag: "t".into(), locs: vec![loc("a")] });
+        assert_eq!(rx.try_recv().ok(), Some(("a:nm".to_string(), id)));
+        // Inline values need no free.
+        drop(o.add(id, State::Inline { bytes: Bytes::from_static(b"x"), tag: "t".into() }));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn lost_objects_are_rebuilt_within_max_retries_and_puts_are_lost() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let stored = || State::Stored { tag: "t".into(), locs: vec![loc("a")] };
+        let put = ObjectId::from_bytes([5; 20]);
+        let _hp = o.add(put, stored());
+        assert!(matches!(o.rebuild(put, "gone"), Rebuild::Lost(w) if w.contains("put")));
+
+        let id = ObjectId::from_bytes([6; 20]);
+        let key = crate::submit::Key::new(Default::default(), &crate::Strategy::Default);
+        let lineage = Arc::new(crate::submit::Lineage { function: "m::f", args: vec![], key, max_retries: 1 });
+        let _h = o.add_with_lineage(id, stored(), Some(lineage));
+        assert!(matches!(o.rebuild(id, "gone"), Rebuild::Run(_, 1)));
+        // While it runs again, others wait for it instead of starting a second run.
+        assert!(matches!(o.rebuild(id, "gone"), Rebuild::InProgress));
+        o.complete(id, stored());
+        assert!(matches!(o.rebuild(id, "gone again"), Rebuild::Lost(w) if w.contains("max_retries=1")));
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_on_completion_and_time_out_otherwise() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let (a, b) = (ObjectId::from_bytes([3; 20]), ObjectId::from_bytes([4; 20]));
+        let _ha = o.add(a, State::Pending);
+        let _hb = o.add(b, State::Pending);
+        assert!(o.ready(a, Some(Duration::from_millis(20))).await.is_none());
+        let o2 = o.clone();
+        let w = tokio::spawn(async move { o2.wait(&[a, b], 1, None).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        o.complete(b, State::Inline { bytes: Bytes::from_static(b"x"), tag: "t".into() });
+        assert_eq!(w.await.unwrap(), [false, true]);
+        assert_eq!(o.wait(&[a, b], 2, Some(Duration::from_millis(20))).await, [false, true]);
+        assert!(matches!(o.ready(b, None).await, Some(State::Inline { .. })));
+    }
 }

@@ -21,7 +21,7 @@ use protocol::client::{ClientOptions, HeadClient, NmClient, OmClient};
 use protocol::{pb, ObjectId};
 use tokio::sync::mpsc;
 
-use crate::owner::{Handle, Loc, Owner, State};
+use crate::owner::{Handle, Loc, Owner, Rebuild, State};
 use crate::value::{self, Source, Value, View};
 use crate::{submit, Error, TaskOptions};
 
@@ -29,6 +29,11 @@ static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
 
 pub(crate) fn current() -> Result<Arc<Runtime>, Error> {
     RUNTIME.get().cloned().ok_or_else(|| Error::Init("sdk::init() has not been called in this process".into()))
+}
+
+enum Resolved {
+    Inline(Bytes, String),
+    Stored(Source, String),
 }
 
 /// How `init` connects.
@@ -75,6 +80,7 @@ pub(crate) struct Stats {
     pub(crate) failed: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) executed: AtomicU64,
+    pub(crate) reconstructions: AtomicU64,
 }
 
 impl Stats {
@@ -93,6 +99,7 @@ impl Stats {
             tasks_failed_total: g(&self.failed),
             task_retries_total: g(&self.retries),
             tasks_executed_total: g(&self.executed),
+            reconstructions_total: g(&self.reconstructions),
         }
     }
 }
@@ -485,30 +492,50 @@ impl Runtime {
     }
 
     pub(crate) async fn get_value<T: Value>(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<T, Error> {
-        match self.ready(id, timeout).await? {
-            State::Inline { bytes, tag } => value::decode::<T>(&bytes, &tag).map_err(|e| Error::Decode(format!("object {id} {e}"))),
-            State::Failed(e) => Err(Error::Task(Box::new(e))),
-            State::Stored { tag, locs } => {
-                let src = self.fetch(id, locs).await?;
+        match self.clone().resolve(id, timeout).await? {
+            Resolved::Inline(bytes, tag) => value::decode::<T>(&bytes, &tag),
+            Resolved::Stored(src, tag) => {
                 let bytes = match &src {
                     Source::Store(v) => v.data(),
                     Source::Heap(v) => &v[..],
                 };
-                value::decode::<T>(bytes, &tag).map_err(|e| Error::Decode(format!("object {id} {e}")))
+                value::decode::<T>(bytes, &tag)
             }
-            State::Pending => unreachable!("ready() never returns Pending"),
         }
+        .map_err(|e| Error::Decode(format!("object {id} {e}")))
     }
 
     pub(crate) async fn get_view<T: Value>(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<View<T>, Error> {
-        match self.ready(id, timeout).await? {
-            State::Inline { bytes, tag } => View::from_inline(&bytes, &tag).map_err(|e| Error::Decode(format!("object {id} {e}"))),
-            State::Failed(e) => Err(Error::Task(Box::new(e))),
-            State::Stored { tag, locs } => {
-                let src = self.fetch(id, locs).await?;
-                View::new(src, &tag).map_err(|e| Error::Decode(format!("object {id} {e}")))
+        match self.clone().resolve(id, timeout).await? {
+            Resolved::Inline(bytes, tag) => View::from_inline(&bytes, &tag),
+            Resolved::Stored(src, tag) => View::new(src, &tag),
+        }
+        .map_err(|e| Error::Decode(format!("object {id} {e}")))
+    }
+
+    /// Waits for the object and makes its bytes readable here; an object whose every copy
+    /// is lost is rebuilt from its lineage (the task runs again) when it can be.
+    async fn resolve(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<Resolved, Error> {
+        loop {
+            match self.ready(id, timeout).await? {
+                State::Inline { bytes, tag } => return Ok(Resolved::Inline(bytes, tag)),
+                State::Failed(e) => return Err(Error::Task(Box::new(e))),
+                State::Stored { tag, locs } => match self.fetch(id, locs).await {
+                    Ok(src) => return Ok(Resolved::Stored(src, tag)),
+                    Err(Error::ObjectLost(_, why)) => match self.owner.rebuild(id, &why) {
+                        Rebuild::Run(lineage, n) => {
+                            tracing::info!(object = %id, "rebuilding a lost object (rebuild {n})");
+                            self.stats.reconstructions.fetch_add(1, Ordering::Relaxed);
+                            self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
+                            let _ = self.submit_tx.send(submit::Event::Submit(lineage.task(id, n)));
+                        }
+                        Rebuild::InProgress => {}
+                        Rebuild::Lost(why) => return Err(Error::ObjectLost(id, why)),
+                    },
+                    Err(e) => return Err(e),
+                },
+                State::Pending => unreachable!("ready() never returns Pending"),
             }
-            State::Pending => unreachable!("ready() never returns Pending"),
         }
     }
 
@@ -582,7 +609,11 @@ impl Runtime {
 
     pub(crate) fn submit(self: &Arc<Self>, name: &'static str, opts: &TaskOptions, args: Vec<crate::__private::ArgOut>) -> Arc<Handle> {
         let id = self.new_id(1);
-        let h = self.owner.add(id, State::Pending);
+        let key = opts.shape().map(|shape| submit::Key::new(shape, &opts.strategy));
+        let lineage = key.as_ref().ok().map(|key| {
+            Arc::new(submit::Lineage { function: name, args: args.clone(), key: key.clone(), max_retries: opts.max_retries })
+        });
+        let h = self.owner.add_with_lineage(id, State::Pending, lineage);
         let fail = |kind: &str, message: String| {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             self.owner.complete(
@@ -597,8 +628,8 @@ impl Runtime {
                 }),
             );
         };
-        let shape = match opts.shape() {
-            Ok(s) => s,
+        let key = match key {
+            Ok(k) => k,
             Err(e) => {
                 fail("ARGUMENT", format!("bad resources: {e}"));
                 return h;
@@ -611,7 +642,6 @@ impl Runtime {
             fail("ARGUMENT", format!("cannot encode an argument: {e}"));
             return h;
         }
-        let key = submit::Key::new(shape, &opts.strategy);
         let task = submit::Task { id, function: name, args, key, attempt: 0, max_retries: opts.max_retries };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
         let _ = self.submit_tx.send(submit::Event::Submit(task));

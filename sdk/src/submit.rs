@@ -24,7 +24,7 @@ use protocol::{pb, ObjectId};
 use tokio::sync::mpsc;
 
 use crate::__private::ArgOut;
-use crate::owner::{Loc, State};
+use crate::owner::{Loc, Rebuild, State};
 use crate::runtime::Runtime;
 use crate::{Strategy, TaskError};
 
@@ -32,6 +32,8 @@ const PIPELINE: usize = 16;
 const MAX_PENDING_LEASES: usize = 8;
 const LINGER: Duration = Duration::from_millis(200);
 const LEASE_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Consecutive failed lease RPCs (not refusals) after which waiting tasks fail (~15 s).
+const MAX_LEASE_FAILURES: u32 = 10;
 
 /// Tasks with the same key can share leases.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -57,6 +59,20 @@ impl Key {
     }
 }
 
+/// How to run a task again (kept by the owner while its result is referenced).
+pub(crate) struct Lineage {
+    pub(crate) function: &'static str,
+    pub(crate) args: Vec<ArgOut>,
+    pub(crate) key: Arc<Key>,
+    pub(crate) max_retries: u32,
+}
+
+impl Lineage {
+    pub(crate) fn task(&self, id: ObjectId, attempt: u32) -> Task {
+        Task { id, function: self.function, args: self.args.clone(), key: self.key.clone(), attempt, max_retries: self.max_retries }
+    }
+}
+
 pub(crate) struct Task {
     pub(crate) id: ObjectId,
     pub(crate) function: &'static str,
@@ -79,6 +95,8 @@ pub(crate) enum Event {
     ArgsReady(Task),
     Granted(Arc<Key>, Lease),
     LeaseDone(Arc<Key>),
+    /// Lease requests for this key keep failing: its waiting tasks fail with this message.
+    LeaseFailed(Arc<Key>, String),
     Replies(u64, Vec<pb::TaskReply>),
     Broken(u64, String),
 }
@@ -160,6 +178,16 @@ impl Submitter {
                     ks.requests.retain(|h| !h.is_finished());
                 }
                 dirty.push(key);
+            }
+            Event::LeaseFailed(key, why) => {
+                let Some(ks) = self.keys.get_mut(&key) else { return };
+                ks.requests.retain(|h| !h.is_finished());
+                let tasks: Vec<Task> = ks.queue.drain(..).collect();
+                for t in tasks {
+                    self.rt.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
+                    let e = task_error(&t, "SCHEDULING", format!("no worker could be leased: {why}"), "", "");
+                    self.finish_failed(&t, e);
+                }
             }
             Event::Replies(conn, replies) => {
                 if let Some(c) = self.conns.get(&conn) {
@@ -355,6 +383,30 @@ impl Submitter {
                 self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
                 self.rt.owner.complete(id, state);
             }
+            Some(pb::task_reply::Result::Error(e)) if e.kind == "ARG_LOST" => {
+                // An argument's copies are gone (its node died): rebuild it, then run this
+                // task again once it is back.
+                let lost = ObjectId::from_slice(&e.lost_object_id).ok();
+                match lost.map(|l| (l, self.rt.owner.rebuild(l, &e.message))) {
+                    Some((l, Rebuild::Run(lineage, n))) => {
+                        tracing::info!(object = %l, "rebuilding a lost argument (rebuild {n})");
+                        self.rt.stats.reconstructions.fetch_add(1, Ordering::Relaxed);
+                        self.rt.stats.pending_args.fetch_add(1, Ordering::Relaxed);
+                        self.resolve_args(lineage.task(l, n));
+                        self.rt.stats.pending_args.fetch_add(1, Ordering::Relaxed);
+                        self.resolve_args(t);
+                    }
+                    Some((_, Rebuild::InProgress)) => {
+                        self.rt.stats.pending_args.fetch_add(1, Ordering::Relaxed);
+                        self.resolve_args(t);
+                    }
+                    Some((l, Rebuild::Lost(why))) => {
+                        let e = task_error(&t, "OBJECT_LOST", format!("argument {l} is lost: {why}"), &e.node_id, &e.worker_id);
+                        self.finish_failed(&t, e);
+                    }
+                    None => self.finish_failed(&t, e.into()),
+                }
+            }
             Some(pb::task_reply::Result::Error(e)) => {
                 self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
                 self.rt.owner.complete(id, State::Failed(e.into()));
@@ -441,6 +493,7 @@ fn task_error(t: &Task, kind: &str, message: String, node: &str, worker: &str) -
 async fn request_lease(rt: Arc<Runtime>, key: Arc<Key>, events: mpsc::UnboundedSender<Event>) {
     let mut backoff = Duration::from_millis(100);
     let mut logged = false;
+    let mut failures = 0;
     'outer: loop {
         let mut addr = rt.node.address.clone();
         let mut hops = 0;
@@ -457,9 +510,21 @@ async fn request_lease(rt: Arc<Runtime>, key: Arc<Key>, events: mpsc::UnboundedS
                 job_id: rt.job_id.clone(),
             };
             let r = match rt.nm(&addr).request_worker_lease(req).await {
-                Ok(r) => r.into_inner(),
+                Ok(r) => {
+                    failures = 0;
+                    r.into_inner()
+                }
                 Err(e) => {
                     tracing::warn!("lease request to {addr} failed: {}", e.message());
+                    failures += 1;
+                    // A node that cannot start a worker (a missing binary, a worker that
+                    // crashes at start) will not start to: give up after a while.
+                    if failures >= MAX_LEASE_FAILURES {
+                        let why = format!("{failures} lease requests failed, the last at {addr}: {}", e.message());
+                        let _ = events.send(Event::LeaseFailed(key.clone(), why));
+                        let _ = events.send(Event::LeaseDone(key));
+                        return;
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue 'outer;

@@ -241,18 +241,3 @@ mod tests {
     }
 }
 
-#[cfg(test)]
-mod timing {
-    #[test]
-    #[ignore]
-    fn validation_cost() {
-        let v = vec![1u8; 256 << 20];
-        let b = super::archive(&v).unwrap();
-        let t = std::time::Instant::now();
-        super::check::<Vec<u8>>(&b, &super::type_tag::<Vec<u8>>()).unwrap();
-        eprintln!("check: {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let n = super::archived_size(&v).unwrap();
-        eprintln!("size: {:?} {n}", t.elapsed());
-    }
-}

@@ -124,6 +124,19 @@ enum Work {
 struct CoreWorker {
     exec: Arc<Mutex<std_mpsc::Sender<Work>>>,
     node_tx: mpsc::UnboundedSender<pb::WorkerMessage>,
+    leases: Arc<Mutex<Leases>>,
+}
+
+/// How long a granted lease waits for its owner's stream before the worker gives it back
+/// (the owner died, or gave up on the request, after the node granted it).
+const ORPHAN_LEASE: Duration = Duration::from_secs(10);
+
+/// The leases the node gave this worker: granted and not yet claimed by a stream, or given
+/// back unclaimed (a late stream for one of those is refused).
+#[derive(Default)]
+struct Leases {
+    unclaimed: std::collections::HashSet<String>,
+    given_back: std::collections::HashSet<String>,
 }
 
 type ReplyStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::PushTasksReply, tonic::Status>> + Send>>;
@@ -141,6 +154,13 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
         let lease = first.lease_id.clone();
         if lease.is_empty() {
             return Err(tonic::Status::invalid_argument("the first PushTasks message must name the lease"));
+        }
+        {
+            let mut l = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if l.given_back.contains(&lease) {
+                return Err(tonic::Status::failed_precondition(format!("lease {lease} was not claimed in time and is over")));
+            }
+            l.unclaimed.remove(&lease);
         }
         let _ = self.node_tx.send(msg(pb::worker_message::Kind::LeaseStarted(lease.clone())));
         let (reply_tx, reply_rx) = mpsc::unbounded_channel::<pb::TaskReply>();
@@ -238,7 +258,8 @@ async fn start_server(
 ) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind((host.as_str(), 0)).await.map_err(|e| Error::Init(format!("cannot bind {host}:0: {e}")))?;
     let address = format!("{host}:{}", listener.local_addr().map_err(|e| Error::Init(e.to_string()))?.port());
-    let svc = CoreWorker { exec: Arc::new(Mutex::new(exec)), node_tx: node_tx.clone() };
+    let leases: Arc<Mutex<Leases>> = Arc::default();
+    let svc = CoreWorker { exec: Arc::new(Mutex::new(exec)), node_tx: node_tx.clone(), leases: leases.clone() };
     let routes = tonic::service::Routes::new(
         pb::core_worker_server::CoreWorkerServer::new(svc)
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
@@ -265,10 +286,29 @@ async fn start_server(
         .map_err(|e| Error::Init(format!("cannot reach node {}: {}", rt.node.address, e.message())))?
         .into_inner();
     let r = rt.clone();
+    let give_back = node_tx.clone();
     tokio::spawn(async move {
         loop {
             match inbound.message().await {
                 Ok(Some(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Exit(_)) })) => std::process::exit(0),
+                Ok(Some(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Leased(lease)) })) => {
+                    leases.lock().unwrap_or_else(|p| p.into_inner()).unclaimed.insert(lease.clone());
+                    let (leases, give_back) = (leases.clone(), give_back.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(ORPHAN_LEASE).await;
+                        let orphan = {
+                            let mut l = leases.lock().unwrap_or_else(|p| p.into_inner());
+                            let orphan = l.unclaimed.remove(&lease);
+                            if orphan {
+                                l.given_back.insert(lease.clone());
+                            }
+                            orphan
+                        };
+                        if orphan {
+                            let _ = give_back.send(msg(pb::worker_message::Kind::LeaseEnded(lease)));
+                        }
+                    });
+                }
                 Ok(Some(_)) => {}
                 // The node is gone: so is this worker.
                 _ => std::process::exit(1),
@@ -297,6 +337,7 @@ fn execute(rt: &Arc<Runtime>, registry: &HashMap<&'static str, Invoke>, spec: pb
             function: spec.function.clone(),
             node_id: node_id.into(),
             worker_id: worker_id.into(),
+            lost_object_id: Vec::new(),
         })),
     };
     let Ok(id) = ObjectId::from_slice(&spec.task_id) else { return err("ARGUMENT", "bad task id".into()) };
@@ -305,9 +346,16 @@ fn execute(rt: &Arc<Runtime>, registry: &HashMap<&'static str, Invoke>, spec: pb
     };
     let mut items = Vec::with_capacity(spec.args.len());
     for (i, a) in spec.args.into_iter().enumerate() {
+        let stored = ObjectId::from_slice(&a.object_id).ok();
         match resolve(rt, a) {
             Ok(x) => items.push(x),
-            Err(e) => return err("ARGUMENT", format!("argument {i}: {e}")),
+            Err(e) => {
+                let mut reply = err(if stored.is_some() { "ARG_LOST" } else { "ARGUMENT" }, format!("argument {i}: {e}"));
+                if let (Some(pb::task_reply::Result::Error(te)), Some(l)) = (&mut reply.result, stored) {
+                    te.lost_object_id = l.as_bytes().to_vec();
+                }
+                return reply;
+            }
         }
     }
     let n = items.len();

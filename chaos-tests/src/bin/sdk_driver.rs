@@ -169,6 +169,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result(serde_json::json!({"dropped": true, "owned": session.owned_objects()}));
             stdin_line();
         }
+        "dag" => {
+            // 100 producers whose results (stored, not inline) live on node A, then, after
+            // the test killed A, 100 consumers of them: the lost ones are rebuilt.
+            let a: sdk::NodeId = arg(1).parse()?;
+            let on_a = TaskOptions::default().strategy(Strategy::NodeAffinity { node: a, soft: true });
+            let size = 200 * 1024;
+            let stage1: Vec<_> = (0..100u64).map(|i| make_blob::remote_with(&on_a, i, size)).collect();
+            let (done, _) = sdk::wait(&stage1, stage1.len(), None)?;
+            let where1: Vec<String> = sdk::get_all(&(0..1).map(|_| where_am_i::remote_with(&on_a)).collect::<Vec<_>>())?;
+            result(serde_json::json!({"stage1": done.len(), "on": where1}));
+            stdin_line();
+            let stage2: Vec<_> = stage1.iter().map(|r| checksum::remote(r)).collect();
+            let sums: Vec<(u32, String)> = sdk::get_all(&stage2)?;
+            let expected: Vec<u32> = (0..100u64).map(|i| crc(&blob(i, size))).collect();
+            let got: Vec<u32> = sums.iter().map(|s| s.0).collect();
+            // The driver's own get of a lost object rebuilds it too.
+            let direct = crc(&sdk::get(&stage1[0])?);
+            result(serde_json::json!({"equal": got == expected, "direct_equal": direct == expected[0], "tasks": stage1.len() + stage2.len()}));
+        }
         "idle" => {
             // Connected, no task yet: what the node started on its own.
             result(serde_json::json!({"connected": true}));
@@ -197,7 +216,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..20 {
                 r = add::remote(&r, 1i64);
             }
-            result(serde_json::json!({"total": total, "chain": sdk::get(&r)?}));
+            // The async get, from a caller's own runtime.
+            let caller = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let chain = caller.block_on(sdk::get_async(&r))?;
+            result(serde_json::json!({"total": total, "chain": chain}));
         }
         other => return Err(format!("unknown subcommand {other:?}").into()),
     }
