@@ -180,7 +180,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let where1: Vec<String> = sdk::get_all(&(0..1).map(|_| where_am_i::remote_with(&on_a)).collect::<Vec<_>>())?;
             result(serde_json::json!({"stage1": done.len(), "on": where1}));
             stdin_line();
-            let stage2: Vec<_> = stage1.iter().map(|r| checksum::remote(r)).collect();
+            let stage2: Vec<_> = stage1.iter().map(checksum::remote).collect();
             let sums: Vec<(u32, String)> = sdk::get_all(&stage2)?;
             let expected: Vec<u32> = (0..100u64).map(|i| crc(&blob(i, size))).collect();
             let got: Vec<u32> = sums.iter().map(|s| s.0).collect();
