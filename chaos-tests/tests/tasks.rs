@@ -393,3 +393,14 @@ fn metric(port: u64, name: &str) -> Option<f64> {
     let text = resp.body_mut().read_to_string().ok()?;
     text.lines().find(|l| l.starts_with(name))?.split_whitespace().last()?.parse().ok()
 }
+
+/// A task that waits for tasks it submitted lends its CPU meanwhile: on a one-CPU cluster the
+/// children still run (without lending they would wait for the parent's CPU forever).
+#[test]
+fn a_blocked_task_lends_its_cpu_to_its_children() -> Result<()> {
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 0, ..Default::default() })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    let r = run(&c, &["nested"], &[])?;
+    assert_eq!(r["value"], 32, "{r}");
+    Ok(())
+}

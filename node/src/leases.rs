@@ -26,6 +26,8 @@ const INFEASIBLE_MEMORY: Duration = Duration::from_secs(10);
 struct State {
     available: ResourceSet,
     leases: HashMap<String, ResourceSet>,
+    /// Leases whose CPU is lent out while their task is blocked in `get`.
+    lent: std::collections::HashSet<String>,
     next_lease: u64,
     spread_cursor: usize,
     rng: u64,
@@ -62,6 +64,7 @@ impl Leases {
             state: Mutex::new(State {
                 available: total.clone(),
                 leases: HashMap::new(),
+                lent: Default::default(),
                 next_lease: 0,
                 spread_cursor: 0,
                 rng: seed,
@@ -217,11 +220,39 @@ impl Leases {
     /// Frees a lease's resources; false if it is unknown (already returned).
     pub(crate) fn give_back(&self, lease_id: &str) -> bool {
         let mut st = self.lock();
-        let Some(r) = st.leases.remove(lease_id) else { return false };
+        let Some(mut r) = st.leases.remove(lease_id) else { return false };
+        if st.lent.remove(lease_id) {
+            // Its CPU is already back in the pool.
+            r.subtract_allowing_debt(&r.only(&["CPU"]));
+        }
         st.available.add(&r);
         drop(st);
         self.freed.notify_waiters();
         true
+    }
+
+    /// The lease's task is blocked waiting for an object: its CPU goes back to the pool.
+    pub(crate) fn lend(&self, lease_id: &str) {
+        let mut st = self.lock();
+        let Some(cpu) = st.leases.get(lease_id).map(|r| r.only(&["CPU"])) else { return };
+        if cpu.is_empty() || !st.lent.insert(lease_id.to_owned()) {
+            return;
+        }
+        st.available.add(&cpu);
+        drop(st);
+        self.freed.notify_waiters();
+    }
+
+    /// The task runs again: it takes its CPU back, even if that leaves the pool in debt
+    /// until another lease ends.
+    pub(crate) fn reclaim(&self, lease_id: &str) {
+        let mut st = self.lock();
+        if !st.lent.remove(lease_id) {
+            return;
+        }
+        if let Some(cpu) = st.leases.get(lease_id).map(|r| r.only(&["CPU"])) {
+            st.available.subtract_allowing_debt(&cpu);
+        }
     }
 }
 
@@ -239,5 +270,40 @@ impl Drop for Queued<'_> {
                 st.queued.remove(&self.key);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(n: f64) -> ResourceSet {
+        ResourceSet::from_map([("CPU", n), ("mem", 2.0)]).unwrap()
+    }
+
+    #[test]
+    fn a_lent_cpu_is_counted_once_whatever_the_order() {
+        let l = Leases::new(NodeId::from_bytes([1; 16]), cpu(1.0));
+        let mut st = l.lock();
+        let a = l.try_grant(&mut st, &cpu(1.0)).unwrap();
+        assert!(l.try_grant(&mut st, &cpu(1.0)).is_none());
+        drop(st);
+        l.lend(&a);
+        l.lend(&a);
+        // The CPU is free again, the rest of the lease is not.
+        assert_eq!(l.available().get("CPU"), 1.0);
+        assert_eq!(l.available().get("mem"), 0.0);
+        let b = l.try_grant(&mut l.lock(), &ResourceSet::from_map([("CPU", 1.0)]).unwrap()).unwrap();
+        // The blocked task resumes: the pool is in debt until the other lease ends.
+        l.reclaim(&a);
+        l.reclaim(&a);
+        assert_eq!(l.available().get("CPU"), -1.0);
+        assert!(l.give_back(&b));
+        assert_eq!(l.available().get("CPU"), 0.0);
+        // Ended while lent: only what was not lent comes back.
+        l.lend(&a);
+        assert!(l.give_back(&a));
+        assert_eq!(l.available(), cpu(1.0));
+        assert!(!l.give_back(&a));
     }
 }

@@ -47,7 +47,8 @@ pub(crate) async fn run(
             let hb = pb::HeartbeatRequest {
                 node_id: node.node_id.to_string(),
                 incarnation: reply.incarnation,
-                resources_available: node.leases.available().to_map().into_iter().collect(),
+                // A CPU taken back from a blocked task can leave the pool in debt: report it as none free.
+                resources_available: node.leases.available().to_map().into_iter().filter(|(_, v)| *v > 0.0).collect(),
                 pending_demand: node.leases.demand(),
             };
             match client.call(|mut c| { let hb = hb.clone(); async move { c.heartbeat(hb).await } }).await {

@@ -465,6 +465,8 @@ impl WorkerPool {
                             me.leases.give_back(&l);
                         }
                     }
+                    Some(pb::worker_message::Kind::Blocked(l)) => me.leases.lend(&l),
+                    Some(pb::worker_message::Kind::Unblocked(l)) => me.leases.reclaim(&l),
                     Some(pb::worker_message::Kind::Stats(stats)) => {
                         me.lock().stats.insert(conn, stats);
                     }

@@ -103,6 +103,24 @@ impl ResourceSet {
         }
     }
 
+    /// Takes `other` out even where that goes below zero (a CPU taken back from a blocked
+    /// task while another task uses it); `contains` is false for any demand until it is
+    /// positive again.
+    pub fn subtract_allowing_debt(&mut self, other: &ResourceSet) {
+        for (k, v) in &other.0 {
+            let e = self.0.entry(k.clone()).or_insert(0);
+            *e -= v;
+            if *e == 0 {
+                self.0.remove(k);
+            }
+        }
+    }
+
+    /// Only the amounts of `names`.
+    pub fn only(&self, names: &[&str]) -> ResourceSet {
+        ResourceSet(self.0.iter().filter(|(k, _)| names.contains(&k.as_str())).map(|(k, v)| (k.clone(), *v)).collect())
+    }
+
     /// Takes `other` out of this set; fails without changing anything if any amount is short.
     pub fn subtract(&mut self, other: &ResourceSet) -> Result<(), ResourceError> {
         for (k, v) in &other.0 {

@@ -271,6 +271,8 @@ pub type WaitResult<T> = (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>);
 pub fn wait<T>(refs: &[ObjectRef<T>], num_returns: usize, timeout: Option<Duration>) -> Result<WaitResult<T>, Error> {
     let rt = runtime::current()?;
     let ids: Vec<ObjectId> = refs.iter().map(|r| r.h.id).collect();
+    let pending = ids.iter().any(|id| matches!(rt.owner.state(*id), Some(owner::State::Pending)));
+    let _unblock = rt.blocked(pending);
     let ready = rt.block_on(rt.owner.wait(&ids, num_returns.min(refs.len()), timeout));
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for (r, ok) in refs.iter().zip(ready) {

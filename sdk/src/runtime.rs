@@ -31,6 +31,19 @@ pub(crate) fn current() -> Result<Arc<Runtime>, Error> {
     RUNTIME.get().cloned().ok_or_else(|| Error::Init("sdk::init() has not been called in this process".into()))
 }
 
+pub(crate) struct Unblock<'a> {
+    rt: &'a Runtime,
+    lease: Arc<str>,
+}
+
+impl Drop for Unblock<'_> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.rt.channel.get() {
+            let _ = tx.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Unblocked(self.lease.to_string())) });
+        }
+    }
+}
+
 enum Resolved {
     Inline(Bytes, String),
     Stored(Source, String),
@@ -121,8 +134,10 @@ pub(crate) struct Runtime {
     pub(crate) stats: Stats,
     nm_clients: Mutex<HashMap<String, NmClient>>,
     om_clients: Mutex<HashMap<String, OmClient>>,
-    /// A driver's stream to its node (stats).
-    channel: OnceLock<mpsc::UnboundedSender<pb::WorkerMessage>>,
+    /// The stream to this process's node (stats; for workers also lease events).
+    pub(crate) channel: OnceLock<mpsc::UnboundedSender<pb::WorkerMessage>>,
+    /// In a worker: the lease of the task running now.
+    pub(crate) running_lease: Mutex<Option<Arc<str>>>,
 }
 
 /// Kept by the driver; dropping it stops the one-node cluster `init` may have started.
@@ -360,6 +375,7 @@ impl Runtime {
             nm_clients: Mutex::default(),
             om_clients: Mutex::default(),
             channel: OnceLock::new(),
+            running_lease: Mutex::new(None),
         });
         RUNTIME.set(r.clone()).map_err(|_| Error::Init("sdk::init() was already called in this process".into()))?;
         r.spawn(free_loop(r.clone(), free_rx));
@@ -483,7 +499,20 @@ impl Runtime {
         Ok(())
     }
 
+    /// While a task of this worker waits for objects, its node may lend the task's CPU to
+    /// other work (the guard takes it back).
+    pub(crate) fn blocked(&self, pending: bool) -> Option<Unblock<'_>> {
+        if !pending {
+            return None;
+        }
+        let lease = self.running_lease.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let tx = self.channel.get()?;
+        let _ = tx.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Blocked(lease.to_string())) });
+        Some(Unblock { rt: self, lease })
+    }
+
     async fn ready(&self, id: ObjectId, timeout: Option<Duration>) -> Result<State, Error> {
+        let _unblock = self.blocked(matches!(self.owner.state(id), Some(State::Pending)));
         match self.owner.ready(id, timeout).await {
             Some(s) => Ok(s),
             None if self.owner.state(id).is_none() => Err(Error::ObjectLost(id, "this process does not own it".into())),

@@ -116,7 +116,7 @@ pub fn encode_return<T: Value>(args: &mut Args<'_>, v: &T) -> Result<Encoded, Ar
 type Invoke = fn(&mut Args<'_>) -> Result<Encoded, ArgError>;
 
 enum Work {
-    Run { spec: pb::TaskSpec, reply: mpsc::UnboundedSender<pb::TaskReply>, closed: Arc<AtomicBool> },
+    Run { spec: pb::TaskSpec, lease: Arc<str>, reply: mpsc::UnboundedSender<pb::TaskReply>, closed: Arc<AtomicBool> },
     End(String),
 }
 
@@ -166,11 +166,12 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
         let (reply_tx, reply_rx) = mpsc::unbounded_channel::<pb::TaskReply>();
         let exec = self.exec.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let closed = Arc::new(AtomicBool::new(false));
+        let lease_name: Arc<str> = lease.as_str().into();
         tokio::spawn(async move {
             let mut batch = first.tasks;
             loop {
                 for spec in batch.drain(..) {
-                    let _ = exec.send(Work::Run { spec, reply: reply_tx.clone(), closed: closed.clone() });
+                    let _ = exec.send(Work::Run { spec, lease: lease_name.clone(), reply: reply_tx.clone(), closed: closed.clone() });
                 }
                 match input.message().await {
                     Ok(Some(m)) => batch = m.tasks,
@@ -234,12 +235,14 @@ pub(crate) fn serve(rt: Arc<Runtime>) -> ! {
             Work::End(lease) => {
                 let _ = node_tx.send(msg(pb::worker_message::Kind::LeaseEnded(lease)));
             }
-            Work::Run { spec, reply, closed } => {
+            Work::Run { spec, lease, reply, closed } => {
                 if closed.load(Ordering::Acquire) {
                     continue;
                 }
                 rt.stats.running.store(1, Ordering::Relaxed);
+                *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
                 let r = execute(&rt, &registry, spec, &node_id, &worker_id);
+                *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 rt.stats.running.store(0, Ordering::Relaxed);
                 rt.stats.executed.fetch_add(1, Ordering::Relaxed);
                 let _ = reply.send(r);
@@ -272,6 +275,7 @@ async fn start_server(
             std::process::exit(1);
         }
     });
+    let _ = rt.channel.set(node_tx.clone());
     let _ = node_tx.send(msg(pb::worker_message::Kind::Hello(pb::WorkerHello {
         worker_id: rt.worker_id.clone(),
         address,
