@@ -404,3 +404,28 @@ fn a_blocked_task_lends_its_cpu_to_its_children() -> Result<()> {
     assert_eq!(r["value"], 32, "{r}");
     Ok(())
 }
+
+/// A driver killed with -9 frees nothing itself: its node notices its channel end, frees
+/// its objects there and tells the leader, which tells every node to free them too.
+#[test]
+fn objects_of_a_killed_driver_are_freed_on_every_node() -> Result<()> {
+    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, ..Default::default() })?;
+    wait_view(&c)?;
+    let (n0, n1) = (node_id(&c, 0), node_id(&c, 1));
+    let ports: Vec<u64> = std::iter::once(c.heads[0].ready["node"]["metrics_export_port"].as_u64())
+        .chain(c.nodes.iter().map(|n| n.ready["metrics_export_port"].as_u64()))
+        .collect::<Option<_>>()
+        .context("metrics ports")?;
+    let mut d = Driver::start(&c, &["refcount", &n0, &n1], &[])?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(r["holding"], 8, "{r}");
+    wait_for("objects in all three stores", Duration::from_secs(30), || {
+        ports.iter().all(|p| used_memory(*p).is_some_and(|u| u >= 32.0 * 1024.0 * 1024.0)).then_some(())
+    })?;
+    d.child.kill()?;
+    d.child.wait()?;
+    wait_for("every store empty after the driver died", Duration::from_secs(60), || {
+        ports.iter().all(|p| used_memory(*p) == Some(0.0)).then_some(())
+    })
+    .with_context(|| format!("used: {:?}", ports.iter().map(|p| used_memory(*p)).collect::<Vec<_>>()))
+}

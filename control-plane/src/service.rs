@@ -29,6 +29,9 @@ const MAX_KV_NAMESPACE: usize = 256;
 const MAX_KV_KEY: usize = 4096;
 const MAX_KV_VALUE: usize = 1024 * 1024;
 
+/// How long the leader passes a dead owner on (every node heartbeats many times meanwhile).
+const DEAD_OWNER_MEMORY: Duration = Duration::from_secs(60);
+
 /// Soft state the leader keeps from heartbeats; never in the log.
 #[derive(Default)]
 pub(crate) struct SoftState {
@@ -36,6 +39,9 @@ pub(crate) struct SoftState {
     pub(crate) heartbeats: HashMap<NodeId, (u64, Instant, state::Resources)>,
     /// node → the queued and infeasible shapes of its last heartbeat
     pub(crate) demand: HashMap<NodeId, Vec<pb::ResourceDemand>>,
+    /// Owners that went away recently (owner prefix → when reported), passed on to every
+    /// node with its heartbeat reply so all of them free those owners' objects.
+    pub(crate) dead_owners: HashMap<Vec<u8>, Instant>,
 }
 
 pub(crate) struct HeadShared {
@@ -403,7 +409,13 @@ impl ControlPlane for ControlPlaneService {
             let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
             soft.heartbeats.insert(node_id, (r.incarnation, Instant::now(), available));
             soft.demand.insert(node_id, r.pending_demand);
+            let now = Instant::now();
+            for p in r.dead_owners.into_iter().filter(|p| !p.is_empty() && p.len() <= 32).take(10_000) {
+                soft.dead_owners.insert(p, now);
+            }
+            soft.dead_owners.retain(|_, at| now.duration_since(*at) < DEAD_OWNER_MEMORY);
         }
+        let dead_owners: Vec<Vec<u8>> = self.0.soft.lock().unwrap_or_else(|p| p.into_inner()).dead_owners.keys().cloned().collect();
         let cluster_view = {
             let st = self.0.state.read();
             st.state
@@ -419,7 +431,7 @@ impl ControlPlane for ControlPlaneService {
                 })
                 .collect()
         };
-        Ok(Response::new(pb::HeartbeatReply { cluster_view }))
+        Ok(Response::new(pb::HeartbeatReply { cluster_view, dead_owners }))
     }
 
     async fn unregister_node(&self, req: Request<pb::UnregisterNodeRequest>) -> Result<Response<pb::UnregisterNodeReply>, Status> {

@@ -209,7 +209,7 @@ impl NodeManager for NodeManagerService {
         _: tonic::Request<pb::GetClusterViewRequest>,
     ) -> Result<tonic::Response<pb::HeartbeatReply>, tonic::Status> {
         let cluster_view = self.shared.cluster_view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        Ok(tonic::Response::new(pb::HeartbeatReply { cluster_view }))
+        Ok(tonic::Response::new(pb::HeartbeatReply { cluster_view, dead_owners: Vec::new() }))
     }
 
     async fn request_worker_lease(&self, req: tonic::Request<pb::LeaseRequest>) -> Result<tonic::Response<pb::LeaseReply>, tonic::Status> {
@@ -372,6 +372,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
             log_dir: opts.log_dir.clone(),
             job_dir: opts.job_dir.clone(),
             advertise_host: opts.advertise_host.clone(),
+            store: store.clone(),
         },
         leases.clone(),
     ));

@@ -50,18 +50,25 @@ pub(crate) async fn run(
                 // A CPU taken back from a blocked task can leave the pool in debt: report it as none free.
                 resources_available: node.leases.available().to_map().into_iter().filter(|(_, v)| *v > 0.0).collect(),
                 pending_demand: node.leases.demand(),
+                dead_owners: node.workers.take_dead_owners(),
             };
             match client.call(|mut c| { let hb = hb.clone(); async move { c.heartbeat(hb).await } }).await {
                 Ok(r) => {
                     crate::metrics::heartbeat("ok");
                     *node.cluster_view.lock().unwrap_or_else(|p| p.into_inner()) = r.cluster_view;
+                    let w = node.workers.clone();
+                    if !r.dead_owners.is_empty() {
+                        tokio::task::spawn_blocking(move || r.dead_owners.iter().for_each(|p| w.free_owner(p)));
+                    }
                 }
                 Err(ClientError::Rpc(RpcError::Fenced(msg))) | Err(ClientError::Rpc(RpcError::NotFound(msg))) => {
+                    node.workers.return_dead_owners(hb.dead_owners);
                     crate::metrics::heartbeat("fenced");
                     tracing::warn!("control plane fenced this node ({msg}); registering anew");
                     break;
                 }
                 Err(e) => {
+                    node.workers.return_dead_owners(hb.dead_owners);
                     crate::metrics::heartbeat("error");
                     tracing::warn!("heartbeat failed: {e}");
                 }

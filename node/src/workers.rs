@@ -49,6 +49,7 @@ pub(crate) struct PoolConfig {
     pub(crate) log_dir: PathBuf,
     pub(crate) job_dir: PathBuf,
     pub(crate) advertise_host: String,
+    pub(crate) store: Arc<object_store::Store>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -79,6 +80,10 @@ struct PoolState {
     departed: pb::WorkerStats,
     next_channel: u64,
     starts: u64,
+    /// Owner prefixes of processes here that went away, for the next heartbeat.
+    dead_owners: Vec<Vec<u8>>,
+    /// Owner prefixes already freed here (prefix → when), so a repeated report costs nothing.
+    freed_owners: HashMap<Vec<u8>, Instant>,
 }
 
 pub(crate) struct WorkerPool {
@@ -427,10 +432,14 @@ impl WorkerPool {
                 st.next_channel
             };
             let mut worker: Option<String> = None;
+            let mut owner_prefix: Option<Vec<u8>> = None;
             let mut tx = Some(tx);
             while let Ok(Some(m)) = s.message().await {
                 match m.kind {
                     Some(pb::worker_message::Kind::Hello(h)) => {
+                        if !h.owner_prefix.is_empty() && h.owner_prefix.len() <= 32 {
+                            owner_prefix = Some(h.owner_prefix.clone());
+                        }
                         if h.worker_id.is_empty() {
                             continue;
                         }
@@ -477,12 +486,45 @@ impl WorkerPool {
             if let Some(last) = st.stats.remove(&conn) {
                 add_totals(&mut st.departed, &last);
             }
+            // Its objects are of no use to anyone now, here and on every other node.
+            if let Some(p) = owner_prefix {
+                st.dead_owners.push(p.clone());
+                drop(st);
+                me.free_owner(&p);
+                st = me.lock();
+            }
             // A worker whose channel ended is of no use: end it (its exit frees its lease).
             if let Some(w) = worker.and_then(|id| st.workers.get(&id)) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
         });
         rx
+    }
+
+    /// Frees the objects of an owner that went away (once per owner).
+    pub(crate) fn free_owner(&self, prefix: &[u8]) {
+        let now = Instant::now();
+        {
+            let mut st = self.lock();
+            st.freed_owners.retain(|_, at| now.duration_since(*at) < Duration::from_secs(300));
+            if st.freed_owners.insert(prefix.to_vec(), now).is_some() {
+                return;
+            }
+        }
+        let n = self.cfg.store.delete_with_prefix(prefix);
+        if n > 0 {
+            tracing::info!(objects = n, "freed the objects of an owner that went away");
+        }
+    }
+
+    /// Dead owners to report with the next heartbeat.
+    pub(crate) fn take_dead_owners(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.lock().dead_owners)
+    }
+
+    /// Puts back what a failed heartbeat did not deliver.
+    pub(crate) fn return_dead_owners(&self, mut v: Vec<Vec<u8>>) {
+        self.lock().dead_owners.append(&mut v);
     }
 
     /// The owner returned the lease by RPC instead of closing its stream: its worker is idle.
@@ -577,6 +619,15 @@ mod tests {
             log_dir: dir.join("logs"),
             job_dir: dir.join("jobs"),
             advertise_host: "127.0.0.1".into(),
+            store: Arc::new(
+                object_store::Store::open(&object_store::StoreConfig {
+                    capacity: 4 << 20,
+                    plasma_dir: "/dev/shm".into(),
+                    spill_dir: dir.join("spill"),
+                    chunk: object_store::arena::DEFAULT_CHUNK,
+                })
+                .unwrap(),
+            ),
         };
         Arc::new(WorkerPool::new(cfg, leases))
     }
@@ -612,6 +663,23 @@ mod tests {
         }
         assert_eq!(back, content);
         assert_eq!(p.read(&"cd".repeat(32)).unwrap_err().code(), tonic::Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn a_gone_owner_s_objects_are_freed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let id = |first: u8, n: u8| protocol::ObjectId::from_bytes([[first; 11].as_slice(), &[n; 9]].concat().try_into().unwrap());
+        for n in 0..3 {
+            p.cfg.store.put(id(1, n), b"data", b"", true).unwrap();
+            p.cfg.store.put(id(2, n), b"data", b"", true).unwrap();
+        }
+        p.free_owner(&[1; 11]);
+        assert!((0..3).all(|n| !p.cfg.store.contains(&id(1, n)) && p.cfg.store.contains(&id(2, n))));
+        // A second report of the same owner does not scan again; a new object survives it.
+        p.cfg.store.put(id(1, 9), b"data", b"", true).unwrap();
+        p.free_owner(&[1; 11]);
+        assert!(p.cfg.store.contains(&id(1, 9)));
     }
 
     #[tokio::test]

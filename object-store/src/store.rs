@@ -460,6 +460,14 @@ impl Store {
         now
     }
 
+    /// Deletes every object whose id starts with `prefix` (the objects of an owner that went
+    /// away); returns how many there were.
+    pub fn delete_with_prefix(&self, prefix: &[u8]) -> usize {
+        let ids: Vec<ObjectId> = self.lock().objects.keys().filter(|id| id.as_bytes().starts_with(prefix)).copied().collect();
+        self.delete(&ids);
+        ids.len()
+    }
+
     /// True if the object is sealed here, in memory or spilled.
     pub fn contains(&self, id: &ObjectId) -> bool {
         self.lock().objects.get(id).is_some_and(|e| e.sealed && !e.delete_pending)

@@ -129,7 +129,7 @@ pub(crate) struct Runtime {
     pub(crate) binary: (String, String),
     pub(crate) job_id: String,
     pub(crate) worker_id: String,
-    prefix: [u8; 11],
+    pub(crate) prefix: [u8; 11],
     counter: AtomicU64,
     pub(crate) stats: Stats,
     nm_clients: Mutex<HashMap<String, NmClient>>,
@@ -318,6 +318,7 @@ async fn driver_channel(rt: Arc<Runtime>) {
             address: String::new(),
             pid: std::process::id(),
             job_id: rt.job_id.clone(),
+            owner_prefix: rt.prefix.to_vec(),
         })),
     };
     let _ = tx.send(hello);

@@ -281,6 +281,7 @@ async fn start_server(
         address,
         pid: std::process::id(),
         job_id: rt.job_id.clone(),
+        owner_prefix: rt.prefix.to_vec(),
     })));
     let outbound = futures_util::stream::unfold(node_rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut inbound = rt
