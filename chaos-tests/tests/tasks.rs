@@ -183,9 +183,7 @@ fn tasks_are_placed_by_resources_strategy_and_affinity() -> Result<()> {
 }
 
 fn used_memory(port: u64) -> Option<f64> {
-    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok()?;
-    let text = resp.body_mut().read_to_string().ok()?;
-    text.lines().find(|l| l.starts_with("ray_object_store_used_memory"))?.split_whitespace().last()?.parse().ok()
+    metric(port, "ray_object_store_used_memory")
 }
 
 #[test]
@@ -298,9 +296,7 @@ fn the_examples_run_as_jobs() -> Result<()> {
 }
 
 fn workers_idle(port: u64) -> Option<f64> {
-    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok()?;
-    let text = resp.body_mut().read_to_string().ok()?;
-    text.lines().find(|l| l.starts_with("rayctl_workers{state=\"idle\"}"))?.split_whitespace().last()?.parse().ok()
+    metric(port, "rayctl_workers{state=\"idle\"}")
 }
 
 #[test]
@@ -388,6 +384,7 @@ fn results_lost_with_their_node_are_rebuilt_from_lineage() -> Result<()> {
     })
 }
 
+/// The value of the first series of a node's `/metrics` that starts with `name`.
 fn metric(port: u64, name: &str) -> Option<f64> {
     let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok()?;
     let text = resp.body_mut().read_to_string().ok()?;

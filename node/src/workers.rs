@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use protocol::auth::AuthToken;
 use protocol::pb;
-use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
@@ -100,24 +99,7 @@ fn bad_hash(s: &str) -> Status {
     Status::invalid_argument(format!("binary hash {:?} is not 64 lowercase hex characters", s.chars().take(80).collect::<String>()))
 }
 
-/// sha256 of a file, in hex.
-pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf)? {
-            0 => break,
-            n => h.update(&buf[..n]),
-        }
-    }
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub(crate) use protocol::sha256_file;
 
 impl WorkerPool {
     pub(crate) fn new(cfg: PoolConfig, leases: Arc<Leases>) -> Self {

@@ -46,5 +46,22 @@ pub const AUTH_TOKEN_ENV: &str = "RAYCTL_AUTH_TOKEN";
 /// Environment variable holding the head addresses, comma separated.
 pub const ADDRESS_ENV: &str = "RAYCTL_ADDRESS";
 
+/// sha256 of a file in lowercase hex: how worker binaries are named between nodes
+/// (`LeaseRequest.binary_sha256`, `ReadBinary`).
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf)? {
+            0 => break,
+            n => h.update(&buf[..n]),
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// `working_dir` packages: names, KV layout and (with the `package` feature) safe unpacking.
 pub mod package;

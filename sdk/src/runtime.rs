@@ -289,20 +289,7 @@ async fn find_node(heads: &[String], token: Option<AuthToken>, remote: bool) -> 
 async fn hash_self() -> Result<(String, PathBuf), Error> {
     let path = std::env::current_exe().map_err(|e| Error::Init(format!("cannot find this program's executable: {e}")))?;
     let p = path.clone();
-    let sha = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        use sha2::Digest;
-        use std::io::Read;
-        let mut f = std::fs::File::open(&p)?;
-        let mut h = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match f.read(&mut buf)? {
-                0 => break,
-                n => h.update(&buf[..n]),
-            }
-        }
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-    })
+    let sha = tokio::task::spawn_blocking(move || protocol::sha256_file(&p))
     .await
     .map_err(|e| Error::Init(e.to_string()))?
     .map_err(|e| Error::Init(format!("cannot read {}: {e}", path.display())))?;
