@@ -5,8 +5,15 @@ use std::io::Result;
 fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=proto");
     let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
-    let fds = protox::compile(["rayctl/v1/cluster.proto", "rayctl/v1/object.proto", "rayctl/v1/worker.proto"], ["proto"])
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let fds = protox::compile(
+        [
+            "rayctl/v1/cluster.proto",
+            "rayctl/v1/object.proto",
+            "rayctl/v1/worker.proto",
+        ],
+        ["proto"],
+    )
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
     tonic_prost_build::configure()
         .build_client(grpc)
         .build_server(grpc)

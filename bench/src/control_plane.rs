@@ -3,12 +3,12 @@
 //! time (kill -9 → first acknowledged write), and `rayctl start --head` → first status.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use chaos_tests::{wait_for, Cluster, ClusterOptions};
+use chaos_tests::{Cluster, ClusterOptions, wait_for};
 use protocol::client::{ClientOptions, HeadClient};
 use protocol::pb;
 
@@ -42,7 +42,14 @@ async fn writes_per_s(client: &HeadClient, clients: usize, d: Duration) -> f64 {
                     value: vec![1; 64],
                     overwrite: true,
                 };
-                if client.call(|mut c| { let r = req.clone(); async move { c.kv_put(r).await } }).await.is_ok() {
+                if client
+                    .call(|mut c| {
+                        let r = req.clone();
+                        async move { c.kv_put(r).await }
+                    })
+                    .await
+                    .is_ok()
+                {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
                 i += 1;
@@ -62,7 +69,12 @@ async fn writes_per_s(client: &HeadClient, clients: usize, d: Duration) -> f64 {
 
 fn failover_trial(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Result<f64> {
     let leader = c.wait_leader(Duration::from_secs(30))?;
-    let opts = ClientOptions { deadline: Duration::from_secs(20), rpc_timeout: Duration::from_millis(500), max_backoff: Duration::from_millis(20), ..Default::default() };
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(20),
+        rpc_timeout: Duration::from_millis(500),
+        max_backoff: Duration::from_millis(20),
+        ..Default::default()
+    };
     let client = c.client_for(&c.head_addrs, opts);
     let stop = Arc::new(AtomicBool::new(false));
     let last_ack = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
@@ -71,15 +83,31 @@ fn failover_trial(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Result<f64> 
         rt.spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let req = pb::KvPutRequest { namespace: "failover".into(), key: i.to_be_bytes().to_vec(), value: vec![], overwrite: true };
-                if client.call(|mut c| { let r = req.clone(); async move { c.kv_put(r).await } }).await.is_ok() {
-                    acks.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+                let req = pb::KvPutRequest {
+                    namespace: "failover".into(),
+                    key: i.to_be_bytes().to_vec(),
+                    value: vec![],
+                    overwrite: true,
+                };
+                if client
+                    .call(|mut c| {
+                        let r = req.clone();
+                        async move { c.kv_put(r).await }
+                    })
+                    .await
+                    .is_ok()
+                {
+                    acks.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Instant::now());
                 }
                 i += 1;
             }
         })
     };
-    wait_for("writes flowing", Duration::from_secs(20), || (last_ack.lock().ok()?.len() > 20).then_some(()))?;
+    wait_for("writes flowing", Duration::from_secs(20), || {
+        (last_ack.lock().ok()?.len() > 20).then_some(())
+    })?;
     c.heads[leader].kill9();
     let killed = Instant::now();
     let first = wait_for("a write after failover", Duration::from_secs(30), || {
@@ -95,7 +123,8 @@ fn failover_trial(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Result<f64> 
         let commit = s["commit_index"].as_u64()?;
         let heads = s["heads"].as_array()?;
         let healthy = heads.iter().all(|h| {
-            (h["role"] == "leader" || h["role"] == "follower") && h["last_applied"].as_u64().unwrap_or(0) >= commit
+            (h["role"] == "leader" || h["role"] == "follower")
+                && h["last_applied"].as_u64().unwrap_or(0) >= commit
         });
         (heads.len() == c.heads.len() && healthy).then_some(())
     })?;
@@ -116,9 +145,16 @@ fn head_start_s(smoke: bool) -> Result<f64> {
         };
         let start = Instant::now();
         let out = run(&["start", "--head", "--port", "0", "--dashboard-port", "0"])?;
-        anyhow::ensure!(out.status.success(), "rayctl start failed: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(
+            out.status.success(),
+            "rayctl start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         wait_for("first status", Duration::from_secs(30), || {
-            run(&["status", "--timeout", "2s"]).ok().filter(|o| o.status.success()).map(|_| ())
+            run(&["status", "--timeout", "2s"])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
         })?;
         samples.push(start.elapsed().as_secs_f64());
         let _ = run(&["stop", "--grace", "5s"]);
@@ -128,12 +164,30 @@ fn head_start_s(smoke: bool) -> Result<f64> {
 }
 
 pub(crate) fn run(smoke: bool, heads: usize) -> Result<()> {
-    let d = if smoke { Duration::from_millis(300) } else { Duration::from_secs(5) };
-    let mut c = Cluster::start(ClusterOptions { heads, ..Default::default() }).context("start the heads")?;
+    let d = if smoke {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(5)
+    };
+    let mut c = Cluster::start(ClusterOptions {
+        heads,
+        ..Default::default()
+    })
+    .context("start the heads")?;
     c.wait_leader(Duration::from_secs(30))?;
-    let fsync = fsync_per_s(c.path(), if smoke { Duration::from_millis(200) } else { Duration::from_secs(2) })?;
+    let fsync = fsync_per_s(
+        c.path(),
+        if smoke {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(2)
+        },
+    )?;
     emit("fsync_per_s", fsync, "1/s");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let client = {
         let _g = rt.enter();
         c.client()
@@ -146,7 +200,13 @@ pub(crate) fn run(smoke: bool, heads: usize) -> Result<()> {
     emit("cp_writes_per_s_16clients", w16, "1/s");
     emit("cp_writes_16clients_over_fsync", w16 / fsync, "ratio");
 
-    let trials = if heads < 3 { 0 } else if smoke { 1 } else { 12 };
+    let trials = if heads < 3 {
+        0
+    } else if smoke {
+        1
+    } else {
+        12
+    };
     let mut fo = Vec::new();
     for _ in 0..trials {
         fo.push(failover_trial(&mut c, &rt)?);

@@ -4,23 +4,32 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use chaos_tests::{Cluster, ClusterOptions};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::{emit, percentile};
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build().into()
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
 }
 
 fn submit(a: &ureq::Agent, base: &str, entrypoint: &str) -> Result<String> {
-    let mut r = a.post(format!("{base}/api/jobs/")).send_json(json!({ "entrypoint": entrypoint }))?;
+    let mut r = a
+        .post(format!("{base}/api/jobs/"))
+        .send_json(json!({ "entrypoint": entrypoint }))?;
     let v: Value = serde_json::from_str(&r.body_mut().read_to_string()?)?;
     if r.status() != 200 {
         bail!("submit: {} {v}", r.status());
     }
-    v["submission_id"].as_str().map(str::to_owned).context("no submission_id")
+    v["submission_id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no submission_id")
 }
 
 fn status(a: &ureq::Agent, base: &str, id: &str) -> Result<String> {
@@ -30,7 +39,11 @@ fn status(a: &ureq::Agent, base: &str, id: &str) -> Result<String> {
 }
 
 pub(crate) fn run(smoke: bool) -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 0, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
     c.wait_leader(Duration::from_secs(30))?;
     let base = format!("http://127.0.0.1:{}", c.heads[0].ready["dashboard_port"]);
     let a = agent();
@@ -59,6 +72,10 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     for _ in 0..m {
         submit(&a, &base, "true")?;
     }
-    emit("jobs_accepted_per_s", m as f64 / start.elapsed().as_secs_f64(), "1/s");
+    emit(
+        "jobs_accepted_per_s",
+        m as f64 / start.elapsed().as_secs_f64(),
+        "1/s",
+    );
     Ok(())
 }

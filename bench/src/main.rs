@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
 mod control_plane;
@@ -48,7 +48,10 @@ struct Args {
 }
 
 pub(crate) fn emit(name: &str, value: f64, unit: &str) {
-    println!("{}", serde_json::json!({ "name": name, "value": (value * 1000.0).round() / 1000.0, "unit": unit }));
+    println!(
+        "{}",
+        serde_json::json!({ "name": name, "value": (value * 1000.0).round() / 1000.0, "unit": unit })
+    );
 }
 
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -62,7 +65,9 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Under `cargo run`, (re)build the rayctl binary of the same profile so the figures are of
 /// the current code.
 fn ensure_rayctl() -> Result<()> {
-    let Some(cargo) = std::env::var_os("CARGO") else { return Ok(()) };
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-q", "-p", "rayctl"]);
     if !cfg!(debug_assertions) {
@@ -82,7 +87,9 @@ fn main() -> Result<()> {
     }
     let args = Args::parse();
     if args.suite == Suite::GetChild {
-        let (Some(socket), Some(id)) = (&args.socket, args.id) else { bail!("get-child needs --socket and --id") };
+        let (Some(socket), Some(id)) = (&args.socket, args.id) else {
+            bail!("get-child needs --socket and --id")
+        };
         return object_store::get_child(socket, id, args.iters);
     }
     ensure_rayctl()?;

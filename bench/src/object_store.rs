@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use object_store::{Store, StoreClient, StoreConfig, StoreServer};
 use protocol::ObjectId;
 
@@ -76,9 +76,15 @@ fn get_us_from_child(socket: &std::path::Path, id: ObjectId, iters: usize) -> Re
         .output()
         .context("cannot start the reader process")?;
     if !out.status.success() {
-        bail!("reader process failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "reader process failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    String::from_utf8_lossy(&out.stdout).trim().parse().context("reader output")
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("reader output")
 }
 
 /// The reader process's body (hidden `get-child` subcommand).
@@ -121,7 +127,11 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     let src = vec![3u8; largest as usize];
     next += 1;
     let first = put_once(&c, oid(next), &src)?;
-    emit(&format!("put_first_touch_gbps_{}", size_name(largest)), largest as f64 / first.as_secs_f64() / 1e9, "GB/s");
+    emit(
+        &format!("put_first_touch_gbps_{}", size_name(largest)),
+        largest as f64 / first.as_secs_f64() / 1e9,
+        "GB/s",
+    );
     drop(src);
 
     for &(size, memcpy_reps, put_reps) in sizes {
@@ -145,7 +155,11 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     let huge_us = get_us_from_child(server.path(), huge, iters)?;
     emit("get_us_1KiB", tiny_us, "us");
     emit(&format!("get_us_{}", size_name(big)), huge_us, "us");
-    emit(&format!("get_ratio_{}_vs_1KiB", size_name(big)), huge_us / tiny_us, "ratio");
+    emit(
+        &format!("get_ratio_{}_vs_1KiB", size_name(big)),
+        huge_us / tiny_us,
+        "ratio",
+    );
     c.delete(&[tiny, huge])?;
 
     // Small objects from one client, one request each.
@@ -156,13 +170,21 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     for i in 0..n {
         c.put(oid(base + i), &payload, b"")?;
     }
-    emit("put_small_per_s", n as f64 / start.elapsed().as_secs_f64(), "ops/s");
+    emit(
+        "put_small_per_s",
+        n as f64 / start.elapsed().as_secs_f64(),
+        "ops/s",
+    );
     let start = Instant::now();
     for i in 0..n {
         let v = c.get_one(oid(base + i), Some(Duration::ZERO))?;
         std::hint::black_box(v.data()[0]);
     }
-    emit("get_small_per_s", n as f64 / start.elapsed().as_secs_f64(), "ops/s");
+    emit(
+        "get_small_per_s",
+        n as f64 / start.elapsed().as_secs_f64(),
+        "ops/s",
+    );
 
     // The same from one client in batches of 100 per request (`put_many`, `get` of many ids):
     // how a program that makes many small objects at once should use the store.
@@ -170,19 +192,30 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     let ids: Vec<ObjectId> = (0..n).map(|i| oid(base + i)).collect();
     let start = Instant::now();
     for batch in ids.chunks(100) {
-        let items: Vec<(ObjectId, &[u8], &[u8])> = batch.iter().map(|id| (*id, &payload[..], &b""[..])).collect();
+        let items: Vec<(ObjectId, &[u8], &[u8])> = batch
+            .iter()
+            .map(|id| (*id, &payload[..], &b""[..]))
+            .collect();
         for r in c.put_many(&items)? {
             r?;
         }
     }
-    emit("put_small_batched_per_s", n as f64 / start.elapsed().as_secs_f64(), "ops/s");
+    emit(
+        "put_small_batched_per_s",
+        n as f64 / start.elapsed().as_secs_f64(),
+        "ops/s",
+    );
     let start = Instant::now();
     for batch in ids.chunks(100) {
         for v in c.get(batch, Some(Duration::ZERO))? {
             std::hint::black_box(v.context("missing object")?.data()[0]);
         }
     }
-    emit("get_small_batched_per_s", n as f64 / start.elapsed().as_secs_f64(), "ops/s");
+    emit(
+        "get_small_batched_per_s",
+        n as f64 / start.elapsed().as_secs_f64(),
+        "ops/s",
+    );
     // A request on the same connection runs after every release sent before it.
     let st = c.stats()?;
     if st.pinned != 0 {

@@ -26,7 +26,9 @@ fn sum_bytes(data: View<Vec<u8>>) -> u64 {
 
 fn sum(b: &[u8]) -> u64 {
     // Chunks of u64 lanes: fast enough to be far from the memory bandwidth limit.
-    b.chunks(4096).map(|c| c.iter().map(|x| *x as u64).sum::<u64>()).sum()
+    b.chunks(4096)
+        .map(|c| c.iter().map(|x| *x as u64).sum::<u64>())
+        .sum()
 }
 
 fn memcpy_gbps(n: usize) -> f64 {
@@ -44,7 +46,13 @@ fn memcpy_gbps(n: usize) -> f64 {
 }
 
 pub(crate) fn run(smoke: bool) -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, head_cpus: 2.0, node_cpus: 2.0, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        head_cpus: 2.0,
+        node_cpus: 2.0,
+        ..Default::default()
+    })?;
     c.wait_leader(Duration::from_secs(30))?;
     chaos_tests::wait_for("2 alive nodes", Duration::from_secs(60), || {
         let s = c.status(None).ok()?;
@@ -55,9 +63,19 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     unsafe {
         std::env::set_var("RAYCTL_TMPDIR", c.path());
     }
-    let session = sdk::init_with(sdk::Config { address: Some(c.head_addrs.join(",")), ..Default::default() })?;
-    let other: sdk::NodeId = c.nodes[0].ready["node_id"].as_str().context("node id")?.parse()?;
-    eprintln!("driver on node {} ({:?} mode)", session.node_address(), session.mode());
+    let session = sdk::init_with(sdk::Config {
+        address: Some(c.head_addrs.join(",")),
+        ..Default::default()
+    })?;
+    let other: sdk::NodeId = c.nodes[0].ready["node_id"]
+        .as_str()
+        .context("node id")?
+        .parse()?;
+    eprintln!(
+        "driver on node {} ({:?} mode)",
+        session.node_address(),
+        session.mode()
+    );
 
     // Warm up: start the workers.
     sdk::get_all(&(0..200).map(|_| noop::remote()).collect::<Vec<_>>())?;
@@ -83,13 +101,21 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     lat.sort_by(f64::total_cmp);
     emit("task_roundtrip_ms", percentile(&lat, 0.5), "ms");
     emit("task_roundtrip_p99_ms", percentile(&lat, 0.99), "ms");
-    emit("task_roundtrip_vs_ray_2_60", percentile(&lat, 0.5) / 2.3, "x");
+    emit(
+        "task_roundtrip_vs_ray_2_60",
+        percentile(&lat, 0.5) / 2.3,
+        "x",
+    );
 
     let big = if smoke { 16 << 20 } else { 256 << 20 };
     let data: Vec<u8> = (0..big).map(|i| (i % 251) as u8).collect();
     let t = Instant::now();
     let local = sum(&data);
-    emit("large_arg_sum_in_process_ms", t.elapsed().as_secs_f64() * 1e3, "ms");
+    emit(
+        "large_arg_sum_in_process_ms",
+        t.elapsed().as_secs_f64() * 1e3,
+        "ms",
+    );
     // The first run also pays for growing the store's shared memory (page faults in the
     // node and in this process); later runs reuse it.
     let mut runs = Vec::new();
@@ -103,7 +129,11 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     }
     drop(data);
     emit("large_arg_task_cold_ms", runs[0], "ms");
-    emit("large_arg_task_ms", runs[1..].iter().copied().fold(f64::MAX, f64::min), "ms");
+    emit(
+        "large_arg_task_ms",
+        runs[1..].iter().copied().fold(f64::MAX, f64::min),
+        "ms",
+    );
 
     let put_n = if smoke { 32 << 20 } else { 512 << 20 };
     let base = memcpy_gbps(put_n);
@@ -123,7 +153,10 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     drop(v);
 
     // A fresh object each run: the other node pulls it (5 MiB chunks), then sums it.
-    let on_other = TaskOptions::default().strategy(Strategy::NodeAffinity { node: other, soft: false });
+    let on_other = TaskOptions::default().strategy(Strategy::NodeAffinity {
+        node: other,
+        soft: false,
+    });
     let mut runs = Vec::new();
     for i in 0..3u8 {
         let blob = vec![i; big];
@@ -133,14 +166,25 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
         let t = Instant::now();
         let got = sdk::get(&sum_bytes::remote_with(&on_other, &r))?;
         runs.push(t.elapsed().as_secs_f64());
-        anyhow::ensure!(got == expect, "the remote task summed {got}, expected {expect}");
+        anyhow::ensure!(
+            got == expect,
+            "the remote task summed {got}, expected {expect}"
+        );
         drop(r);
         std::thread::sleep(Duration::from_millis(200));
     }
     let warm = runs[1..].iter().copied().fold(f64::MAX, f64::min);
-    emit("transfer_task_cold_gbps", big as f64 / runs[0] / 1e9, "GB/s");
+    emit(
+        "transfer_task_cold_gbps",
+        big as f64 / runs[0] / 1e9,
+        "GB/s",
+    );
     emit("transfer_task_gbps", big as f64 / warm / 1e9, "GB/s");
-    emit("transfer_task_vs_memcpy", big as f64 / warm / 1e9 / base, "x");
+    emit(
+        "transfer_task_vs_memcpy",
+        big as f64 / warm / 1e9 / base,
+        "x",
+    );
     drop(session);
     Ok(())
 }

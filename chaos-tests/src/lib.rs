@@ -8,13 +8,15 @@
 //! The binary is `$RAYCTL_BIN`, else `rayctl` beside the test executable's target dir
 //! (`cargo build -p rayctl` first; `scripts/test` does).
 
+pub mod driver;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient};
@@ -33,12 +35,18 @@ pub fn rayctl_bin() -> Result<PathBuf> {
             return Ok(cand);
         }
     }
-    bail!("rayctl binary not found near {}; run `cargo build -p rayctl` (or set RAYCTL_BIN)", exe.display())
+    bail!(
+        "rayctl binary not found near {}; run `cargo build -p rayctl` (or set RAYCTL_BIN)",
+        exe.display()
+    )
 }
 
 /// A free loopback port (bound once, then released for the process to take).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout` naming `what`.
@@ -107,6 +115,8 @@ pub struct ClusterOptions {
     pub head_cpus: f64,
     /// More `rayctl start` flags for every head and node.
     pub extra_args: Vec<String>,
+    /// Custom resources of every worker node, besides its own `node<i>: 1`.
+    pub node_resources: Vec<(String, f64)>,
 }
 
 impl Default for ClusterOptions {
@@ -121,6 +131,7 @@ impl Default for ClusterOptions {
             node_cpus: 1.0,
             head_cpus: 1.0,
             extra_args: Vec::new(),
+            node_resources: Vec::new(),
         }
     }
 }
@@ -143,7 +154,9 @@ impl Drop for Cluster {
         let marker = self.dir.path().display().to_string();
         if let Ok(rd) = std::fs::read_dir("/proc") {
             for e in rd.filter_map(Result::ok) {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 if String::from_utf8_lossy(&cmd).contains(&marker) {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
@@ -162,7 +175,14 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("rayctl-chaos-").tempdir()?;
         let ports: Vec<u16> = (0..opts.heads).map(|_| free_port()).collect();
         let head_addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let mut c = Cluster { dir, heads: Vec::new(), nodes: Vec::new(), head_addrs: head_addrs.clone(), token: opts.token.clone(), bin };
+        let mut c = Cluster {
+            dir,
+            heads: Vec::new(),
+            nodes: Vec::new(),
+            head_addrs: head_addrs.clone(),
+            token: opts.token.clone(),
+            bin,
+        };
         let token_args = match &opts.token {
             Some(t) => {
                 let f = c.dir.path().join("token");
@@ -177,7 +197,10 @@ impl Cluster {
                 format!("--port={port}"),
                 "--dashboard-port=0".into(),
                 format!("--peers={}", head_addrs.join(",")),
-                format!("--data-dir={}", c.dir.path().join(format!("head-{i}")).display()),
+                format!(
+                    "--data-dir={}",
+                    c.dir.path().join(format!("head-{i}")).display()
+                ),
                 format!("--health-check-period={}ms", opts.health_period.as_millis()),
                 format!("--health-check-failure-threshold={}", opts.health_threshold),
                 format!("--raft-snapshot-interval={}", opts.snapshot_interval),
@@ -192,10 +215,20 @@ impl Cluster {
         for i in 0..opts.nodes {
             let mut args = vec![
                 format!("--address={}", head_addrs.join(",")),
-                format!("--data-dir={}", c.dir.path().join(format!("node-{i}")).display()),
+                format!(
+                    "--data-dir={}",
+                    c.dir.path().join(format!("node-{i}")).display()
+                ),
                 format!("--num-cpus={}", opts.node_cpus),
                 "--memory=1GiB".into(),
-                format!("--resources={{\"node{i}\": 1}}"),
+                format!("--resources={}", {
+                    let mut m = serde_json::Map::new();
+                    m.insert(format!("node{i}"), 1.into());
+                    for (k, v) in &opts.node_resources {
+                        m.insert(k.clone(), (*v).into());
+                    }
+                    Value::Object(m)
+                }),
             ];
             args.extend(token_args.clone());
             args.extend(opts.extra_args.clone());
@@ -217,16 +250,34 @@ impl Cluster {
         let mut full = vec!["start".to_string(), "--block".into()];
         full.append(&mut args);
         full.push(format!("--ready-file={}", ready_file.display()));
-        full.push(format!("--session-dir={}", self.dir.path().join(format!("{name}-session")).display()));
-        let mut p = Proc { name: name.into(), args: full, ready_file, log, child: None, ready: Value::Null };
+        full.push(format!(
+            "--session-dir={}",
+            self.dir.path().join(format!("{name}-session")).display()
+        ));
+        let mut p = Proc {
+            name: name.into(),
+            args: full,
+            ready_file,
+            log,
+            child: None,
+            ready: Value::Null,
+        };
         self.launch(&mut p)?;
         Ok(p)
     }
 
     fn launch(&self, p: &mut Proc) -> Result<()> {
         let _ = std::fs::remove_file(&p.ready_file);
-        std::fs::create_dir_all(self.dir.path().join(format!("{}-session", p.name)).join("logs"))?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&p.log)?;
+        std::fs::create_dir_all(
+            self.dir
+                .path()
+                .join(format!("{}-session", p.name))
+                .join("logs"),
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p.log)?;
         let child = Command::new(&self.bin)
             .args(&p.args)
             .env("RAYCTL_TMPDIR", self.dir.path())
@@ -242,19 +293,25 @@ impl Cluster {
     }
 
     fn wait_ready(&mut self, head: bool, i: usize) -> Result<()> {
-        let p = if head { &mut self.heads[i] } else { &mut self.nodes[i] };
+        let p = if head {
+            &mut self.heads[i]
+        } else {
+            &mut self.nodes[i]
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(b) = std::fs::read(&p.ready_file)
-                && let Ok(v) = serde_json::from_slice::<Value>(&b) {
-                    p.ready = v;
-                    return Ok(());
-                }
+                && let Ok(v) = serde_json::from_slice::<Value>(&b)
+            {
+                p.ready = v;
+                return Ok(());
+            }
             if let Some(c) = p.child.as_mut()
-                && let Some(st) = c.try_wait()? {
-                    p.child = None;
-                    bail!("{} exited before ready ({st}):\n{}", p.name, p.log_tail());
-                }
+                && let Some(st) = c.try_wait()?
+            {
+                p.child = None;
+                bail!("{} exited before ready ({st}):\n{}", p.name, p.log_tail());
+            }
             if Instant::now() > deadline {
                 bail!("{} not ready within 60s:\n{}", p.name, p.log_tail());
             }
@@ -272,7 +329,10 @@ impl Cluster {
             format!("--port={port}"),
             "--dashboard-port=0".into(),
             format!("--join={}", self.head_addrs.join(",")),
-            format!("--data-dir={}", self.dir.path().join(format!("head-{i}")).display()),
+            format!(
+                "--data-dir={}",
+                self.dir.path().join(format!("head-{i}")).display()
+            ),
             "--num-cpus=1".into(),
             "--memory=1GiB".into(),
         ];
@@ -294,17 +354,27 @@ impl Cluster {
     }
 
     fn restart(&mut self, head: bool, i: usize) -> Result<()> {
-        let list = if head { &mut self.heads } else { &mut self.nodes };
+        let list = if head {
+            &mut self.heads
+        } else {
+            &mut self.nodes
+        };
         list[i].kill9();
         let mut p = std::mem::replace(&mut list[i], placeholder());
         let r = self.launch(&mut p);
-        if head { self.heads[i] = p } else { self.nodes[i] = p }
+        if head {
+            self.heads[i] = p
+        } else {
+            self.nodes[i] = p
+        }
         r?;
         self.wait_ready(head, i)
     }
 
     pub fn auth(&self) -> Option<AuthToken> {
-        self.token.as_deref().and_then(|t| AuthToken::new(t, "test").ok())
+        self.token
+            .as_deref()
+            .and_then(|t| AuthToken::new(t, "test").ok())
     }
 
     /// A client holding every head address.
@@ -319,7 +389,9 @@ impl Cluster {
     /// Runs `rayctl ARGS` against this cluster and returns (exit code, stdout, stderr).
     pub fn rayctl(&self, args: &[&str]) -> Result<(i32, String, String)> {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(args).env("RAYCTL_TMPDIR", self.dir.path()).env_remove(protocol::ADDRESS_ENV);
+        cmd.args(args)
+            .env("RAYCTL_TMPDIR", self.dir.path())
+            .env_remove(protocol::ADDRESS_ENV);
         match &self.token {
             Some(t) => cmd.env(protocol::AUTH_TOKEN_ENV, t),
             None => cmd.env_remove(protocol::AUTH_TOKEN_ENV),
@@ -338,7 +410,15 @@ impl Cluster {
             Some(i) => self.head_addrs[i].clone(),
             None => self.head_addrs.join(","),
         };
-        let (code, out, err) = self.rayctl(&["status", "-o", "json", "--timeout", "5s", "--address", &addr])?;
+        let (code, out, err) = self.rayctl(&[
+            "status",
+            "-o",
+            "json",
+            "--timeout",
+            "5s",
+            "--address",
+            &addr,
+        ])?;
         if code != 0 {
             bail!("rayctl status exited {code}: {err}");
         }
@@ -356,7 +436,10 @@ impl Cluster {
 
     /// Nodes in `status` with the given state.
     pub fn nodes_in_state(status: &Value, state: &str) -> Vec<Value> {
-        status["nodes"].as_array().map(|a| a.iter().filter(|n| n["state"] == state).cloned().collect()).unwrap_or_default()
+        status["nodes"]
+            .as_array()
+            .map(|a| a.iter().filter(|n| n["state"] == state).cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn path(&self) -> &Path {
@@ -365,5 +448,12 @@ impl Cluster {
 }
 
 fn placeholder() -> Proc {
-    Proc { name: String::new(), args: vec![], ready_file: PathBuf::new(), log: PathBuf::new(), child: None, ready: Value::Null }
+    Proc {
+        name: String::new(),
+        args: vec![],
+        ready_file: PathBuf::new(),
+        log: PathBuf::new(),
+        child: None,
+        ready: Value::Null,
+    }
 }

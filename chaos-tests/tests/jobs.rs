@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use chaos_tests::{wait_for, Cluster, ClusterOptions};
-use serde_json::{json, Value};
+use anyhow::{Context, Result, bail};
+use chaos_tests::{Cluster, ClusterOptions, wait_for};
+use serde_json::{Value, json};
 
 const TOKEN: &str = "jobs-test-token";
 
@@ -25,7 +25,11 @@ impl Http {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Self { agent, base: format!("http://127.0.0.1:{port}"), token: token.map(str::to_owned) }
+        Self {
+            agent,
+            base: format!("http://127.0.0.1:{port}"),
+            token: token.map(str::to_owned),
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
@@ -47,7 +51,10 @@ impl Http {
                 r.call()?
             }
             (_, b) => {
-                let mut r = self.agent.post(&url).header("content-type", "application/json");
+                let mut r = self
+                    .agent
+                    .post(&url)
+                    .header("content-type", "application/json");
                 if let Some(a) = &auth {
                     r = r.header("authorization", a);
                 }
@@ -60,7 +67,10 @@ impl Http {
     fn json(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
         let b = body.map(|v| v.to_string());
         let (code, text) = self.call(method, path, b.as_deref())?;
-        Ok((code, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+        Ok((
+            code,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
     }
 
     fn wait_status(&self, id: &str, want: &[&str], timeout: Duration) -> Result<Value> {
@@ -73,18 +83,28 @@ impl Http {
 
 #[test]
 fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, token: Some(TOKEN.into()), ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        token: Some(TOKEN.into()),
+        ..Default::default()
+    })?;
     let api = Http::new(&c.heads[0].ready["dashboard_port"], Some(TOKEN));
     let (code, v) = api.json("GET", "/api/version", None)?;
     assert_eq!((code, v["version"].as_str()), (200, Some("4")));
-    let (code, _) = Http::new(&c.heads[0].ready["dashboard_port"], None).json("GET", "/api/jobs/", None)?;
+    let (code, _) =
+        Http::new(&c.heads[0].ready["dashboard_port"], None).json("GET", "/api/jobs/", None)?;
     assert_eq!(code, 401, "the token is required");
 
     // Submit, follow to the end, read the log.
     let body = json!({"entrypoint": "echo out-$GREETING; echo err >&2", "runtime_env": {"env_vars": {"GREETING": "hello"}},
                       "metadata": {"owner": "test"}, "submission_id": "rest-1"});
     let (code, v) = api.json("POST", "/api/jobs/", Some(body.clone()))?;
-    assert_eq!((code, v["submission_id"].as_str()), (200, Some("rest-1")), "{v}");
+    assert_eq!(
+        (code, v["submission_id"].as_str()),
+        (200, Some("rest-1")),
+        "{v}"
+    );
     let j = api.wait_status("rest-1", &["SUCCEEDED"], Duration::from_secs(60))?;
     assert_eq!(j["driver_exit_code"], 0);
     assert_eq!(j["metadata"]["owner"], "test");
@@ -97,18 +117,39 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
     let (code, v) = api.json("POST", "/api/jobs/", Some(body))?;
     assert_eq!(code, 409, "duplicate submission_id: {v}");
     let (code, v) = api.json("POST", "/api/jobs/", Some(json!({"entrypoint": "  "})))?;
-    assert!(code == 400 && v["error"].as_str().unwrap_or("").contains("entrypoint is empty"), "{code} {v}");
+    assert!(
+        code == 400
+            && v["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("entrypoint is empty"),
+        "{code} {v}"
+    );
     let (code, v) = api.call("POST", "/api/jobs/", Some("{not json"))?;
-    assert!(code == 400 && v.contains("invalid job submission JSON"), "{code} {v}");
-    let (code, v) = api.json("POST", "/api/jobs/", Some(json!({"entrypoint": "true", "runtime_env": {"pip": ["x"]}})))?;
-    assert!(code == 400 && v["error"].as_str().unwrap_or("").contains("pip"), "{code} {v}");
+    assert!(
+        code == 400 && v.contains("invalid job submission JSON"),
+        "{code} {v}"
+    );
+    let (code, v) = api.json(
+        "POST",
+        "/api/jobs/",
+        Some(json!({"entrypoint": "true", "runtime_env": {"pip": ["x"]}})),
+    )?;
+    assert!(
+        code == 400 && v["error"].as_str().unwrap_or("").contains("pip"),
+        "{code} {v}"
+    );
     let (code, _) = api.json("GET", "/api/jobs/no-such-job", None)?;
     assert_eq!(code, 404);
     let (code, _) = api.json("POST", "/api/jobs/no-such-job/stop", None)?;
     assert_eq!(code, 404);
 
     // Stop a running job; delete it once it ended; a running one cannot be deleted.
-    let (code, _) = api.json("POST", "/api/jobs/", Some(json!({"entrypoint": "sleep 300", "submission_id": "rest-long"})))?;
+    let (code, _) = api.json(
+        "POST",
+        "/api/jobs/",
+        Some(json!({"entrypoint": "sleep 300", "submission_id": "rest-long"})),
+    )?;
     assert_eq!(code, 200);
     api.wait_status("rest-long", &["RUNNING"], Duration::from_secs(60))?;
     let (code, _) = api.json("DELETE", "/api/jobs/rest-long", None)?;
@@ -121,18 +162,40 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
     let (code, _) = api.json("GET", "/api/jobs/rest-long", None)?;
     assert_eq!(code, 404);
     let (_, list) = api.json("GET", "/api/jobs/", None)?;
-    let ids: Vec<&str> = list.as_array().context("a list")?.iter().filter_map(|j| j["submission_id"].as_str()).collect();
+    let ids: Vec<&str> = list
+        .as_array()
+        .context("a list")?
+        .iter()
+        .filter_map(|j| j["submission_id"].as_str())
+        .collect();
     assert_eq!(ids, vec!["rest-1"]);
     let (code, doc) = api.json("GET", "/api/openapi.json", None)?;
     assert!(code == 200 && doc["paths"]["/api/jobs/"].is_object());
 
     // rayctl: exit codes follow the job's outcome.
-    let (code, out, err) = c.rayctl(&["job", "submit", "--submission-id", "cli-ok", "--", "echo", "cli-hello"])?;
+    let (code, out, err) = c.rayctl(&[
+        "job",
+        "submit",
+        "--submission-id",
+        "cli-ok",
+        "--",
+        "echo",
+        "cli-hello",
+    ])?;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("cli-hello"), "the log is followed: {out}");
     let (code, _, _) = c.rayctl(&["job", "submit", "--", "exit", "3"])?;
     assert_eq!(code, 1, "a failed job exits 1");
-    let (code, _, err) = c.rayctl(&["job", "submit", "--no-wait", "--submission-id", "cli-long", "--", "sleep", "300"])?;
+    let (code, _, err) = c.rayctl(&[
+        "job",
+        "submit",
+        "--no-wait",
+        "--submission-id",
+        "cli-long",
+        "--",
+        "sleep",
+        "300",
+    ])?;
     assert_eq!(code, 0, "{err}");
     let (code, out, _) = c.rayctl(&["job", "stop", "cli-long", "-o", "json"])?;
     assert_eq!(code, 0);
@@ -150,7 +213,11 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
     assert_eq!(code, 4, "not found exits 4");
     let (code, out, _) = c.rayctl(&["job", "list", "-o", "json"])?;
     assert_eq!(code, 0);
-    assert!(serde_json::from_str::<Value>(&out)?.as_array().is_some_and(|a| a.len() == 3));
+    assert!(
+        serde_json::from_str::<Value>(&out)?
+            .as_array()
+            .is_some_and(|a| a.len() == 3)
+    );
 
     // working_dir: packaged (without .gitignored files), uploaded once, unpacked on the node.
     let wd = c.path().join("wd");
@@ -160,17 +227,35 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
     std::fs::write(wd.join(".gitignore"), "*.tmp\n")?;
     std::fs::write(wd.join("junk.tmp"), "ignored")?;
     let wd_s = wd.display().to_string();
-    let (code, out, err) = c.rayctl(&["job", "submit", "--working-dir", &wd_s, "--", "sh", "run.sh"])?;
+    let (code, out, err) = c.rayctl(&[
+        "job",
+        "submit",
+        "--working-dir",
+        &wd_s,
+        "--",
+        "sh",
+        "run.sh",
+    ])?;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("packaged-data") && out.contains("run.sh") && !out.contains("junk.tmp"), "{out}");
+    assert!(
+        out.contains("packaged-data") && out.contains("run.sh") && !out.contains("junk.tmp"),
+        "{out}"
+    );
     let (code, _, err) = c.rayctl(&["job", "submit", "--working-dir", &wd_s, "--", "true"])?;
     assert_eq!(code, 0);
-    assert!(err.contains("already in the cluster"), "uploaded once: {err}");
+    assert!(
+        err.contains("already in the cluster"),
+        "uploaded once: {err}"
+    );
 
     // Ray's package endpoints: bad archives are refused with 400 and nothing is stored.
     let put = |name: &str, body: Vec<u8>| -> Result<(u16, String)> {
         let url = format!("{}/api/packages/gcs/{name}", api.base);
-        let mut r = api.agent.put(&url).header("authorization", format!("Bearer {TOKEN}")).send(&body[..])?;
+        let mut r = api
+            .agent
+            .put(&url)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .send(&body[..])?;
         Ok((r.status().as_u16(), r.body_mut().read_to_string()?))
     };
     let name = "_ray_pkg_00112233445566778899aabbccddeeff.zip";
@@ -185,20 +270,29 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
     .enumerate()
     {
         let (code, text) = put(name, bytes)?;
-        assert!(code == 400 && text.contains(want), "case {i}: {code} {text}");
+        assert!(
+            code == 400 && text.contains(want),
+            "case {i}: {code} {text}"
+        );
     }
     let (code, _) = api.json("GET", &format!("/api/packages/gcs/{name}"), None)?;
     assert_eq!(code, 404, "nothing stored");
     let (code, _) = put("../../x.zip", archive(&[("a", &b"x"[..])], &[]))?;
     assert!(code == 400 || code == 404, "{code}");
-    let (code, text) = put(name, archive(&[("hello.txt", &b"from a ray client\n"[..])], &[]))?;
+    let (code, text) = put(
+        name,
+        archive(&[("hello.txt", &b"from a ray client\n"[..])], &[]),
+    )?;
     assert_eq!(code, 200, "{text}");
     let (code, _) = api.json("GET", &format!("/api/packages/gcs/{name}"), None)?;
     assert_eq!(code, 200);
     let body = json!({"entrypoint": "cat hello.txt", "runtime_env": {"working_dir": format!("gcs://{name}")}, "submission_id": "pkg-job"});
     assert_eq!(api.json("POST", "/api/jobs/", Some(body))?.0, 200);
     api.wait_status("pkg-job", &["SUCCEEDED"], Duration::from_secs(60))?;
-    assert_eq!(api.json("GET", "/api/jobs/pkg-job/logs", None)?.1["logs"], "from a ray client\n");
+    assert_eq!(
+        api.json("GET", "/api/jobs/pkg-job/logs", None)?.1["logs"],
+        "from a ray client\n"
+    );
     Ok(())
 }
 
@@ -220,7 +314,9 @@ fn archive(files: &[(&str, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
 fn bomb() -> Vec<u8> {
     use std::io::Write;
     let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated).large_file(true);
+    let o = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
     z.start_file("zeros", o).expect("zip");
     let block = vec![0u8; 1 << 20];
     for _ in 0..1100 {
@@ -231,9 +327,17 @@ fn bomb() -> Vec<u8> {
 
 #[test]
 fn killing_the_leader_disturbs_no_job_and_loses_no_transition() -> Result<()> {
-    let mut c = Cluster::start(ClusterOptions { heads: 3, nodes: 2, ..Default::default() })?;
+    let mut c = Cluster::start(ClusterOptions {
+        heads: 3,
+        nodes: 2,
+        ..Default::default()
+    })?;
     let leader = c.wait_leader(Duration::from_secs(30))?;
-    let apis: Vec<Http> = c.heads.iter().map(|h| Http::new(&h.ready["dashboard_port"], None)).collect();
+    let apis: Vec<Http> = c
+        .heads
+        .iter()
+        .map(|h| Http::new(&h.ready["dashboard_port"], None))
+        .collect();
     // Jobs run on the worker nodes (their custom resources), not on the heads' nodes, since
     // killing a head also kills its node.
     let submit = |api: &Http, i: usize| -> Result<()> {
@@ -254,13 +358,22 @@ fn killing_the_leader_disturbs_no_job_and_loses_no_transition() -> Result<()> {
     }
     wait_for("20 jobs running", Duration::from_secs(60), || {
         let (_, list) = apis[leader].json("GET", "/api/jobs/", None).ok()?;
-        (list.as_array()?.iter().filter(|j| j["status"] == "RUNNING").count() == 20).then_some(())
+        (list
+            .as_array()?
+            .iter()
+            .filter(|j| j["status"] == "RUNNING")
+            .count()
+            == 20)
+            .then_some(())
     })?;
     // 20 more are submitted through the other heads while the leader dies; a submit that
     // fails is retried with the same id and token, as a client does after a timeout.
     let others: Vec<usize> = (0..3).filter(|h| *h != leader).collect();
     let submitter = {
-        let ports: Vec<Value> = others.iter().map(|h| c.heads[*h].ready["dashboard_port"].clone()).collect();
+        let ports: Vec<Value> = others
+            .iter()
+            .map(|h| c.heads[*h].ready["dashboard_port"].clone())
+            .collect();
         std::thread::spawn(move || -> Result<()> {
             let apis: Vec<Http> = ports.iter().map(|p| Http::new(p, None)).collect();
             for i in 20..40 {
@@ -283,26 +396,44 @@ fn killing_the_leader_disturbs_no_job_and_loses_no_transition() -> Result<()> {
     c.heads[leader].kill9();
     submitter.join().expect("the submitter thread")?;
     let api = &apis[others[0]];
-    let jobs: BTreeMap<String, Value> = wait_for("all 40 jobs to end", Duration::from_secs(120), || {
-        let (code, list) = api.json("GET", "/api/jobs/", None).ok()?;
-        let list = list.as_array().filter(|_| code == 200)?.clone();
-        let ended = list.iter().filter(|j| ["SUCCEEDED", "FAILED", "STOPPED"].contains(&j["status"].as_str().unwrap_or(""))).count();
-        (list.len() == 40 && ended == 40).then(|| list.into_iter().map(|j| (j["submission_id"].as_str().unwrap_or("").to_owned(), j)).collect())
-    })?;
+    let jobs: BTreeMap<String, Value> =
+        wait_for("all 40 jobs to end", Duration::from_secs(120), || {
+            let (code, list) = api.json("GET", "/api/jobs/", None).ok()?;
+            let list = list.as_array().filter(|_| code == 200)?.clone();
+            let ended = list
+                .iter()
+                .filter(|j| {
+                    ["SUCCEEDED", "FAILED", "STOPPED"].contains(&j["status"].as_str().unwrap_or(""))
+                })
+                .count();
+            (list.len() == 40 && ended == 40).then(|| {
+                list.into_iter()
+                    .map(|j| (j["submission_id"].as_str().unwrap_or("").to_owned(), j))
+                    .collect()
+            })
+        })?;
     for i in 0..40 {
         let j = &jobs[&format!("job-{i}")];
         assert_eq!(j["status"], "SUCCEEDED", "job-{i}: {j}");
         assert_eq!(j["driver_exit_code"], 0);
         assert_eq!(j["attempt"], 0, "job-{i} ran once");
         let (_, logs) = api.json("GET", &format!("/api/jobs/job-{i}/logs"), None)?;
-        assert_eq!(logs["logs"], format!("start-{i}\ndone-{i}\n"), "job-{i}'s log is complete and from one run");
+        assert_eq!(
+            logs["logs"],
+            format!("start-{i}\ndone-{i}\n"),
+            "job-{i}'s log is complete and from one run"
+        );
     }
     Ok(())
 }
 
 #[test]
 fn the_death_of_the_driver_node_fails_the_job_or_retries_it() -> Result<()> {
-    let mut c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, ..Default::default() })?;
+    let mut c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        ..Default::default()
+    })?;
     let api = Http::new(&c.heads[0].ready["dashboard_port"], None);
     for (id, retries) in [("doomed", 0), ("retried", 1)] {
         let body = json!({"entrypoint": "sleep 4; echo finished", "submission_id": id, "max_retries": retries,
@@ -312,9 +443,16 @@ fn the_death_of_the_driver_node_fails_the_job_or_retries_it() -> Result<()> {
         api.wait_status(id, &["RUNNING"], Duration::from_secs(60))?;
     }
     c.nodes[0].kill9();
-    let j = api.wait_status("doomed", &["FAILED", "SUCCEEDED", "STOPPED"], Duration::from_secs(60))?;
+    let j = api.wait_status(
+        "doomed",
+        &["FAILED", "SUCCEEDED", "STOPPED"],
+        Duration::from_secs(60),
+    )?;
     assert_eq!(j["status"], "FAILED");
-    assert!(j["message"].as_str().unwrap_or("").contains("died"), "the message says why: {j}");
+    assert!(
+        j["message"].as_str().unwrap_or("").contains("died"),
+        "the message says why: {j}"
+    );
     // The retried job waits for a node with its resource; the node comes back (a new
     // incarnation) and the second attempt runs to the end.
     wait_for("the retry to be queued", Duration::from_secs(30), || {
@@ -323,8 +461,15 @@ fn the_death_of_the_driver_node_fails_the_job_or_retries_it() -> Result<()> {
     })?;
     c.restart_node(0)?;
     let j = api.wait_status("retried", &["SUCCEEDED", "FAILED"], Duration::from_secs(60))?;
-    assert_eq!((j["status"].as_str(), j["attempt"].as_u64()), (Some("SUCCEEDED"), Some(1)), "{j}");
+    assert_eq!(
+        (j["status"].as_str(), j["attempt"].as_u64()),
+        (Some("SUCCEEDED"), Some(1)),
+        "{j}"
+    );
     let (_, logs) = api.json("GET", "/api/jobs/retried/logs", None)?;
-    assert!(logs["logs"].as_str().unwrap_or("").ends_with("finished\n"), "{logs}");
+    assert!(
+        logs["logs"].as_str().unwrap_or("").ends_with("finished\n"),
+        "{logs}"
+    );
     Ok(())
 }

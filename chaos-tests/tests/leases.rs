@@ -6,13 +6,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chaos_tests::{wait_for, Cluster, ClusterOptions};
+use chaos_tests::{Cluster, ClusterOptions, wait_for};
 use protocol::client::ClientOptions;
 use protocol::pb;
 
 fn req(resources: &[(&str, f64)], timeout_ms: u64, hops: u32) -> pb::LeaseRequest {
     pb::LeaseRequest {
-        resources: resources.iter().map(|(k, v)| (k.to_string(), *v)).collect::<HashMap<_, _>>(),
+        resources: resources
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect::<HashMap<_, _>>(),
         strategy: pb::SchedulingStrategy::Hybrid as i32,
         spillback_count: hops,
         queue_timeout_ms: timeout_ms,
@@ -21,7 +24,10 @@ fn req(resources: &[(&str, f64)], timeout_ms: u64, hops: u32) -> pb::LeaseReques
 }
 
 async fn lease(c: &Cluster, addr: &str, r: pb::LeaseRequest) -> Result<pb::LeaseReply> {
-    let opts = ClientOptions { rpc_timeout: Duration::from_secs(60), ..Default::default() };
+    let opts = ClientOptions {
+        rpc_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
     let mut nm = protocol::client::node_manager(addr, c.auth(), &opts)?;
     Ok(nm.request_worker_lease(r).await?.into_inner())
 }
@@ -32,17 +38,44 @@ fn outcome(r: &pb::LeaseReply) -> pb::LeaseOutcome {
 
 #[test]
 fn leases_spill_back_queue_time_out_and_report_demand() -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, ..Default::default() })?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let head_node = format!("127.0.0.1:{}", c.heads[0].ready["node"]["node_manager_port"]);
-    let n1_id = c.nodes[1].ready["node_id"].as_str().context("node id")?.to_owned();
-    let n1 = c.nodes[1].ready["address"].as_str().context("address")?.to_owned();
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 2,
+        ..Default::default()
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let head_node = format!(
+        "127.0.0.1:{}",
+        c.heads[0].ready["node"]["node_manager_port"]
+    );
+    let n1_id = c.nodes[1].ready["node_id"]
+        .as_str()
+        .context("node id")?
+        .to_owned();
+    let n1 = c.nodes[1].ready["address"]
+        .as_str()
+        .context("address")?
+        .to_owned();
     // The head's node learns the others' resources through the leader.
-    wait_for("the head's node to know node 1", Duration::from_secs(30), || {
-        let r = rt.block_on(lease(&c, &head_node, req(&[("node1", 1.0)], 0, 0))).ok()?;
-        (outcome(&r) == pb::LeaseOutcome::Spillback).then_some(r)
-    })
-    .map(|r| assert_eq!((r.node_id.as_str(), r.address.as_str()), (n1_id.as_str(), n1.as_str())))?;
+    wait_for(
+        "the head's node to know node 1",
+        Duration::from_secs(30),
+        || {
+            let r = rt
+                .block_on(lease(&c, &head_node, req(&[("node1", 1.0)], 0, 0)))
+                .ok()?;
+            (outcome(&r) == pb::LeaseOutcome::Spillback).then_some(r)
+        },
+    )
+    .map(|r| {
+        assert_eq!(
+            (r.node_id.as_str(), r.address.as_str()),
+            (n1_id.as_str(), n1.as_str())
+        )
+    })?;
 
     // Node 1 grants it; a second one waits and times out, a third waits until the first is back.
     let first = rt.block_on(lease(&c, &n1, req(&[("node1", 1.0)], 0, 1)))?;
@@ -54,7 +87,14 @@ fn leases_spill_back_queue_time_out_and_report_demand() -> Result<()> {
         let r = req(&[("node1", 1.0)], 30_000, 1);
         let auth = c.auth();
         rt.spawn(async move {
-            let mut nm = protocol::client::node_manager(&n1, auth, &ClientOptions { rpc_timeout: Duration::from_secs(60), ..Default::default() })?;
+            let mut nm = protocol::client::node_manager(
+                &n1,
+                auth,
+                &ClientOptions {
+                    rpc_timeout: Duration::from_secs(60),
+                    ..Default::default()
+                },
+            )?;
             anyhow::Ok(nm.request_worker_lease(r).await?.into_inner())
         })
     };
@@ -62,19 +102,37 @@ fn leases_spill_back_queue_time_out_and_report_demand() -> Result<()> {
     let gpu = rt.block_on(lease(&c, &head_node, req(&[("GPU", 1.0)], 0, 0)))?;
     assert_eq!(outcome(&gpu), pb::LeaseOutcome::Infeasible);
     assert!(gpu.message.contains("GPU"), "{}", gpu.message);
-    wait_for("the demand in rayctl status", Duration::from_secs(30), || {
-        let s = c.status(None).ok()?;
-        let d = s["pending_demand"].as_array()?;
-        let queued = d.iter().any(|x| x["shape"]["node1"] == 1.0 && x["queued"] == 1);
-        let infeasible = d.iter().any(|x| x["shape"]["GPU"] == 1.0 && x["infeasible"].as_u64().is_some_and(|n| n >= 1));
-        // Node 1's lease shows in its available resources.
-        let node = s["nodes"].as_array()?.iter().find(|n| n["node_id"] == n1_id.as_str())?.clone();
-        let busy = node["resources_available"]["node1"].is_null();
-        (queued && infeasible && busy).then_some(())
-    })?;
+    wait_for(
+        "the demand in rayctl status",
+        Duration::from_secs(30),
+        || {
+            let s = c.status(None).ok()?;
+            let d = s["pending_demand"].as_array()?;
+            let queued = d
+                .iter()
+                .any(|x| x["shape"]["node1"] == 1.0 && x["queued"] == 1);
+            let infeasible = d.iter().any(|x| {
+                x["shape"]["GPU"] == 1.0 && x["infeasible"].as_u64().is_some_and(|n| n >= 1)
+            });
+            // Node 1's lease shows in its available resources.
+            let node = s["nodes"]
+                .as_array()?
+                .iter()
+                .find(|n| n["node_id"] == n1_id.as_str())?
+                .clone();
+            let busy = node["resources_available"]["node1"].is_null();
+            (queued && infeasible && busy).then_some(())
+        },
+    )?;
     let back = rt.block_on(async {
         let mut nm = protocol::client::node_manager(&n1, c.auth(), &ClientOptions::default())?;
-        anyhow::Ok(nm.return_worker_lease(pb::ReturnLeaseRequest { lease_id: first.lease_id.clone() }).await?.into_inner())
+        anyhow::Ok(
+            nm.return_worker_lease(pb::ReturnLeaseRequest {
+                lease_id: first.lease_id.clone(),
+            })
+            .await?
+            .into_inner(),
+        )
     })?;
     assert!(back.returned);
     let third = rt.block_on(waiting)??;
@@ -82,7 +140,13 @@ fn leases_spill_back_queue_time_out_and_report_demand() -> Result<()> {
     // Returning twice frees nothing.
     let again = rt.block_on(async {
         let mut nm = protocol::client::node_manager(&n1, c.auth(), &ClientOptions::default())?;
-        anyhow::Ok(nm.return_worker_lease(pb::ReturnLeaseRequest { lease_id: first.lease_id.clone() }).await?.into_inner())
+        anyhow::Ok(
+            nm.return_worker_lease(pb::ReturnLeaseRequest {
+                lease_id: first.lease_id.clone(),
+            })
+            .await?
+            .into_inner(),
+        )
     })?;
     assert!(!again.returned);
 

@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chaos_tests::{free_port, wait_for, Cluster, ClusterOptions};
+use chaos_tests::{Cluster, ClusterOptions, free_port, wait_for};
 use serde_json::Value;
 
 struct KillOnDrop(Child);
@@ -25,13 +25,22 @@ fn query(port: u16, q: &str) -> Option<Vec<Value>> {
 }
 
 fn values(results: &[Value]) -> Vec<f64> {
-    results.iter().filter_map(|r| r["value"][1].as_str()?.parse().ok()).collect()
+    results
+        .iter()
+        .filter_map(|r| r["value"][1].as_str()?.parse().ok())
+        .collect()
 }
 
 #[test]
 fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
-    let bin = which("prometheus").context("the `prometheus` binary is required (apt-get install prometheus; .ci/run does)")?;
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, ..Default::default() })?;
+    let bin = which("prometheus").context(
+        "the `prometheus` binary is required (apt-get install prometheus; .ci/run does)",
+    )?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        ..Default::default()
+    })?;
     c.wait_leader(Duration::from_secs(30))?;
     let head = &c.heads[0].ready;
     let targets = [
@@ -41,7 +50,11 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
     ];
     let cfg = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: rayctl\n    static_configs:\n      - targets: [{}]\n",
-        targets.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", ")
+        targets
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let cfg_path = c.path().join("prometheus.yml");
     std::fs::write(&cfg_path, cfg)?;
@@ -50,7 +63,10 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
     let _prom = KillOnDrop(
         Command::new(bin)
             .arg(format!("--config.file={}", cfg_path.display()))
-            .arg(format!("--storage.tsdb.path={}", c.path().join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                c.path().join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -66,20 +82,36 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
         let term = values(&query(port, "rayctl_raft_term")?);
         let applied = values(&query(port, "rayctl_raft_applied_index")?);
         let alive = values(&query(port, "rayctl_nodes{state=\"ALIVE\"}")?);
-        (leader == [1.0] && term.first().is_some_and(|t| *t >= 1.0) && applied.first().is_some_and(|a| *a >= 1.0) && alive == [2.0])
-            .then_some(())
+        (leader == [1.0]
+            && term.first().is_some_and(|t| *t >= 1.0)
+            && applied.first().is_some_and(|a| *a >= 1.0)
+            && alive == [2.0])
+        .then_some(())
     })?;
     wait_for("node and rpc series", Duration::from_secs(30), || {
-        let hb = values(&query(port, "sum(rayctl_node_heartbeats_total{result=\"ok\"})")?);
-        let rpc = query(port, "rayctl_rpc_latency_seconds_count{method=\"Heartbeat\"}")?;
+        let hb = values(&query(
+            port,
+            "sum(rayctl_node_heartbeats_total{result=\"ok\"})",
+        )?);
+        let rpc = query(
+            port,
+            "rayctl_rpc_latency_seconds_count{method=\"Heartbeat\"}",
+        )?;
         let append = values(&query(port, "rayctl_raft_append_latency_seconds_count")?);
-        (hb.first().is_some_and(|v| *v >= 1.0) && !rpc.is_empty() && append.first().is_some_and(|v| *v >= 1.0)).then_some(())
+        (hb.first().is_some_and(|v| *v >= 1.0)
+            && !rpc.is_empty()
+            && append.first().is_some_and(|v| *v >= 1.0))
+        .then_some(())
     })?;
-    wait_for("object store series from both nodes", Duration::from_secs(30), || {
-        let cap = values(&query(port, "rayctl_object_store_capacity_bytes")?);
-        let shm = query(port, "ray_object_store_memory{Location=\"MMAP_SHM\"}")?;
-        (cap.len() == 2 && cap.iter().all(|v| *v > 0.0) && shm.len() == 2).then_some(())
-    })?;
+    wait_for(
+        "object store series from both nodes",
+        Duration::from_secs(30),
+        || {
+            let cap = values(&query(port, "rayctl_object_store_capacity_bytes")?);
+            let shm = query(port, "ray_object_store_memory{Location=\"MMAP_SHM\"}")?;
+            (cap.len() == 2 && cap.iter().all(|v| *v > 0.0) && shm.len() == 2).then_some(())
+        },
+    )?;
     wait_for("the job manager's series", Duration::from_secs(30), || {
         let pending = query(port, "rayctl_jobs{status=\"PENDING\"}")?;
         (!pending.is_empty()).then_some(())
@@ -91,7 +123,11 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
         .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
         .env("RAYCTL_TMPDIR", c.path())
         .output()?;
-    anyhow::ensure!(out.status.success(), "driver failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "driver failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last = std::cell::RefCell::new(String::new());
     wait_for("task, worker and lease series", Duration::from_secs(60), || {
         let finished = values(&query(port, "sum(ray_tasks{State=\"FINISHED\"})")?);
@@ -109,5 +145,9 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(name)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
 }

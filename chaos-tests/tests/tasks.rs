@@ -3,115 +3,26 @@
 //! nodes, retries after a worker is killed, reference counting, and the three ways to run a
 //! driver (job entrypoint, by hand on a node, remote).
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use chaos_tests::{wait_for, Cluster, ClusterOptions};
+use anyhow::{Context, Result};
+use chaos_tests::driver::Driver;
+use chaos_tests::{Cluster, ClusterOptions, wait_for};
 use serde_json::Value;
 
 fn driver_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sdk_driver")
 }
 
-/// A running driver whose `RESULT` lines are read as they come.
-struct Driver {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Driver {
-    fn start(c: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        let mut cmd = Command::new(driver_bin());
-        cmd.args(args)
-            .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
-            .env("RAYCTL_TMPDIR", c.path())
-            .env_remove("RAYCTL_NODE_ADDRESS")
-            .env_remove("RAYCTL_WORKER_ID")
-            .env_remove("RAYCTL_REMOTE")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().context("start sdk_driver")?;
-        let (tx, lines) = std::sync::mpsc::channel();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let out = child.stdout.take().context("stdout")?;
-        let err = child.stderr.take().context("stderr")?;
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line.clone());
-                if let Some(r) = line.strip_prefix("RESULT ") {
-                    let _ = tx.send(r.to_owned());
-                }
-            }
-        });
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
-        Ok(Self { child, lines, log })
-    }
-
-    fn output(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn result(&mut self, timeout: Duration) -> Result<Value> {
-        match self.lines.recv_timeout(timeout) {
-            Ok(l) => Ok(serde_json::from_str(&l)?),
-            Err(_) => bail!("no result within {timeout:?}; driver output:\n{}", self.output()),
-        }
-    }
-
-    fn next_step(&mut self) -> Result<()> {
-        let stdin = self.child.stdin.as_mut().context("stdin")?;
-        writeln!(stdin, "go")?;
-        Ok(stdin.flush()?)
-    }
-
-    fn finish(mut self, timeout: Duration) -> Result<()> {
-        drop(self.child.stdin.take());
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                if !st.success() {
-                    bail!("driver exited with {st}:\n{}", self.output());
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("driver did not exit within {timeout:?}:\n{}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Runs a driver to completion and returns its one result.
 fn run(c: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Value> {
-    let mut d = Driver::start(c, args, env)?;
-    let r = d.result(Duration::from_secs(120))?;
-    d.finish(Duration::from_secs(30))?;
-    Ok(r)
+    chaos_tests::driver::run(driver_bin(), c, args, env)
 }
 
 fn node_id(c: &Cluster, i: usize) -> String {
-    c.nodes[i].ready["node_id"].as_str().unwrap_or_default().to_owned()
+    c.nodes[i].ready["node_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn wait_view(c: &Cluster) -> Result<()> {
@@ -126,7 +37,11 @@ fn wait_view(c: &Cluster) -> Result<()> {
 
 #[test]
 fn tasks_are_placed_by_resources_strategy_and_affinity() -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 2,
+        ..Default::default()
+    })?;
     wait_view(&c)?;
     let (n0, n1) = (node_id(&c, 0), node_id(&c, 1));
 
@@ -140,36 +55,75 @@ fn tasks_are_placed_by_resources_strategy_and_affinity() -> Result<()> {
 
     // Three half-second tasks, SPREAD over three one-CPU nodes: not all on one node.
     let r = run(&c, &["spread", "3"], &[])?;
-    let nodes: std::collections::BTreeSet<&str> = r["nodes"].as_array().context("nodes")?.iter().filter_map(|v| v.as_str()).collect();
+    let nodes: std::collections::BTreeSet<&str> = r["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
     assert!(nodes.len() >= 2, "SPREAD put every task on one node: {r}");
 
     // Hard affinity pins every task to node 0.
     let r = run(&c, &["affinity", &n0], &[])?;
-    assert!(r["nodes"].as_array().context("nodes")?.iter().all(|v| v == n0.as_str()), "{r}");
+    assert!(
+        r["nodes"]
+            .as_array()
+            .context("nodes")?
+            .iter()
+            .all(|v| v == n0.as_str()),
+        "{r}"
+    );
 
     // A panic comes back with its message, the task id and the node.
     let r = run(&c, &["panic"], &[])?;
     assert_eq!(r["kind"], "PANIC", "{r}");
-    assert!(r["message"].as_str().unwrap_or_default().contains("boom from the test"), "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("boom from the test"),
+        "{r}"
+    );
     assert_eq!(r["task_id"].as_str().map(str::len), Some(40), "{r}");
-    assert!(r["text"].as_str().unwrap_or_default().contains(r["node"].as_str().unwrap_or("?")), "{r}");
+    assert!(
+        r["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(r["node"].as_str().unwrap_or("?")),
+        "{r}"
+    );
 
     // An infeasible task waits (it is not failed) and the demand is reported.
-    let mut d = Driver::start(&c, &["infeasible"], &[])?;
+    let mut d = Driver::start(driver_bin(), &c, &["infeasible"], &[])?;
     let r = d.result(Duration::from_secs(60))?;
     assert_eq!(r["ready_after_2s"], 0, "{r}");
-    wait_for("the infeasible demand in the cluster status", Duration::from_secs(30), || {
-        let s = c.status(None).ok()?;
-        s["pending_demand"].as_array()?.iter().any(|x| x["shape"]["unobtainium"] == 1.0 && x["infeasible"].as_u64() >= Some(1)).then_some(())
-    })?;
+    wait_for(
+        "the infeasible demand in the cluster status",
+        Duration::from_secs(30),
+        || {
+            let s = c.status(None).ok()?;
+            s["pending_demand"]
+                .as_array()?
+                .iter()
+                .any(|x| x["shape"]["unobtainium"] == 1.0 && x["infeasible"].as_u64() >= Some(1))
+                .then_some(())
+        },
+    )?;
     d.finish(Duration::from_secs(30))?;
 
     // wait: two of five are ready well before the slowest, then all five.
     let r = run(&c, &["wait"], &[])?;
     assert_eq!(r["first"][0], 2, "{r}");
     assert_eq!(r["first"][1], 3, "{r}");
-    assert_eq!((r["all"].as_u64(), r["left"].as_u64()), (Some(5), Some(0)), "{r}");
-    assert!(r["early"].as_u64() < Some(3), "a 1 ms wait found every slow task done: {r}");
+    assert_eq!(
+        (r["all"].as_u64(), r["left"].as_u64()),
+        (Some(5), Some(0)),
+        "{r}"
+    );
+    assert!(
+        r["early"].as_u64() < Some(3),
+        "a 1 ms wait found every slow task done: {r}"
+    );
 
     // A task that submits tasks owns their results.
     let r = run(&c, &["nested"], &[])?;
@@ -188,7 +142,11 @@ fn used_memory(port: u64) -> Option<f64> {
 
 #[test]
 fn large_objects_move_between_nodes_and_are_freed_with_their_refs() -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 2,
+        ..Default::default()
+    })?;
     wait_view(&c)?;
     let (n0, n1) = (node_id(&c, 0), node_id(&c, 1));
 
@@ -202,35 +160,70 @@ fn large_objects_move_between_nodes_and_are_freed_with_their_refs() -> Result<()
 
     // Reference counting: store usage on every node returns to its baseline.
     let ports: Vec<u64> = std::iter::once(c.heads[0].ready["node"]["metrics_export_port"].as_u64())
-        .chain(c.nodes.iter().map(|n| n.ready["metrics_export_port"].as_u64()))
+        .chain(
+            c.nodes
+                .iter()
+                .map(|n| n.ready["metrics_export_port"].as_u64()),
+        )
         .collect::<Option<_>>()
         .context("metrics ports")?;
     let all = |f: &dyn Fn(f64) -> bool| ports.iter().all(|p| used_memory(*p).is_some_and(f));
-    wait_for("stores empty after the first driver", Duration::from_secs(30), || all(&|u| u == 0.0).then_some(()))?;
-    let mut d = Driver::start(&c, &["refcount", &n0, &n1], &[])?;
+    wait_for(
+        "stores empty after the first driver",
+        Duration::from_secs(30),
+        || all(&|u| u == 0.0).then_some(()),
+    )?;
+    let mut d = Driver::start(driver_bin(), &c, &["refcount", &n0, &n1], &[])?;
     let r = d.result(Duration::from_secs(120))?;
     assert_eq!(r["holding"], 8, "{r}");
     // Held: node 0 has 4 results, node 1 copies of 8 objects, the driver's node 4 puts.
-    wait_for("objects in all three stores", Duration::from_secs(30), || all(&|u| u >= 32.0 * 1024.0 * 1024.0).then_some(()))?;
+    wait_for(
+        "objects in all three stores",
+        Duration::from_secs(30),
+        || all(&|u| u >= 32.0 * 1024.0 * 1024.0).then_some(()),
+    )?;
     d.next_step()?;
     let r = d.result(Duration::from_secs(60))?;
     assert_eq!(r["owned"], 0, "{r}");
-    wait_for("every store back to empty once the refs dropped", Duration::from_secs(30), || all(&|u| u == 0.0).then_some(()))
-        .with_context(|| format!("used: {:?}", ports.iter().map(|p| used_memory(*p)).collect::<Vec<_>>()))?;
+    wait_for(
+        "every store back to empty once the refs dropped",
+        Duration::from_secs(30),
+        || all(&|u| u == 0.0).then_some(()),
+    )
+    .with_context(|| {
+        format!(
+            "used: {:?}",
+            ports.iter().map(|p| used_memory(*p)).collect::<Vec<_>>()
+        )
+    })?;
     d.finish(Duration::from_secs(30))
 }
 
 #[test]
 fn a_killed_worker_is_retried_and_without_retries_the_error_is_clear() -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 0, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
     c.wait_leader(Duration::from_secs(30))?;
     for (retries, expect_value) in [("3", true), ("0", false)] {
         let pid_file = c.path().join(format!("victim-{retries}.pid"));
         let _ = std::fs::remove_file(&pid_file);
-        let mut d = Driver::start(&c, &["victim", pid_file.to_str().context("path")?, retries], &[])?;
-        let pid: i32 = wait_for("the task to start", Duration::from_secs(60), || std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok())
-            .with_context(|| d.output())?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+        let mut d = Driver::start(
+            driver_bin(),
+            &c,
+            &["victim", pid_file.to_str().context("path")?, retries],
+            &[],
+        )?;
+        let pid: i32 = wait_for("the task to start", Duration::from_secs(60), || {
+            std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+        })
+        .with_context(|| d.output())?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
         let r = d.result(Duration::from_secs(120))?;
         if expect_value {
             assert_eq!(r["value"], 42, "{r}");
@@ -239,7 +232,13 @@ fn a_killed_worker_is_retried_and_without_retries_the_error_is_clear() -> Result
             assert_ne!(again, pid);
         } else {
             assert_eq!(r["error_kind"], "WORKER_DIED", "{r}");
-            assert!(r["error"].as_str().unwrap_or_default().contains("max_retries=0"), "{r}");
+            assert!(
+                r["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("max_retries=0"),
+                "{r}"
+            );
         }
         d.finish(Duration::from_secs(30))?;
     }
@@ -248,21 +247,40 @@ fn a_killed_worker_is_retried_and_without_retries_the_error_is_clear() -> Result
 
 #[test]
 fn drivers_run_as_jobs_by_hand_and_from_outside_the_cluster() -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        ..Default::default()
+    })?;
     wait_for("2 alive nodes", Duration::from_secs(60), || {
         let s = c.status(None).ok()?;
         (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
     })?;
     // By hand on a node's machine: local mode through the node's store.
     let r = run(&c, &["mode"], &[])?;
-    assert_eq!((r["mode"].as_str(), r["sum"].as_i64()), (Some("Local"), Some(42)), "{r}");
+    assert_eq!(
+        (r["mode"].as_str(), r["sum"].as_i64()),
+        (Some("Local"), Some(42)),
+        "{r}"
+    );
 
     // From outside: no shared memory, objects over the network, the binary uploaded.
     let r = run(&c, &["mode"], &[("RAYCTL_REMOTE", "1")])?;
-    assert_eq!((r["mode"].as_str(), r["sum"].as_i64()), (Some("Remote"), Some(42)), "{r}");
+    assert_eq!(
+        (r["mode"].as_str(), r["sum"].as_i64()),
+        (Some("Remote"), Some(42)),
+        "{r}"
+    );
     let n0 = node_id(&c, 0);
-    let head_node = c.heads[0].ready["node"]["node_id"].as_str().context("head node id")?.to_owned();
-    let r = run(&c, &["transfer", &head_node, &n0], &[("RAYCTL_REMOTE", "1")])?;
+    let head_node = c.heads[0].ready["node"]["node_id"]
+        .as_str()
+        .context("head node id")?
+        .to_owned();
+    let r = run(
+        &c,
+        &["transfer", &head_node, &n0],
+        &[("RAYCTL_REMOTE", "1")],
+    )?;
     assert_eq!(r["task_crc"], r["expected"], "{r}");
     assert_eq!(r["put_crc"], r["put_expected"], "{r}");
     assert_eq!(r["driver_crc"], r["expected"], "{r}");
@@ -271,27 +289,62 @@ fn drivers_run_as_jobs_by_hand_and_from_outside_the_cluster() -> Result<()> {
     // As a job's entrypoint.
     let (code, out, err) = c.rayctl(&["job", "submit", "--", driver_bin(), "mode"])?;
     assert_eq!(code, 0, "job submit failed: {out}\n{err}");
-    assert!(out.contains("\"sum\":42") && out.contains("\"mode\":\"Local\""), "job output: {out}\n{err}");
+    assert!(
+        out.contains("\"sum\":42") && out.contains("\"mode\":\"Local\""),
+        "job output: {out}\n{err}"
+    );
     Ok(())
 }
 
 /// The examples, as a user runs them: jobs whose entrypoint is the example binary.
 #[test]
 fn the_examples_run_as_jobs() -> Result<()> {
-    let dir = chaos_tests::rayctl_bin()?.parent().context("bin dir")?.to_owned();
+    let dir = chaos_tests::rayctl_bin()?
+        .parent()
+        .context("bin dir")?
+        .to_owned();
     let (pi, wordcount) = (dir.join("pi"), dir.join("wordcount"));
-    anyhow::ensure!(pi.is_file() && wordcount.is_file(), "build the examples first: cargo build -p task-examples (scripts/test does)");
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 1, ..Default::default() })?;
+    anyhow::ensure!(
+        pi.is_file() && wordcount.is_file(),
+        "build the examples first: cargo build -p task-examples (scripts/test does)"
+    );
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        ..Default::default()
+    })?;
     c.wait_leader(Duration::from_secs(30))?;
-    let (code, out, err) = c.rayctl(&["job", "submit", "--", pi.to_str().context("path")?, "8", "200000"])?;
+    let (code, out, err) = c.rayctl(&[
+        "job",
+        "submit",
+        "--",
+        pi.to_str().context("path")?,
+        "8",
+        "200000",
+    ])?;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("pi ≈ 3.1"), "{out}\n{err}");
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tasks/data");
-    let (code, out, err) = c.rayctl(&["job", "submit", "--working-dir", data, "--", wordcount.to_str().context("path")?, "."])?;
+    let (code, out, err) = c.rayctl(&[
+        "job",
+        "submit",
+        "--working-dir",
+        data,
+        "--",
+        wordcount.to_str().context("path")?,
+        ".",
+    ])?;
     assert_eq!(code, 0, "{out}\n{err}");
     // The three texts shipped with the example hold 294 words, "the" 26 times.
-    assert!(out.contains("3 files") && out.contains(": 294 words"), "{out}\n{err}");
-    assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["26", "the"]), "{out}");
+    assert!(
+        out.contains("3 files") && out.contains(": 294 words"),
+        "{out}\n{err}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["26", "the"]),
+        "{out}"
+    );
     Ok(())
 }
 
@@ -304,18 +357,29 @@ fn prestarted_workers_wait_for_a_driver_and_idle_ones_exit() -> Result<()> {
     let c = Cluster::start(ClusterOptions {
         heads: 1,
         nodes: 0,
-        extra_args: vec!["--prestart-workers=2".into(), "--worker-idle-timeout=3s".into()],
+        extra_args: vec![
+            "--prestart-workers=2".into(),
+            "--worker-idle-timeout=3s".into(),
+        ],
         ..Default::default()
     })?;
     c.wait_leader(Duration::from_secs(30))?;
-    let port = c.heads[0].ready["node"]["metrics_export_port"].as_u64().context("metrics port")?;
+    let port = c.heads[0].ready["node"]["metrics_export_port"]
+        .as_u64()
+        .context("metrics port")?;
     assert_eq!(workers_idle(port), Some(0.0));
-    let mut d = Driver::start(&c, &["idle"], &[])?;
+    let mut d = Driver::start(driver_bin(), &c, &["idle"], &[])?;
     d.result(Duration::from_secs(60))?;
     // Two workers start as soon as the driver has handed over its binary, before any task.
-    wait_for("two prestarted idle workers", Duration::from_secs(30), || (workers_idle(port) == Some(2.0)).then_some(()))?;
+    wait_for(
+        "two prestarted idle workers",
+        Duration::from_secs(30),
+        || (workers_idle(port) == Some(2.0)).then_some(()),
+    )?;
     // Idle longer than --worker-idle-timeout: they exit.
-    wait_for("idle workers to exit", Duration::from_secs(30), || (workers_idle(port) == Some(0.0)).then_some(()))?;
+    wait_for("idle workers to exit", Duration::from_secs(30), || {
+        (workers_idle(port) == Some(0.0)).then_some(())
+    })?;
     d.finish(Duration::from_secs(30))
 }
 
@@ -324,20 +388,41 @@ fn prestarted_workers_wait_for_a_driver_and_idle_ones_exit() -> Result<()> {
 #[test]
 fn an_unclaimed_lease_is_given_back() -> Result<()> {
     use protocol::pb;
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 0, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
     c.wait_leader(Duration::from_secs(30))?;
-    let addr = c.heads[0].ready["node"]["address"].as_str().context("node address")?.to_owned();
-    let port = c.heads[0].ready["node"]["metrics_export_port"].as_u64().context("metrics port")?;
+    let addr = c.heads[0].ready["node"]["address"]
+        .as_str()
+        .context("node address")?
+        .to_owned();
+    let port = c.heads[0].ready["node"]["metrics_export_port"]
+        .as_u64()
+        .context("metrics port")?;
     let sha = {
         use sha2::Digest;
         let bytes = std::fs::read(driver_bin())?;
-        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>()
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let _in_rt = rt.enter();
-    let opts = protocol::client::ClientOptions { rpc_timeout: Duration::from_secs(60), ..Default::default() };
+    let opts = protocol::client::ClientOptions {
+        rpc_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
     let mut nm = protocol::client::node_manager(&addr, c.auth(), &opts)?;
-    rt.block_on(nm.register_binary(pb::RegisterBinaryRequest { sha256: sha.clone(), path: driver_bin().into(), job_id: String::new() }))?;
+    rt.block_on(nm.register_binary(pb::RegisterBinaryRequest {
+        sha256: sha.clone(),
+        path: driver_bin().into(),
+        job_id: String::new(),
+    }))?;
     let req = || pb::LeaseRequest {
         resources: [("CPU".to_string(), 1.0)].into_iter().collect(),
         binary_sha256: sha.clone(),
@@ -348,11 +433,29 @@ fn an_unclaimed_lease_is_given_back() -> Result<()> {
     assert_eq!(first.outcome, pb::LeaseOutcome::Granted as i32, "{first:?}");
     assert!(!first.worker_address.is_empty(), "{first:?}");
     // The node's only CPU is leased: a second request times out while the first is held.
-    let second = rt.block_on(nm.request_worker_lease(pb::LeaseRequest { queue_timeout_ms: 200, ..req() }))?.into_inner();
-    assert_eq!(second.outcome, pb::LeaseOutcome::TimedOut as i32, "{second:?}");
+    let second = rt
+        .block_on(nm.request_worker_lease(pb::LeaseRequest {
+            queue_timeout_ms: 200,
+            ..req()
+        }))?
+        .into_inner();
+    assert_eq!(
+        second.outcome,
+        pb::LeaseOutcome::TimedOut as i32,
+        "{second:?}"
+    );
     // Nobody opens the lease's stream: within the worker's orphan timeout it is given back.
-    wait_for("the unclaimed lease to be given back", Duration::from_secs(60), || (workers_idle(port) == Some(1.0)).then_some(()))?;
-    let third = rt.block_on(nm.request_worker_lease(pb::LeaseRequest { queue_timeout_ms: 5_000, ..req() }))?.into_inner();
+    wait_for(
+        "the unclaimed lease to be given back",
+        Duration::from_secs(60),
+        || (workers_idle(port) == Some(1.0)).then_some(()),
+    )?;
+    let third = rt
+        .block_on(nm.request_worker_lease(pb::LeaseRequest {
+            queue_timeout_ms: 5_000,
+            ..req()
+        }))?
+        .into_inner();
     assert_eq!(third.outcome, pb::LeaseOutcome::Granted as i32, "{third:?}");
     // The idle worker is reused.
     assert_eq!(third.worker_id, first.worker_id);
@@ -363,13 +466,22 @@ fn an_unclaimed_lease_is_given_back() -> Result<()> {
 /// dies; the consumers' owner runs the producers again elsewhere and the checksums match.
 #[test]
 fn results_lost_with_their_node_are_rebuilt_from_lineage() -> Result<()> {
-    let mut c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, node_cpus: 2.0, ..Default::default() })?;
+    let mut c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 2,
+        node_cpus: 2.0,
+        ..Default::default()
+    })?;
     wait_view(&c)?;
     let a = node_id(&c, 0);
-    let mut d = Driver::start(&c, &["dag", &a], &[])?;
+    let mut d = Driver::start(driver_bin(), &c, &["dag", &a], &[])?;
     let r = d.result(Duration::from_secs(180))?;
     assert_eq!(r["stage1"], 100, "{r}");
-    assert_eq!(r["on"][0], a.as_str(), "the producers did not run on node 0: {r}");
+    assert_eq!(
+        r["on"][0],
+        a.as_str(),
+        "the producers did not run on node 0: {r}"
+    );
     c.nodes[0].kill9();
     d.next_step()?;
     let r = d.result(Duration::from_secs(240))?;
@@ -378,24 +490,39 @@ fn results_lost_with_their_node_are_rebuilt_from_lineage() -> Result<()> {
     assert_eq!(r["tasks"], 200, "{r}");
     d.finish(Duration::from_secs(30))?;
     // The driver (on the head's node) reported its rebuilds to its node.
-    let port = c.heads[0].ready["node"]["metrics_export_port"].as_u64().context("metrics port")?;
-    wait_for("rebuilds in the head node's metrics", Duration::from_secs(30), || {
-        (metric(port, "rayctl_object_reconstructions_total")? >= 1.0).then_some(())
-    })
+    let port = c.heads[0].ready["node"]["metrics_export_port"]
+        .as_u64()
+        .context("metrics port")?;
+    wait_for(
+        "rebuilds in the head node's metrics",
+        Duration::from_secs(30),
+        || (metric(port, "rayctl_object_reconstructions_total")? >= 1.0).then_some(()),
+    )
 }
 
 /// The value of the first series of a node's `/metrics` that starts with `name`.
 fn metric(port: u64, name: &str) -> Option<f64> {
-    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok()?;
+    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?;
     let text = resp.body_mut().read_to_string().ok()?;
-    text.lines().find(|l| l.starts_with(name))?.split_whitespace().last()?.parse().ok()
+    text.lines()
+        .find(|l| l.starts_with(name))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
 }
 
 /// A task that waits for tasks it submitted lends its CPU meanwhile: on a one-CPU cluster the
 /// children still run (without lending they would wait for the parent's CPU forever).
 #[test]
 fn a_blocked_task_lends_its_cpu_to_its_children() -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 0, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
     c.wait_leader(Duration::from_secs(30))?;
     let r = run(&c, &["nested"], &[])?;
     assert_eq!(r["value"], 32, "{r}");
@@ -406,23 +533,50 @@ fn a_blocked_task_lends_its_cpu_to_its_children() -> Result<()> {
 /// its objects there and tells the leader, which tells every node to free them too.
 #[test]
 fn objects_of_a_killed_driver_are_freed_on_every_node() -> Result<()> {
-    let c = Cluster::start(ClusterOptions { heads: 1, nodes: 2, ..Default::default() })?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 2,
+        ..Default::default()
+    })?;
     wait_view(&c)?;
     let (n0, n1) = (node_id(&c, 0), node_id(&c, 1));
     let ports: Vec<u64> = std::iter::once(c.heads[0].ready["node"]["metrics_export_port"].as_u64())
-        .chain(c.nodes.iter().map(|n| n.ready["metrics_export_port"].as_u64()))
+        .chain(
+            c.nodes
+                .iter()
+                .map(|n| n.ready["metrics_export_port"].as_u64()),
+        )
         .collect::<Option<_>>()
         .context("metrics ports")?;
-    let mut d = Driver::start(&c, &["refcount", &n0, &n1], &[])?;
+    let mut d = Driver::start(driver_bin(), &c, &["refcount", &n0, &n1], &[])?;
     let r = d.result(Duration::from_secs(120))?;
     assert_eq!(r["holding"], 8, "{r}");
-    wait_for("objects in all three stores", Duration::from_secs(30), || {
-        ports.iter().all(|p| used_memory(*p).is_some_and(|u| u >= 32.0 * 1024.0 * 1024.0)).then_some(())
-    })?;
+    wait_for(
+        "objects in all three stores",
+        Duration::from_secs(30),
+        || {
+            ports
+                .iter()
+                .all(|p| used_memory(*p).is_some_and(|u| u >= 32.0 * 1024.0 * 1024.0))
+                .then_some(())
+        },
+    )?;
     d.child.kill()?;
     d.child.wait()?;
-    wait_for("every store empty after the driver died", Duration::from_secs(60), || {
-        ports.iter().all(|p| used_memory(*p) == Some(0.0)).then_some(())
+    wait_for(
+        "every store empty after the driver died",
+        Duration::from_secs(60),
+        || {
+            ports
+                .iter()
+                .all(|p| used_memory(*p) == Some(0.0))
+                .then_some(())
+        },
+    )
+    .with_context(|| {
+        format!(
+            "used: {:?}",
+            ports.iter().map(|p| used_memory(*p)).collect::<Vec<_>>()
+        )
     })
-    .with_context(|| format!("used: {:?}", ports.iter().map(|p| used_memory(*p)).collect::<Vec<_>>()))
 }

@@ -95,7 +95,11 @@ impl RaftDb for SledRaftDb {
 
     fn remove_logs(&self, from: u64, to_exclusive: u64) -> io::Result<()> {
         let mut batch = sled::Batch::default();
-        for r in self.logs.range(from.to_be_bytes()..to_exclusive.to_be_bytes()).keys() {
+        for r in self
+            .logs
+            .range(from.to_be_bytes()..to_exclusive.to_be_bytes())
+            .keys()
+        {
             batch.remove(r.map_err(io)?);
         }
         self.logs.apply_batch(batch).map_err(io)
@@ -114,6 +118,8 @@ impl RaftDb for SledRaftDb {
 }
 
 fn key_index(k: &[u8]) -> io::Result<u64> {
-    let arr: [u8; 8] = k.try_into().map_err(|_| io::Error::other(format!("corrupt log key of {} bytes", k.len())))?;
+    let arr: [u8; 8] = k
+        .try_into()
+        .map_err(|_| io::Error::other(format!("corrupt log key of {} bytes", k.len())))?;
     Ok(u64::from_be_bytes(arr))
 }

@@ -36,7 +36,10 @@ pub struct JobConfig {
 
 impl Default for JobConfig {
     fn default() -> Self {
-        Self { queue_timeout: Duration::from_secs(600), stop_grace: Duration::from_secs(3) }
+        Self {
+            queue_timeout: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(3),
+        }
     }
 }
 
@@ -57,7 +60,15 @@ fn status_pb(s: JobStatus) -> pb::JobStatus {
 pub(crate) fn job_info(shared: &HeadShared, j: &JobRecord) -> pb::JobInfo {
     let driver_node_address = j
         .driver_node
-        .and_then(|n| shared.state.read().state.nodes.get(&n).map(|r| r.address.clone()))
+        .and_then(|n| {
+            shared
+                .state
+                .read()
+                .state
+                .nodes
+                .get(&n)
+                .map(|r| r.address.clone())
+        })
         .unwrap_or_default();
     pb::JobInfo {
         job_id: j.job_id.clone(),
@@ -86,12 +97,20 @@ pub(crate) fn job_info(shared: &HeadShared, j: &JobRecord) -> pb::JobInfo {
 pub fn new_submission_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let mut b = [0u8; 16];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
         // No /dev/urandom: fall back to the clock and the pid, still unique enough per head.
         let seed = now_ms() ^ u64::from(std::process::id()) << 32;
-        b.iter_mut().enumerate().for_each(|(i, x)| *x = (seed >> (i % 8 * 8)) as u8 ^ i as u8);
+        b.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (seed >> (i % 8 * 8)) as u8 ^ i as u8);
     }
-    let tail: String = b.iter().map(|x| ALPHABET[*x as usize % ALPHABET.len()] as char).collect();
+    let tail: String = b
+        .iter()
+        .map(|x| ALPHABET[*x as usize % ALPHABET.len()] as char)
+        .collect();
     format!("raysubmit_{tail}")
 }
 
@@ -101,28 +120,43 @@ pub fn check_runtime_env(json: &str) -> Result<(), String> {
         return Ok(());
     }
     if json.len() > MAX_RUNTIME_ENV {
-        return Err(format!("runtime_env of {} bytes is over the {MAX_RUNTIME_ENV}-byte limit", json.len()));
+        return Err(format!(
+            "runtime_env of {} bytes is over the {MAX_RUNTIME_ENV}-byte limit",
+            json.len()
+        ));
     }
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("runtime_env must be a JSON object")?;
     for (k, v) in obj {
         match k.as_str() {
             "working_dir" if v.is_string() || v.is_null() => {}
             "env_vars" => {
-                let m = v.as_object().ok_or("runtime_env.env_vars must be an object of strings")?;
+                let m = v
+                    .as_object()
+                    .ok_or("runtime_env.env_vars must be an object of strings")?;
                 if let Some((name, _)) = m.iter().find(|(_, v)| !v.is_string()) {
                     return Err(format!("runtime_env.env_vars.{name} must be a string"));
                 }
             }
             "working_dir" => return Err("runtime_env.working_dir must be a string".into()),
-            other => return Err(format!("runtime_env.{other} is not supported (supported: working_dir, env_vars)")),
+            other => {
+                return Err(format!(
+                    "runtime_env.{other} is not supported (supported: working_dir, env_vars)"
+                ));
+            }
         }
     }
     Ok(())
 }
 
 fn check_submission_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
         return Err(invalid(format!(
             "submission_id {:?} must be 1 to 128 characters of letters, digits, '_', '-' and '.'",
             id.chars().take(140).collect::<String>()
@@ -131,28 +165,49 @@ fn check_submission_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-pub(crate) async fn submit(shared: &HeadShared, r: pb::SubmitJobRequest) -> Result<pb::JobInfo, Status> {
+pub(crate) async fn submit(
+    shared: &HeadShared,
+    r: pb::SubmitJobRequest,
+) -> Result<pb::JobInfo, Status> {
     let entrypoint = r.entrypoint.trim().to_owned();
     if entrypoint.is_empty() {
-        return Err(invalid("entrypoint is empty: give the shell command the job runs"));
+        return Err(invalid(
+            "entrypoint is empty: give the shell command the job runs",
+        ));
     }
     if entrypoint.len() > MAX_ENTRYPOINT {
-        return Err(invalid(format!("entrypoint of {} bytes is over the {MAX_ENTRYPOINT}-byte limit", entrypoint.len())));
+        return Err(invalid(format!(
+            "entrypoint of {} bytes is over the {MAX_ENTRYPOINT}-byte limit",
+            entrypoint.len()
+        )));
     }
     check_runtime_env(&r.runtime_env_json).map_err(invalid)?;
     if r.max_retries > MAX_RETRIES {
-        return Err(invalid(format!("max_retries {} is over the limit of {MAX_RETRIES}", r.max_retries)));
+        return Err(invalid(format!(
+            "max_retries {} is over the limit of {MAX_RETRIES}",
+            r.max_retries
+        )));
     }
-    let resources = scheduler::ResourceSet::from_map(r.entrypoint_resources.iter().map(|(k, v)| (k.as_str(), *v)))
-        .map_err(|e| invalid(format!("entrypoint resources: {e}")))?
-        .to_map();
-    let id = if r.submission_id.is_empty() { new_submission_id() } else { r.submission_id.clone() };
+    let resources = scheduler::ResourceSet::from_map(
+        r.entrypoint_resources.iter().map(|(k, v)| (k.as_str(), *v)),
+    )
+    .map_err(|e| invalid(format!("entrypoint resources: {e}")))?
+    .to_map();
+    let id = if r.submission_id.is_empty() {
+        new_submission_id()
+    } else {
+        r.submission_id.clone()
+    };
     check_submission_id(&id)?;
     let cmd = Command::SubmitJob {
         job_id: id.clone(),
         submission_id: Some(id.clone()),
         entrypoint,
-        runtime_env_json: if r.runtime_env_json.trim().is_empty() { "{}".into() } else { r.runtime_env_json },
+        runtime_env_json: if r.runtime_env_json.trim().is_empty() {
+            "{}".into()
+        } else {
+            r.runtime_env_json
+        },
         metadata: r.metadata.into_iter().collect(),
         resources,
         max_retries: r.max_retries,
@@ -168,19 +223,33 @@ pub(crate) async fn submit(shared: &HeadShared, r: pb::SubmitJobRequest) -> Resu
             // while a writer waits would deadlock.
             let same = {
                 let st = shared.state.read();
-                st.state.jobs.get(&id).filter(|j| !r.client_token.is_empty() && j.client_token == r.client_token).cloned()
+                st.state
+                    .jobs
+                    .get(&id)
+                    .filter(|j| !r.client_token.is_empty() && j.client_token == r.client_token)
+                    .cloned()
             };
             return match same {
                 Some(j) => Ok(job_info(shared, &j)),
-                None => Err(RpcError::AlreadyExists(format!("a job with submission_id {id} already exists")).into()),
+                None => Err(RpcError::AlreadyExists(format!(
+                    "a job with submission_id {id} already exists"
+                ))
+                .into()),
             };
         }
         Response::Rejected(e) => return Err(RpcError::FailedPrecondition(e.to_string()).into()),
-        other => return Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
+        other => {
+            return Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into());
+        }
     }
     shared.job_kick.notify_one();
     let st = shared.state.read();
-    let j = st.state.jobs.get(&id).cloned().ok_or_else(|| Status::internal("submitted job vanished"))?;
+    let j = st
+        .state
+        .jobs
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| Status::internal("submitted job vanished"))?;
     drop(st);
     Ok(job_info(shared, &j))
 }
@@ -190,7 +259,11 @@ pub(crate) async fn get(shared: &HeadShared, id: &str) -> Result<JobRecord, Stat
     shared.linearizable().await?;
     let st = shared.state.read();
     let job_id = st.state.submissions.get(id).map_or(id, String::as_str);
-    st.state.jobs.get(job_id).cloned().ok_or_else(|| RpcError::NotFound(format!("no job {id:?}")).into())
+    st.state
+        .jobs
+        .get(job_id)
+        .cloned()
+        .ok_or_else(|| RpcError::NotFound(format!("no job {id:?}")).into())
 }
 
 pub(crate) async fn list(shared: &HeadShared) -> Result<Vec<pb::JobInfo>, Status> {
@@ -211,10 +284,18 @@ fn rejected(e: Rejection) -> Status {
 
 pub(crate) async fn stop(shared: &HeadShared, id: &str) -> Result<pb::JobInfo, Status> {
     let j = get(shared, id).await?;
-    match shared.propose(Command::RequestJobStop { job_id: j.job_id.clone(), time_ms: now_ms() }).await? {
+    match shared
+        .propose(Command::RequestJobStop {
+            job_id: j.job_id.clone(),
+            time_ms: now_ms(),
+        })
+        .await?
+    {
         Response::Ok => shared.job_kick.notify_one(),
         Response::Rejected(e) => return Err(rejected(e)),
-        other => return Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
+        other => {
+            return Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into());
+        }
     }
     let j = get(shared, &j.job_id).await?;
     Ok(job_info(shared, &j))
@@ -222,7 +303,10 @@ pub(crate) async fn stop(shared: &HeadShared, id: &str) -> Result<pb::JobInfo, S
 
 pub(crate) async fn delete(shared: &HeadShared, id: &str) -> Result<bool, Status> {
     let j = get(shared, id).await?;
-    match shared.propose(Command::DeleteJob { job_id: j.job_id }).await? {
+    match shared
+        .propose(Command::DeleteJob { job_id: j.job_id })
+        .await?
+    {
         Response::Ok => Ok(true),
         Response::Rejected(e) => Err(rejected(e)),
         other => Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
@@ -230,18 +314,33 @@ pub(crate) async fn delete(shared: &HeadShared, id: &str) -> Result<bool, Status
 }
 
 /// Reads the job's log from the node that ran (or runs) its driver.
-pub(crate) async fn logs(shared: &HeadShared, r: pb::GetJobLogsRequest) -> Result<pb::JobLogs, Status> {
+pub(crate) async fn logs(
+    shared: &HeadShared,
+    r: pb::GetJobLogsRequest,
+) -> Result<pb::JobLogs, Status> {
     let j = get(shared, &r.job_id).await?;
     let Some(node) = j.driver_node else {
-        return Ok(pb::JobLogs { data: Vec::new(), next_offset: r.offset, complete: j.status.is_terminal() });
+        return Ok(pb::JobLogs {
+            data: Vec::new(),
+            next_offset: r.offset,
+            complete: j.status.is_terminal(),
+        });
     };
     let (addr, alive) = {
         let st = shared.state.read();
-        let n = st.state.nodes.get(&node).ok_or_else(|| Status::internal(format!("driver node {node} is unknown")))?;
+        let n = st
+            .state
+            .nodes
+            .get(&node)
+            .ok_or_else(|| Status::internal(format!("driver node {node} is unknown")))?;
         (n.address.clone(), n.state == NodeState::Alive)
     };
     let mut nm = shared.node_manager(&addr)?;
-    let req = pb::GetJobLogsRequest { job_id: j.job_id.clone(), offset: r.offset, max_bytes: r.max_bytes.clamp(1, MAX_LOG_CHUNK) };
+    let req = pb::GetJobLogsRequest {
+        job_id: j.job_id.clone(),
+        offset: r.offset,
+        max_bytes: r.max_bytes.clamp(1, MAX_LOG_CHUNK),
+    };
     match nm.read_job_log(req).await {
         Ok(reply) => {
             let mut l = reply.into_inner();
@@ -259,8 +358,14 @@ pub(crate) async fn logs(shared: &HeadShared, r: pb::GetJobLogsRequest) -> Resul
     }
 }
 
-pub(crate) async fn report(shared: &HeadShared, r: pb::ReportJobAttemptRequest) -> Result<(), Status> {
-    let node_id: NodeId = r.node_id.parse().map_err(|e: protocol::ids::IdError| invalid(e.to_string()))?;
+pub(crate) async fn report(
+    shared: &HeadShared,
+    r: pb::ReportJobAttemptRequest,
+) -> Result<(), Status> {
+    let node_id: NodeId = r
+        .node_id
+        .parse()
+        .map_err(|e: protocol::ids::IdError| invalid(e.to_string()))?;
     let time_ms = now_ms();
     let ended = |outcome| Command::JobAttemptEnded {
         job_id: r.job_id.clone(),
@@ -269,16 +374,31 @@ pub(crate) async fn report(shared: &HeadShared, r: pb::ReportJobAttemptRequest) 
         message: r.message.clone(),
         time_ms,
     };
-    let cmd = match pb::JobAttemptEvent::try_from(r.event).unwrap_or(pb::JobAttemptEvent::Unspecified) {
-        pb::JobAttemptEvent::Started => Command::JobAttemptStarted { job_id: r.job_id.clone(), attempt: r.attempt, node_id, time_ms },
-        pb::JobAttemptEvent::Exited => ended(AttemptOutcome::Exited(r.exit_code)),
-        pb::JobAttemptEvent::Stopped => ended(AttemptOutcome::Stopped),
-        pb::JobAttemptEvent::FailedToStart => ended(AttemptOutcome::Failed),
-        pb::JobAttemptEvent::Unspecified => return Err(invalid(format!("unknown job attempt event {}", r.event))),
-    };
+    let cmd =
+        match pb::JobAttemptEvent::try_from(r.event).unwrap_or(pb::JobAttemptEvent::Unspecified) {
+            pb::JobAttemptEvent::Started => Command::JobAttemptStarted {
+                job_id: r.job_id.clone(),
+                attempt: r.attempt,
+                node_id,
+                time_ms,
+            },
+            pb::JobAttemptEvent::Exited => ended(AttemptOutcome::Exited(r.exit_code)),
+            pb::JobAttemptEvent::Stopped => ended(AttemptOutcome::Stopped),
+            pb::JobAttemptEvent::FailedToStart => ended(AttemptOutcome::Failed),
+            pb::JobAttemptEvent::Unspecified => {
+                return Err(invalid(format!("unknown job attempt event {}", r.event)));
+            }
+        };
     match shared.propose(cmd).await? {
         Response::Ok => {
-            let ended = shared.state.read().state.jobs.get(&r.job_id).filter(|j| j.status.is_terminal()).map(|j| (j.status, j.started_at_ms, j.ended_at_ms));
+            let ended = shared
+                .state
+                .read()
+                .state
+                .jobs
+                .get(&r.job_id)
+                .filter(|j| j.status.is_terminal())
+                .map(|j| (j.status, j.started_at_ms, j.ended_at_ms));
             if let Some((status, started, ended)) = ended {
                 crate::metrics::record_job_ended(status, started, ended);
             }
@@ -301,20 +421,31 @@ pub(crate) struct Plan {
 }
 
 /// The job manager's decisions: pure, so they are tested without a cluster.
-pub(crate) fn plan(state: &crate::state::ClusterState, now_ms: u64, queue_timeout: Duration) -> Plan {
+pub(crate) fn plan(
+    state: &crate::state::ClusterState,
+    now_ms: u64,
+    queue_timeout: Duration,
+) -> Plan {
     let mut p = Plan::default();
-    let alive: BTreeMap<NodeId, &crate::state::NodeRecord> =
-        state.nodes.iter().filter(|(_, n)| n.state == NodeState::Alive).map(|(id, n)| (*id, n)).collect();
+    let alive: BTreeMap<NodeId, &crate::state::NodeRecord> = state
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Alive)
+        .map(|(id, n)| (*id, n))
+        .collect();
     // What jobs already hold on each node.
     let mut used: HashMap<NodeId, (scheduler::ResourceSet, usize)> = HashMap::new();
     let set = |r: &crate::state::Resources| {
-        scheduler::ResourceSet::from_map(r.iter().map(|(k, v)| (k.as_str(), *v))).unwrap_or_default()
+        scheduler::ResourceSet::from_map(r.iter().map(|(k, v)| (k.as_str(), *v)))
+            .unwrap_or_default()
     };
     for j in state.jobs.values().filter(|j| !j.status.is_terminal()) {
         let Some(node) = j.driver_node else { continue };
         let lost = match alive.get(&node) {
             None => Some(format!("node {node} that ran the driver died")),
-            Some(n) if n.incarnation != j.driver_incarnation => Some(format!("node {node} that ran the driver restarted")),
+            Some(n) if n.incarnation != j.driver_incarnation => {
+                Some(format!("node {node} that ran the driver restarted"))
+            }
             Some(_) => None,
         };
         if let Some(message) = lost {
@@ -336,9 +467,18 @@ pub(crate) fn plan(state: &crate::state::ClusterState, now_ms: u64, queue_timeou
             p.starts.push((j.job_id.clone(), j.attempt, node));
         }
     }
-    let mut queue: Vec<&JobRecord> =
-        state.jobs.values().filter(|j| j.status == JobStatus::Pending && j.driver_node.is_none()).collect();
-    queue.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_at_ms, j.job_id.clone()));
+    let mut queue: Vec<&JobRecord> = state
+        .jobs
+        .values()
+        .filter(|j| j.status == JobStatus::Pending && j.driver_node.is_none())
+        .collect();
+    queue.sort_by_key(|j| {
+        (
+            std::cmp::Reverse(j.priority),
+            j.submitted_at_ms,
+            j.job_id.clone(),
+        )
+    });
     for j in queue {
         let need = set(&j.entrypoint_resources);
         let best = alive
@@ -403,11 +543,15 @@ pub(crate) async fn job_manager(shared: Arc<HeadShared>, cfg: JobConfig) {
         };
         let starts_now: Vec<_> = plan.starts;
         if !plan.commands.is_empty()
-            && let Err(e) = shared.propose(Command::Batch(plan.commands)).await {
-                tracing::warn!("job manager could not commit its decisions: {}", e.message());
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
+            && let Err(e) = shared.propose(Command::Batch(plan.commands)).await
+        {
+            tracing::warn!(
+                "job manager could not commit its decisions: {}",
+                e.message()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         for (job, attempt, node) in starts_now {
             send_once(&shared, &sent, job, attempt, node, "start", cfg);
         }
@@ -433,7 +577,11 @@ fn send_once(
     cfg: JobConfig,
 ) {
     let key = (job.clone(), attempt, what);
-    if !sent.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+    if !sent
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone())
+    {
         return;
     }
     let (shared, sent) = (shared.clone(), sent.clone());
@@ -447,13 +595,33 @@ fn send_once(
     });
 }
 
-async fn agent_call(shared: &HeadShared, job: &str, attempt: u32, node: NodeId, what: &str, cfg: JobConfig) -> Result<(), Status> {
+async fn agent_call(
+    shared: &HeadShared,
+    job: &str,
+    attempt: u32,
+    node: NodeId,
+    what: &str,
+    cfg: JobConfig,
+) -> Result<(), Status> {
     let (addr, incarnation, j, heads) = {
         let st = shared.state.read();
-        let n = st.state.nodes.get(&node).ok_or_else(|| Status::not_found("node gone"))?;
-        let j = st.state.jobs.get(job).cloned().ok_or_else(|| Status::not_found("job gone"))?;
+        let n = st
+            .state
+            .nodes
+            .get(&node)
+            .ok_or_else(|| Status::not_found("node gone"))?;
+        let j = st
+            .state
+            .jobs
+            .get(job)
+            .cloned()
+            .ok_or_else(|| Status::not_found("job gone"))?;
         let m = shared.raft.metrics().borrow().membership_config.clone();
-        let heads: Vec<String> = m.membership().nodes().map(|(_, n)| n.addr.clone()).collect();
+        let heads: Vec<String> = m
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.addr.clone())
+            .collect();
         (n.address.clone(), n.incarnation, j, heads)
     };
     let mut nm = shared.node_manager(&addr)?;
@@ -468,8 +636,12 @@ async fn agent_call(shared: &HeadShared, job: &str, attempt: u32, node: NodeId, 
         })
         .await?;
     } else {
-        nm.stop_job_process(pb::StopJobProcessRequest { job_id: j.job_id, attempt, grace_ms: cfg.stop_grace.as_millis() as u64 })
-            .await?;
+        nm.stop_job_process(pb::StopJobProcessRequest {
+            job_id: j.job_id,
+            attempt,
+            grace_ms: cfg.stop_grace.as_millis() as u64,
+        })
+        .await?;
     }
     Ok(())
 }
@@ -506,7 +678,11 @@ mod tests {
             entrypoint: "true".into(),
             runtime_env_json: "{}".into(),
             metadata: Default::default(),
-            resources: if cpus > 0.0 { [("CPU".to_string(), cpus)].into() } else { Default::default() },
+            resources: if cpus > 0.0 {
+                [("CPU".to_string(), cpus)].into()
+            } else {
+                Default::default()
+            },
             max_retries: 0,
             priority,
             client_token: String::new(),
@@ -526,17 +702,26 @@ mod tests {
             .commands
             .iter()
             .filter_map(|c| match c {
-                Command::AssignJob { job_id, node_id, .. } => Some((job_id.clone(), *node_id)),
+                Command::AssignJob {
+                    job_id, node_id, ..
+                } => Some((job_id.clone(), *node_id)),
                 _ => None,
             })
             .collect();
         // "high" goes first and takes node 2's 2 CPUs; "low" must wait; "tiny" needs nothing
         // and goes to the emptier node 1; "huge" fits nowhere and waits.
-        assert_eq!(assigned, vec![("high".to_string(), nid(2)), ("tiny".to_string(), nid(1))]);
+        assert_eq!(
+            assigned,
+            vec![("high".to_string(), nid(2)), ("tiny".to_string(), nid(1))]
+        );
         assert_eq!(p.starts.len(), 2);
         // After the queue timeout an unplaceable job fails, with the reason.
         let p = plan(&s, 40 + 61_000, Duration::from_secs(60));
-        let failed: Vec<&Command> = p.commands.iter().filter(|c| matches!(c, Command::JobAttemptEnded { .. })).collect();
+        let failed: Vec<&Command> = p
+            .commands
+            .iter()
+            .filter(|c| matches!(c, Command::JobAttemptEnded { .. }))
+            .collect();
         assert_eq!(failed.len(), 2, "{failed:?}");
     }
 
@@ -545,9 +730,24 @@ mod tests {
         let mut s = state_with_nodes(&[1.0, 1.0]);
         submit(&mut s, "a", 0.0, 0, 1);
         submit(&mut s, "b", 0.0, 0, 1);
-        s.apply(Command::AssignJob { job_id: "a".into(), attempt: 0, node_id: nid(1), incarnation: 1 });
-        s.apply(Command::AssignJob { job_id: "b".into(), attempt: 0, node_id: nid(2), incarnation: 1 });
-        s.apply(Command::MarkNodeDead { node_id: nid(1), incarnation: 1, reason: "gone".into(), time_ms: 5 });
+        s.apply(Command::AssignJob {
+            job_id: "a".into(),
+            attempt: 0,
+            node_id: nid(1),
+            incarnation: 1,
+        });
+        s.apply(Command::AssignJob {
+            job_id: "b".into(),
+            attempt: 0,
+            node_id: nid(2),
+            incarnation: 1,
+        });
+        s.apply(Command::MarkNodeDead {
+            node_id: nid(1),
+            incarnation: 1,
+            reason: "gone".into(),
+            time_ms: 5,
+        });
         // Node 2 re-registered: incarnation 2.
         s.apply(Command::RegisterNode {
             node_id: nid(2),
@@ -563,12 +763,19 @@ mod tests {
             .commands
             .iter()
             .filter_map(|c| match c {
-                Command::JobAttemptEnded { outcome: AttemptOutcome::Lost, message, .. } => Some(message.clone()),
+                Command::JobAttemptEnded {
+                    outcome: AttemptOutcome::Lost,
+                    message,
+                    ..
+                } => Some(message.clone()),
                 _ => None,
             })
             .collect();
         assert_eq!(msgs.len(), 2);
-        assert!(msgs[0].contains("died") && msgs[1].contains("restarted"), "{msgs:?}");
+        assert!(
+            msgs[0].contains("died") && msgs[1].contains("restarted"),
+            "{msgs:?}"
+        );
         assert!(p.starts.is_empty());
     }
 

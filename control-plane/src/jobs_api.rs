@@ -22,9 +22,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use protocol::auth::AuthToken;
 use protocol::client::{ClientError, ClientOptions, HeadClient};
-use protocol::{pb, RpcError};
+use protocol::{RpcError, pb};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// The version Ray's job clients check for (`dashboard/modules/version.py`).
 const RAY_API_VERSION: &str = "4";
@@ -36,11 +36,17 @@ struct Api {
 }
 
 pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Result<Router> {
-    let opts = ClientOptions { deadline: Duration::from_secs(15), ..Default::default() };
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(15),
+        ..Default::default()
+    };
     let client = HeadClient::new(&heads, token, opts)?;
     Ok(Router::new()
         .route("/api/version", get(version))
-        .route("/api/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
+        .route(
+            "/api/openapi.json",
+            get(|| async { ([("content-type", "application/json")], OPENAPI) }),
+        )
         .route("/api/jobs/", post(submit).get(list))
         .route("/api/jobs/{id}", get(get_job).delete(delete_job))
         .route("/api/jobs/{id}/logs", get(logs))
@@ -50,7 +56,9 @@ pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Re
             "/api/packages/{protocol}/{name}",
             get(package_exists)
                 .put(package_upload)
-                .layer(axum::extract::DefaultBodyLimit::max(protocol::package::DEFAULT_MAX_BYTES as usize + 1)),
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    protocol::package::DEFAULT_MAX_BYTES as usize + 1,
+                )),
         )
         .with_state(Api { client }))
 }
@@ -66,17 +74,25 @@ impl IntoResponse for ApiError {
 impl From<ClientError> for ApiError {
     fn from(e: ClientError) -> Self {
         let code = match e.rpc() {
-            Some(RpcError::InvalidArgument(_) | RpcError::FailedPrecondition(_)) => StatusCode::BAD_REQUEST,
+            Some(RpcError::InvalidArgument(_) | RpcError::FailedPrecondition(_)) => {
+                StatusCode::BAD_REQUEST
+            }
             Some(RpcError::NotFound(_)) => StatusCode::NOT_FOUND,
             Some(RpcError::AlreadyExists(_)) => StatusCode::CONFLICT,
             Some(RpcError::ResourceExhausted(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             Some(RpcError::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,
-            Some(RpcError::Unavailable(_) | RpcError::NotLeader { .. } | RpcError::DeadlineExceeded(_)) | None => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Some(
+                RpcError::Unavailable(_)
+                | RpcError::NotLeader { .. }
+                | RpcError::DeadlineExceeded(_),
+            )
+            | None => StatusCode::SERVICE_UNAVAILABLE,
             Some(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(code, e.rpc().map_or_else(|| e.to_string(), RpcError::detail))
+        ApiError(
+            code,
+            e.rpc().map_or_else(|| e.to_string(), RpcError::detail),
+        )
     }
 }
 
@@ -125,19 +141,30 @@ struct SubmitBody {
 }
 
 async fn submit(State(api): State<Api>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let b: SubmitBody = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid job submission JSON: {e}")))?;
+    let b: SubmitBody = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("invalid job submission JSON: {e}")))?;
     let mut resources: BTreeMap<String, f64> = b.entrypoint_resources.unwrap_or_default();
-    for (name, v) in [("CPU", b.entrypoint_num_cpus), ("GPU", b.entrypoint_num_gpus), ("memory", b.entrypoint_memory)] {
+    for (name, v) in [
+        ("CPU", b.entrypoint_num_cpus),
+        ("GPU", b.entrypoint_num_gpus),
+        ("memory", b.entrypoint_memory),
+    ] {
         if let Some(v) = v
-            && resources.insert(name.to_owned(), v).is_some() {
-                return Err(bad(format!("{name} is given both as entrypoint_num_* and in entrypoint_resources")));
-            }
+            && resources.insert(name.to_owned(), v).is_some()
+        {
+            return Err(bad(format!(
+                "{name} is given both as entrypoint_num_* and in entrypoint_resources"
+            )));
+        }
     }
     let runtime_env_json = match b.runtime_env {
         None | Some(Value::Null) => String::new(),
         Some(v) => v.to_string(),
     };
-    let submission_id = b.submission_id.or(b.job_id).unwrap_or_else(crate::jobs::new_submission_id);
+    let submission_id = b
+        .submission_id
+        .or(b.job_id)
+        .unwrap_or_else(crate::jobs::new_submission_id);
     let req = pb::SubmitJobRequest {
         submission_id,
         entrypoint: b.entrypoint,
@@ -155,16 +182,27 @@ async fn submit(State(api): State<Api>, body: Bytes) -> Result<Json<Value>, ApiE
             async move { c.submit_job(r).await }
         })
         .await?;
-    Ok(Json(json!({ "job_id": info.job_id, "submission_id": info.submission_id })))
+    Ok(Json(
+        json!({ "job_id": info.job_id, "submission_id": info.submission_id }),
+    ))
 }
 
 /// Ray's `JobDetails` for one job.
 pub(crate) fn details(j: &pb::JobInfo) -> Value {
     let opt_ms = |v: u64| if v == 0 { Value::Null } else { json!(v) };
-    let runtime_env: Value = serde_json::from_str(&j.runtime_env_json).unwrap_or_else(|_| json!({}));
-    let res = |k: &str| j.entrypoint_resources.get(k).copied().map_or(Value::Null, |v| json!(v));
-    let custom: BTreeMap<&String, &f64> =
-        j.entrypoint_resources.iter().filter(|(k, _)| !["CPU", "GPU", "memory"].contains(&k.as_str())).collect();
+    let runtime_env: Value =
+        serde_json::from_str(&j.runtime_env_json).unwrap_or_else(|_| json!({}));
+    let res = |k: &str| {
+        j.entrypoint_resources
+            .get(k)
+            .copied()
+            .map_or(Value::Null, |v| json!(v))
+    };
+    let custom: BTreeMap<&String, &f64> = j
+        .entrypoint_resources
+        .iter()
+        .filter(|(k, _)| !["CPU", "GPU", "memory"].contains(&k.as_str()))
+        .collect();
     json!({
         "type": "SUBMISSION",
         "job_id": j.job_id,
@@ -192,7 +230,10 @@ pub(crate) fn details(j: &pb::JobInfo) -> Value {
 }
 
 async fn list(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
-    let r = api.client.call(|mut c| async move { c.list_jobs(pb::ListJobsRequest {}).await }).await?;
+    let r = api
+        .client
+        .call(|mut c| async move { c.list_jobs(pb::ListJobsRequest {}).await })
+        .await?;
     Ok(Json(Value::Array(r.jobs.iter().map(details).collect())))
 }
 
@@ -212,7 +253,11 @@ async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<
 }
 
 async fn read_logs(api: &Api, id: &str, offset: u64) -> Result<pb::JobLogs, ApiError> {
-    let req = pb::GetJobLogsRequest { job_id: id.to_owned(), offset, max_bytes: 4 << 20 };
+    let req = pb::GetJobLogsRequest {
+        job_id: id.to_owned(),
+        offset,
+        max_bytes: 4 << 20,
+    };
     Ok(api
         .client
         .call(|mut c| {
@@ -251,12 +296,24 @@ async fn tail(State(api): State<Api>, Path(id): Path<String>) -> Result<Response
                     }
                     Ok(l) if l.complete => return None,
                     Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                    Err(e) => return Some((Ok(Bytes::from(format!("\n[rayctl: log tail ended: {}]\n", e.1))), None)),
+                    Err(e) => {
+                        return Some((
+                            Ok(Bytes::from(format!(
+                                "\n[rayctl: log tail ended: {}]\n",
+                                e.1
+                            ))),
+                            None,
+                        ));
+                    }
                 }
             }
         }
     });
-    Ok(([("content-type", "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response())
+    Ok((
+        [("content-type", "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn stop(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -278,7 +335,10 @@ async fn stop(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Val
     Ok(Json(json!({ "stopped": true })))
 }
 
-async fn delete_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn delete_job(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let req = pb::DeleteJobRequest { job_id: id };
     let r = api
         .client
@@ -292,14 +352,22 @@ async fn delete_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Js
 
 fn check_package_path(proto: &str, name: &str) -> Result<(), ApiError> {
     if proto != "gcs" {
-        return Err(bad(format!("package protocol {proto:?} is not supported (gcs)")));
+        return Err(bad(format!(
+            "package protocol {proto:?} is not supported (gcs)"
+        )));
     }
     protocol::package::check_name(name).map_err(bad)
 }
 
-async fn package_exists(State(api): State<Api>, Path((proto, name)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+async fn package_exists(
+    State(api): State<Api>,
+    Path((proto, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
     check_package_path(&proto, &name)?;
-    let req = pb::KvGetRequest { namespace: protocol::package::KV_NAMESPACE.into(), key: protocol::package::manifest_key(&name) };
+    let req = pb::KvGetRequest {
+        namespace: protocol::package::KV_NAMESPACE.into(),
+        key: protocol::package::manifest_key(&name),
+    };
     api.client
         .call(|mut c| {
             let r = req.clone();
@@ -322,27 +390,51 @@ async fn package_upload(
     let bytes = body.clone();
     let checked = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let scratch = tempfile::tempdir().map_err(|e| format!("no scratch directory: {e}"))?;
-        protocol::package::unpack(&bytes, &scratch.path().join("p"), protocol::package::Limits::default())
+        protocol::package::unpack(
+            &bytes,
+            &scratch.path().join("p"),
+            protocol::package::Limits::default(),
+        )
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     checked.map_err(|e| bad(format!("package {name} is refused: {e}")))?;
     let chunks: Vec<&[u8]> = body.chunks(protocol::package::CHUNK).collect();
     for (i, chunk) in chunks.iter().enumerate() {
-        kv_put(&api, protocol::package::chunk_key(&name, i as u64), chunk.to_vec()).await?;
+        kv_put(
+            &api,
+            protocol::package::chunk_key(&name, i as u64),
+            chunk.to_vec(),
+        )
+        .await?;
     }
     let sha: String = {
         use sha2::Digest;
-        sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect()
+        sha2::Sha256::digest(&body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     };
-    let manifest = protocol::package::Manifest { size: body.len() as u64, chunks: chunks.len() as u64, sha256: sha };
-    let m = serde_json::to_vec(&manifest).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let manifest = protocol::package::Manifest {
+        size: body.len() as u64,
+        chunks: chunks.len() as u64,
+        sha256: sha,
+    };
+    let m = serde_json::to_vec(&manifest)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     kv_put(&api, protocol::package::manifest_key(&name), m).await?;
-    Ok(Json(json!({ "uploaded": true, "uri": protocol::package::uri(&name) })))
+    Ok(Json(
+        json!({ "uploaded": true, "uri": protocol::package::uri(&name) }),
+    ))
 }
 
 async fn kv_put(api: &Api, key: Vec<u8>, value: Vec<u8>) -> Result<(), ApiError> {
-    let req = pb::KvPutRequest { namespace: protocol::package::KV_NAMESPACE.into(), key, value, overwrite: true };
+    let req = pb::KvPutRequest {
+        namespace: protocol::package::KV_NAMESPACE.into(),
+        key,
+        value,
+        overwrite: true,
+    };
     api.client
         .call(|mut c| {
             let r = req.clone();

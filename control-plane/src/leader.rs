@@ -3,8 +3,8 @@
 //! by earlier leaders is applied), then starts the services from the replicated state; when it
 //! loses leadership it stops them. Services never mutate state directly: they propose commands.
 //!
-//! Today: node health and the job manager (`jobs::job_manager`). Later issues add the actor
-//! manager and the autoscaler here.
+//! Today: node health, the job manager (`jobs::job_manager`) and the actor manager
+//! (`actors::actor_manager`). A later issue adds the autoscaler here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,19 +25,31 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        Self { period: Duration::from_secs(1), failure_threshold: 5 }
+        Self {
+            period: Duration::from_secs(1),
+            failure_threshold: 5,
+        }
     }
 }
 
 /// Watches leadership and runs the singleton services while this head leads.
-pub(crate) async fn supervise(shared: Arc<HeadShared>, health: HealthConfig, jobs: crate::jobs::JobConfig) {
+pub(crate) async fn supervise(
+    shared: Arc<HeadShared>,
+    health: HealthConfig,
+    jobs: crate::jobs::JobConfig,
+) {
     let mut rx = shared.raft.metrics();
     let mut running: Option<Vec<JoinHandle<()>>> = None;
     let mut last_leader = None;
     loop {
         let (is_leader, leader, term, last_log) = {
             let m = rx.borrow_and_update();
-            (m.state == ServerState::Leader, m.current_leader, m.current_term, m.last_log_index)
+            (
+                m.state == ServerState::Leader,
+                m.current_leader,
+                m.current_term,
+                m.last_log_index,
+            )
         };
         if leader != last_leader {
             crate::metrics::record_leader_change();
@@ -50,6 +62,7 @@ pub(crate) async fn supervise(shared: Arc<HeadShared>, health: HealthConfig, job
                 running = Some(vec![
                     tokio::spawn(node_health(shared.clone(), health)),
                     tokio::spawn(crate::jobs::job_manager(shared.clone(), jobs)),
+                    tokio::spawn(crate::actors::actor_manager(shared.clone())),
                 ])
             }
             (false, Some(hs)) => {
@@ -99,13 +112,22 @@ async fn node_health(shared: Arc<HeadShared>, cfg: HealthConfig) {
                     verdicts.push(Command::MarkNodeDead {
                         node_id: n.node_id,
                         incarnation: n.incarnation,
-                        reason: format!("no heartbeat for {:.1}s (limit {:.1}s)", silent.as_secs_f64(), window.as_secs_f64()),
+                        reason: format!(
+                            "no heartbeat for {:.1}s (limit {:.1}s)",
+                            silent.as_secs_f64(),
+                            window.as_secs_f64()
+                        ),
                         time_ms: now_ms(),
                     });
                 }
             }
             let alive = st.state.alive_nodes().count();
-            let dead = st.state.nodes.values().filter(|n| n.state == NodeState::Dead).count();
+            let dead = st
+                .state
+                .nodes
+                .values()
+                .filter(|n| n.state == NodeState::Dead)
+                .count();
             (verdicts, alive, dead)
         };
         crate::metrics::record_nodes(alive, dead);
@@ -119,7 +141,11 @@ async fn node_health(shared: Arc<HeadShared>, cfg: HealthConfig) {
                 for _ in 0..applied {
                     crate::metrics::record_node_declared_dead();
                 }
-                tracing::warn!(declared = applied, of = n, "declared nodes dead after missed heartbeats");
+                tracing::warn!(
+                    declared = applied,
+                    of = n,
+                    "declared nodes dead after missed heartbeats"
+                );
             }
             Ok(other) => tracing::error!(?other, "unexpected reply to a node-death batch"),
             Err(e) => tracing::warn!("could not commit node deaths: {}", e.message()),

@@ -12,6 +12,7 @@
 // openraft's storage traits fix `StorageError` (224 bytes) as the error type of the store.
 #![allow(clippy::result_large_err)]
 
+mod actors;
 pub mod db;
 pub mod jobs;
 mod jobs_api;
@@ -29,13 +30,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use openraft::{BasicNode, Config, SnapshotPolicy};
+use protocol::RaftId;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient};
 use protocol::pb;
 use protocol::server::Listeners;
-use protocol::RaftId;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -120,7 +121,9 @@ impl RunningHead {
 }
 
 async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind((host, port)).await.with_context(|| format!("cannot bind {what} port {host}:{port}"))
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot bind {what} port {host}:{port}"))
 }
 
 /// Starts a head: binds its ports, opens (or creates) its Raft store, forms or joins the group
@@ -137,7 +140,10 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
 
     let mut peers = opts.peers.clone();
     if !peers.is_empty() && !peers.contains(&address) {
-        bail!("this head's address {address} is not in --peers {}; every head must be given the same list, itself included", peers.join(","));
+        bail!(
+            "this head's address {address} is not in --peers {}; every head must be given the same list, itself included",
+            peers.join(",")
+        );
     }
     if peers.is_empty() && opts.join.is_empty() {
         peers.push(address.clone());
@@ -162,11 +168,18 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
     let db = SledRaftDb::open(&opts.data_dir.join("raft"))
         .with_context(|| format!("cannot open the raft store in {}", opts.data_dir.display()))?;
     let log_store = LogStore::new(db.clone());
-    let sm = StateMachineStore::open(db).map_err(|e| anyhow::anyhow!("cannot restore the state machine: {e}"))?;
+    let sm = StateMachineStore::open(db)
+        .map_err(|e| anyhow::anyhow!("cannot restore the state machine: {e}"))?;
     let reader = sm.reader();
-    let raft = types::Raft::new(raft_id, Arc::new(config), GrpcRaftNetworkFactory::new(opts.token.clone()), log_store, sm)
-        .await
-        .context("cannot start raft")?;
+    let raft = types::Raft::new(
+        raft_id,
+        Arc::new(config),
+        GrpcRaftNetworkFactory::new(opts.token.clone()),
+        log_store,
+        sm,
+    )
+    .await
+    .context("cannot start raft")?;
 
     let (proposals, proposal_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(HeadShared {
@@ -175,12 +188,18 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         soft: Mutex::default(),
         raft_id,
         address: address.clone(),
-        ports: pb::HeadPorts { port: port.into(), dashboard_port: dashboard_port.into() },
+        ports: pb::HeadPorts {
+            port: port.into(),
+            dashboard_port: dashboard_port.into(),
+        },
         heartbeat_period: opts.health.period,
         token: opts.token.clone(),
         proposals,
         job_kick: tokio::sync::Notify::new(),
         node_clients: Mutex::default(),
+        actor_kick: tokio::sync::Notify::new(),
+        actor_changed: tokio::sync::Notify::new(),
+        actor_node_clients: Mutex::default(),
     });
 
     let routes = tonic::service::Routes::new(
@@ -195,20 +214,42 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
     );
     let api_heads = {
         let mut h = vec![address.clone()];
-        h.extend(opts.peers.iter().chain(&opts.join).filter(|a| **a != address).cloned());
+        h.extend(
+            opts.peers
+                .iter()
+                .chain(&opts.join)
+                .filter(|a| **a != address)
+                .cloned(),
+        );
         h
     };
     let api = jobs_api::router(api_heads, opts.token.clone())?;
-    let listeners = Listeners::spawn(grpc, routes, http, api, opts.metrics.clone(), opts.token.clone());
+    let listeners = Listeners::spawn(
+        grpc,
+        routes,
+        http,
+        api,
+        opts.metrics.clone(),
+        opts.token.clone(),
+    );
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(service::run_proposer(shared.clone(), proposal_rx)));
-    tasks.push(tokio::spawn(leader::supervise(shared.clone(), opts.health, opts.jobs)));
+    tasks.push(tokio::spawn(service::run_proposer(
+        shared.clone(),
+        proposal_rx,
+    )));
+    tasks.push(tokio::spawn(leader::supervise(
+        shared.clone(),
+        opts.health,
+        opts.jobs,
+    )));
     tasks.push(tokio::spawn(commit_index_metric(raft.clone())));
 
     if opts.join.is_empty() {
         if !raft.is_initialized().await.unwrap_or(true) {
-            let members: BTreeMap<u64, BasicNode> =
-                peers.iter().map(|p| (RaftId::from_address(p).0, BasicNode { addr: p.clone() })).collect();
+            let members: BTreeMap<u64, BasicNode> = peers
+                .iter()
+                .map(|p| (RaftId::from_address(p).0, BasicNode { addr: p.clone() }))
+                .collect();
             // Every head of a new group initializes with the same list; openraft accepts the
             // identical membership from each and the election picks one leader.
             if let Err(e) = raft.initialize(members).await {
@@ -216,23 +257,48 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             }
         }
     } else {
-        tasks.push(tokio::spawn(join_group(opts.join.clone(), address.clone(), opts.token.clone())));
+        tasks.push(tokio::spawn(join_group(
+            opts.join.clone(),
+            address.clone(),
+            opts.token.clone(),
+        )));
     }
 
     tracing::info!(%address, raft_id, port, dashboard_port, "head started");
-    Ok(RunningHead { address, raft_id, port, dashboard_port, raft, listeners, tasks })
+    Ok(RunningHead {
+        address,
+        raft_id,
+        port,
+        dashboard_port,
+        raft,
+        listeners,
+        tasks,
+    })
 }
 
 /// Asks an existing group to add this head, until it does.
 async fn join_group(heads: Vec<String>, address: String, token: Option<AuthToken>) {
-    let opts = ClientOptions { deadline: Duration::from_secs(30), rpc_timeout: Duration::from_secs(30), ..Default::default() };
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(30),
+        rpc_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
     let Ok(client) = HeadClient::new(&heads, token, opts) else {
         tracing::error!("bad --join addresses {heads:?}");
         return;
     };
     loop {
-        let req = pb::RaftAddPeerRequest { address: address.clone(), learner_only: false };
-        match client.call(|mut c| { let req = req.clone(); async move { c.raft_add_peer(req).await } }).await {
+        let req = pb::RaftAddPeerRequest {
+            address: address.clone(),
+            learner_only: false,
+        };
+        match client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.raft_add_peer(req).await }
+            })
+            .await
+        {
             Ok(_) => {
                 tracing::info!("joined the raft group");
                 return;
@@ -250,7 +316,12 @@ async fn commit_index_metric(raft: types::Raft) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let Ok(committed) = raft.with_raft_state(|st| st.committed.map(|l| l.index)).await else { return };
+        let Ok(committed) = raft
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+        else {
+            return;
+        };
         if let Some(c) = committed {
             ::metrics::gauge!(metrics::RAFT_COMMIT_INDEX).set(c as f64);
         }

@@ -57,9 +57,14 @@ impl<D: RaftDb> LogStore<D> {
         Self { db, flusher: tx }
     }
 
-    fn read_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
         match self.db.meta(key).map_err(|e| storage_err(false, e))? {
-            Some(b) => Ok(Some(postcard::from_bytes(&b).map_err(|e| storage_err(false, e))?)),
+            Some(b) => Ok(Some(
+                postcard::from_bytes(&b).map_err(|e| storage_err(false, e))?,
+            )),
             None => Ok(None),
         }
     }
@@ -94,7 +99,6 @@ impl<D: RaftDb> RaftLogReader<TypeConfig> for LogStore<D> {
     }
 }
 
-
 impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
     type LogReader = Self;
 
@@ -104,7 +108,10 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
             Some((_, b)) => Some(decode(&b)?.log_id),
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -129,7 +136,11 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
         Ok(self.read_json::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -137,7 +148,10 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
         let started = Instant::now();
         let mut batch = Vec::new();
         for e in entries {
-            batch.push((e.log_id.index, postcard::to_allocvec(&e).map_err(|e| storage_err(true, e))?));
+            batch.push((
+                e.log_id.index,
+                postcard::to_allocvec(&e).map_err(|e| storage_err(true, e))?,
+            ));
         }
         self.db.put_logs(batch).map_err(|e| storage_err(true, e))?;
         self.flusher
@@ -147,11 +161,15 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.db.remove_logs(log_id.index, u64::MAX).map_err(|e| storage_err(true, e))
+        self.db
+            .remove_logs(log_id.index, u64::MAX)
+            .map_err(|e| storage_err(true, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.write_meta(LAST_PURGED, &log_id)?;
-        self.db.remove_logs(0, log_id.index.saturating_add(1)).map_err(|e| storage_err(true, e))
+        self.db
+            .remove_logs(0, log_id.index.saturating_add(1))
+            .map_err(|e| storage_err(true, e))
     }
 }

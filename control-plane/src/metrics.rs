@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 pub const RAFT_TERM: &str = "rayctl_raft_term";
 pub const RAFT_IS_LEADER: &str = "rayctl_raft_is_leader";
@@ -18,35 +20,101 @@ pub const RAFT_SNAPSHOT_BYTES: &str = "rayctl_raft_snapshot_bytes";
 pub const NODES: &str = "rayctl_nodes";
 pub const NODES_DECLARED_DEAD: &str = "rayctl_nodes_declared_dead_total";
 pub const JOBS: &str = "rayctl_jobs";
+pub const ACTORS: &str = "ray_actors";
+pub const ACTOR_RESTARTS: &str = "rayctl_actor_restarts_total";
 pub const JOB_RUN_TIME: &str = "rayctl_job_run_seconds";
 pub const JOBS_ENDED: &str = "rayctl_jobs_ended_total";
 
 pub fn describe() {
     describe_gauge!(RAFT_TERM, "current Raft term of this head");
     describe_gauge!(RAFT_IS_LEADER, "1 if this head is the Raft leader, else 0");
-    describe_gauge!(RAFT_COMMIT_INDEX, "highest log index known committed by this head");
-    describe_gauge!(RAFT_APPLIED_INDEX, "highest log index applied to this head's state machine");
+    describe_gauge!(
+        RAFT_COMMIT_INDEX,
+        "highest log index known committed by this head"
+    );
+    describe_gauge!(
+        RAFT_APPLIED_INDEX,
+        "highest log index applied to this head's state machine"
+    );
     describe_gauge!(RAFT_LAST_LOG_INDEX, "highest log index in this head's log");
     describe_counter!(RAFT_LEADER_CHANGES, "times this head saw the leader change");
-    describe_histogram!(RAFT_APPEND_LATENCY, Unit::Seconds, "log append to durable (fsync done), per append");
-    describe_histogram!(RAFT_FLUSH_BATCH, Unit::Count, "appends made durable by one fsync (group commit)");
-    describe_histogram!(RAFT_COMMIT_LATENCY, Unit::Seconds, "Raft write proposed → committed and applied, on the leader");
-    describe_histogram!(PROPOSAL_BATCH, Unit::Count, "client commands carried by one Raft log entry");
-    describe_gauge!(RAFT_SNAPSHOT_BYTES, Unit::Bytes, "size of the last snapshot built");
+    describe_histogram!(
+        RAFT_APPEND_LATENCY,
+        Unit::Seconds,
+        "log append to durable (fsync done), per append"
+    );
+    describe_histogram!(
+        RAFT_FLUSH_BATCH,
+        Unit::Count,
+        "appends made durable by one fsync (group commit)"
+    );
+    describe_histogram!(
+        RAFT_COMMIT_LATENCY,
+        Unit::Seconds,
+        "Raft write proposed → committed and applied, on the leader"
+    );
+    describe_histogram!(
+        PROPOSAL_BATCH,
+        Unit::Count,
+        "client commands carried by one Raft log entry"
+    );
+    describe_gauge!(
+        RAFT_SNAPSHOT_BYTES,
+        Unit::Bytes,
+        "size of the last snapshot built"
+    );
     describe_gauge!(NODES, "nodes in the node table, by state (leader only)");
-    describe_counter!(NODES_DECLARED_DEAD, "nodes this head, as leader, declared dead");
+    describe_counter!(
+        NODES_DECLARED_DEAD,
+        "nodes this head, as leader, declared dead"
+    );
     describe_gauge!(JOBS, "jobs in the job table, by status (leader only)");
-    describe_histogram!(JOB_RUN_TIME, Unit::Seconds, "RUNNING to terminal, per job that ran (leader only)");
-    describe_counter!(JOBS_ENDED, "jobs that reached a terminal status, by status (leader only)");
+    describe_gauge!(
+        ACTORS,
+        "actors in the actor table, by State (leader only; Ray's name)"
+    );
+    describe_gauge!(
+        ACTOR_RESTARTS,
+        "restarts of all actors in the actor table (leader only)"
+    );
+    describe_histogram!(
+        JOB_RUN_TIME,
+        Unit::Seconds,
+        "RUNNING to terminal, per job that ran (leader only)"
+    );
+    describe_counter!(
+        JOBS_ENDED,
+        "jobs that reached a terminal status, by status (leader only)"
+    );
     protocol::server::describe_rpc_metrics();
 }
 
 pub(crate) fn record_jobs(state: &crate::state::ClusterState) {
     use crate::state::JobStatus::*;
-    for (status, name) in [(Pending, "PENDING"), (Running, "RUNNING"), (Succeeded, "SUCCEEDED"), (Failed, "FAILED"), (Stopped, "STOPPED")] {
+    for (status, name) in [
+        (Pending, "PENDING"),
+        (Running, "RUNNING"),
+        (Succeeded, "SUCCEEDED"),
+        (Failed, "FAILED"),
+        (Stopped, "STOPPED"),
+    ] {
         let n = state.jobs.values().filter(|j| j.status == status).count();
         gauge!(JOBS, "status" => name).set(n as f64);
     }
+}
+
+pub(crate) fn record_actors(state: &crate::state::ClusterState) {
+    use crate::state::ActorState::*;
+    for (st, name) in [
+        (PendingCreation, "PENDING_CREATION"),
+        (Alive, "ALIVE"),
+        (Restarting, "RESTARTING"),
+        (Dead, "DEAD"),
+    ] {
+        let n = state.actors.values().filter(|a| a.state == st).count();
+        gauge!(ACTORS, "State" => name).set(n as f64);
+    }
+    gauge!(ACTOR_RESTARTS).set(state.actors.values().map(|a| a.num_restarts).sum::<u64>() as f64);
 }
 
 pub(crate) fn record_job_ended(status: crate::state::JobStatus, started_ms: u64, ended_ms: u64) {
@@ -80,7 +148,12 @@ pub(crate) fn record_snapshot(bytes: usize) {
     gauge!(RAFT_SNAPSHOT_BYTES).set(bytes as f64);
 }
 
-pub(crate) fn record_raft(term: u64, is_leader: bool, last_log: Option<u64>, committed: Option<u64>) {
+pub(crate) fn record_raft(
+    term: u64,
+    is_leader: bool,
+    last_log: Option<u64>,
+    committed: Option<u64>,
+) {
     gauge!(RAFT_TERM).set(term as f64);
     gauge!(RAFT_IS_LEADER).set(if is_leader { 1.0 } else { 0.0 });
     gauge!(RAFT_LAST_LOG_INDEX).set(last_log.unwrap_or(0) as f64);

@@ -5,19 +5,22 @@
 //! Every RPC carries openraft's deadline (`RPCOption::hard_ttl`), so a stopped or partitioned
 //! peer costs one timeout, never a hang.
 
-use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use protocol::auth::{AuthToken, ClientAuth};
-use protocol::client::{channel, ClientOptions};
-use protocol::pb::raft_client::RaftClient;
+use protocol::client::{ClientOptions, channel};
 use protocol::pb::RaftMessage;
-use serde::de::DeserializeOwned;
+use protocol::pb::raft_client::RaftClient;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -44,7 +47,10 @@ pub struct GrpcRaftNetwork {
 }
 
 fn connect(addr: &str, token: Option<AuthToken>) -> Result<Client, String> {
-    let opts = ClientOptions { rpc_timeout: std::time::Duration::from_secs(10), ..Default::default() };
+    let opts = ClientOptions {
+        rpc_timeout: std::time::Duration::from_secs(10),
+        ..Default::default()
+    };
     channel(addr, &opts)
         .map(|ch| {
             RaftClient::with_interceptor(ch, ClientAuth(token))
@@ -59,7 +65,12 @@ impl RaftNetworkFactory<TypeConfig> for GrpcRaftNetworkFactory {
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GrpcRaftNetwork {
         let client = connect(&node.addr, self.token.clone());
-        GrpcRaftNetwork { target, node: node.clone(), token: self.token.clone(), client }
+        GrpcRaftNetwork {
+            target,
+            node: node.clone(),
+            token: self.token.clone(),
+            client,
+        }
     }
 }
 
@@ -93,9 +104,12 @@ impl GrpcRaftNetwork {
             Ok(c) => c.clone(),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
         };
-        let data = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let data =
+            postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if kind == "append" && entries > 1 && data.len() > MAX_APPEND_BYTES {
-            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries_hint(data.len(), entries))));
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(entries_hint(data.len(), entries)),
+            ));
         }
         let mut request = tonic::Request::new(RaftMessage { data });
         request.set_timeout(option.hard_ttl());
@@ -111,17 +125,30 @@ impl GrpcRaftNetwork {
             self.client = connect(&self.node.addr, self.token.clone());
         }
         let reply = reply.map_err(|s| {
-            let e = Msg(format!("{kind} to {} ({}): {}", self.target, self.node.addr, s.message()));
+            let e = Msg(format!(
+                "{kind} to {} ({}): {}",
+                self.target,
+                self.node.addr,
+                s.message()
+            ));
             match s.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                }
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&e)),
                 _ => RPCError::Network(NetworkError::new(&e)),
             }
         })?;
         let result: Result<Resp, RaftError<u64, E>> =
-            postcard::from_bytes(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+            postcard::from_bytes(&reply.into_inner().data)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
+        })
     }
 }
 
@@ -139,7 +166,10 @@ impl RaftNetwork<TypeConfig> for GrpcRaftNetwork {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
         self.call("snapshot", &rpc, 0, &option).await
     }
 

@@ -58,10 +58,18 @@ pub(crate) struct HeadShared {
     pub(crate) job_kick: tokio::sync::Notify,
     /// One client per node manager address, so job starts and log reads reuse a connection.
     pub(crate) node_clients: Mutex<HashMap<String, client::NmClient>>,
+    /// Wakes the actor manager (an actor was created, killed, or died).
+    pub(crate) actor_kick: tokio::sync::Notify,
+    /// Wakes GetActor waiters (an actor changed state).
+    pub(crate) actor_changed: tokio::sync::Notify,
+    /// Node manager clients with a long timeout, for StartActor (which waits for the constructor).
+    pub(crate) actor_node_clients: Mutex<HashMap<String, client::NmClient>>,
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -88,7 +96,10 @@ impl HeadShared {
     }
 
     fn not_leader(&self, leader: Option<u64>) -> Status {
-        RpcError::NotLeader { leader: self.leader_address(leader) }.into()
+        RpcError::NotLeader {
+            leader: self.leader_address(leader),
+        }
+        .into()
     }
 
     /// Fails fast with NOT_LEADER unless this head believes it leads (a cheap local check for
@@ -109,7 +120,8 @@ impl HeadShared {
         self.proposals
             .send((cmd, tx))
             .map_err(|_| Status::from(RpcError::Unavailable("the head is shutting down".into())))?;
-        rx.await.map_err(|_| Status::from(RpcError::Unavailable("the head is shutting down".into())))?
+        rx.await
+            .map_err(|_| Status::from(RpcError::Unavailable("the head is shutting down".into())))?
     }
 
     /// One Raft write, unbatched.
@@ -120,13 +132,20 @@ impl HeadShared {
         match result {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(RpcError::NotLeader { leader: f.leader_node.map(|n| n.addr).or_else(|| self.leader_address(f.leader_id)) }
-                    .into())
+                Err(RpcError::NotLeader {
+                    leader: f
+                        .leader_node
+                        .map(|n| n.addr)
+                        .or_else(|| self.leader_address(f.leader_id)),
+                }
+                .into())
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(RpcError::FailedPrecondition(e.to_string()).into())
             }
-            Err(RaftError::Fatal(e)) => Err(RpcError::Unavailable(format!("raft stopped: {e}")).into()),
+            Err(RaftError::Fatal(e)) => {
+                Err(RpcError::Unavailable(format!("raft stopped: {e}")).into())
+            }
         }
     }
 
@@ -136,13 +155,20 @@ impl HeadShared {
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(RpcError::NotLeader { leader: f.leader_node.map(|n| n.addr).or_else(|| self.leader_address(f.leader_id)) }
-                    .into())
+                Err(RpcError::NotLeader {
+                    leader: f
+                        .leader_node
+                        .map(|n| n.addr)
+                        .or_else(|| self.leader_address(f.leader_id)),
+                }
+                .into())
             }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
                 Err(RpcError::Unavailable(format!("leader lost its quorum: {q}")).into())
             }
-            Err(RaftError::Fatal(e)) => Err(RpcError::Unavailable(format!("raft stopped: {e}")).into()),
+            Err(RaftError::Fatal(e)) => {
+                Err(RpcError::Unavailable(format!("raft stopped: {e}")).into())
+            }
         }
     }
 
@@ -166,7 +192,32 @@ impl HeadShared {
         if let Some(c) = m.get(addr) {
             return Ok(c.clone());
         }
-        let opts = ClientOptions { rpc_timeout: Duration::from_secs(10), ..Default::default() };
+        let opts = ClientOptions {
+            rpc_timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let c = client::node_manager(addr, self.token.clone(), &opts).map_err(Status::from)?;
+        m.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// A client of the node manager at `addr` whose calls may take up to `timeout` (cached).
+    pub(crate) fn actor_node_manager(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<client::NmClient, Status> {
+        let mut m = self
+            .actor_node_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = m.get(addr) {
+            return Ok(c.clone());
+        }
+        let opts = ClientOptions {
+            rpc_timeout: timeout,
+            ..Default::default()
+        };
         let c = client::node_manager(addr, self.token.clone(), &opts).map_err(Status::from)?;
         m.insert(addr.to_owned(), c.clone());
         Ok(c)
@@ -174,7 +225,13 @@ impl HeadShared {
 
     /// The live nodes' reported demand, summed by shape.
     fn pending_demand(&self) -> Vec<pb::ResourceDemand> {
-        let alive: BTreeSet<NodeId> = self.state.read().state.alive_nodes().map(|n| n.node_id).collect();
+        let alive: BTreeSet<NodeId> = self
+            .state
+            .read()
+            .state
+            .alive_nodes()
+            .map(|n| n.node_id)
+            .collect();
         let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
         let mut by_shape: BTreeMap<String, pb::ResourceDemand> = BTreeMap::new();
         for (node, demands) in &soft.demand {
@@ -183,7 +240,13 @@ impl HeadShared {
             }
             for d in demands {
                 let shape: BTreeMap<&String, &f64> = d.shape.iter().collect();
-                let e = by_shape.entry(format!("{shape:?}")).or_insert_with(|| pb::ResourceDemand { shape: d.shape.clone(), ..Default::default() });
+                let e =
+                    by_shape
+                        .entry(format!("{shape:?}"))
+                        .or_insert_with(|| pb::ResourceDemand {
+                            shape: d.shape.clone(),
+                            ..Default::default()
+                        });
                 e.queued += d.queued;
                 e.infeasible += d.infeasible;
             }
@@ -194,7 +257,11 @@ impl HeadShared {
     fn node_info(&self, n: &NodeRecord) -> pb::NodeInfo {
         let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
         let available = match soft.heartbeats.get(&n.node_id) {
-            Some((inc, _, avail)) if *inc == n.incarnation && n.state == state::NodeState::Alive => avail.clone(),
+            Some((inc, _, avail))
+                if *inc == n.incarnation && n.state == state::NodeState::Alive =>
+            {
+                avail.clone()
+            }
             _ if n.state == state::NodeState::Alive => n.resources_total.clone(),
             _ => BTreeMap::new(),
         };
@@ -239,7 +306,11 @@ impl HeadShared {
                     .map(|l| l.map_or(0, |l| l.index)),
             })
             .collect();
-        pb::RaftPeers { peers, term: m.current_term, leader: self.leader_address(m.current_leader).unwrap_or_default() }
+        pb::RaftPeers {
+            peers,
+            term: m.current_term,
+            leader: self.leader_address(m.current_leader).unwrap_or_default(),
+        }
     }
 }
 
@@ -257,17 +328,24 @@ fn parse_node_id(s: &str) -> Result<NodeId, Status> {
     s.parse::<NodeId>().map_err(|e| invalid(e.to_string()))
 }
 
-fn check_resources(m: &HashMap<String, f64>) -> Result<state::Resources, Status> {
-    let set = scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v))).map_err(|e| invalid(e.to_string()))?;
+pub(crate) fn check_resources(m: &HashMap<String, f64>) -> Result<state::Resources, Status> {
+    let set = scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v)))
+        .map_err(|e| invalid(e.to_string()))?;
     Ok(set.to_map())
 }
 
 fn check_kv(namespace: &str, key: &[u8]) -> Result<(), Status> {
     if namespace.len() > MAX_KV_NAMESPACE {
-        return Err(invalid(format!("kv namespace of {} bytes is over the {MAX_KV_NAMESPACE}-byte limit", namespace.len())));
+        return Err(invalid(format!(
+            "kv namespace of {} bytes is over the {MAX_KV_NAMESPACE}-byte limit",
+            namespace.len()
+        )));
     }
     if key.is_empty() || key.len() > MAX_KV_KEY {
-        return Err(invalid(format!("kv key must be 1..={MAX_KV_KEY} bytes, got {}", key.len())));
+        return Err(invalid(format!(
+            "kv key must be 1..={MAX_KV_KEY} bytes, got {}",
+            key.len()
+        )));
     }
     Ok(())
 }
@@ -285,7 +363,10 @@ const MAX_BATCH: usize = 1024;
 /// Most bytes of commands in one batched log entry.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
-pub(crate) async fn run_proposer(shared: Arc<HeadShared>, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+pub(crate) async fn run_proposer(
+    shared: Arc<HeadShared>,
+    mut rx: mpsc::UnboundedReceiver<Proposal>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     let mut carried: Option<Proposal> = None;
     loop {
@@ -296,7 +377,9 @@ pub(crate) async fn run_proposer(shared: Arc<HeadShared>, mut rx: mpsc::Unbounde
                 None => return,
             },
         };
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let mut bytes = first.0.approx_bytes();
         let mut batch = vec![first];
         // One log entry stays well under the gRPC message limit, whatever the KV values.
@@ -330,7 +413,9 @@ pub(crate) async fn run_proposer(shared: Arc<HeadShared>, mut rx: mpsc::Unbounde
                     }
                 }
                 Ok(other) => {
-                    let e = Status::from(RpcError::Internal(format!("unexpected batch result {other:?}")));
+                    let e = Status::from(RpcError::Internal(format!(
+                        "unexpected batch result {other:?}"
+                    )));
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));
                     }
@@ -351,13 +436,18 @@ pub(crate) struct ControlPlaneService(pub(crate) Arc<HeadShared>);
 
 #[tonic::async_trait]
 impl ControlPlane for ControlPlaneService {
-    async fn register_node(&self, req: Request<pb::RegisterNodeRequest>) -> Result<Response<pb::RegisterNodeReply>, Status> {
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeReply>, Status> {
         let r = req.into_inner();
         let node_id = parse_node_id(&r.node_id)?;
         validate_address(&r.address).map_err(|e| invalid(e.to_string()))?;
         let resources = check_resources(&r.resources_total)?;
         let p = r.ports.unwrap_or_default();
-        let port = |v: u32, name: &str| u16::try_from(v).map_err(|_| invalid(format!("{name} {v} is not a port")));
+        let port = |v: u32, name: &str| {
+            u16::try_from(v).map_err(|_| invalid(format!("{name} {v} is not a port")))
+        };
         let ports = state::NodePorts {
             node_manager: port(p.node_manager_port, "node_manager_port")?,
             object_manager: port(p.object_manager_port, "object_manager_port")?,
@@ -375,7 +465,8 @@ impl ControlPlane for ControlPlaneService {
         match self.0.propose(cmd).await? {
             SmResponse::NodeRegistered { incarnation } => {
                 let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
-                soft.heartbeats.insert(node_id, (incarnation, Instant::now(), resources));
+                soft.heartbeats
+                    .insert(node_id, (incarnation, Instant::now(), resources));
                 Ok(Response::new(pb::RegisterNodeReply {
                     incarnation,
                     heartbeat_period_ms: self.0.heartbeat_period.as_millis() as u64,
@@ -386,11 +477,19 @@ impl ControlPlane for ControlPlaneService {
         }
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
         self.0.require_local_leader()?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         let node_id = parse_node_id(&r.node_id)?;
         let available = check_resources(&r.resources_available)?;
+        let actors_report = pb::HeartbeatRequest {
+            running_actors: std::mem::take(&mut r.running_actors),
+            dead_actors: std::mem::take(&mut r.dead_actors),
+            ..Default::default()
+        };
         {
             let st = self.0.state.read();
             let Some(n) = st.state.nodes.get(&node_id) else {
@@ -407,15 +506,31 @@ impl ControlPlane for ControlPlaneService {
         }
         {
             let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
-            soft.heartbeats.insert(node_id, (r.incarnation, Instant::now(), available));
+            soft.heartbeats
+                .insert(node_id, (r.incarnation, Instant::now(), available));
             soft.demand.insert(node_id, r.pending_demand);
             let now = Instant::now();
-            for p in r.dead_owners.into_iter().filter(|p| !p.is_empty() && p.len() <= 32).take(10_000) {
+            for p in r
+                .dead_owners
+                .into_iter()
+                .filter(|p| !p.is_empty() && p.len() <= 32)
+                .take(10_000)
+            {
                 soft.dead_owners.insert(p, now);
             }
-            soft.dead_owners.retain(|_, at| now.duration_since(*at) < DEAD_OWNER_MEMORY);
+            soft.dead_owners
+                .retain(|_, at| now.duration_since(*at) < DEAD_OWNER_MEMORY);
         }
-        let dead_owners: Vec<Vec<u8>> = self.0.soft.lock().unwrap_or_else(|p| p.into_inner()).dead_owners.keys().cloned().collect();
+        let dead_owners: Vec<Vec<u8>> = self
+            .0
+            .soft
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dead_owners
+            .keys()
+            .cloned()
+            .collect();
+        let kill_actors = crate::actors::heartbeat_actors(&self.0, node_id, &actors_report).await?;
         let cluster_view = {
             let st = self.0.state.read();
             st.state
@@ -431,14 +546,30 @@ impl ControlPlane for ControlPlaneService {
                 })
                 .collect()
         };
-        Ok(Response::new(pb::HeartbeatReply { cluster_view, dead_owners }))
+        Ok(Response::new(pb::HeartbeatReply {
+            cluster_view,
+            dead_owners,
+            kill_actors,
+        }))
     }
 
-    async fn unregister_node(&self, req: Request<pb::UnregisterNodeRequest>) -> Result<Response<pb::UnregisterNodeReply>, Status> {
+    async fn unregister_node(
+        &self,
+        req: Request<pb::UnregisterNodeRequest>,
+    ) -> Result<Response<pb::UnregisterNodeReply>, Status> {
         let r = req.into_inner();
         let node_id = parse_node_id(&r.node_id)?;
-        let reason = if r.reason.is_empty() { "unregistered".to_string() } else { r.reason.chars().take(1024).collect() };
-        let cmd = Command::MarkNodeDead { node_id, incarnation: r.incarnation, reason, time_ms: now_ms() };
+        let reason = if r.reason.is_empty() {
+            "unregistered".to_string()
+        } else {
+            r.reason.chars().take(1024).collect()
+        };
+        let cmd = Command::MarkNodeDead {
+            node_id,
+            incarnation: r.incarnation,
+            reason,
+            time_ms: now_ms(),
+        };
         match self.0.propose(cmd).await? {
             SmResponse::Ok => Ok(Response::new(pb::UnregisterNodeReply {})),
             SmResponse::Rejected(r) => Err(rejection(r)),
@@ -446,17 +577,31 @@ impl ControlPlane for ControlPlaneService {
         }
     }
 
-    async fn get_cluster_status(&self, _: Request<pb::GetClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+    async fn get_cluster_status(
+        &self,
+        _: Request<pb::GetClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
         self.0.linearizable().await?;
         let nodes: Vec<pb::NodeInfo> = {
             let st = self.0.state.read();
-            st.state.nodes.values().map(|n| self.0.node_info(n)).collect()
+            st.state
+                .nodes
+                .values()
+                .map(|n| self.0.node_info(n))
+                .collect()
         };
         let m = self.0.raft.metrics().borrow().clone();
-        let members: Vec<(u64, String)> =
-            m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        let members: Vec<(u64, String)> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
         // Ask every other head about itself, in parallel, with a short deadline.
-        let opts = ClientOptions { rpc_timeout: Duration::from_millis(800), ..Default::default() };
+        let opts = ClientOptions {
+            rpc_timeout: Duration::from_millis(800),
+            ..Default::default()
+        };
         let mut asks = Vec::new();
         for (id, addr) in members {
             if id == self.0.raft_id {
@@ -471,7 +616,10 @@ impl ControlPlane for ControlPlaneService {
                         ch,
                         protocol::auth::ClientAuth(token),
                     );
-                    c.head_info(pb::HeadInfoRequest {}).await.ok().map(|r| r.into_inner())
+                    c.head_info(pb::HeadInfoRequest {})
+                        .await
+                        .ok()
+                        .map(|r| r.into_inner())
                 };
                 reply.await.unwrap_or(pb::HeadInfoReply {
                     raft_id: id,
@@ -499,7 +647,10 @@ impl ControlPlane for ControlPlaneService {
         }))
     }
 
-    async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+    async fn get_node(
+        &self,
+        req: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
         let node_id = parse_node_id(&req.into_inner().node_id)?;
         self.0.linearizable().await?;
         let st = self.0.state.read();
@@ -509,11 +660,17 @@ impl ControlPlane for ControlPlaneService {
         }
     }
 
-    async fn head_info(&self, _: Request<pb::HeadInfoRequest>) -> Result<Response<pb::HeadInfoReply>, Status> {
+    async fn head_info(
+        &self,
+        _: Request<pb::HeadInfoRequest>,
+    ) -> Result<Response<pb::HeadInfoReply>, Status> {
         Ok(Response::new(self.0.head_info()))
     }
 
-    async fn kv_put(&self, req: Request<pb::KvPutRequest>) -> Result<Response<pb::KvPutReply>, Status> {
+    async fn kv_put(
+        &self,
+        req: Request<pb::KvPutRequest>,
+    ) -> Result<Response<pb::KvPutReply>, Status> {
         let r = req.into_inner();
         check_kv(&r.namespace, &r.key)?;
         if r.value.len() > MAX_KV_VALUE {
@@ -523,14 +680,22 @@ impl ControlPlane for ControlPlaneService {
             ))
             .into());
         }
-        let cmd = Command::KvPut { namespace: r.namespace, key: r.key, value: r.value, overwrite: r.overwrite };
+        let cmd = Command::KvPut {
+            namespace: r.namespace,
+            key: r.key,
+            value: r.value,
+            overwrite: r.overwrite,
+        };
         match self.0.propose(cmd).await? {
             SmResponse::Kv(written) => Ok(Response::new(pb::KvPutReply { written })),
             other => Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
         }
     }
 
-    async fn kv_get(&self, req: Request<pb::KvGetRequest>) -> Result<Response<pb::KvGetReply>, Status> {
+    async fn kv_get(
+        &self,
+        req: Request<pb::KvGetRequest>,
+    ) -> Result<Response<pb::KvGetReply>, Status> {
         let r = req.into_inner();
         check_kv(&r.namespace, &r.key)?;
         self.0.linearizable().await?;
@@ -541,39 +706,111 @@ impl ControlPlane for ControlPlaneService {
         }
     }
 
-    async fn kv_delete(&self, req: Request<pb::KvDeleteRequest>) -> Result<Response<pb::KvDeleteReply>, Status> {
+    async fn kv_delete(
+        &self,
+        req: Request<pb::KvDeleteRequest>,
+    ) -> Result<Response<pb::KvDeleteReply>, Status> {
         let r = req.into_inner();
         check_kv(&r.namespace, &r.key)?;
-        match self.0.propose(Command::KvDelete { namespace: r.namespace, key: r.key }).await? {
+        match self
+            .0
+            .propose(Command::KvDelete {
+                namespace: r.namespace,
+                key: r.key,
+            })
+            .await?
+        {
             SmResponse::Kv(deleted) => Ok(Response::new(pb::KvDeleteReply { deleted })),
             other => Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into()),
         }
     }
 
-    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
-        crate::jobs::submit(&self.0, req.into_inner()).await.map(Response::new)
+    async fn create_actor(
+        &self,
+        req: Request<pb::CreateActorRequest>,
+    ) -> Result<Response<pb::ActorInfo>, Status> {
+        crate::actors::create(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
-    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+    async fn get_actor(
+        &self,
+        req: Request<pb::GetActorRequest>,
+    ) -> Result<Response<pb::ActorInfo>, Status> {
+        crate::actors::get(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_actors(
+        &self,
+        _: Request<pb::ListActorsRequest>,
+    ) -> Result<Response<pb::ListActorsReply>, Status> {
+        Ok(Response::new(pb::ListActorsReply {
+            actors: crate::actors::list(&self.0).await?,
+        }))
+    }
+
+    async fn kill_actor(
+        &self,
+        req: Request<pb::KillActorRequest>,
+    ) -> Result<Response<pb::ActorInfo>, Status> {
+        crate::actors::kill(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        crate::jobs::submit(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
         let j = crate::jobs::get(&self.0, &req.into_inner().job_id).await?;
         Ok(Response::new(crate::jobs::job_info(&self.0, &j)))
     }
 
-    async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsReply>, Status> {
-        Ok(Response::new(pb::ListJobsReply { jobs: crate::jobs::list(&self.0).await? }))
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsReply>, Status> {
+        Ok(Response::new(pb::ListJobsReply {
+            jobs: crate::jobs::list(&self.0).await?,
+        }))
     }
 
-    async fn stop_job(&self, req: Request<pb::StopJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
-        crate::jobs::stop(&self.0, &req.into_inner().job_id).await.map(Response::new)
+    async fn stop_job(
+        &self,
+        req: Request<pb::StopJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        crate::jobs::stop(&self.0, &req.into_inner().job_id)
+            .await
+            .map(Response::new)
     }
 
-    async fn delete_job(&self, req: Request<pb::DeleteJobRequest>) -> Result<Response<pb::DeleteJobReply>, Status> {
+    async fn delete_job(
+        &self,
+        req: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobReply>, Status> {
         let deleted = crate::jobs::delete(&self.0, &req.into_inner().job_id).await?;
         Ok(Response::new(pb::DeleteJobReply { deleted }))
     }
 
-    async fn get_job_logs(&self, req: Request<pb::GetJobLogsRequest>) -> Result<Response<pb::JobLogs>, Status> {
-        crate::jobs::logs(&self.0, req.into_inner()).await.map(Response::new)
+    async fn get_job_logs(
+        &self,
+        req: Request<pb::GetJobLogsRequest>,
+    ) -> Result<Response<pb::JobLogs>, Status> {
+        crate::jobs::logs(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn report_job_attempt(
@@ -584,44 +821,76 @@ impl ControlPlane for ControlPlaneService {
         Ok(Response::new(pb::ReportJobAttemptReply {}))
     }
 
-    async fn raft_list_peers(&self, _: Request<pb::RaftListPeersRequest>) -> Result<Response<pb::RaftPeers>, Status> {
+    async fn raft_list_peers(
+        &self,
+        _: Request<pb::RaftListPeersRequest>,
+    ) -> Result<Response<pb::RaftPeers>, Status> {
         self.0.linearizable().await?;
         Ok(Response::new(self.0.peers()))
     }
 
-    async fn raft_add_peer(&self, req: Request<pb::RaftAddPeerRequest>) -> Result<Response<pb::RaftPeers>, Status> {
+    async fn raft_add_peer(
+        &self,
+        req: Request<pb::RaftAddPeerRequest>,
+    ) -> Result<Response<pb::RaftPeers>, Status> {
         let r = req.into_inner();
         validate_address(&r.address).map_err(|e| invalid(e.to_string()))?;
         self.0.require_local_leader()?;
         let id = RaftId::from_address(&r.address).0;
-        let node = BasicNode { addr: r.address.clone() };
+        let node = BasicNode {
+            addr: r.address.clone(),
+        };
         // Blocks until the new head has caught up with the log, so promoting it to voter
         // cannot stall commits.
-        self.0.raft.add_learner(id, node, true).await.map_err(|e| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.0.not_leader(f.leader_id),
-            other => RpcError::FailedPrecondition(format!("adding {} failed: {other}", r.address)).into(),
-        })?;
+        self.0
+            .raft
+            .add_learner(id, node, true)
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    self.0.not_leader(f.leader_id)
+                }
+                other => {
+                    RpcError::FailedPrecondition(format!("adding {} failed: {other}", r.address))
+                        .into()
+                }
+            })?;
         if !r.learner_only {
             self.0
                 .raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                 .await
-                .map_err(|e| Status::from(RpcError::FailedPrecondition(format!("promoting {} failed: {e}", r.address))))?;
+                .map_err(|e| {
+                    Status::from(RpcError::FailedPrecondition(format!(
+                        "promoting {} failed: {e}",
+                        r.address
+                    )))
+                })?;
         }
         Ok(Response::new(self.0.peers()))
     }
 
-    async fn raft_remove_peer(&self, req: Request<pb::RaftRemovePeerRequest>) -> Result<Response<pb::RaftPeers>, Status> {
+    async fn raft_remove_peer(
+        &self,
+        req: Request<pb::RaftRemovePeerRequest>,
+    ) -> Result<Response<pb::RaftPeers>, Status> {
         let r = req.into_inner();
         validate_address(&r.address).map_err(|e| invalid(e.to_string()))?;
         self.0.require_local_leader()?;
         let id = RaftId::from_address(&r.address).0;
         let (is_voter, known) = {
             let m = self.0.raft.metrics().borrow().membership_config.clone();
-            (m.membership().voter_ids().any(|v| v == id), m.membership().get_node(&id).is_some())
+            (
+                m.membership().voter_ids().any(|v| v == id),
+                m.membership().get_node(&id).is_some(),
+            )
         };
         if !known {
-            return Err(RpcError::NotFound(format!("{} is not a member of the raft group", r.address)).into());
+            return Err(RpcError::NotFound(format!(
+                "{} is not a member of the raft group",
+                r.address
+            ))
+            .into());
         }
         let change = if is_voter {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
@@ -632,7 +901,12 @@ impl ControlPlane for ControlPlaneService {
             .raft
             .change_membership(change, false)
             .await
-            .map_err(|e| Status::from(RpcError::FailedPrecondition(format!("removing {} failed: {e}", r.address))))?;
+            .map_err(|e| {
+                Status::from(RpcError::FailedPrecondition(format!(
+                    "removing {} failed: {e}",
+                    r.address
+                )))
+            })?;
         Ok(Response::new(self.0.peers()))
     }
 }
@@ -643,7 +917,8 @@ impl ControlPlane for ControlPlaneService {
 pub(crate) struct RaftTransportService(pub(crate) Raft);
 
 fn decode<T: serde::de::DeserializeOwned>(req: Request<pb::RaftMessage>) -> Result<T, Status> {
-    postcard::from_bytes(&req.into_inner().data).map_err(|e| invalid(format!("malformed raft message: {e}")))
+    postcard::from_bytes(&req.into_inner().data)
+        .map_err(|e| invalid(format!("malformed raft message: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
@@ -654,15 +929,24 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Statu
 
 #[tonic::async_trait]
 impl raft_server::Raft for RaftTransportService {
-    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
         encode(&self.0.append_entries(decode(req)?).await)
     }
 
-    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+    async fn vote(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
         encode(&self.0.vote(decode(req)?).await)
     }
 
-    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
         encode(&self.0.install_snapshot(decode(req)?).await)
     }
 }

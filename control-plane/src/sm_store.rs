@@ -55,7 +55,11 @@ pub struct StateMachineStore<D: RaftDb> {
 impl<D: RaftDb> StateMachineStore<D> {
     /// Opens the store, restoring the state from the last durable snapshot.
     pub fn open(db: D) -> Result<Self, StorageError> {
-        let store = Self { applied: Arc::default(), db, snapshot_seq: Arc::default() };
+        let store = Self {
+            applied: Arc::default(),
+            db,
+            snapshot_seq: Arc::default(),
+        };
         if let Some(s) = store.stored_snapshot()? {
             let restored = decode_snapshot(&s.data)?;
             *store.write() = restored;
@@ -74,14 +78,18 @@ impl<D: RaftDb> StateMachineStore<D> {
 
     fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
         match self.db.meta(SNAPSHOT).map_err(|e| storage_err(false, e))? {
-            Some(b) => Ok(Some(postcard::from_bytes(&b).map_err(|e| storage_err(false, e))?)),
+            Some(b) => Ok(Some(
+                postcard::from_bytes(&b).map_err(|e| storage_err(false, e))?,
+            )),
             None => Ok(None),
         }
     }
 
     async fn persist_snapshot(&self, s: &StoredSnapshot) -> Result<(), StorageError> {
         let b = postcard::to_allocvec(s).map_err(|e| storage_err(true, e))?;
-        self.db.set_meta(SNAPSHOT, &b).map_err(|e| storage_err(true, e))?;
+        self.db
+            .set_meta(SNAPSHOT, &b)
+            .map_err(|e| storage_err(true, e))?;
         self.db.flush().await.map_err(|e| storage_err(true, e))
     }
 }
@@ -101,10 +109,17 @@ fn decode_snapshot(data: &[u8]) -> Result<Applied, StorageError> {
     if s.version != SNAPSHOT_VERSION {
         return Err(storage_err(
             false,
-            std::io::Error::other(format!("snapshot version {} is not supported (expected {SNAPSHOT_VERSION})", s.version)),
+            std::io::Error::other(format!(
+                "snapshot version {} is not supported (expected {SNAPSHOT_VERSION})",
+                s.version
+            )),
         ));
     }
-    Ok(Applied { last_applied: s.last_applied, membership: s.membership, state: s.state })
+    Ok(Applied {
+        last_applied: s.last_applied,
+        membership: s.membership,
+        state: s.state,
+    })
 }
 
 impl<D: RaftDb> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<D> {
@@ -117,18 +132,35 @@ impl<D: RaftDb> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<D> {
                 membership: a.membership.clone(),
                 state: a.state.clone(),
             };
-            (postcard::to_allocvec(&snap).map_err(|e| storage_err(true, e))?, a.last_applied, a.membership.clone())
+            (
+                postcard::to_allocvec(&snap).map_err(|e| storage_err(true, e))?,
+                a.last_applied,
+                a.membership.clone(),
+            )
         };
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{}-{seq}", l.leader_id.term, l.leader_id.node_id, l.index),
+            Some(l) => format!(
+                "{}-{}-{}-{seq}",
+                l.leader_id.term, l.leader_id.node_id, l.index
+            ),
             None => format!("none-{seq}"),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
         self.persist_snapshot(&stored).await?;
         crate::metrics::record_snapshot(stored.data.len());
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
     }
 }
 
@@ -179,13 +211,19 @@ impl<D: RaftDb> RaftStateMachine<TypeConfig> for StateMachineStore<D> {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let restored = decode_snapshot(&data)?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
         self.persist_snapshot(&stored).await?;
         *self.write() = restored;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.stored_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        Ok(self.stored_snapshot()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }

@@ -60,7 +60,10 @@ impl JobStatus {
     }
     fn may_become(self, to: JobStatus) -> bool {
         use JobStatus::*;
-        matches!((self, to), (Pending, Running | Failed | Stopped) | (Running, Succeeded | Failed | Stopped))
+        matches!(
+            (self, to),
+            (Pending, Running | Failed | Stopped) | (Running, Succeeded | Failed | Stopped)
+        )
     }
 }
 
@@ -111,6 +114,18 @@ pub enum ActorState {
     Dead,
 }
 
+/// What the actor manager needs to (re)start an actor, fixed at creation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ActorSpec {
+    /// `pb::ActorSpec`, prost-encoded (constructor, binary, options).
+    pub encoded: Vec<u8>,
+    pub resources: Resources,
+    /// Not detached: the actor dies with the process whose objects carry this prefix.
+    pub owner_prefix: Vec<u8>,
+    pub max_task_retries: i64,
+    pub max_concurrency: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActorRecord {
     pub actor_id: String,
@@ -121,11 +136,25 @@ pub struct ActorRecord {
     pub detached: bool,
     /// -1 means unlimited, as in Ray.
     pub max_restarts: i64,
+    /// Also the incarnation of the actor: every start names it, stale reports are refused.
     pub num_restarts: u64,
     pub state: ActorState,
+    /// PENDING_CREATION/RESTARTING: the node it is being started on, once assigned;
+    /// ALIVE: where it runs.
     pub node_id: Option<NodeId>,
+    pub node_incarnation: u64,
+    pub worker_id: String,
+    pub worker_address: String,
+    pub pid: u32,
     pub created_at_ms: u64,
     pub message: String,
+    pub spec: ActorSpec,
+}
+
+impl ActorRecord {
+    pub fn restarts_left(&self) -> bool {
+        self.max_restarts < 0 || self.num_restarts < self.max_restarts.unsigned_abs()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,9 +198,22 @@ pub enum Command {
         is_head: bool,
         time_ms: u64,
     },
-    MarkNodeDead { node_id: NodeId, incarnation: u64, reason: String, time_ms: u64 },
-    KvPut { namespace: String, key: Vec<u8>, value: Vec<u8>, overwrite: bool },
-    KvDelete { namespace: String, key: Vec<u8> },
+    MarkNodeDead {
+        node_id: NodeId,
+        incarnation: u64,
+        reason: String,
+        time_ms: u64,
+    },
+    KvPut {
+        namespace: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        overwrite: bool,
+    },
+    KvDelete {
+        namespace: String,
+        key: Vec<u8>,
+    },
     SubmitJob {
         job_id: String,
         submission_id: Option<String>,
@@ -185,16 +227,37 @@ pub enum Command {
         time_ms: u64,
     },
     /// The job manager placed the current attempt of a PENDING job on a node.
-    AssignJob { job_id: String, attempt: u32, node_id: NodeId, incarnation: u64 },
+    AssignJob {
+        job_id: String,
+        attempt: u32,
+        node_id: NodeId,
+        incarnation: u64,
+    },
     /// The node's agent started the attempt: PENDING → RUNNING.
-    JobAttemptStarted { job_id: String, attempt: u32, node_id: NodeId, time_ms: u64 },
+    JobAttemptStarted {
+        job_id: String,
+        attempt: u32,
+        node_id: NodeId,
+        time_ms: u64,
+    },
     /// The attempt ended: the job becomes terminal, or PENDING again as a new attempt when it
     /// failed and has retries left.
-    JobAttemptEnded { job_id: String, attempt: u32, outcome: AttemptOutcome, message: String, time_ms: u64 },
+    JobAttemptEnded {
+        job_id: String,
+        attempt: u32,
+        outcome: AttemptOutcome,
+        message: String,
+        time_ms: u64,
+    },
     /// Stop: at once for a job not yet placed, else through its node's agent.
-    RequestJobStop { job_id: String, time_ms: u64 },
+    RequestJobStop {
+        job_id: String,
+        time_ms: u64,
+    },
     /// Forgets a terminal job.
-    DeleteJob { job_id: String },
+    DeleteJob {
+        job_id: String,
+    },
     SetJobStatus {
         job_id: String,
         status: JobStatus,
@@ -212,8 +275,33 @@ pub enum Command {
         detached: bool,
         max_restarts: i64,
         time_ms: u64,
+        spec: ActorSpec,
     },
-    SetActorState { actor_id: String, state: ActorState, node_id: Option<NodeId>, message: String },
+    /// The actor manager chose a node for this incarnation of the actor (before it asks
+    /// the node to start it, so a new leader asks the same node again).
+    AssignActor {
+        actor_id: String,
+        num_restarts: u64,
+        node_id: NodeId,
+        node_incarnation: u64,
+    },
+    /// The node started it: ALIVE at this worker.
+    ActorStarted {
+        actor_id: String,
+        num_restarts: u64,
+        worker_id: String,
+        worker_address: String,
+        pid: u32,
+    },
+    /// Its worker or node died, it was killed, or its owner died: RESTARTING when restarts
+    /// are left and `no_restart` is false, else DEAD. A report for another incarnation
+    /// changes nothing.
+    ActorDied {
+        actor_id: String,
+        num_restarts: u64,
+        reason: String,
+        no_restart: bool,
+    },
     CreatePlacementGroup {
         pg_id: String,
         job_id: String,
@@ -222,7 +310,11 @@ pub enum Command {
         bundles: Vec<Resources>,
         time_ms: u64,
     },
-    SetPlacementGroupState { pg_id: String, state: PgState, bundle_nodes: Vec<Option<NodeId>> },
+    SetPlacementGroupState {
+        pg_id: String,
+        state: PgState,
+        bundle_nodes: Vec<Option<NodeId>>,
+    },
     /// Several commands in one log entry (one fsync); each is applied in order and answered
     /// on its own.
     Batch(Vec<Command>),
@@ -236,9 +328,21 @@ pub enum Rejection {
     #[error("{kind} {id} already exists")]
     AlreadyExists { kind: String, id: String },
     #[error("{kind} {id} cannot go from {from} to {to}")]
-    InvalidTransition { kind: String, id: String, from: String, to: String },
-    #[error("node {node_id} incarnation {given} is fenced (current incarnation {current}, {state})")]
-    Fenced { node_id: String, given: u64, current: u64, state: String },
+    InvalidTransition {
+        kind: String,
+        id: String,
+        from: String,
+        to: String,
+    },
+    #[error(
+        "node {node_id} incarnation {given} is fenced (current incarnation {current}, {state})"
+    )]
+    Fenced {
+        node_id: String,
+        given: u64,
+        current: u64,
+        state: String,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -246,7 +350,9 @@ pub enum Rejection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Ok,
-    NodeRegistered { incarnation: u64 },
+    NodeRegistered {
+        incarnation: u64,
+    },
     /// KvPut: whether the value was written; KvDelete: whether a key was removed.
     Kv(bool),
     Batch(Vec<Response>),
@@ -268,14 +374,25 @@ pub struct ClusterState {
 }
 
 fn not_found(kind: &str, id: impl ToString) -> Response {
-    Response::Rejected(Rejection::NotFound { kind: kind.into(), id: id.to_string() })
+    Response::Rejected(Rejection::NotFound {
+        kind: kind.into(),
+        id: id.to_string(),
+    })
 }
 
 fn exists(kind: &str, id: impl ToString) -> Response {
-    Response::Rejected(Rejection::AlreadyExists { kind: kind.into(), id: id.to_string() })
+    Response::Rejected(Rejection::AlreadyExists {
+        kind: kind.into(),
+        id: id.to_string(),
+    })
 }
 
-fn transition(kind: &str, id: &str, from: impl std::fmt::Debug, to: impl std::fmt::Debug) -> Response {
+fn transition(
+    kind: &str,
+    id: &str,
+    from: impl std::fmt::Debug,
+    to: impl std::fmt::Debug,
+) -> Response {
     Response::Rejected(Rejection::InvalidTransition {
         kind: kind.into(),
         id: id.into(),
@@ -288,24 +405,52 @@ impl Command {
     /// A rough size of the command in the log, for batching under a byte budget.
     pub fn approx_bytes(&self) -> usize {
         match self {
-            Command::KvPut { namespace, key, value, .. } => 64 + namespace.len() + key.len() + value.len(),
-            Command::SubmitJob { entrypoint, runtime_env_json, .. } => 256 + entrypoint.len() + runtime_env_json.len(),
+            Command::KvPut {
+                namespace,
+                key,
+                value,
+                ..
+            } => 64 + namespace.len() + key.len() + value.len(),
+            Command::SubmitJob {
+                entrypoint,
+                runtime_env_json,
+                ..
+            } => 256 + entrypoint.len() + runtime_env_json.len(),
             Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
             _ => 256,
         }
     }
 }
 
+fn stale_actor(a: &ActorRecord, given: u64, what: &str) -> Response {
+    Response::Rejected(Rejection::Invalid(format!(
+        "actor {}: stale {what} for incarnation {given} (now {:?}, {} restart(s), node {:?})",
+        a.actor_id, a.state, a.num_restarts, a.node_id
+    )))
+}
+
 fn stale_attempt(job_id: &str, given: u32, current: u32) -> Response {
-    Response::Rejected(Rejection::Invalid(format!("job {job_id}: attempt {given} is not the current attempt {current}")))
+    Response::Rejected(Rejection::Invalid(format!(
+        "job {job_id}: attempt {given} is not the current attempt {current}"
+    )))
 }
 
 impl ClusterState {
     /// Applies one committed command. Deterministic; never panics on any input.
     pub fn apply(&mut self, cmd: Command) -> Response {
         match cmd {
-            Command::Batch(cmds) => Response::Batch(cmds.into_iter().map(|c| self.apply(c)).collect()),
-            Command::RegisterNode { node_id, address, ports, resources, labels, is_head, time_ms } => {
+            Command::Batch(cmds) => {
+                Response::Batch(cmds.into_iter().map(|c| self.apply(c)).collect())
+            }
+            Command::RegisterNode {
+                node_id,
+                address,
+                ports,
+                resources,
+                labels,
+                is_head,
+                time_ms,
+            } => {
                 if let Some(bad) = resources.iter().find(|(_, v)| !v.is_finite() || **v < 0.0) {
                     return Response::Rejected(Rejection::Invalid(format!(
                         "resource {} = {} must be finite and non-negative",
@@ -313,23 +458,33 @@ impl ClusterState {
                     )));
                 }
                 let incarnation = self.nodes.get(&node_id).map_or(1, |n| n.incarnation + 1);
-                self.nodes.insert(node_id, NodeRecord {
+                self.nodes.insert(
                     node_id,
-                    address,
-                    ports,
-                    resources_total: resources,
-                    labels,
-                    is_head,
-                    state: NodeState::Alive,
-                    incarnation,
-                    registered_at_ms: time_ms,
-                    dead_at_ms: 0,
-                    death_reason: String::new(),
-                });
+                    NodeRecord {
+                        node_id,
+                        address,
+                        ports,
+                        resources_total: resources,
+                        labels,
+                        is_head,
+                        state: NodeState::Alive,
+                        incarnation,
+                        registered_at_ms: time_ms,
+                        dead_at_ms: 0,
+                        death_reason: String::new(),
+                    },
+                );
                 Response::NodeRegistered { incarnation }
             }
-            Command::MarkNodeDead { node_id, incarnation, reason, time_ms } => {
-                let Some(n) = self.nodes.get_mut(&node_id) else { return not_found("node", node_id) };
+            Command::MarkNodeDead {
+                node_id,
+                incarnation,
+                reason,
+                time_ms,
+            } => {
+                let Some(n) = self.nodes.get_mut(&node_id) else {
+                    return not_found("node", node_id);
+                };
                 if n.incarnation != incarnation || n.state != NodeState::Alive {
                     return Response::Rejected(Rejection::Fenced {
                         node_id: node_id.to_string(),
@@ -343,7 +498,12 @@ impl ClusterState {
                 n.death_reason = reason;
                 Response::Ok
             }
-            Command::KvPut { namespace, key, value, overwrite } => {
+            Command::KvPut {
+                namespace,
+                key,
+                value,
+                overwrite,
+            } => {
                 let k = (namespace, key);
                 if !overwrite && self.kv.contains_key(&k) {
                     return Response::Kv(false);
@@ -351,7 +511,9 @@ impl ClusterState {
                 self.kv.insert(k, value);
                 Response::Kv(true)
             }
-            Command::KvDelete { namespace, key } => Response::Kv(self.kv.remove(&(namespace, key)).is_some()),
+            Command::KvDelete { namespace, key } => {
+                Response::Kv(self.kv.remove(&(namespace, key)).is_some())
+            }
             Command::SubmitJob {
                 job_id,
                 submission_id,
@@ -373,32 +535,46 @@ impl ClusterState {
                     }
                     self.submissions.insert(sid.clone(), job_id.clone());
                 }
-                self.jobs.insert(job_id.clone(), JobRecord {
-                    job_id,
-                    submission_id,
-                    entrypoint,
-                    runtime_env_json,
-                    metadata,
-                    entrypoint_resources: resources,
-                    status: JobStatus::Pending,
-                    driver_node: None,
-                    driver_incarnation: 0,
-                    exit_code: None,
-                    message: "waiting for a node".into(),
-                    submitted_at_ms: time_ms,
-                    started_at_ms: 0,
-                    ended_at_ms: 0,
-                    attempt: 0,
-                    max_retries,
-                    priority,
-                    stop_requested: false,
-                    client_token,
-                });
+                self.jobs.insert(
+                    job_id.clone(),
+                    JobRecord {
+                        job_id,
+                        submission_id,
+                        entrypoint,
+                        runtime_env_json,
+                        metadata,
+                        entrypoint_resources: resources,
+                        status: JobStatus::Pending,
+                        driver_node: None,
+                        driver_incarnation: 0,
+                        exit_code: None,
+                        message: "waiting for a node".into(),
+                        submitted_at_ms: time_ms,
+                        started_at_ms: 0,
+                        ended_at_ms: 0,
+                        attempt: 0,
+                        max_retries,
+                        priority,
+                        stop_requested: false,
+                        client_token,
+                    },
+                );
                 Response::Ok
             }
-            Command::AssignJob { job_id, attempt, node_id, incarnation } => {
-                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
-                if j.status != JobStatus::Pending || j.driver_node.is_some() || j.attempt != attempt || j.stop_requested {
+            Command::AssignJob {
+                job_id,
+                attempt,
+                node_id,
+                incarnation,
+            } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else {
+                    return not_found("job", job_id);
+                };
+                if j.status != JobStatus::Pending
+                    || j.driver_node.is_some()
+                    || j.attempt != attempt
+                    || j.stop_requested
+                {
                     return transition("job", &job_id, j.status, "ASSIGNED");
                 }
                 j.driver_node = Some(node_id);
@@ -406,8 +582,15 @@ impl ClusterState {
                 j.message = format!("starting on node {node_id}");
                 Response::Ok
             }
-            Command::JobAttemptStarted { job_id, attempt, node_id, time_ms } => {
-                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+            Command::JobAttemptStarted {
+                job_id,
+                attempt,
+                node_id,
+                time_ms,
+            } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else {
+                    return not_found("job", job_id);
+                };
                 if j.attempt != attempt || j.driver_node != Some(node_id) {
                     return stale_attempt(&job_id, attempt, j.attempt);
                 }
@@ -422,8 +605,16 @@ impl ClusterState {
                     other => transition("job", &job_id, other, JobStatus::Running),
                 }
             }
-            Command::JobAttemptEnded { job_id, attempt, outcome, message, time_ms } => {
-                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+            Command::JobAttemptEnded {
+                job_id,
+                attempt,
+                outcome,
+                message,
+                time_ms,
+            } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else {
+                    return not_found("job", job_id);
+                };
                 if j.status.is_terminal() {
                     return transition("job", &job_id, j.status, "ENDED");
                 }
@@ -437,14 +628,19 @@ impl ClusterState {
                     AttemptOutcome::Exited(c) => (JobStatus::Failed, Some(c)),
                     AttemptOutcome::Lost | AttemptOutcome::Failed => (JobStatus::Failed, None),
                 };
-                let retry = status == JobStatus::Failed && outcome != AttemptOutcome::Failed && j.attempt < j.max_retries;
+                let retry = status == JobStatus::Failed
+                    && outcome != AttemptOutcome::Failed
+                    && j.attempt < j.max_retries;
                 if retry {
                     j.status = JobStatus::Pending;
                     j.attempt += 1;
                     j.driver_node = None;
                     j.driver_incarnation = 0;
                     j.exit_code = exit_code;
-                    j.message = format!("attempt {attempt} failed ({message}); retrying, attempt {} of {}", j.attempt, j.max_retries);
+                    j.message = format!(
+                        "attempt {attempt} failed ({message}); retrying, attempt {} of {}",
+                        j.attempt, j.max_retries
+                    );
                 } else {
                     j.status = status;
                     j.exit_code = exit_code;
@@ -454,7 +650,9 @@ impl ClusterState {
                 Response::Ok
             }
             Command::RequestJobStop { job_id, time_ms } => {
-                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+                let Some(j) = self.jobs.get_mut(&job_id) else {
+                    return not_found("job", job_id);
+                };
                 if j.status.is_terminal() {
                     return transition("job", &job_id, j.status, JobStatus::Stopped);
                 }
@@ -469,7 +667,9 @@ impl ClusterState {
                 Response::Ok
             }
             Command::DeleteJob { job_id } => {
-                let Some(j) = self.jobs.get(&job_id) else { return not_found("job", job_id) };
+                let Some(j) = self.jobs.get(&job_id) else {
+                    return not_found("job", job_id);
+                };
                 if !j.status.is_terminal() {
                     return transition("job", &job_id, j.status, "DELETED");
                 }
@@ -479,8 +679,17 @@ impl ClusterState {
                 self.jobs.remove(&job_id);
                 Response::Ok
             }
-            Command::SetJobStatus { job_id, status, driver_node, exit_code, message, time_ms } => {
-                let Some(j) = self.jobs.get_mut(&job_id) else { return not_found("job", job_id) };
+            Command::SetJobStatus {
+                job_id,
+                status,
+                driver_node,
+                exit_code,
+                message,
+                time_ms,
+            } => {
+                let Some(j) = self.jobs.get_mut(&job_id) else {
+                    return not_found("job", job_id);
+                };
                 if !j.status.may_become(status) {
                     return transition("job", &job_id, j.status, status);
                 }
@@ -498,7 +707,17 @@ impl ClusterState {
                 j.message = message;
                 Response::Ok
             }
-            Command::CreateActor { actor_id, job_id, class_name, name, namespace, detached, max_restarts, time_ms } => {
+            Command::CreateActor {
+                actor_id,
+                job_id,
+                class_name,
+                name,
+                namespace,
+                detached,
+                max_restarts,
+                time_ms,
+                spec,
+            } => {
                 if self.actors.contains_key(&actor_id) {
                     return exists("actor", actor_id);
                 }
@@ -509,85 +728,177 @@ impl ClusterState {
                     }
                     self.named_actors.insert(key, actor_id.clone());
                 }
-                self.actors.insert(actor_id.clone(), ActorRecord {
-                    actor_id,
-                    job_id,
-                    class_name,
-                    name,
-                    namespace,
-                    detached,
-                    max_restarts,
-                    num_restarts: 0,
-                    state: ActorState::PendingCreation,
-                    node_id: None,
-                    created_at_ms: time_ms,
-                    message: String::new(),
-                });
+                self.actors.insert(
+                    actor_id.clone(),
+                    ActorRecord {
+                        actor_id,
+                        job_id,
+                        class_name,
+                        name,
+                        namespace,
+                        detached,
+                        max_restarts,
+                        num_restarts: 0,
+                        state: ActorState::PendingCreation,
+                        node_id: None,
+                        node_incarnation: 0,
+                        worker_id: String::new(),
+                        worker_address: String::new(),
+                        pid: 0,
+                        created_at_ms: time_ms,
+                        message: String::new(),
+                        spec,
+                    },
+                );
                 Response::Ok
             }
-            Command::SetActorState { actor_id, state, node_id, message } => {
-                use ActorState::*;
-                let Some(a) = self.actors.get_mut(&actor_id) else { return not_found("actor", actor_id) };
-                let allowed = matches!(
-                    (a.state, state),
-                    (PendingCreation, Alive | Dead) | (Alive, Restarting | Dead) | (Restarting, Alive | Dead)
+            Command::AssignActor {
+                actor_id,
+                num_restarts,
+                node_id,
+                node_incarnation,
+            } => {
+                let Some(a) = self.actors.get_mut(&actor_id) else {
+                    return not_found("actor", actor_id);
+                };
+                let starting = matches!(
+                    a.state,
+                    ActorState::PendingCreation | ActorState::Restarting
                 );
-                let restarts_left = a.max_restarts < 0 || a.num_restarts < a.max_restarts.unsigned_abs();
-                if !allowed || (state == Restarting && !restarts_left) {
-                    return transition("actor", &actor_id, a.state, state);
+                if !starting || a.num_restarts != num_restarts || a.node_id.is_some() {
+                    return stale_actor(a, num_restarts, "assign");
                 }
-                if state == Restarting {
+                match self.nodes.get(&node_id) {
+                    Some(n) if n.state == NodeState::Alive && n.incarnation == node_incarnation => {
+                    }
+                    _ => {
+                        return Response::Rejected(Rejection::Invalid(format!(
+                            "node {node_id} incarnation {node_incarnation} is not alive"
+                        )));
+                    }
+                }
+                a.node_id = Some(node_id);
+                a.node_incarnation = node_incarnation;
+                a.message.clear();
+                Response::Ok
+            }
+            Command::ActorStarted {
+                actor_id,
+                num_restarts,
+                worker_id,
+                worker_address,
+                pid,
+            } => {
+                let Some(a) = self.actors.get_mut(&actor_id) else {
+                    return not_found("actor", actor_id);
+                };
+                let starting = matches!(
+                    a.state,
+                    ActorState::PendingCreation | ActorState::Restarting
+                );
+                if !starting || a.num_restarts != num_restarts || a.node_id.is_none() {
+                    return stale_actor(a, num_restarts, "start");
+                }
+                a.state = ActorState::Alive;
+                a.worker_id = worker_id;
+                a.worker_address = worker_address;
+                a.pid = pid;
+                Response::Ok
+            }
+            Command::ActorDied {
+                actor_id,
+                num_restarts,
+                reason,
+                no_restart,
+            } => {
+                let Some(a) = self.actors.get_mut(&actor_id) else {
+                    return not_found("actor", actor_id);
+                };
+                if a.state == ActorState::Dead || a.num_restarts != num_restarts {
+                    return stale_actor(a, num_restarts, "death");
+                }
+                if !no_restart && a.restarts_left() {
+                    a.state = ActorState::Restarting;
                     a.num_restarts += 1;
-                }
-                a.state = state;
-                a.node_id = if state == Alive { node_id } else { None };
-                a.message = message;
-                if state == Dead
-                    && let Some(n) = &a.name {
+                } else {
+                    a.state = ActorState::Dead;
+                    if let Some(n) = &a.name {
                         self.named_actors.remove(&(a.namespace.clone(), n.clone()));
                     }
+                }
+                a.node_id = None;
+                a.node_incarnation = 0;
+                a.worker_id.clear();
+                a.worker_address.clear();
+                a.pid = 0;
+                a.message = reason;
                 Response::Ok
             }
-            Command::CreatePlacementGroup { pg_id, job_id, name, strategy, bundles, time_ms } => {
+            Command::CreatePlacementGroup {
+                pg_id,
+                job_id,
+                name,
+                strategy,
+                bundles,
+                time_ms,
+            } => {
                 if self.placement_groups.contains_key(&pg_id) {
                     return exists("placement group", pg_id);
                 }
                 if bundles.is_empty() {
-                    return Response::Rejected(Rejection::Invalid("a placement group needs at least one bundle".into()));
+                    return Response::Rejected(Rejection::Invalid(
+                        "a placement group needs at least one bundle".into(),
+                    ));
                 }
                 let n = bundles.len();
-                self.placement_groups.insert(pg_id.clone(), PlacementGroupRecord {
-                    pg_id,
-                    job_id,
-                    name,
-                    strategy,
-                    bundles,
-                    bundle_nodes: vec![None; n],
-                    state: PgState::Pending,
-                    created_at_ms: time_ms,
-                });
+                self.placement_groups.insert(
+                    pg_id.clone(),
+                    PlacementGroupRecord {
+                        pg_id,
+                        job_id,
+                        name,
+                        strategy,
+                        bundles,
+                        bundle_nodes: vec![None; n],
+                        state: PgState::Pending,
+                        created_at_ms: time_ms,
+                    },
+                );
                 Response::Ok
             }
-            Command::SetPlacementGroupState { pg_id, state, bundle_nodes } => {
+            Command::SetPlacementGroupState {
+                pg_id,
+                state,
+                bundle_nodes,
+            } => {
                 use PgState::*;
                 let Some(pg) = self.placement_groups.get_mut(&pg_id) else {
                     return not_found("placement group", pg_id);
                 };
                 let allowed = matches!(
                     (pg.state, state),
-                    (Pending, Created | Removed) | (Created, Rescheduling | Removed) | (Rescheduling, Created | Removed)
+                    (Pending, Created | Removed)
+                        | (Created, Rescheduling | Removed)
+                        | (Rescheduling, Created | Removed)
                 );
                 if !allowed {
                     return transition("placement group", &pg_id, pg.state, state);
                 }
-                if state == Created && (bundle_nodes.len() != pg.bundles.len() || bundle_nodes.iter().any(Option::is_none)) {
+                if state == Created
+                    && (bundle_nodes.len() != pg.bundles.len()
+                        || bundle_nodes.iter().any(Option::is_none))
+                {
                     return Response::Rejected(Rejection::Invalid(format!(
                         "placement group {pg_id}: CREATED needs a node for each of its {} bundles",
                         pg.bundles.len()
                     )));
                 }
                 pg.state = state;
-                pg.bundle_nodes = if state == Removed { vec![None; pg.bundles.len()] } else { bundle_nodes };
+                pg.bundle_nodes = if state == Removed {
+                    vec![None; pg.bundles.len()]
+                } else {
+                    bundle_nodes
+                };
                 Response::Ok
             }
         }
@@ -620,28 +931,57 @@ mod tests {
     }
 
     fn dead(b: u8, incarnation: u64) -> Command {
-        Command::MarkNodeDead { node_id: nid(b), incarnation, reason: "missed heartbeats".into(), time_ms: 20 }
+        Command::MarkNodeDead {
+            node_id: nid(b),
+            incarnation,
+            reason: "missed heartbeats".into(),
+            time_ms: 20,
+        }
     }
 
     #[test]
     fn node_incarnations_are_fenced() {
         let mut s = ClusterState::default();
-        assert_eq!(s.apply(register(1)), Response::NodeRegistered { incarnation: 1 });
+        assert_eq!(
+            s.apply(register(1)),
+            Response::NodeRegistered { incarnation: 1 }
+        );
         assert_eq!(s.apply(dead(1, 1)), Response::Ok);
         assert_eq!(s.nodes[&nid(1)].state, NodeState::Dead);
         // Dead twice, or a stale incarnation: fenced.
-        assert!(matches!(s.apply(dead(1, 1)), Response::Rejected(Rejection::Fenced { .. })));
-        assert_eq!(s.apply(register(1)), Response::NodeRegistered { incarnation: 2 });
-        assert!(matches!(s.apply(dead(1, 1)), Response::Rejected(Rejection::Fenced { current: 2, .. })));
+        assert!(matches!(
+            s.apply(dead(1, 1)),
+            Response::Rejected(Rejection::Fenced { .. })
+        ));
+        assert_eq!(
+            s.apply(register(1)),
+            Response::NodeRegistered { incarnation: 2 }
+        );
+        assert!(matches!(
+            s.apply(dead(1, 1)),
+            Response::Rejected(Rejection::Fenced { current: 2, .. })
+        ));
         assert_eq!(s.nodes[&nid(1)].state, NodeState::Alive);
-        assert!(matches!(s.apply(dead(9, 1)), Response::Rejected(Rejection::NotFound { .. })));
+        assert!(matches!(
+            s.apply(dead(9, 1)),
+            Response::Rejected(Rejection::NotFound { .. })
+        ));
     }
 
     #[test]
     fn bad_resources_are_rejected() {
         let mut s = ClusterState::default();
         for v in [f64::NAN, -1.0, f64::INFINITY] {
-            let Command::RegisterNode { node_id, address, ports, labels, is_head, time_ms, .. } = register(1) else {
+            let Command::RegisterNode {
+                node_id,
+                address,
+                ports,
+                labels,
+                is_head,
+                time_ms,
+                ..
+            } = register(1)
+            else {
                 unreachable!()
             };
             let cmd = Command::RegisterNode {
@@ -653,7 +993,10 @@ mod tests {
                 is_head,
                 time_ms,
             };
-            assert!(matches!(s.apply(cmd), Response::Rejected(Rejection::Invalid(_))), "{v}");
+            assert!(
+                matches!(s.apply(cmd), Response::Rejected(Rejection::Invalid(_))),
+                "{v}"
+            );
         }
         assert!(s.nodes.is_empty());
     }
@@ -672,7 +1015,10 @@ mod tests {
         assert_eq!(s.kv[&("ns".to_string(), b"k".to_vec())], b"a");
         assert_eq!(s.apply(put("c", true)), Response::Kv(true));
         assert_eq!(s.kv[&("ns".to_string(), b"k".to_vec())], b"c");
-        let del = Command::KvDelete { namespace: "ns".into(), key: b"k".to_vec() };
+        let del = Command::KvDelete {
+            namespace: "ns".into(),
+            key: b"k".to_vec(),
+        };
         assert_eq!(s.apply(del.clone()), Response::Kv(true));
         assert_eq!(s.apply(del), Response::Kv(false));
     }
@@ -732,8 +1078,14 @@ mod tests {
     fn duplicate_submission_ids_are_rejected() {
         let mut s = ClusterState::default();
         assert_eq!(s.apply(submit("a", Some("sub"))), Response::Ok);
-        assert!(matches!(s.apply(submit("b", Some("sub"))), Response::Rejected(Rejection::AlreadyExists { .. })));
-        assert!(matches!(s.apply(submit("a", None)), Response::Rejected(Rejection::AlreadyExists { .. })));
+        assert!(matches!(
+            s.apply(submit("b", Some("sub"))),
+            Response::Rejected(Rejection::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            s.apply(submit("a", None)),
+            Response::Rejected(Rejection::AlreadyExists { .. })
+        ));
         assert!(!s.jobs.contains_key("b"));
         assert_eq!(s.submissions["sub"], "a");
     }
@@ -748,28 +1100,97 @@ mod tests {
             detached: false,
             max_restarts,
             time_ms: 1,
+            spec: ActorSpec::default(),
         }
     }
 
-    fn actor_state(id: &str, state: ActorState) -> Command {
-        Command::SetActorState { actor_id: id.into(), state, node_id: Some(nid(1)), message: String::new() }
+    fn assign(id: &str, r: u64, node: u8) -> Command {
+        Command::AssignActor {
+            actor_id: id.into(),
+            num_restarts: r,
+            node_id: nid(node),
+            node_incarnation: 1,
+        }
+    }
+
+    fn started(id: &str, r: u64) -> Command {
+        Command::ActorStarted {
+            actor_id: id.into(),
+            num_restarts: r,
+            worker_id: "w".into(),
+            worker_address: "a:1".into(),
+            pid: 7,
+        }
+    }
+
+    fn died(id: &str, r: u64, no_restart: bool) -> Command {
+        Command::ActorDied {
+            actor_id: id.into(),
+            num_restarts: r,
+            reason: "worker exited".into(),
+            no_restart,
+        }
     }
 
     #[test]
-    fn actor_restarts_are_bounded_and_names_freed_on_death() {
+    fn actor_restarts_are_bounded_fenced_by_incarnation_and_names_freed_on_death() {
         use ActorState::*;
         let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(register(1)),
+            Response::NodeRegistered { incarnation: 1 }
+        );
         assert_eq!(s.apply(actor("a", Some("c"), 1)), Response::Ok);
-        assert!(matches!(s.apply(actor("b", Some("c"), 0)), Response::Rejected(Rejection::AlreadyExists { .. })));
-        assert_eq!(s.apply(actor_state("a", Alive)), Response::Ok);
-        assert_eq!(s.actors["a"].node_id, Some(nid(1)));
-        assert_eq!(s.apply(actor_state("a", Restarting)), Response::Ok);
-        assert_eq!(s.apply(actor_state("a", Alive)), Response::Ok);
-        // One restart used of one.
-        assert!(matches!(s.apply(actor_state("a", Restarting)), Response::Rejected(_)));
-        assert_eq!(s.apply(actor_state("a", Dead)), Response::Ok);
-        assert!(matches!(s.apply(actor_state("a", Alive)), Response::Rejected(_)));
-        assert_eq!(s.apply(actor("b", Some("c"), 0)), Response::Ok, "name is free once the holder is dead");
+        assert!(matches!(
+            s.apply(actor("b", Some("c"), 0)),
+            Response::Rejected(Rejection::AlreadyExists { .. })
+        ));
+        // Started only once assigned, and only on a live node incarnation.
+        assert!(matches!(s.apply(started("a", 0)), Response::Rejected(_)));
+        assert!(
+            matches!(s.apply(assign("a", 0, 2)), Response::Rejected(_)),
+            "node 2 is not registered"
+        );
+        assert_eq!(s.apply(assign("a", 0, 1)), Response::Ok);
+        assert!(
+            matches!(s.apply(assign("a", 0, 1)), Response::Rejected(_)),
+            "assigned once per incarnation"
+        );
+        assert_eq!(s.apply(started("a", 0)), Response::Ok);
+        assert_eq!(
+            (s.actors["a"].state, s.actors["a"].node_id),
+            (Alive, Some(nid(1)))
+        );
+        // A death restarts it (restart 1 of 1); a stale report of incarnation 0 is refused.
+        assert_eq!(s.apply(died("a", 0, false)), Response::Ok);
+        assert_eq!(
+            (
+                s.actors["a"].state,
+                s.actors["a"].num_restarts,
+                s.actors["a"].node_id
+            ),
+            (Restarting, 1, None)
+        );
+        assert!(matches!(
+            s.apply(died("a", 0, false)),
+            Response::Rejected(_)
+        ));
+        assert!(matches!(s.apply(started("a", 0)), Response::Rejected(_)));
+        assert_eq!(s.apply(assign("a", 1, 1)), Response::Ok);
+        assert_eq!(s.apply(started("a", 1)), Response::Ok);
+        // No restart left: dead, and the name is free again.
+        assert_eq!(s.apply(died("a", 1, false)), Response::Ok);
+        assert_eq!(s.actors["a"].state, Dead);
+        assert!(matches!(s.apply(assign("a", 1, 1)), Response::Rejected(_)));
+        assert_eq!(
+            s.apply(actor("b", Some("c"), 0)),
+            Response::Ok,
+            "name is free once the holder is dead"
+        );
+        // Killed with no_restart: dead at once even with restarts left.
+        assert_eq!(s.apply(actor("u", None, -1)), Response::Ok);
+        assert_eq!(s.apply(died("u", 0, true)), Response::Ok);
+        assert_eq!(s.actors["u"].state, Dead);
     }
 
     #[test]
@@ -784,13 +1205,29 @@ mod tests {
             time_ms: 1,
         };
         assert_eq!(s.apply(create.clone()), Response::Ok);
-        assert!(matches!(s.apply(create), Response::Rejected(Rejection::AlreadyExists { .. })));
-        let set = |state, nodes| Command::SetPlacementGroupState { pg_id: "pg".into(), state, bundle_nodes: nodes };
-        assert!(matches!(s.apply(set(PgState::Created, vec![Some(nid(1)), None])), Response::Rejected(_)));
-        assert_eq!(s.apply(set(PgState::Created, vec![Some(nid(1)), Some(nid(2))])), Response::Ok);
+        assert!(matches!(
+            s.apply(create),
+            Response::Rejected(Rejection::AlreadyExists { .. })
+        ));
+        let set = |state, nodes| Command::SetPlacementGroupState {
+            pg_id: "pg".into(),
+            state,
+            bundle_nodes: nodes,
+        };
+        assert!(matches!(
+            s.apply(set(PgState::Created, vec![Some(nid(1)), None])),
+            Response::Rejected(_)
+        ));
+        assert_eq!(
+            s.apply(set(PgState::Created, vec![Some(nid(1)), Some(nid(2))])),
+            Response::Ok
+        );
         assert_eq!(s.apply(set(PgState::Removed, vec![])), Response::Ok);
         assert_eq!(s.placement_groups["pg"].bundle_nodes, vec![None, None]);
-        assert!(matches!(s.apply(set(PgState::Created, vec![Some(nid(1)), Some(nid(2))])), Response::Rejected(_)));
+        assert!(matches!(
+            s.apply(set(PgState::Created, vec![Some(nid(1)), Some(nid(2))])),
+            Response::Rejected(_)
+        ));
     }
 
     fn any_command() -> impl Strategy<Value = Command> {
@@ -804,11 +1241,20 @@ mod tests {
                 value: vec![k],
                 overwrite: o
             }),
-            (0u8..3).prop_map(|k| Command::KvDelete { namespace: "n".into(), key: vec![k] }),
+            (0u8..3).prop_map(|k| Command::KvDelete {
+                namespace: "n".into(),
+                key: vec![k]
+            }),
             (0u8..3).prop_map(|j| submit(&format!("j{j}"), Some(&format!("s{j}")))),
             (0u8..3, 0usize..5).prop_map(|(j, st)| job_status(
                 &format!("j{j}"),
-                [JobStatus::Pending, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Stopped][st]
+                [
+                    JobStatus::Pending,
+                    JobStatus::Running,
+                    JobStatus::Succeeded,
+                    JobStatus::Failed,
+                    JobStatus::Stopped
+                ][st]
             )),
             (0u8..3, 0u32..3, b.clone()).prop_map(|(j, attempt, n)| Command::AssignJob {
                 job_id: format!("j{j}"),
@@ -822,15 +1268,30 @@ mod tests {
                 node_id: nid(n),
                 time_ms: 3
             }),
-            (0u8..3, 0u32..3, -1i32..2, 0usize..3).prop_map(|(j, attempt, code, o)| Command::JobAttemptEnded {
-                job_id: format!("j{j}"),
-                attempt,
-                outcome: [AttemptOutcome::Exited(code), AttemptOutcome::Lost, AttemptOutcome::Stopped][o],
-                message: String::new(),
-                time_ms: 4
+            (0u8..3, 0u32..3, -1i32..2, 0usize..3).prop_map(|(j, attempt, code, o)| {
+                Command::JobAttemptEnded {
+                    job_id: format!("j{j}"),
+                    attempt,
+                    outcome: [
+                        AttemptOutcome::Exited(code),
+                        AttemptOutcome::Lost,
+                        AttemptOutcome::Stopped,
+                    ][o],
+                    message: String::new(),
+                    time_ms: 4,
+                }
             }),
-            (0u8..3).prop_map(|j| Command::RequestJobStop { job_id: format!("j{j}"), time_ms: 5 }),
-            (0u8..3).prop_map(|j| Command::DeleteJob { job_id: format!("j{j}") }),
+            (0u8..3).prop_map(|j| Command::RequestJobStop {
+                job_id: format!("j{j}"),
+                time_ms: 5
+            }),
+            (0u8..3).prop_map(|j| Command::DeleteJob {
+                job_id: format!("j{j}")
+            }),
+            (0u8..3, -1i64..2).prop_map(|(a, m)| actor(&format!("a{a}"), Some("n"), m)),
+            (0u8..3, 0u64..3, b.clone()).prop_map(|(a, r, n)| assign(&format!("a{a}"), r, n)),
+            (0u8..3, 0u64..3).prop_map(|(a, r)| started(&format!("a{a}"), r)),
+            (0u8..3, 0u64..3, any::<bool>()).prop_map(|(a, r, x)| died(&format!("a{a}"), r, x)),
         ]
     }
 
@@ -842,8 +1303,18 @@ mod tests {
             *max_retries = 1;
         }
         assert_eq!(s.apply(sub), Response::Ok);
-        let assign = |attempt, n| Command::AssignJob { job_id: "j".into(), attempt, node_id: nid(n), incarnation: 1 };
-        let started = |attempt, n| Command::JobAttemptStarted { job_id: "j".into(), attempt, node_id: nid(n), time_ms: 10 };
+        let assign = |attempt, n| Command::AssignJob {
+            job_id: "j".into(),
+            attempt,
+            node_id: nid(n),
+            incarnation: 1,
+        };
+        let started = |attempt, n| Command::JobAttemptStarted {
+            job_id: "j".into(),
+            attempt,
+            node_id: nid(n),
+            time_ms: 10,
+        };
         let ended = |attempt, outcome| Command::JobAttemptEnded {
             job_id: "j".into(),
             attempt,
@@ -851,24 +1322,58 @@ mod tests {
             message: "node died".into(),
             time_ms: 20,
         };
-        assert!(matches!(s.apply(started(0, 1)), Response::Rejected(_)), "not assigned yet");
+        assert!(
+            matches!(s.apply(started(0, 1)), Response::Rejected(_)),
+            "not assigned yet"
+        );
         assert_eq!(s.apply(assign(0, 1)), Response::Ok);
-        assert!(matches!(s.apply(assign(0, 2)), Response::Rejected(_)), "never assigned twice");
-        assert!(matches!(s.apply(started(0, 2)), Response::Rejected(_)), "only the assigned node starts it");
+        assert!(
+            matches!(s.apply(assign(0, 2)), Response::Rejected(_)),
+            "never assigned twice"
+        );
+        assert!(
+            matches!(s.apply(started(0, 2)), Response::Rejected(_)),
+            "only the assigned node starts it"
+        );
         assert_eq!(s.apply(started(0, 1)), Response::Ok);
-        assert_eq!(s.apply(started(0, 1)), Response::Ok, "a repeated report is harmless");
+        assert_eq!(
+            s.apply(started(0, 1)),
+            Response::Ok,
+            "a repeated report is harmless"
+        );
         // The first attempt is lost with its node: a retry is a new, unassigned attempt.
         assert_eq!(s.apply(ended(0, AttemptOutcome::Lost)), Response::Ok);
         let j = &s.jobs["j"];
-        assert_eq!((j.status, j.attempt, j.driver_node), (JobStatus::Pending, 1, None));
-        assert!(matches!(s.apply(ended(0, AttemptOutcome::Exited(0))), Response::Rejected(_)), "stale attempt");
+        assert_eq!(
+            (j.status, j.attempt, j.driver_node),
+            (JobStatus::Pending, 1, None)
+        );
+        assert!(
+            matches!(
+                s.apply(ended(0, AttemptOutcome::Exited(0))),
+                Response::Rejected(_)
+            ),
+            "stale attempt"
+        );
         assert_eq!(s.apply(assign(1, 2)), Response::Ok);
         assert_eq!(s.apply(started(1, 2)), Response::Ok);
         assert_eq!(s.apply(ended(1, AttemptOutcome::Exited(3))), Response::Ok);
         let j = &s.jobs["j"];
-        assert_eq!((j.status, j.exit_code, j.ended_at_ms), (JobStatus::Failed, Some(3), 20));
-        assert!(matches!(s.apply(Command::RequestJobStop { job_id: "j".into(), time_ms: 30 }), Response::Rejected(_)));
-        assert_eq!(s.apply(Command::DeleteJob { job_id: "j".into() }), Response::Ok);
+        assert_eq!(
+            (j.status, j.exit_code, j.ended_at_ms),
+            (JobStatus::Failed, Some(3), 20)
+        );
+        assert!(matches!(
+            s.apply(Command::RequestJobStop {
+                job_id: "j".into(),
+                time_ms: 30
+            }),
+            Response::Rejected(_)
+        ));
+        assert_eq!(
+            s.apply(Command::DeleteJob { job_id: "j".into() }),
+            Response::Ok
+        );
         assert!(s.jobs.is_empty() && s.submissions.is_empty());
     }
 
@@ -877,13 +1382,36 @@ mod tests {
         let mut s = ClusterState::default();
         s.apply(submit("a", None));
         s.apply(submit("b", None));
-        assert!(matches!(s.apply(Command::DeleteJob { job_id: "a".into() }), Response::Rejected(_)), "only terminal jobs");
+        assert!(
+            matches!(
+                s.apply(Command::DeleteJob { job_id: "a".into() }),
+                Response::Rejected(_)
+            ),
+            "only terminal jobs"
+        );
         // Not placed yet: stopped at once.
-        assert_eq!(s.apply(Command::RequestJobStop { job_id: "a".into(), time_ms: 5 }), Response::Ok);
+        assert_eq!(
+            s.apply(Command::RequestJobStop {
+                job_id: "a".into(),
+                time_ms: 5
+            }),
+            Response::Ok
+        );
         assert_eq!(s.jobs["a"].status, JobStatus::Stopped);
         // Placed: stop is requested; whatever the attempt reports, it ends STOPPED.
-        s.apply(Command::AssignJob { job_id: "b".into(), attempt: 0, node_id: nid(1), incarnation: 1 });
-        assert_eq!(s.apply(Command::RequestJobStop { job_id: "b".into(), time_ms: 5 }), Response::Ok);
+        s.apply(Command::AssignJob {
+            job_id: "b".into(),
+            attempt: 0,
+            node_id: nid(1),
+            incarnation: 1,
+        });
+        assert_eq!(
+            s.apply(Command::RequestJobStop {
+                job_id: "b".into(),
+                time_ms: 5
+            }),
+            Response::Ok
+        );
         assert_eq!(s.jobs["b"].status, JobStatus::Pending);
         let end = Command::JobAttemptEnded {
             job_id: "b".into(),
@@ -920,6 +1448,17 @@ mod tests {
                 s.apply(c);
                 for (id, n) in &before.nodes {
                     prop_assert!(s.nodes[id].incarnation >= n.incarnation);
+                }
+                for (id, a) in &before.actors {
+                    // Dead actors never change; incarnations never go down.
+                    if a.state == ActorState::Dead {
+                        prop_assert_eq!(&s.actors[id], a);
+                    }
+                    prop_assert!(s.actors[id].num_restarts >= a.num_restarts);
+                    // At most one live actor per name.
+                    if s.actors[id].state != ActorState::Dead && let Some(n) = &s.actors[id].name {
+                        prop_assert_eq!(&s.named_actors[&(s.actors[id].namespace.clone(), n.clone())], id);
+                    }
                 }
                 for (id, j) in &before.jobs {
                     if j.status.is_terminal() {

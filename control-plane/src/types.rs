@@ -27,6 +27,10 @@ pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>
 /// Wraps an I/O or codec error as openraft's storage error.
 pub(crate) fn storage_err(verb_write: bool, e: impl std::error::Error + 'static) -> StorageError {
     let any = openraft::AnyError::new(&e);
-    let io = if verb_write { openraft::StorageIOError::write(any) } else { openraft::StorageIOError::read(any) };
+    let io = if verb_write {
+        openraft::StorageIOError::write(any)
+    } else {
+        openraft::StorageIOError::read(any)
+    };
     io.into()
 }

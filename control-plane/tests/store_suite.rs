@@ -9,10 +9,20 @@ use openraft::testing::{StoreBuilder, Suite};
 
 struct SledBuilder;
 
-impl StoreBuilder<TypeConfig, LogStore<SledRaftDb>, StateMachineStore<SledRaftDb>, tempfile::TempDir> for SledBuilder {
+impl
+    StoreBuilder<TypeConfig, LogStore<SledRaftDb>, StateMachineStore<SledRaftDb>, tempfile::TempDir>
+    for SledBuilder
+{
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, LogStore<SledRaftDb>, StateMachineStore<SledRaftDb>), StorageError> {
+    ) -> Result<
+        (
+            tempfile::TempDir,
+            LogStore<SledRaftDb>,
+            StateMachineStore<SledRaftDb>,
+        ),
+        StorageError,
+    > {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = SledRaftDb::open(dir.path()).expect("open sled");
         let sm = StateMachineStore::open(db.clone())?;
@@ -70,5 +80,11 @@ async fn vote_and_snapshot_survive_reopen() {
     let st = sm.reader();
     let g = st.read();
     assert_eq!(g.last_applied.map(|l| l.index), Some(1));
-    assert_eq!(g.state.kv.get(&("n".to_string(), b"k".to_vec())).map(Vec::as_slice), Some(&b"v"[..]));
+    assert_eq!(
+        g.state
+            .kv
+            .get(&("n".to_string(), b"k".to_vec()))
+            .map(Vec::as_slice),
+        Some(&b"v"[..])
+    );
 }

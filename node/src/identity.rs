@@ -14,7 +14,8 @@ use protocol::NodeId;
 pub struct IdentityLock(#[allow(dead_code)] Flock<File>);
 
 pub fn acquire(data_dir: &Path) -> anyhow::Result<(IdentityLock, NodeId)> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let lock_path = data_dir.join("node.lock");
     let f = OpenOptions::new()
         .create(true)
@@ -31,13 +32,19 @@ pub fn acquire(data_dir: &Path) -> anyhow::Result<(IdentityLock, NodeId)> {
     };
     let id_path = data_dir.join("node_id");
     let node_id = match std::fs::read_to_string(&id_path) {
-        Ok(s) => s.trim().parse::<NodeId>().with_context(|| format!("corrupt node id file {}", id_path.display()))?,
+        Ok(s) => s
+            .trim()
+            .parse::<NodeId>()
+            .with_context(|| format!("corrupt node id file {}", id_path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut b = [0u8; 16];
-            File::open("/dev/urandom").and_then(|mut r| r.read_exact(&mut b)).context("cannot read /dev/urandom")?;
+            File::open("/dev/urandom")
+                .and_then(|mut r| r.read_exact(&mut b))
+                .context("cannot read /dev/urandom")?;
             let id = NodeId::from_bytes(b);
             let tmp = data_dir.join("node_id.tmp");
-            std::fs::write(&tmp, id.to_string()).and_then(|_| std::fs::rename(&tmp, &id_path))
+            std::fs::write(&tmp, id.to_string())
+                .and_then(|_| std::fs::rename(&tmp, &id_path))
                 .with_context(|| format!("cannot write {}", id_path.display()))?;
             id
         }
@@ -54,7 +61,9 @@ mod tests {
     fn identity_is_stable_and_exclusive() {
         let dir = tempfile::tempdir().unwrap();
         let (lock, id) = acquire(dir.path()).unwrap();
-        let err = acquire(dir.path()).err().expect("second daemon must be refused");
+        let err = acquire(dir.path())
+            .err()
+            .expect("second daemon must be refused");
         assert!(err.to_string().contains("in use"), "{err}");
         drop(lock);
         let (_lock, again) = acquire(dir.path()).unwrap();

@@ -17,16 +17,21 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use protocol::RpcError;
 use protocol::client::HeadClient;
 use protocol::pb;
-use protocol::RpcError;
 use tonic::Status;
 
 /// What the agent knows of one attempt.
 enum Attempt {
     /// Fetching and unpacking its working_dir.
-    Starting { stop: Arc<AtomicBool> },
-    Running { pgid: i32, stop: Arc<AtomicBool> },
+    Starting {
+        stop: Arc<AtomicBool>,
+    },
+    Running {
+        pgid: i32,
+        stop: Arc<AtomicBool>,
+    },
     Ended,
 }
 
@@ -41,8 +46,19 @@ pub(crate) struct JobAgent {
 const MAX_READ: u64 = 4 * 1024 * 1024;
 
 impl JobAgent {
-    pub(crate) fn new(node: Arc<crate::NodeShared>, log_dir: PathBuf, work_dir: PathBuf, client: HeadClient) -> Self {
-        Self { node, log_dir, work_dir, client, attempts: Mutex::default() }
+    pub(crate) fn new(
+        node: Arc<crate::NodeShared>,
+        log_dir: PathBuf,
+        work_dir: PathBuf,
+        client: HeadClient,
+    ) -> Self {
+        Self {
+            node,
+            log_dir,
+            work_dir,
+            client,
+            attempts: Mutex::default(),
+        }
     }
 
     fn log_path(&self, job_id: &str) -> PathBuf {
@@ -77,13 +93,22 @@ impl JobAgent {
     async fn run(self: Arc<Self>, r: pb::StartJobRequest, stop: Arc<AtomicBool>) {
         let key = (r.job_id.clone(), r.attempt);
         let ended = |me: &Self| {
-            me.attempts.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Attempt::Ended);
+            me.attempts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), Attempt::Ended);
         };
         let (dir, env) = match self.prepare(&r).await {
             Ok(d) => d,
             Err(message) => {
                 ended(&self);
-                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::FailedToStart, 0, message);
+                self.report(
+                    &r.job_id,
+                    r.attempt,
+                    pb::JobAttemptEvent::FailedToStart,
+                    0,
+                    message,
+                );
                 return;
             }
         };
@@ -97,7 +122,10 @@ impl JobAgent {
                 attempts.insert(
                     key,
                     match &res {
-                        Ok((_, pgid)) => Attempt::Running { pgid: *pgid, stop: stop.clone() },
+                        Ok((_, pgid)) => Attempt::Running {
+                            pgid: *pgid,
+                            stop: stop.clone(),
+                        },
                         Err(_) => Attempt::Ended,
                     },
                 );
@@ -105,41 +133,80 @@ impl JobAgent {
             }
         };
         match spawned {
-            None => self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::Stopped, 0, "stopped before it started".into()),
+            None => self.report(
+                &r.job_id,
+                r.attempt,
+                pb::JobAttemptEvent::Stopped,
+                0,
+                "stopped before it started".into(),
+            ),
             Some(Ok((child, _))) => {
-                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::Started, 0, String::new());
+                self.report(
+                    &r.job_id,
+                    r.attempt,
+                    pb::JobAttemptEvent::Started,
+                    0,
+                    String::new(),
+                );
                 self.wait(r.job_id, r.attempt, child, stop).await;
             }
-            Some(Err(message)) => self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::FailedToStart, 0, message),
+            Some(Err(message)) => self.report(
+                &r.job_id,
+                r.attempt,
+                pb::JobAttemptEvent::FailedToStart,
+                0,
+                message,
+            ),
         }
     }
 
     /// The job's directory (fresh, with its working_dir package unpacked into it) and its
     /// parsed runtime_env.
-    async fn prepare(&self, r: &pb::StartJobRequest) -> Result<(PathBuf, serde_json::Value), String> {
-        let env: serde_json::Value = serde_json::from_str(if r.runtime_env_json.is_empty() { "{}" } else { &r.runtime_env_json })
-            .map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
+    async fn prepare(
+        &self,
+        r: &pb::StartJobRequest,
+    ) -> Result<(PathBuf, serde_json::Value), String> {
+        let env: serde_json::Value = serde_json::from_str(if r.runtime_env_json.is_empty() {
+            "{}"
+        } else {
+            &r.runtime_env_json
+        })
+        .map_err(|e| format!("runtime_env is not valid JSON: {e}"))?;
         let dir = self.work_dir.join(&r.job_id);
         // A retry starts from a clean copy.
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clean the job directory {}: {e}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("cannot clean the job directory {}: {e}", dir.display()))?;
         }
         match env.get("working_dir").and_then(|v| v.as_str()) {
             Some(uri) => {
                 let bytes = crate::package::fetch(&self.client, uri).await?;
                 let d = dir.clone();
-                tokio::task::spawn_blocking(move || protocol::package::unpack(&bytes, &d, protocol::package::Limits::default()))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("working_dir {uri}: {e}"))?;
+                tokio::task::spawn_blocking(move || {
+                    protocol::package::unpack(&bytes, &d, protocol::package::Limits::default())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("working_dir {uri}: {e}"))?;
             }
-            None => std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?,
+            None => std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?,
         }
         Ok((dir, env))
     }
 
-    fn spawn(&self, r: &pb::StartJobRequest, dir: &std::path::Path, env: &serde_json::Value) -> Result<(tokio::process::Child, i32), String> {
-        std::fs::create_dir_all(&self.log_dir).map_err(|e| format!("cannot create the log directory {}: {e}", self.log_dir.display()))?;
+    fn spawn(
+        &self,
+        r: &pb::StartJobRequest,
+        dir: &std::path::Path,
+        env: &serde_json::Value,
+    ) -> Result<(tokio::process::Child, i32), String> {
+        std::fs::create_dir_all(&self.log_dir).map_err(|e| {
+            format!(
+                "cannot create the log directory {}: {e}",
+                self.log_dir.display()
+            )
+        })?;
         let log_path = self.log_path(&r.job_id);
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -148,9 +215,15 @@ impl JobAgent {
             .map_err(|e| format!("cannot open the job log {}: {e}", log_path.display()))?;
         if r.attempt > 0 {
             use std::io::Write;
-            let _ = writeln!(log, "--- rayctl: attempt {} of job {} ---", r.attempt, r.job_id);
+            let _ = writeln!(
+                log,
+                "--- rayctl: attempt {} of job {} ---",
+                r.attempt, r.job_id
+            );
         }
-        let err = log.try_clone().map_err(|e| format!("cannot open the job log: {e}"))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| format!("cannot open the job log: {e}"))?;
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")
             .arg(&r.entrypoint)
@@ -164,7 +237,14 @@ impl JobAgent {
             .env("RAYCTL_OBJECT_STORE_SOCKET", &self.node.object_store_socket)
             .env(
                 "RAYCTL_OBJECT_MANAGER_ADDRESS",
-                format!("{}:{}", self.node.address.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h), self.node.ports.object_manager_port),
+                format!(
+                    "{}:{}",
+                    self.node
+                        .address
+                        .rsplit_once(':')
+                        .map_or("127.0.0.1", |(h, _)| h),
+                    self.node.ports.object_manager_port
+                ),
             )
             .stdin(std::process::Stdio::null())
             .stdout(log)
@@ -181,25 +261,61 @@ impl JobAgent {
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. The
         // shell dies with this daemon, so a dead node runs no driver.
         unsafe {
-            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
         }
-        let child = cmd.spawn().map_err(|e| format!("cannot start `sh -c {}`: {e}", r.entrypoint))?;
-        let pgid = child.id().map(|p| p as i32).ok_or("the entrypoint exited before it could be tracked")?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start `sh -c {}`: {e}", r.entrypoint))?;
+        let pgid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or("the entrypoint exited before it could be tracked")?;
         Ok((child, pgid))
     }
 
-    async fn wait(&self, job_id: String, attempt: u32, mut child: tokio::process::Child, stop: Arc<AtomicBool>) {
+    async fn wait(
+        &self,
+        job_id: String,
+        attempt: u32,
+        mut child: tokio::process::Child,
+        stop: Arc<AtomicBool>,
+    ) {
         let status = child.wait().await;
-        self.attempts.lock().unwrap_or_else(|p| p.into_inner()).insert((job_id.clone(), attempt), Attempt::Ended);
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((job_id.clone(), attempt), Attempt::Ended);
         let (event, code, message) = match status {
-            _ if stop.load(Ordering::Acquire) => (pb::JobAttemptEvent::Stopped, 0, "stopped by request".to_string()),
+            _ if stop.load(Ordering::Acquire) => (
+                pb::JobAttemptEvent::Stopped,
+                0,
+                "stopped by request".to_string(),
+            ),
             Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
                 (Some(0), _) => (pb::JobAttemptEvent::Exited, 0, "succeeded".to_string()),
-                (Some(c), _) => (pb::JobAttemptEvent::Exited, c, format!("the entrypoint exited with code {c}")),
-                (None, Some(sig)) => (pb::JobAttemptEvent::Exited, 128 + sig, format!("the entrypoint was killed by signal {sig}")),
-                (None, None) => (pb::JobAttemptEvent::Exited, -1, "the entrypoint ended without an exit code".to_string()),
+                (Some(c), _) => (
+                    pb::JobAttemptEvent::Exited,
+                    c,
+                    format!("the entrypoint exited with code {c}"),
+                ),
+                (None, Some(sig)) => (
+                    pb::JobAttemptEvent::Exited,
+                    128 + sig,
+                    format!("the entrypoint was killed by signal {sig}"),
+                ),
+                (None, None) => (
+                    pb::JobAttemptEvent::Exited,
+                    -1,
+                    "the entrypoint ended without an exit code".to_string(),
+                ),
             },
-            Err(e) => (pb::JobAttemptEvent::Exited, -1, format!("cannot wait for the entrypoint: {e}")),
+            Err(e) => (
+                pb::JobAttemptEvent::Exited,
+                -1,
+                format!("cannot wait for the entrypoint: {e}"),
+            ),
         };
         self.report(&job_id, attempt, event, code, message);
     }
@@ -229,7 +345,13 @@ impl JobAgent {
                 // Stopped before it started here: make sure a late start cannot run it.
                 attempts.insert(key, Attempt::Ended);
                 drop(attempts);
-                self.report(&r.job_id, r.attempt, pb::JobAttemptEvent::Stopped, 0, "stopped before it started".into());
+                self.report(
+                    &r.job_id,
+                    r.attempt,
+                    pb::JobAttemptEvent::Stopped,
+                    0,
+                    "stopped before it started".into(),
+                );
                 false
             }
         }
@@ -237,7 +359,12 @@ impl JobAgent {
 
     /// Kills every running attempt (the node is shutting down).
     pub(crate) fn kill_all(&self) {
-        for a in self.attempts.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for a in self
+            .attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             if let Attempt::Running { pgid, .. } = a {
                 let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
             }
@@ -258,23 +385,47 @@ impl JobAgent {
             Ok(f) => f,
             // Not started yet (or never will be here): nothing to read so far.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(pb::JobLogs { data: Vec::new(), next_offset: r.offset, complete: !running });
+                return Ok(pb::JobLogs {
+                    data: Vec::new(),
+                    next_offset: r.offset,
+                    complete: !running,
+                });
             }
-            Err(e) => return Err(RpcError::Internal(format!("cannot open {}: {e}", path.display())).into()),
+            Err(e) => {
+                return Err(
+                    RpcError::Internal(format!("cannot open {}: {e}", path.display())).into(),
+                );
+            }
         };
-        let len = f.metadata().map_err(|e| Status::internal(e.to_string()))?.len();
+        let len = f
+            .metadata()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .len();
         let offset = r.offset.min(len);
-        f.seek(SeekFrom::Start(offset)).map_err(|e| Status::internal(e.to_string()))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| Status::internal(e.to_string()))?;
         let want = r.max_bytes.clamp(1, MAX_READ).min(len - offset);
         let mut data = vec![0; want as usize];
-        f.read_exact(&mut data).map_err(|e| Status::internal(e.to_string()))?;
+        f.read_exact(&mut data)
+            .map_err(|e| Status::internal(e.to_string()))?;
         let next = offset + want;
-        Ok(pb::JobLogs { data, next_offset: next, complete: !running && next == len })
+        Ok(pb::JobLogs {
+            data,
+            next_offset: next,
+            complete: !running && next == len,
+        })
     }
 
     /// Sends a report in the background, retrying until the control plane takes it or
     /// answers that it no longer applies.
-    fn report(&self, job_id: &str, attempt: u32, event: pb::JobAttemptEvent, exit_code: i32, message: String) {
+    fn report(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        event: pb::JobAttemptEvent,
+        exit_code: i32,
+        message: String,
+    ) {
         let req = pb::ReportJobAttemptRequest {
             job_id: job_id.to_owned(),
             attempt,
@@ -296,11 +447,19 @@ impl JobAgent {
                 match res {
                     Ok(_) => return,
                     Err(e) if e.rpc().is_some_and(|r| !r.is_retryable()) => {
-                        tracing::info!(job = req.job_id, attempt, "job report no longer applies: {e}");
+                        tracing::info!(
+                            job = req.job_id,
+                            attempt,
+                            "job report no longer applies: {e}"
+                        );
                         return;
                     }
                     Err(e) => {
-                        tracing::debug!(job = req.job_id, attempt, "job report will be retried: {e}");
+                        tracing::debug!(
+                            job = req.job_id,
+                            attempt,
+                            "job report will be retried: {e}"
+                        );
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
@@ -311,8 +470,18 @@ impl JobAgent {
 }
 
 fn check_job_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) || id.starts_with('.') {
-        return Err(RpcError::InvalidArgument(format!("bad job id {:?}", id.chars().take(140).collect::<String>())).into());
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        || id.starts_with('.')
+    {
+        return Err(RpcError::InvalidArgument(format!(
+            "bad job id {:?}",
+            id.chars().take(140).collect::<String>()
+        ))
+        .into());
     }
     Ok(())
 }

@@ -45,11 +45,15 @@ pub(crate) struct Leases {
 }
 
 fn shape_key(r: &ResourceSet) -> Vec<(String, u64)> {
-    r.iter().map(|(k, v)| (k.to_owned(), (v * 10_000.0).round() as u64)).collect()
+    r.iter()
+        .map(|(k, v)| (k.to_owned(), (v * 10_000.0).round() as u64))
+        .collect()
 }
 
 fn shape_map(k: &[(String, u64)]) -> std::collections::HashMap<String, f64> {
-    k.iter().map(|(n, u)| (n.clone(), *u as f64 / 10_000.0)).collect()
+    k.iter()
+        .map(|(n, u)| (n.clone(), *u as f64 / 10_000.0))
+        .collect()
 }
 
 fn invalid(msg: String) -> Status {
@@ -88,7 +92,8 @@ impl Leases {
     pub(crate) fn demand(&self) -> Vec<pb::ResourceDemand> {
         let mut st = self.lock();
         let now = Instant::now();
-        st.infeasible.retain(|_, (_, at)| now.duration_since(*at) < INFEASIBLE_MEMORY);
+        st.infeasible
+            .retain(|_, (_, at)| now.duration_since(*at) < INFEASIBLE_MEMORY);
         let mut out: BTreeMap<Vec<(String, u64)>, (u32, u32)> = BTreeMap::new();
         for (k, n) in &st.queued {
             out.entry(k.clone()).or_default().0 += n;
@@ -98,7 +103,11 @@ impl Leases {
         }
         out.into_iter()
             .filter(|(_, (q, i))| q + i > 0)
-            .map(|(k, (queued, infeasible))| pb::ResourceDemand { shape: shape_map(&k), queued, infeasible })
+            .map(|(k, (queued, infeasible))| pb::ResourceDemand {
+                shape: shape_map(&k),
+                queued,
+                infeasible,
+            })
             .collect()
     }
 
@@ -120,36 +129,71 @@ impl Leases {
     }
 
     /// Answers a lease request. `view` is the leader's last resource view.
-    pub(crate) async fn request(&self, r: pb::LeaseRequest, view: &[pb::NodeResources]) -> Result<pb::LeaseReply, Status> {
-        let demand = ResourceSet::from_map(r.resources.iter().map(|(k, v)| (k.as_str(), *v))).map_err(|e| invalid(e.to_string()))?;
+    pub(crate) async fn request(
+        &self,
+        r: pb::LeaseRequest,
+        view: &[pb::NodeResources],
+    ) -> Result<pb::LeaseReply, Status> {
+        let demand = ResourceSet::from_map(r.resources.iter().map(|(k, v)| (k.as_str(), *v)))
+            .map_err(|e| invalid(e.to_string()))?;
         let strategy = match pb::SchedulingStrategy::try_from(r.strategy) {
             Ok(pb::SchedulingStrategy::Hybrid) => SchedulingStrategy::Hybrid,
             Ok(pb::SchedulingStrategy::Spread) => SchedulingStrategy::Spread,
             Ok(pb::SchedulingStrategy::NodeAffinity) => SchedulingStrategy::NodeAffinity {
-                node: r.affinity_node_id.parse().map_err(|e: protocol::ids::IdError| invalid(e.to_string()))?,
+                node: r
+                    .affinity_node_id
+                    .parse()
+                    .map_err(|e: protocol::ids::IdError| invalid(e.to_string()))?,
                 soft: r.affinity_soft,
             },
-            Err(_) => return Err(invalid(format!("unknown scheduling strategy {}", r.strategy))),
+            Err(_) => {
+                return Err(invalid(format!(
+                    "unknown scheduling strategy {}",
+                    r.strategy
+                )));
+            }
         };
         let mut addresses = HashMap::new();
         let mut cluster = ClusterView::default();
         for n in view {
-            let Ok(id) = n.node_id.parse::<NodeId>() else { continue };
+            let Ok(id) = n.node_id.parse::<NodeId>() else {
+                continue;
+            };
             let set = |m: &std::collections::HashMap<String, f64>| {
                 ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v))).unwrap_or_default()
             };
             addresses.insert(id, n.address.clone());
-            cluster.nodes.insert(id, NodeView { total: set(&n.total), available: set(&n.available), alive: true });
+            cluster.nodes.insert(
+                id,
+                NodeView {
+                    total: set(&n.total),
+                    available: set(&n.available),
+                    alive: true,
+                },
+            );
         }
         let decision = {
             let mut st = self.lock();
             // This node knows itself exactly; the view may lag.
-            cluster.nodes.insert(self.node_id, NodeView { total: self.total.clone(), available: st.available.clone(), alive: true });
+            cluster.nodes.insert(
+                self.node_id,
+                NodeView {
+                    total: self.total.clone(),
+                    available: st.available.clone(),
+                    alive: true,
+                },
+            );
             let d = if r.spillback_count >= MAX_SPILLBACKS {
                 // Enough hops: keep it here if this node can ever run it.
-                if self.total.contains(&demand) { Decision::Local } else { Decision::Infeasible }
+                if self.total.contains(&demand) {
+                    Decision::Local
+                } else {
+                    Decision::Infeasible
+                }
             } else {
-                let State { spread_cursor, rng, .. } = &mut *st;
+                let State {
+                    spread_cursor, rng, ..
+                } = &mut *st;
                 let spread = matches!(strategy, SchedulingStrategy::Spread);
                 let mut pick = |n: usize| {
                     if spread {
@@ -162,7 +206,14 @@ impl Leases {
                         (*rng % n as u64) as usize
                     }
                 };
-                scheduler::decide(&cluster, self.node_id, &demand, &strategy, PolicyConfig::default(), &mut pick)
+                scheduler::decide(
+                    &cluster,
+                    self.node_id,
+                    &demand,
+                    &strategy,
+                    PolicyConfig::default(),
+                    &mut pick,
+                )
             };
             match d {
                 Decision::Local => match self.try_grant(&mut st, &demand) {
@@ -170,7 +221,10 @@ impl Leases {
                     None => Decision::Queue,
                 },
                 Decision::Infeasible => {
-                    let e = st.infeasible.entry(shape_key(&demand)).or_insert((0, Instant::now()));
+                    let e = st
+                        .infeasible
+                        .entry(shape_key(&demand))
+                        .or_insert((0, Instant::now()));
                     e.0 = e.0.saturating_add(1).min(1_000_000);
                     e.1 = Instant::now();
                     d
@@ -190,7 +244,38 @@ impl Leases {
                 message: format!("no live node has {:?} in total", demand.to_map()),
                 ..Default::default()
             }),
-            Decision::Queue | Decision::Local => self.wait(demand, Duration::from_millis(r.queue_timeout_ms)).await,
+            Decision::Queue | Decision::Local => {
+                self.wait(demand, Duration::from_millis(r.queue_timeout_ms))
+                    .await
+            }
+        }
+    }
+
+    /// A lease on this node only (an actor placed here by the actor manager): granted now,
+    /// or after waiting in this node's queue up to `timeout`.
+    pub(crate) async fn request_here(
+        &self,
+        resources: &std::collections::HashMap<String, f64>,
+        timeout: Duration,
+    ) -> Result<String, Status> {
+        let demand = ResourceSet::from_map(resources.iter().map(|(k, v)| (k.as_str(), *v)))
+            .map_err(|e| invalid(e.to_string()))?;
+        if !self.total.contains(&demand) {
+            return Err(Status::failed_precondition(format!(
+                "this node does not have {:?} in total",
+                demand.to_map()
+            )));
+        }
+        if let Some(id) = self.try_grant(&mut self.lock(), &demand) {
+            return Ok(id);
+        }
+        let r = self.wait(demand, timeout).await?;
+        if r.outcome == pb::LeaseOutcome::Granted as i32 {
+            Ok(r.lease_id)
+        } else {
+            Err(Status::resource_exhausted(format!(
+                "the actor's resources did not free up here within {timeout:?}"
+            )))
         }
     }
 
@@ -209,7 +294,10 @@ impl Leases {
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 break pb::LeaseReply {
                     outcome: pb::LeaseOutcome::TimedOut as i32,
-                    message: format!("{:?} did not free up on this node within {timeout:?}", demand.to_map()),
+                    message: format!(
+                        "{:?} did not free up on this node within {timeout:?}",
+                        demand.to_map()
+                    ),
                     ..Default::default()
                 };
             }
@@ -220,7 +308,9 @@ impl Leases {
     /// Frees a lease's resources; false if it is unknown (already returned).
     pub(crate) fn give_back(&self, lease_id: &str) -> bool {
         let mut st = self.lock();
-        let Some(mut r) = st.leases.remove(lease_id) else { return false };
+        let Some(mut r) = st.leases.remove(lease_id) else {
+            return false;
+        };
         if st.lent.remove(lease_id) {
             // Its CPU is already back in the pool.
             r.subtract_allowing_debt(&r.only(&["CPU"]));
@@ -234,7 +324,9 @@ impl Leases {
     /// The lease's task is blocked waiting for an object: its CPU goes back to the pool.
     pub(crate) fn lend(&self, lease_id: &str) {
         let mut st = self.lock();
-        let Some(cpu) = st.leases.get(lease_id).map(|r| r.only(&["CPU"])) else { return };
+        let Some(cpu) = st.leases.get(lease_id).map(|r| r.only(&["CPU"])) else {
+            return;
+        };
         if cpu.is_empty() || !st.lent.insert(lease_id.to_owned()) {
             return;
         }
@@ -293,7 +385,12 @@ mod tests {
         // The CPU is free again, the rest of the lease is not.
         assert_eq!(l.available().get("CPU"), 1.0);
         assert_eq!(l.available().get("mem"), 0.0);
-        let b = l.try_grant(&mut l.lock(), &ResourceSet::from_map([("CPU", 1.0)]).unwrap()).unwrap();
+        let b = l
+            .try_grant(
+                &mut l.lock(),
+                &ResourceSet::from_map([("CPU", 1.0)]).unwrap(),
+            )
+            .unwrap();
         // The blocked task resumes: the pool is in debt until the other lease ends.
         l.reclaim(&a);
         l.reclaim(&a);

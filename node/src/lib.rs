@@ -11,8 +11,8 @@
 pub mod identity;
 mod jobs;
 mod leases;
-mod package;
 pub mod metrics;
+mod package;
 mod registration;
 mod workers;
 
@@ -20,16 +20,16 @@ pub use workers::WorkerOptions;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use protocol::NodeId;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient};
 use protocol::pb::{self, node_manager_server::NodeManager};
 use protocol::server::Listeners;
-use protocol::NodeId;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -82,7 +82,9 @@ impl ObjectStoreOptions {
             memory: None,
             plasma_dir: PathBuf::from("/dev/shm"),
             spill_root: session_dir.join("spill"),
-            socket_path: session_dir.join("sockets").join(format!("object_store.{}.sock", std::process::id())),
+            socket_path: session_dir
+                .join("sockets")
+                .join(format!("object_store.{}.sock", std::process::id())),
             object_manager_port: 0,
             transfer_chunk_bytes: object_store::transfer::DEFAULT_CHUNK_BYTES,
             max_bytes_in_flight: object_store::transfer::DEFAULT_MAX_BYTES_IN_FLIGHT,
@@ -161,13 +163,22 @@ impl RunningNode {
     pub async fn shutdown(self) {
         let incarnation = self.incarnation();
         if incarnation > 0 {
-            let c = self.client.with_options(ClientOptions { deadline: Duration::from_secs(2), ..Default::default() });
+            let c = self.client.with_options(ClientOptions {
+                deadline: Duration::from_secs(2),
+                ..Default::default()
+            });
             let req = pb::UnregisterNodeRequest {
                 node_id: self.node_id.to_string(),
                 incarnation,
                 reason: "stopped by rayctl stop".into(),
             };
-            if let Err(e) = c.call(|mut c| { let req = req.clone(); async move { c.unregister_node(req).await } }).await {
+            if let Err(e) = c
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.unregister_node(req).await }
+                })
+                .await
+            {
                 tracing::warn!("could not unregister: {e}");
             }
         }
@@ -208,15 +219,36 @@ impl NodeManager for NodeManagerService {
         &self,
         _: tonic::Request<pb::GetClusterViewRequest>,
     ) -> Result<tonic::Response<pb::HeartbeatReply>, tonic::Status> {
-        let cluster_view = self.shared.cluster_view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        Ok(tonic::Response::new(pb::HeartbeatReply { cluster_view, dead_owners: Vec::new() }))
+        let cluster_view = self
+            .shared
+            .cluster_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(tonic::Response::new(pb::HeartbeatReply {
+            cluster_view,
+            dead_owners: Vec::new(),
+            kill_actors: Vec::new(),
+        }))
     }
 
-    async fn request_worker_lease(&self, req: tonic::Request<pb::LeaseRequest>) -> Result<tonic::Response<pb::LeaseReply>, tonic::Status> {
+    async fn request_worker_lease(
+        &self,
+        req: tonic::Request<pb::LeaseRequest>,
+    ) -> Result<tonic::Response<pb::LeaseReply>, tonic::Status> {
         let start = std::time::Instant::now();
         let r = req.into_inner();
-        let (sha, source, job) = (r.binary_sha256.clone(), r.binary_source.clone(), r.job_id.clone());
-        let view = self.shared.cluster_view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (sha, source, job) = (
+            r.binary_sha256.clone(),
+            r.binary_source.clone(),
+            r.job_id.clone(),
+        );
+        let view = self
+            .shared
+            .cluster_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut reply = match self.shared.leases.request(r, &view).await {
             Ok(r) => r,
             Err(e) => {
@@ -225,7 +257,12 @@ impl NodeManager for NodeManagerService {
             }
         };
         if reply.outcome == pb::LeaseOutcome::Granted as i32 && !sha.is_empty() {
-            match self.shared.workers.attach(&reply.lease_id, &sha, &source, &job).await {
+            match self
+                .shared
+                .workers
+                .attach(&reply.lease_id, &sha, &source, &job)
+                .await
+            {
                 Ok((worker_id, address)) => {
                     reply.worker_id = worker_id;
                     reply.worker_address = address;
@@ -244,18 +281,132 @@ impl NodeManager for NodeManagerService {
             Ok(pb::LeaseOutcome::TimedOut) => "timed_out",
             _ => "error",
         };
-        metrics::lease(outcome, (outcome == "granted").then(|| start.elapsed().as_secs_f64()));
+        metrics::lease(
+            outcome,
+            (outcome == "granted").then(|| start.elapsed().as_secs_f64()),
+        );
         Ok(tonic::Response::new(reply))
     }
 
-    type WorkerChannelStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::NodeToWorker, tonic::Status>> + Send>>;
+    async fn start_actor(
+        &self,
+        req: tonic::Request<pb::StartActorRequest>,
+    ) -> Result<tonic::Response<pb::StartActorReply>, tonic::Status> {
+        let r = req.into_inner();
+        let incarnation = self.shared.incarnation.load(Ordering::Acquire);
+        if r.node_incarnation != incarnation {
+            return Err(tonic::Status::failed_precondition(format!(
+                "actor {} was assigned to incarnation {} of this node, which is now incarnation {incarnation}",
+                r.actor_id, r.node_incarnation
+            )));
+        }
+        let spec = r
+            .spec
+            .ok_or_else(|| tonic::Status::invalid_argument("the actor spec is missing"))?;
+        // Asked again (a new leader, a lost reply): the same incarnation starts once.
+        match self
+            .shared
+            .workers
+            .actor_worker(&r.actor_id, r.num_restarts)
+        {
+            Some(Some((worker_id, worker_address, pid))) => {
+                return Ok(tonic::Response::new(pb::StartActorReply {
+                    worker_id,
+                    worker_address,
+                    pid,
+                    creation_error: None,
+                }));
+            }
+            Some(None) => {
+                return Err(tonic::Status::unavailable(format!(
+                    "actor {} is still starting here",
+                    r.actor_id
+                )));
+            }
+            None => {}
+        }
+        let timeout = std::time::Duration::from_secs(600);
+        let lease_id = self
+            .shared
+            .leases
+            .request_here(&spec.resources, timeout)
+            .await?;
+        let start = pb::ActorStart {
+            actor_id: r.actor_id.clone(),
+            num_restarts: r.num_restarts,
+            lease_id: lease_id.clone(),
+            class_name: spec.class_name.clone(),
+            constructor: spec.constructor.clone(),
+            max_concurrency: spec.max_concurrency.max(1),
+        };
+        let out = self
+            .shared
+            .workers
+            .start_actor(
+                &spec.binary_sha256,
+                &spec.binary_source,
+                &r.job_id,
+                start,
+                timeout,
+            )
+            .await;
+        let reply = match out {
+            Ok(Ok((worker_id, worker_address, pid))) => {
+                tracing::info!(
+                    actor = r.actor_id,
+                    restarts = r.num_restarts,
+                    worker = worker_id,
+                    "actor started"
+                );
+                pb::StartActorReply {
+                    worker_id,
+                    worker_address,
+                    pid,
+                    creation_error: None,
+                }
+            }
+            Ok(Err(e)) => pb::StartActorReply {
+                creation_error: Some(e),
+                ..Default::default()
+            },
+            Err(e) => {
+                // Nothing holds the lease if no worker took it (a worker that did frees it
+                // when it exits).
+                if self
+                    .shared
+                    .workers
+                    .actor_worker(&r.actor_id, r.num_restarts)
+                    .is_none()
+                {
+                    self.shared.leases.give_back(&lease_id);
+                }
+                return Err(e);
+            }
+        };
+        Ok(tonic::Response::new(reply))
+    }
+
+    async fn kill_actor_worker(
+        &self,
+        req: tonic::Request<pb::KillActorWorkerRequest>,
+    ) -> Result<tonic::Response<pb::KillActorWorkerReply>, tonic::Status> {
+        let r = req.into_inner();
+        let killed = self.shared.workers.kill_actor(&r.actor_id, r.num_restarts);
+        Ok(tonic::Response::new(pb::KillActorWorkerReply { killed }))
+    }
+
+    type WorkerChannelStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::NodeToWorker, tonic::Status>> + Send>,
+    >;
 
     async fn worker_channel(
         &self,
         req: tonic::Request<tonic::Streaming<pb::WorkerMessage>>,
     ) -> Result<tonic::Response<Self::WorkerChannelStream>, tonic::Status> {
         let rx = self.shared.workers.channel(req.into_inner());
-        let s = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (Ok(m), rx)) });
+        let s = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|m| (Ok(m), rx))
+        });
         Ok(tonic::Response::new(Box::pin(s)))
     }
 
@@ -264,7 +415,11 @@ impl NodeManager for NodeManagerService {
         req: tonic::Request<pb::RegisterBinaryRequest>,
     ) -> Result<tonic::Response<pb::RegisterBinaryReply>, tonic::Status> {
         let r = req.into_inner();
-        let reply = self.shared.workers.register_local(r.sha256.clone(), r.path).await?;
+        let reply = self
+            .shared
+            .workers
+            .register_local(r.sha256.clone(), r.path)
+            .await?;
         self.shared.workers.prestart(&r.sha256, &r.job_id);
         Ok(tonic::Response::new(reply))
     }
@@ -278,15 +433,27 @@ impl NodeManager for NodeManagerService {
         Ok(tonic::Response::new(reply))
     }
 
-    type ReadBinaryStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::BinaryChunk, tonic::Status>> + Send>>;
+    type ReadBinaryStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::BinaryChunk, tonic::Status>> + Send>,
+    >;
 
-    async fn read_binary(&self, req: tonic::Request<pb::ReadBinaryRequest>) -> Result<tonic::Response<Self::ReadBinaryStream>, tonic::Status> {
+    async fn read_binary(
+        &self,
+        req: tonic::Request<pb::ReadBinaryRequest>,
+    ) -> Result<tonic::Response<Self::ReadBinaryStream>, tonic::Status> {
         let rx = self.shared.workers.read(&req.into_inner().sha256)?;
-        let s = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        let s =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
         Ok(tonic::Response::new(Box::pin(s)))
     }
 
-    async fn free_objects(&self, req: tonic::Request<pb::FreeObjectsRequest>) -> Result<tonic::Response<pb::FreeObjectsReply>, tonic::Status> {
+    async fn free_objects(
+        &self,
+        req: tonic::Request<pb::FreeObjectsRequest>,
+    ) -> Result<tonic::Response<pb::FreeObjectsReply>, tonic::Status> {
         let ids = req
             .into_inner()
             .object_ids
@@ -308,7 +475,10 @@ impl NodeManager for NodeManagerService {
         Ok(tonic::Response::new(pb::ReturnLeaseReply { returned }))
     }
 
-    async fn start_job(&self, req: tonic::Request<pb::StartJobRequest>) -> Result<tonic::Response<pb::StartJobReply>, tonic::Status> {
+    async fn start_job(
+        &self,
+        req: tonic::Request<pb::StartJobRequest>,
+    ) -> Result<tonic::Response<pb::StartJobReply>, tonic::Status> {
         let started = self.agent.start(req.into_inner())?;
         Ok(tonic::Response::new(pb::StartJobReply { started }))
     }
@@ -318,10 +488,15 @@ impl NodeManager for NodeManagerService {
         req: tonic::Request<pb::StopJobProcessRequest>,
     ) -> Result<tonic::Response<pb::StopJobProcessReply>, tonic::Status> {
         let was_running = self.agent.stop(&req.into_inner());
-        Ok(tonic::Response::new(pb::StopJobProcessReply { was_running }))
+        Ok(tonic::Response::new(pb::StopJobProcessReply {
+            was_running,
+        }))
     }
 
-    async fn read_job_log(&self, req: tonic::Request<pb::GetJobLogsRequest>) -> Result<tonic::Response<pb::JobLogs>, tonic::Status> {
+    async fn read_job_log(
+        &self,
+        req: tonic::Request<pb::GetJobLogsRequest>,
+    ) -> Result<tonic::Response<pb::JobLogs>, tonic::Status> {
         let agent = self.agent.clone();
         let r = req.into_inner();
         tokio::task::spawn_blocking(move || agent.read_log(&r))
@@ -347,19 +522,41 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         .context("bad head addresses")?;
     let nm = TcpListener::bind((opts.bind_host.as_str(), opts.node_manager_port))
         .await
-        .with_context(|| format!("cannot bind node manager port {}:{}", opts.bind_host, opts.node_manager_port))?;
+        .with_context(|| {
+            format!(
+                "cannot bind node manager port {}:{}",
+                opts.bind_host, opts.node_manager_port
+            )
+        })?;
     let mx = TcpListener::bind((opts.bind_host.as_str(), opts.metrics_export_port))
         .await
-        .with_context(|| format!("cannot bind metrics export port {}:{}", opts.bind_host, opts.metrics_export_port))?;
-    let om = TcpListener::bind((opts.bind_host.as_str(), opts.object_store.object_manager_port))
-        .await
-        .with_context(|| format!("cannot bind object manager port {}:{}", opts.bind_host, opts.object_store.object_manager_port))?;
+        .with_context(|| {
+            format!(
+                "cannot bind metrics export port {}:{}",
+                opts.bind_host, opts.metrics_export_port
+            )
+        })?;
+    let om = TcpListener::bind((
+        opts.bind_host.as_str(),
+        opts.object_store.object_manager_port,
+    ))
+    .await
+    .with_context(|| {
+        format!(
+            "cannot bind object manager port {}:{}",
+            opts.bind_host, opts.object_store.object_manager_port
+        )
+    })?;
     let node_manager_port = nm.local_addr()?.port();
     let metrics_export_port = mx.local_addr()?.port();
     let object_manager_port = om.local_addr()?.port();
     let address = format!("{}:{node_manager_port}", opts.advertise_host);
-    let (store, store_server, spill_dir, puller) = start_object_store(&opts.object_store, opts.token.clone())?;
-    let leases = Arc::new(leases::Leases::new(node_id, scheduler::ResourceSet::from_map(opts.resources.iter().map(|(k, v)| (k.as_str(), *v)))?));
+    let (store, store_server, spill_dir, puller) =
+        start_object_store(&opts.object_store, opts.token.clone())?;
+    let leases = Arc::new(leases::Leases::new(
+        node_id,
+        scheduler::ResourceSet::from_map(opts.resources.iter().map(|(k, v)| (k.as_str(), *v)))?,
+    ));
     let pool = Arc::new(workers::WorkerPool::new(
         workers::PoolConfig {
             opts: opts.workers.clone(),
@@ -392,14 +589,32 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         workers: pool,
     });
 
-    let agent = Arc::new(jobs::JobAgent::new(shared.clone(), opts.log_dir.clone(), opts.job_dir.clone(), client.clone()));
+    let agent = Arc::new(jobs::JobAgent::new(
+        shared.clone(),
+        opts.log_dir.clone(),
+        opts.job_dir.clone(),
+        client.clone(),
+    ));
     let routes = tonic::service::Routes::new(
-        pb::node_manager_server::NodeManagerServer::new(NodeManagerService { shared: shared.clone(), agent: agent.clone(), store: store.clone() })
-            .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES),
+        pb::node_manager_server::NodeManagerServer::new(NodeManagerService {
+            shared: shared.clone(),
+            agent: agent.clone(),
+            store: store.clone(),
+        })
+        .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
-    let listeners = Listeners::spawn(nm, routes, mx, axum::Router::new(), opts.metrics.clone(), opts.token.clone());
+    let listeners = Listeners::spawn(
+        nm,
+        routes,
+        mx,
+        axum::Router::new(),
+        opts.metrics.clone(),
+        opts.token.clone(),
+    );
     let mut tasks = Vec::new();
-    let om_routes = tonic::service::Routes::new(object_store::ObjectManagerService::new(store.clone()).into_server());
+    let om_routes = tonic::service::Routes::new(
+        object_store::ObjectManagerService::new(store.clone()).into_server(),
+    );
     let om_router = protocol::server::grpc_router(om_routes, opts.token.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = protocol::server::serve(om, om_router, std::future::pending()).await {
@@ -450,13 +665,23 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     })
 }
 
-type ObjectStoreParts = (Arc<object_store::Store>, object_store::StoreServer, PathBuf, Arc<object_store::Puller>);
+type ObjectStoreParts = (
+    Arc<object_store::Store>,
+    object_store::StoreServer,
+    PathBuf,
+    Arc<object_store::Puller>,
+);
 
 /// Opens the node's store, its socket server and its puller (which serves the socket's `Pull`
 /// requests on this runtime).
-fn start_object_store(o: &ObjectStoreOptions, token: Option<AuthToken>) -> anyhow::Result<ObjectStoreParts> {
+fn start_object_store(
+    o: &ObjectStoreOptions,
+    token: Option<AuthToken>,
+) -> anyhow::Result<ObjectStoreParts> {
     object_store::metrics::describe();
-    let capacity = o.memory.unwrap_or_else(|| object_store::default_capacity(&o.plasma_dir));
+    let capacity = o
+        .memory
+        .unwrap_or_else(|| object_store::default_capacity(&o.plasma_dir));
     anyhow::ensure!(
         capacity >= 1 << 20,
         "object store memory of {capacity} bytes is too small: at least 1 MiB (1048576) is needed"
@@ -473,7 +698,10 @@ fn start_object_store(o: &ObjectStoreOptions, token: Option<AuthToken>) -> anyho
         chunk: object_store::arena::DEFAULT_CHUNK,
     };
     let store = Arc::new(object_store::Store::open(&cfg).context("cannot open the object store")?);
-    store.start_spiller(object_store::store::DEFAULT_SPILL_THRESHOLD, Duration::from_secs(1))?;
+    store.start_spiller(
+        object_store::store::DEFAULT_SPILL_THRESHOLD,
+        Duration::from_secs(1),
+    )?;
     let puller = Arc::new(object_store::Puller::new(
         store.clone(),
         object_store::PullerConfig {
@@ -482,24 +710,43 @@ fn start_object_store(o: &ObjectStoreOptions, token: Option<AuthToken>) -> anyho
             token,
         },
     ));
-    let server = object_store::StoreServer::start(store.clone(), &o.socket_path, Some(puller.hook(tokio::runtime::Handle::current())))
-        .with_context(|| format!("cannot serve the object store on {}", o.socket_path.display()))?;
+    let server = object_store::StoreServer::start(
+        store.clone(),
+        &o.socket_path,
+        Some(puller.hook(tokio::runtime::Handle::current())),
+    )
+    .with_context(|| {
+        format!(
+            "cannot serve the object store on {}",
+            o.socket_path.display()
+        )
+    })?;
     Ok((store, server, spill_dir, puller))
 }
 
 /// Removes `<prefix><pid><suffix>` entries of `dir` left by node daemons that died without
 /// cleaning up (their pid no longer runs).
 fn remove_stale(dir: &std::path::Path, prefix: &str, suffix: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix)).and_then(|p| p.parse::<i32>().ok()) else {
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(suffix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
             continue;
         };
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         if !alive {
             let path = e.path();
-            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
         }
     }
 }

@@ -7,9 +7,15 @@ pub const HEARTBEATS: &str = "rayctl_node_heartbeats_total";
 pub const INCARNATION: &str = "rayctl_node_incarnation";
 
 pub fn describe() {
-    describe_counter!(REGISTRATIONS, "times this node registered with the control plane");
+    describe_counter!(
+        REGISTRATIONS,
+        "times this node registered with the control plane"
+    );
     describe_counter!(HEARTBEATS, "heartbeats sent, by result (ok, fenced, error)");
-    describe_gauge!(INCARNATION, "this node's current incarnation (0 before registering)");
+    describe_gauge!(
+        INCARNATION,
+        "this node's current incarnation (0 before registering)"
+    );
     protocol::server::describe_rpc_metrics();
 }
 
@@ -34,15 +40,37 @@ pub const TASKS_EXECUTED: &str = "rayctl_tasks_executed_total";
 pub const RECONSTRUCTIONS: &str = "rayctl_object_reconstructions_total";
 
 pub fn describe_workers() {
-    describe_gauge!(WORKERS, "worker processes on this node, by state (starting, idle, leased)");
+    describe_gauge!(
+        WORKERS,
+        "worker processes on this node, by state (starting, idle, leased)"
+    );
     describe_counter!(WORKER_STARTS, "worker processes started");
-    describe_counter!(LEASE_SPILLBACKS, "lease requests answered with another node");
-    metrics::describe_histogram!(LEASE_GRANT_LATENCY, metrics::Unit::Seconds, "scheduling latency: lease request to grant, including queueing and worker start");
-    describe_counter!(LEASES, "lease requests by outcome (granted, spillback, infeasible, timed_out, error)");
-    describe_gauge!(TASKS, "tasks by state (Ray's State names), owned or run by processes on this node");
-    describe_counter!(TASK_RETRIES, "task retries after worker failures, by owners on this node");
+    describe_counter!(
+        LEASE_SPILLBACKS,
+        "lease requests answered with another node"
+    );
+    metrics::describe_histogram!(
+        LEASE_GRANT_LATENCY,
+        metrics::Unit::Seconds,
+        "scheduling latency: lease request to grant, including queueing and worker start"
+    );
+    describe_counter!(
+        LEASES,
+        "lease requests by outcome (granted, spillback, infeasible, timed_out, error)"
+    );
+    describe_gauge!(
+        TASKS,
+        "tasks by state (Ray's State names), owned or run by processes on this node"
+    );
+    describe_counter!(
+        TASK_RETRIES,
+        "task retries after worker failures, by owners on this node"
+    );
     describe_counter!(TASKS_EXECUTED, "tasks executed by workers on this node");
-    describe_counter!(RECONSTRUCTIONS, "objects rebuilt from lineage by owners on this node after their copies were lost");
+    describe_counter!(
+        RECONSTRUCTIONS,
+        "objects rebuilt from lineage by owners on this node after their copies were lost"
+    );
 }
 
 pub(crate) fn worker_started() {
@@ -59,12 +87,20 @@ pub(crate) fn lease(outcome: &'static str, seconds: Option<f64>) {
     }
 }
 
-pub(crate) fn workers(by_state: &std::collections::HashMap<&'static str, u64>, s: &protocol::pb::WorkerStats) {
+pub(crate) fn workers(
+    by_state: &std::collections::HashMap<&'static str, u64>,
+    s: &protocol::pb::WorkerStats,
+) {
     for (k, v) in by_state {
         gauge!(WORKERS, "state" => *k).set(*v as f64);
     }
-    for state in ["PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER"] {
-        gauge!(TASKS, "State" => state).set(s.owned_by_state.get(state).copied().unwrap_or(0) as f64);
+    for state in [
+        "PENDING_ARGS_AVAIL",
+        "PENDING_NODE_ASSIGNMENT",
+        "SUBMITTED_TO_WORKER",
+    ] {
+        gauge!(TASKS, "State" => state)
+            .set(s.owned_by_state.get(state).copied().unwrap_or(0) as f64);
     }
     gauge!(TASKS, "State" => "RUNNING").set(s.tasks_running as f64);
     gauge!(TASKS, "State" => "FINISHED").set(s.tasks_finished_total as f64);

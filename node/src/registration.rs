@@ -3,12 +3,12 @@
 //! register anew and carry on with the new incarnation.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use protocol::client::{ClientError, HeadClient};
-use protocol::{pb, RpcError};
+use protocol::{RpcError, pb};
 
 use crate::NodeShared;
 
@@ -28,7 +28,13 @@ pub(crate) async fn run(
         is_head,
     };
     loop {
-        let reply = match client.call(|mut c| { let r = register.clone(); async move { c.register_node(r).await } }).await {
+        let reply = match client
+            .call(|mut c| {
+                let r = register.clone();
+                async move { c.register_node(r).await }
+            })
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!("registration failed, retrying: {e}");
@@ -38,7 +44,10 @@ pub(crate) async fn run(
         };
         node.incarnation.store(reply.incarnation, Ordering::Release);
         crate::metrics::registered(reply.incarnation);
-        tracing::info!(incarnation = reply.incarnation, "registered with the control plane");
+        tracing::info!(
+            incarnation = reply.incarnation,
+            "registered with the control plane"
+        );
         let period = Duration::from_millis(reply.heartbeat_period_ms.clamp(10, 60_000));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -48,27 +57,58 @@ pub(crate) async fn run(
                 node_id: node.node_id.to_string(),
                 incarnation: reply.incarnation,
                 // A CPU taken back from a blocked task can leave the pool in debt: report it as none free.
-                resources_available: node.leases.available().to_map().into_iter().filter(|(_, v)| *v > 0.0).collect(),
+                resources_available: node
+                    .leases
+                    .available()
+                    .to_map()
+                    .into_iter()
+                    .filter(|(_, v)| *v > 0.0)
+                    .collect(),
                 pending_demand: node.leases.demand(),
                 dead_owners: node.workers.take_dead_owners(),
+                running_actors: node.workers.running_actors(),
+                dead_actors: node.workers.take_dead_actors(),
             };
-            match client.call(|mut c| { let hb = hb.clone(); async move { c.heartbeat(hb).await } }).await {
+            match client
+                .call(|mut c| {
+                    let hb = hb.clone();
+                    async move { c.heartbeat(hb).await }
+                })
+                .await
+            {
                 Ok(r) => {
                     crate::metrics::heartbeat("ok");
                     *node.cluster_view.lock().unwrap_or_else(|p| p.into_inner()) = r.cluster_view;
                     let w = node.workers.clone();
+                    if !r.kill_actors.is_empty() {
+                        w.kill_actors(&r.kill_actors);
+                    }
                     if !r.dead_owners.is_empty() {
-                        tokio::task::spawn_blocking(move || r.dead_owners.iter().for_each(|p| w.free_owner(p)));
+                        tokio::task::spawn_blocking(move || {
+                            r.dead_owners.iter().for_each(|p| w.free_owner(p))
+                        });
                     }
                 }
-                Err(ClientError::Rpc(RpcError::Fenced(msg))) | Err(ClientError::Rpc(RpcError::NotFound(msg))) => {
+                Err(ClientError::Rpc(RpcError::Fenced(msg)))
+                | Err(ClientError::Rpc(RpcError::NotFound(msg))) => {
                     node.workers.return_dead_owners(hb.dead_owners);
+                    node.workers.return_dead_actors(hb.dead_actors);
                     crate::metrics::heartbeat("fenced");
                     tracing::warn!("control plane fenced this node ({msg}); registering anew");
+                    // Every actor here was assigned to the fenced incarnation and has been (or
+                    // will be) restarted elsewhere: a zombie copy must not keep serving.
+                    let all: Vec<String> = node
+                        .workers
+                        .running_actors()
+                        .into_iter()
+                        .map(|a| a.actor_id)
+                        .collect();
+                    node.workers.kill_actors(&all);
                     break;
                 }
                 Err(e) => {
                     node.workers.return_dead_owners(hb.dead_owners);
+                    node.workers.return_dead_actors(hb.dead_actors);
                     crate::metrics::heartbeat("error");
                     tracing::warn!("heartbeat failed: {e}");
                 }

@@ -59,8 +59,18 @@ enum WState {
     Leased(String),
 }
 
+/// A worker that is (becoming) an actor.
+struct ActorBinding {
+    actor_id: String,
+    restarts: u64,
+    start: pb::ActorStart,
+    /// Answered when the constructor returned.
+    ready: Option<oneshot::Sender<Result<(), pb::TaskError>>>,
+}
+
 struct Worker {
     key: (String, String),
+    actor: Option<ActorBinding>,
     pid: u32,
     address: String,
     state: WState,
@@ -83,6 +93,8 @@ struct PoolState {
     dead_owners: Vec<Vec<u8>>,
     /// Owner prefixes already freed here (prefix → when), so a repeated report costs nothing.
     freed_owners: HashMap<Vec<u8>, Instant>,
+    /// Actor workers that exited, for the next heartbeat.
+    dead_actors: Vec<pb::ActorIncarnation>,
 }
 
 pub(crate) struct WorkerPool {
@@ -92,18 +104,27 @@ pub(crate) struct WorkerPool {
 }
 
 fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 fn bad_hash(s: &str) -> Status {
-    Status::invalid_argument(format!("binary hash {:?} is not 64 lowercase hex characters", s.chars().take(80).collect::<String>()))
+    Status::invalid_argument(format!(
+        "binary hash {:?} is not 64 lowercase hex characters",
+        s.chars().take(80).collect::<String>()
+    ))
 }
 
 pub(crate) use protocol::sha256_file;
 
 impl WorkerPool {
     pub(crate) fn new(cfg: PoolConfig, leases: Arc<Leases>) -> Self {
-        Self { cfg, leases, st: Mutex::default() }
+        Self {
+            cfg,
+            leases,
+            st: Mutex::default(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -117,30 +138,47 @@ impl WorkerPool {
     /// Puts a checked file into the cache: `tmp` is renamed to its hash if it matches.
     fn install(&self, tmp: &Path, sha: &str) -> Result<u64, Status> {
         use std::os::unix::fs::PermissionsExt;
-        let got = sha256_file(tmp).map_err(|e| Status::internal(format!("cannot hash {}: {e}", tmp.display())))?;
+        let got = sha256_file(tmp)
+            .map_err(|e| Status::internal(format!("cannot hash {}: {e}", tmp.display())))?;
         if got != sha {
             let _ = std::fs::remove_file(tmp);
-            return Err(Status::data_loss(format!("binary content hashes to {got}, expected {sha}")));
+            return Err(Status::data_loss(format!(
+                "binary content hashes to {got}, expected {sha}"
+            )));
         }
         let size = std::fs::metadata(tmp).map(|m| m.len()).unwrap_or(0);
-        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).map_err(|e| Status::internal(e.to_string()))?;
-        std::fs::rename(tmp, self.binary_path(sha)).map_err(|e| Status::internal(format!("cannot install binary {sha}: {e}")))?;
+        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        std::fs::rename(tmp, self.binary_path(sha))
+            .map_err(|e| Status::internal(format!("cannot install binary {sha}: {e}")))?;
         Ok(size)
     }
 
     fn tmp_path(&self, sha: &str) -> Result<PathBuf, Status> {
-        std::fs::create_dir_all(&self.cfg.opts.binary_dir)
-            .map_err(|e| Status::internal(format!("cannot create {}: {e}", self.cfg.opts.binary_dir.display())))?;
+        std::fs::create_dir_all(&self.cfg.opts.binary_dir).map_err(|e| {
+            Status::internal(format!(
+                "cannot create {}: {e}",
+                self.cfg.opts.binary_dir.display()
+            ))
+        })?;
         let n = {
             let mut st = self.lock();
             st.next += 1;
             st.next
         };
-        Ok(self.cfg.opts.binary_dir.join(format!(".{sha}.{}.{n}.tmp", std::process::id())))
+        Ok(self
+            .cfg
+            .opts
+            .binary_dir
+            .join(format!(".{sha}.{}.{n}.tmp", std::process::id())))
     }
 
     /// `RegisterBinary`: copies a local file into the cache after checking its hash.
-    pub(crate) async fn register_local(self: &Arc<Self>, sha: String, path: String) -> Result<pb::RegisterBinaryReply, Status> {
+    pub(crate) async fn register_local(
+        self: &Arc<Self>,
+        sha: String,
+        path: String,
+    ) -> Result<pb::RegisterBinaryReply, Status> {
         if !is_sha256(&sha) {
             return Err(bad_hash(&sha));
         }
@@ -148,7 +186,10 @@ impl WorkerPool {
         tokio::task::spawn_blocking(move || {
             let dst = me.binary_path(&sha);
             if let Ok(m) = std::fs::metadata(&dst) {
-                return Ok(pb::RegisterBinaryReply { sha256: sha, size: m.len() });
+                return Ok(pb::RegisterBinaryReply {
+                    sha256: sha,
+                    size: m.len(),
+                });
             }
             let tmp = me.tmp_path(&sha)?;
             std::fs::copy(&path, &tmp).map_err(|e| {
@@ -169,10 +210,15 @@ impl WorkerPool {
             return;
         }
         let key = (sha.to_owned(), job.to_owned());
-        let have = self.lock().workers.values().filter(|w| w.key == key && !matches!(w.state, WState::Leased(_))).count();
+        let have = self
+            .lock()
+            .workers
+            .values()
+            .filter(|w| w.key == key && !matches!(w.state, WState::Leased(_)))
+            .count();
         let path = self.binary_path(sha);
         for _ in have..want {
-            if let Err(e) = self.spawn(&path, key.clone(), None) {
+            if let Err(e) = self.spawn(&path, key.clone(), None, None) {
                 tracing::warn!("cannot prestart a worker: {e}");
                 return;
             }
@@ -180,23 +226,41 @@ impl WorkerPool {
     }
 
     /// `UploadBinary`: a binary sent in chunks by a driver that is not on this machine.
-    pub(crate) async fn upload(self: &Arc<Self>, mut s: tonic::Streaming<pb::BinaryChunk>) -> Result<(pb::RegisterBinaryReply, String), Status> {
+    pub(crate) async fn upload(
+        self: &Arc<Self>,
+        mut s: tonic::Streaming<pb::BinaryChunk>,
+    ) -> Result<(pb::RegisterBinaryReply, String), Status> {
         use tokio::io::AsyncWriteExt;
-        let first = s.message().await?.ok_or_else(|| Status::invalid_argument("empty upload"))?;
+        let first = s
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload"))?;
         let sha = first.sha256.clone();
         let job = first.job_id.clone();
         if !is_sha256(&sha) {
             return Err(bad_hash(&sha));
         }
         if let Ok(m) = std::fs::metadata(self.binary_path(&sha)) {
-            return Ok((pb::RegisterBinaryReply { sha256: sha, size: m.len() }, job));
+            return Ok((
+                pb::RegisterBinaryReply {
+                    sha256: sha,
+                    size: m.len(),
+                },
+                job,
+            ));
         }
         let tmp = self.tmp_path(&sha)?;
         let res: Result<(), Status> = async {
-            let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| Status::internal(e.to_string()))?;
-            f.write_all(&first.data).await.map_err(|e| Status::internal(e.to_string()))?;
+            let mut f = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            f.write_all(&first.data)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
             while let Some(c) = s.message().await? {
-                f.write_all(&c.data).await.map_err(|e| Status::internal(e.to_string()))?;
+                f.write_all(&c.data)
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
             }
             f.flush().await.map_err(|e| Status::internal(e.to_string()))
         }
@@ -207,17 +271,23 @@ impl WorkerPool {
         }
         let me = self.clone();
         let sha2 = sha.clone();
-        let size = tokio::task::spawn_blocking(move || me.install(&tmp, &sha2)).await.map_err(|e| Status::internal(e.to_string()))??;
+        let size = tokio::task::spawn_blocking(move || me.install(&tmp, &sha2))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok((pb::RegisterBinaryReply { sha256: sha, size }, job))
     }
 
     /// `ReadBinary`: streams a cached binary in 1 MiB chunks.
-    pub(crate) fn read(&self, sha: &str) -> Result<mpsc::Receiver<Result<pb::BinaryChunk, Status>>, Status> {
+    pub(crate) fn read(
+        &self,
+        sha: &str,
+    ) -> Result<mpsc::Receiver<Result<pb::BinaryChunk, Status>>, Status> {
         if !is_sha256(sha) {
             return Err(bad_hash(sha));
         }
         let path = self.binary_path(sha);
-        let file = std::fs::File::open(&path).map_err(|_| Status::not_found(format!("binary {sha} is not on this node")))?;
+        let file = std::fs::File::open(&path)
+            .map_err(|_| Status::not_found(format!("binary {sha} is not on this node")))?;
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
@@ -228,7 +298,14 @@ impl WorkerPool {
                     Ok(0) => break,
                     Ok(n) => {
                         buf.truncate(n);
-                        if tx.blocking_send(Ok(pb::BinaryChunk { sha256: String::new(), data: buf.into(), job_id: String::new() })).is_err() {
+                        if tx
+                            .blocking_send(Ok(pb::BinaryChunk {
+                                sha256: String::new(),
+                                data: buf.into(),
+                                job_id: String::new(),
+                            }))
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -251,13 +328,20 @@ impl WorkerPool {
         if path.exists() {
             return Ok(path);
         }
-        let lock = self.lock().fetches.entry(sha.to_owned()).or_default().clone();
+        let lock = self
+            .lock()
+            .fetches
+            .entry(sha.to_owned())
+            .or_default()
+            .clone();
         let _one_fetch = lock.lock().await;
         if path.exists() {
             return Ok(path);
         }
         if source.is_empty() || source == self.cfg.node_address {
-            return Err(Status::failed_precondition(format!("binary {sha} is not on this node and the lease names no node to fetch it from")));
+            return Err(Status::failed_precondition(format!(
+                "binary {sha} is not on this node and the lease names no node to fetch it from"
+            )));
         }
         let tmp = self.tmp_path(sha)?;
         let res = self.fetch(sha, source, &tmp).await;
@@ -275,23 +359,49 @@ impl WorkerPool {
 
     async fn fetch(&self, sha: &str, source: &str, tmp: &Path) -> Result<(), Status> {
         use tokio::io::AsyncWriteExt;
-        let opts = protocol::client::ClientOptions { rpc_timeout: Duration::from_secs(300), ..Default::default() };
-        let mut c = protocol::client::node_manager(source, self.cfg.token.clone(), &opts).map_err(Status::from)?;
+        let opts = protocol::client::ClientOptions {
+            rpc_timeout: Duration::from_secs(300),
+            ..Default::default()
+        };
+        let mut c = protocol::client::node_manager(source, self.cfg.token.clone(), &opts)
+            .map_err(Status::from)?;
         let mut s = c
-            .read_binary(pb::ReadBinaryRequest { sha256: sha.to_owned() })
+            .read_binary(pb::ReadBinaryRequest {
+                sha256: sha.to_owned(),
+            })
             .await
-            .map_err(|e| Status::unavailable(format!("cannot fetch binary {sha} from {source}: {}", e.message())))?
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot fetch binary {sha} from {source}: {}",
+                    e.message()
+                ))
+            })?
             .into_inner();
-        let mut f = tokio::fs::File::create(tmp).await.map_err(|e| Status::internal(e.to_string()))?;
-        while let Some(c) = s.message().await.map_err(|e| Status::unavailable(format!("fetching binary {sha} from {source}: {}", e.message())))? {
-            f.write_all(&c.data).await.map_err(|e| Status::internal(e.to_string()))?;
+        let mut f = tokio::fs::File::create(tmp)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        while let Some(c) = s.message().await.map_err(|e| {
+            Status::unavailable(format!(
+                "fetching binary {sha} from {source}: {}",
+                e.message()
+            ))
+        })? {
+            f.write_all(&c.data)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
         }
         f.flush().await.map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Gives lease `lease_id` a worker running binary `sha` for job `job`: an idle one, or a
     /// new one. Returns the worker's id and CoreWorker address.
-    pub(crate) async fn attach(self: &Arc<Self>, lease_id: &str, sha: &str, source: &str, job: &str) -> Result<(String, String), Status> {
+    pub(crate) async fn attach(
+        self: &Arc<Self>,
+        lease_id: &str,
+        sha: &str,
+        source: &str,
+        job: &str,
+    ) -> Result<(String, String), Status> {
         let path = self.ensure_binary(sha, source).await?;
         let key = (sha.to_owned(), job.to_owned());
         {
@@ -299,62 +409,204 @@ impl WorkerPool {
             let idle = st
                 .workers
                 .iter_mut()
-                .filter(|(_, w)| w.key == key && matches!(w.state, WState::Idle(_)) && w.tx.is_some())
+                .filter(|(_, w)| {
+                    w.key == key && matches!(w.state, WState::Idle(_)) && w.tx.is_some()
+                })
                 .max_by_key(|(_, w)| match w.state {
                     WState::Idle(t) => Some(t),
                     _ => None,
                 });
             if let Some((id, w)) = idle {
                 w.state = WState::Leased(lease_id.to_owned());
-                let sent = w.tx.as_ref().is_some_and(|tx| tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Leased(lease_id.to_owned())) }).is_ok());
+                let sent = w.tx.as_ref().is_some_and(|tx| {
+                    tx.send(pb::NodeToWorker {
+                        kind: Some(pb::node_to_worker::Kind::Leased(lease_id.to_owned())),
+                    })
+                    .is_ok()
+                });
                 if sent {
                     return Ok((id.clone(), w.address.clone()));
                 }
                 w.state = WState::Idle(Instant::now());
             }
         }
-        let (id, ready) = self.spawn(&path, key, Some(lease_id.to_owned()))?;
+        let (id, ready) = self.spawn(&path, key, Some(lease_id.to_owned()), None)?;
+        self.registered(id, ready).await
+    }
+
+    /// Waits for a new worker's hello; kills it if it does not come.
+    async fn registered(
+        &self,
+        id: String,
+        ready: oneshot::Receiver<Result<(), String>>,
+    ) -> Result<(String, String), Status> {
         let outcome = tokio::time::timeout(self.cfg.opts.start_timeout, ready).await;
         let fail = |msg: String| {
             // The worker is of no use to anyone: make sure it is gone.
             if let Some(w) = self.lock().workers.get_mut(&id) {
                 w.state = WState::Idle(Instant::now() - self.cfg.opts.idle_timeout);
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             Err(Status::unavailable(msg))
         };
         match outcome {
             Ok(Ok(Ok(()))) => {
                 let st = self.lock();
-                let addr = st.workers.get(&id).map(|w| w.address.clone()).unwrap_or_default();
+                let addr = st
+                    .workers
+                    .get(&id)
+                    .map(|w| w.address.clone())
+                    .unwrap_or_default();
                 Ok((id, addr))
             }
             Ok(Ok(Err(e))) => fail(e),
             Ok(Err(_)) => fail(format!("worker {id} went away before it registered")),
-            Err(_) => fail(format!("worker {id} did not register within {:?}", self.cfg.opts.start_timeout)),
+            Err(_) => fail(format!(
+                "worker {id} did not register within {:?}",
+                self.cfg.opts.start_timeout
+            )),
         }
     }
 
-    fn spawn(self: &Arc<Self>, path: &Path, key: (String, String), lease_id: Option<String>) -> Result<(String, oneshot::Receiver<Result<(), String>>), Status> {
+    /// Starts actor `start.actor_id` under lease `lease_id` on a worker of its own (an idle
+    /// one for its binary and job, or a new one) and waits for its constructor. Returns the
+    /// worker's id, address and pid, or the constructor's error.
+    pub(crate) async fn start_actor(
+        self: &Arc<Self>,
+        sha: &str,
+        source: &str,
+        job: &str,
+        start: pb::ActorStart,
+        timeout: Duration,
+    ) -> Result<Result<(String, String, u32), pb::TaskError>, Status> {
+        let path = self.ensure_binary(sha, source).await?;
+        let key = (sha.to_owned(), job.to_owned());
+        let (tx, rx) = oneshot::channel();
+        let binding = ActorBinding {
+            actor_id: start.actor_id.clone(),
+            restarts: start.num_restarts,
+            start: start.clone(),
+            ready: Some(tx),
+        };
+        let lease_id = start.lease_id.clone();
+        let reused = {
+            let mut st = self.lock();
+            let idle = st.workers.iter_mut().find(|(_, w)| {
+                w.key == key
+                    && matches!(w.state, WState::Idle(_))
+                    && w.tx.is_some()
+                    && w.actor.is_none()
+            });
+            match idle {
+                Some((id, w)) => {
+                    let msg = pb::NodeToWorker {
+                        kind: Some(pb::node_to_worker::Kind::StartActor(start.clone())),
+                    };
+                    if w.tx.as_ref().is_some_and(|tx| tx.send(msg).is_ok()) {
+                        w.state = WState::Leased(lease_id.clone());
+                        w.actor = Some(binding);
+                        Some(id.clone())
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            }
+        };
+        let (id, binding) = match reused {
+            Some(id) => (id, None),
+            None => {
+                let (tx2, rx2) = oneshot::channel();
+                let b = ActorBinding {
+                    actor_id: start.actor_id.clone(),
+                    restarts: start.num_restarts,
+                    start,
+                    ready: Some(tx2),
+                };
+                let (id, ready) = self.spawn(&path, key, Some(lease_id), Some(b))?;
+                self.registered(id.clone(), ready).await?;
+                (id, Some(rx2))
+            }
+        };
+        let rx = binding.unwrap_or(rx);
+        let fail = |msg: String| {
+            if let Some(w) = self.lock().workers.get(&id) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Err(Status::unavailable(msg))
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(()))) => {
+                let st = self.lock();
+                let w = st.workers.get(&id).ok_or_else(|| {
+                    Status::unavailable(format!(
+                        "actor worker {id} exited right after its constructor"
+                    ))
+                })?;
+                Ok(Ok((id.clone(), w.address.clone(), w.pid)))
+            }
+            Ok(Ok(Err(e))) => {
+                // The constructor failed: the worker is of no use.
+                let _ = fail(String::new());
+                Ok(Err(e))
+            }
+            Ok(Err(_)) => fail(format!(
+                "actor worker {id} exited before its constructor returned"
+            )),
+            Err(_) => fail(format!(
+                "the actor's constructor did not return within {timeout:?}"
+            )),
+        }
+    }
+
+    fn spawn(
+        self: &Arc<Self>,
+        path: &Path,
+        key: (String, String),
+        lease_id: Option<String>,
+        actor: Option<ActorBinding>,
+    ) -> Result<(String, oneshot::Receiver<Result<(), String>>), Status> {
         let id = {
             let mut st = self.lock();
             st.next += 1;
             st.starts += 1;
-            format!("{}-{}", &self.cfg.node_id[..8.min(self.cfg.node_id.len())], st.next)
+            format!(
+                "{}-{}",
+                &self.cfg.node_id[..8.min(self.cfg.node_id.len())],
+                st.next
+            )
         };
-        std::fs::create_dir_all(&self.cfg.log_dir).map_err(|e| Status::internal(format!("cannot create {}: {e}", self.cfg.log_dir.display())))?;
+        std::fs::create_dir_all(&self.cfg.log_dir).map_err(|e| {
+            Status::internal(format!("cannot create {}: {e}", self.cfg.log_dir.display()))
+        })?;
         let log = self.cfg.log_dir.join(format!("worker-{id}.log"));
-        let out = std::fs::File::create(&log).map_err(|e| Status::internal(format!("cannot create {}: {e}", log.display())))?;
-        let err = out.try_clone().map_err(|e| Status::internal(e.to_string()))?;
+        let out = std::fs::File::create(&log)
+            .map_err(|e| Status::internal(format!("cannot create {}: {e}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| Status::internal(e.to_string()))?;
         let job_dir = self.cfg.job_dir.join(&key.1);
-        let cwd = if !key.1.is_empty() && job_dir.is_dir() { job_dir } else { self.cfg.log_dir.clone() };
+        let cwd = if !key.1.is_empty() && job_dir.is_dir() {
+            job_dir
+        } else {
+            self.cfg.log_dir.clone()
+        };
         let mut cmd = tokio::process::Command::new(path);
         cmd.current_dir(cwd)
             .env("RAYCTL_WORKER_ID", &id)
             .env("RAYCTL_NODE_ID", &self.cfg.node_id)
             .env("RAYCTL_NODE_ADDRESS", &self.cfg.node_address)
             .env("RAYCTL_OBJECT_STORE_SOCKET", &self.cfg.store_socket)
-            .env("RAYCTL_OBJECT_MANAGER_ADDRESS", &self.cfg.object_manager_address)
+            .env(
+                "RAYCTL_OBJECT_MANAGER_ADDRESS",
+                &self.cfg.object_manager_address,
+            )
             .env("RAYCTL_NODE_IP_ADDRESS", &self.cfg.advertise_host)
             .env(protocol::ADDRESS_ENV, self.cfg.heads.join(","))
             .env("RAYCTL_JOB_ID", &key.1)
@@ -370,27 +622,48 @@ impl WorkerPool {
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. A
         // worker dies with its node.
         unsafe {
-            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from));
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
         }
-        let mut child = cmd.spawn().map_err(|e| Status::internal(format!("cannot start worker {}: {e}", path.display())))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            Status::internal(format!("cannot start worker {}: {e}", path.display()))
+        })?;
         let pid = child.id().unwrap_or(0);
         let (tx, rx) = oneshot::channel();
         self.lock().workers.insert(
             id.clone(),
-            Worker { key, pid, address: String::new(), state: WState::Starting(lease_id), tx: None, ready: Some(tx), log },
+            Worker {
+                key,
+                actor,
+                pid,
+                address: String::new(),
+                state: WState::Starting(lease_id),
+                tx: None,
+                ready: Some(tx),
+                log,
+            },
         );
         crate::metrics::worker_started();
         let me = self.clone();
         let wid = id.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
-            me.exited(&wid, status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
+            me.exited(
+                &wid,
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
+            );
         });
         Ok((id, rx))
     }
 
     fn exited(&self, id: &str, status: String) {
-        let Some(mut w) = self.lock().workers.remove(id) else { return };
+        let Some(mut w) = self.lock().workers.remove(id) else {
+            return;
+        };
         match &w.state {
             WState::Leased(l) | WState::Starting(Some(l)) => {
                 self.leases.give_back(l);
@@ -398,13 +671,36 @@ impl WorkerPool {
             WState::Idle(_) | WState::Starting(None) => {}
         }
         if let Some(r) = w.ready.take() {
-            let _ = r.send(Err(format!("worker {id} exited ({status}) before it registered; see {}", w.log.display())));
+            let _ = r.send(Err(format!(
+                "worker {id} exited ({status}) before it registered; see {}",
+                w.log.display()
+            )));
+        }
+        if let Some(a) = w.actor.take() {
+            tracing::info!(
+                worker = id,
+                actor = a.actor_id,
+                restarts = a.restarts,
+                "actor worker exited"
+            );
+            self.lock().dead_actors.push(pb::ActorIncarnation {
+                actor_id: a.actor_id,
+                num_restarts: a.restarts,
+                reason: format!(
+                    "worker {id} (pid {}) exited ({status}); see {}",
+                    w.pid,
+                    w.log.display()
+                ),
+            });
         }
         tracing::info!(worker = id, pid = w.pid, %status, "worker exited");
     }
 
     /// Serves one `WorkerChannel` stream until it ends.
-    pub(crate) fn channel(self: &Arc<Self>, mut s: tonic::Streaming<pb::WorkerMessage>) -> mpsc::UnboundedReceiver<pb::NodeToWorker> {
+    pub(crate) fn channel(
+        self: &Arc<Self>,
+        mut s: tonic::Streaming<pb::WorkerMessage>,
+    ) -> mpsc::UnboundedReceiver<pb::NodeToWorker> {
         let (tx, rx) = mpsc::unbounded_channel();
         let me = self.clone();
         tokio::spawn(async move {
@@ -426,13 +722,21 @@ impl WorkerPool {
                             continue;
                         }
                         let mut st = me.lock();
-                        let Some(w) = st.workers.get_mut(&h.worker_id) else { break };
+                        let Some(w) = st.workers.get_mut(&h.worker_id) else {
+                            break;
+                        };
                         let Some(tx) = tx.take() else { continue };
                         w.address = h.address;
                         match &w.state {
                             WState::Starting(Some(l)) => {
                                 let l = l.clone();
-                                let _ = tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Leased(l.clone())) });
+                                let kind = match &w.actor {
+                                    Some(a) => {
+                                        pb::node_to_worker::Kind::StartActor(a.start.clone())
+                                    }
+                                    None => pb::node_to_worker::Kind::Leased(l.clone()),
+                                };
+                                let _ = tx.send(pb::NodeToWorker { kind: Some(kind) });
                                 w.state = WState::Leased(l);
                             }
                             WState::Starting(None) => w.state = WState::Idle(Instant::now()),
@@ -456,6 +760,19 @@ impl WorkerPool {
                             me.leases.give_back(&l);
                         }
                     }
+                    Some(pb::worker_message::Kind::ActorStarted(a)) => {
+                        let Some(id) = &worker else { continue };
+                        if let Some(w) = me.lock().workers.get_mut(id)
+                            && let Some(b) = w.actor.as_mut()
+                            && b.actor_id == a.actor_id
+                            && let Some(r) = b.ready.take()
+                        {
+                            let _ = r.send(match a.error {
+                                Some(e) => Err(e),
+                                None => Ok(()),
+                            });
+                        }
+                    }
                     Some(pb::worker_message::Kind::Blocked(l)) => me.leases.lend(&l),
                     Some(pb::worker_message::Kind::Unblocked(l)) => me.leases.reclaim(&l),
                     Some(pb::worker_message::Kind::Stats(stats)) => {
@@ -477,7 +794,10 @@ impl WorkerPool {
             }
             // A worker whose channel ended is of no use: end it (its exit frees its lease).
             if let Some(w) = worker.and_then(|id| st.workers.get(&id)) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         });
         rx
@@ -488,7 +808,8 @@ impl WorkerPool {
         let now = Instant::now();
         {
             let mut st = self.lock();
-            st.freed_owners.retain(|_, at| now.duration_since(*at) < Duration::from_secs(300));
+            st.freed_owners
+                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(300));
             if st.freed_owners.insert(prefix.to_vec(), now).is_some() {
                 return;
             }
@@ -497,6 +818,95 @@ impl WorkerPool {
         if n > 0 {
             tracing::info!(objects = n, "freed the objects of an owner that went away");
         }
+    }
+
+    /// The actors whose workers run here (or are starting), for the heartbeat.
+    pub(crate) fn running_actors(&self) -> Vec<pb::ActorIncarnation> {
+        let st = self.lock();
+        st.workers
+            .values()
+            .filter_map(|w| w.actor.as_ref())
+            .map(|a| pb::ActorIncarnation {
+                actor_id: a.actor_id.clone(),
+                num_restarts: a.restarts,
+                reason: String::new(),
+            })
+            .collect()
+    }
+
+    /// Actor workers that exited, for the next heartbeat.
+    pub(crate) fn take_dead_actors(&self) -> Vec<pb::ActorIncarnation> {
+        std::mem::take(&mut self.lock().dead_actors)
+    }
+
+    /// Puts back what a failed heartbeat did not deliver.
+    pub(crate) fn return_dead_actors(&self, mut v: Vec<pb::ActorIncarnation>) {
+        self.lock().dead_actors.append(&mut v);
+    }
+
+    /// Kills the workers of actors that must not run here (the leader said so).
+    pub(crate) fn kill_actors(&self, ids: &[String]) {
+        let st = self.lock();
+        for w in st.workers.values() {
+            if let Some(a) = &w.actor
+                && ids.contains(&a.actor_id)
+            {
+                tracing::warn!(
+                    actor = a.actor_id,
+                    restarts = a.restarts,
+                    pid = w.pid,
+                    "killing an actor worker the control plane says must not run here"
+                );
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// Kills the worker of this incarnation of the actor, if it runs here.
+    pub(crate) fn kill_actor(&self, actor_id: &str, restarts: u64) -> bool {
+        let st = self.lock();
+        let w = st.workers.values().find(|w| {
+            w.actor
+                .as_ref()
+                .is_some_and(|a| a.actor_id == actor_id && a.restarts == restarts)
+        });
+        match w {
+            Some(w) => {
+                tracing::info!(
+                    actor = actor_id,
+                    restarts,
+                    pid = w.pid,
+                    "killing the actor's worker"
+                );
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(w.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a worker here runs (or starts) this incarnation of the actor: its id, address
+    /// and pid once its constructor returned.
+    pub(crate) fn actor_worker(
+        &self,
+        actor_id: &str,
+        restarts: u64,
+    ) -> Option<Option<(String, String, u32)>> {
+        let st = self.lock();
+        st.workers.iter().find_map(|(id, w)| {
+            let a = w.actor.as_ref()?;
+            (a.actor_id == actor_id && a.restarts == restarts).then(|| {
+                a.ready
+                    .is_none()
+                    .then(|| (id.clone(), w.address.clone(), w.pid))
+            })
+        })
     }
 
     /// Dead owners to report with the next heartbeat.
@@ -528,9 +938,20 @@ impl WorkerPool {
                 && now.duration_since(since) >= self.cfg.opts.idle_timeout
             {
                 n += 1;
-                let sent = w.tx.as_ref().is_some_and(|tx| tx.send(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Exit(true)) }).is_ok());
-                if !sent || now.duration_since(since) >= self.cfg.opts.idle_timeout + Duration::from_secs(5) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let sent = w.tx.as_ref().is_some_and(|tx| {
+                    tx.send(pb::NodeToWorker {
+                        kind: Some(pb::node_to_worker::Kind::Exit(true)),
+                    })
+                    .is_ok()
+                });
+                if !sent
+                    || now.duration_since(since)
+                        >= self.cfg.opts.idle_timeout + Duration::from_secs(5)
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(w.pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
             }
         }
@@ -540,7 +961,10 @@ impl WorkerPool {
     /// Workers by state, and the task counters of every process that reported (live + gone).
     pub(crate) fn snapshot(&self) -> (HashMap<&'static str, u64>, pb::WorkerStats) {
         let st = self.lock();
-        let mut by_state: HashMap<&'static str, u64> = [("starting", 0), ("idle", 0), ("leased", 0)].into_iter().collect();
+        let mut by_state: HashMap<&'static str, u64> =
+            [("starting", 0), ("idle", 0), ("leased", 0)]
+                .into_iter()
+                .collect();
         for w in st.workers.values() {
             let k = match w.state {
                 WState::Starting(_) => "starting",
@@ -565,7 +989,10 @@ impl WorkerPool {
     /// Kills every worker (the node is shutting down).
     pub(crate) fn kill_all(&self) {
         for w in self.lock().workers.values() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(w.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -584,7 +1011,10 @@ mod tests {
 
     fn pool(dir: &Path) -> Arc<WorkerPool> {
         let node = protocol::NodeId::from_bytes([7; 16]);
-        let leases = Arc::new(Leases::new(node, scheduler::ResourceSet::from_map([("CPU", 1.0)]).unwrap()));
+        let leases = Arc::new(Leases::new(
+            node,
+            scheduler::ResourceSet::from_map([("CPU", 1.0)]).unwrap(),
+        ));
         let cfg = PoolConfig {
             opts: WorkerOptions {
                 idle_timeout: Duration::from_secs(60),
@@ -623,20 +1053,44 @@ mod tests {
         std::fs::write(&file, &content).unwrap();
         let sha = sha256_file(&file).unwrap();
 
-        let e = p.register_local("ab".repeat(32), file.display().to_string()).await.unwrap_err();
+        let e = p
+            .register_local("ab".repeat(32), file.display().to_string())
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::DataLoss, "{e}");
         assert!(!p.binary_path(&"ab".repeat(32)).exists());
-        let e = p.register_local("not-a-hash".into(), file.display().to_string()).await.unwrap_err();
+        let e = p
+            .register_local("not-a-hash".into(), file.display().to_string())
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-        let e = p.register_local(sha.clone(), "/no/such/file".into()).await.unwrap_err();
+        let e = p
+            .register_local(sha.clone(), "/no/such/file".into())
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 
-        let r = p.register_local(sha.clone(), file.display().to_string()).await.unwrap();
+        let r = p
+            .register_local(sha.clone(), file.display().to_string())
+            .await
+            .unwrap();
         assert_eq!(r.size, content.len() as u64);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(p.binary_path(&sha)).unwrap().permissions().mode() & 0o111, 0o111);
+        assert_eq!(
+            std::fs::metadata(p.binary_path(&sha))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o111,
+            0o111
+        );
         // No temporary files are left behind.
-        assert_eq!(std::fs::read_dir(dir.path().join("binaries")).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("binaries"))
+                .unwrap()
+                .count(),
+            1
+        );
 
         let mut rx = p.read(&sha).unwrap();
         let mut back = Vec::new();
@@ -644,20 +1098,32 @@ mod tests {
             back.extend_from_slice(&c.unwrap().data);
         }
         assert_eq!(back, content);
-        assert_eq!(p.read(&"cd".repeat(32)).unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(
+            p.read(&"cd".repeat(32)).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
     }
 
     #[tokio::test]
     async fn a_gone_owner_s_objects_are_freed_once() {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
-        let id = |first: u8, n: u8| protocol::ObjectId::from_bytes([[first; 11].as_slice(), &[n; 9]].concat().try_into().unwrap());
+        let id = |first: u8, n: u8| {
+            protocol::ObjectId::from_bytes(
+                [[first; 11].as_slice(), &[n; 9]]
+                    .concat()
+                    .try_into()
+                    .unwrap(),
+            )
+        };
         for n in 0..3 {
             p.cfg.store.put(id(1, n), b"data", b"", true).unwrap();
             p.cfg.store.put(id(2, n), b"data", b"", true).unwrap();
         }
         p.free_owner(&[1; 11]);
-        assert!((0..3).all(|n| !p.cfg.store.contains(&id(1, n)) && p.cfg.store.contains(&id(2, n))));
+        assert!(
+            (0..3).all(|n| !p.cfg.store.contains(&id(1, n)) && p.cfg.store.contains(&id(2, n)))
+        );
         // A second report of the same owner does not scan again; a new object survives it.
         p.cfg.store.put(id(1, 9), b"data", b"", true).unwrap();
         p.free_owner(&[1; 11]);
@@ -668,7 +1134,10 @@ mod tests {
     async fn a_lease_for_a_missing_binary_without_a_source_is_refused_and_frees_nothing_twice() {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
-        let e = p.attach("lease-1", &"ef".repeat(32), "", "job").await.unwrap_err();
+        let e = p
+            .attach("lease-1", &"ef".repeat(32), "", "job")
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         assert!(e.message().contains("not on this node"), "{e}");
         let (by_state, _) = p.snapshot();

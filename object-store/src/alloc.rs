@@ -25,7 +25,11 @@ pub fn round_up(n: u64) -> Option<u64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
     #[error("no free block of {requested} bytes (free {free} bytes, largest hole {largest} bytes)")]
-    NoSpace { requested: u64, free: u64, largest: u64 },
+    NoSpace {
+        requested: u64,
+        free: u64,
+        largest: u64,
+    },
     #[error("offset {0} is not the start of an allocated block")]
     NotAllocated(u64),
     #[error("request of {0} bytes overflows")]
@@ -92,7 +96,11 @@ impl Allocator {
     pub fn alloc(&mut self, len: u64) -> Result<u64, AllocError> {
         let need = round_up(len).ok_or(AllocError::Overflow(len))?;
         let Some(&(hole, off)) = self.free_by_len.range((need, 0)..).next() else {
-            return Err(AllocError::NoSpace { requested: need, free: self.free_bytes(), largest: self.largest_free() });
+            return Err(AllocError::NoSpace {
+                requested: need,
+                free: self.free_bytes(),
+                largest: self.largest_free(),
+            });
         };
         self.free_by_len.remove(&(hole, off));
         self.free_by_offset.remove(&off);
@@ -107,7 +115,10 @@ impl Allocator {
 
     /// Frees the block at `offset`, merging it with free neighbours. Returns its length.
     pub fn free(&mut self, offset: u64) -> Result<u64, AllocError> {
-        let len = self.used.remove(&offset).ok_or(AllocError::NotAllocated(offset))?;
+        let len = self
+            .used
+            .remove(&offset)
+            .ok_or(AllocError::NotAllocated(offset))?;
         self.used_bytes -= len;
         self.insert_free(offset, len);
         Ok(len)
@@ -115,12 +126,13 @@ impl Allocator {
 
     fn insert_free(&mut self, mut off: u64, mut len: u64) {
         if let Some((&prev, &plen)) = self.free_by_offset.range(..off).next_back()
-            && prev + plen == off {
-                self.free_by_offset.remove(&prev);
-                self.free_by_len.remove(&(plen, prev));
-                off = prev;
-                len += plen;
-            }
+            && prev + plen == off
+        {
+            self.free_by_offset.remove(&prev);
+            self.free_by_len.remove(&(plen, prev));
+            off = prev;
+            len += plen;
+        }
         if let Some(&nlen) = self.free_by_offset.get(&(off + len)) {
             self.free_by_offset.remove(&(off + len));
             self.free_by_len.remove(&(nlen, off + len));
@@ -132,7 +144,8 @@ impl Allocator {
 
     /// Checks every invariant in the module doc; returns the first violation.
     pub fn check(&self) -> Result<(), String> {
-        let mut blocks: Vec<(u64, u64, bool)> = self.used.iter().map(|(&o, &l)| (o, l, true)).collect();
+        let mut blocks: Vec<(u64, u64, bool)> =
+            self.used.iter().map(|(&o, &l)| (o, l, true)).collect();
         blocks.extend(self.free_by_offset.iter().map(|(&o, &l)| (o, l, false)));
         blocks.sort_unstable();
         let mut at = 0;
@@ -142,7 +155,9 @@ impl Allocator {
                 return Err(format!("misaligned or empty block {off}+{len}"));
             }
             if off != at {
-                return Err(format!("gap or overlap at {at}: next block starts at {off}"));
+                return Err(format!(
+                    "gap or overlap at {at}: next block starts at {off}"
+                ));
             }
             if !used && prev_free {
                 return Err(format!("uncoalesced free block at {off}"));
@@ -158,7 +173,10 @@ impl Allocator {
             return Err(format!("used bytes {used} != counter {}", self.used_bytes));
         }
         if self.free_by_len.len() != self.free_by_offset.len()
-            || self.free_by_offset.iter().any(|(&o, &l)| !self.free_by_len.contains(&(l, o)))
+            || self
+                .free_by_offset
+                .iter()
+                .any(|(&o, &l)| !self.free_by_len.contains(&(l, o)))
         {
             return Err("free indexes disagree".into());
         }
@@ -194,7 +212,14 @@ mod tests {
     fn no_space_names_the_sizes_and_grow_extends() {
         let mut a = Allocator::new(256);
         a.alloc(128).unwrap();
-        assert_eq!(a.alloc(200), Err(AllocError::NoSpace { requested: 256, free: 128, largest: 128 }));
+        assert_eq!(
+            a.alloc(200),
+            Err(AllocError::NoSpace {
+                requested: 256,
+                free: 128,
+                largest: 128
+            })
+        );
         a.grow(512);
         assert_eq!(a.free_tail(), 384);
         assert_eq!(a.alloc(200).unwrap(), 128);

@@ -26,11 +26,17 @@ pub const DEFAULT_CHUNK: u64 = 64 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ArenaError {
     #[error("cannot create the object store arena in {dir}: {source}")]
-    Create { dir: PathBuf, source: std::io::Error },
+    Create {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{dir} has no room for {requested} more bytes of object store memory (ENOSPC)")]
     NoSpace { dir: PathBuf, requested: u64 },
     #[error("cannot reserve object store memory in {dir}: {source}")]
-    Reserve { dir: PathBuf, source: std::io::Error },
+    Reserve {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct ShmArena {
@@ -46,12 +52,22 @@ pub struct ShmArena {
 impl ShmArena {
     /// Creates a sparse arena of `capacity` bytes in `dir` (a tmpfs). Nothing is reserved yet.
     pub fn create(dir: &Path, capacity: u64, chunk: u64) -> Result<Self, ArenaError> {
-        let err = |source| ArenaError::Create { dir: dir.to_owned(), source };
+        let err = |source| ArenaError::Create {
+            dir: dir.to_owned(),
+            source,
+        };
         // O_TMPFILE: the file has no name, so a crashed node leaves nothing behind in /dev/shm.
         let file = tempfile::tempfile_in(dir).map_err(err)?;
         file.set_len(capacity).map_err(err)?;
         let map = MmapRaw::map_raw(&file).map_err(err)?;
-        Ok(Self { file, map, dir: dir.to_owned(), capacity, chunk: chunk.max(1 << 20), reserved: AtomicU64::new(0) })
+        Ok(Self {
+            file,
+            map,
+            dir: dir.to_owned(),
+            capacity,
+            chunk: chunk.max(1 << 20),
+            reserved: AtomicU64::new(0),
+        })
     }
 
     pub fn capacity(&self) -> u64 {
@@ -80,17 +96,31 @@ impl ShmArena {
         if end <= reserved {
             return Ok(reserved);
         }
-        let target = end.div_ceil(self.chunk).saturating_mul(self.chunk).min(self.capacity).max(end.min(self.capacity));
+        let target = end
+            .div_ceil(self.chunk)
+            .saturating_mul(self.chunk)
+            .min(self.capacity)
+            .max(end.min(self.capacity));
         let len = target - reserved;
         match nix::fcntl::posix_fallocate(self.file.as_fd(), reserved as i64, len as i64) {
             Ok(()) => {}
             Err(nix::errno::Errno::ENOSPC) => {
-                return Err(ArenaError::NoSpace { dir: self.dir.clone(), requested: len });
+                return Err(ArenaError::NoSpace {
+                    dir: self.dir.clone(),
+                    requested: len,
+                });
             }
-            Err(e) => return Err(ArenaError::Reserve { dir: self.dir.clone(), source: e.into() }),
+            Err(e) => {
+                return Err(ArenaError::Reserve {
+                    dir: self.dir.clone(),
+                    source: e.into(),
+                });
+            }
         }
         // Best effort: populating page tables now keeps first-touch faults off the hot path.
-        let _ = self.map.advise_range(Advice::PopulateWrite, reserved as usize, len as usize);
+        let _ = self
+            .map
+            .advise_range(Advice::PopulateWrite, reserved as usize, len as usize);
         self.reserved.store(target, Ordering::Release);
         Ok(target)
     }
@@ -100,10 +130,15 @@ impl ShmArena {
     /// The caller must own the block `offset..offset + src.len()` (created, unsealed, pinned by
     /// the caller) inside the reserved range.
     pub fn write(&self, offset: u64, src: &[u8]) {
-        assert!(offset + src.len() as u64 <= self.reserved(), "write outside the reserved arena");
+        assert!(
+            offset + src.len() as u64 <= self.reserved(),
+            "write outside the reserved arena"
+        );
         // SAFETY: in bounds of the mapping (checked above); the block is owned by the caller,
         // so no other process reads or writes it concurrently (pin protocol, module doc).
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.base().add(offset as usize), src.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base().add(offset as usize), src.len())
+        }
     }
 
     /// The directory holding the arena's (nameless) file.
@@ -118,7 +153,10 @@ impl ShmArena {
     /// hand out no other view of it while the returned slice lives.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice_mut(&self, offset: u64, len: u64) -> &mut [u8] {
-        assert!(offset + len <= self.reserved(), "write outside the reserved arena");
+        assert!(
+            offset + len <= self.reserved(),
+            "write outside the reserved arena"
+        );
         // SAFETY: in bounds (checked); exclusive per the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.base().add(offset as usize), len as usize) }
     }
@@ -128,7 +166,10 @@ impl ShmArena {
     /// The caller must hold a pin on a sealed object covering the range for as long as the
     /// slice lives, so the bytes are neither freed nor written.
     pub fn slice(&self, offset: u64, len: u64) -> &[u8] {
-        assert!(offset + len <= self.reserved(), "read outside the reserved arena");
+        assert!(
+            offset + len <= self.reserved(),
+            "read outside the reserved arena"
+        );
         // SAFETY: in bounds (checked); immutable while pinned (pin protocol, module doc).
         unsafe { std::slice::from_raw_parts(self.base().add(offset as usize), len as usize) }
     }

@@ -23,7 +23,10 @@ use crate::store::{Block, StoreStats};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("object store socket {path}: {source}")]
-    Connect { path: String, source: std::io::Error },
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("object store connection: {0}")]
     Io(#[from] std::io::Error),
     #[error("object store protocol: {0}")]
@@ -34,9 +37,17 @@ pub enum ClientError {
     #[error("object {0} was not available before the timeout")]
     Timeout(ObjectId),
     #[error("object {id} holds {found}, not {expected}")]
-    WrongType { id: ObjectId, expected: String, found: String },
+    WrongType {
+        id: ObjectId,
+        expected: String,
+        found: String,
+    },
     #[error("object {id} is not a valid archived {ty}: {reason}")]
-    Invalid { id: ObjectId, ty: &'static str, reason: String },
+    Invalid {
+        id: ObjectId,
+        ty: &'static str,
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -93,7 +104,10 @@ pub struct StoreClient {
 impl StoreClient {
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         let (hello, fd) = receive_hello(&stream)?;
         if hello.version != ipc::PROTOCOL_VERSION {
             return Err(ClientError::Protocol(format!(
@@ -105,10 +119,18 @@ impl StoreClient {
         let file = std::fs::File::from(fd);
         let map = MmapRaw::map_raw(&file)?;
         if (map.len() as u64) < hello.capacity {
-            return Err(ClientError::Protocol(format!("arena is {} bytes, the store announced {}", map.len(), hello.capacity)));
+            return Err(ClientError::Protocol(format!(
+                "arena is {} bytes, the store announced {}",
+                map.len(),
+                hello.capacity
+            )));
         }
         const PREFERRED_GRANULE: u64 = 4 << 20;
-        let granule = if hello.chunk % PREFERRED_GRANULE == 0 { PREFERRED_GRANULE } else { hello.chunk.max(4096) };
+        let granule = if hello.chunk % PREFERRED_GRANULE == 0 {
+            PREFERRED_GRANULE
+        } else {
+            hello.chunk.max(4096)
+        };
         let granules = hello.capacity.div_ceil(granule).div_ceil(64) as usize;
         let conn = Conn {
             reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
@@ -140,21 +162,41 @@ impl StoreClient {
     }
 
     /// Creates an object and returns a writer for it; `seal` makes it visible.
-    pub fn create(&self, id: ObjectId, data_size: u64, meta_size: u64) -> Result<ObjectWriter, ClientError> {
-        let block = match self.call(&Request::Create { id, data_size, meta_size })? {
+    pub fn create(
+        &self,
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+    ) -> Result<ObjectWriter, ClientError> {
+        let block = match self.call(&Request::Create {
+            id,
+            data_size,
+            meta_size,
+        })? {
             Reply::Created(b) => b,
             other => return Err(unexpected(other)),
         };
         self.inner.check(block)?;
         self.inner.prefault(block);
-        Ok(ObjectWriter { client: self.clone(), id, block, done: false })
+        Ok(ObjectWriter {
+            client: self.clone(),
+            id,
+            block,
+            done: false,
+        })
     }
 
     /// Stores `data` and `meta` as a sealed object: inline for small objects (one round trip),
     /// else written in place through shared memory.
     pub fn put(&self, id: ObjectId, data: &[u8], meta: &[u8]) -> Result<(), ClientError> {
         if data.len() + meta.len() <= ipc::INLINE_PUT_MAX {
-            return self.call(&Request::Put { id, data: data.to_vec(), meta: meta.to_vec() }).and_then(expect_ok);
+            return self
+                .call(&Request::Put {
+                    id,
+                    data: data.to_vec(),
+                    meta: meta.to_vec(),
+                })
+                .and_then(expect_ok);
         }
         let mut w = self.create(id, data.len() as u64, meta.len() as u64)?;
         w.data_mut().copy_from_slice(data);
@@ -164,35 +206,64 @@ impl StoreClient {
 
     /// Puts several small objects (each at most `ipc::INLINE_PUT_MAX` bytes) in one round
     /// trip. Returns one result per item, in order.
-    pub fn put_many(&self, items: &[(ObjectId, &[u8], &[u8])]) -> Result<Vec<Result<(), ClientError>>, ClientError> {
-        if let Some((id, d, m)) = items.iter().find(|(_, d, m)| d.len() + m.len() > ipc::INLINE_PUT_MAX) {
+    pub fn put_many(
+        &self,
+        items: &[(ObjectId, &[u8], &[u8])],
+    ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+        if let Some((id, d, m)) = items
+            .iter()
+            .find(|(_, d, m)| d.len() + m.len() > ipc::INLINE_PUT_MAX)
+        {
             return Err(ClientError::Store {
                 kind: "TooLarge".into(),
-                message: format!("object {id} has {} bytes; put_many takes objects up to {} bytes, use put", d.len() + m.len(), ipc::INLINE_PUT_MAX),
+                message: format!(
+                    "object {id} has {} bytes; put_many takes objects up to {} bytes, use put",
+                    d.len() + m.len(),
+                    ipc::INLINE_PUT_MAX
+                ),
             });
         }
-        let items = items.iter().map(|(id, d, m)| (*id, d.to_vec(), m.to_vec())).collect::<Vec<_>>();
+        let items = items
+            .iter()
+            .map(|(id, d, m)| (*id, d.to_vec(), m.to_vec()))
+            .collect::<Vec<_>>();
         let n = items.len();
         match self.call(&Request::PutMany { items })? {
-            Reply::Results(r) if r.len() == n => {
-                Ok(r.into_iter().map(|e| e.map_or(Ok(()), |(kind, message)| Err(ClientError::Store { kind, message }))).collect())
-            }
+            Reply::Results(r) if r.len() == n => Ok(r
+                .into_iter()
+                .map(|e| {
+                    e.map_or(Ok(()), |(kind, message)| {
+                        Err(ClientError::Store { kind, message })
+                    })
+                })
+                .collect()),
             other => Err(unexpected(other)),
         }
     }
 
     /// Waits up to `timeout` (`None`: no limit) until all `ids` are sealed on this node, and
     /// returns a view of each that is, `None` for the others.
-    pub fn get(&self, ids: &[ObjectId], timeout: Option<Duration>) -> Result<Vec<Option<ObjectView>>, ClientError> {
+    pub fn get(
+        &self,
+        ids: &[ObjectId],
+        timeout: Option<Duration>,
+    ) -> Result<Vec<Option<ObjectView>>, ClientError> {
         let timeout_ms = timeout.map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64);
-        let blocks = match self.call(&Request::Get { ids: ids.to_vec(), timeout_ms })? {
+        let blocks = match self.call(&Request::Get {
+            ids: ids.to_vec(),
+            timeout_ms,
+        })? {
             Reply::Objects(b) if b.len() == ids.len() => b,
             other => return Err(unexpected(other)),
         };
         let mut views = Vec::with_capacity(ids.len());
         for (id, b) in ids.iter().zip(blocks) {
             // Build every view first so that an error below still releases each pin on drop.
-            views.push(b.map(|block| ObjectView { client: self.clone(), id: *id, block }));
+            views.push(b.map(|block| ObjectView {
+                client: self.clone(),
+                id: *id,
+                block,
+            }));
         }
         for v in views.iter().flatten() {
             self.inner.check(v.block)?;
@@ -201,13 +272,21 @@ impl StoreClient {
     }
 
     /// [`get`](Self::get) of one object, with an error if it is not there in time.
-    pub fn get_one(&self, id: ObjectId, timeout: Option<Duration>) -> Result<ObjectView, ClientError> {
-        self.get(&[id], timeout)?.pop().flatten().ok_or(ClientError::Timeout(id))
+    pub fn get_one(
+        &self,
+        id: ObjectId,
+        timeout: Option<Duration>,
+    ) -> Result<ObjectView, ClientError> {
+        self.get(&[id], timeout)?
+            .pop()
+            .flatten()
+            .ok_or(ClientError::Timeout(id))
     }
 
     /// Deletes objects now, or when their last pin is released.
     pub fn delete(&self, ids: &[ObjectId]) -> Result<(), ClientError> {
-        self.call(&Request::Delete { ids: ids.to_vec() }).and_then(expect_ok)
+        self.call(&Request::Delete { ids: ids.to_vec() })
+            .and_then(expect_ok)
     }
 
     pub fn contains(&self, id: ObjectId) -> Result<bool, ClientError> {
@@ -226,9 +305,19 @@ impl StoreClient {
 
     /// Asks the node to pull `id` from the object manager at `from` (`host:port`) and waits
     /// until the local copy is sealed.
-    pub fn pull(&self, id: ObjectId, from: &str, timeout: Option<Duration>) -> Result<(), ClientError> {
+    pub fn pull(
+        &self,
+        id: ObjectId,
+        from: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(), ClientError> {
         let timeout_ms = timeout.map(|t| t.as_millis() as u64);
-        self.call(&Request::Pull { id, from: from.to_owned(), timeout_ms }).and_then(expect_ok)
+        self.call(&Request::Pull {
+            id,
+            from: from.to_owned(),
+            timeout_ms,
+        })
+        .and_then(expect_ok)
     }
 
     fn lock(&self) -> MutexGuard<'_, Conn> {
@@ -238,14 +327,22 @@ impl StoreClient {
     fn call(&self, req: &Request) -> Result<Reply, ClientError> {
         let mut c = self.lock();
         c.queue_flush()?;
-        let Conn { reader, writer, rbuf, wbuf, .. } = &mut *c;
+        let Conn {
+            reader,
+            writer,
+            rbuf,
+            wbuf,
+            ..
+        } = &mut *c;
         ipc::write_frame(writer, wbuf, req)?;
         writer.flush()?;
         ipc::spin_until_readable(reader.get_ref().as_raw_fd(), ipc::SPIN);
         match ipc::read_frame::<Reply>(reader, rbuf)? {
             Some(Reply::Error { kind, message }) => Err(ClientError::Store { kind, message }),
             Some(r) => Ok(r),
-            None => Err(ClientError::Protocol("the store closed the connection".into())),
+            None => Err(ClientError::Protocol(
+                "the store closed the connection".into(),
+            )),
         }
     }
 
@@ -254,10 +351,9 @@ impl StoreClient {
     fn release(&self, id: ObjectId, size: u64) {
         let mut c = self.lock();
         c.pending.push(id);
-        if (size > DEFERRED_MAX || c.pending.len() >= MAX_PENDING)
-            && c.queue_flush().is_ok() {
-                let _ = c.writer.flush();
-            }
+        if (size > DEFERRED_MAX || c.pending.len() >= MAX_PENDING) && c.queue_flush().is_ok() {
+            let _ = c.writer.flush();
+        }
     }
 
     /// Sends every deferred release now.
@@ -273,7 +369,9 @@ impl Inner {
     fn check(&self, b: Block) -> Result<(), ClientError> {
         match b.offset.checked_add(b.total()) {
             Some(end) if end <= self.map.len() as u64 => Ok(()),
-            _ => Err(ClientError::Protocol(format!("block {b:?} lies outside the arena"))),
+            _ => Err(ClientError::Protocol(format!(
+                "block {b:?} lies outside the arena"
+            ))),
         }
     }
 
@@ -298,14 +396,18 @@ impl Inner {
                 i += 1;
             }
             let (lo, hi) = (run * g, (i * g).min(self.capacity));
-            let _ = self.map.advise_range(Advice::PopulateWrite, lo as usize, (hi - lo) as usize);
+            let _ = self
+                .map
+                .advise_range(Advice::PopulateWrite, lo as usize, (hi - lo) as usize);
         }
     }
 
     fn slice(&self, b: Block) -> &[u8] {
         // SAFETY: `check` proved the range lies inside the mapping; the caller holds a pin on
         // a sealed object, which the store never frees or rewrites while pinned.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(b.offset as usize), b.total() as usize) }
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(b.offset as usize), b.total() as usize)
+        }
     }
 }
 
@@ -325,8 +427,13 @@ fn receive_hello(stream: &UnixStream) -> Result<(Hello, OwnedFd), ClientError> {
     let mut cmsg = nix::cmsg_space!(RawFd);
     let (n, fd) = {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let msg = nix::sys::socket::recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(std::io::Error::from)?;
+        let msg = nix::sys::socket::recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
         let mut fd = None;
         for c in msg.cmsgs().map_err(std::io::Error::from)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
@@ -339,12 +446,14 @@ fn receive_hello(stream: &UnixStream) -> Result<(Hello, OwnedFd), ClientError> {
         }
         (msg.bytes, fd)
     };
-    let fd = fd.ok_or_else(|| ClientError::Protocol("the store sent no arena descriptor".into()))?;
+    let fd =
+        fd.ok_or_else(|| ClientError::Protocol("the store sent no arena descriptor".into()))?;
     buf.truncate(n);
     // The hello frame may arrive in pieces: read the rest plainly.
     let mut rest = std::io::Read::chain(&buf[..], stream);
-    let hello = ipc::read_frame::<Hello>(&mut rest, &mut Vec::new())?
-        .ok_or_else(|| ClientError::Protocol("the store closed the connection during the handshake".into()))?;
+    let hello = ipc::read_frame::<Hello>(&mut rest, &mut Vec::new())?.ok_or_else(|| {
+        ClientError::Protocol("the store closed the connection during the handshake".into())
+    })?;
     Ok((hello, fd))
 }
 
@@ -374,18 +483,30 @@ impl ObjectWriter {
         // SAFETY: `check` proved the range lies inside the mapping; the block was created by
         // this client and is unsealed, so no one else reads or writes it (module invariant),
         // and `&mut self` makes this the only live view.
-        unsafe { std::slice::from_raw_parts_mut(inner.map.as_mut_ptr().add(b.offset as usize), b.total() as usize) }
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                inner.map.as_mut_ptr().add(b.offset as usize),
+                b.total() as usize,
+            )
+        }
     }
 
     /// Seals the object and drops the creator's pin.
     pub fn seal(mut self) -> Result<(), ClientError> {
         self.done = true;
-        self.client.call(&Request::Seal { id: self.id, release: true }).and_then(expect_ok)
+        self.client
+            .call(&Request::Seal {
+                id: self.id,
+                release: true,
+            })
+            .and_then(expect_ok)
     }
 
     pub fn abort(mut self) -> Result<(), ClientError> {
         self.done = true;
-        self.client.call(&Request::Abort { id: self.id }).and_then(expect_ok)
+        self.client
+            .call(&Request::Abort { id: self.id })
+            .and_then(expect_ok)
     }
 }
 
@@ -418,7 +539,11 @@ impl ObjectView {
 
 impl std::fmt::Debug for ObjectView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ObjectView({}, {} + {} bytes)", self.id, self.block.data_size, self.block.meta_size)
+        write!(
+            f,
+            "ObjectView({}, {} + {} bytes)",
+            self.id, self.block.data_size, self.block.meta_size
+        )
     }
 }
 

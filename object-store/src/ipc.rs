@@ -37,20 +37,48 @@ pub struct Hello {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
-    Create { id: ObjectId, data_size: u64, meta_size: u64 },
+    Create {
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+    },
     /// Seal, and with `release` also drop the creator's pin.
-    Seal { id: ObjectId, release: bool },
-    Abort { id: ObjectId },
-    Put { id: ObjectId, data: Vec<u8>, meta: Vec<u8> },
+    Seal {
+        id: ObjectId,
+        release: bool,
+    },
+    Abort {
+        id: ObjectId,
+    },
+    Put {
+        id: ObjectId,
+        data: Vec<u8>,
+        meta: Vec<u8>,
+    },
     /// Several small puts in one round trip; answered with `Results`, one per item.
-    PutMany { items: Vec<(ObjectId, Vec<u8>, Vec<u8>)> },
-    Get { ids: Vec<ObjectId>, timeout_ms: Option<u64> },
-    Release { ids: Vec<ObjectId> },
-    Delete { ids: Vec<ObjectId> },
-    Contains { id: ObjectId },
+    PutMany {
+        items: Vec<(ObjectId, Vec<u8>, Vec<u8>)>,
+    },
+    Get {
+        ids: Vec<ObjectId>,
+        timeout_ms: Option<u64>,
+    },
+    Release {
+        ids: Vec<ObjectId>,
+    },
+    Delete {
+        ids: Vec<ObjectId>,
+    },
+    Contains {
+        id: ObjectId,
+    },
     Stats,
     /// Ask the node to pull a copy from another node's object manager (`host:port`).
-    Pull { id: ObjectId, from: String, timeout_ms: Option<u64> },
+    Pull {
+        id: ObjectId,
+        from: String,
+        timeout_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,7 +90,10 @@ pub enum Reply {
     Stats(StoreStats),
     /// Per-item outcome of a batch: `None` for success, else (kind, message).
     Results(Vec<Option<(String, String)>>),
-    Error { kind: String, message: String },
+    Error {
+        kind: String,
+        message: String,
+    },
 }
 
 /// How long a reader polls a socket before it blocks. A request-reply over a Unix socket
@@ -85,7 +116,11 @@ pub fn spin_until_readable(fd: std::os::fd::RawFd, max: std::time::Duration) {
     }
 }
 
-pub fn write_frame<T: Serialize>(w: &mut impl Write, buf: &mut Vec<u8>, msg: &T) -> std::io::Result<()> {
+pub fn write_frame<T: Serialize>(
+    w: &mut impl Write,
+    buf: &mut Vec<u8>,
+    msg: &T,
+) -> std::io::Result<()> {
     buf.clear();
     buf.extend_from_slice(&[0; 4]);
     let mut out = postcard::to_extend(msg, std::mem::take(buf)).map_err(std::io::Error::other)?;
@@ -97,7 +132,10 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, buf: &mut Vec<u8>, msg: &T)
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream before a frame starts.
-pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<Option<T>> {
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<T>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}
@@ -113,7 +151,9 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read, buf: &mut Vec
     }
     buf.resize(len, 0);
     r.read_exact(buf)?;
-    postcard::from_bytes(buf).map(Some).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    postcard::from_bytes(buf)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]
@@ -125,20 +165,39 @@ mod tests {
         let mut wire = Vec::new();
         let mut buf = Vec::new();
         let id = ObjectId::from_bytes([7; 20]);
-        write_frame(&mut wire, &mut buf, &Request::Put { id, data: vec![1, 2, 3], meta: vec![] }).unwrap();
+        write_frame(
+            &mut wire,
+            &mut buf,
+            &Request::Put {
+                id,
+                data: vec![1, 2, 3],
+                meta: vec![],
+            },
+        )
+        .unwrap();
         write_frame(&mut wire, &mut buf, &Request::Stats).unwrap();
         let mut r = &wire[..];
         match read_frame::<Request>(&mut r, &mut buf).unwrap() {
-            Some(Request::Put { id: got, data, .. }) => assert_eq!((got, data), (id, vec![1, 2, 3])),
+            Some(Request::Put { id: got, data, .. }) => {
+                assert_eq!((got, data), (id, vec![1, 2, 3]))
+            }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(read_frame::<Request>(&mut r, &mut buf).unwrap(), Some(Request::Stats)));
+        assert!(matches!(
+            read_frame::<Request>(&mut r, &mut buf).unwrap(),
+            Some(Request::Stats)
+        ));
         assert!(read_frame::<Request>(&mut r, &mut buf).unwrap().is_none());
 
         let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
         let e = read_frame::<Request>(&mut &huge[..], &mut buf).unwrap_err();
         assert!(e.to_string().contains("larger than the limit"), "{e}");
         let garbage = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
-        assert_eq!(read_frame::<Request>(&mut &garbage[..], &mut buf).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(
+            read_frame::<Request>(&mut &garbage[..], &mut buf)
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::InvalidData
+        );
     }
 }

@@ -35,7 +35,11 @@ pub fn default_capacity(plasma_dir: &std::path::Path) -> u64 {
     let ram = nix::unistd::sysconf(nix::unistd::SysconfVar::_PHYS_PAGES)
         .ok()
         .flatten()
-        .zip(nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten())
+        .zip(
+            nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+                .ok()
+                .flatten(),
+        )
         .map_or(2 << 30, |(pages, size)| pages as u64 * size as u64);
     let free = nix::sys::statvfs::statvfs(plasma_dir)
         .map(|s| s.blocks_available() * s.fragment_size())

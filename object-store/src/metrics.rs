@@ -3,7 +3,7 @@
 //! Gauges are refreshed from [`crate::Store::stats`] by [`record`], which the hosting node
 //! calls periodically; transfer counters are recorded as bytes move.
 
-use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
+use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
 
 use crate::store::StoreStats;
 
@@ -21,18 +21,46 @@ pub const RESTORED_BYTES: &str = "rayctl_object_store_restored_bytes_total";
 pub const TRANSFER_BYTES: &str = "rayctl_object_transfer_bytes_total";
 
 pub fn describe() {
-    describe_gauge!(MEMORY, Unit::Bytes, "object bytes by location: MMAP_SHM (shared memory) or SPILLED (disk only)");
+    describe_gauge!(
+        MEMORY,
+        Unit::Bytes,
+        "object bytes by location: MMAP_SHM (shared memory) or SPILLED (disk only)"
+    );
     describe_gauge!(USED, Unit::Bytes, "bytes of the arena allocated to objects");
     describe_gauge!(AVAILABLE, Unit::Bytes, "capacity minus used bytes");
     describe_gauge!(OBJECTS, "objects held in shared memory");
-    describe_gauge!(CAPACITY, Unit::Bytes, "the store's capacity (--object-store-memory)");
-    describe_gauge!(RESERVED, Unit::Bytes, "shared memory reserved with fallocate so far");
-    describe_gauge!(PINNED, Unit::Bytes, "bytes pinned by readers and writers (never evicted or spilled)");
+    describe_gauge!(
+        CAPACITY,
+        Unit::Bytes,
+        "the store's capacity (--object-store-memory)"
+    );
+    describe_gauge!(
+        RESERVED,
+        Unit::Bytes,
+        "shared memory reserved with fallocate so far"
+    );
+    describe_gauge!(
+        PINNED,
+        Unit::Bytes,
+        "bytes pinned by readers and writers (never evicted or spilled)"
+    );
     describe_gauge!(SPILLED_OBJECTS, "objects held only in the spill directory");
     describe_counter!(EVICTIONS, "secondary copies evicted under memory pressure");
-    describe_counter!(SPILLED_BYTES, Unit::Bytes, "bytes written to the spill directory");
-    describe_counter!(RESTORED_BYTES, Unit::Bytes, "bytes restored from the spill directory");
-    describe_counter!(TRANSFER_BYTES, Unit::Bytes, "object bytes moved between nodes, by direction (sent, received)");
+    describe_counter!(
+        SPILLED_BYTES,
+        Unit::Bytes,
+        "bytes written to the spill directory"
+    );
+    describe_counter!(
+        RESTORED_BYTES,
+        Unit::Bytes,
+        "bytes restored from the spill directory"
+    );
+    describe_counter!(
+        TRANSFER_BYTES,
+        Unit::Bytes,
+        "object bytes moved between nodes, by direction (sent, received)"
+    );
 }
 
 /// Publishes a snapshot of the store.

@@ -5,12 +5,12 @@
 //! Invariant: when a connection ends for any reason, the client's pins are released and its
 //! unsealed objects aborted (`Store::disconnect`), so a killed worker never leaks memory.
 
+use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,8 @@ use crate::store::{Store, StoreError};
 
 /// Pulls an object from another node into the local store; provided by the transfer module
 /// when the node serves the object manager.
-pub type PullHook = Arc<dyn Fn(ObjectId, String, Option<Duration>) -> Result<(), String> + Send + Sync>;
+pub type PullHook =
+    Arc<dyn Fn(ObjectId, String, Option<Duration>) -> Result<(), String> + Send + Sync>;
 
 pub struct StoreServer {
     path: PathBuf,
@@ -34,7 +35,11 @@ pub struct StoreServer {
 
 impl StoreServer {
     /// Binds `path` (replacing a stale socket file) and serves `store` on it.
-    pub fn start(store: Arc<Store>, path: &Path, puller: Option<PullHook>) -> std::io::Result<Self> {
+    pub fn start(
+        store: Arc<Store>,
+        path: &Path,
+        puller: Option<PullHook>,
+    ) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -44,26 +49,40 @@ impl StoreServer {
         let conns = Arc::new(Mutex::new(HashMap::new()));
         let accept = listener.try_clone()?;
         let (s, c) = (stopped.clone(), conns.clone());
-        std::thread::Builder::new().name("object-store-accept".into()).spawn(move || {
-            for (n, conn) in accept.incoming().enumerate() {
-                if s.load(Ordering::Acquire) {
-                    break;
+        std::thread::Builder::new()
+            .name("object-store-accept".into())
+            .spawn(move || {
+                for (n, conn) in accept.incoming().enumerate() {
+                    if s.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    if let Ok(clone) = conn.try_clone() {
+                        c.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(n as u64, clone);
+                    }
+                    let (store, puller, conns) = (store.clone(), puller.clone(), c.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("object-store-conn".into())
+                        .spawn(move || {
+                            serve_client(&store, conn, puller.as_ref());
+                            conns
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&(n as u64));
+                        });
+                    if let Err(e) = spawned {
+                        tracing::error!("cannot start an object store connection thread: {e}");
+                    }
                 }
-                let Ok(conn) = conn else { continue };
-                if let Ok(clone) = conn.try_clone() {
-                    c.lock().unwrap_or_else(|p| p.into_inner()).insert(n as u64, clone);
-                }
-                let (store, puller, conns) = (store.clone(), puller.clone(), c.clone());
-                let spawned = std::thread::Builder::new().name("object-store-conn".into()).spawn(move || {
-                    serve_client(&store, conn, puller.as_ref());
-                    conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&(n as u64));
-                });
-                if let Err(e) = spawned {
-                    tracing::error!("cannot start an object store connection thread: {e}");
-                }
-            }
-        })?;
-        Ok(Self { path: path.to_owned(), listener, stopped, conns })
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            listener,
+            stopped,
+            conns,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -74,7 +93,8 @@ impl StoreServer {
     /// socket file.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         // Wake the accept loop on kernels where shutdown does not.
         let _ = UnixStream::connect(&self.path);
         for (_, c) in self.conns.lock().unwrap_or_else(|p| p.into_inner()).drain() {
@@ -102,11 +122,17 @@ fn serve_client(store: &Store, conn: UnixStream, puller: Option<&PullHook>) {
         let Some(p) = &peek else { return false };
         let mut b = [0u8; 1];
         matches!(
-            nix::sys::socket::recv(p.as_raw_fd(), &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+            nix::sys::socket::recv(
+                p.as_raw_fd(),
+                &mut b,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+            ),
             Ok(0)
         )
     };
-    let Ok(write_half) = conn.try_clone() else { return };
+    let Ok(write_half) = conn.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::with_capacity(64 * 1024, conn);
     let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
     let (mut rbuf, mut wbuf) = (Vec::new(), Vec::new());
@@ -120,7 +146,14 @@ fn serve_client(store: &Store, conn: UnixStream, puller: Option<&PullHook>) {
             Ok(None) => break,
             Err(e) => {
                 tracing::debug!("object store client sent a bad frame: {e}");
-                let _ = ipc::write_frame(&mut writer, &mut wbuf, &Reply::Error { kind: "Protocol".into(), message: e.to_string() });
+                let _ = ipc::write_frame(
+                    &mut writer,
+                    &mut wbuf,
+                    &Reply::Error {
+                        kind: "Protocol".into(),
+                        message: e.to_string(),
+                    },
+                );
                 let _ = writer.flush();
                 break;
             }
@@ -128,7 +161,10 @@ fn serve_client(store: &Store, conn: UnixStream, puller: Option<&PullHook>) {
         let reply = match handle(store, client, req, puller, &gone) {
             None => continue,
             Some(Ok(r)) => r,
-            Some(Err(e)) => Reply::Error { kind: e.kind().into(), message: e.to_string() },
+            Some(Err(e)) => Reply::Error {
+                kind: e.kind().into(),
+                message: e.to_string(),
+            },
         };
         if ipc::write_frame(&mut writer, &mut wbuf, &reply).is_err() {
             break;
@@ -144,10 +180,24 @@ fn serve_client(store: &Store, conn: UnixStream, puller: Option<&PullHook>) {
 
 fn send_hello(store: &Store, conn: &UnixStream) -> std::io::Result<()> {
     let mut frame = Vec::new();
-    ipc::write_frame(&mut frame, &mut Vec::new(), &Hello { version: ipc::PROTOCOL_VERSION, capacity: store.arena().capacity(), chunk: store.arena().chunk() })?;
+    ipc::write_frame(
+        &mut frame,
+        &mut Vec::new(),
+        &Hello {
+            version: ipc::PROTOCOL_VERSION,
+            capacity: store.arena().capacity(),
+            chunk: store.arena().chunk(),
+        },
+    )?;
     let fds = [store.arena().fd().as_raw_fd()];
     let iov = [std::io::IoSlice::new(&frame)];
-    let sent = nix::sys::socket::sendmsg::<()>(conn.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)?;
+    let sent = nix::sys::socket::sendmsg::<()>(
+        conn.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )?;
     if sent != frame.len() {
         // The fd went with the first byte; send the rest plainly.
         (&*conn).write_all(&frame[sent..])?;
@@ -165,17 +215,39 @@ fn handle(
 ) -> Option<Result<Reply, StoreError>> {
     let timeout = |ms: Option<u64>| ms.map(Duration::from_millis);
     Some(match req {
-        Request::Create { id, data_size, meta_size } => store.create(client, id, data_size, meta_size, true).map(Reply::Created),
-        Request::Seal { id, release } => store.seal(client, id).and_then(|()| if release { store.release(client, id) } else { Ok(()) }).map(|()| Reply::Ok),
+        Request::Create {
+            id,
+            data_size,
+            meta_size,
+        } => store
+            .create(client, id, data_size, meta_size, true)
+            .map(Reply::Created),
+        Request::Seal { id, release } => store
+            .seal(client, id)
+            .and_then(|()| {
+                if release {
+                    store.release(client, id)
+                } else {
+                    Ok(())
+                }
+            })
+            .map(|()| Reply::Ok),
         Request::Abort { id } => store.abort(client, id).map(|()| Reply::Ok),
         Request::Put { id, data, meta } => store.put(id, &data, &meta, true).map(|()| Reply::Ok),
         Request::PutMany { items } => Ok(Reply::Results(
             items
                 .into_iter()
-                .map(|(id, data, meta)| store.put(id, &data, &meta, true).err().map(|e| (e.kind().to_owned(), e.to_string())))
+                .map(|(id, data, meta)| {
+                    store
+                        .put(id, &data, &meta, true)
+                        .err()
+                        .map(|e| (e.kind().to_owned(), e.to_string()))
+                })
                 .collect(),
         )),
-        Request::Get { ids, timeout_ms } => store.get(client, &ids, timeout(timeout_ms), gone).map(Reply::Objects),
+        Request::Get { ids, timeout_ms } => store
+            .get(client, &ids, timeout(timeout_ms), gone)
+            .map(Reply::Objects),
         Request::Release { ids } => {
             for id in ids {
                 if let Err(e) = store.release(client, id) {
@@ -190,11 +262,21 @@ fn handle(
         }
         Request::Contains { id } => Ok(Reply::Bool(store.contains(&id))),
         Request::Stats => Ok(Reply::Stats(store.stats())),
-        Request::Pull { id, from, timeout_ms } => Ok(match puller {
-            None => Reply::Error { kind: "Unsupported".into(), message: "this store has no object manager to pull with".into() },
+        Request::Pull {
+            id,
+            from,
+            timeout_ms,
+        } => Ok(match puller {
+            None => Reply::Error {
+                kind: "Unsupported".into(),
+                message: "this store has no object manager to pull with".into(),
+            },
             Some(p) => match p(id, from, timeout(timeout_ms)) {
                 Ok(()) => Reply::Ok,
-                Err(message) => Reply::Error { kind: "PullFailed".into(), message },
+                Err(message) => Reply::Error {
+                    kind: "PullFailed".into(),
+                    message,
+                },
             },
         }),
     })

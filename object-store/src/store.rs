@@ -51,21 +51,49 @@ pub enum StoreError {
     NotCreator(ObjectId),
     #[error("object {0} is not pinned by this client")]
     NotPinned(ObjectId),
-    #[error("object {id} needs {requested} bytes, more than the store's capacity of {capacity} bytes")]
-    TooLarge { id: ObjectId, requested: u64, capacity: u64 },
+    #[error(
+        "object {id} needs {requested} bytes, more than the store's capacity of {capacity} bytes"
+    )]
+    TooLarge {
+        id: ObjectId,
+        requested: u64,
+        capacity: u64,
+    },
     #[error(
         "ObjectStoreFull: object {id} needs {requested} bytes; {available} of {capacity} bytes could be \
          freed but {pinned} bytes are pinned by readers or writers"
     )]
-    ObjectStoreFull { id: ObjectId, requested: u64, available: u64, pinned: u64, capacity: u64 },
-    #[error("object {id} needs {requested} bytes but {dir} is full: {reserved} bytes of object store memory could be reserved there")]
-    ShmFull { id: ObjectId, requested: u64, dir: PathBuf, reserved: u64 },
-    #[error("OutOfDisk: cannot spill {requested} bytes to {dir}: no space left on the spill device")]
+    ObjectStoreFull {
+        id: ObjectId,
+        requested: u64,
+        available: u64,
+        pinned: u64,
+        capacity: u64,
+    },
+    #[error(
+        "object {id} needs {requested} bytes but {dir} is full: {reserved} bytes of object store memory could be reserved there"
+    )]
+    ShmFull {
+        id: ObjectId,
+        requested: u64,
+        dir: PathBuf,
+        reserved: u64,
+    },
+    #[error(
+        "OutOfDisk: cannot spill {requested} bytes to {dir}: no space left on the spill device"
+    )]
     OutOfDisk { dir: PathBuf, requested: u64 },
     #[error("spill file {path} of object {id} is corrupt: {reason}")]
-    CorruptSpill { id: ObjectId, path: PathBuf, reason: String },
+    CorruptSpill {
+        id: ObjectId,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("object store I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Arena(#[from] ArenaError),
 }
@@ -151,7 +179,13 @@ struct Entry {
 
 impl Entry {
     /// A new in-memory object: unsealed with its creator, or sealed when `creator` is `None`.
-    fn new(data_size: u64, meta_size: u64, offset: u64, creator: Option<ClientId>, primary: bool) -> Self {
+    fn new(
+        data_size: u64,
+        meta_size: u64,
+        offset: u64,
+        creator: Option<ClientId>,
+        primary: bool,
+    ) -> Self {
         Self {
             data_size,
             meta_size,
@@ -168,7 +202,11 @@ impl Entry {
     }
 
     fn block(&self) -> Option<Block> {
-        self.offset.map(|offset| Block { offset, data_size: self.data_size, meta_size: self.meta_size })
+        self.offset.map(|offset| Block {
+            offset,
+            data_size: self.data_size,
+            meta_size: self.meta_size,
+        })
     }
     fn alloc_len(&self) -> u64 {
         alloc::round_up(self.data_size + self.meta_size).unwrap_or(u64::MAX)
@@ -194,7 +232,11 @@ struct State {
 impl State {
     fn lru_remove(&mut self, id: &ObjectId) {
         if let Some(e) = self.objects.get(id) {
-            let list = if e.primary { &mut self.lru_primary } else { &mut self.lru_secondary };
+            let list = if e.primary {
+                &mut self.lru_primary
+            } else {
+                &mut self.lru_secondary
+            };
             list.remove(&e.tick);
         }
     }
@@ -204,11 +246,19 @@ impl State {
         self.tick += 1;
         let tick = self.tick;
         if let Some(e) = self.objects.get_mut(&id)
-            && e.sealed && e.pins == 0 && e.offset.is_some() && !e.delete_pending {
-                e.tick = tick;
-                let list = if e.primary { &mut self.lru_primary } else { &mut self.lru_secondary };
-                list.insert(tick, id);
-            }
+            && e.sealed
+            && e.pins == 0
+            && e.offset.is_some()
+            && !e.delete_pending
+        {
+            e.tick = tick;
+            let list = if e.primary {
+                &mut self.lru_primary
+            } else {
+                &mut self.lru_secondary
+            };
+            list.insert(tick, id);
+        }
     }
 
     fn pin(&mut self, client: ClientId, id: ObjectId) {
@@ -223,7 +273,11 @@ impl State {
 
     /// Drops one pin; returns true if the object is now unpinned.
     fn unpin(&mut self, client: ClientId, id: ObjectId) -> Result<bool, StoreError> {
-        let held = self.pins.get_mut(&client).and_then(|m| m.get_mut(&id)).ok_or(StoreError::NotPinned(id))?;
+        let held = self
+            .pins
+            .get_mut(&client)
+            .and_then(|m| m.get_mut(&id))
+            .ok_or(StoreError::NotPinned(id))?;
         *held -= 1;
         if *held == 0 {
             self.pins.get_mut(&client).map(|m| m.remove(&id));
@@ -254,8 +308,15 @@ pub struct Store {
 
 impl Store {
     pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
-        let arena = ShmArena::create(&cfg.plasma_dir, cfg.capacity & !(alloc::ALIGN - 1), cfg.chunk)?;
-        std::fs::create_dir_all(&cfg.spill_dir).map_err(|source| StoreError::Io { path: cfg.spill_dir.clone(), source })?;
+        let arena = ShmArena::create(
+            &cfg.plasma_dir,
+            cfg.capacity & !(alloc::ALIGN - 1),
+            cfg.chunk,
+        )?;
+        std::fs::create_dir_all(&cfg.spill_dir).map_err(|source| StoreError::Io {
+            path: cfg.spill_dir.clone(),
+            source,
+        })?;
         Ok(Self {
             arena,
             state: Mutex::new(State::default()),
@@ -284,17 +345,31 @@ impl Store {
     }
 
     /// Creates an unsealed object and pins it for `client`, making room if needed.
-    pub fn create(&self, client: ClientId, id: ObjectId, data_size: u64, meta_size: u64, primary: bool) -> Result<Block, StoreError> {
+    pub fn create(
+        &self,
+        client: ClientId,
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+        primary: bool,
+    ) -> Result<Block, StoreError> {
         let need = self.check_size(id, data_size, meta_size)?;
         let mut st = self.lock();
         if st.objects.contains_key(&id) {
             return Err(StoreError::AlreadyExists(id));
         }
         let offset = self.make_room(&mut st, id, need)?;
-        st.objects.insert(id, Entry::new(data_size, meta_size, offset, Some(client), primary));
+        st.objects.insert(
+            id,
+            Entry::new(data_size, meta_size, offset, Some(client), primary),
+        );
         st.pin(client, id);
         self.kick_spiller(&st);
-        Ok(Block { offset, data_size, meta_size })
+        Ok(Block {
+            offset,
+            data_size,
+            meta_size,
+        })
     }
 
     /// Seals an object: from now on it is immutable and visible to `get`. The creator keeps its
@@ -311,7 +386,12 @@ impl Store {
     }
 
     /// Seals an object whose checksum the caller already computed (a pulled copy).
-    pub(crate) fn seal_with_crc(&self, client: ClientId, id: ObjectId, crc: u32) -> Result<(), StoreError> {
+    pub(crate) fn seal_with_crc(
+        &self,
+        client: ClientId,
+        id: ObjectId,
+        crc: u32,
+    ) -> Result<(), StoreError> {
         self.seal(client, id)?;
         if let Some(e) = self.lock().objects.get_mut(&id) {
             e.crc = Some(crc);
@@ -330,7 +410,13 @@ impl Store {
     }
 
     /// Create, copy, seal and release in one step, for small objects sent inline.
-    pub fn put(&self, id: ObjectId, data: &[u8], meta: &[u8], primary: bool) -> Result<(), StoreError> {
+    pub fn put(
+        &self,
+        id: ObjectId,
+        data: &[u8],
+        meta: &[u8],
+        primary: bool,
+    ) -> Result<(), StoreError> {
         let (data_size, meta_size) = (data.len() as u64, meta.len() as u64);
         let need = self.check_size(id, data_size, meta_size)?;
         let mut st = self.lock();
@@ -342,7 +428,8 @@ impl Store {
         // block before the entry exists.
         self.arena.write(offset, data);
         self.arena.write(offset + data_size, meta);
-        st.objects.insert(id, Entry::new(data_size, meta_size, offset, None, primary));
+        st.objects
+            .insert(id, Entry::new(data_size, meta_size, offset, None, primary));
         st.lru_touch(id);
         self.kick_spiller(&st);
         drop(st);
@@ -356,10 +443,11 @@ impl Store {
         let limit = (self.arena.capacity() as f64 * DEFAULT_SPILL_THRESHOLD) as u64;
         if st.alloc.used_bytes().saturating_sub(st.spilled_ahead_bytes) > limit
             && let Ok(mut w) = self.spill_wanted.try_lock()
-                && !*w {
-                    *w = true;
-                    self.spill_kick.notify_one();
-                }
+            && !*w
+        {
+            *w = true;
+            self.spill_kick.notify_one();
+        }
     }
 
     /// The allocation size of an object, or `TooLarge`.
@@ -367,7 +455,11 @@ impl Store {
         let capacity = self.arena.capacity();
         match data_size.checked_add(meta_size).and_then(alloc::round_up) {
             Some(n) if n <= capacity => Ok(n),
-            _ => Err(StoreError::TooLarge { id, requested: data_size.saturating_add(meta_size), capacity }),
+            _ => Err(StoreError::TooLarge {
+                id,
+                requested: data_size.saturating_add(meta_size),
+                capacity,
+            }),
         }
     }
 
@@ -384,14 +476,24 @@ impl Store {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.lock();
         loop {
-            let ready = ids.iter().all(|id| st.objects.get(id).is_some_and(|e| e.sealed && !e.delete_pending));
+            let ready = ids.iter().all(|id| {
+                st.objects
+                    .get(id)
+                    .is_some_and(|e| e.sealed && !e.delete_pending)
+            });
             let now = Instant::now();
             if ready || deadline.is_some_and(|d| now >= d) || cancelled() {
                 break;
             }
             // Wake at least every 100 ms to notice a client that went away.
-            let slice = deadline.map_or(Duration::from_millis(100), |d| (d - now).min(Duration::from_millis(100)));
-            st = self.sealed.wait_timeout(st, slice).unwrap_or_else(|p| p.into_inner()).0;
+            let slice = deadline.map_or(Duration::from_millis(100), |d| {
+                (d - now).min(Duration::from_millis(100))
+            });
+            st = self
+                .sealed
+                .wait_timeout(st, slice)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         let mut out = Vec::with_capacity(ids.len());
         for &id in ids {
@@ -408,8 +510,15 @@ impl Store {
         Ok(out)
     }
 
-    fn pin_for_read(&self, st: &mut State, client: ClientId, id: ObjectId) -> Result<Option<Block>, StoreError> {
-        let Some(e) = st.objects.get(&id) else { return Ok(None) };
+    fn pin_for_read(
+        &self,
+        st: &mut State,
+        client: ClientId,
+        id: ObjectId,
+    ) -> Result<Option<Block>, StoreError> {
+        let Some(e) = st.objects.get(&id) else {
+            return Ok(None);
+        };
         if !e.sealed || e.delete_pending {
             return Ok(None);
         }
@@ -449,7 +558,9 @@ impl Store {
         let mut st = self.lock();
         let mut now = 0;
         for id in ids {
-            let Some(e) = st.objects.get_mut(id) else { continue };
+            let Some(e) = st.objects.get_mut(id) else {
+                continue;
+            };
             if e.pins > 0 {
                 e.delete_pending = true;
             } else {
@@ -463,25 +574,40 @@ impl Store {
     /// Deletes every object whose id starts with `prefix` (the objects of an owner that went
     /// away); returns how many there were.
     pub fn delete_with_prefix(&self, prefix: &[u8]) -> usize {
-        let ids: Vec<ObjectId> = self.lock().objects.keys().filter(|id| id.as_bytes().starts_with(prefix)).copied().collect();
+        let ids: Vec<ObjectId> = self
+            .lock()
+            .objects
+            .keys()
+            .filter(|id| id.as_bytes().starts_with(prefix))
+            .copied()
+            .collect();
         self.delete(&ids);
         ids.len()
     }
 
     /// True if the object is sealed here, in memory or spilled.
     pub fn contains(&self, id: &ObjectId) -> bool {
-        self.lock().objects.get(id).is_some_and(|e| e.sealed && !e.delete_pending)
+        self.lock()
+            .objects
+            .get(id)
+            .is_some_and(|e| e.sealed && !e.delete_pending)
     }
 
     /// Releases every pin of a client that went away and aborts its unsealed objects.
     pub fn disconnect(&self, client: ClientId) {
         let mut st = self.lock();
-        let held: Vec<(ObjectId, u32)> = st.pins.get(&client).map(|m| m.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default();
+        let held: Vec<(ObjectId, u32)> = st
+            .pins
+            .get(&client)
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default();
         for (id, n) in held {
             for _ in 0..n {
                 let _ = st.unpin(client, id);
             }
-            let Some(e) = st.objects.get(&id) else { continue };
+            let Some(e) = st.objects.get(&id) else {
+                continue;
+            };
             if e.pins == 0 && (!e.sealed || e.delete_pending) {
                 Self::remove(&mut st, &self.spill_dir, id);
             }
@@ -548,7 +674,12 @@ impl Store {
             }
             let capacity = self.arena.capacity();
             return Err(if shm_full {
-                StoreError::ShmFull { id, requested: need, dir: self.arena_dir(), reserved: self.arena.reserved() }
+                StoreError::ShmFull {
+                    id,
+                    requested: need,
+                    dir: self.arena_dir(),
+                    reserved: self.arena.reserved(),
+                }
             } else {
                 StoreError::ObjectStoreFull {
                     id,
@@ -571,7 +702,12 @@ impl Store {
         let e = &st.objects[&id];
         let b = e.block().expect("an LRU object is in memory");
         if !e.spilled {
-            let crc = write_spill_file(&self.spill_dir, id, self.arena.slice(b.offset, b.total()), b.data_size)?;
+            let crc = write_spill_file(
+                &self.spill_dir,
+                id,
+                self.arena.slice(b.offset, b.total()),
+                b.data_size,
+            )?;
             self.spilled_bytes.fetch_add(b.total(), Ordering::Relaxed);
             let e = st.objects.get_mut(&id).expect("exists");
             e.spilled = true;
@@ -601,14 +737,28 @@ impl Store {
                 if st.alloc.used_bytes().saturating_sub(st.spilled_ahead_bytes) <= limit {
                     return Ok(written);
                 }
-                let Some((tick, id)) = st.lru_primary.iter().map(|(t, id)| (*t, *id)).find(|(_, id)| !st.objects[id].spilled) else {
+                let Some((tick, id)) = st
+                    .lru_primary
+                    .iter()
+                    .map(|(t, id)| (*t, *id))
+                    .find(|(_, id)| !st.objects[id].spilled)
+                else {
                     return Ok(written);
                 };
                 st.pin(SPILLER, id);
-                (id, st.objects[&id].block().expect("an LRU object is in memory"), tick)
+                (
+                    id,
+                    st.objects[&id].block().expect("an LRU object is in memory"),
+                    tick,
+                )
             };
             // The pin keeps the block in place and the sealed bytes never change.
-            let res = write_spill_file(&self.spill_dir, id, self.arena.slice(block.offset, block.total()), block.data_size);
+            let res = write_spill_file(
+                &self.spill_dir,
+                id,
+                self.arena.slice(block.offset, block.total()),
+                block.data_size,
+            );
             let mut st = self.lock();
             if let Ok(crc) = &res {
                 let e = st.objects.get_mut(&id).expect("a pinned object exists");
@@ -616,7 +766,8 @@ impl Store {
                 e.crc.get_or_insert(*crc);
                 st.spilled_ahead_bytes += block.total();
                 written += block.total();
-                self.spilled_bytes.fetch_add(block.total(), Ordering::Relaxed);
+                self.spilled_bytes
+                    .fetch_add(block.total(), Ordering::Relaxed);
             }
             if st.unpin(SPILLER, id).expect("the spiller holds a pin") {
                 if st.objects[&id].delete_pending {
@@ -635,18 +786,28 @@ impl Store {
 
     /// Runs [`spill_ahead`](Self::spill_ahead) in a background thread every `period` (and
     /// when a create finds the store above the threshold) until the store is dropped.
-    pub fn start_spiller(self: &std::sync::Arc<Self>, threshold: f64, period: Duration) -> std::io::Result<()> {
+    pub fn start_spiller(
+        self: &std::sync::Arc<Self>,
+        threshold: f64,
+        period: Duration,
+    ) -> std::io::Result<()> {
         let weak = std::sync::Arc::downgrade(self);
-        std::thread::Builder::new().name("object-store-spiller".into()).spawn(move || {
-            while let Some(store) = weak.upgrade() {
-                if let Err(e) = store.spill_ahead(threshold) {
-                    tracing::warn!("spilling ahead failed: {e}");
+        std::thread::Builder::new()
+            .name("object-store-spiller".into())
+            .spawn(move || {
+                while let Some(store) = weak.upgrade() {
+                    if let Err(e) = store.spill_ahead(threshold) {
+                        tracing::warn!("spilling ahead failed: {e}");
+                    }
+                    let wanted = store.spill_wanted.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut wanted = store
+                        .spill_kick
+                        .wait_timeout(wanted, period)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    *wanted = false;
                 }
-                let wanted = store.spill_wanted.lock().unwrap_or_else(|p| p.into_inner());
-                let mut wanted = store.spill_kick.wait_timeout(wanted, period).unwrap_or_else(|p| p.into_inner()).0;
-                *wanted = false;
-            }
-        })?;
+            })?;
         Ok(())
     }
 
@@ -679,7 +840,9 @@ impl Store {
     /// object.
     fn remove(st: &mut State, spill_dir: &Path, id: ObjectId) {
         st.lru_remove(&id);
-        let Some(e) = st.objects.remove(&id) else { return };
+        let Some(e) = st.objects.remove(&id) else {
+            return;
+        };
         debug_assert_eq!(e.pins, 0);
         match e.offset {
             Some(off) => {
@@ -719,7 +882,12 @@ fn spill_path(dir: &Path, id: ObjectId) -> PathBuf {
 
 /// Writes `<dir>/<id>` as header (magic, data size, crc) + bytes, through a temporary file so
 /// a reader never sees a partial one. On any error the temporary file is removed.
-fn write_spill_file(dir: &Path, id: ObjectId, bytes: &[u8], data_size: u64) -> Result<u32, StoreError> {
+fn write_spill_file(
+    dir: &Path,
+    id: ObjectId,
+    bytes: &[u8],
+    data_size: u64,
+) -> Result<u32, StoreError> {
     let path = spill_path(dir, id);
     let tmp = dir.join(format!("{id}.tmp"));
     let crc = crc32fast::hash(bytes);
@@ -737,8 +905,13 @@ fn write_spill_file(dir: &Path, id: ObjectId, bytes: &[u8], data_size: u64) -> R
         Ok(()) => Ok(crc),
         Err(source) => {
             let _ = std::fs::remove_file(&tmp);
-            if source.raw_os_error() == Some(nix::libc::ENOSPC) || source.raw_os_error() == Some(nix::libc::EDQUOT) {
-                Err(StoreError::OutOfDisk { dir: dir.to_owned(), requested: (bytes.len() + SPILL_HEADER) as u64 })
+            if source.raw_os_error() == Some(nix::libc::ENOSPC)
+                || source.raw_os_error() == Some(nix::libc::EDQUOT)
+            {
+                Err(StoreError::OutOfDisk {
+                    dir: dir.to_owned(),
+                    requested: (bytes.len() + SPILL_HEADER) as u64,
+                })
             } else {
                 Err(StoreError::Io { path: tmp, source })
             }
@@ -746,17 +919,36 @@ fn write_spill_file(dir: &Path, id: ObjectId, bytes: &[u8], data_size: u64) -> R
     }
 }
 
-fn read_spill_file(dir: &Path, id: ObjectId, dst: &mut [u8], data_size: u64, crc: Option<u32>) -> Result<(), StoreError> {
+fn read_spill_file(
+    dir: &Path,
+    id: ObjectId,
+    dst: &mut [u8],
+    data_size: u64,
+    crc: Option<u32>,
+) -> Result<(), StoreError> {
     let path = spill_path(dir, id);
-    let corrupt = |reason: String| StoreError::CorruptSpill { id, path: path.clone(), reason };
-    let mut f = File::open(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+    let corrupt = |reason: String| StoreError::CorruptSpill {
+        id,
+        path: path.clone(),
+        reason,
+    };
+    let mut f = File::open(&path).map_err(|source| StoreError::Io {
+        path: path.clone(),
+        source,
+    })?;
     let mut header = [0u8; SPILL_HEADER];
-    let io = |source| StoreError::Io { path: path.clone(), source };
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
     f.read_exact(&mut header).map_err(io)?;
     if &header[..8] != SPILL_MAGIC || header[8..16] != data_size.to_le_bytes() {
         return Err(corrupt("bad header".into()));
     }
-    f.read_exact(dst).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+    f.read_exact(dst).map_err(|source| StoreError::Io {
+        path: path.clone(),
+        source,
+    })?;
     let want = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
     let got = crc32fast::hash(dst);
     if got != want || crc.is_some_and(|c| c != got) {
@@ -789,7 +981,9 @@ mod tests {
     }
 
     fn bytes(seed: u8, len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     fn read(s: &Store, b: Block) -> Vec<u8> {
@@ -801,18 +995,36 @@ mod tests {
         let (s, _d) = store(1 << 20);
         let (a, b) = (s.new_client(), s.new_client());
         let blk = s.create(a, oid(1), 10, 2, true).unwrap();
-        assert!(matches!(s.create(b, oid(1), 1, 0, true), Err(StoreError::AlreadyExists(_))));
+        assert!(matches!(
+            s.create(b, oid(1), 1, 0, true),
+            Err(StoreError::AlreadyExists(_))
+        ));
         assert!(matches!(s.seal(b, oid(1)), Err(StoreError::NotCreator(_))));
         // Unsealed objects are invisible to get.
-        assert_eq!(s.get(b, &[oid(1)], Some(Duration::ZERO), &|| false).unwrap(), vec![None]);
+        assert_eq!(
+            s.get(b, &[oid(1)], Some(Duration::ZERO), &|| false)
+                .unwrap(),
+            vec![None]
+        );
         s.arena().write(blk.offset, &bytes(1, 12));
         s.seal(a, oid(1)).unwrap();
-        assert!(matches!(s.seal(a, oid(1)), Err(StoreError::AlreadySealed(_))));
-        assert!(matches!(s.abort(a, oid(1)), Err(StoreError::AlreadySealed(_))));
-        let got = s.get(b, &[oid(1), oid(2)], Some(Duration::ZERO), &|| false).unwrap();
+        assert!(matches!(
+            s.seal(a, oid(1)),
+            Err(StoreError::AlreadySealed(_))
+        ));
+        assert!(matches!(
+            s.abort(a, oid(1)),
+            Err(StoreError::AlreadySealed(_))
+        ));
+        let got = s
+            .get(b, &[oid(1), oid(2)], Some(Duration::ZERO), &|| false)
+            .unwrap();
         assert_eq!(got[1], None);
         assert_eq!(read(&s, got[0].unwrap()), bytes(1, 12));
-        assert!(matches!(s.release(b, oid(2)), Err(StoreError::NotPinned(_))));
+        assert!(matches!(
+            s.release(b, oid(2)),
+            Err(StoreError::NotPinned(_))
+        ));
         // Deleting a pinned object waits for its pins.
         s.release(a, oid(1)).unwrap();
         assert_eq!(s.delete(&[oid(1)]), 0);
@@ -820,7 +1032,17 @@ mod tests {
         s.release(b, oid(1)).unwrap();
         assert_eq!(s.stats().used, 0);
         let e = s.create(a, oid(3), 2 << 20, 0, true).unwrap_err();
-        assert!(matches!(e, StoreError::TooLarge { requested: 2097152, capacity: 1048576, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                StoreError::TooLarge {
+                    requested: 2097152,
+                    capacity: 1048576,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -832,13 +1054,18 @@ mod tests {
         let s2 = s.clone();
         let waiter = std::thread::spawn(move || {
             let r = s2.new_client();
-            s2.get(r, &[oid(1)], Some(Duration::from_secs(30)), &|| false).unwrap()
+            s2.get(r, &[oid(1)], Some(Duration::from_secs(30)), &|| false)
+                .unwrap()
         });
         std::thread::sleep(Duration::from_millis(50));
         s.seal(c, oid(1)).unwrap();
         assert!(waiter.join().unwrap()[0].is_some());
         let t = Instant::now();
-        assert_eq!(s.get(c, &[oid(9)], Some(Duration::from_millis(200)), &|| false).unwrap(), vec![None]);
+        assert_eq!(
+            s.get(c, &[oid(9)], Some(Duration::from_millis(200)), &|| false)
+                .unwrap(),
+            vec![None]
+        );
         assert!(t.elapsed() >= Duration::from_millis(200));
         // A cancelled wait returns early.
         assert_eq!(s.get(c, &[oid(9)], None, &|| true).unwrap(), vec![None]);
@@ -879,15 +1106,24 @@ mod tests {
         assert_eq!((st.objects_spilled, st.spilled), (1, chunk as u64));
         assert!(d.path().join("spill").join(oid(2).to_string()).exists());
         assert!(s.contains(&oid(2)));
-        let b = s.get(c, &[oid(2)], Some(Duration::ZERO), &|| false).unwrap()[0].unwrap();
+        let b = s
+            .get(c, &[oid(2)], Some(Duration::ZERO), &|| false)
+            .unwrap()[0]
+            .unwrap();
         assert_eq!(read(&s, b), bytes(2, chunk));
         assert_eq!(s.stats().restored_bytes_total, chunk as u64);
         // Everything pinned: now, and only now, the store is full.
         for i in 3..=5 {
-            s.get(c, &[oid(i)], Some(Duration::ZERO), &|| false).unwrap();
+            s.get(c, &[oid(i)], Some(Duration::ZERO), &|| false)
+                .unwrap();
         }
         match s.create(c, oid(7), 1, 0, true).unwrap_err() {
-            StoreError::ObjectStoreFull { requested: 64, pinned, capacity: 262144, .. } => assert_eq!(pinned, 4 * chunk as u64),
+            StoreError::ObjectStoreFull {
+                requested: 64,
+                pinned,
+                capacity: 262144,
+                ..
+            } => assert_eq!(pinned, 4 * chunk as u64),
             other => panic!("unexpected {other}"),
         }
         // Delete removes the spill file too.
@@ -906,14 +1142,27 @@ mod tests {
         // Above 50 %: the two oldest get disk copies and stay in memory.
         assert_eq!(s.spill_ahead(0.5).unwrap(), 2 * chunk as u64);
         let st = s.stats();
-        assert_eq!((st.objects_in_memory, st.objects_spilled, st.spilled_bytes_total), (4, 0, 2 * chunk as u64));
+        assert_eq!(
+            (
+                st.objects_in_memory,
+                st.objects_spilled,
+                st.spilled_bytes_total
+            ),
+            (4, 0, 2 * chunk as u64)
+        );
         assert!(d.path().join("spill").join(oid(1).to_string()).exists());
         // Room for two more is made by dropping those copies: no new writes.
         s.put(oid(5), &bytes(5, chunk), b"", true).unwrap();
         s.put(oid(6), &bytes(6, chunk), b"", true).unwrap();
         let st = s.stats();
-        assert_eq!((st.objects_spilled, st.spilled_bytes_total), (2, 2 * chunk as u64));
-        let b = s.get(1, &[oid(1)], Some(Duration::ZERO), &|| false).unwrap()[0].unwrap();
+        assert_eq!(
+            (st.objects_spilled, st.spilled_bytes_total),
+            (2, 2 * chunk as u64)
+        );
+        let b = s
+            .get(1, &[oid(1)], Some(Duration::ZERO), &|| false)
+            .unwrap()[0]
+            .unwrap();
         assert_eq!(read(&s, b), bytes(1, chunk));
     }
 

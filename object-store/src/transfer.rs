@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use protocol::ObjectId;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, OmClient};
 use protocol::pb;
-use protocol::ObjectId;
 use tokio::sync::Semaphore;
 
 use crate::store::{NODE_CLIENT, Store, StoreError};
@@ -34,7 +34,8 @@ impl ObjectManagerService {
     }
 
     pub fn into_server(self) -> pb::object_manager_server::ObjectManagerServer<Self> {
-        pb::object_manager_server::ObjectManagerServer::new(self).max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
+        pb::object_manager_server::ObjectManagerServer::new(self)
+            .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
     }
 
     /// Runs `f` on a pinned view of the object's bytes (data then metadata), off the async
@@ -42,9 +43,12 @@ impl ObjectManagerService {
     async fn with_object<T: Send + 'static>(
         &self,
         raw_id: &[u8],
-        f: impl FnOnce(&Arc<Store>, ObjectId, crate::store::Block) -> Result<T, tonic::Status> + Send + 'static,
+        f: impl FnOnce(&Arc<Store>, ObjectId, crate::store::Block) -> Result<T, tonic::Status>
+        + Send
+        + 'static,
     ) -> Result<T, tonic::Status> {
-        let id = ObjectId::from_slice(raw_id).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let id = ObjectId::from_slice(raw_id)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let block = store
@@ -52,7 +56,9 @@ impl ObjectManagerService {
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?
                 .pop()
                 .flatten()
-                .ok_or_else(|| tonic::Status::not_found(format!("object {id} is not on this node")))?;
+                .ok_or_else(|| {
+                    tonic::Status::not_found(format!("object {id} is not on this node"))
+                })?;
             let out = f(&store, id, block);
             let _ = store.release(NODE_CLIENT, id);
             out
@@ -73,7 +79,12 @@ struct PinnedChunk {
 impl PinnedChunk {
     fn new(store: &Arc<Store>, id: ObjectId, offset: u64, len: u64) -> Self {
         store.pin_again(NODE_CLIENT, id);
-        Self { store: store.clone(), id, offset, len }
+        Self {
+            store: store.clone(),
+            id,
+            offset,
+            len,
+        }
     }
 }
 
@@ -97,30 +108,49 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
     ) -> Result<tonic::Response<pb::ObjectInfo>, tonic::Status> {
         let info = self
             .with_object(&req.into_inner().object_id, |store, id, b| {
-                Ok(pb::ObjectInfo { data_size: b.data_size, metadata_size: b.meta_size, crc32: store.checksum(id, b) })
+                Ok(pb::ObjectInfo {
+                    data_size: b.data_size,
+                    metadata_size: b.meta_size,
+                    crc32: store.checksum(id, b),
+                })
             })
             .await?;
         Ok(tonic::Response::new(info))
     }
 
-    async fn read_chunk(&self, req: tonic::Request<pb::ReadChunkRequest>) -> Result<tonic::Response<pb::ObjectChunk>, tonic::Status> {
+    async fn read_chunk(
+        &self,
+        req: tonic::Request<pb::ReadChunkRequest>,
+    ) -> Result<tonic::Response<pb::ObjectChunk>, tonic::Status> {
         let r = req.into_inner();
         let data = self
             .with_object(&r.object_id, move |store, id, b| {
-                let end = r.offset.checked_add(r.length).filter(|&e| e <= b.total()).ok_or_else(|| {
-                    tonic::Status::out_of_range(format!(
-                        "chunk {}+{} is outside object {id} of {} bytes",
-                        r.offset,
-                        r.length,
-                        b.total()
-                    ))
-                })?;
+                let end = r
+                    .offset
+                    .checked_add(r.length)
+                    .filter(|&e| e <= b.total())
+                    .ok_or_else(|| {
+                        tonic::Status::out_of_range(format!(
+                            "chunk {}+{} is outside object {id} of {} bytes",
+                            r.offset,
+                            r.length,
+                            b.total()
+                        ))
+                    })?;
                 if r.length > protocol::MAX_MESSAGE_BYTES as u64 / 2 {
-                    return Err(tonic::Status::invalid_argument(format!("chunk of {} bytes is too large", r.length)));
+                    return Err(tonic::Status::invalid_argument(format!(
+                        "chunk of {} bytes is too large",
+                        r.length
+                    )));
                 }
                 // No copy: the chunk points into the arena and keeps its own pin until
                 // the response is written.
-                Ok(prost::bytes::Bytes::from_owner(PinnedChunk::new(store, id, b.offset + r.offset, end - r.offset)))
+                Ok(prost::bytes::Bytes::from_owner(PinnedChunk::new(
+                    store,
+                    id,
+                    b.offset + r.offset,
+                    end - r.offset,
+                )))
             })
             .await?;
         crate::metrics::record_sent(data.len() as u64);
@@ -132,18 +162,25 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
         req: tonic::Request<tonic::Streaming<pb::WriteObjectChunk>>,
     ) -> Result<tonic::Response<pb::WriteObjectReply>, tonic::Status> {
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| tonic::Status::invalid_argument("empty WriteObject stream"))?;
-        let id = ObjectId::from_slice(&first.object_id).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::invalid_argument("empty WriteObject stream"))?;
+        let id = ObjectId::from_slice(&first.object_id)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let (ds, ms) = (first.data_size, first.metadata_size);
         let store = self.store.clone();
-        let block = tokio::task::spawn_blocking(move || store.create(NODE_CLIENT, id, ds, ms, true))
-            .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
-            .map_err(|e| match e {
-                StoreError::AlreadyExists(_) => tonic::Status::already_exists(e.to_string()),
-                StoreError::ObjectStoreFull { .. } | StoreError::TooLarge { .. } => tonic::Status::resource_exhausted(e.to_string()),
-                e => tonic::Status::unavailable(e.to_string()),
-            })?;
+        let block =
+            tokio::task::spawn_blocking(move || store.create(NODE_CLIENT, id, ds, ms, true))
+                .await
+                .map_err(|e| tonic::Status::internal(e.to_string()))?
+                .map_err(|e| match e {
+                    StoreError::AlreadyExists(_) => tonic::Status::already_exists(e.to_string()),
+                    StoreError::ObjectStoreFull { .. } | StoreError::TooLarge { .. } => {
+                        tonic::Status::resource_exhausted(e.to_string())
+                    }
+                    e => tonic::Status::unavailable(e.to_string()),
+                })?;
         // Aborts the allocation unless the stream completes.
         struct Abort<'a>(&'a Store, ObjectId, bool);
         impl Drop for Abort<'_> {
@@ -161,7 +198,10 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
             if let Some(data) = chunk.take() {
                 let len = data.len() as u64;
                 if offset + len > total {
-                    return Err(tonic::Status::out_of_range(format!("object {id}: {} bytes sent for {total}", offset + len)));
+                    return Err(tonic::Status::out_of_range(format!(
+                        "object {id}: {} bytes sent for {total}",
+                        offset + len
+                    )));
                 }
                 // SAFETY: the block is unsealed and created here; nobody else sees it.
                 let dst = unsafe { self.store.arena().slice_mut(block.offset + offset, len) };
@@ -174,9 +214,13 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
             }
         }
         if offset != total {
-            return Err(tonic::Status::invalid_argument(format!("object {id}: stream ended after {offset} of {total} bytes")));
+            return Err(tonic::Status::invalid_argument(format!(
+                "object {id}: stream ended after {offset} of {total} bytes"
+            )));
         }
-        self.store.seal(NODE_CLIENT, id).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        self.store
+            .seal(NODE_CLIENT, id)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         guard.2 = true;
         let _ = self.store.release(NODE_CLIENT, id);
         crate::metrics::record_pulled(total);
@@ -189,9 +233,20 @@ pub enum PullError {
     #[error("cannot reach object manager {from}: {message}")]
     Source { from: String, message: String },
     #[error("object {id} from {from}: checksum {got:08x}, expected {expected:08x}")]
-    Checksum { id: ObjectId, from: String, got: u32, expected: u32 },
+    Checksum {
+        id: ObjectId,
+        from: String,
+        got: u32,
+        expected: u32,
+    },
     #[error("object {id} from {from}: chunk at {offset} has {got} bytes, expected {expected}")]
-    ShortChunk { id: ObjectId, from: String, offset: u64, got: u64, expected: u64 },
+    ShortChunk {
+        id: ObjectId,
+        from: String,
+        offset: u64,
+        got: u64,
+        expected: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("pull of {0} timed out")]
@@ -208,7 +263,11 @@ pub struct PullerConfig {
 
 impl Default for PullerConfig {
     fn default() -> Self {
-        Self { chunk_bytes: DEFAULT_CHUNK_BYTES, max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT, token: None }
+        Self {
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
+            token: None,
+        }
     }
 }
 
@@ -259,26 +318,42 @@ impl Puller {
         let from2 = from.clone();
         tokio::spawn(async move { me.pull_inner(id, &from).await })
             .await
-            .unwrap_or_else(|e| Err(PullError::Source { from: from2, message: e.to_string() }))
+            .unwrap_or_else(|e| {
+                Err(PullError::Source {
+                    from: from2,
+                    message: e.to_string(),
+                })
+            })
     }
 
     async fn pull_inner(self: &Arc<Self>, id: ObjectId, from: &str) -> Result<(), PullError> {
         if self.store.contains(&id) {
             return Ok(());
         }
-        let src_err = |e: &dyn std::fmt::Display| PullError::Source { from: from.to_owned(), message: e.to_string() };
-        let opts = ClientOptions { rpc_timeout: Duration::from_secs(60), ..ClientOptions::default() };
-        let mut client: OmClient = protocol::client::object_manager(from, self.token.clone(), &opts).map_err(|e| src_err(&e))?;
+        let src_err = |e: &dyn std::fmt::Display| PullError::Source {
+            from: from.to_owned(),
+            message: e.to_string(),
+        };
+        let opts = ClientOptions {
+            rpc_timeout: Duration::from_secs(60),
+            ..ClientOptions::default()
+        };
+        let mut client: OmClient =
+            protocol::client::object_manager(from, self.token.clone(), &opts)
+                .map_err(|e| src_err(&e))?;
         let info = client
-            .get_object_info(pb::GetObjectInfoRequest { object_id: id.as_bytes().to_vec() })
+            .get_object_info(pb::GetObjectInfoRequest {
+                object_id: id.as_bytes().to_vec(),
+            })
             .await
             .map_err(|e| src_err(&e.message()))?
             .into_inner();
         let store = self.store.clone();
         let (ds, ms) = (info.data_size, info.metadata_size);
-        let created = tokio::task::spawn_blocking(move || store.create(NODE_CLIENT, id, ds, ms, false))
-            .await
-            .map_err(|e| src_err(&e))?;
+        let created =
+            tokio::task::spawn_blocking(move || store.create(NODE_CLIENT, id, ds, ms, false))
+                .await
+                .map_err(|e| src_err(&e))?;
         let block = match created {
             Ok(b) => b,
             Err(StoreError::AlreadyExists(_)) => return self.wait_sealed(id).await,
@@ -290,7 +365,12 @@ impl Puller {
             res?;
             let got = crc32fast::hash(store.arena().slice(block.offset, block.total()));
             if got != info.crc32 {
-                return Err(PullError::Checksum { id, from: String::new(), got, expected: info.crc32 });
+                return Err(PullError::Checksum {
+                    id,
+                    from: String::new(),
+                    got,
+                    expected: info.crc32,
+                });
             }
             store.seal_with_crc(NODE_CLIENT, id, got)?;
             store.release(NODE_CLIENT, id)?;
@@ -301,7 +381,14 @@ impl Puller {
         if let Err(e) = done {
             let _ = self.store.abort(NODE_CLIENT, id);
             return Err(match e {
-                PullError::Checksum { id, got, expected, .. } => PullError::Checksum { id, from: from.to_owned(), got, expected },
+                PullError::Checksum {
+                    id, got, expected, ..
+                } => PullError::Checksum {
+                    id,
+                    from: from.to_owned(),
+                    got,
+                    expected,
+                },
                 e => e,
             });
         }
@@ -309,34 +396,63 @@ impl Puller {
         Ok(())
     }
 
-    async fn fetch_chunks(self: &Arc<Self>, client: &OmClient, id: ObjectId, from: &str, block: crate::store::Block) -> Result<(), PullError> {
+    async fn fetch_chunks(
+        self: &Arc<Self>,
+        client: &OmClient,
+        id: ObjectId,
+        from: &str,
+        block: crate::store::Block,
+    ) -> Result<(), PullError> {
         let total = block.total();
         let mut tasks = tokio::task::JoinSet::new();
         let mut first_err = None;
         let flatten = |r: Result<Result<(), PullError>, tokio::task::JoinError>| {
-            r.map_err(|e| PullError::Source { from: from.to_owned(), message: e.to_string() }).and_then(|r| r)
+            r.map_err(|e| PullError::Source {
+                from: from.to_owned(),
+                message: e.to_string(),
+            })
+            .and_then(|r| r)
         };
         let mut offset = 0;
         while offset < total {
             let len = self.chunk.min(total - offset);
-            let permit = self.permits.clone().acquire_many_owned(len as u32).await.expect("the semaphore is never closed");
+            let permit = self
+                .permits
+                .clone()
+                .acquire_many_owned(len as u32)
+                .await
+                .expect("the semaphore is never closed");
             let now = self.in_flight.fetch_add(len, Ordering::AcqRel) + len;
             self.max_in_flight.fetch_max(now, Ordering::AcqRel);
             let (mut client, me, from) = (client.clone(), self.clone(), from.to_owned());
             tasks.spawn(async move {
                 let res = client
-                    .read_chunk(pb::ReadChunkRequest { object_id: id.as_bytes().to_vec(), offset, length: len })
+                    .read_chunk(pb::ReadChunkRequest {
+                        object_id: id.as_bytes().to_vec(),
+                        offset,
+                        length: len,
+                    })
                     .await;
                 let out = match res {
-                    Err(e) => Err(PullError::Source { from, message: e.message().to_owned() }),
+                    Err(e) => Err(PullError::Source {
+                        from,
+                        message: e.message().to_owned(),
+                    }),
                     Ok(r) => {
                         let data = r.into_inner().data;
                         if data.len() as u64 != len {
-                            Err(PullError::ShortChunk { id, from, offset, got: data.len() as u64, expected: len })
+                            Err(PullError::ShortChunk {
+                                id,
+                                from,
+                                offset,
+                                got: data.len() as u64,
+                                expected: len,
+                            })
                         } else {
                             // SAFETY: the block is ours (created by NODE_CLIENT, unsealed) and
                             // chunks are disjoint, so no other view of these bytes exists.
-                            let dst = unsafe { me.store.arena().slice_mut(block.offset + offset, len) };
+                            let dst =
+                                unsafe { me.store.arena().slice_mut(block.offset + offset, len) };
                             dst.copy_from_slice(&data);
                             Ok(())
                         }
@@ -371,15 +487,24 @@ impl Puller {
     async fn wait_sealed(&self, id: ObjectId) -> Result<(), PullError> {
         let store = self.store.clone();
         let got = tokio::task::spawn_blocking(move || {
-            let got = store.get(NODE_CLIENT, &[id], Some(Duration::from_secs(300)), &|| false)?;
+            let got = store.get(NODE_CLIENT, &[id], Some(Duration::from_secs(300)), &|| {
+                false
+            })?;
             if got[0].is_some() {
                 store.release(NODE_CLIENT, id)?;
             }
             Ok::<_, StoreError>(got[0].is_some())
         })
         .await
-        .map_err(|e| PullError::Source { from: String::new(), message: e.to_string() })??;
-        if got { Ok(()) } else { Err(PullError::Timeout(id)) }
+        .map_err(|e| PullError::Source {
+            from: String::new(),
+            message: e.to_string(),
+        })??;
+        if got {
+            Ok(())
+        } else {
+            Err(PullError::Timeout(id))
+        }
     }
 
     /// The hook the store's socket server calls for a client's `Pull` request: runs the pull on
@@ -390,7 +515,11 @@ impl Puller {
             let fut = me.pull(id, &from);
             let res = match timeout {
                 // The pull itself goes on in its own task (see `pull`); only the wait ends.
-                Some(t) => rt.block_on(async { tokio::time::timeout(t, fut).await.unwrap_or(Err(PullError::Timeout(id))) }),
+                Some(t) => rt.block_on(async {
+                    tokio::time::timeout(t, fut)
+                        .await
+                        .unwrap_or(Err(PullError::Timeout(id)))
+                }),
                 None => rt.block_on(fut),
             };
             res.map_err(|e| e.to_string())

@@ -26,13 +26,20 @@ impl StoreClient {
     where
         T: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
     {
-        let bytes = rkyv::to_bytes::<rancor::Error>(value)
-            .map_err(|e| ClientError::Invalid { id, ty: std::any::type_name::<T>(), reason: e.to_string() })?;
+        let bytes = rkyv::to_bytes::<rancor::Error>(value).map_err(|e| ClientError::Invalid {
+            id,
+            ty: std::any::type_name::<T>(),
+            reason: e.to_string(),
+        })?;
         self.put(id, &bytes, type_tag::<T>().as_bytes())
     }
 
     /// Gets a value stored with [`put_typed`](Self::put_typed) as a validated, zero-copy view.
-    pub fn get_typed<T>(&self, id: ObjectId, timeout: Option<Duration>) -> Result<Typed<T>, ClientError>
+    pub fn get_typed<T>(
+        &self,
+        id: ObjectId,
+        timeout: Option<Duration>,
+    ) -> Result<Typed<T>, ClientError>
     where
         T: Archive,
         T::Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>>,
@@ -59,12 +66,23 @@ where
             return Err(ClientError::WrongType {
                 id: view.id(),
                 expected,
-                found: String::from_utf8_lossy(view.metadata()).chars().take(200).collect(),
+                found: String::from_utf8_lossy(view.metadata())
+                    .chars()
+                    .take(200)
+                    .collect(),
             });
         }
-        rkyv::access::<T::Archived, rancor::Error>(view.data())
-            .map_err(|e| ClientError::Invalid { id: view.id(), ty: std::any::type_name::<T>(), reason: e.to_string() })?;
-        Ok(Self { view, _t: PhantomData })
+        rkyv::access::<T::Archived, rancor::Error>(view.data()).map_err(|e| {
+            ClientError::Invalid {
+                id: view.id(),
+                ty: std::any::type_name::<T>(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            view,
+            _t: PhantomData,
+        })
     }
 
     pub fn view(&self) -> &ObjectView {

@@ -30,9 +30,19 @@ impl Fixture {
         };
         let store = Arc::new(Store::open(&cfg).unwrap());
         // As the node runs it: spilling ahead in the background, racing the creates.
-        store.start_spiller(object_store::store::DEFAULT_SPILL_THRESHOLD, Duration::from_millis(50)).unwrap();
-        let server = StoreServer::start(store.clone(), &dir.path().join("store.sock"), None).unwrap();
-        Self { store, server, _dir: dir }
+        store
+            .start_spiller(
+                object_store::store::DEFAULT_SPILL_THRESHOLD,
+                Duration::from_millis(50),
+            )
+            .unwrap();
+        let server =
+            StoreServer::start(store.clone(), &dir.path().join("store.sock"), None).unwrap();
+        Self {
+            store,
+            server,
+            _dir: dir,
+        }
     }
     fn socket(&self) -> &Path {
         self.server.path()
@@ -42,7 +52,11 @@ impl Fixture {
     }
     fn probe(&self, args: &[&str]) -> Command {
         let mut c = Command::new(PROBE);
-        c.arg("--socket").arg(self.socket()).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        c.arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         c
     }
 }
@@ -64,7 +78,10 @@ fn oid(n: u64) -> ObjectId {
 }
 
 fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -79,7 +96,18 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 fn a_256_mib_object_put_by_one_process_is_read_in_place_by_another() {
     let f = Fixture::new(512 << 20);
     let id = oid(1).to_string();
-    let put = f.probe(&["put", "--id", &id, "--size", &(256u64 << 20).to_string(), "--seed", "7"]).output().unwrap();
+    let put = f
+        .probe(&[
+            "put",
+            "--id",
+            &id,
+            "--size",
+            &(256u64 << 20).to_string(),
+            "--seed",
+            "7",
+        ])
+        .output()
+        .unwrap();
     assert!(put.status.success(), "put failed");
     let put = &json_lines(&put.stdout)[0];
     let get = f.probe(&["get", "--id", &id]).output().unwrap();
@@ -89,13 +117,22 @@ fn a_256_mib_object_put_by_one_process_is_read_in_place_by_another() {
     assert_eq!(get["len"], 256u64 << 20);
     // No copy: the bytes B read lie inside B's own mapping of the arena.
     let (addr, len) = (get["addr"].as_u64().unwrap(), get["len"].as_u64().unwrap());
-    let (start, end) = (get["map_start"].as_u64().unwrap(), get["map_end"].as_u64().unwrap());
-    assert!(start <= addr && addr + len <= end, "view {addr:#x}+{len} is outside the mapping {start:#x}..{end:#x}");
+    let (start, end) = (
+        get["map_start"].as_u64().unwrap(),
+        get["map_end"].as_u64().unwrap(),
+    );
+    assert!(
+        start <= addr && addr + len <= end,
+        "view {addr:#x}+{len} is outside the mapping {start:#x}..{end:#x}"
+    );
     // The same holds in this process, and the bytes agree.
     let c = f.client();
     let v = c.get_one(oid(1), Some(Duration::from_secs(5))).unwrap();
     assert!(c.mapping().contains(&(v.data().as_ptr() as usize)));
-    assert_eq!(u64::from(crc32fast::hash(v.data())), put["crc"].as_u64().unwrap());
+    assert_eq!(
+        u64::from(crc32fast::hash(v.data())),
+        put["crc"].as_u64().unwrap()
+    );
     // Nothing was pinned by the processes that exited; only our view pins it now.
     assert_eq!(f.store.stats().pinned, 256 << 20);
 }
@@ -109,19 +146,37 @@ fn a_killed_client_releases_its_pins_and_its_unsealed_objects() {
     }
     assert_eq!(f.store.stats().pinned, 0);
     let mut hold = f
-        .probe(&["hold", "--id", &oid(0).to_string(), "--id", &oid(1).to_string(), "--unsealed", &oid(9).to_string(), "--unsealed-size", "1048576"])
+        .probe(&[
+            "hold",
+            "--id",
+            &oid(0).to_string(),
+            "--id",
+            &oid(1).to_string(),
+            "--unsealed",
+            &oid(9).to_string(),
+            "--unsealed-size",
+            "1048576",
+        ])
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(hold.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(hold.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let mut hold = Killer(hold);
     assert!(line.contains("\"holding\":2"), "{line}");
     assert_eq!(f.store.stats().pinned, 3 << 20);
     // Pinned objects survive a delete until released.
     c.delete(&[oid(0)]).unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(hold.0.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(hold.0.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     hold.0.wait().unwrap();
-    wait_for("pins to be released", Duration::from_secs(30), || f.store.stats().pinned == 0);
+    wait_for("pins to be released", Duration::from_secs(30), || {
+        f.store.stats().pinned == 0
+    });
     assert!(!c.contains(oid(0)).unwrap(), "the pending delete ran");
     assert!(c.contains(oid(1)).unwrap());
     // The unsealed object was aborted: its id is free again and its memory returned.
@@ -140,7 +195,8 @@ fn ten_times_the_capacity_with_pins_spills_restores_and_fails_only_when_all_is_p
     for i in 0..640u64 {
         let d = data(i);
         crcs.push(crc32fast::hash(&d));
-        c.put(oid(i), &d, b"meta").unwrap_or_else(|e| panic!("put {i}: {e}"));
+        c.put(oid(i), &d, b"meta")
+            .unwrap_or_else(|e| panic!("put {i}: {e}"));
         if i % 80 == 0 {
             // Some objects stay pinned throughout.
             pinned.push(c.get_one(oid(i), Some(Duration::ZERO)).unwrap());
@@ -152,7 +208,11 @@ fn ten_times_the_capacity_with_pins_spills_restores_and_fails_only_when_all_is_p
     // Pinned objects were never evicted or spilled out: their bytes are where they were.
     for v in &pinned {
         let i = u64::from_le_bytes(v.id().as_bytes()[..8].try_into().unwrap());
-        assert_eq!(crc32fast::hash(v.data()), crcs[i as usize], "pinned object {i} changed");
+        assert_eq!(
+            crc32fast::hash(v.data()),
+            crcs[i as usize],
+            "pinned object {i} changed"
+        );
     }
     // Every object reads back identical, restored from disk where it was spilled.
     for i in (0..640u64).rev() {
@@ -173,7 +233,12 @@ fn ten_times_the_capacity_with_pins_spills_restores_and_fails_only_when_all_is_p
     };
     assert_eq!(err.kind(), Some("ObjectStoreFull"), "{err}");
     let st = f.store.stats();
-    assert!(st.pinned + MIB as u64 + 64 > st.capacity, "full while only {} of {} bytes were pinned", st.pinned, st.capacity);
+    assert!(
+        st.pinned + MIB as u64 + 64 > st.capacity,
+        "full while only {} of {} bytes were pinned",
+        st.pinned,
+        st.capacity
+    );
     let err = c.put(oid(10_000), &data(1), b"").unwrap_err();
     assert_eq!(err.kind(), Some("ObjectStoreFull"));
     assert!(err.to_string().contains("pinned"), "{err}");
@@ -191,19 +256,44 @@ fn typed_values_are_read_in_place_and_checked() {
     }
     let f = Fixture::new(64 << 20);
     let (w, r) = (f.client(), f.client());
-    let value = Sample { name: "pi".into(), values: (0..100_000).collect() };
+    let value = Sample {
+        name: "pi".into(),
+        values: (0..100_000).collect(),
+    };
     w.put_typed(oid(1), &value).unwrap();
-    let got = r.get_typed::<Sample>(oid(1), Some(Duration::from_secs(5))).unwrap();
+    let got = r
+        .get_typed::<Sample>(oid(1), Some(Duration::from_secs(5)))
+        .unwrap();
     assert_eq!(got.name.as_str(), "pi");
     assert_eq!(got.values.len(), 100_000);
     assert_eq!(got.values[99_999].to_native(), 99_999);
-    assert!(r.mapping().contains(&(got.values.as_ptr() as usize)), "archived data is read in place");
-    let e = r.get_typed::<String>(oid(1), Some(Duration::ZERO)).err().unwrap();
-    assert!(matches!(e, object_store::ClientError::WrongType { .. }), "{e}");
+    assert!(
+        r.mapping().contains(&(got.values.as_ptr() as usize)),
+        "archived data is read in place"
+    );
+    let e = r
+        .get_typed::<String>(oid(1), Some(Duration::ZERO))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e, object_store::ClientError::WrongType { .. }),
+        "{e}"
+    );
     // Raw bytes under a typed tag fail validation instead of being trusted.
-    w.put(oid(2), &[0xff; 3], format!("rkyv:{}", std::any::type_name::<Sample>()).as_bytes()).unwrap();
-    let e = r.get_typed::<Sample>(oid(2), Some(Duration::ZERO)).err().unwrap();
-    assert!(matches!(e, object_store::ClientError::Invalid { .. }), "{e}");
+    w.put(
+        oid(2),
+        &[0xff; 3],
+        format!("rkyv:{}", std::any::type_name::<Sample>()).as_bytes(),
+    )
+    .unwrap();
+    let e = r
+        .get_typed::<Sample>(oid(2), Some(Duration::ZERO))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e, object_store::ClientError::Invalid { .. }),
+        "{e}"
+    );
 }
 
 #[test]
@@ -212,24 +302,46 @@ fn bad_input_gets_clear_errors_and_the_store_keeps_serving() {
     let c = f.client();
     let e = c.create(oid(1), 9 << 20, 0).err().unwrap();
     assert_eq!(e.kind(), Some("TooLarge"));
-    assert!(e.to_string().contains("9437184") && e.to_string().contains("8388608"), "{e}");
+    assert!(
+        e.to_string().contains("9437184") && e.to_string().contains("8388608"),
+        "{e}"
+    );
     c.put(oid(1), b"x", b"").unwrap();
-    assert_eq!(c.put(oid(1), b"x", b"").unwrap_err().kind(), Some("AlreadyExists"));
+    assert_eq!(
+        c.put(oid(1), b"x", b"").unwrap_err().kind(),
+        Some("AlreadyExists")
+    );
     assert!(c.get_one(oid(2), Some(Duration::from_millis(50))).is_err());
     // A batch reports each item: the duplicate fails, the others land.
-    let r = c.put_many(&[(oid(4), b"a", b""), (oid(1), b"dup", b""), (oid(5), b"b", b"m")]).unwrap();
+    let r = c
+        .put_many(&[
+            (oid(4), b"a", b""),
+            (oid(1), b"dup", b""),
+            (oid(5), b"b", b"m"),
+        ])
+        .unwrap();
     assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
     assert_eq!(r[1].as_ref().unwrap_err().kind(), Some("AlreadyExists"));
-    assert_eq!(c.get_one(oid(5), Some(Duration::ZERO)).unwrap().metadata(), b"m");
+    assert_eq!(
+        c.get_one(oid(5), Some(Duration::ZERO)).unwrap().metadata(),
+        b"m"
+    );
     let big = vec![0u8; 1 << 20];
-    assert_eq!(c.put_many(&[(oid(6), &big, b"")]).unwrap_err().kind(), Some("TooLarge"));
-    assert_eq!(c.pull(oid(2), "127.0.0.1:1", None).unwrap_err().kind(), Some("Unsupported"));
+    assert_eq!(
+        c.put_many(&[(oid(6), &big, b"")]).unwrap_err().kind(),
+        Some("TooLarge")
+    );
+    assert_eq!(
+        c.pull(oid(2), "127.0.0.1:1", None).unwrap_err().kind(),
+        Some("Unsupported")
+    );
     // A writer dropped without sealing aborts its object.
     drop(c.create(oid(3), 100, 0).unwrap());
     assert!(!c.contains(oid(3)).unwrap());
     // Garbage on the socket: an error frame, the connection closed, nothing else disturbed.
     let mut raw = std::os::unix::net::UnixStream::connect(f.socket()).unwrap();
-    raw.write_all(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    raw.write_all(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut all = Vec::new();
     std::io::Read::read_to_end(&mut raw, &mut all).unwrap();

@@ -22,8 +22,13 @@ impl std::fmt::Debug for AuthToken {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("cannot read auth token file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("auth token from {origin} is empty or has whitespace inside; expected one line of printable characters")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "auth token from {origin} is empty or has whitespace inside; expected one line of printable characters"
+    )]
     Malformed { origin: String },
 }
 
@@ -31,7 +36,9 @@ impl AuthToken {
     pub fn new(token: &str, origin: &str) -> Result<Self, TokenError> {
         let t = token.trim();
         if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(TokenError::Malformed { origin: origin.to_string() });
+            return Err(TokenError::Malformed {
+                origin: origin.to_string(),
+            });
         }
         Ok(Self(t.into()))
     }
@@ -39,8 +46,10 @@ impl AuthToken {
     /// The token from `file` if given, else from `RAYCTL_AUTH_TOKEN`, else none.
     pub fn load(file: Option<&Path>) -> Result<Option<Self>, TokenError> {
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| TokenError::Read { path: path.display().to_string(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
             return Self::new(&text, &path.display().to_string()).map(Some);
         }
         match std::env::var(crate::AUTH_TOKEN_ENV) {
@@ -56,7 +65,9 @@ impl AuthToken {
     /// Whether an `authorization` header value carries this token. Constant time in the
     /// token's length so the comparison leaks nothing through timing.
     pub fn matches_header(&self, header: Option<&str>) -> bool {
-        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else { return false };
+        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
         let (a, b) = (given.as_bytes(), self.0.as_bytes());
         if a.len() != b.len() {
             return false;
@@ -101,7 +112,10 @@ mod tests {
     fn client_interceptor_adds_the_token() {
         let t = AuthToken::new("tok", "test").unwrap();
         let req = ClientAuth(Some(t.clone())).call(Request::new(())).unwrap();
-        let h = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let h = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
         assert!(t.matches_header(h));
         let req = ClientAuth(None).call(Request::new(())).unwrap();
         assert!(req.metadata().get("authorization").is_none());

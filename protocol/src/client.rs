@@ -39,7 +39,10 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { deadline: Duration::from_secs(10), rpc_timeout: Duration::from_secs(3), connect_timeout: Duration::from_secs(1),
+        Self {
+            deadline: Duration::from_secs(10),
+            rpc_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(1),
             max_backoff: Duration::from_millis(500),
         }
     }
@@ -53,7 +56,11 @@ pub enum ClientError {
     Rpc(#[from] RpcError),
     /// No head gave a usable answer before the deadline.
     #[error("no head answered within {deadline:?} (tried {addrs}); last error: {last}")]
-    Unreachable { deadline: Duration, addrs: String, last: String },
+    Unreachable {
+        deadline: Duration,
+        addrs: String,
+        last: String,
+    },
 }
 
 impl ClientError {
@@ -84,20 +91,32 @@ pub fn channel(addr: &str, opts: &ClientOptions) -> Result<Channel, RpcError> {
 }
 
 /// A node manager client for one node daemon.
-pub fn node_manager(addr: &str, token: Option<AuthToken>, opts: &ClientOptions) -> Result<NmClient, RpcError> {
-    Ok(NodeManagerClient::with_interceptor(channel(addr, opts)?, ClientAuth(token))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+pub fn node_manager(
+    addr: &str,
+    token: Option<AuthToken>,
+    opts: &ClientOptions,
+) -> Result<NmClient, RpcError> {
+    Ok(
+        NodeManagerClient::with_interceptor(channel(addr, opts)?, ClientAuth(token))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
 }
 
 /// An object manager client for one node (object transfer).
 pub type OmClient = ObjectManagerClient<InterceptedService<Channel, ClientAuth>>;
 
 /// An object manager client for the node whose object manager listens on `addr`.
-pub fn object_manager(addr: &str, token: Option<AuthToken>, opts: &ClientOptions) -> Result<OmClient, RpcError> {
-    Ok(ObjectManagerClient::with_interceptor(channel(addr, opts)?, ClientAuth(token))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+pub fn object_manager(
+    addr: &str,
+    token: Option<AuthToken>,
+    opts: &ClientOptions,
+) -> Result<OmClient, RpcError> {
+    Ok(
+        ObjectManagerClient::with_interceptor(channel(addr, opts)?, ClientAuth(token))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
 }
 
 struct Inner {
@@ -118,26 +137,46 @@ pub struct HeadClient {
 
 impl std::fmt::Debug for HeadClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HeadClient").field("addrs", &self.addresses()).finish()
+        f.debug_struct("HeadClient")
+            .field("addrs", &self.addresses())
+            .finish()
     }
 }
 
 impl HeadClient {
     /// `addrs` are `host:port` of one or more heads.
-    pub fn new(addrs: &[String], token: Option<AuthToken>, opts: ClientOptions) -> Result<Self, RpcError> {
+    pub fn new(
+        addrs: &[String],
+        token: Option<AuthToken>,
+        opts: ClientOptions,
+    ) -> Result<Self, RpcError> {
         if addrs.is_empty() {
             return Err(RpcError::InvalidArgument("no head address given".into()));
         }
         for a in addrs {
-            crate::ids::validate_address(a).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
+            crate::ids::validate_address(a)
+                .map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
         }
-        let inner = Inner { addrs: addrs.to_vec(), leader: None, next: 0, channels: HashMap::new() };
-        Ok(Self { inner: Arc::new(Mutex::new(inner)), token, opts })
+        let inner = Inner {
+            addrs: addrs.to_vec(),
+            leader: None,
+            next: 0,
+            channels: HashMap::new(),
+        };
+        Ok(Self {
+            inner: Arc::new(Mutex::new(inner)),
+            token,
+            opts,
+        })
     }
 
     /// Parses a comma-separated list of `host:port`.
     pub fn parse_addresses(list: &str) -> Vec<String> {
-        list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -145,7 +184,11 @@ impl HeadClient {
     }
 
     pub fn with_options(&self, opts: ClientOptions) -> Self {
-        Self { inner: self.inner.clone(), token: self.token.clone(), opts }
+        Self {
+            inner: self.inner.clone(),
+            token: self.token.clone(),
+            opts,
+        }
     }
 
     pub fn token(&self) -> Option<&AuthToken> {
@@ -176,9 +219,11 @@ impl HeadClient {
                 ch
             }
         };
-        Ok(ControlPlaneClient::with_interceptor(ch, ClientAuth(self.token.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(
+            ControlPlaneClient::with_interceptor(ch, ClientAuth(self.token.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     fn pick(&self) -> String {
@@ -259,7 +304,10 @@ mod tests {
 
     #[test]
     fn addresses_are_parsed_and_validated() {
-        assert_eq!(HeadClient::parse_addresses(" a:1, b:2 ,,"), vec!["a:1", "b:2"]);
+        assert_eq!(
+            HeadClient::parse_addresses(" a:1, b:2 ,,"),
+            vec!["a:1", "b:2"]
+        );
         assert!(HeadClient::new(&[], None, ClientOptions::default()).is_err());
         assert!(HeadClient::new(&["nope".into()], None, ClientOptions::default()).is_err());
     }
@@ -267,7 +315,10 @@ mod tests {
     #[tokio::test]
     async fn unreachable_heads_fail_within_the_deadline() {
         // Port 1 on loopback refuses connections.
-        let opts = ClientOptions { deadline: Duration::from_millis(300), ..Default::default() };
+        let opts = ClientOptions {
+            deadline: Duration::from_millis(300),
+            ..Default::default()
+        };
         let c = HeadClient::new(&["127.0.0.1:1".into()], None, opts).unwrap();
         let t = std::time::Instant::now();
         let err = c

@@ -61,7 +61,10 @@ impl RpcError {
 
     /// Whether the same request may succeed when sent again (possibly to another head).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::NotLeader { .. } | Self::Unavailable(_) | Self::DeadlineExceeded(_))
+        matches!(
+            self,
+            Self::NotLeader { .. } | Self::Unavailable(_) | Self::DeadlineExceeded(_)
+        )
     }
 }
 
@@ -90,19 +93,26 @@ mod grpc {
             };
             let mut status = Status::new(code, msg);
             if let Some(kind) = kind {
-                status.metadata_mut().insert(ERROR_KIND_KEY, tonic::metadata::MetadataValue::from_static(kind));
+                status.metadata_mut().insert(
+                    ERROR_KIND_KEY,
+                    tonic::metadata::MetadataValue::from_static(kind),
+                );
             }
             if let RpcError::NotLeader { leader: Some(addr) } = &e
-                && let Ok(v) = addr.parse() {
-                    status.metadata_mut().insert(LEADER_ADDRESS_KEY, v);
-                }
+                && let Ok(v) = addr.parse()
+            {
+                status.metadata_mut().insert(LEADER_ADDRESS_KEY, v);
+            }
             status
         }
     }
 
     impl From<Status> for RpcError {
         fn from(s: Status) -> RpcError {
-            let kind = s.metadata().get(ERROR_KIND_KEY).and_then(|v| v.to_str().ok());
+            let kind = s
+                .metadata()
+                .get(ERROR_KIND_KEY)
+                .and_then(|v| v.to_str().ok());
             let msg = s.message().to_string();
             match (s.code(), kind) {
                 (_, Some("not-leader")) => RpcError::NotLeader {
@@ -115,15 +125,23 @@ mod grpc {
                 },
                 (_, Some("fenced")) => RpcError::Fenced(msg),
                 (Code::NotFound, _) => RpcError::NotFound(msg),
-                (Code::InvalidArgument, _) | (Code::OutOfRange, _) => RpcError::InvalidArgument(msg),
+                (Code::InvalidArgument, _) | (Code::OutOfRange, _) => {
+                    RpcError::InvalidArgument(msg)
+                }
                 (Code::AlreadyExists, _) => RpcError::AlreadyExists(msg),
                 (Code::ResourceExhausted, _) => RpcError::ResourceExhausted(msg),
-                (Code::Unauthenticated, _) | (Code::PermissionDenied, _) => RpcError::Unauthenticated(msg),
+                (Code::Unauthenticated, _) | (Code::PermissionDenied, _) => {
+                    RpcError::Unauthenticated(msg)
+                }
                 // Transport failures (connection refused, reset, h2 errors) surface as
                 // UNAVAILABLE/UNKNOWN/CANCELLED from tonic: all mean "try another head".
-                (Code::Unavailable, _) | (Code::Unknown, _) | (Code::Cancelled, _) => RpcError::Unavailable(msg),
+                (Code::Unavailable, _) | (Code::Unknown, _) | (Code::Cancelled, _) => {
+                    RpcError::Unavailable(msg)
+                }
                 (Code::DeadlineExceeded, _) => RpcError::DeadlineExceeded(msg),
-                (Code::FailedPrecondition, _) | (Code::Aborted, _) => RpcError::FailedPrecondition(msg),
+                (Code::FailedPrecondition, _) | (Code::Aborted, _) => {
+                    RpcError::FailedPrecondition(msg)
+                }
                 _ => RpcError::Internal(format!("{:?}: {msg}", s.code())),
             }
         }
@@ -136,7 +154,9 @@ mod grpc {
         #[test]
         fn every_error_survives_the_wire() {
             let cases = [
-                RpcError::NotLeader { leader: Some("127.0.0.1:7000".into()) },
+                RpcError::NotLeader {
+                    leader: Some("127.0.0.1:7000".into()),
+                },
                 RpcError::NotLeader { leader: None },
                 RpcError::Fenced("x".into()),
                 RpcError::NotFound("x".into()),
@@ -150,8 +170,14 @@ mod grpc {
             for e in cases {
                 let back = RpcError::from(Status::from(e.clone()));
                 match (&e, &back) {
-                    (RpcError::NotLeader { leader: a }, RpcError::NotLeader { leader: b }) => assert_eq!(a, b),
-                    _ => assert_eq!(std::mem::discriminant(&e), std::mem::discriminant(&back), "{e:?} -> {back:?}"),
+                    (RpcError::NotLeader { leader: a }, RpcError::NotLeader { leader: b }) => {
+                        assert_eq!(a, b)
+                    }
+                    _ => assert_eq!(
+                        std::mem::discriminant(&e),
+                        std::mem::discriminant(&back),
+                        "{e:?} -> {back:?}"
+                    ),
                 }
             }
         }

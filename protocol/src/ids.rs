@@ -17,7 +17,9 @@ pub struct IdError {
 }
 
 /// Identity of a node daemon, stable across its restarts (kept in its data dir).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct NodeId([u8; 16]);
 
 impl NodeId {
@@ -55,7 +57,11 @@ hex_fmt!(ObjectId);
 impl FromStr for NodeId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        let err = || IdError { kind: "node id", value: s.chars().take(80).collect(), expected: "32 lowercase hex characters" };
+        let err = || IdError {
+            kind: "node id",
+            value: s.chars().take(80).collect(),
+            expected: "32 lowercase hex characters",
+        };
         parse_hex(s).map(Self).ok_or_else(err)
     }
 }
@@ -80,7 +86,9 @@ fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
 /// Identity of an object: 20 bytes shown as 40 lowercase hex chars. Issue 5 gives it
 /// structure (the creating task's id and a return index, or a put id); the object store only
 /// needs it to be unique per object.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ObjectId([u8; 20]);
 
 impl ObjectId {
@@ -100,7 +108,6 @@ impl ObjectId {
         })
     }
 }
-
 
 impl FromStr for ObjectId {
     type Err = IdError;
@@ -130,7 +137,11 @@ impl RaftId {
 
 /// Checks a `host:port` address: a non-empty host and a port in 1..=65535.
 pub fn validate_address(addr: &str) -> Result<(), IdError> {
-    let err = || IdError { kind: "address", value: addr.chars().take(80).collect(), expected: "HOST:PORT with a port in 1..=65535" };
+    let err = || IdError {
+        kind: "address",
+        value: addr.chars().take(80).collect(),
+        expected: "HOST:PORT with a port in 1..=65535",
+    };
     let (host, port) = addr.rsplit_once(':').ok_or_else(err)?;
     if host.is_empty() || host.contains(char::is_whitespace) {
         return Err(err());
@@ -151,7 +162,13 @@ mod tests {
         let s = id.to_string();
         assert_eq!(s, "ab".repeat(16));
         assert_eq!(s.parse::<NodeId>(), Ok(id));
-        for bad in ["", "ab", &"AB".repeat(16), &"zz".repeat(16), &"ab".repeat(17)] {
+        for bad in [
+            "",
+            "ab",
+            &"AB".repeat(16),
+            &"zz".repeat(16),
+            &"ab".repeat(17),
+        ] {
             let e = bad.parse::<NodeId>().unwrap_err();
             assert_eq!(e.kind, "node id", "{bad}");
         }
@@ -164,7 +181,11 @@ mod tests {
         assert_eq!(ObjectId::from_slice(id.as_bytes()), Ok(id));
         assert!(ObjectId::from_slice(&[1; 19]).is_err());
         for bad in ["", &"0f".repeat(16), &"0F".repeat(20), &"g0".repeat(20)] {
-            assert_eq!(bad.parse::<ObjectId>().unwrap_err().kind, "object id", "{bad}");
+            assert_eq!(
+                bad.parse::<ObjectId>().unwrap_err().kind,
+                "object id",
+                "{bad}"
+            );
         }
     }
 

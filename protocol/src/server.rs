@@ -7,25 +7,32 @@
 use std::future::Future;
 use std::time::Instant;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::auth::AuthToken;
 use crate::RpcError;
+use crate::auth::AuthToken;
 
 pub const RPC_LATENCY: &str = "rayctl_rpc_latency_seconds";
 pub const RPC_REQUESTS: &str = "rayctl_rpc_requests_total";
 
 /// Declares the RPC metrics (call once per process, after installing the recorder).
 pub fn describe_rpc_metrics() {
-    metrics::describe_histogram!(RPC_LATENCY, metrics::Unit::Seconds, "gRPC server latency by method");
-    metrics::describe_counter!(RPC_REQUESTS, "gRPC requests served, by method and status code");
+    metrics::describe_histogram!(
+        RPC_LATENCY,
+        metrics::Unit::Seconds,
+        "gRPC server latency by method"
+    );
+    metrics::describe_counter!(
+        RPC_REQUESTS,
+        "gRPC requests served, by method and status code"
+    );
 }
 
 fn is_grpc(req: &Request) -> bool {
@@ -36,13 +43,19 @@ fn is_grpc(req: &Request) -> bool {
 }
 
 async fn check_token(State(token): State<Option<AuthToken>>, req: Request, next: Next) -> Response {
-    let Some(t) = &token else { return next.run(req).await };
-    let header = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+    let Some(t) = &token else {
+        return next.run(req).await;
+    };
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
     if t.matches_header(header) {
         return next.run(req).await;
     }
     if is_grpc(&req) {
-        let status: tonic::Status = RpcError::Unauthenticated("missing or wrong cluster token".into()).into();
+        let status: tonic::Status =
+            RpcError::Unauthenticated("missing or wrong cluster token".into()).into();
         return status.into_http::<Body>().into_response();
     }
     (StatusCode::UNAUTHORIZED, "missing or wrong cluster token\n").into_response()
@@ -53,12 +66,20 @@ async fn check_token(State(token): State<Option<AuthToken>>, req: Request, next:
 async fn rpc_metrics(req: Request, next: Next) -> Response {
     let path = req.uri().path();
     // Bounded label set: only our own methods get their name.
-    let method = if path.starts_with("/rayctl.v1.") { path.rsplit('/').next().unwrap_or("other").to_string() } else { "other".into() };
+    let method = if path.starts_with("/rayctl.v1.") {
+        path.rsplit('/').next().unwrap_or("other").to_string()
+    } else {
+        "other".into()
+    };
     let start = Instant::now();
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
     remap_too_large(h);
-    let code = h.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
+    let code = h
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("0")
+        .to_string();
     // tonic reports a decode failure in the trailers: remap there too.
     let resp = resp.map(|b| {
         Body::new(http_body_util::BodyExt::map_frame(b, |mut f| {
@@ -68,14 +89,17 @@ async fn rpc_metrics(req: Request, next: Next) -> Response {
             f
         }))
     });
-    metrics::histogram!(RPC_LATENCY, "method" => method.clone()).record(start.elapsed().as_secs_f64());
+    metrics::histogram!(RPC_LATENCY, "method" => method.clone())
+        .record(start.elapsed().as_secs_f64());
     metrics::counter!(RPC_REQUESTS, "method" => method, "code" => code).increment(1);
     resp
 }
 
 fn remap_too_large(h: &mut axum::http::HeaderMap) {
     let too_large = h.get("grpc-status").is_some_and(|v| v == "11")
-        && h.get("grpc-message").and_then(|v| v.to_str().ok()).is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+        && h.get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
     if too_large {
         h.insert("grpc-status", HeaderValue::from_static("8"));
     }
@@ -118,7 +142,9 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Renders a process's Prometheus metrics (the binary installs the recorder).
@@ -147,7 +173,8 @@ impl Listeners {
             let _ = rx.wait_for(|s| *s).await;
         };
         let http_router = with_token(
-            metrics_route(move || metrics.as_ref().map(|r| r()).unwrap_or_default()).merge(http_routes),
+            metrics_route(move || metrics.as_ref().map(|r| r()).unwrap_or_default())
+                .merge(http_routes),
             token.clone(),
         );
         let grpc_router = grpc_router(routes, token);

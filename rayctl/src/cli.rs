@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "rayctl", version, about = "Start, stop and inspect a rayctl cluster")]
+#[command(
+    name = "rayctl",
+    version,
+    about = "Start, stop and inspect a rayctl cluster"
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -281,12 +285,14 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stop(args) => crate::daemon::stop(args),
         Command::Status(args) => runtime()?.block_on(crate::status::status(args.client)),
         Command::Job { command } => runtime()?.block_on(crate::job::run(command)),
-        Command::Operator { command: OperatorCommand::Raft { command } } => {
-            runtime()?.block_on(crate::status::raft(command))
-        }
+        Command::Operator {
+            command: OperatorCommand::Raft { command },
+        } => runtime()?.block_on(crate::status::raft(command)),
     }
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

@@ -14,12 +14,12 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use nix::sys::signal::{kill, Signal};
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use protocol::auth::AuthToken;
 use protocol::server::MetricsRender;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::cli::{StartArgs, StopArgs};
 use crate::session::{self, DaemonRecord};
@@ -38,19 +38,27 @@ pub(crate) fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn validate(a: &StartArgs) -> anyhow::Result<()> {
-    let peers = a.peers.as_deref().map(protocol::client::HeadClient::parse_addresses).unwrap_or_default();
+    let peers = a
+        .peers
+        .as_deref()
+        .map(protocol::client::HeadClient::parse_addresses)
+        .unwrap_or_default();
     if a.peers.is_some() && a.port == 0 {
         bail!("--peers needs a fixed --port (the others must know this head's address)");
     }
     if !peers.is_empty() && ![1, 3, 5, 7].contains(&peers.len()) {
-        bail!("--peers lists {} heads; use an odd number (1, 3, 5 or 7) so a majority survives failures", peers.len());
+        bail!(
+            "--peers lists {} heads; use an odd number (1, 3, 5 or 7) so a majority survives failures",
+            peers.len()
+        );
     }
     for p in &peers {
         protocol::ids::validate_address(p).with_context(|| format!("bad --peers entry {p:?}"))?;
     }
     if let Some(a) = &a.address {
         for h in protocol::client::HeadClient::parse_addresses(a) {
-            protocol::ids::validate_address(&h).with_context(|| format!("bad --address entry {h:?}"))?;
+            protocol::ids::validate_address(&h)
+                .with_context(|| format!("bad --address entry {h:?}"))?;
         }
     }
     resources(a)?;
@@ -64,14 +72,21 @@ fn validate(a: &StartArgs) -> anyhow::Result<()> {
 
 fn total_memory_bytes() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: f64 = s.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kb * 1024.0)
 }
 
 /// The node's resources: CPU, GPU, memory and custom ones.
 fn resources(a: &StartArgs) -> anyhow::Result<BTreeMap<String, f64>> {
     let mut r: BTreeMap<String, f64> = match &a.resources {
-        Some(j) => serde_json::from_str(j).with_context(|| format!("--resources {j:?}: expected a JSON object of numbers"))?,
+        Some(j) => serde_json::from_str(j)
+            .with_context(|| format!("--resources {j:?}: expected a JSON object of numbers"))?,
         None => BTreeMap::new(),
     };
     for k in ["CPU", "GPU", "memory"] {
@@ -79,7 +94,9 @@ fn resources(a: &StartArgs) -> anyhow::Result<BTreeMap<String, f64>> {
             bail!("--resources must not set {k}; use --num-cpus, --num-gpus or --memory");
         }
     }
-    let cpus = a.num_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64));
+    let cpus = a
+        .num_cpus
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64));
     r.insert("CPU".into(), cpus);
     if let Some(g) = a.num_gpus {
         r.insert("GPU".into(), g);
@@ -87,7 +104,9 @@ fn resources(a: &StartArgs) -> anyhow::Result<BTreeMap<String, f64>> {
     let mem = match &a.memory {
         Some(m) => m
             .parse::<bytesize::ByteSize>()
-            .map_err(|e| anyhow::anyhow!("--memory {m:?}: {e}; expected a size like 4GiB or 1000000"))?
+            .map_err(|e| {
+                anyhow::anyhow!("--memory {m:?}: {e}; expected a size like 4GiB or 1000000")
+            })?
             .as_u64() as f64,
         None => (total_memory_bytes().unwrap_or(0.0) * 0.7).floor(),
     };
@@ -97,7 +116,10 @@ fn resources(a: &StartArgs) -> anyhow::Result<BTreeMap<String, f64>> {
     Ok(r)
 }
 
-fn object_store_options(a: &StartArgs, session_dir: &Path) -> anyhow::Result<node::ObjectStoreOptions> {
+fn object_store_options(
+    a: &StartArgs,
+    session_dir: &Path,
+) -> anyhow::Result<node::ObjectStoreOptions> {
     let mut o = node::ObjectStoreOptions::in_session(session_dir);
     o.object_manager_port = a.object_manager_port;
     o.plasma_dir = a.plasma_directory.clone();
@@ -105,9 +127,11 @@ fn object_store_options(a: &StartArgs, session_dir: &Path) -> anyhow::Result<nod
         o.spill_root = dir.clone();
     }
     if let Some(m) = &a.object_store_memory {
-        let size = m
-            .parse::<bytesize::ByteSize>()
-            .map_err(|e| anyhow::anyhow!("--object-store-memory {m:?}: {e}; expected a size like 2GiB or 100000000"))?;
+        let size = m.parse::<bytesize::ByteSize>().map_err(|e| {
+            anyhow::anyhow!(
+                "--object-store-memory {m:?}: {e}; expected a size like 2GiB or 100000000"
+            )
+        })?;
         o.memory = Some(size.as_u64());
     }
     Ok(o)
@@ -115,7 +139,8 @@ fn object_store_options(a: &StartArgs, session_dir: &Path) -> anyhow::Result<nod
 
 fn labels(a: &StartArgs) -> anyhow::Result<BTreeMap<String, String>> {
     match &a.labels {
-        Some(j) => serde_json::from_str(j).with_context(|| format!("--labels {j:?}: expected a JSON object of strings")),
+        Some(j) => serde_json::from_str(j)
+            .with_context(|| format!("--labels {j:?}: expected a JSON object of strings")),
         None => Ok(BTreeMap::new()),
     }
 }
@@ -123,13 +148,19 @@ fn labels(a: &StartArgs) -> anyhow::Result<BTreeMap<String, String>> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RAYCTL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Installs the Prometheus recorder for this process and returns its renderer.
 fn install_metrics() -> anyhow::Result<MetricsRender> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])?
+        .set_buckets(&[
+            0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            10.0,
+        ])?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_batch_size".into()),
             &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0],
@@ -148,14 +179,16 @@ fn install_metrics() -> anyhow::Result<MetricsRender> {
 
 fn default_data_dir(a: &StartArgs) -> PathBuf {
     if a.head {
-        session::base_dir().join("data").join(format!("head-{}", a.port))
+        session::base_dir()
+            .join("data")
+            .join(format!("head-{}", a.port))
     } else {
         session::base_dir().join("data").join("node")
     }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -179,13 +212,21 @@ impl Drop for RecordGuard {
 async fn run_blocking(args: StartArgs) -> anyhow::Result<()> {
     let render = install_metrics()?;
     let token = AuthToken::load(args.auth_token_file.as_deref())?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(&args));
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| default_data_dir(&args));
     let session_dir = match &args.session_dir {
         Some(s) => s.clone(),
         None if args.head_node => data_dir.clone(),
         None => session::new_session()?,
     };
-    let env = DaemonEnv { data_dir, session_dir, token, render };
+    let env = DaemonEnv {
+        data_dir,
+        session_dir,
+        token,
+        render,
+    };
     if args.head {
         run_head(args, env).await
     } else {
@@ -202,8 +243,14 @@ struct DaemonEnv {
 }
 
 async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
-    let DaemonEnv { data_dir, session_dir, token, render } = env;
-    let heads = protocol::client::HeadClient::parse_addresses(args.address.as_deref().unwrap_or_default());
+    let DaemonEnv {
+        data_dir,
+        session_dir,
+        token,
+        render,
+    } = env;
+    let heads =
+        protocol::client::HeadClient::parse_addresses(args.address.as_deref().unwrap_or_default());
     let mut opts = node::NodeOptions::new(heads.clone(), data_dir);
     opts.bind_host = args.bind_host.clone();
     opts.advertise_host = args.node_ip_address.clone();
@@ -253,24 +300,44 @@ async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
 }
 
 async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
-    let DaemonEnv { data_dir, session_dir, token, render } = env;
+    let DaemonEnv {
+        data_dir,
+        session_dir,
+        token,
+        render,
+    } = env;
     let mut opts = control_plane::HeadOptions::new(data_dir.clone());
     opts.bind_host = args.bind_host.clone();
     opts.advertise_host = args.node_ip_address.clone();
     opts.port = args.port;
     opts.dashboard_port = args.dashboard_port;
-    opts.peers = args.peers.as_deref().map(protocol::client::HeadClient::parse_addresses).unwrap_or_default();
-    opts.join = args.join.as_deref().map(protocol::client::HeadClient::parse_addresses).unwrap_or_default();
+    opts.peers = args
+        .peers
+        .as_deref()
+        .map(protocol::client::HeadClient::parse_addresses)
+        .unwrap_or_default();
+    opts.join = args
+        .join
+        .as_deref()
+        .map(protocol::client::HeadClient::parse_addresses)
+        .unwrap_or_default();
     opts.token = token;
     opts.health = control_plane::HealthConfig {
         period: args.health_check_period,
         failure_threshold: args.health_check_failure_threshold,
     };
     opts.snapshot_every = args.raft_snapshot_interval.max(10);
-    opts.jobs = control_plane::jobs::JobConfig { queue_timeout: args.job_queue_timeout, stop_grace: args.job_stop_grace };
+    opts.jobs = control_plane::jobs::JobConfig {
+        queue_timeout: args.job_queue_timeout,
+        stop_grace: args.job_stop_grace,
+    };
     opts.metrics = Some(render);
     let head = control_plane::start(opts.clone()).await?;
-    let mut heads = if opts.peers.is_empty() { vec![head.address.clone()] } else { opts.peers.clone() };
+    let mut heads = if opts.peers.is_empty() {
+        vec![head.address.clone()]
+    } else {
+        opts.peers.clone()
+    };
     for j in &opts.join {
         if !heads.contains(j) {
             heads.push(j.clone());
@@ -300,23 +367,48 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         ("--num-cpus", args.num_cpus.map(|v| v.to_string())),
         ("--num-gpus", args.num_gpus.map(|v| v.to_string())),
         ("--memory", args.memory.clone()),
-        ("--worker-idle-timeout", Some(humantime::format_duration(args.worker_idle_timeout).to_string())),
-        ("--prestart-workers", Some(args.prestart_workers.to_string())),
+        (
+            "--worker-idle-timeout",
+            Some(humantime::format_duration(args.worker_idle_timeout).to_string()),
+        ),
+        (
+            "--prestart-workers",
+            Some(args.prestart_workers.to_string()),
+        ),
         ("--resources", args.resources.clone()),
         ("--labels", args.labels.clone()),
-        ("--auth-token-file", args.auth_token_file.as_ref().map(|p| p.display().to_string())),
+        (
+            "--auth-token-file",
+            args.auth_token_file
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        ),
         ("--object-store-memory", args.object_store_memory.clone()),
-        ("--object-spilling-directory", args.object_spilling_directory.as_ref().map(|p| p.display().to_string())),
+        (
+            "--object-spilling-directory",
+            args.object_spilling_directory
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        ),
     ] {
         if let Some(v) = v {
             child_args.push(format!("{flag}={v}"));
         }
     }
-    let log = std::fs::File::create(session_dir.join("logs").join(format!("node-{}.log", std::process::id())))
-        .or_else(|_| std::fs::File::create(session_dir.join(format!("node-{}.log", std::process::id()))))
-        .context("cannot create the node daemon's log file")?;
+    let log = std::fs::File::create(
+        session_dir
+            .join("logs")
+            .join(format!("node-{}.log", std::process::id())),
+    )
+    .or_else(|_| {
+        std::fs::File::create(session_dir.join(format!("node-{}.log", std::process::id())))
+    })
+    .context("cannot create the node daemon's log file")?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(&child_args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.args(&child_args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -360,14 +452,19 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
 }
 
 /// Waits for a daemon's ready file; fails early if the daemon exits.
-fn wait_ready(path: &Path, child: &mut std::process::Child, timeout: Duration) -> anyhow::Result<Value> {
+fn wait_ready(
+    path: &Path,
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(b) = std::fs::read(path)
-            && let Ok(v) = serde_json::from_slice::<Value>(&b) {
-                let _ = std::fs::remove_file(path);
-                return Ok(v);
-            }
+            && let Ok(v) = serde_json::from_slice::<Value>(&b)
+        {
+            let _ = std::fs::remove_file(path);
+            return Ok(v);
+        }
         if let Some(status) = child.try_wait()? {
             bail!("the daemon exited before it was ready ({status})");
         }
@@ -384,7 +481,8 @@ fn launch_background(args: StartArgs) -> anyhow::Result<ExitCode> {
     let kind = if args.head { "head" } else { "node" };
     let ready = session_dir.join(format!("{kind}-ready.json"));
     let log_path = session_dir.join("logs").join(format!("{kind}.log"));
-    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(std::env::args_os().skip(1))
         .arg("--block")
@@ -395,7 +493,11 @@ fn launch_background(args: StartArgs) -> anyhow::Result<ExitCode> {
         .stderr(log);
     // SAFETY: setsid is async-signal-safe; the daemon leaves our session and terminal.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
     }
     let mut child = cmd.spawn().context("cannot start the daemon")?;
     let info = match wait_ready(&ready, &mut child, READY_TIMEOUT) {
@@ -404,16 +506,32 @@ fn launch_background(args: StartArgs) -> anyhow::Result<ExitCode> {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("{e}; its log {} ends with:\n{}", log_path.display(), tail.join("\n"));
+            bail!(
+                "{e}; its log {} ends with:\n{}",
+                log_path.display(),
+                tail.join("\n")
+            );
         }
     };
     if args.head {
         let addr = info["address"].as_str().unwrap_or_default();
-        let heads = info["heads"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","));
+        let heads = info["heads"].as_array().map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         let heads = heads.unwrap_or_else(|| addr.to_string());
         println!("Started a head at {addr} (pid {}).", info["pid"]);
-        println!("  dashboard and /metrics: http://{}:{}", args.node_ip_address, info["dashboard_port"]);
-        println!("  node {} on port {}", info["node"]["node_id"].as_str().unwrap_or("?"), info["node"]["node_manager_port"]);
+        println!(
+            "  dashboard and /metrics: http://{}:{}",
+            args.node_ip_address, info["dashboard_port"]
+        );
+        println!(
+            "  node {} on port {}",
+            info["node"]["node_id"].as_str().unwrap_or("?"),
+            info["node"]["node_manager_port"]
+        );
         println!("  logs: {}", session_dir.join("logs").display());
         println!("To add a worker node:  rayctl start --address {heads}");
         println!("To see the cluster:    rayctl status");
@@ -441,7 +559,11 @@ pub(crate) fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     let mut live = Vec::new();
     for (path, rec) in daemons {
         if is_rayctl(rec.pid) {
-            let sig = if args.force { Signal::SIGKILL } else { Signal::SIGTERM };
+            let sig = if args.force {
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            };
             let _ = kill(Pid::from_raw(rec.pid as i32), sig);
             live.push((path, rec));
         } else {
@@ -461,6 +583,14 @@ pub(crate) fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(path);
         eprintln!("stopped {} {} (pid {})", rec.kind, rec.address, rec.pid);
     }
-    eprintln!("Stopped {} daemon(s){}.", live.len(), if killed > 0 { format!(", {killed} with SIGKILL") } else { String::new() });
+    eprintln!(
+        "Stopped {} daemon(s){}.",
+        live.len(),
+        if killed > 0 {
+            format!(", {killed} with SIGKILL")
+        } else {
+            String::new()
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }

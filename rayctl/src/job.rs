@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use protocol::client::HeadClient;
 use protocol::pb;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::cli::{ClientArgs, JobCommand, JobSubmitArgs, Output};
 use crate::status::client;
@@ -34,7 +34,9 @@ pub(crate) async fn run(cmd: JobCommand) -> anyhow::Result<ExitCode> {
         }
         JobCommand::Stop { job, no_wait } => {
             let c = client(&job.client)?;
-            let req = pb::StopJobRequest { job_id: job.id.clone() };
+            let req = pb::StopJobRequest {
+                job_id: job.id.clone(),
+            };
             let j = c
                 .call(|mut c| {
                     let r = req.clone();
@@ -42,14 +44,20 @@ pub(crate) async fn run(cmd: JobCommand) -> anyhow::Result<ExitCode> {
                 })
                 .await
                 .with_context(|| format!("cannot stop job {}", job.id))?;
-            let j = if no_wait { j } else { wait_terminal(&c, &j.job_id).await? };
+            let j = if no_wait {
+                j
+            } else {
+                wait_terminal(&c, &j.job_id).await?
+            };
             print_job(&j, job.client.output);
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::List(a) => list(&a).await,
         JobCommand::Delete(a) => {
             let c = client(&a.client)?;
-            let req = pb::DeleteJobRequest { job_id: a.id.clone() };
+            let req = pb::DeleteJobRequest {
+                job_id: a.id.clone(),
+            };
             c.call(|mut c| {
                 let r = req.clone();
                 async move { c.delete_job(r).await }
@@ -72,7 +80,10 @@ pub(crate) async fn run(cmd: JobCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn is_terminal(j: &pb::JobInfo) -> bool {
-    matches!(protocol::job_status_name(j.status), "SUCCEEDED" | "FAILED" | "STOPPED")
+    matches!(
+        protocol::job_status_name(j.status),
+        "SUCCEEDED" | "FAILED" | "STOPPED"
+    )
 }
 
 fn outcome(j: &pb::JobInfo) -> ExitCode {
@@ -108,14 +119,25 @@ fn print_job(j: &pb::JobInfo, output: Output) {
     match output {
         Output::Json => println!("{}", job_json(j)),
         Output::Text => {
-            let code = if j.has_exit_code { format!(", exit code {}", j.exit_code) } else { String::new() };
-            println!("job {}: {}{code} ({})", j.job_id, protocol::job_status_name(j.status), j.message);
+            let code = if j.has_exit_code {
+                format!(", exit code {}", j.exit_code)
+            } else {
+                String::new()
+            };
+            println!(
+                "job {}: {}{code} ({})",
+                j.job_id,
+                protocol::job_status_name(j.status),
+                j.message
+            );
         }
     }
 }
 
 async fn get(c: &HeadClient, id: &str) -> anyhow::Result<pb::JobInfo> {
-    let req = pb::GetJobRequest { job_id: id.to_owned() };
+    let req = pb::GetJobRequest {
+        job_id: id.to_owned(),
+    };
     c.call(|mut c| {
         let r = req.clone();
         async move { c.get_job(r).await }
@@ -139,7 +161,11 @@ async fn logs(c: &HeadClient, id: &str, follow: bool) -> anyhow::Result<()> {
     let mut offset = 0;
     let mut out = std::io::stdout();
     loop {
-        let req = pb::GetJobLogsRequest { job_id: id.to_owned(), offset, max_bytes: 4 << 20 };
+        let req = pb::GetJobLogsRequest {
+            job_id: id.to_owned(),
+            offset,
+            max_bytes: 4 << 20,
+        };
         let l = c
             .call(|mut c| {
                 let r = req.clone();
@@ -162,37 +188,57 @@ async fn logs(c: &HeadClient, id: &str, follow: bool) -> anyhow::Result<()> {
 
 async fn list(a: &ClientArgs) -> anyhow::Result<ExitCode> {
     let c = client(a)?;
-    let r = c.call(|mut c| async move { c.list_jobs(pb::ListJobsRequest {}).await }).await.context("cannot list jobs")?;
+    let r = c
+        .call(|mut c| async move { c.list_jobs(pb::ListJobsRequest {}).await })
+        .await
+        .context("cannot list jobs")?;
     match a.output {
         Output::Json => println!("{}", Value::Array(r.jobs.iter().map(job_json).collect())),
         Output::Text => {
             println!("{:<28} {:<10} {:<6} ENTRYPOINT", "JOB", "STATUS", "EXIT");
             for j in &r.jobs {
-                let code = if j.has_exit_code { j.exit_code.to_string() } else { "-".into() };
+                let code = if j.has_exit_code {
+                    j.exit_code.to_string()
+                } else {
+                    "-".into()
+                };
                 let ep: String = j.entrypoint.chars().take(60).collect();
-                println!("{:<28} {:<10} {:<6} {ep}", j.job_id, protocol::job_status_name(j.status), code);
+                println!(
+                    "{:<28} {:<10} {:<6} {ep}",
+                    j.job_id,
+                    protocol::job_status_name(j.status),
+                    code
+                );
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_json_map<T: serde::de::DeserializeOwned>(flag: &str, s: &Option<String>) -> anyhow::Result<BTreeMap<String, T>> {
+fn parse_json_map<T: serde::de::DeserializeOwned>(
+    flag: &str,
+    s: &Option<String>,
+) -> anyhow::Result<BTreeMap<String, T>> {
     match s {
         None => Ok(BTreeMap::new()),
-        Some(j) => serde_json::from_str(j).with_context(|| format!("{flag} {j:?}: expected a JSON object")),
+        Some(j) => {
+            serde_json::from_str(j).with_context(|| format!("{flag} {j:?}: expected a JSON object"))
+        }
     }
 }
 
 /// A token unique to this invocation: a retried submit of it returns the same job.
 fn client_token() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     format!("{}-{nanos}", std::process::id())
 }
 
 async fn submit(a: JobSubmitArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.client)?;
-    let mut resources: BTreeMap<String, f64> = parse_json_map("--entrypoint-resources", &a.entrypoint_resources)?;
+    let mut resources: BTreeMap<String, f64> =
+        parse_json_map("--entrypoint-resources", &a.entrypoint_resources)?;
     if let Some(v) = a.entrypoint_num_cpus {
         resources.insert("CPU".into(), v);
     }
@@ -200,14 +246,15 @@ async fn submit(a: JobSubmitArgs) -> anyhow::Result<ExitCode> {
         resources.insert("GPU".into(), v);
     }
     if let Some(m) = &a.entrypoint_memory {
-        let b = m
-            .parse::<bytesize::ByteSize>()
-            .map_err(|e| anyhow::anyhow!("--entrypoint-memory {m:?}: {e}; expected a size like 1GiB"))?;
+        let b = m.parse::<bytesize::ByteSize>().map_err(|e| {
+            anyhow::anyhow!("--entrypoint-memory {m:?}: {e}; expected a size like 1GiB")
+        })?;
         resources.insert("memory".into(), b.as_u64() as f64);
     }
     let mut env: serde_json::Map<String, Value> = match &a.runtime_env_json {
         None => serde_json::Map::new(),
-        Some(j) => serde_json::from_str(j).with_context(|| format!("--runtime-env-json {j:?}: expected a JSON object"))?,
+        Some(j) => serde_json::from_str(j)
+            .with_context(|| format!("--runtime-env-json {j:?}: expected a JSON object"))?,
     };
     if let Some(dir) = &a.working_dir {
         let uri = crate::package::upload(&c, dir).await?;
@@ -215,11 +262,18 @@ async fn submit(a: JobSubmitArgs) -> anyhow::Result<ExitCode> {
     }
     let metadata: BTreeMap<String, String> = parse_json_map("--metadata-json", &a.metadata_json)?;
     // Chosen here, so the retries HeadClient makes carry the same id and token.
-    let submission_id = a.submission_id.clone().unwrap_or_else(control_plane::jobs::new_submission_id);
+    let submission_id = a
+        .submission_id
+        .clone()
+        .unwrap_or_else(control_plane::jobs::new_submission_id);
     let req = pb::SubmitJobRequest {
         submission_id,
         entrypoint: a.entrypoint.join(" "),
-        runtime_env_json: if env.is_empty() { String::new() } else { Value::Object(env).to_string() },
+        runtime_env_json: if env.is_empty() {
+            String::new()
+        } else {
+            Value::Object(env).to_string()
+        },
         metadata: metadata.into_iter().collect(),
         entrypoint_resources: resources.into_iter().collect(),
         max_retries: a.max_retries,
@@ -245,7 +299,12 @@ async fn submit(a: JobSubmitArgs) -> anyhow::Result<ExitCode> {
     let j = wait_terminal(&c, &j.job_id).await?;
     match a.client.output {
         Output::Json => println!("{}", job_json(&j)),
-        Output::Text => eprintln!("job {} {} ({})", j.job_id, protocol::job_status_name(j.status), j.message),
+        Output::Text => eprintln!(
+            "job {} {} ({})",
+            j.job_id,
+            protocol::job_status_name(j.status),
+            j.message
+        ),
     }
     Ok(outcome(&j))
 }

@@ -27,8 +27,8 @@ fn main() -> ExitCode {
 
 /// Maps an error to the documented exit code.
 fn exit_code_for(e: &anyhow::Error) -> u8 {
-    use protocol::client::ClientError;
     use protocol::RpcError;
+    use protocol::client::ClientError;
     for cause in e.chain() {
         if let Some(c) = cause.downcast_ref::<ClientError>() {
             return match c {

@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use protocol::client::HeadClient;
 use protocol::package::{self, Manifest};
 use protocol::pb;
@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 
 /// Packs `dir` into a zip in memory; fails when the files exceed `max_bytes`.
 pub(crate) fn pack(dir: &Path, max_bytes: u64) -> anyhow::Result<Vec<u8>> {
-    let meta = std::fs::metadata(dir).with_context(|| format!("--working-dir {}", dir.display()))?;
+    let meta =
+        std::fs::metadata(dir).with_context(|| format!("--working-dir {}", dir.display()))?;
     if !meta.is_dir() {
         bail!("--working-dir {} is not a directory", dir.display());
     }
@@ -35,11 +36,16 @@ pub(crate) fn pack(dir: &Path, max_bytes: u64) -> anyhow::Result<Vec<u8>> {
     for entry in walker {
         let entry = entry.with_context(|| format!("cannot walk {}", dir.display()))?;
         let path = entry.path();
-        let rel = path.strip_prefix(dir).context("walked outside the working dir")?;
+        let rel = path
+            .strip_prefix(dir)
+            .context("walked outside the working dir")?;
         if rel.as_os_str().is_empty() {
             continue;
         }
-        let name = rel.to_str().with_context(|| format!("{} is not valid UTF-8", rel.display()))?.replace('\\', "/");
+        let name = rel
+            .to_str()
+            .with_context(|| format!("{} is not valid UTF-8", rel.display()))?
+            .replace('\\', "/");
         let ft = entry.file_type().context("unknown file type")?;
         let opts = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated)
@@ -53,18 +59,25 @@ pub(crate) fn pack(dir: &Path, max_bytes: u64) -> anyhow::Result<Vec<u8>> {
             let md = std::fs::metadata(path)?;
             total += md.len();
             if total > max_bytes {
-                bail!("--working-dir {} holds more than the limit of {max_bytes} bytes (after .gitignore)", dir.display());
+                bail!(
+                    "--working-dir {} holds more than the limit of {max_bytes} bytes (after .gitignore)",
+                    dir.display()
+                );
             }
             use std::os::unix::fs::PermissionsExt;
             let mode = md.permissions().mode() & 0o777;
             zip.start_file(name, opts.unix_permissions(mode))?;
-            let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let mut f = std::fs::File::open(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             std::io::copy(&mut f, &mut zip)?;
         }
     }
     let bytes = zip.finish()?.into_inner();
     if bytes.len() as u64 > max_bytes {
-        bail!("the working_dir package is {} bytes, over the limit of {max_bytes}", bytes.len());
+        bail!(
+            "the working_dir package is {} bytes, over the limit of {max_bytes}",
+            bytes.len()
+        );
     }
     Ok(bytes)
 }
@@ -72,9 +85,15 @@ pub(crate) fn pack(dir: &Path, max_bytes: u64) -> anyhow::Result<Vec<u8>> {
 /// Packs and uploads `dir` unless the cluster already has it; returns its URI.
 pub(crate) async fn upload(c: &HeadClient, dir: &Path) -> anyhow::Result<String> {
     let bytes = pack(dir, package::DEFAULT_MAX_BYTES)?;
-    let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let sha: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let name = format!("_ray_pkg_{}.zip", &sha[..32]);
-    let kv_get = pb::KvGetRequest { namespace: package::KV_NAMESPACE.into(), key: package::manifest_key(&name) };
+    let kv_get = pb::KvGetRequest {
+        namespace: package::KV_NAMESPACE.into(),
+        key: package::manifest_key(&name),
+    };
     let have = c
         .call(|mut c| {
             let r = kv_get.clone();
@@ -82,28 +101,51 @@ pub(crate) async fn upload(c: &HeadClient, dir: &Path) -> anyhow::Result<String>
         })
         .await;
     if have.is_ok() {
-        eprintln!("working_dir {} is already in the cluster as {name}", dir.display());
+        eprintln!(
+            "working_dir {} is already in the cluster as {name}",
+            dir.display()
+        );
         return Ok(package::uri(&name));
     }
     let chunks: Vec<&[u8]> = bytes.chunks(package::CHUNK).collect();
-    let bar = indicatif::ProgressBar::new(bytes.len() as u64).with_message(format!("uploading {}", dir.display()));
+    let bar = indicatif::ProgressBar::new(bytes.len() as u64)
+        .with_message(format!("uploading {}", dir.display()));
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     for (i, chunk) in chunks.iter().enumerate() {
         put(c, package::chunk_key(&name, i as u64), chunk.to_vec()).await?;
         bar.inc(chunk.len() as u64);
     }
-    let manifest = Manifest { size: bytes.len() as u64, chunks: chunks.len() as u64, sha256: sha };
-    put(c, package::manifest_key(&name), serde_json::to_vec(&manifest)?).await?;
+    let manifest = Manifest {
+        size: bytes.len() as u64,
+        chunks: chunks.len() as u64,
+        sha256: sha,
+    };
+    put(
+        c,
+        package::manifest_key(&name),
+        serde_json::to_vec(&manifest)?,
+    )
+    .await?;
     bar.finish_and_clear();
     let _ = std::io::stderr().flush();
-    eprintln!("uploaded working_dir {} ({} bytes) as {name}", dir.display(), bytes.len());
+    eprintln!(
+        "uploaded working_dir {} ({} bytes) as {name}",
+        dir.display(),
+        bytes.len()
+    );
     Ok(package::uri(&name))
 }
 
 async fn put(c: &HeadClient, key: Vec<u8>, value: Vec<u8>) -> anyhow::Result<()> {
-    let req = pb::KvPutRequest { namespace: package::KV_NAMESPACE.into(), key, value, overwrite: true };
+    let req = pb::KvPutRequest {
+        namespace: package::KV_NAMESPACE.into(),
+        key,
+        value,
+        overwrite: true,
+    };
     c.call(|mut c| {
         let r = req.clone();
         async move { c.kv_put(r).await }

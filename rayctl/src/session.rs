@@ -13,12 +13,16 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 pub(crate) fn base_dir() -> PathBuf {
-    std::env::var_os("RAYCTL_TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/rayctl"))
+    std::env::var_os("RAYCTL_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/rayctl"))
 }
 
 /// No address was given and no local session names a cluster.
 #[derive(Debug, thiserror::Error)]
-#[error("no cluster address: pass --address, set RAYCTL_ADDRESS, or start a cluster here with `rayctl start --head`")]
+#[error(
+    "no cluster address: pass --address, set RAYCTL_ADDRESS, or start a cluster here with `rayctl start --head`"
+)]
 pub(crate) struct NoCluster;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -30,9 +34,13 @@ pub(crate) struct ClusterFile {
 /// (`write_cluster_file`), so a daemon that fails to start never hides a running cluster.
 pub(crate) fn new_session() -> anyhow::Result<PathBuf> {
     let base = base_dir();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let dir = base.join(format!("session_{now}_{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("logs"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }
 
@@ -47,8 +55,13 @@ fn point_latest_at(dir: &Path) -> anyhow::Result<()> {
 }
 
 pub(crate) fn write_cluster_file(session: &Path, heads: &[String]) -> anyhow::Result<()> {
-    let f = ClusterFile { heads: heads.to_vec() };
-    write_atomic(&session.join("cluster.json"), &serde_json::to_vec_pretty(&f)?)?;
+    let f = ClusterFile {
+        heads: heads.to_vec(),
+    };
+    write_atomic(
+        &session.join("cluster.json"),
+        &serde_json::to_vec_pretty(&f)?,
+    )?;
     point_latest_at(session)
 }
 
@@ -64,13 +77,15 @@ pub(crate) fn resolve_heads(address: Option<&str>) -> anyhow::Result<Vec<String>
         return Ok(protocol::client::HeadClient::parse_addresses(a));
     }
     if let Ok(a) = std::env::var(protocol::ADDRESS_ENV)
-        && !a.is_empty() {
-            return Ok(protocol::client::HeadClient::parse_addresses(&a));
-        }
+        && !a.is_empty()
+    {
+        return Ok(protocol::client::HeadClient::parse_addresses(&a));
+    }
     let path = base_dir().join("session_latest").join("cluster.json");
     match std::fs::read(&path) {
         Ok(b) => {
-            let f: ClusterFile = serde_json::from_slice(&b).with_context(|| format!("corrupt {}", path.display()))?;
+            let f: ClusterFile = serde_json::from_slice(&b)
+                .with_context(|| format!("corrupt {}", path.display()))?;
             Ok(f.heads)
         }
         Err(_) => Err(NoCluster.into()),
@@ -99,7 +114,9 @@ pub(crate) fn register_daemon(rec: &DaemonRecord) -> anyhow::Result<PathBuf> {
 }
 
 pub(crate) fn list_daemons() -> Vec<(PathBuf, DaemonRecord)> {
-    let Ok(rd) = std::fs::read_dir(daemons_dir()) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(daemons_dir()) else {
+        return Vec::new();
+    };
     rd.filter_map(Result::ok)
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| {

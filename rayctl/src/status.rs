@@ -7,14 +7,17 @@ use anyhow::Context;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient};
 use protocol::pb;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::cli::{ClientArgs, Output, RaftCommand};
 
 pub(crate) fn client(args: &ClientArgs) -> anyhow::Result<HeadClient> {
     let heads = crate::session::resolve_heads(args.address.as_deref())?;
     let token = AuthToken::load(args.auth_token_file.as_deref())?;
-    let opts = ClientOptions { deadline: args.timeout, ..Default::default() };
+    let opts = ClientOptions {
+        deadline: args.timeout,
+        ..Default::default()
+    };
     Ok(HeadClient::new(&heads, token, opts)?)
 }
 
@@ -88,8 +91,15 @@ fn status_text(s: &pb::ClusterStatus) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let _ = writeln!(o, "======== Cluster status ========");
-    let _ = writeln!(o, "Leader: {} (term {}, commit index {})", s.leader, s.term, s.commit_index);
-    let _ = writeln!(o, "Heads\n---------------------------------------------------------------");
+    let _ = writeln!(
+        o,
+        "Leader: {} (term {}, commit index {})",
+        s.leader, s.term, s.commit_index
+    );
+    let _ = writeln!(
+        o,
+        "Heads\n---------------------------------------------------------------"
+    );
     for h in &s.heads {
         let p = h.ports.unwrap_or_default();
         let _ = writeln!(
@@ -98,12 +108,30 @@ fn status_text(s: &pb::ClusterStatus) -> String {
             h.address, h.role, h.last_applied, p.dashboard_port
         );
     }
-    let alive: Vec<_> = s.nodes.iter().filter(|n| n.state == pb::NodeState::Alive as i32).collect();
-    let dead: Vec<_> = s.nodes.iter().filter(|n| n.state != pb::NodeState::Alive as i32).collect();
-    let _ = writeln!(o, "Node status\n---------------------------------------------------------------");
+    let alive: Vec<_> = s
+        .nodes
+        .iter()
+        .filter(|n| n.state == pb::NodeState::Alive as i32)
+        .collect();
+    let dead: Vec<_> = s
+        .nodes
+        .iter()
+        .filter(|n| n.state != pb::NodeState::Alive as i32)
+        .collect();
+    let _ = writeln!(
+        o,
+        "Node status\n---------------------------------------------------------------"
+    );
     let _ = writeln!(o, "Active:");
     for n in &alive {
-        let _ = writeln!(o, " 1 node_{} {}{} (incarnation {})", n.node_id, n.address, if n.is_head { " head" } else { "" }, n.incarnation);
+        let _ = writeln!(
+            o,
+            " 1 node_{} {}{} (incarnation {})",
+            n.node_id,
+            n.address,
+            if n.is_head { " head" } else { "" },
+            n.incarnation
+        );
     }
     if alive.is_empty() {
         let _ = writeln!(o, " (no active nodes)");
@@ -125,15 +153,27 @@ fn status_text(s: &pb::ClusterStatus) -> String {
             *avail.entry(k.clone()).or_default() += v;
         }
     }
-    let _ = writeln!(o, "Resources\n---------------------------------------------------------------\nUsage:");
+    let _ = writeln!(
+        o,
+        "Resources\n---------------------------------------------------------------\nUsage:"
+    );
     for (k, t) in &total {
         let used = t - avail.get(k).copied().unwrap_or(0.0);
         let _ = writeln!(o, " {}/{} {k}", fmt_amount(k, used), fmt_amount(k, *t));
     }
     let _ = writeln!(o, "Demands:");
     for d in &s.pending_demand {
-        let shape: Vec<String> = sorted(&d.shape).iter().map(|(k, v)| format!("{k}: {}", fmt_amount(k, *v))).collect();
-        let _ = writeln!(o, " {{{}}}: {} queued, {} infeasible", shape.join(", "), d.queued, d.infeasible);
+        let shape: Vec<String> = sorted(&d.shape)
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", fmt_amount(k, *v)))
+            .collect();
+        let _ = writeln!(
+            o,
+            " {{{}}}: {} queued, {} infeasible",
+            shape.join(", "),
+            d.queued,
+            d.infeasible
+        );
     }
     if s.pending_demand.is_empty() {
         let _ = writeln!(o, " (no resource demands)");
@@ -171,7 +211,10 @@ fn print_peers(p: &pb::RaftPeers, output: Output) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Text => {
-            println!("{:<22} {:<20} {:<8} {:<8} Matched", "Address", "ID", "Voter", "Leader");
+            println!(
+                "{:<22} {:<20} {:<8} {:<8} Matched",
+                "Address", "ID", "Voter", "Leader"
+            );
             for x in &p.peers {
                 println!(
                     "{:<22} {:<20} {:<8} {:<8} {}",
@@ -191,24 +234,47 @@ pub(crate) async fn raft(cmd: RaftCommand) -> anyhow::Result<ExitCode> {
     let (args, peers) = match cmd {
         RaftCommand::ListPeers(args) => {
             let c = client(&args)?;
-            let p = c.call(|mut c| async move { c.raft_list_peers(pb::RaftListPeersRequest {}).await }).await?;
+            let p = c
+                .call(|mut c| async move { c.raft_list_peers(pb::RaftListPeersRequest {}).await })
+                .await?;
             (args, p)
         }
-        RaftCommand::AddPeer { peer, learner, client: args } => {
+        RaftCommand::AddPeer {
+            peer,
+            learner,
+            client: args,
+        } => {
             let mut args = args;
             // Catching up a new head can take a while.
             args.timeout = args.timeout.max(std::time::Duration::from_secs(30));
             let c = client(&args)?;
-            let opts = ClientOptions { rpc_timeout: args.timeout, deadline: args.timeout, ..Default::default() };
+            let opts = ClientOptions {
+                rpc_timeout: args.timeout,
+                deadline: args.timeout,
+                ..Default::default()
+            };
             let c = c.with_options(opts);
-            let req = pb::RaftAddPeerRequest { address: peer, learner_only: learner };
-            let p = c.call(|mut c| { let r = req.clone(); async move { c.raft_add_peer(r).await } }).await?;
+            let req = pb::RaftAddPeerRequest {
+                address: peer,
+                learner_only: learner,
+            };
+            let p = c
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.raft_add_peer(r).await }
+                })
+                .await?;
             (args, p)
         }
         RaftCommand::RemovePeer { peer, client: args } => {
             let c = client(&args)?;
             let req = pb::RaftRemovePeerRequest { address: peer };
-            let p = c.call(|mut c| { let r = req.clone(); async move { c.raft_remove_peer(r).await } }).await?;
+            let p = c
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.raft_remove_peer(r).await }
+                })
+                .await?;
             (args, p)
         }
     };

@@ -45,25 +45,41 @@ pub enum BundlePlacement {
 const MAX_STEPS: usize = 200_000;
 
 /// Places `bundles` with `strategy` over the live nodes of `view`.
-pub fn place_bundles(view: &ClusterView, bundles: &[ResourceSet], strategy: BundleStrategy) -> BundlePlacement {
+pub fn place_bundles(
+    view: &ClusterView,
+    bundles: &[ResourceSet],
+    strategy: BundleStrategy,
+) -> BundlePlacement {
     if bundles.is_empty() {
         return BundlePlacement::Infeasible("a placement group needs at least one bundle".into());
     }
-    let live: Vec<(NodeId, &ResourceSet, &ResourceSet)> =
-        view.nodes.iter().filter(|(_, n)| n.alive).map(|(id, n)| (*id, &n.available, &n.total)).collect();
-    let now: Vec<(NodeId, ResourceSet)> = live.iter().map(|(id, a, _)| (*id, (*a).clone())).collect();
+    let live: Vec<(NodeId, &ResourceSet, &ResourceSet)> = view
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.alive)
+        .map(|(id, n)| (*id, &n.available, &n.total))
+        .collect();
+    let now: Vec<(NodeId, ResourceSet)> =
+        live.iter().map(|(id, a, _)| (*id, (*a).clone())).collect();
     if let Some(p) = search(&now, bundles, strategy) {
         return BundlePlacement::Placed(p);
     }
-    let totals: Vec<(NodeId, ResourceSet)> = live.iter().map(|(id, _, t)| (*id, (*t).clone())).collect();
+    let totals: Vec<(NodeId, ResourceSet)> =
+        live.iter().map(|(id, _, t)| (*id, (*t).clone())).collect();
     if search(&totals, bundles, strategy).is_some() {
         return BundlePlacement::Wait;
     }
     let why = match strategy {
         BundleStrategy::StrictSpread if bundles.len() > live.len() => {
-            format!("STRICT_SPREAD needs {} nodes, {} are alive", bundles.len(), live.len())
+            format!(
+                "STRICT_SPREAD needs {} nodes, {} are alive",
+                bundles.len(),
+                live.len()
+            )
         }
-        BundleStrategy::StrictPack => "no live node has the sum of the bundles in total".to_string(),
+        BundleStrategy::StrictPack => {
+            "no live node has the sum of the bundles in total".to_string()
+        }
         _ => "the live nodes' totals cannot hold these bundles".to_string(),
     };
     BundlePlacement::Infeasible(why)
@@ -78,7 +94,11 @@ fn sum(bundles: &[ResourceSet]) -> ResourceSet {
 }
 
 /// One assignment satisfying `strategy` within `nodes`' resources, if the search finds one.
-fn search(nodes: &[(NodeId, ResourceSet)], bundles: &[ResourceSet], strategy: BundleStrategy) -> Option<Vec<NodeId>> {
+fn search(
+    nodes: &[(NodeId, ResourceSet)],
+    bundles: &[ResourceSet],
+    strategy: BundleStrategy,
+) -> Option<Vec<NodeId>> {
     if strategy == BundleStrategy::StrictPack {
         let all = sum(bundles);
         // The fullest node that fits: leaves bigger holes for later groups.
@@ -90,12 +110,18 @@ fn search(nodes: &[(NodeId, ResourceSet)], bundles: &[ResourceSet], strategy: Bu
     }
     // Biggest bundles first: they are the hard ones.
     let mut order: Vec<usize> = (0..bundles.len()).collect();
-    order.sort_by(|a, b| size(&bundles[*b]).total_cmp(&size(&bundles[*a])).then(a.cmp(b)));
+    order.sort_by(|a, b| {
+        size(&bundles[*b])
+            .total_cmp(&size(&bundles[*a]))
+            .then(a.cmp(b))
+    });
     let mut free: Vec<ResourceSet> = nodes.iter().map(|(_, r)| r.clone()).collect();
     let mut used = vec![0usize; nodes.len()];
     let mut at = vec![usize::MAX; bundles.len()];
     let mut steps = 0;
-    if dfs(0, &order, bundles, strategy, &mut free, &mut used, &mut at, &mut steps) {
+    if dfs(
+        0, &order, bundles, strategy, &mut free, &mut used, &mut at, &mut steps,
+    ) {
         Some(at.iter().map(|i| nodes[*i].0).collect())
     } else {
         None
@@ -131,12 +157,17 @@ fn dfs(
         BundleStrategy::StrictSpread => candidates.retain(|i| used[*i] == 0),
         // Nodes in use first, the busiest of them first; then the others, roomiest first.
         BundleStrategy::Pack => candidates.sort_by(|a, c| {
-            (used[*c] > 0).cmp(&(used[*a] > 0)).then(used[*c].cmp(&used[*a])).then(size(&free[*c]).total_cmp(&size(&free[*a])))
+            (used[*c] > 0)
+                .cmp(&(used[*a] > 0))
+                .then(used[*c].cmp(&used[*a]))
+                .then(size(&free[*c]).total_cmp(&size(&free[*a])))
         }),
         // Nodes not in use first, roomiest first.
-        BundleStrategy::Spread => {
-            candidates.sort_by(|a, c| used[*a].cmp(&used[*c]).then(size(&free[*c]).total_cmp(&size(&free[*a]))))
-        }
+        BundleStrategy::Spread => candidates.sort_by(|a, c| {
+            used[*a]
+                .cmp(&used[*c])
+                .then(size(&free[*c]).total_cmp(&size(&free[*a])))
+        }),
         BundleStrategy::StrictPack => unreachable!("handled by search"),
     }
     if strategy == BundleStrategy::StrictSpread {
@@ -186,7 +217,19 @@ mod tests {
 
     fn view(nodes: &[(u8, f64, f64, bool)]) -> ClusterView {
         ClusterView {
-            nodes: nodes.iter().map(|(i, avail, total, alive)| (nid(*i), NodeView { total: cpus(*total), available: cpus(*avail), alive: *alive })).collect(),
+            nodes: nodes
+                .iter()
+                .map(|(i, avail, total, alive)| {
+                    (
+                        nid(*i),
+                        NodeView {
+                            total: cpus(*total),
+                            available: cpus(*avail),
+                            alive: *alive,
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -194,38 +237,70 @@ mod tests {
     fn strategies_on_a_table_of_cases() {
         use BundlePlacement::*;
         use BundleStrategy::*;
-        let three = view(&[(1, 4.0, 4.0, true), (2, 4.0, 4.0, true), (3, 4.0, 4.0, true)]);
+        let three = view(&[
+            (1, 4.0, 4.0, true),
+            (2, 4.0, 4.0, true),
+            (3, 4.0, 4.0, true),
+        ]);
         let two_cpus = vec![cpus(2.0); 3];
         // STRICT_SPREAD: one bundle per node.
-        let Placed(p) = place_bundles(&three, &two_cpus, StrictSpread) else { panic!() };
+        let Placed(p) = place_bundles(&three, &two_cpus, StrictSpread) else {
+            panic!()
+        };
         assert_eq!(p.iter().collect::<std::collections::BTreeSet<_>>().len(), 3);
         // PACK: two bundles fill a node, the third goes to a second one.
-        let Placed(p) = place_bundles(&three, &two_cpus, Pack) else { panic!() };
+        let Placed(p) = place_bundles(&three, &two_cpus, Pack) else {
+            panic!()
+        };
         assert_eq!(p.iter().collect::<std::collections::BTreeSet<_>>().len(), 2);
         // SPREAD: every node once.
-        let Placed(p) = place_bundles(&three, &two_cpus, Spread) else { panic!() };
+        let Placed(p) = place_bundles(&three, &two_cpus, Spread) else {
+            panic!()
+        };
         assert_eq!(p.iter().collect::<std::collections::BTreeSet<_>>().len(), 3);
         // STRICT_PACK of 6 CPUs: no node has 6 in total.
-        assert!(matches!(place_bundles(&three, &two_cpus, StrictPack), Infeasible(_)));
+        assert!(matches!(
+            place_bundles(&three, &two_cpus, StrictPack),
+            Infeasible(_)
+        ));
         // STRICT_SPREAD of four bundles over three nodes: infeasible, and says why.
-        let Infeasible(why) = place_bundles(&three, &vec![cpus(1.0); 4], StrictSpread) else { panic!() };
+        let Infeasible(why) = place_bundles(&three, &vec![cpus(1.0); 4], StrictSpread) else {
+            panic!()
+        };
         assert!(why.contains("needs 4 nodes, 3 are alive"), "{why}");
         // A dead node does not count.
-        let one_dead = view(&[(1, 4.0, 4.0, true), (2, 4.0, 4.0, true), (3, 4.0, 4.0, false)]);
-        assert!(matches!(place_bundles(&one_dead, &two_cpus, StrictSpread), Infeasible(_)));
+        let one_dead = view(&[
+            (1, 4.0, 4.0, true),
+            (2, 4.0, 4.0, true),
+            (3, 4.0, 4.0, false),
+        ]);
+        assert!(matches!(
+            place_bundles(&one_dead, &two_cpus, StrictSpread),
+            Infeasible(_)
+        ));
         // Busy now, but it fits the totals: wait.
-        let busy = view(&[(1, 0.0, 4.0, true), (2, 1.0, 4.0, true), (3, 4.0, 4.0, true)]);
+        let busy = view(&[
+            (1, 0.0, 4.0, true),
+            (2, 1.0, 4.0, true),
+            (3, 4.0, 4.0, true),
+        ]);
         assert_eq!(place_bundles(&busy, &two_cpus, StrictSpread), Wait);
         // A greedy pass would put the 3 on the node with 4 and strand the 4: the search
         // finds 4→A, 3→B.
         let tight = view(&[(1, 4.0, 4.0, true), (2, 3.0, 3.0, true)]);
-        let Placed(p) = place_bundles(&tight, &[cpus(3.0), cpus(4.0)], StrictSpread) else { panic!() };
+        let Placed(p) = place_bundles(&tight, &[cpus(3.0), cpus(4.0)], StrictSpread) else {
+            panic!()
+        };
         assert_eq!(p, [nid(2), nid(1)]);
         assert!(matches!(place_bundles(&three, &[], Pack), Infeasible(_)));
     }
 
     /// Every assignment of bundles to live nodes (small cases only).
-    fn brute_force(nodes: &[(NodeId, ResourceSet)], bundles: &[ResourceSet], strategy: BundleStrategy) -> bool {
+    fn brute_force(
+        nodes: &[(NodeId, ResourceSet)],
+        bundles: &[ResourceSet],
+        strategy: BundleStrategy,
+    ) -> bool {
         let n = nodes.len();
         if n == 0 {
             return false;
@@ -244,27 +319,51 @@ mod tests {
                 _ => true,
             };
             let mut free: Vec<ResourceSet> = nodes.iter().map(|(_, r)| r.clone()).collect();
-            shape_ok && at.iter().zip(bundles).all(|(i, b)| free[*i].subtract(b).is_ok())
+            shape_ok
+                && at
+                    .iter()
+                    .zip(bundles)
+                    .all(|(i, b)| free[*i].subtract(b).is_ok())
         })
     }
 
     fn arb_view() -> impl Strategy<Value = ClusterView> {
-        proptest::collection::vec((0u8..5, 0u8..5, 0u8..3, any::<bool>()), 1..5).prop_map(|v| ClusterView {
-            nodes: v
-                .iter()
-                .enumerate()
-                .map(|(i, (avail, extra, gpu, alive))| {
-                    let total = ResourceSet::from_map([("CPU", (*avail + *extra) as f64), ("GPU", *gpu as f64)]).unwrap();
-                    let available = ResourceSet::from_map([("CPU", *avail as f64), ("GPU", *gpu as f64)]).unwrap();
-                    (nid(i as u8 + 1), NodeView { total, available, alive: *alive || i == 0 })
-                })
-                .collect(),
+        proptest::collection::vec((0u8..5, 0u8..5, 0u8..3, any::<bool>()), 1..5).prop_map(|v| {
+            ClusterView {
+                nodes: v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (avail, extra, gpu, alive))| {
+                        let total = ResourceSet::from_map([
+                            ("CPU", (*avail + *extra) as f64),
+                            ("GPU", *gpu as f64),
+                        ])
+                        .unwrap();
+                        let available =
+                            ResourceSet::from_map([("CPU", *avail as f64), ("GPU", *gpu as f64)])
+                                .unwrap();
+                        (
+                            nid(i as u8 + 1),
+                            NodeView {
+                                total,
+                                available,
+                                alive: *alive || i == 0,
+                            },
+                        )
+                    })
+                    .collect(),
+            }
         })
     }
 
     fn arb_bundles() -> impl Strategy<Value = Vec<ResourceSet>> {
-        proptest::collection::vec((1u8..4, 0u8..2), 1..5)
-            .prop_map(|v| v.into_iter().map(|(c, g)| ResourceSet::from_map([("CPU", c as f64), ("GPU", g as f64)]).unwrap()).collect())
+        proptest::collection::vec((1u8..4, 0u8..2), 1..5).prop_map(|v| {
+            v.into_iter()
+                .map(|(c, g)| {
+                    ResourceSet::from_map([("CPU", c as f64), ("GPU", g as f64)]).unwrap()
+                })
+                .collect()
+        })
     }
 
     fn arb_strategy() -> impl Strategy<Value = BundleStrategy> {

@@ -10,6 +10,6 @@ pub mod bundles;
 pub mod policy;
 pub mod resources;
 
-pub use bundles::{place_bundles, BundlePlacement, BundleStrategy};
-pub use policy::{decide, ClusterView, Decision, NodeView, PolicyConfig, SchedulingStrategy};
+pub use bundles::{BundlePlacement, BundleStrategy, place_bundles};
+pub use policy::{ClusterView, Decision, NodeView, PolicyConfig, SchedulingStrategy, decide};
 pub use resources::{ResourceError, ResourceSet};

@@ -53,7 +53,10 @@ pub struct PolicyConfig {
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        Self { spread_threshold: 0.5, top_k_fraction: 0.2 }
+        Self {
+            spread_threshold: 0.5,
+            top_k_fraction: 0.2,
+        }
     }
 }
 
@@ -83,22 +86,42 @@ pub fn decide(
     let alive: Vec<(&NodeId, &NodeView)> = view.nodes.iter().filter(|(_, n)| n.alive).collect();
     let fits_total = |n: &NodeView| n.total.contains(demand);
     let has_room = |n: &NodeView| n.available.contains(demand);
-    let place = |id: NodeId| if id == local { Decision::Local } else { Decision::Spillback(id) };
+    let place = |id: NodeId| {
+        if id == local {
+            Decision::Local
+        } else {
+            Decision::Spillback(id)
+        }
+    };
 
     if let SchedulingStrategy::NodeAffinity { node, soft } = strategy {
         match view.nodes.get(node).filter(|n| n.alive && fits_total(n)) {
             Some(n) if has_room(n) => return place(*node),
-            Some(_) => return if *node == local { Decision::Queue } else { Decision::Spillback(*node) },
+            Some(_) => {
+                return if *node == local {
+                    Decision::Queue
+                } else {
+                    Decision::Spillback(*node)
+                };
+            }
             None if !soft => return Decision::Infeasible,
             None => {}
         }
     }
 
-    let feasible: Vec<(&NodeId, &NodeView)> = alive.iter().copied().filter(|(_, n)| fits_total(n)).collect();
+    let feasible: Vec<(&NodeId, &NodeView)> = alive
+        .iter()
+        .copied()
+        .filter(|(_, n)| fits_total(n))
+        .collect();
     if feasible.is_empty() {
         return Decision::Infeasible;
     }
-    let mut ready: Vec<(&NodeId, &NodeView)> = feasible.iter().copied().filter(|(_, n)| has_room(n)).collect();
+    let mut ready: Vec<(&NodeId, &NodeView)> = feasible
+        .iter()
+        .copied()
+        .filter(|(_, n)| has_room(n))
+        .collect();
     if ready.is_empty() {
         if feasible.iter().any(|(id, _)| **id == local) {
             return Decision::Queue;
@@ -106,7 +129,11 @@ pub fn decide(
         // Queue where it can run one day: the least utilised such node.
         let best = feasible
             .iter()
-            .min_by(|a, b| score(a.1, demand).total_cmp(&score(b.1, demand)).then(a.0.cmp(b.0)))
+            .min_by(|a, b| {
+                score(a.1, demand)
+                    .total_cmp(&score(b.1, demand))
+                    .then(a.0.cmp(b.0))
+            })
             .expect("not empty");
         return Decision::Spillback(*best.0);
     }
@@ -119,19 +146,27 @@ pub fn decide(
         _ => {
             let local_view = ready.iter().find(|(id, _)| **id == local).map(|(_, n)| *n);
             if let Some(n) = local_view
-                && score(n, demand) < cfg.spread_threshold {
-                    return Decision::Local;
-                }
+                && score(n, demand) < cfg.spread_threshold
+            {
+                return Decision::Local;
+            }
             // Below the threshold every node counts as empty; among equals, local first.
             let key = |id: &NodeId, n: &NodeView| {
                 let s = score(n, demand);
-                (if s < cfg.spread_threshold { 0.0 } else { s }, *id != local, *id)
+                (
+                    if s < cfg.spread_threshold { 0.0 } else { s },
+                    *id != local,
+                    *id,
+                )
             };
             ready.sort_by(|a, b| {
                 let (ka, kb) = (key(a.0, a.1), key(b.0, b.1));
-                ka.0.total_cmp(&kb.0).then(ka.1.cmp(&kb.1)).then(ka.2.cmp(&kb.2))
+                ka.0.total_cmp(&kb.0)
+                    .then(ka.1.cmp(&kb.1))
+                    .then(ka.2.cmp(&kb.2))
             });
-            let k = ((alive.len() as f64 * cfg.top_k_fraction).ceil() as usize).clamp(1, ready.len());
+            let k =
+                ((alive.len() as f64 * cfg.top_k_fraction).ceil() as usize).clamp(1, ready.len());
             let i = pick(k) % k;
             place(*ready[i].0)
         }
@@ -162,14 +197,39 @@ mod tests {
             nodes: nodes
                 .iter()
                 .enumerate()
-                .map(|(i, (t, a, g, alive))| (nid(i as u8 + 1), NodeView { total: rs(*t, *g), available: rs(*a, *g), alive: *alive }))
+                .map(|(i, (t, a, g, alive))| {
+                    (
+                        nid(i as u8 + 1),
+                        NodeView {
+                            total: rs(*t, *g),
+                            available: rs(*a, *g),
+                            alive: *alive,
+                        },
+                    )
+                })
                 .collect(),
         }
     }
 
-    fn check(nodes: &[(f64, f64, f64, bool)], demand: ResourceSet, strategy: SchedulingStrategy, pick: usize, want: Decision) {
-        let got = decide(&view(nodes), nid(1), &demand, &strategy, PolicyConfig::default(), &mut |n| pick.min(n - 1));
-        assert_eq!(got, want, "nodes {nodes:?}, demand {demand:?}, {strategy:?}");
+    fn check(
+        nodes: &[(f64, f64, f64, bool)],
+        demand: ResourceSet,
+        strategy: SchedulingStrategy,
+        pick: usize,
+        want: Decision,
+    ) {
+        let got = decide(
+            &view(nodes),
+            nid(1),
+            &demand,
+            &strategy,
+            PolicyConfig::default(),
+            &mut |n| pick.min(n - 1),
+        );
+        assert_eq!(
+            got, want,
+            "nodes {nodes:?}, demand {demand:?}, {strategy:?}"
+        );
     }
 
     #[test]
@@ -177,48 +237,139 @@ mod tests {
         use Decision::*;
         let h = SchedulingStrategy::Hybrid;
         // Local has room and stays under half used: here.
-        check(&[(4.0, 4.0, 0.0, true), (4.0, 4.0, 0.0, true)], rs(1.0, 0.0), h.clone(), 0, Local);
+        check(
+            &[(4.0, 4.0, 0.0, true), (4.0, 4.0, 0.0, true)],
+            rs(1.0, 0.0),
+            h.clone(),
+            0,
+            Local,
+        );
         // Local would pass 0.5: the least utilised node with room.
-        check(&[(4.0, 2.0, 0.0, true), (4.0, 4.0, 0.0, true)], rs(1.0, 0.0), h.clone(), 0, Spillback(nid(2)));
+        check(
+            &[(4.0, 2.0, 0.0, true), (4.0, 4.0, 0.0, true)],
+            rs(1.0, 0.0),
+            h.clone(),
+            0,
+            Spillback(nid(2)),
+        );
         // Only node 2 has a GPU.
-        check(&[(4.0, 4.0, 0.0, true), (4.0, 4.0, 1.0, true)], rs(1.0, 1.0), h.clone(), 0, Spillback(nid(2)));
+        check(
+            &[(4.0, 4.0, 0.0, true), (4.0, 4.0, 1.0, true)],
+            rs(1.0, 1.0),
+            h.clone(),
+            0,
+            Spillback(nid(2)),
+        );
         // Nobody has room, local could: queue here.
-        check(&[(4.0, 0.0, 0.0, true), (4.0, 0.0, 0.0, true)], rs(1.0, 0.0), h.clone(), 0, Queue);
+        check(
+            &[(4.0, 0.0, 0.0, true), (4.0, 0.0, 0.0, true)],
+            rs(1.0, 0.0),
+            h.clone(),
+            0,
+            Queue,
+        );
         // No node has two GPUs.
-        check(&[(4.0, 4.0, 0.0, true), (4.0, 4.0, 1.0, true)], rs(1.0, 2.0), h.clone(), 0, Infeasible);
+        check(
+            &[(4.0, 4.0, 0.0, true), (4.0, 4.0, 1.0, true)],
+            rs(1.0, 2.0),
+            h.clone(),
+            0,
+            Infeasible,
+        );
         // Nobody has room and only node 2 ever could: queue there.
-        check(&[(1.0, 1.0, 0.0, true), (8.0, 0.0, 0.0, true)], rs(4.0, 0.0), h.clone(), 0, Spillback(nid(2)));
+        check(
+            &[(1.0, 1.0, 0.0, true), (8.0, 0.0, 0.0, true)],
+            rs(4.0, 0.0),
+            h.clone(),
+            0,
+            Spillback(nid(2)),
+        );
         // The only capable node is dead: infeasible.
-        check(&[(1.0, 1.0, 0.0, true), (8.0, 8.0, 0.0, false)], rs(4.0, 0.0), h, 0, Infeasible);
+        check(
+            &[(1.0, 1.0, 0.0, true), (8.0, 8.0, 0.0, false)],
+            rs(4.0, 0.0),
+            h,
+            0,
+            Infeasible,
+        );
     }
 
     #[test]
     fn spread_and_affinity() {
         use Decision::*;
-        let nodes = [(4.0, 4.0, 0.0, true), (4.0, 4.0, 0.0, true), (4.0, 4.0, 0.0, true)];
+        let nodes = [
+            (4.0, 4.0, 0.0, true),
+            (4.0, 4.0, 0.0, true),
+            (4.0, 4.0, 0.0, true),
+        ];
         for (cursor, want) in [(0, Local), (1, Spillback(nid(2))), (2, Spillback(nid(3)))] {
-            check(&nodes, rs(1.0, 0.0), SchedulingStrategy::Spread, cursor, want);
+            check(
+                &nodes,
+                rs(1.0, 0.0),
+                SchedulingStrategy::Spread,
+                cursor,
+                want,
+            );
         }
-        let hard = |b| SchedulingStrategy::NodeAffinity { node: nid(b), soft: false };
-        let soft = |b| SchedulingStrategy::NodeAffinity { node: nid(b), soft: true };
+        let hard = |b| SchedulingStrategy::NodeAffinity {
+            node: nid(b),
+            soft: false,
+        };
+        let soft = |b| SchedulingStrategy::NodeAffinity {
+            node: nid(b),
+            soft: true,
+        };
         check(&nodes, rs(1.0, 0.0), hard(3), 0, Spillback(nid(3)));
-        check(&[(4.0, 4.0, 0.0, true), (4.0, 0.0, 0.0, true)], rs(1.0, 0.0), hard(2), 0, Spillback(nid(2)));
-        check(&[(4.0, 0.0, 0.0, true), (4.0, 4.0, 0.0, true)], rs(1.0, 0.0), hard(1), 0, Queue);
-        check(&[(4.0, 4.0, 0.0, true), (4.0, 4.0, 0.0, false)], rs(1.0, 0.0), hard(2), 0, Infeasible);
-        check(&[(4.0, 4.0, 0.0, true), (4.0, 4.0, 0.0, false)], rs(1.0, 0.0), soft(2), 0, Local);
+        check(
+            &[(4.0, 4.0, 0.0, true), (4.0, 0.0, 0.0, true)],
+            rs(1.0, 0.0),
+            hard(2),
+            0,
+            Spillback(nid(2)),
+        );
+        check(
+            &[(4.0, 0.0, 0.0, true), (4.0, 4.0, 0.0, true)],
+            rs(1.0, 0.0),
+            hard(1),
+            0,
+            Queue,
+        );
+        check(
+            &[(4.0, 4.0, 0.0, true), (4.0, 4.0, 0.0, false)],
+            rs(1.0, 0.0),
+            hard(2),
+            0,
+            Infeasible,
+        );
+        check(
+            &[(4.0, 4.0, 0.0, true), (4.0, 4.0, 0.0, false)],
+            rs(1.0, 0.0),
+            soft(2),
+            0,
+            Local,
+        );
         check(&nodes, rs(1.0, 0.0), hard(9), 0, Infeasible);
     }
 
     fn arb_view() -> impl Strategy<Value = ClusterView> {
-        proptest::collection::vec((0u8..5, 0u8..5, 0u8..2, any::<bool>()), 1..8).prop_map(|v| ClusterView {
-            nodes: v
-                .into_iter()
-                .enumerate()
-                .map(|(i, (t, a, g, alive))| {
-                    let (t, a) = (f64::from(t), f64::from(a.min(t)));
-                    (nid(i as u8 + 1), NodeView { total: rs(t, f64::from(g)), available: rs(a, f64::from(g)), alive })
-                })
-                .collect(),
+        proptest::collection::vec((0u8..5, 0u8..5, 0u8..2, any::<bool>()), 1..8).prop_map(|v| {
+            ClusterView {
+                nodes: v
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (t, a, g, alive))| {
+                        let (t, a) = (f64::from(t), f64::from(a.min(t)));
+                        (
+                            nid(i as u8 + 1),
+                            NodeView {
+                                total: rs(t, f64::from(g)),
+                                available: rs(a, f64::from(g)),
+                                alive,
+                            },
+                        )
+                    })
+                    .collect(),
+            }
         })
     }
 

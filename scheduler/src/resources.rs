@@ -20,19 +20,29 @@ pub enum ResourceError {
     #[error("resource {name} = {value} is invalid: expected a finite amount in 0..={MAX_AMOUNT}")]
     BadAmount { name: String, value: f64 },
     #[error("not enough {name}: asked for {asked}, {available} available")]
-    Insufficient { name: String, asked: f64, available: f64 },
+    Insufficient {
+        name: String,
+        asked: f64,
+        available: f64,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResourceSet(BTreeMap<String, i64>);
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 128 && n.chars().all(|c| c.is_ascii_alphanumeric() || "_.:/-".contains(c))
+    !n.is_empty()
+        && n.len() <= 128
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:/-".contains(c))
 }
 
 fn to_units(name: &str, v: f64) -> Result<i64, ResourceError> {
     if !v.is_finite() || !(0.0..=MAX_AMOUNT).contains(&v) {
-        return Err(ResourceError::BadAmount { name: name.to_string(), value: v });
+        return Err(ResourceError::BadAmount {
+            name: name.to_string(),
+            value: v,
+        });
     }
     Ok((v * RESOLUTION as f64).round() as i64)
 }
@@ -47,7 +57,9 @@ impl ResourceSet {
     }
 
     /// Builds a set from `(name, amount)` pairs, validating both.
-    pub fn from_map<'a>(pairs: impl IntoIterator<Item = (&'a str, f64)>) -> Result<Self, ResourceError> {
+    pub fn from_map<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, f64)>,
+    ) -> Result<Self, ResourceError> {
         let mut m = BTreeMap::new();
         for (name, v) in pairs {
             if !valid_name(name) {
@@ -62,7 +74,10 @@ impl ResourceSet {
     }
 
     pub fn to_map(&self) -> BTreeMap<String, f64> {
-        self.0.iter().map(|(k, v)| (k.clone(), to_amount(*v))).collect()
+        self.0
+            .iter()
+            .map(|(k, v)| (k.clone(), to_amount(*v)))
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> f64 {
@@ -94,7 +109,10 @@ impl ResourceSet {
 
     /// Whether every amount in `other` is available here.
     pub fn contains(&self, other: &ResourceSet) -> bool {
-        other.0.iter().all(|(k, v)| self.0.get(k).copied().unwrap_or(0) >= *v)
+        other
+            .0
+            .iter()
+            .all(|(k, v)| self.0.get(k).copied().unwrap_or(0) >= *v)
     }
 
     pub fn add(&mut self, other: &ResourceSet) {
@@ -118,7 +136,13 @@ impl ResourceSet {
 
     /// Only the amounts of `names`.
     pub fn only(&self, names: &[&str]) -> ResourceSet {
-        ResourceSet(self.0.iter().filter(|(k, _)| names.contains(&k.as_str())).map(|(k, v)| (k.clone(), *v)).collect())
+        ResourceSet(
+            self.0
+                .iter()
+                .filter(|(k, _)| names.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+        )
     }
 
     /// Takes `other` out of this set; fails without changing anything if any amount is short.
@@ -126,7 +150,11 @@ impl ResourceSet {
         for (k, v) in &other.0 {
             let have = self.0.get(k).copied().unwrap_or(0);
             if have < *v {
-                return Err(ResourceError::Insufficient { name: k.clone(), asked: to_amount(*v), available: to_amount(have) });
+                return Err(ResourceError::Insufficient {
+                    name: k.clone(),
+                    asked: to_amount(*v),
+                    available: to_amount(have),
+                });
             }
         }
         for (k, v) in &other.0 {
@@ -151,12 +179,27 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(matches!(ResourceSet::from_map([("CPU", -1.0)]), Err(ResourceError::BadAmount { .. })));
-        assert!(matches!(ResourceSet::from_map([("CPU", f64::NAN)]), Err(ResourceError::BadAmount { .. })));
-        assert!(matches!(ResourceSet::from_map([("", 1.0)]), Err(ResourceError::BadName(_))));
-        assert!(matches!(ResourceSet::from_map([("a b", 1.0)]), Err(ResourceError::BadName(_))));
+        assert!(matches!(
+            ResourceSet::from_map([("CPU", -1.0)]),
+            Err(ResourceError::BadAmount { .. })
+        ));
+        assert!(matches!(
+            ResourceSet::from_map([("CPU", f64::NAN)]),
+            Err(ResourceError::BadAmount { .. })
+        ));
+        assert!(matches!(
+            ResourceSet::from_map([("", 1.0)]),
+            Err(ResourceError::BadName(_))
+        ));
+        assert!(matches!(
+            ResourceSet::from_map([("a b", 1.0)]),
+            Err(ResourceError::BadName(_))
+        ));
         assert!(set(&[("CPU", 0.0)]).is_empty());
-        assert_eq!(set(&[("accelerator_type:A100", 1.0)]).get("accelerator_type:A100"), 1.0);
+        assert_eq!(
+            set(&[("accelerator_type:A100", 1.0)]).get("accelerator_type:A100"),
+            1.0
+        );
     }
 
     #[test]
@@ -167,7 +210,10 @@ mod tests {
             total.subtract(&tenth).unwrap();
         }
         assert!(total.is_empty(), "{total:?}");
-        assert!(matches!(total.subtract(&tenth), Err(ResourceError::Insufficient { .. })));
+        assert!(matches!(
+            total.subtract(&tenth),
+            Err(ResourceError::Insufficient { .. })
+        ));
     }
 
     proptest! {

@@ -10,15 +10,18 @@
 
 use proc_macro::TokenStream;
 use quote::{format_ident, quote};
-use syn::{parse_macro_input, spanned::Spanned, FnArg, ItemFn, ReturnType};
+use syn::{FnArg, ItemFn, ReturnType, parse_macro_input, spanned::Spanned};
 
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {
         let a = proc_macro2::TokenStream::from(attr);
-        return syn::Error::new(a.span(), "#[remote] takes no arguments; pass options with `name::remote_with(&opts, …)`")
-            .to_compile_error()
-            .into();
+        return syn::Error::new(
+            a.span(),
+            "#[remote] takes no arguments; pass options with `name::remote_with(&opts, …)`",
+        )
+        .to_compile_error()
+        .into();
     }
     let f = parse_macro_input!(item as ItemFn);
     match expand(&f) {
@@ -30,23 +33,40 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
 fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let sig = &f.sig;
     if let Some(a) = &sig.asyncness {
-        return Err(syn::Error::new(a.span(), "a remote function cannot be async (it runs on a worker thread; use blocking calls)"));
+        return Err(syn::Error::new(
+            a.span(),
+            "a remote function cannot be async (it runs on a worker thread; use blocking calls)",
+        ));
     }
     if !sig.generics.params.is_empty() {
-        return Err(syn::Error::new(sig.generics.span(), "a remote function cannot be generic: workers find it by name"));
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "a remote function cannot be generic: workers find it by name",
+        ));
     }
     if let Some(v) = &sig.variadic {
-        return Err(syn::Error::new(v.span(), "a remote function cannot be variadic"));
+        return Err(syn::Error::new(
+            v.span(),
+            "a remote function cannot be variadic",
+        ));
     }
     let name = &sig.ident;
     let vis = &f.vis;
     let mut tys = Vec::new();
     for (i, a) in sig.inputs.iter().enumerate() {
         match a {
-            FnArg::Receiver(r) => return Err(syn::Error::new(r.span(), "a remote function cannot take self (use an actor)")),
+            FnArg::Receiver(r) => {
+                return Err(syn::Error::new(
+                    r.span(),
+                    "a remote function cannot take self (use an actor)",
+                ));
+            }
             FnArg::Typed(t) => {
                 if let syn::Type::Reference(r) = &*t.ty {
-                    return Err(syn::Error::new(r.span(), "remote function parameters are owned values (or sdk::View<T> for a zero-copy view)"));
+                    return Err(syn::Error::new(
+                        r.span(),
+                        "remote function parameters are owned values (or sdk::View<T> for a zero-copy view)",
+                    ));
                 }
                 tys.push(((*t.ty).clone(), format_ident!("__arg{i}")));
             }
@@ -56,7 +76,10 @@ fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         ReturnType::Default => quote!(()),
         ReturnType::Type(_, t) => quote!(#t),
     };
-    let params: Vec<_> = tys.iter().map(|(t, n)| quote!(#n: impl ::sdk::IntoArg<#t>)).collect();
+    let params: Vec<_> = tys
+        .iter()
+        .map(|(t, n)| quote!(#n: impl ::sdk::IntoArg<#t>))
+        .collect();
     let names: Vec<_> = tys.iter().map(|(_, n)| n.clone()).collect();
     let decode: Vec<_> = tys
         .iter()
@@ -100,5 +123,253 @@ fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         ::sdk::__private::inventory::submit! {
             ::sdk::__private::RemoteFunction { name: #name::NAME, invoke: #name::__invoke }
         }
+    })
+}
+
+/// `#[actor]` on an inherent impl block makes the type an actor class.
+///
+/// For `impl Counter { fn new(..) -> Self; fn incr(&mut self, by: i64) -> i64; … }` it keeps
+/// the impl and adds:
+/// - `Counter::remote(args…) -> Result<CounterHandle, sdk::Error>` and
+///   `Counter::remote_with(&sdk::ActorOptions, args…)`, which create an actor running
+///   `new(args…)` on the cluster;
+/// - `CounterHandle`, with one method per method taking `&self` or `&mut self`, returning
+///   an `ObjectRef` of its result; `CounterHandle::get_actor(name, namespace)` finds a named
+///   actor; `handle()` gives the untyped `sdk::ActorHandle` (kill, info, ready);
+/// - registrations of the constructor and the methods, so the actor's worker finds them.
+///
+/// `&self` methods may run in parallel (with `max_concurrency` > 1), so the type must be
+/// `Send + Sync`.
+#[proc_macro_attribute]
+pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        let a = proc_macro2::TokenStream::from(attr);
+        return syn::Error::new(
+            a.span(),
+            "#[actor] takes no arguments; pass options with `Type::remote_with(&opts, …)`",
+        )
+        .to_compile_error()
+        .into();
+    }
+    let imp = parse_macro_input!(item as syn::ItemImpl);
+    match expand_actor(&imp) {
+        Ok(t) => t.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn typed_params(sig: &syn::Signature, what: &str) -> syn::Result<Vec<(syn::Type, syn::Ident)>> {
+    if let Some(a) = &sig.asyncness {
+        return Err(syn::Error::new(
+            a.span(),
+            format!(
+                "an actor {what} cannot be async (it runs on the actor's thread; use blocking calls)"
+            ),
+        ));
+    }
+    if !sig.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            format!("an actor {what} cannot be generic: workers find it by name"),
+        ));
+    }
+    let mut tys = Vec::new();
+    for (i, a) in sig.inputs.iter().enumerate() {
+        if let FnArg::Typed(t) = a {
+            if let syn::Type::Reference(r) = &*t.ty {
+                return Err(syn::Error::new(
+                    r.span(),
+                    "actor method parameters are owned values (or sdk::View<T> for a zero-copy view)",
+                ));
+            }
+            tys.push(((*t.ty).clone(), format_ident!("__arg{i}")));
+        }
+    }
+    Ok(tys)
+}
+
+fn expand_actor(imp: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
+    if let Some((_, t, _)) = &imp.trait_ {
+        return Err(syn::Error::new(
+            t.span(),
+            "#[actor] goes on an inherent impl block, not a trait impl",
+        ));
+    }
+    if !imp.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            imp.generics.span(),
+            "an actor type cannot be generic: workers find it by name",
+        ));
+    }
+    let self_ty = &imp.self_ty;
+    let ident = match &**self_ty {
+        syn::Type::Path(p) if p.qself.is_none() => p.path.segments.last().map(|s| s.ident.clone()),
+        _ => None,
+    }
+    .ok_or_else(|| syn::Error::new(self_ty.span(), "#[actor] needs a plain type name"))?;
+    let handle = format_ident!("{ident}Handle");
+    let mut ctor = None;
+    let mut stubs = Vec::new();
+    let mut invokers = Vec::new();
+    let mut regs = Vec::new();
+    for item in &imp.items {
+        let syn::ImplItem::Fn(f) = item else { continue };
+        let sig = &f.sig;
+        let name = &sig.ident;
+        let receiver = sig.inputs.iter().find_map(|a| match a {
+            FnArg::Receiver(r) => Some(r.clone()),
+            _ => None,
+        });
+        match receiver {
+            None if name == "new" => {
+                let tys = typed_params(sig, "constructor")?;
+                ctor = Some(tys);
+            }
+            None => {}
+            Some(r) => {
+                if r.reference.is_none() {
+                    return Err(syn::Error::new(
+                        r.span(),
+                        "actor methods take &self or &mut self (the actor keeps its state)",
+                    ));
+                }
+                let mutable = r.mutability.is_some();
+                let tys = typed_params(sig, "method")?;
+                let ret = match &sig.output {
+                    ReturnType::Default => quote!(()),
+                    ReturnType::Type(_, t) => quote!(#t),
+                };
+                let params: Vec<_> = tys
+                    .iter()
+                    .map(|(t, n)| quote!(#n: impl ::sdk::IntoArg<#t>))
+                    .collect();
+                let names: Vec<_> = tys.iter().map(|(_, n)| n.clone()).collect();
+                let decode: Vec<_> = tys
+                    .iter()
+                    .map(|(t, n)| quote!(let #n: #t = <#t as ::sdk::__private::FromArg>::from_arg(__args.next()?)?;))
+                    .collect();
+                let count = tys.len();
+                let method_name = quote!(concat!(
+                    module_path!(),
+                    "::",
+                    stringify!(#ident),
+                    "::",
+                    stringify!(#name)
+                ));
+                let invoker = format_ident!("__actor_call_{name}");
+                let lock = if mutable {
+                    quote! {
+                        let mut __g = __cell.write().unwrap_or_else(|p| p.into_inner());
+                        let __this = __g.downcast_mut::<#self_ty>().ok_or_else(|| ::sdk::__private::downcast_error(stringify!(#ident)))?;
+                    }
+                } else {
+                    quote! {
+                        let __g = __cell.read().unwrap_or_else(|p| p.into_inner());
+                        let __this = __g.downcast_ref::<#self_ty>().ok_or_else(|| ::sdk::__private::downcast_error(stringify!(#ident)))?;
+                    }
+                };
+                stubs.push(quote! {
+                    /// Calls the actor's method; the result comes back through the ref.
+                    pub fn #name(&self, #(#params),*) -> ::sdk::ObjectRef<#ret> {
+                        self.inner.call::<#ret>(#method_name, ::std::vec![#(::sdk::IntoArg::into_arg(#names)),*])
+                    }
+                });
+                invokers.push(quote! {
+                    #[doc(hidden)]
+                    fn #invoker(__cell: &::sdk::__private::ActorCell, __args: &mut ::sdk::__private::Args<'_>) -> ::std::result::Result<::sdk::__private::Encoded, ::sdk::__private::ArgError> {
+                        __args.expect(#count)?;
+                        #(#decode)*
+                        let __out: #ret = {
+                            #lock
+                            __this.#name(#(#names),*)
+                        };
+                        ::sdk::__private::encode_return(__args, &__out)
+                    }
+                });
+                regs.push(quote! {
+                    ::sdk::__private::inventory::submit! {
+                        ::sdk::__private::ActorMethod { name: #method_name, invoke: <#self_ty>::#invoker }
+                    }
+                });
+            }
+        }
+    }
+    let ctor = ctor.ok_or_else(|| {
+        syn::Error::new(
+            imp.self_ty.span(),
+            "an actor needs a constructor `fn new(…) -> Self`",
+        )
+    })?;
+    let params: Vec<_> = ctor
+        .iter()
+        .map(|(t, n)| quote!(#n: impl ::sdk::IntoArg<#t>))
+        .collect();
+    let names: Vec<_> = ctor.iter().map(|(_, n)| n.clone()).collect();
+    let decode: Vec<_> =
+        ctor.iter().map(|(t, n)| quote!(let #n: #t = <#t as ::sdk::__private::FromArg>::from_arg(__args.next()?)?;)).collect();
+    let count = ctor.len();
+    let doc = format!(
+        "A handle to a `{ident}` actor: one method per actor method, each returning an `ObjectRef`."
+    );
+    Ok(quote! {
+        #imp
+
+        #[doc = #doc]
+        #[derive(Clone, Debug)]
+        #[allow(private_interfaces, dead_code)]
+        pub struct #handle {
+            inner: ::sdk::ActorHandle,
+        }
+
+        #[allow(private_interfaces, dead_code)]
+        impl #handle {
+            #(#stubs)*
+
+            /// The untyped handle (kill, info, ready).
+            pub fn handle(&self) -> &::sdk::ActorHandle {
+                &self.inner
+            }
+
+            /// Finds a live actor of this class by name (namespace `None`: "default").
+            pub fn get_actor(name: &str, namespace: ::std::option::Option<&str>) -> ::std::result::Result<Self, ::sdk::Error> {
+                let h = ::sdk::get_actor(name, namespace)?;
+                if h.class_name() != <#self_ty>::ACTOR_CLASS {
+                    return ::std::result::Result::Err(::sdk::Error::Actor(format!("the actor named {name:?} is a {}, not a {}", h.class_name(), <#self_ty>::ACTOR_CLASS)));
+                }
+                ::std::result::Result::Ok(Self { inner: h })
+            }
+        }
+
+        #[allow(private_interfaces, dead_code)]
+        impl #self_ty {
+            /// The class name workers find this actor type by.
+            pub const ACTOR_CLASS: &'static str = concat!(module_path!(), "::", stringify!(#ident));
+
+            /// Creates an actor with default options (`new(…)` runs on the cluster).
+            pub fn remote(#(#params),*) -> ::std::result::Result<#handle, ::sdk::Error> {
+                Self::remote_with(&::sdk::ActorOptions::default(), #(#names),*)
+            }
+
+            /// Creates an actor with `opts` (name, lifetime, restarts, concurrency, resources).
+            pub fn remote_with(opts: &::sdk::ActorOptions, #(#params),*) -> ::std::result::Result<#handle, ::sdk::Error> {
+                let inner = ::sdk::__private::create_actor(Self::ACTOR_CLASS, opts, ::std::vec![#(::sdk::IntoArg::into_arg(#names)),*])?;
+                ::std::result::Result::Ok(#handle { inner })
+            }
+
+            #[doc(hidden)]
+            fn __actor_construct(__args: &mut ::sdk::__private::Args<'_>) -> ::std::result::Result<::std::boxed::Box<dyn ::std::any::Any + ::std::marker::Send + ::std::marker::Sync>, ::sdk::__private::ArgError> {
+                __args.expect(#count)?;
+                #(#decode)*
+                let __state: #self_ty = <#self_ty>::new(#(#names),*);
+                ::std::result::Result::Ok(::std::boxed::Box::new(__state))
+            }
+
+            #(#invokers)*
+        }
+
+        ::sdk::__private::inventory::submit! {
+            ::sdk::__private::ActorClass { name: <#self_ty>::ACTOR_CLASS, construct: <#self_ty>::__actor_construct }
+        }
+        #(#regs)*
     })
 }

@@ -29,6 +29,7 @@
 //! Invariants: a value is validated once against its type tag before anyone reads it; an
 //! object stays alive while any `ObjectRef` to it or any pending task using it exists.
 
+mod actor;
 mod owner;
 mod runtime;
 mod submit;
@@ -40,11 +41,12 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use actor::{ActorHandle, ActorInfo, ActorOptions, ActorState, get_actor};
 pub use protocol::{NodeId, ObjectId};
-pub use sdk_macros::remote;
+pub use sdk_macros::{actor, remote};
 pub use value::{INLINE_MAX, SliceWriter, Value, View};
 
-pub use runtime::{init, init_with, Config, Mode, Session};
+pub use runtime::{Config, Mode, Session, init, init_with};
 
 /// Why a remote function call failed, with where it ran.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +76,14 @@ impl std::fmt::Display for TaskError {
 
 impl From<protocol::pb::TaskError> for TaskError {
     fn from(e: protocol::pb::TaskError) -> Self {
-        Self { kind: e.kind, message: e.message, task_id: e.task_id, function: e.function, node_id: e.node_id, worker_id: e.worker_id }
+        Self {
+            kind: e.kind,
+            message: e.message,
+            task_id: e.task_id,
+            function: e.function,
+            node_id: e.node_id,
+            worker_id: e.worker_id,
+        }
     }
 }
 
@@ -108,6 +117,16 @@ pub enum Error {
     Decode(String),
     #[error("cannot start the SDK: {0}")]
     Init(String),
+    /// An actor could not be created or found.
+    #[error("actor: {0}")]
+    Actor(String),
+    /// The actor is dead (no restart left, killed, its owner or constructor failed).
+    #[error("{0}")]
+    ActorDied(Box<TaskError>),
+    /// The call was in flight when the actor's worker died; the actor restarted (or is
+    /// restarting) but the call was not retried (`max_task_retries`).
+    #[error("{0}")]
+    ActorUnavailable(Box<TaskError>),
 }
 
 /// Where the scheduler may place a task.
@@ -138,7 +157,14 @@ pub struct TaskOptions {
 
 impl Default for TaskOptions {
     fn default() -> Self {
-        Self { num_cpus: 1.0, num_gpus: 0.0, memory: 0.0, resources: BTreeMap::new(), max_retries: 3, strategy: Strategy::Default }
+        Self {
+            num_cpus: 1.0,
+            num_gpus: 0.0,
+            memory: 0.0,
+            resources: BTreeMap::new(),
+            max_retries: 3,
+            strategy: Strategy::Default,
+        }
     }
 }
 
@@ -171,13 +197,18 @@ impl TaskOptions {
     /// The resource shape a lease asks for (amounts of zero left out).
     pub(crate) fn shape(&self) -> Result<BTreeMap<String, f64>, String> {
         let mut m = self.resources.clone();
-        for (k, v) in [("CPU", self.num_cpus), ("GPU", self.num_gpus), ("memory", self.memory)] {
+        for (k, v) in [
+            ("CPU", self.num_cpus),
+            ("GPU", self.num_gpus),
+            ("memory", self.memory),
+        ] {
             if v != 0.0 {
                 m.insert(k.to_owned(), v);
             }
         }
         m.retain(|_, v| *v != 0.0);
-        scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v))).map_err(|e| e.to_string())?;
+        scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v)))
+            .map_err(|e| e.to_string())?;
         Ok(m)
     }
 }
@@ -206,7 +237,12 @@ impl<T> Clone for ObjectRef<T> {
 
 impl<T> std::fmt::Debug for ObjectRef<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ObjectRef<{}>({})", std::any::type_name::<T>(), self.h.id)
+        write!(
+            f,
+            "ObjectRef<{}>({})",
+            std::any::type_name::<T>(),
+            self.h.id
+        )
     }
 }
 
@@ -253,7 +289,9 @@ pub async fn get_async<T: Value>(r: &ObjectRef<T>) -> Result<T, Error> {
     let id = r.h.id;
     let rt2 = rt.clone();
     // The fetch may block on the local store socket: run it off the caller's executor.
-    rt.spawn(async move { rt2.get_value::<T>(id, None).await }).await.map_err(|e| Error::Rpc(e.to_string()))?
+    rt.spawn(async move { rt2.get_value::<T>(id, None).await })
+        .await
+        .map_err(|e| Error::Rpc(e.to_string()))?
 }
 
 /// A zero-copy view of the value: in the node's shared memory when the object is in the
@@ -268,15 +306,25 @@ pub type WaitResult<T> = (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>);
 
 /// Waits until `num_returns` of `refs` are ready (finished or failed) or `timeout` passes.
 /// Returns (ready, not ready), each in the order given.
-pub fn wait<T>(refs: &[ObjectRef<T>], num_returns: usize, timeout: Option<Duration>) -> Result<WaitResult<T>, Error> {
+pub fn wait<T>(
+    refs: &[ObjectRef<T>],
+    num_returns: usize,
+    timeout: Option<Duration>,
+) -> Result<WaitResult<T>, Error> {
     let rt = runtime::current()?;
     let ids: Vec<ObjectId> = refs.iter().map(|r| r.h.id).collect();
-    let pending = ids.iter().any(|id| matches!(rt.owner.state(*id), Some(owner::State::Pending)));
+    let pending = ids
+        .iter()
+        .any(|id| matches!(rt.owner.state(*id), Some(owner::State::Pending)));
     let _unblock = rt.blocked(pending);
     let ready = rt.block_on(rt.owner.wait(&ids, num_returns.min(refs.len()), timeout));
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for (r, ok) in refs.iter().zip(ready) {
-        if ok { a.push(r.clone()) } else { b.push(r.clone()) }
+        if ok {
+            a.push(r.clone())
+        } else {
+            b.push(r.clone())
+        }
     }
     Ok((a, b))
 }
@@ -290,7 +338,10 @@ pub fn is_worker() -> bool {
 /// This process's node (the node it leases from; in remote mode, the node it talks to).
 pub fn node_id() -> Result<NodeId, Error> {
     let rt = runtime::current()?;
-    rt.node.node_id.parse().map_err(|e: protocol::ids::IdError| Error::Init(e.to_string()))
+    rt.node
+        .node_id
+        .parse()
+        .map_err(|e: protocol::ids::IdError| Error::Init(e.to_string()))
 }
 
 /// An argument of a remote function: a value, or a reference to one.
@@ -340,7 +391,7 @@ pub mod __private {
     use crate::value::{self, Value};
     use crate::{ObjectRef, TaskOptions};
 
-    pub use crate::worker::{encode_return, ArgError, ArgIn, Args, Encoded, FromArg};
+    pub use crate::worker::{ArgError, ArgIn, Args, Encoded, FromArg, encode_return};
 
     /// A registered remote function.
     pub struct RemoteFunction {
@@ -349,6 +400,37 @@ pub mod __private {
     }
 
     inventory::collect!(RemoteFunction);
+
+    /// An actor's state in its worker: `&self` methods take it shared, `&mut self` ones alone.
+    pub type ActorCell = std::sync::RwLock<Box<dyn std::any::Any + Send + Sync>>;
+
+    /// An `#[actor]` type: its constructor, by class name.
+    pub struct ActorClass {
+        pub name: &'static str,
+        pub construct: fn(&mut Args<'_>) -> Result<Box<dyn std::any::Any + Send + Sync>, ArgError>,
+    }
+
+    inventory::collect!(ActorClass);
+
+    /// A method of an `#[actor]` type, by `class::method`.
+    pub struct ActorMethod {
+        pub name: &'static str,
+        pub invoke: fn(&ActorCell, &mut Args<'_>) -> Result<Encoded, ArgError>,
+    }
+
+    inventory::collect!(ActorMethod);
+
+    pub fn create_actor(
+        class: &'static str,
+        opts: &crate::ActorOptions,
+        args: Vec<ArgOut>,
+    ) -> Result<crate::ActorHandle, crate::Error> {
+        crate::actor::create(class, opts, args)
+    }
+
+    pub fn downcast_error(class: &str) -> ArgError {
+        ArgError(format!("the actor's state is not a {class}"))
+    }
 
     /// An argument on the submitting side.
     #[derive(Clone)]
@@ -371,7 +453,9 @@ pub mod __private {
                 Err(e) => ArgOut::Failed(e),
                 Ok(n) if n <= value::INLINE_MAX => match value::archive(v) {
                     Ok(b) => ArgOut::Inline(protocol::pb::Value {
-                        kind: Some(protocol::pb::value::Kind::Inline(prost::bytes::Bytes::copy_from_slice(&b))),
+                        kind: Some(protocol::pb::value::Kind::Inline(
+                            prost::bytes::Bytes::copy_from_slice(&b),
+                        )),
                         type_tag: value::type_tag::<T>(),
                         object_id: Default::default(),
                     }),
@@ -387,8 +471,13 @@ pub mod __private {
     }
 
     /// Submits a call of the registered function `name`.
-    pub fn submit<R: Value>(name: &'static str, opts: &TaskOptions, args: Vec<ArgOut>) -> ObjectRef<R> {
-        let rt = crate::runtime::current().unwrap_or_else(|e| panic!("{name}::remote() needs sdk::init() first: {e}"));
+    pub fn submit<R: Value>(
+        name: &'static str,
+        opts: &TaskOptions,
+        args: Vec<ArgOut>,
+    ) -> ObjectRef<R> {
+        let rt = crate::runtime::current()
+            .unwrap_or_else(|e| panic!("{name}::remote() needs sdk::init() first: {e}"));
         ObjectRef::new(rt.submit(name, opts, args))
     }
 }
@@ -399,10 +488,27 @@ mod tests {
 
     #[test]
     fn options_make_the_lease_shape_and_reject_bad_amounts() {
-        let s = TaskOptions::default().num_gpus(1.0).resource("accel", 0.5).shape().unwrap();
-        assert_eq!(s.into_iter().collect::<Vec<_>>(), [("CPU".to_string(), 1.0), ("GPU".to_string(), 1.0), ("accel".to_string(), 0.5)]);
+        let s = TaskOptions::default()
+            .num_gpus(1.0)
+            .resource("accel", 0.5)
+            .shape()
+            .unwrap();
+        assert_eq!(
+            s.into_iter().collect::<Vec<_>>(),
+            [
+                ("CPU".to_string(), 1.0),
+                ("GPU".to_string(), 1.0),
+                ("accel".to_string(), 0.5)
+            ]
+        );
         // Zero CPUs: a lease of nothing, placeable anywhere.
-        assert!(TaskOptions::default().num_cpus(0.0).shape().unwrap().is_empty());
+        assert!(
+            TaskOptions::default()
+                .num_cpus(0.0)
+                .shape()
+                .unwrap()
+                .is_empty()
+        );
         let e = TaskOptions::default().num_cpus(-1.0).shape().unwrap_err();
         assert!(e.contains("CPU"), "{e}");
         assert!(TaskOptions::default().resource("", 1.0).shape().is_err());
@@ -432,6 +538,12 @@ mod tests {
             worker_id: "w1".into(),
         };
         let s = Error::Task(Box::new(e)).to_string();
-        assert_eq!(s, format!("task m::f ({}) failed on node n1 (worker w1): PANIC: boom", "ab".repeat(20)));
+        assert_eq!(
+            s,
+            format!(
+                "task m::f ({}) failed on node n1 (worker w1): PANIC: boom",
+                "ab".repeat(20)
+            )
+        );
     }
 }

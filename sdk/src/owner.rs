@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use prost::bytes::Bytes;
 use protocol::ObjectId;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, mpsc};
 
 use crate::TaskError;
 
@@ -74,7 +74,10 @@ pub(crate) struct Owner {
 
 impl Owner {
     pub(crate) fn new(free_tx: mpsc::UnboundedSender<(String, ObjectId)>) -> Self {
-        Self { objects: Mutex::default(), free_tx }
+        Self {
+            objects: Mutex::default(),
+            free_tx,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, Entry>> {
@@ -86,26 +89,49 @@ impl Owner {
         self.add_with_lineage(id, state, None)
     }
 
-    pub(crate) fn add_with_lineage(self: &Arc<Self>, id: ObjectId, state: State, lineage: Option<Arc<crate::submit::Lineage>>) -> Arc<Handle> {
-        self.lock().insert(id, Entry { state, notify: None, lineage, rebuilds: 0 });
-        Arc::new(Handle { id, owner: Arc::downgrade(self) })
+    pub(crate) fn add_with_lineage(
+        self: &Arc<Self>,
+        id: ObjectId,
+        state: State,
+        lineage: Option<Arc<crate::submit::Lineage>>,
+    ) -> Arc<Handle> {
+        self.lock().insert(
+            id,
+            Entry {
+                state,
+                notify: None,
+                lineage,
+                rebuilds: 0,
+            },
+        );
+        Arc::new(Handle {
+            id,
+            owner: Arc::downgrade(self),
+        })
     }
 
     /// Every stored copy of `id` is gone: makes it pending again if its task can run again
     /// (within the task's `max_retries`), for the caller to resubmit.
     pub(crate) fn rebuild(&self, id: ObjectId, why: &str) -> Rebuild {
         let mut objects = self.lock();
-        let Some(e) = objects.get_mut(&id) else { return Rebuild::Lost(format!("{why}; this process no longer references it")) };
+        let Some(e) = objects.get_mut(&id) else {
+            return Rebuild::Lost(format!("{why}; this process no longer references it"));
+        };
         match &e.state {
             State::Pending => return Rebuild::InProgress,
             State::Stored { .. } => {}
             _ => return Rebuild::Lost(why.to_owned()),
         }
         let Some(lineage) = e.lineage.clone() else {
-            return Rebuild::Lost(format!("{why}; it was made by put, so there is no task to run again"));
+            return Rebuild::Lost(format!(
+                "{why}; it was made by put, so there is no task to run again"
+            ));
         };
         if e.rebuilds >= lineage.max_retries {
-            return Rebuild::Lost(format!("{why}; already rebuilt {} time(s), max_retries={}", e.rebuilds, lineage.max_retries));
+            return Rebuild::Lost(format!(
+                "{why}; already rebuilt {} time(s), max_retries={}",
+                e.rebuilds, lineage.max_retries
+            ));
         }
         e.rebuilds += 1;
         e.state = State::Pending;
@@ -136,7 +162,10 @@ impl Owner {
 
     /// Records one more node holding a copy (a pulled secondary copy).
     pub(crate) fn add_location(&self, id: ObjectId, loc: Loc) {
-        if let Some(Entry { state: State::Stored { locs, .. }, .. }) = self.lock().get_mut(&id)
+        if let Some(Entry {
+            state: State::Stored { locs, .. },
+            ..
+        }) = self.lock().get_mut(&id)
             && !locs.contains(&loc)
         {
             locs.push(loc);
@@ -172,7 +201,10 @@ impl Owner {
                     return Some(e.state.clone());
                 }
                 // Registered at creation, so a completion between here and the await is seen.
-                e.notify.get_or_insert_with(Default::default).clone().notified_owned()
+                e.notify
+                    .get_or_insert_with(Default::default)
+                    .clone()
+                    .notified_owned()
             };
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, notified).await.ok()?,
@@ -182,7 +214,12 @@ impl Owner {
     }
 
     /// For `wait`: which of `ids` are ready once `n` are, or the timeout passed.
-    pub(crate) async fn wait(&self, ids: &[ObjectId], n: usize, timeout: Option<Duration>) -> Vec<bool> {
+    pub(crate) async fn wait(
+        &self,
+        ids: &[ObjectId],
+        n: usize,
+        timeout: Option<Duration>,
+    ) -> Vec<bool> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
             let mut waits = Vec::new();
@@ -191,7 +228,12 @@ impl Owner {
                 ids.iter()
                     .map(|id| match objects.get_mut(id) {
                         Some(e) if matches!(e.state, State::Pending) => {
-                            waits.push(e.notify.get_or_insert_with(Default::default).clone().notified_owned());
+                            waits.push(
+                                e.notify
+                                    .get_or_insert_with(Default::default)
+                                    .clone()
+                                    .notified_owned(),
+                            );
                             false
                         }
                         _ => true,
@@ -223,7 +265,13 @@ impl Owner {
 
 fn ready_now(o: &Owner, ids: &[ObjectId]) -> Vec<bool> {
     let objects = o.lock();
-    ids.iter().map(|id| objects.get(id).is_none_or(|e| !matches!(e.state, State::Pending))).collect()
+    ids.iter()
+        .map(|id| {
+            objects
+                .get(id)
+                .is_none_or(|e| !matches!(e.state, State::Pending))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -231,7 +279,11 @@ mod tests {
     use super::*;
 
     fn loc(n: &str) -> Loc {
-        Loc { node_id: n.into(), om: format!("{n}:om"), nm: format!("{n}:nm") }
+        Loc {
+            node_id: n.into(),
+            om: format!("{n}:om"),
+            nm: format!("{n}:nm"),
+        }
     }
 
     #[test]
@@ -239,17 +291,25 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let o = Arc::new(Owner::new(tx));
         let id = ObjectId::from_bytes([1; 20]);
-        let h = o.add(id, State::Stored { tag: "t".into(), locs: vec![loc("a")] });
+        let h = o.add(
+            id,
+            State::Stored {
+                tag: "t".into(),
+                locs: vec![loc("a")],
+            },
+        );
         o.add_location(id, loc("b"));
         o.add_location(id, loc("b"));
         let h2 = h.clone();
         drop(h);
         assert!(rx.try_recv().is_err(), "freed while a handle lives");
         drop(h2);
-        let mut freed: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).map(|(n, i)| {
-            assert_eq!(i, id);
-            n
-        }).collect();
+        let mut freed: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|(n, i)| {
+                assert_eq!(i, id);
+                n
+            })
+            .collect();
         freed.sort();
         assert_eq!(freed, ["a:nm", "b:nm"]);
         assert_eq!(o.len(), 0);
@@ -261,10 +321,22 @@ mod tests {
         let o = Arc::new(Owner::new(tx));
         let id = ObjectId::from_bytes([2; 20]);
         drop(o.add(id, State::Pending));
-        o.complete(id, State::Stored { tag: "t".into(), locs: vec![loc("a")] });
+        o.complete(
+            id,
+            State::Stored {
+                tag: "t".into(),
+                locs: vec![loc("a")],
+            },
+        );
         assert_eq!(rx.try_recv().ok(), Some(("a:nm".to_string(), id)));
         // Inline values need no free.
-        drop(o.add(id, State::Inline { bytes: Bytes::from_static(b"x"), tag: "t".into() }));
+        drop(o.add(
+            id,
+            State::Inline {
+                bytes: Bytes::from_static(b"x"),
+                tag: "t".into(),
+            },
+        ));
         assert!(rx.try_recv().is_err());
     }
 
@@ -272,20 +344,30 @@ mod tests {
     fn lost_objects_are_rebuilt_within_max_retries_and_puts_are_lost() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let o = Arc::new(Owner::new(tx));
-        let stored = || State::Stored { tag: "t".into(), locs: vec![loc("a")] };
+        let stored = || State::Stored {
+            tag: "t".into(),
+            locs: vec![loc("a")],
+        };
         let put = ObjectId::from_bytes([5; 20]);
         let _hp = o.add(put, stored());
         assert!(matches!(o.rebuild(put, "gone"), Rebuild::Lost(w) if w.contains("put")));
 
         let id = ObjectId::from_bytes([6; 20]);
         let key = crate::submit::Key::new(Default::default(), &crate::Strategy::Default);
-        let lineage = Arc::new(crate::submit::Lineage { function: "m::f", args: vec![], key, max_retries: 1 });
+        let lineage = Arc::new(crate::submit::Lineage {
+            function: "m::f",
+            args: vec![],
+            key,
+            max_retries: 1,
+        });
         let _h = o.add_with_lineage(id, stored(), Some(lineage));
         assert!(matches!(o.rebuild(id, "gone"), Rebuild::Run(_, 1)));
         // While it runs again, others wait for it instead of starting a second run.
         assert!(matches!(o.rebuild(id, "gone"), Rebuild::InProgress));
         o.complete(id, stored());
-        assert!(matches!(o.rebuild(id, "gone again"), Rebuild::Lost(w) if w.contains("max_retries=1")));
+        assert!(
+            matches!(o.rebuild(id, "gone again"), Rebuild::Lost(w) if w.contains("max_retries=1"))
+        );
     }
 
     #[tokio::test]
@@ -299,9 +381,18 @@ mod tests {
         let o2 = o.clone();
         let w = tokio::spawn(async move { o2.wait(&[a, b], 1, None).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        o.complete(b, State::Inline { bytes: Bytes::from_static(b"x"), tag: "t".into() });
+        o.complete(
+            b,
+            State::Inline {
+                bytes: Bytes::from_static(b"x"),
+                tag: "t".into(),
+            },
+        );
         assert_eq!(w.await.unwrap(), [false, true]);
-        assert_eq!(o.wait(&[a, b], 2, Some(Duration::from_millis(20))).await, [false, true]);
+        assert_eq!(
+            o.wait(&[a, b], 2, Some(Duration::from_millis(20))).await,
+            [false, true]
+        );
         assert!(matches!(o.ready(b, None).await, Some(State::Inline { .. })));
     }
 }

@@ -18,17 +18,20 @@ use object_store::StoreClient;
 use prost::bytes::Bytes;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient, NmClient, OmClient};
-use protocol::{pb, ObjectId};
+use protocol::{ObjectId, pb};
 use tokio::sync::mpsc;
 
 use crate::owner::{Handle, Loc, Owner, Rebuild, State};
 use crate::value::{self, Source, Value, View};
-use crate::{submit, Error, TaskOptions};
+use crate::{Error, TaskOptions, submit};
 
 static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
 
 pub(crate) fn current() -> Result<Arc<Runtime>, Error> {
-    RUNTIME.get().cloned().ok_or_else(|| Error::Init("sdk::init() has not been called in this process".into()))
+    RUNTIME
+        .get()
+        .cloned()
+        .ok_or_else(|| Error::Init("sdk::init() has not been called in this process".into()))
 }
 
 pub(crate) struct Unblock<'a> {
@@ -39,7 +42,9 @@ pub(crate) struct Unblock<'a> {
 impl Drop for Unblock<'_> {
     fn drop(&mut self) {
         if let Some(tx) = self.rt.channel.get() {
-            let _ = tx.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Unblocked(self.lease.to_string())) });
+            let _ = tx.send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Unblocked(self.lease.to_string())),
+            });
         }
     }
 }
@@ -78,7 +83,11 @@ pub(crate) struct NodeInfo {
 
 impl NodeInfo {
     pub(crate) fn loc(&self) -> Loc {
-        Loc { node_id: self.node_id.clone(), om: self.om.clone(), nm: self.address.clone() }
+        Loc {
+            node_id: self.node_id.clone(),
+            om: self.om.clone(),
+            nm: self.address.clone(),
+        }
     }
 }
 
@@ -138,6 +147,11 @@ pub(crate) struct Runtime {
     pub(crate) channel: OnceLock<mpsc::UnboundedSender<pb::WorkerMessage>>,
     /// In a worker: the lease of the task running now.
     pub(crate) running_lease: Mutex<Option<Arc<str>>>,
+    /// The head addresses (for actor calls to the control plane).
+    heads: Vec<String>,
+    head: OnceLock<HeadClient>,
+    /// In an actor's worker: the actor it hosts.
+    pub(crate) actor: OnceLock<Arc<crate::worker::ActorHost>>,
 }
 
 /// Kept by the driver; dropping it stops the one-node cluster `init` may have started.
@@ -164,10 +178,13 @@ impl Drop for Session {
     fn drop(&mut self) {
         // Final counters, so even a driver shorter than one report period is counted.
         if let Some(tx) = self.rt.channel.get() {
-            let _ = tx.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Stats(self.rt.stats.to_pb())) });
+            let _ = tx.send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Stats(self.rt.stats.to_pb())),
+            });
         }
         // Let queued frees and the counters reach their nodes.
-        self.rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+        self.rt
+            .block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
         if let Some(c) = self.cluster.take() {
             c.stop();
         }
@@ -181,7 +198,9 @@ pub fn init() -> Result<Session, Error> {
 
 pub fn init_with(cfg: Config) -> Result<Session, Error> {
     if RUNTIME.get().is_some() {
-        return Err(Error::Init("sdk::init() was already called in this process".into()));
+        return Err(Error::Init(
+            "sdk::init() was already called in this process".into(),
+        ));
     }
     let token = AuthToken::load(None).map_err(|e| Error::Init(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -194,25 +213,50 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
     if let Some(worker_id) = env("RAYCTL_WORKER_ID") {
         let node = NodeInfo {
             node_id: env("RAYCTL_NODE_ID").unwrap_or_default(),
-            address: env("RAYCTL_NODE_ADDRESS").ok_or_else(|| Error::Init("RAYCTL_NODE_ADDRESS is not set".into()))?,
+            address: env("RAYCTL_NODE_ADDRESS")
+                .ok_or_else(|| Error::Init("RAYCTL_NODE_ADDRESS is not set".into()))?,
             om: env("RAYCTL_OBJECT_MANAGER_ADDRESS").unwrap_or_default(),
         };
         let store = connect_store(env("RAYCTL_OBJECT_STORE_SOCKET"))?;
-        let binary = (env("RAYCTL_BINARY_SHA256").unwrap_or_default(), node.address.clone());
-        let r = Runtime::start(rt, Mode::Worker, node, Some(store), token, binary, worker_id)?;
+        let binary = (
+            env("RAYCTL_BINARY_SHA256").unwrap_or_default(),
+            node.address.clone(),
+        );
+        let heads = env(protocol::ADDRESS_ENV)
+            .map(|a| HeadClient::parse_addresses(&a))
+            .unwrap_or_default();
+        let r = Runtime::start(
+            rt,
+            Mode::Worker,
+            node,
+            Some(store),
+            token,
+            binary,
+            worker_id,
+            heads,
+        )?;
         crate::worker::serve(r);
     }
     let mut cluster = None;
-    let (mode, node, store) = if let Some(address) = env("RAYCTL_NODE_ADDRESS").filter(|_| !cfg.remote && env("RAYCTL_REMOTE").is_none()) {
+    let mut heads = env(protocol::ADDRESS_ENV)
+        .map(|a| HeadClient::parse_addresses(&a))
+        .unwrap_or_default();
+    let (mode, node, store) = if let Some(address) =
+        env("RAYCTL_NODE_ADDRESS").filter(|_| !cfg.remote && env("RAYCTL_REMOTE").is_none())
+    {
         // A job's driver: the job agent named its node.
         let node = NodeInfo {
             node_id: env("RAYCTL_NODE_ID").unwrap_or_default(),
             address,
             om: env("RAYCTL_OBJECT_MANAGER_ADDRESS").unwrap_or_default(),
         };
-        (Mode::Local, node, Some(connect_store(env("RAYCTL_OBJECT_STORE_SOCKET"))?))
+        (
+            Mode::Local,
+            node,
+            Some(connect_store(env("RAYCTL_OBJECT_STORE_SOCKET"))?),
+        )
     } else {
-        let heads = match cfg.address.clone().or_else(|| env(protocol::ADDRESS_ENV)) {
+        heads = match cfg.address.clone().or_else(|| env(protocol::ADDRESS_ENV)) {
             Some(a) => HeadClient::parse_addresses(&a),
             None => match latest_session_heads() {
                 Some(h) => h,
@@ -229,39 +273,71 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
     };
     let (sha, path) = rt.block_on(hash_self())?;
     let binary = (sha, node.address.clone());
-    let r = Runtime::start(rt, mode, node, store, token, binary, String::new())?;
+    let r = Runtime::start(rt, mode, node, store, token, binary, String::new(), heads)?;
     r.block_on(r.clone().register_binary(path))?;
     r.spawn(driver_channel(r.clone()));
     Ok(Session { rt: r, cluster })
 }
 
 fn connect_store(socket: Option<String>) -> Result<StoreClient, Error> {
-    let socket = socket.ok_or_else(|| Error::Init("RAYCTL_OBJECT_STORE_SOCKET is not set".into()))?;
-    StoreClient::connect(&socket).map_err(|e| Error::Init(format!("cannot connect to the node's object store: {e}")))
+    let socket =
+        socket.ok_or_else(|| Error::Init("RAYCTL_OBJECT_STORE_SOCKET is not set".into()))?;
+    StoreClient::connect(&socket)
+        .map_err(|e| Error::Init(format!("cannot connect to the node's object store: {e}")))
 }
 
 fn latest_session_heads() -> Option<Vec<String>> {
-    let base = std::env::var_os("RAYCTL_TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/rayctl"));
+    let base = std::env::var_os("RAYCTL_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/rayctl"));
     let text = std::fs::read(base.join("session_latest").join("cluster.json")).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    let heads: Vec<String> = v.get("heads")?.as_array()?.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect();
+    let heads: Vec<String> = v
+        .get("heads")?
+        .as_array()?
+        .iter()
+        .filter_map(|h| h.as_str().map(str::to_owned))
+        .collect();
     (!heads.is_empty()).then_some(heads)
 }
 
 /// Picks this process's node: one on this machine whose store socket we can open (local
 /// mode), else any live node (remote mode).
-async fn find_node(heads: &[String], token: Option<AuthToken>, remote: bool) -> Result<(Mode, NodeInfo, Option<StoreClient>), Error> {
-    let client = HeadClient::new(heads, token.clone(), ClientOptions { deadline: Duration::from_secs(30), ..Default::default() })
-        .map_err(|e| Error::Init(format!("bad cluster address: {e}")))?;
+async fn find_node(
+    heads: &[String],
+    token: Option<AuthToken>,
+    remote: bool,
+) -> Result<(Mode, NodeInfo, Option<StoreClient>), Error> {
+    let client = HeadClient::new(
+        heads,
+        token.clone(),
+        ClientOptions {
+            deadline: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| Error::Init(format!("bad cluster address: {e}")))?;
     let status = client
         .call(|mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await })
         .await
-        .map_err(|e| Error::Init(format!("cannot reach the cluster at {}: {e}", heads.join(","))))?;
-    let mut nodes: Vec<pb::NodeInfo> = status.nodes.into_iter().filter(|n| n.state == pb::NodeState::Alive as i32).collect();
+        .map_err(|e| {
+            Error::Init(format!(
+                "cannot reach the cluster at {}: {e}",
+                heads.join(",")
+            ))
+        })?;
+    let mut nodes: Vec<pb::NodeInfo> = status
+        .nodes
+        .into_iter()
+        .filter(|n| n.state == pb::NodeState::Alive as i32)
+        .collect();
     // Heads first: they are the nodes a driver on a head machine expects to use.
     nodes.sort_by_key(|n| !n.is_head);
     if nodes.is_empty() {
-        return Err(Error::Init(format!("the cluster at {} has no live node", heads.join(","))));
+        return Err(Error::Init(format!(
+            "the cluster at {} has no live node",
+            heads.join(",")
+        )));
     }
     let om_of = |n: &pb::NodeInfo| {
         let host = n.address.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
@@ -269,30 +345,53 @@ async fn find_node(heads: &[String], token: Option<AuthToken>, remote: bool) -> 
     };
     if !remote {
         for n in &nodes {
-            let Ok(mut c) = protocol::client::node_manager(&n.address, token.clone(), &ClientOptions::default()) else { continue };
-            let Ok(h) = c.health_check(pb::NodeHealthCheckRequest {}).await else { continue };
+            let Ok(mut c) = protocol::client::node_manager(
+                &n.address,
+                token.clone(),
+                &ClientOptions::default(),
+            ) else {
+                continue;
+            };
+            let Ok(h) = c.health_check(pb::NodeHealthCheckRequest {}).await else {
+                continue;
+            };
             let h = h.into_inner();
-            if h.object_store_socket.is_empty() || !std::path::Path::new(&h.object_store_socket).exists() {
+            if h.object_store_socket.is_empty()
+                || !std::path::Path::new(&h.object_store_socket).exists()
+            {
                 continue;
             }
             if let Ok(store) = StoreClient::connect(&h.object_store_socket) {
-                let info = NodeInfo { node_id: n.node_id.clone(), address: n.address.clone(), om: om_of(n) };
+                let info = NodeInfo {
+                    node_id: n.node_id.clone(),
+                    address: n.address.clone(),
+                    om: om_of(n),
+                };
                 return Ok((Mode::Local, info, Some(store)));
             }
         }
     }
     let n = &nodes[0];
-    Ok((Mode::Remote, NodeInfo { node_id: n.node_id.clone(), address: n.address.clone(), om: om_of(n) }, None))
+    Ok((
+        Mode::Remote,
+        NodeInfo {
+            node_id: n.node_id.clone(),
+            address: n.address.clone(),
+            om: om_of(n),
+        },
+        None,
+    ))
 }
 
 /// sha256 of this process's executable (what workers will run), and its path.
 async fn hash_self() -> Result<(String, PathBuf), Error> {
-    let path = std::env::current_exe().map_err(|e| Error::Init(format!("cannot find this program's executable: {e}")))?;
+    let path = std::env::current_exe()
+        .map_err(|e| Error::Init(format!("cannot find this program's executable: {e}")))?;
     let p = path.clone();
     let sha = tokio::task::spawn_blocking(move || protocol::sha256_file(&p))
-    .await
-    .map_err(|e| Error::Init(e.to_string()))?
-    .map_err(|e| Error::Init(format!("cannot read {}: {e}", path.display())))?;
+        .await
+        .map_err(|e| Error::Init(e.to_string()))?
+        .map_err(|e| Error::Init(format!("cannot read {}: {e}", path.display())))?;
     Ok((sha, path))
 }
 
@@ -310,12 +409,15 @@ async fn driver_channel(rt: Arc<Runtime>) {
     };
     let _ = tx.send(hello);
     let _ = rt.channel.set(tx.clone());
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut c = rt.nm(&rt.node.address);
     let r = tokio::spawn(async move { c.worker_channel(stream).await });
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let stats = pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Stats(rt.stats.to_pb())) };
+        let stats = pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Stats(rt.stats.to_pb())),
+        };
         if tx.send(stats).is_err() || r.is_finished() {
             return;
         }
@@ -326,7 +428,12 @@ fn new_prefix() -> [u8; 11] {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     let a = h.finish().to_le_bytes();
     let mut out = [0u8; 11];
     out[..8].copy_from_slice(&a);
@@ -335,6 +442,7 @@ fn new_prefix() -> [u8; 11] {
 }
 
 impl Runtime {
+    #[allow(clippy::too_many_arguments)]
     fn start(
         rt: tokio::runtime::Runtime,
         mode: Mode,
@@ -343,6 +451,7 @@ impl Runtime {
         token: Option<AuthToken>,
         binary: (String, String),
         worker_id: String,
+        heads: Vec<String>,
     ) -> Result<Arc<Self>, Error> {
         let (free_tx, free_rx) = mpsc::unbounded_channel();
         let (submit_tx, submit_rx) = mpsc::unbounded_channel();
@@ -364,14 +473,22 @@ impl Runtime {
             om_clients: Mutex::default(),
             channel: OnceLock::new(),
             running_lease: Mutex::new(None),
+            heads,
+            head: OnceLock::new(),
+            actor: OnceLock::new(),
         });
-        RUNTIME.set(r.clone()).map_err(|_| Error::Init("sdk::init() was already called in this process".into()))?;
+        RUNTIME
+            .set(r.clone())
+            .map_err(|_| Error::Init("sdk::init() was already called in this process".into()))?;
         r.spawn(free_loop(r.clone(), free_rx));
         r.spawn(submit::run(r.clone(), submit_rx));
         Ok(r)
     }
 
-    pub(crate) fn spawn<F: std::future::Future + Send + 'static>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    pub(crate) fn spawn<F: std::future::Future + Send + 'static>(
+        &self,
+        f: F,
+    ) -> tokio::task::JoinHandle<F::Output>
     where
         F::Output: Send + 'static,
     {
@@ -396,12 +513,47 @@ impl Runtime {
         ObjectId::from_bytes(b)
     }
 
+    /// In an actor's worker: the lease holding the actor's resources (CPU lending while a
+    /// call blocks).
+    pub(crate) fn running_lease_of_actor(&self) -> Arc<str> {
+        self.running_lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "".into())
+    }
+
+    /// The control plane (actor creation and lookup).
+    pub(crate) fn head(&self) -> Result<&HeadClient, Error> {
+        if let Some(h) = self.head.get() {
+            return Ok(h);
+        }
+        if self.heads.is_empty() {
+            return Err(Error::Init(
+                "this process does not know the cluster's head addresses (RAYCTL_ADDRESS)".into(),
+            ));
+        }
+        // GetActor waits up to a few seconds per call: allow for it.
+        let opts = ClientOptions {
+            deadline: Duration::from_secs(60),
+            rpc_timeout: Duration::from_secs(15),
+            ..Default::default()
+        };
+        let c = HeadClient::new(&self.heads, self.token.clone(), opts)
+            .map_err(|e| Error::Init(format!("bad head address: {e}")))?;
+        Ok(self.head.get_or_init(|| c))
+    }
+
     pub(crate) fn nm(&self, addr: &str) -> NmClient {
         let mut m = self.nm_clients.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(addr.to_owned())
             .or_insert_with(|| {
-                let opts = ClientOptions { rpc_timeout: Duration::from_secs(24 * 3600), ..Default::default() };
-                protocol::client::node_manager(addr, self.token.clone(), &opts).expect("node addresses come from the cluster and parse")
+                let opts = ClientOptions {
+                    rpc_timeout: Duration::from_secs(24 * 3600),
+                    ..Default::default()
+                };
+                protocol::client::node_manager(addr, self.token.clone(), &opts)
+                    .expect("node addresses come from the cluster and parse")
             })
             .clone()
     }
@@ -411,8 +563,12 @@ impl Runtime {
         if let Some(c) = m.get(addr) {
             return Ok(c.clone());
         }
-        let opts = ClientOptions { rpc_timeout: Duration::from_secs(300), ..Default::default() };
-        let c = protocol::client::object_manager(addr, self.token.clone(), &opts).map_err(|e| Error::Rpc(e.to_string()))?;
+        let opts = ClientOptions {
+            rpc_timeout: Duration::from_secs(300),
+            ..Default::default()
+        };
+        let c = protocol::client::object_manager(addr, self.token.clone(), &opts)
+            .map_err(|e| Error::Rpc(e.to_string()))?;
         m.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
@@ -422,20 +578,39 @@ impl Runtime {
         let mut c = self.nm(&self.node.address);
         let res = match self.mode {
             Mode::Remote => {
-                let file = tokio::fs::read(&path).await.map_err(|e| Error::Init(format!("cannot read {}: {e}", path.display())))?;
+                let file = tokio::fs::read(&path)
+                    .await
+                    .map_err(|e| Error::Init(format!("cannot read {}: {e}", path.display())))?;
                 let file = Bytes::from(file);
                 let chunks: Vec<pb::BinaryChunk> = (0..file.len().div_ceil(4 << 20).max(1))
                     .map(|i| pb::BinaryChunk {
                         sha256: if i == 0 { sha.clone() } else { String::new() },
                         data: file.slice(i * (4 << 20)..((i + 1) * (4 << 20)).min(file.len())),
-                        job_id: if i == 0 { self.job_id.clone() } else { String::new() },
+                        job_id: if i == 0 {
+                            self.job_id.clone()
+                        } else {
+                            String::new()
+                        },
                     })
                     .collect();
                 c.upload_binary(futures_util::stream::iter(chunks)).await
             }
-            _ => c.register_binary(pb::RegisterBinaryRequest { sha256: sha, path: path.display().to_string(), job_id: self.job_id.clone() }).await,
+            _ => {
+                c.register_binary(pb::RegisterBinaryRequest {
+                    sha256: sha,
+                    path: path.display().to_string(),
+                    job_id: self.job_id.clone(),
+                })
+                .await
+            }
         };
-        res.map(|_| ()).map_err(|e| Error::Init(format!("cannot give this program to node {} for its workers: {}", self.node.address, e.message())))
+        res.map(|_| ()).map_err(|e| {
+            Error::Init(format!(
+                "cannot give this program to node {} for its workers: {}",
+                self.node.address,
+                e.message()
+            ))
+        })
     }
 
     // ---- objects ----
@@ -446,11 +621,19 @@ impl Runtime {
         let n = value::archived_size(v).map_err(Error::Decode)?;
         if n <= value::INLINE_MAX {
             let b = value::archive(v).map_err(Error::Decode)?;
-            return Ok(self.owner.add(id, State::Inline { bytes: Bytes::copy_from_slice(&b), tag }));
+            return Ok(self.owner.add(
+                id,
+                State::Inline {
+                    bytes: Bytes::copy_from_slice(&b),
+                    tag,
+                },
+            ));
         }
         match &self.store {
             Some(store) => {
-                let mut w = store.create(id, n as u64, tag.len() as u64).map_err(|e| Error::Store(e.to_string()))?;
+                let mut w = store
+                    .create(id, n as u64, tag.len() as u64)
+                    .map_err(|e| Error::Store(e.to_string()))?;
                 value::archive_into(v, w.data_mut()).map_err(Error::Decode)?;
                 w.meta_mut().copy_from_slice(tag.as_bytes());
                 w.seal().map_err(|e| Error::Store(e.to_string()))?;
@@ -460,7 +643,13 @@ impl Runtime {
                 self.block_on(self.write_remote(id, Bytes::from(b.into_vec()), tag.clone()))?;
             }
         }
-        Ok(self.owner.add(id, State::Stored { tag, locs: vec![self.node.loc()] }))
+        Ok(self.owner.add(
+            id,
+            State::Stored {
+                tag,
+                locs: vec![self.node.loc()],
+            },
+        ))
     }
 
     async fn write_remote(&self, id: ObjectId, data: Bytes, tag: String) -> Result<(), Error> {
@@ -472,18 +661,31 @@ impl Runtime {
         while off < data.len() || chunks.is_empty() {
             let end = (off + CHUNK).min(data.len());
             chunks.push(pb::WriteObjectChunk {
-                object_id: if chunks.is_empty() { id.as_bytes().to_vec() } else { Vec::new() },
+                object_id: if chunks.is_empty() {
+                    id.as_bytes().to_vec()
+                } else {
+                    Vec::new()
+                },
                 data_size: ds,
                 metadata_size: ms,
                 payload: data.slice(off..end),
             });
             off = end;
         }
-        chunks.push(pb::WriteObjectChunk { payload: meta, ..Default::default() });
+        chunks.push(pb::WriteObjectChunk {
+            payload: meta,
+            ..Default::default()
+        });
         self.om(&self.node.om)?
             .write_object(futures_util::stream::iter(chunks))
             .await
-            .map_err(|e| Error::Store(format!("cannot store object {id} on node {}: {}", self.node.address, e.message())))?;
+            .map_err(|e| {
+                Error::Store(format!(
+                    "cannot store object {id} on node {}: {}",
+                    self.node.address,
+                    e.message()
+                ))
+            })?;
         Ok(())
     }
 
@@ -493,9 +695,15 @@ impl Runtime {
         if !pending {
             return None;
         }
-        let lease = self.running_lease.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let lease = self
+            .running_lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
         let tx = self.channel.get()?;
-        let _ = tx.send(pb::WorkerMessage { kind: Some(pb::worker_message::Kind::Blocked(lease.to_string())) });
+        let _ = tx.send(pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Blocked(lease.to_string())),
+        });
         Some(Unblock { rt: self, lease })
     }
 
@@ -503,12 +711,21 @@ impl Runtime {
         let _unblock = self.blocked(matches!(self.owner.state(id), Some(State::Pending)));
         match self.owner.ready(id, timeout).await {
             Some(s) => Ok(s),
-            None if self.owner.state(id).is_none() => Err(Error::ObjectLost(id, "this process does not own it".into())),
-            None => Err(Error::Timeout(timeout.unwrap_or_default(), format!("object {id}"))),
+            None if self.owner.state(id).is_none() => {
+                Err(Error::ObjectLost(id, "this process does not own it".into()))
+            }
+            None => Err(Error::Timeout(
+                timeout.unwrap_or_default(),
+                format!("object {id}"),
+            )),
         }
     }
 
-    pub(crate) async fn get_value<T: Value>(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<T, Error> {
+    pub(crate) async fn get_value<T: Value>(
+        self: Arc<Self>,
+        id: ObjectId,
+        timeout: Option<Duration>,
+    ) -> Result<T, Error> {
         match self.clone().resolve(id, timeout).await? {
             Resolved::Inline(bytes, tag) => value::decode::<T>(&bytes, &tag),
             Resolved::Stored(src, tag) => {
@@ -522,7 +739,11 @@ impl Runtime {
         .map_err(|e| Error::Decode(format!("object {id} {e}")))
     }
 
-    pub(crate) async fn get_view<T: Value>(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<View<T>, Error> {
+    pub(crate) async fn get_view<T: Value>(
+        self: Arc<Self>,
+        id: ObjectId,
+        timeout: Option<Duration>,
+    ) -> Result<View<T>, Error> {
         match self.clone().resolve(id, timeout).await? {
             Resolved::Inline(bytes, tag) => View::from_inline(&bytes, &tag),
             Resolved::Stored(src, tag) => View::new(src, &tag),
@@ -532,11 +753,21 @@ impl Runtime {
 
     /// Waits for the object and makes its bytes readable here; an object whose every copy
     /// is lost is rebuilt from its lineage (the task runs again) when it can be.
-    async fn resolve(self: Arc<Self>, id: ObjectId, timeout: Option<Duration>) -> Result<Resolved, Error> {
+    async fn resolve(
+        self: Arc<Self>,
+        id: ObjectId,
+        timeout: Option<Duration>,
+    ) -> Result<Resolved, Error> {
         loop {
             match self.ready(id, timeout).await? {
                 State::Inline { bytes, tag } => return Ok(Resolved::Inline(bytes, tag)),
-                State::Failed(e) => return Err(Error::Task(Box::new(e))),
+                State::Failed(e) => {
+                    return Err(match e.kind.as_str() {
+                        "ACTOR_DIED" => Error::ActorDied(Box::new(e)),
+                        "ACTOR_UNAVAILABLE" => Error::ActorUnavailable(Box::new(e)),
+                        _ => Error::Task(Box::new(e)),
+                    });
+                }
                 State::Stored { tag, locs } => match self.fetch(id, locs).await {
                     Ok(src) => return Ok(Resolved::Stored(src, tag)),
                     Err(Error::ObjectLost(_, why)) => match self.owner.rebuild(id, &why) {
@@ -544,7 +775,9 @@ impl Runtime {
                             tracing::info!(object = %id, "rebuilding a lost object (rebuild {n})");
                             self.stats.reconstructions.fetch_add(1, Ordering::Relaxed);
                             self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
-                            let _ = self.submit_tx.send(submit::Event::Submit(lineage.task(id, n)));
+                            let _ = self
+                                .submit_tx
+                                .send(submit::Event::Submit(lineage.task(id, n)));
                         }
                         Rebuild::InProgress => {}
                         Rebuild::Lost(why) => return Err(Error::ObjectLost(id, why)),
@@ -558,7 +791,11 @@ impl Runtime {
 
     /// The bytes of a sealed object: mapped from the local store (pulled there first if it
     /// is elsewhere), or, in remote mode, downloaded into this process.
-    pub(crate) async fn fetch(self: &Arc<Self>, id: ObjectId, locs: Vec<Loc>) -> Result<Source, Error> {
+    pub(crate) async fn fetch(
+        self: &Arc<Self>,
+        id: ObjectId,
+        locs: Vec<Loc>,
+    ) -> Result<Source, Error> {
         let Some(store) = self.store.clone() else {
             return self.download(id, &locs).await.map(Source::Heap);
         };
@@ -582,7 +819,10 @@ impl Runtime {
                 }
                 me.owner.add_location(id, me.node.loc());
             }
-            store.get_one(id, Some(Duration::from_secs(60))).map(Source::Store).map_err(|e| Error::ObjectLost(id, e.to_string()))
+            store
+                .get_one(id, Some(Duration::from_secs(60)))
+                .map(Source::Store)
+                .map_err(|e| Error::ObjectLost(id, e.to_string()))
         })
         .await
         .map_err(|e| Error::Store(e.to_string()))?
@@ -593,7 +833,12 @@ impl Runtime {
         let mut last = String::from("no node holds a copy");
         for l in locs.iter().filter(|l| !l.om.is_empty()) {
             let mut c = self.om(&l.om)?;
-            let info = match c.get_object_info(pb::GetObjectInfoRequest { object_id: id.as_bytes().to_vec() }).await {
+            let info = match c
+                .get_object_info(pb::GetObjectInfoRequest {
+                    object_id: id.as_bytes().to_vec(),
+                })
+                .await
+            {
                 Ok(i) => i.into_inner(),
                 Err(e) => {
                     last = format!("node {}: {}", l.node_id, e.message());
@@ -605,7 +850,14 @@ impl Runtime {
             let mut ok = true;
             while off < info.data_size {
                 let len = CHUNK.min(info.data_size - off);
-                match c.read_chunk(pb::ReadChunkRequest { object_id: id.as_bytes().to_vec(), offset: off, length: len }).await {
+                match c
+                    .read_chunk(pb::ReadChunkRequest {
+                        object_id: id.as_bytes().to_vec(),
+                        offset: off,
+                        length: len,
+                    })
+                    .await
+                {
                     Ok(r) => out.extend_from_slice(&r.into_inner().data),
                     Err(e) => {
                         last = format!("node {}: {}", l.node_id, e.message());
@@ -624,11 +876,23 @@ impl Runtime {
 
     // ---- tasks ----
 
-    pub(crate) fn submit(self: &Arc<Self>, name: &'static str, opts: &TaskOptions, args: Vec<crate::__private::ArgOut>) -> Arc<Handle> {
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        name: &'static str,
+        opts: &TaskOptions,
+        args: Vec<crate::__private::ArgOut>,
+    ) -> Arc<Handle> {
         let id = self.new_id(1);
-        let key = opts.shape().map(|shape| submit::Key::new(shape, &opts.strategy));
+        let key = opts
+            .shape()
+            .map(|shape| submit::Key::new(shape, &opts.strategy));
         let lineage = key.as_ref().ok().map(|key| {
-            Arc::new(submit::Lineage { function: name, args: args.clone(), key: key.clone(), max_retries: opts.max_retries })
+            Arc::new(submit::Lineage {
+                function: name,
+                args: args.clone(),
+                key: key.clone(),
+                max_retries: opts.max_retries,
+            })
         });
         let h = self.owner.add_with_lineage(id, State::Pending, lineage);
         let fail = |kind: &str, message: String| {
@@ -659,9 +923,65 @@ impl Runtime {
             fail("ARGUMENT", format!("cannot encode an argument: {e}"));
             return h;
         }
-        let task = submit::Task { id, function: name, args, key, attempt: 0, max_retries: opts.max_retries };
+        let task = submit::Task {
+            id,
+            function: name,
+            args,
+            key,
+            attempt: 0,
+            max_retries: opts.max_retries,
+        };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
         let _ = self.submit_tx.send(submit::Event::Submit(task));
+        h
+    }
+}
+
+impl Runtime {
+    /// 32 hex characters: this process's prefix and a counter.
+    pub(crate) fn new_actor_id(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut s: String = self.prefix.iter().map(|b| format!("{b:02x}")).collect();
+        s.extend(n.to_be_bytes()[3..].iter().map(|b| format!("{b:02x}")));
+        s
+    }
+
+    /// Submits a call to an actor; calls from this process run in submission order.
+    pub(crate) fn submit_actor(
+        self: &Arc<Self>,
+        actor: Arc<crate::actor::ActorRef>,
+        method: &'static str,
+        args: Vec<crate::__private::ArgOut>,
+    ) -> Arc<Handle> {
+        let id = self.new_id(1);
+        let h = self.owner.add(id, State::Pending);
+        if let Some(e) = args.iter().find_map(|a| match a {
+            crate::__private::ArgOut::Failed(e) => Some(e.clone()),
+            _ => None,
+        }) {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let mut te = crate::actor::actor_error(
+                &actor,
+                "ARGUMENT",
+                format!("cannot encode an argument of {method}: {e}"),
+            );
+            te.task_id = id.to_string();
+            self.owner.complete(id, State::Failed(te));
+            return h;
+        }
+        let key = submit::Key::new(Default::default(), &crate::Strategy::Default);
+        let task = submit::Task {
+            id,
+            function: method,
+            args,
+            key,
+            attempt: 0,
+            max_retries: 0,
+        };
+        self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .submit_tx
+            .send(submit::Event::ActorCall(actor, Box::new(task)));
         h
     }
 }
@@ -681,9 +1001,15 @@ async fn free_loop(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<(String, Ob
                 let _ = tokio::task::spawn_blocking(move || store.delete(&ids)).await;
                 continue;
             }
-            let req = pb::FreeObjectsRequest { object_ids: ids.iter().map(|i| i.as_bytes().to_vec()).collect() };
+            let req = pb::FreeObjectsRequest {
+                object_ids: ids.iter().map(|i| i.as_bytes().to_vec()).collect(),
+            };
             if let Err(e) = rt.nm(&node).free_objects(req).await {
-                tracing::debug!("cannot free {} objects on {node}: {}", ids.len(), e.message());
+                tracing::debug!(
+                    "cannot free {} objects on {node}: {}",
+                    ids.len(),
+                    e.message()
+                );
             }
         }
     }

@@ -16,14 +16,15 @@
 //!   while `attempt < max_retries`, else they fail with WORKER_DIED.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use protocol::{pb, ObjectId};
+use protocol::{ObjectId, pb};
 use tokio::sync::mpsc;
 
 use crate::__private::ArgOut;
+use crate::actor::ActorRef;
 use crate::owner::{Loc, Rebuild, State};
 use crate::runtime::Runtime;
 use crate::{Strategy, TaskError};
@@ -49,13 +50,29 @@ impl Key {
         let (strategy, affinity, soft) = match s {
             Strategy::Default => (pb::SchedulingStrategy::Hybrid as i32, String::new(), false),
             Strategy::Spread => (pb::SchedulingStrategy::Spread as i32, String::new(), false),
-            Strategy::NodeAffinity { node, soft } => (pb::SchedulingStrategy::NodeAffinity as i32, node.to_string(), *soft),
+            Strategy::NodeAffinity { node, soft } => (
+                pb::SchedulingStrategy::NodeAffinity as i32,
+                node.to_string(),
+                *soft,
+            ),
         };
-        Arc::new(Self { shape: shape.into_iter().map(|(k, v)| (k, (v * 10_000.0).round() as u64)).collect(), strategy, affinity, soft })
+        Arc::new(Self {
+            shape: shape
+                .into_iter()
+                .map(|(k, v)| (k, (v * 10_000.0).round() as u64))
+                .collect(),
+            strategy,
+            affinity,
+            soft,
+        })
     }
 
     fn depth(&self) -> usize {
-        if self.strategy == pb::SchedulingStrategy::Spread as i32 { 1 } else { PIPELINE }
+        if self.strategy == pb::SchedulingStrategy::Spread as i32 {
+            1
+        } else {
+            PIPELINE
+        }
     }
 }
 
@@ -69,7 +86,14 @@ pub(crate) struct Lineage {
 
 impl Lineage {
     pub(crate) fn task(&self, id: ObjectId, attempt: u32) -> Task {
-        Task { id, function: self.function, args: self.args.clone(), key: self.key.clone(), attempt, max_retries: self.max_retries }
+        Task {
+            id,
+            function: self.function,
+            args: self.args.clone(),
+            key: self.key.clone(),
+            attempt,
+            max_retries: self.max_retries,
+        }
     }
 }
 
@@ -99,6 +123,36 @@ pub(crate) enum Event {
     LeaseFailed(Arc<Key>, String),
     Replies(u64, Vec<pb::TaskReply>),
     Broken(u64, String),
+    /// A call to an actor, in this process's submission order.
+    ActorCall(Arc<ActorRef>, Box<Task>),
+    /// The actor's worker to connect to, or why the actor is dead.
+    ActorResolved(String, Box<Result<pb::ActorInfo, String>>),
+    /// The arguments of the actor's next call are ready.
+    ActorArgsReady(String),
+}
+
+/// Calls to one actor from this process: sent in order on one stream.
+struct ActorQueue {
+    actor: Arc<ActorRef>,
+    /// Not yet sent, in submission order.
+    queue: VecDeque<Task>,
+    conn: Option<u64>,
+    resolving: bool,
+    waiting_args: bool,
+    /// Connect only to this incarnation or a later one.
+    min_restarts: u64,
+    dead: Option<String>,
+    /// In flight when the worker died and not retried: failed once the actor's fate is known.
+    orphans: Vec<Task>,
+}
+
+struct ActorConn {
+    actor_id: String,
+    tx: mpsc::UnboundedSender<pb::PushTasksRequest>,
+    in_flight: HashMap<ObjectId, Task>,
+    restarts: u64,
+    node_id: String,
+    worker_id: String,
 }
 
 struct Conn {
@@ -122,11 +176,22 @@ struct Submitter {
     keys: HashMap<Arc<Key>, KeyState>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
+    actors: HashMap<String, ActorQueue>,
+    actor_conns: HashMap<u64, ActorConn>,
 }
 
 pub(crate) async fn run(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<Event>) {
     let tx = rt.submit_tx.clone();
-    let mut s = Submitter { rt, tx, keys: HashMap::new(), conns: HashMap::new(), next_conn: 0 };
+    let mut s = Submitter {
+        rt,
+        tx,
+        keys: HashMap::new(),
+        conns: HashMap::new(),
+        next_conn: 0,
+        actors: HashMap::new(),
+        actor_conns: HashMap::new(),
+    };
+    let mut dirty_actors: Vec<String> = Vec::new();
     let mut dirty: Vec<Arc<Key>> = Vec::new();
     loop {
         let ev = if s.conns.values().any(|c| c.idle_since.is_some()) {
@@ -141,13 +206,18 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<Event>
             rx.recv().await
         };
         let Some(ev) = ev else { return };
-        s.handle(ev, &mut dirty);
+        s.handle(ev, &mut dirty, &mut dirty_actors);
         // Take whatever else is queued before dispatching: pushes go out in batches.
         for _ in 0..4096 {
             match rx.try_recv() {
-                Ok(ev) => s.handle(ev, &mut dirty),
+                Ok(ev) => s.handle(ev, &mut dirty, &mut dirty_actors),
                 Err(_) => break,
             }
+        }
+        dirty_actors.sort();
+        dirty_actors.dedup();
+        for a in dirty_actors.drain(..) {
+            s.dispatch_actor(&a);
         }
         dirty.sort_by_key(|k| Arc::as_ptr(k) as usize);
         dirty.dedup_by(|a, b| Arc::ptr_eq(a, b));
@@ -159,14 +229,55 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<Event>
 }
 
 impl Submitter {
-    fn handle(&mut self, ev: Event, dirty: &mut Vec<Arc<Key>>) {
+    fn handle(&mut self, ev: Event, dirty: &mut Vec<Arc<Key>>, dirty_actors: &mut Vec<String>) {
         match ev {
+            Event::Replies(conn, replies) if self.actor_conns.contains_key(&conn) => {
+                for r in replies {
+                    self.actor_reply(conn, r);
+                }
+            }
+            Event::Broken(conn, why) if self.actor_conns.contains_key(&conn) => {
+                if let Some(a) = self.actor_broken(conn, why) {
+                    dirty_actors.push(a);
+                }
+            }
+            Event::ActorCall(actor, t) => {
+                let q = self
+                    .actors
+                    .entry(actor.id.clone())
+                    .or_insert_with(|| ActorQueue {
+                        actor: actor.clone(),
+                        queue: VecDeque::new(),
+                        conn: None,
+                        resolving: false,
+                        waiting_args: false,
+                        min_restarts: 0,
+                        dead: None,
+                        orphans: Vec::new(),
+                    });
+                q.queue.push_back(*t);
+                dirty_actors.push(actor.id.clone());
+            }
+            Event::ActorResolved(id, r) => {
+                self.actor_resolved(&id, *r);
+                dirty_actors.push(id);
+            }
+            Event::ActorArgsReady(id) => {
+                if let Some(q) = self.actors.get_mut(&id) {
+                    q.waiting_args = false;
+                }
+                dirty_actors.push(id);
+            }
             Event::Submit(t) => self.resolve_args(t),
             Event::ArgsReady(t) => {
                 self.rt.stats.pending_args.fetch_sub(1, Ordering::Relaxed);
                 self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
                 dirty.push(t.key.clone());
-                self.keys.entry(t.key.clone()).or_default().queue.push_back(t);
+                self.keys
+                    .entry(t.key.clone())
+                    .or_default()
+                    .queue
+                    .push_back(t);
             }
             Event::Granted(key, lease) => {
                 let id = self.open(key.clone(), lease);
@@ -180,12 +291,20 @@ impl Submitter {
                 dirty.push(key);
             }
             Event::LeaseFailed(key, why) => {
-                let Some(ks) = self.keys.get_mut(&key) else { return };
+                let Some(ks) = self.keys.get_mut(&key) else {
+                    return;
+                };
                 ks.requests.retain(|h| !h.is_finished());
                 let tasks: Vec<Task> = ks.queue.drain(..).collect();
                 for t in tasks {
                     self.rt.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
-                    let e = task_error(&t, "SCHEDULING", format!("no worker could be leased: {why}"), "", "");
+                    let e = task_error(
+                        &t,
+                        "SCHEDULING",
+                        format!("no worker could be leased: {why}"),
+                        "",
+                        "",
+                    );
                     self.finish_failed(&t, e);
                 }
             }
@@ -212,7 +331,9 @@ impl Submitter {
             .args
             .iter()
             .filter_map(|a| match a {
-                ArgOut::Ref(h) if matches!(self.rt.owner.state(h.id), Some(State::Pending)) => Some(h.id),
+                ArgOut::Ref(h) if matches!(self.rt.owner.state(h.id), Some(State::Pending)) => {
+                    Some(h.id)
+                }
                 _ => None,
             })
             .collect();
@@ -237,37 +358,67 @@ impl Submitter {
             args.push(match a {
                 ArgOut::Inline(v) => v.clone(),
                 ArgOut::Ref(h) => match self.rt.owner.state(h.id) {
-                    Some(State::Inline { bytes, tag }) => pb::Value { kind: Some(pb::value::Kind::Inline(bytes)), type_tag: tag, object_id: Vec::new() },
+                    Some(State::Inline { bytes, tag }) => pb::Value {
+                        kind: Some(pb::value::Kind::Inline(bytes)),
+                        type_tag: tag,
+                        object_id: Vec::new(),
+                    },
                     Some(State::Stored { tag, locs }) => {
                         let l = locs.first().cloned().unwrap_or_else(|| self.rt.node.loc());
                         pb::Value {
-                            kind: Some(pb::value::Kind::Stored(pb::ObjectLocation { node_id: l.node_id, object_manager_address: l.om, node_address: l.nm })),
+                            kind: Some(pb::value::Kind::Stored(pb::ObjectLocation {
+                                node_id: l.node_id,
+                                object_manager_address: l.om,
+                                node_address: l.nm,
+                            })),
                             type_tag: tag,
                             object_id: h.id.as_bytes().to_vec(),
                         }
                     }
                     Some(State::Failed(e)) => {
-                        return Err(task_error(t, "DEPENDENCY", format!("argument {} failed: {e}", h.id), "", ""));
+                        return Err(task_error(
+                            t,
+                            "DEPENDENCY",
+                            format!("argument {} failed: {e}", h.id),
+                            "",
+                            "",
+                        ));
                     }
                     Some(State::Pending) | None => {
-                        return Err(task_error(t, "DEPENDENCY", format!("argument {} is not available", h.id), "", ""));
+                        return Err(task_error(
+                            t,
+                            "DEPENDENCY",
+                            format!("argument {} is not available", h.id),
+                            "",
+                            "",
+                        ));
                     }
                 },
                 ArgOut::Failed(e) => return Err(task_error(t, "ARGUMENT", e.clone(), "", "")),
             });
         }
-        Ok(pb::TaskSpec { task_id: t.id.as_bytes().to_vec(), function: t.function.to_owned(), args, attempt: t.attempt })
+        Ok(pb::TaskSpec {
+            task_id: t.id.as_bytes().to_vec(),
+            function: t.function.to_owned(),
+            args,
+            attempt: t.attempt,
+        })
     }
 
     fn dispatch(&mut self, key: &Arc<Key>) {
         let depth = key.depth();
-        let Some(ks) = self.keys.get_mut(key) else { return };
+        let Some(ks) = self.keys.get_mut(key) else {
+            return;
+        };
         let mut queue = std::mem::take(&mut ks.queue);
         let conns = ks.conns.clone();
         let mut out: HashMap<u64, Vec<pb::TaskSpec>> = HashMap::new();
         let mut failed = Vec::new();
         while !queue.is_empty() {
-            let free = conns.iter().filter(|c| self.conns[c].in_flight.len() < depth).min_by_key(|c| self.conns[c].in_flight.len());
+            let free = conns
+                .iter()
+                .filter(|c| self.conns[c].in_flight.len() < depth)
+                .min_by_key(|c| self.conns[c].in_flight.len());
             let Some(&cid) = free else { break };
             let t = queue.pop_front().expect("not empty");
             self.rt.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
@@ -287,7 +438,12 @@ impl Submitter {
         }
         for (cid, tasks) in out {
             if let Some(c) = self.conns.get(&cid) {
-                let _ = c.tx.send(pb::PushTasksRequest { lease_id: String::new(), tasks });
+                let _ = c.tx.send(pb::PushTasksRequest {
+                    lease_id: String::new(),
+                    tasks,
+                    actor_id: String::new(),
+                    actor_restarts: 0,
+                });
             }
         }
         let ks = self.keys.get_mut(key).expect("taken above");
@@ -296,7 +452,9 @@ impl Submitter {
         if !ks.queue.is_empty() {
             let want = ks.queue.len().div_ceil(depth).min(MAX_PENDING_LEASES);
             while ks.requests.len() < want {
-                let h = self.rt.spawn(request_lease(self.rt.clone(), key.clone(), self.tx.clone()));
+                let h = self
+                    .rt
+                    .spawn(request_lease(self.rt.clone(), key.clone(), self.tx.clone()));
                 ks.requests.push(h.abort_handle());
             }
         } else {
@@ -311,13 +469,41 @@ impl Submitter {
         self.next_conn += 1;
         let id = self.next_conn;
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(pb::PushTasksRequest { lease_id: lease.lease_id.clone(), tasks: Vec::new() });
+        let _ = tx.send(pb::PushTasksRequest {
+            lease_id: lease.lease_id.clone(),
+            tasks: Vec::new(),
+            actor_id: String::new(),
+            actor_restarts: 0,
+        });
+        self.stream(id, lease.worker_address.clone(), rx);
+        self.conns.insert(
+            id,
+            Conn {
+                key,
+                lease,
+                tx,
+                in_flight: HashMap::new(),
+                idle_since: Some(Instant::now()),
+            },
+        );
+        id
+    }
+
+    /// Runs a PushTasks stream to the worker at `address`: replies and the break come back as
+    /// events for connection `id`.
+    fn stream(&self, id: u64, address: String, rx: mpsc::UnboundedReceiver<pb::PushTasksRequest>) {
         let events = self.tx.clone();
-        let opts = protocol::client::ClientOptions { rpc_timeout: Duration::from_secs(24 * 3600), ..Default::default() };
-        let client = protocol::client::channel(&lease.worker_address, &opts).map(|ch| {
-            pb::core_worker_client::CoreWorkerClient::with_interceptor(ch, protocol::auth::ClientAuth(self.rt.token.clone()))
-                .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES)
+        let opts = protocol::client::ClientOptions {
+            rpc_timeout: Duration::from_secs(24 * 3600),
+            ..Default::default()
+        };
+        let client = protocol::client::channel(&address, &opts).map(|ch| {
+            pb::core_worker_client::CoreWorkerClient::with_interceptor(
+                ch,
+                protocol::auth::ClientAuth(self.rt.token.clone()),
+            )
+            .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES)
         });
         self.rt.spawn(async move {
             let mut client = match client {
@@ -327,7 +513,9 @@ impl Submitter {
                     return;
                 }
             };
-            let outbound = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+            let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|m| (m, rx))
+            });
             let why = match client.push_tasks(outbound).await {
                 Err(e) => e.message().to_owned(),
                 Ok(resp) => {
@@ -347,18 +535,26 @@ impl Submitter {
             };
             let _ = events.send(Event::Broken(id, why));
         });
-        self.conns.insert(id, Conn { key, lease, tx, in_flight: HashMap::new(), idle_since: Some(Instant::now()) });
-        id
     }
 
     fn reply(&mut self, cid: u64, r: pb::TaskReply) {
-        let Ok(id) = ObjectId::from_slice(&r.task_id) else { return };
-        let Some(c) = self.conns.get_mut(&cid) else { return };
-        let Some(t) = c.in_flight.remove(&id) else { return };
+        let Ok(id) = ObjectId::from_slice(&r.task_id) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(&cid) else {
+            return;
+        };
+        let Some(t) = c.in_flight.remove(&id) else {
+            return;
+        };
         if c.in_flight.is_empty() {
             c.idle_since = Some(Instant::now());
         }
-        let exec_loc = Loc { node_id: c.lease.node_id.clone(), om: String::new(), nm: c.lease.node_address.clone() };
+        let exec_loc = Loc {
+            node_id: c.lease.node_id.clone(),
+            om: String::new(),
+            nm: c.lease.node_address.clone(),
+        };
         self.rt.stats.submitted.fetch_sub(1, Ordering::Relaxed);
         match r.result {
             Some(pb::task_reply::Result::Value(v)) => {
@@ -373,12 +569,25 @@ impl Submitter {
                     }
                 }
                 let state = match v.kind {
-                    Some(pb::value::Kind::Inline(bytes)) => State::Inline { bytes, tag: v.type_tag },
+                    Some(pb::value::Kind::Inline(bytes)) => State::Inline {
+                        bytes,
+                        tag: v.type_tag,
+                    },
                     Some(pb::value::Kind::Stored(l)) => State::Stored {
                         tag: v.type_tag,
-                        locs: vec![Loc { node_id: l.node_id, om: l.object_manager_address, nm: l.node_address }],
+                        locs: vec![Loc {
+                            node_id: l.node_id,
+                            om: l.object_manager_address,
+                            nm: l.node_address,
+                        }],
                     },
-                    None => State::Failed(task_error(&t, "STORE", "the worker sent an empty value".into(), &c.lease.node_id, &c.lease.worker_id)),
+                    None => State::Failed(task_error(
+                        &t,
+                        "STORE",
+                        "the worker sent an empty value".into(),
+                        &c.lease.node_id,
+                        &c.lease.worker_id,
+                    )),
                 };
                 self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
                 self.rt.owner.complete(id, state);
@@ -390,7 +599,10 @@ impl Submitter {
                 match lost.map(|l| (l, self.rt.owner.rebuild(l, &e.message))) {
                     Some((l, Rebuild::Run(lineage, n))) => {
                         tracing::info!(object = %l, "rebuilding a lost argument (rebuild {n})");
-                        self.rt.stats.reconstructions.fetch_add(1, Ordering::Relaxed);
+                        self.rt
+                            .stats
+                            .reconstructions
+                            .fetch_add(1, Ordering::Relaxed);
                         self.rt.stats.pending_args.fetch_add(1, Ordering::Relaxed);
                         self.resolve_args(lineage.task(l, n));
                         self.rt.stats.pending_args.fetch_add(1, Ordering::Relaxed);
@@ -401,7 +613,13 @@ impl Submitter {
                         self.resolve_args(t);
                     }
                     Some((l, Rebuild::Lost(why))) => {
-                        let e = task_error(&t, "OBJECT_LOST", format!("argument {l} is lost: {why}"), &e.node_id, &e.worker_id);
+                        let e = task_error(
+                            &t,
+                            "OBJECT_LOST",
+                            format!("argument {l} is lost: {why}"),
+                            &e.node_id,
+                            &e.worker_id,
+                        );
                         self.finish_failed(&t, e);
                     }
                     None => self.finish_failed(&t, e.into()),
@@ -412,7 +630,13 @@ impl Submitter {
                 self.rt.owner.complete(id, State::Failed(e.into()));
             }
             None => {
-                let e = task_error(&t, "STORE", "the worker sent an empty reply".into(), &c.lease.node_id, &c.lease.worker_id);
+                let e = task_error(
+                    &t,
+                    "STORE",
+                    "the worker sent an empty reply".into(),
+                    &c.lease.node_id,
+                    &c.lease.worker_id,
+                );
                 self.finish_failed(&t, e);
             }
         }
@@ -424,7 +648,9 @@ impl Submitter {
     }
 
     fn broken(&mut self, cid: u64, why: String) {
-        let Some(c) = self.conns.remove(&cid) else { return };
+        let Some(c) = self.conns.remove(&cid) else {
+            return;
+        };
         if let Some(ks) = self.keys.get_mut(&c.key) {
             ks.conns.retain(|x| *x != cid);
         }
@@ -463,7 +689,10 @@ impl Submitter {
         let idle: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.idle_since.is_some_and(|t| now.duration_since(t) >= LINGER))
+            .filter(|(_, c)| {
+                c.idle_since
+                    .is_some_and(|t| now.duration_since(t) >= LINGER)
+            })
             .filter(|(_, c)| self.keys.get(&c.key).is_none_or(|k| k.queue.is_empty()))
             .map(|(id, _)| *id)
             .collect();
@@ -472,6 +701,313 @@ impl Submitter {
                 && let Some(ks) = self.keys.get_mut(&c.key)
             {
                 ks.conns.retain(|x| *x != id);
+            }
+        }
+    }
+}
+
+impl Submitter {
+    /// Sends the actor's queued calls in order while their arguments are ready; connects
+    /// first if needed. A dead actor fails them.
+    fn dispatch_actor(&mut self, id: &str) {
+        let Some(q) = self.actors.get_mut(id) else {
+            return;
+        };
+        if let Some(why) = q.dead.clone() {
+            let tasks: Vec<Task> = q.queue.drain(..).collect();
+            let actor = q.actor.clone();
+            for t in tasks {
+                self.rt.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
+                self.fail_actor_task(
+                    &actor,
+                    &t,
+                    "ACTOR_DIED",
+                    format!("the actor is dead: {why}"),
+                    "",
+                    "",
+                );
+            }
+            return;
+        }
+        let Some(cid) = q.conn else {
+            if !q.resolving && !q.queue.is_empty() {
+                q.resolving = true;
+                self.rt.spawn(resolve_actor(
+                    self.rt.clone(),
+                    id.to_owned(),
+                    q.min_restarts,
+                    self.tx.clone(),
+                ));
+            }
+            return;
+        };
+        if q.waiting_args {
+            return;
+        }
+        let mut queue = std::mem::take(&mut q.queue);
+        let mut out = Vec::new();
+        let mut wait_for = Vec::new();
+        while let Some(t) = queue.front() {
+            wait_for = t
+                .args
+                .iter()
+                .filter_map(|a| match a {
+                    ArgOut::Ref(h) if matches!(self.rt.owner.state(h.id), Some(State::Pending)) => {
+                        Some(h.id)
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !wait_for.is_empty() {
+                // Later calls wait behind this one: the order is the caller's.
+                break;
+            }
+            let t = queue.pop_front().expect("front exists");
+            self.rt.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
+            match self.spec(&t) {
+                Ok(spec) => {
+                    self.rt.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                    out.push(spec);
+                    if let Some(c) = self.actor_conns.get_mut(&cid) {
+                        c.in_flight.insert(t.id, t);
+                    }
+                }
+                Err(e) => self.finish_failed(&t, e),
+            }
+        }
+        let q = self.actors.get_mut(id).expect("looked up above");
+        q.queue = queue;
+        if !wait_for.is_empty() {
+            q.waiting_args = true;
+            let (rt, tx, id) = (self.rt.clone(), self.tx.clone(), id.to_owned());
+            self.rt.spawn(async move {
+                for p in wait_for {
+                    rt.owner.ready(p, None).await;
+                }
+                let _ = tx.send(Event::ActorArgsReady(id));
+            });
+        }
+        self.send_actor(cid, out);
+    }
+
+    fn send_actor(&mut self, cid: u64, tasks: Vec<pb::TaskSpec>) {
+        if tasks.is_empty() {
+            return;
+        }
+        if let Some(c) = self.actor_conns.get(&cid) {
+            let _ = c.tx.send(pb::PushTasksRequest {
+                lease_id: String::new(),
+                tasks,
+                actor_id: String::new(),
+                actor_restarts: 0,
+            });
+        }
+    }
+
+    fn fail_actor_task(
+        &self,
+        actor: &ActorRef,
+        t: &Task,
+        kind: &str,
+        message: String,
+        node: &str,
+        worker: &str,
+    ) {
+        let mut e = crate::actor::actor_error(actor, kind, message);
+        e.task_id = t.id.to_string();
+        e.function = t.function.to_owned();
+        e.node_id = node.to_owned();
+        e.worker_id = worker.to_owned();
+        self.finish_failed(t, e);
+    }
+
+    fn actor_resolved(&mut self, id: &str, r: Result<pb::ActorInfo, String>) {
+        let Some(q) = self.actors.get_mut(id) else {
+            return;
+        };
+        q.resolving = false;
+        let orphans = std::mem::take(&mut q.orphans);
+        let actor = q.actor.clone();
+        match r {
+            Err(why) => {
+                q.dead = Some(why.clone());
+                for t in orphans {
+                    self.fail_actor_task(
+                        &actor,
+                        &t,
+                        "ACTOR_DIED",
+                        format!("the actor died while running this call: {why}"),
+                        "",
+                        "",
+                    );
+                }
+            }
+            Ok(info) => {
+                q.min_restarts = info.num_restarts;
+                let n = orphans.len();
+                for t in orphans {
+                    let msg = format!(
+                        "the actor's worker died while running this call; the actor restarted ({} restart(s) so far) but the call was not retried (max_task_retries={})",
+                        info.num_restarts, actor.max_task_retries
+                    );
+                    self.fail_actor_task(&actor, &t, "ACTOR_UNAVAILABLE", msg, "", "");
+                }
+                let _ = n;
+                let cid = self.open_actor(id, &info);
+                if let Some(q) = self.actors.get_mut(id) {
+                    q.conn = Some(cid);
+                }
+            }
+        }
+    }
+
+    fn open_actor(&mut self, id: &str, info: &pb::ActorInfo) -> u64 {
+        self.next_conn += 1;
+        let cid = self.next_conn;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(pb::PushTasksRequest {
+            lease_id: String::new(),
+            tasks: Vec::new(),
+            actor_id: id.to_owned(),
+            actor_restarts: info.num_restarts,
+        });
+        self.stream(cid, info.worker_address.clone(), rx);
+        self.actor_conns.insert(
+            cid,
+            ActorConn {
+                actor_id: id.to_owned(),
+                tx,
+                in_flight: HashMap::new(),
+                restarts: info.num_restarts,
+                node_id: info.node_id.clone(),
+                worker_id: info.worker_id.clone(),
+            },
+        );
+        cid
+    }
+
+    fn actor_reply(&mut self, cid: u64, r: pb::TaskReply) {
+        let Ok(id) = ObjectId::from_slice(&r.task_id) else {
+            return;
+        };
+        let Some(c) = self.actor_conns.get_mut(&cid) else {
+            return;
+        };
+        let Some(t) = c.in_flight.remove(&id) else {
+            return;
+        };
+        self.rt.stats.submitted.fetch_sub(1, Ordering::Relaxed);
+        let state = match r.result {
+            Some(pb::task_reply::Result::Value(v)) => match v.kind {
+                Some(pb::value::Kind::Inline(bytes)) => State::Inline {
+                    bytes,
+                    tag: v.type_tag,
+                },
+                Some(pb::value::Kind::Stored(l)) => State::Stored {
+                    tag: v.type_tag,
+                    locs: vec![Loc {
+                        node_id: l.node_id,
+                        om: l.object_manager_address,
+                        nm: l.node_address,
+                    }],
+                },
+                None => State::Failed(task_error(
+                    &t,
+                    "STORE",
+                    "the worker sent an empty value".into(),
+                    &c.node_id,
+                    &c.worker_id,
+                )),
+            },
+            Some(pb::task_reply::Result::Error(e)) => State::Failed(e.into()),
+            None => State::Failed(task_error(
+                &t,
+                "STORE",
+                "the worker sent an empty reply".into(),
+                &c.node_id,
+                &c.worker_id,
+            )),
+        };
+        if matches!(state, State::Failed(_)) {
+            self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
+        }
+        self.rt.owner.complete(id, state);
+    }
+
+    /// The stream to the actor broke (its worker or node died, or it restarted): retry what
+    /// may be retried, in order, on the next incarnation. Returns the actor to dispatch.
+    fn actor_broken(&mut self, cid: u64, why: String) -> Option<String> {
+        let c = self.actor_conns.remove(&cid)?;
+        let q = self.actors.get_mut(&c.actor_id)?;
+        q.conn = None;
+        q.min_restarts = q.min_restarts.max(c.restarts + 1);
+        let mut tasks: Vec<Task> = c.in_flight.into_values().collect();
+        if !tasks.is_empty() {
+            tracing::warn!(
+                actor = c.actor_id,
+                calls = tasks.len(),
+                "lost the actor's worker: {why}"
+            );
+        }
+        tasks.sort_by_key(|t| t.id);
+        let retries = q.actor.max_task_retries;
+        for mut t in tasks.into_iter().rev() {
+            self.rt.stats.submitted.fetch_sub(1, Ordering::Relaxed);
+            if retries < 0 || i64::from(t.attempt) < retries {
+                t.attempt += 1;
+                self.rt.stats.retries.fetch_add(1, Ordering::Relaxed);
+                self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+                q.queue.push_front(t);
+            } else {
+                q.orphans.push(t);
+            }
+        }
+        if !q.orphans.is_empty() && !q.resolving {
+            // Learn the actor's fate even if nothing else waits for it.
+            q.resolving = true;
+            self.rt.spawn(resolve_actor(
+                self.rt.clone(),
+                c.actor_id.clone(),
+                q.min_restarts,
+                self.tx.clone(),
+            ));
+        }
+        Some(c.actor_id)
+    }
+}
+
+/// Waits until the actor is alive at incarnation `min_restarts` or later (or dead). If it
+/// stays alive at an older incarnation (the stream broke for another reason) it is used
+/// again after a while.
+async fn resolve_actor(
+    rt: Arc<Runtime>,
+    id: String,
+    min_restarts: u64,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let start = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match crate::actor::get_info(&rt, &id, 5_000, min_restarts).await {
+            Ok(i) if i.state == pb::ActorState::Dead as i32 => {
+                let _ = events.send(Event::ActorResolved(id, Box::new(Err(i.message))));
+                return;
+            }
+            Ok(i)
+                if i.state == pb::ActorState::Alive as i32
+                    && (i.num_restarts >= min_restarts
+                        || start.elapsed() > Duration::from_secs(10)) =>
+            {
+                let _ = events.send(Event::ActorResolved(id, Box::new(Ok(i))));
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(actor = id, "cannot look the actor up: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -499,7 +1035,11 @@ async fn request_lease(rt: Arc<Runtime>, key: Arc<Key>, events: mpsc::UnboundedS
         let mut hops = 0;
         loop {
             let req = pb::LeaseRequest {
-                resources: key.shape.iter().map(|(k, v)| (k.clone(), *v as f64 / 10_000.0)).collect(),
+                resources: key
+                    .shape
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v as f64 / 10_000.0))
+                    .collect(),
                 strategy: key.strategy,
                 affinity_node_id: key.affinity.clone(),
                 affinity_soft: key.soft,
@@ -520,7 +1060,10 @@ async fn request_lease(rt: Arc<Runtime>, key: Arc<Key>, events: mpsc::UnboundedS
                     // A node that cannot start a worker (a missing binary, a worker that
                     // crashes at start) will not start to: give up after a while.
                     if failures >= MAX_LEASE_FAILURES {
-                        let why = format!("{failures} lease requests failed, the last at {addr}: {}", e.message());
+                        let why = format!(
+                            "{failures} lease requests failed, the last at {addr}: {}",
+                            e.message()
+                        );
                         let _ = events.send(Event::LeaseFailed(key.clone(), why));
                         let _ = events.send(Event::LeaseDone(key));
                         return;

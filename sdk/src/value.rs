@@ -25,8 +25,11 @@ pub const INLINE_MAX: usize = 100 * 1024;
 /// `rkyv::{Archive, Serialize, Deserialize}` (std types included).
 pub trait Value:
     Sized
-    + Archive<Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>> + Deserialize<Self, HighDeserializer<rancor::Error>>>
-    + for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
+    + Archive<
+        Archived: Portable
+                      + for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+                      + Deserialize<Self, HighDeserializer<rancor::Error>>,
+    > + for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
     + for<'a, 'b> Serialize<HighSerializer<SliceWriter<'b>, ArenaHandle<'a>, rancor::Error>>
     + Send
     + 'static
@@ -34,8 +37,11 @@ pub trait Value:
 }
 
 impl<T> Value for T where
-    T: Archive<Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>> + Deserialize<T, HighDeserializer<rancor::Error>>>
-        + for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
+    T: Archive<
+            Archived: Portable
+                          + for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+                          + Deserialize<T, HighDeserializer<rancor::Error>>,
+        > + for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
         + for<'a, 'b> Serialize<HighSerializer<SliceWriter<'b>, ArenaHandle<'a>, rancor::Error>>
         + Send
         + 'static
@@ -67,7 +73,9 @@ impl<E: rancor::Source> Writer<E> for SliceWriter<'_> {
     fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
         let end = self.pos + bytes.len();
         if let Some(b) = &mut self.buf {
-            let dst = b.get_mut(self.pos..end).ok_or_else(|| E::new(Overflow(end)))?;
+            let dst = b
+                .get_mut(self.pos..end)
+                .ok_or_else(|| E::new(Overflow(end)))?;
             dst.copy_from_slice(bytes);
         }
         self.pos = end;
@@ -77,14 +85,22 @@ impl<E: rancor::Source> Writer<E> for SliceWriter<'_> {
 
 /// The size of `v`'s archive.
 pub(crate) fn archived_size<T: Value>(v: &T) -> Result<usize, String> {
-    let w = rkyv::api::high::to_bytes_in::<_, rancor::Error>(v, SliceWriter { buf: None, pos: 0 }).map_err(|e| e.to_string())?;
+    let w = rkyv::api::high::to_bytes_in::<_, rancor::Error>(v, SliceWriter { buf: None, pos: 0 })
+        .map_err(|e| e.to_string())?;
     Ok(w.pos)
 }
 
 /// Archives `v` into `dst`, which must be exactly [`archived_size`] bytes and 16-aligned.
 pub(crate) fn archive_into<T: Value>(v: &T, dst: &mut [u8]) -> Result<(), String> {
     let n = dst.len();
-    let w = rkyv::api::high::to_bytes_in::<_, rancor::Error>(v, SliceWriter { buf: Some(dst), pos: 0 }).map_err(|e| e.to_string())?;
+    let w = rkyv::api::high::to_bytes_in::<_, rancor::Error>(
+        v,
+        SliceWriter {
+            buf: Some(dst),
+            pos: 0,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     if w.pos != n {
         return Err(format!("archive wrote {} bytes, {} were counted", w.pos, n));
     }
@@ -144,7 +160,14 @@ pub(crate) fn check<T: Value>(bytes: &[u8], tag: &str) -> Result<(), String> {
     if tag != expected {
         return Err(format!("holds {tag}, not {expected}"));
     }
-    rkyv::access::<T::Archived, rancor::Error>(bytes).map(|_| ()).map_err(|e| format!("is not a valid archived {}: {e}", std::any::type_name::<T>()))
+    rkyv::access::<T::Archived, rancor::Error>(bytes)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "is not a valid archived {}: {e}",
+                std::any::type_name::<T>()
+            )
+        })
 }
 
 pub(crate) fn decode<T: Value>(bytes: &[u8], tag: &str) -> Result<T, String> {
@@ -174,7 +197,10 @@ impl<T: Value> View<T> {
             }
         };
         check::<T>(src.bytes(), tag)?;
-        Ok(Self { src, _t: PhantomData })
+        Ok(Self {
+            src,
+            _t: PhantomData,
+        })
     }
 
     pub(crate) fn from_inline(bytes: &[u8], tag: &str) -> Result<Self, String> {
@@ -190,7 +216,8 @@ impl<T: Value> View<T> {
 
     /// An owned copy of the value.
     pub fn to_owned_value(&self) -> Result<T, crate::Error> {
-        rkyv::deserialize::<T, rancor::Error>(&**self).map_err(|e| crate::Error::Decode(e.to_string()))
+        rkyv::deserialize::<T, rancor::Error>(&**self)
+            .map_err(|e| crate::Error::Decode(e.to_string()))
     }
 }
 
@@ -205,7 +232,12 @@ impl<T: Value> Deref for View<T> {
 
 impl<T: Value> std::fmt::Debug for View<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "View<{}>({} bytes)", std::any::type_name::<T>(), self.src.bytes().len())
+        write!(
+            f,
+            "View<{}>({} bytes)",
+            std::any::type_name::<T>(),
+            self.src.bytes().len()
+        )
     }
 }
 
@@ -221,7 +253,10 @@ mod tests {
         let mut buf = AlignedVec::<16>::with_capacity(n);
         buf.resize(n, 0);
         archive_into(&v, &mut buf).unwrap();
-        assert_eq!(decode::<Vec<u64>>(&buf, &type_tag::<Vec<u64>>()).unwrap(), v);
+        assert_eq!(
+            decode::<Vec<u64>>(&buf, &type_tag::<Vec<u64>>()).unwrap(),
+            v
+        );
         // A slice that is too small is an error, not a panic or a short archive.
         let mut small = vec![0u8; n - 1];
         assert!(archive_into(&v, &mut small).is_err());
@@ -237,7 +272,9 @@ mod tests {
         // Unaligned input is copied, not rejected.
         let mut un = vec![0u8; b.len() + 1];
         un[1..].copy_from_slice(&b);
-        assert_eq!(decode::<String>(&un[1..], &type_tag::<String>()).unwrap(), "hello");
+        assert_eq!(
+            decode::<String>(&un[1..], &type_tag::<String>()).unwrap(),
+            "hello"
+        );
     }
 }
-

@@ -10,17 +10,17 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::Duration;
 
 use prost::bytes::Bytes;
-use protocol::{pb, ObjectId};
+use protocol::{ObjectId, pb};
 use rkyv::util::AlignedVec;
 use tokio::sync::mpsc;
 
+use crate::Error;
 use crate::runtime::Runtime;
 use crate::value::{self, Source, Value, View};
-use crate::Error;
 
 /// A task argument as the worker received it.
 pub enum ArgIn {
@@ -49,14 +49,19 @@ pub struct Args<'a> {
 impl Args<'_> {
     pub fn expect(&self, n: usize) -> Result<(), ArgError> {
         if self.n != n {
-            return Err(ArgError(format!("the function takes {n} argument(s), the call passed {}", self.n)));
+            return Err(ArgError(format!(
+                "the function takes {n} argument(s), the call passed {}",
+                self.n
+            )));
         }
         Ok(())
     }
 
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<ArgIn, ArgError> {
-        self.items.next().ok_or_else(|| ArgError("missing argument".into()))
+        self.items
+            .next()
+            .ok_or_else(|| ArgError("missing argument".into()))
     }
 }
 
@@ -95,34 +100,65 @@ impl<T: Value> FromArg for View<T> {
 /// primary copy under the task's id (the owner frees it).
 pub fn encode_return<T: Value>(args: &mut Args<'_>, v: &T) -> Result<Encoded, ArgError> {
     let tag = value::type_tag::<T>();
-    let n = value::archived_size(v).map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
+    let n =
+        value::archived_size(v).map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
     if n <= value::INLINE_MAX {
-        return value::archive(v).map(|b| Encoded::Inline(b, tag)).map_err(|e| ArgError(format!("cannot encode the result: {e}")));
+        return value::archive(v)
+            .map(|b| Encoded::Inline(b, tag))
+            .map_err(|e| ArgError(format!("cannot encode the result: {e}")));
     }
-    let store = args.rt.store.as_ref().ok_or_else(|| ArgError("no object store on this worker".into()))?;
+    let store = args
+        .rt
+        .store
+        .as_ref()
+        .ok_or_else(|| ArgError("no object store on this worker".into()))?;
     match store.create(args.task_id, n as u64, tag.len() as u64) {
         Ok(mut w) => {
-            value::archive_into(v, w.data_mut()).map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
+            value::archive_into(v, w.data_mut())
+                .map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
             w.meta_mut().copy_from_slice(tag.as_bytes());
-            w.seal().map_err(|e| ArgError(format!("cannot seal the result: {e}")))?;
+            w.seal()
+                .map_err(|e| ArgError(format!("cannot seal the result: {e}")))?;
         }
         // A retried task whose first attempt already stored the result.
         Err(e) if e.kind() == Some("AlreadyExists") => {}
-        Err(e) => return Err(ArgError(format!("cannot store the result of {n} bytes: {e}"))),
+        Err(e) => {
+            return Err(ArgError(format!(
+                "cannot store the result of {n} bytes: {e}"
+            )));
+        }
     }
     Ok(Encoded::Stored(tag))
 }
 
 type Invoke = fn(&mut Args<'_>) -> Result<Encoded, ArgError>;
+type ActorInvoke = fn(&crate::__private::ActorCell, &mut Args<'_>) -> Result<Encoded, ArgError>;
 
 enum Work {
-    Run { spec: pb::TaskSpec, lease: Arc<str>, reply: mpsc::UnboundedSender<pb::TaskReply>, closed: Arc<AtomicBool> },
+    Run {
+        spec: pb::TaskSpec,
+        lease: Arc<str>,
+        reply: mpsc::UnboundedSender<pb::TaskReply>,
+        closed: Arc<AtomicBool>,
+        actor: bool,
+    },
     End(String),
+    StartActor(pb::ActorStart),
+}
+
+/// The actor this worker hosts, once its constructor returned.
+pub(crate) struct ActorHost {
+    actor_id: String,
+    restarts: u64,
+    cell: crate::__private::ActorCell,
+    /// With max_concurrency > 1: the queue the actor's threads take calls from.
+    pool: Option<std_mpsc::Sender<Work>>,
 }
 
 #[derive(Clone)]
 struct CoreWorker {
-    exec: Arc<Mutex<std_mpsc::Sender<Work>>>,
+    rt: Arc<Runtime>,
+    exec: std_mpsc::Sender<Work>,
     node_tx: mpsc::UnboundedSender<pb::WorkerMessage>,
     leases: Arc<Mutex<Leases>>,
 }
@@ -139,7 +175,9 @@ struct Leases {
     given_back: std::collections::HashSet<String>,
 }
 
-type ReplyStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::PushTasksReply, tonic::Status>> + Send>>;
+type ReplyStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<pb::PushTasksReply, tonic::Status>> + Send>,
+>;
 
 #[tonic::async_trait]
 impl pb::core_worker_server::CoreWorker for CoreWorker {
@@ -150,28 +188,46 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
         req: tonic::Request<tonic::Streaming<pb::PushTasksRequest>>,
     ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
         let mut input = req.into_inner();
-        let first = input.message().await?.ok_or_else(|| tonic::Status::invalid_argument("empty PushTasks stream"))?;
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::invalid_argument("empty PushTasks stream"))?;
+        if !first.actor_id.is_empty() {
+            return self.actor_calls(first, input);
+        }
         let lease = first.lease_id.clone();
         if lease.is_empty() {
-            return Err(tonic::Status::invalid_argument("the first PushTasks message must name the lease"));
+            return Err(tonic::Status::invalid_argument(
+                "the first PushTasks message must name the lease",
+            ));
         }
         {
             let mut l = self.leases.lock().unwrap_or_else(|p| p.into_inner());
             if l.given_back.contains(&lease) {
-                return Err(tonic::Status::failed_precondition(format!("lease {lease} was not claimed in time and is over")));
+                return Err(tonic::Status::failed_precondition(format!(
+                    "lease {lease} was not claimed in time and is over"
+                )));
             }
             l.unclaimed.remove(&lease);
         }
-        let _ = self.node_tx.send(msg(pb::worker_message::Kind::LeaseStarted(lease.clone())));
+        let _ = self
+            .node_tx
+            .send(msg(pb::worker_message::Kind::LeaseStarted(lease.clone())));
         let (reply_tx, reply_rx) = mpsc::unbounded_channel::<pb::TaskReply>();
-        let exec = self.exec.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let exec = self.exec.clone();
         let closed = Arc::new(AtomicBool::new(false));
         let lease_name: Arc<str> = lease.as_str().into();
         tokio::spawn(async move {
             let mut batch = first.tasks;
             loop {
                 for spec in batch.drain(..) {
-                    let _ = exec.send(Work::Run { spec, lease: lease_name.clone(), reply: reply_tx.clone(), closed: closed.clone() });
+                    let _ = exec.send(Work::Run {
+                        spec,
+                        lease: lease_name.clone(),
+                        reply: reply_tx.clone(),
+                        closed: closed.clone(),
+                        actor: false,
+                    });
                 }
                 match input.message().await {
                     Ok(Some(m)) => batch = m.tasks,
@@ -183,18 +239,77 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
             closed.store(true, Ordering::Release);
             let _ = exec.send(Work::End(lease));
         });
-        let s = futures_util::stream::unfold(reply_rx, |mut rx| async move {
-            let first = rx.recv().await?;
-            let mut replies = vec![first];
-            while replies.len() < 1024 {
-                match rx.try_recv() {
-                    Ok(r) => replies.push(r),
-                    Err(_) => break,
+        Ok(tonic::Response::new(reply_stream(reply_rx)))
+    }
+}
+
+/// Replies as they come, batched per stream message.
+fn reply_stream(reply_rx: mpsc::UnboundedReceiver<pb::TaskReply>) -> ReplyStream {
+    let s = futures_util::stream::unfold(reply_rx, |mut rx| async move {
+        let first = rx.recv().await?;
+        let mut replies = vec![first];
+        while replies.len() < 1024 {
+            match rx.try_recv() {
+                Ok(r) => replies.push(r),
+                Err(_) => break,
+            }
+        }
+        Some((Ok(pb::PushTasksReply { replies }), rx))
+    });
+    Box::pin(s)
+}
+
+impl CoreWorker {
+    /// A caller's stream of calls to the actor this worker hosts: run in arrival order (or
+    /// by the actor's threads with max_concurrency > 1).
+    #[allow(clippy::result_large_err)]
+    fn actor_calls(
+        &self,
+        first: pb::PushTasksRequest,
+        mut input: tonic::Streaming<pb::PushTasksRequest>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        let host = match self.rt.actor.get() {
+            Some(h) if h.actor_id == first.actor_id && h.restarts == first.actor_restarts => {
+                h.clone()
+            }
+            Some(h) => {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "this worker hosts incarnation {} of actor {}, not incarnation {} of actor {}",
+                    h.restarts, h.actor_id, first.actor_restarts, first.actor_id
+                )));
+            }
+            None => {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "this worker does not host actor {}",
+                    first.actor_id
+                )));
+            }
+        };
+        let exec = host.pool.clone().unwrap_or_else(|| self.exec.clone());
+        let lease: Arc<str> = self.rt.running_lease_of_actor();
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel::<pb::TaskReply>();
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(async move {
+            let mut batch = first.tasks;
+            loop {
+                for spec in batch.drain(..) {
+                    let _ = exec.send(Work::Run {
+                        spec,
+                        lease: lease.clone(),
+                        reply: reply_tx.clone(),
+                        closed: closed.clone(),
+                        actor: true,
+                    });
+                }
+                match input.message().await {
+                    Ok(Some(m)) => batch = m.tasks,
+                    _ => break,
                 }
             }
-            Some((Ok(pb::PushTasksReply { replies }), rx))
+            // The caller went away: its queued calls are of no use to it.
+            closed.store(true, Ordering::Release);
         });
-        Ok(tonic::Response::new(Box::pin(s)))
+        Ok(tonic::Response::new(reply_stream(reply_rx)))
     }
 }
 
@@ -209,7 +324,9 @@ thread_local! {
 /// Runs the worker until its node tells it to exit or goes away; never returns.
 pub(crate) fn serve(rt: Arc<Runtime>) -> ! {
     let registry: HashMap<&'static str, Invoke> =
-        inventory::iter::<crate::__private::RemoteFunction>().map(|f| (f.name, f.invoke)).collect();
+        inventory::iter::<crate::__private::RemoteFunction>()
+            .map(|f| (f.name, f.invoke))
+            .collect();
     if registry.is_empty() {
         // The linker can drop registrations in a module nothing references (FIELD-NOTES).
         eprintln!("rayctl worker: no #[remote] function is registered in this binary");
@@ -223,33 +340,172 @@ pub(crate) fn serve(rt: Arc<Runtime>) -> ! {
     let (exec_tx, exec_rx) = std_mpsc::channel::<Work>();
     let (node_tx, node_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
     let host = std::env::var("RAYCTL_NODE_IP_ADDRESS").unwrap_or_else(|_| "127.0.0.1".into());
-    let started = rt.block_on(start_server(rt.clone(), host, exec_tx, node_tx.clone(), node_rx));
+    let started = rt.block_on(start_server(
+        rt.clone(),
+        host,
+        exec_tx,
+        node_tx.clone(),
+        node_rx,
+    ));
     if let Err(e) = started {
         eprintln!("rayctl worker: {e}");
         std::process::exit(1);
     }
-    let worker_id = rt.worker_id.clone();
-    let node_id = rt.node.node_id.clone();
+    let methods: Arc<HashMap<&'static str, ActorInvoke>> = Arc::new(
+        inventory::iter::<crate::__private::ActorMethod>()
+            .map(|m| (m.name, m.invoke))
+            .collect(),
+    );
     for w in exec_rx {
         match w {
             Work::End(lease) => {
                 let _ = node_tx.send(msg(pb::worker_message::Kind::LeaseEnded(lease)));
             }
-            Work::Run { spec, lease, reply, closed } => {
-                if closed.load(Ordering::Acquire) {
-                    continue;
-                }
-                rt.stats.running.store(1, Ordering::Relaxed);
-                *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
-                let r = execute(&rt, &registry, spec, &node_id, &worker_id);
-                *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                rt.stats.running.store(0, Ordering::Relaxed);
-                rt.stats.executed.fetch_add(1, Ordering::Relaxed);
-                let _ = reply.send(r);
+            Work::StartActor(start) => {
+                let actor_id = start.actor_id.clone();
+                let error = start_actor(&rt, start, &methods).err();
+                let _ = node_tx.send(msg(pb::worker_message::Kind::ActorStarted(
+                    pb::ActorStarted { actor_id, error },
+                )));
             }
+            w @ Work::Run { .. } => run_one(&rt, &registry, &methods, w),
         }
     }
     std::process::exit(0)
+}
+
+/// Runs one call (a task, or a method of the hosted actor) and sends its reply.
+fn run_one(
+    rt: &Arc<Runtime>,
+    registry: &HashMap<&'static str, Invoke>,
+    methods: &HashMap<&'static str, ActorInvoke>,
+    w: Work,
+) {
+    let Work::Run {
+        spec,
+        lease,
+        reply,
+        closed,
+        actor,
+    } = w
+    else {
+        return;
+    };
+    if closed.load(Ordering::Acquire) {
+        return;
+    }
+    rt.stats.running.fetch_add(1, Ordering::Relaxed);
+    *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+    let r = if actor {
+        let host = rt.actor.get().cloned();
+        execute(rt, spec, &|name, args| {
+            let host = host.as_ref()?;
+            methods.get(name).map(|f| f(&host.cell, args))
+        })
+    } else {
+        execute(rt, spec, &|name, args| registry.get(name).map(|f| f(args)))
+    };
+    if !actor {
+        *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+    rt.stats.running.fetch_sub(1, Ordering::Relaxed);
+    rt.stats.executed.fetch_add(1, Ordering::Relaxed);
+    let _ = reply.send(r);
+}
+
+/// Runs the actor's constructor here and becomes its host; with max_concurrency > 1 starts
+/// the threads its calls run on.
+#[allow(clippy::result_large_err)]
+fn start_actor(
+    rt: &Arc<Runtime>,
+    start: pb::ActorStart,
+    methods: &Arc<HashMap<&'static str, ActorInvoke>>,
+) -> Result<(), pb::TaskError> {
+    let classes: HashMap<&'static str, _> = inventory::iter::<crate::__private::ActorClass>()
+        .map(|c| (c.name, c.construct))
+        .collect();
+    let err = |kind: &str, message: String| pb::TaskError {
+        kind: kind.into(),
+        message,
+        task_id: String::new(),
+        function: start.class_name.clone(),
+        node_id: rt.node.node_id.clone(),
+        worker_id: rt.worker_id.clone(),
+        lost_object_id: Vec::new(),
+    };
+    if rt.actor.get().is_some() {
+        return Err(err("ARGUMENT", "this worker already hosts an actor".into()));
+    }
+    let Some(construct) = classes.get(start.class_name.as_str()) else {
+        return Err(err(
+            "UNKNOWN_FUNCTION",
+            format!("no #[actor] class {:?} in this binary", start.class_name),
+        ));
+    };
+    let ctor = start.constructor.clone().unwrap_or_default();
+    let mut items = Vec::with_capacity(ctor.args.len());
+    for (i, a) in ctor.args.into_iter().enumerate() {
+        items.push(
+            resolve(rt, a)
+                .map_err(|e| err("ARGUMENT", format!("constructor argument {i}: {e}")))?,
+        );
+    }
+    let n = items.len();
+    let mut args = Args {
+        items: items.into_iter(),
+        n,
+        task_id: ObjectId::from_bytes([0; 20]),
+        rt,
+    };
+    *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(start.lease_id.as_str().into());
+    PANIC.with(|p| p.borrow_mut().take());
+    let out = std::panic::catch_unwind(AssertUnwindSafe(|| construct(&mut args)));
+    drop(args);
+    let state = match out {
+        Ok(Ok(state)) => state,
+        Ok(Err(ArgError(e))) => return Err(err("ARGUMENT", e)),
+        Err(payload) => return Err(err("PANIC", panic_message(payload))),
+    };
+    let pool = (start.max_concurrency > 1).then(|| {
+        let (tx, rx) = std_mpsc::channel::<Work>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..start.max_concurrency {
+            let (rt, rx, methods) = (rt.clone(), rx.clone(), methods.clone());
+            let registry = HashMap::new();
+            std::thread::Builder::new()
+                .name(format!("actor-{i}"))
+                .spawn(move || {
+                    loop {
+                        let w = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(w) => w,
+                            Err(_) => return,
+                        };
+                        run_one(&rt, &registry, &methods, w);
+                    }
+                })
+                .expect("cannot start an actor thread");
+        }
+        tx
+    });
+    let host = ActorHost {
+        actor_id: start.actor_id.clone(),
+        restarts: start.num_restarts,
+        cell: std::sync::RwLock::new(state),
+        pool,
+    };
+    let _ = rt.actor.set(Arc::new(host));
+    Ok(())
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic with a non-string payload".into())
+    })
 }
 
 async fn start_server(
@@ -259,10 +515,23 @@ async fn start_server(
     node_tx: mpsc::UnboundedSender<pb::WorkerMessage>,
     node_rx: mpsc::UnboundedReceiver<pb::WorkerMessage>,
 ) -> Result<(), Error> {
-    let listener = tokio::net::TcpListener::bind((host.as_str(), 0)).await.map_err(|e| Error::Init(format!("cannot bind {host}:0: {e}")))?;
-    let address = format!("{host}:{}", listener.local_addr().map_err(|e| Error::Init(e.to_string()))?.port());
+    let listener = tokio::net::TcpListener::bind((host.as_str(), 0))
+        .await
+        .map_err(|e| Error::Init(format!("cannot bind {host}:0: {e}")))?;
+    let address = format!(
+        "{host}:{}",
+        listener
+            .local_addr()
+            .map_err(|e| Error::Init(e.to_string()))?
+            .port()
+    );
     let leases: Arc<Mutex<Leases>> = Arc::default();
-    let svc = CoreWorker { exec: Arc::new(Mutex::new(exec)), node_tx: node_tx.clone(), leases: leases.clone() };
+    let svc = CoreWorker {
+        rt: rt.clone(),
+        exec: exec.clone(),
+        node_tx: node_tx.clone(),
+        leases: leases.clone(),
+    };
     let routes = tonic::service::Routes::new(
         pb::core_worker_server::CoreWorkerServer::new(svc)
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
@@ -283,21 +552,44 @@ async fn start_server(
         job_id: rt.job_id.clone(),
         owner_prefix: rt.prefix.to_vec(),
     })));
-    let outbound = futures_util::stream::unfold(node_rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let outbound =
+        futures_util::stream::unfold(
+            node_rx,
+            |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+        );
     let mut inbound = rt
         .nm(&rt.node.address)
         .worker_channel(outbound)
         .await
-        .map_err(|e| Error::Init(format!("cannot reach node {}: {}", rt.node.address, e.message())))?
+        .map_err(|e| {
+            Error::Init(format!(
+                "cannot reach node {}: {}",
+                rt.node.address,
+                e.message()
+            ))
+        })?
         .into_inner();
     let r = rt.clone();
     let give_back = node_tx.clone();
     tokio::spawn(async move {
         loop {
             match inbound.message().await {
-                Ok(Some(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Exit(_)) })) => std::process::exit(0),
-                Ok(Some(pb::NodeToWorker { kind: Some(pb::node_to_worker::Kind::Leased(lease)) })) => {
-                    leases.lock().unwrap_or_else(|p| p.into_inner()).unclaimed.insert(lease.clone());
+                Ok(Some(pb::NodeToWorker {
+                    kind: Some(pb::node_to_worker::Kind::Exit(_)),
+                })) => std::process::exit(0),
+                Ok(Some(pb::NodeToWorker {
+                    kind: Some(pb::node_to_worker::Kind::StartActor(start)),
+                })) => {
+                    let _ = exec.send(Work::StartActor(start));
+                }
+                Ok(Some(pb::NodeToWorker {
+                    kind: Some(pb::node_to_worker::Kind::Leased(lease)),
+                })) => {
+                    leases
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .unclaimed
+                        .insert(lease.clone());
                     let (leases, give_back) = (leases.clone(), give_back.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(ORPHAN_LEASE).await;
@@ -310,7 +602,8 @@ async fn start_server(
                             orphan
                         };
                         if orphan {
-                            let _ = give_back.send(msg(pb::worker_message::Kind::LeaseEnded(lease)));
+                            let _ =
+                                give_back.send(msg(pb::worker_message::Kind::LeaseEnded(lease)));
                         }
                     });
                 }
@@ -323,7 +616,10 @@ async fn start_server(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if node_tx.send(msg(pb::worker_message::Kind::Stats(r.stats.to_pb()))).is_err() {
+            if node_tx
+                .send(msg(pb::worker_message::Kind::Stats(r.stats.to_pb())))
+                .is_err()
+            {
                 return;
             }
         }
@@ -331,23 +627,29 @@ async fn start_server(
     Ok(())
 }
 
-fn execute(rt: &Arc<Runtime>, registry: &HashMap<&'static str, Invoke>, spec: pb::TaskSpec, node_id: &str, worker_id: &str) -> pb::TaskReply {
+/// Runs the named function or method on the arguments; None when there is none.
+type Call<'a> = dyn Fn(&str, &mut Args<'_>) -> Option<Result<Encoded, ArgError>> + 'a;
+
+/// Runs one call through `call`.
+fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskReply {
+    let (node_id, worker_id) = (rt.node.node_id.as_str(), rt.worker_id.as_str());
     let task_id = spec.task_id.clone();
     let err = |kind: &str, message: String| pb::TaskReply {
         task_id: task_id.clone(),
         result: Some(pb::task_reply::Result::Error(pb::TaskError {
             kind: kind.into(),
             message,
-            task_id: ObjectId::from_slice(&task_id).map(|i| i.to_string()).unwrap_or_default(),
+            task_id: ObjectId::from_slice(&task_id)
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
             function: spec.function.clone(),
             node_id: node_id.into(),
             worker_id: worker_id.into(),
             lost_object_id: Vec::new(),
         })),
     };
-    let Ok(id) = ObjectId::from_slice(&spec.task_id) else { return err("ARGUMENT", "bad task id".into()) };
-    let Some(f) = registry.get(spec.function.as_str()) else {
-        return err("UNKNOWN_FUNCTION", format!("no remote function {:?} in this binary", spec.function));
+    let Ok(id) = ObjectId::from_slice(&spec.task_id) else {
+        return err("ARGUMENT", "bad task id".into());
     };
     let mut items = Vec::with_capacity(spec.args.len());
     for (i, a) in spec.args.into_iter().enumerate() {
@@ -355,8 +657,17 @@ fn execute(rt: &Arc<Runtime>, registry: &HashMap<&'static str, Invoke>, spec: pb
         match resolve(rt, a) {
             Ok(x) => items.push(x),
             Err(e) => {
-                let mut reply = err(if stored.is_some() { "ARG_LOST" } else { "ARGUMENT" }, format!("argument {i}: {e}"));
-                if let (Some(pb::task_reply::Result::Error(te)), Some(l)) = (&mut reply.result, stored) {
+                let mut reply = err(
+                    if stored.is_some() {
+                        "ARG_LOST"
+                    } else {
+                        "ARGUMENT"
+                    },
+                    format!("argument {i}: {e}"),
+                );
+                if let (Some(pb::task_reply::Result::Error(te)), Some(l)) =
+                    (&mut reply.result, stored)
+                {
                     te.lost_object_id = l.as_bytes().to_vec();
                 }
                 return reply;
@@ -364,10 +675,28 @@ fn execute(rt: &Arc<Runtime>, registry: &HashMap<&'static str, Invoke>, spec: pb
         }
     }
     let n = items.len();
-    let mut args = Args { items: items.into_iter(), n, task_id: id, rt };
+    let mut args = Args {
+        items: items.into_iter(),
+        n,
+        task_id: id,
+        rt,
+    };
     PANIC.with(|p| p.borrow_mut().take());
-    let out = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut args)));
+    let out = std::panic::catch_unwind(AssertUnwindSafe(|| call(&spec.function, &mut args)));
     drop(args);
+    let out = match out {
+        Ok(None) => {
+            return err(
+                "UNKNOWN_FUNCTION",
+                format!(
+                    "no remote function or actor method {:?} in this binary",
+                    spec.function
+                ),
+            );
+        }
+        Ok(Some(r)) => Ok(r),
+        Err(p) => Err(p),
+    };
     match out {
         Ok(Ok(Encoded::Inline(b, tag))) => pb::TaskReply {
             task_id,
@@ -390,16 +719,7 @@ fn execute(rt: &Arc<Runtime>, registry: &HashMap<&'static str, Invoke>, spec: pb
             })),
         },
         Ok(Err(ArgError(e))) => err("ARGUMENT", e),
-        Err(payload) => {
-            let m = PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| {
-                payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic with a non-string payload".into())
-            });
-            err("PANIC", m)
-        }
+        Err(payload) => err("PANIC", panic_message(payload)),
     }
 }
 
@@ -412,9 +732,20 @@ fn resolve(rt: &Runtime, v: pb::Value) -> Result<ArgIn, String> {
             let id = ObjectId::from_slice(&v.object_id).map_err(|e| e.to_string())?;
             let store = rt.store.as_ref().ok_or("no object store on this worker")?;
             if loc.node_id != rt.node.node_id {
-                store.pull(id, &loc.object_manager_address, Some(Duration::from_secs(600))).map_err(|e| format!("cannot fetch object {id} from node {}: {e}", loc.node_id))?;
+                store
+                    .pull(
+                        id,
+                        &loc.object_manager_address,
+                        Some(Duration::from_secs(600)),
+                    )
+                    .map_err(|e| {
+                        format!("cannot fetch object {id} from node {}: {e}", loc.node_id)
+                    })?;
             }
-            store.get_one(id, Some(Duration::from_secs(60))).map(ArgIn::Stored).map_err(|e| format!("object {id}: {e}"))
+            store
+                .get_one(id, Some(Duration::from_secs(60)))
+                .map(ArgIn::Stored)
+                .map_err(|e| format!("object {id}: {e}"))
         }
         None => Err("empty value".into()),
     }
@@ -433,36 +764,60 @@ impl LocalCluster {
             Error::Init("no cluster to connect to (RAYCTL_ADDRESS is unset) and no `rayctl` binary to start one: put rayctl on PATH or set RAYCTL_BIN".into())
         })?;
         let dir = std::env::temp_dir().join(format!("rayctl-sdk-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Init(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Init(format!("cannot create {}: {e}", dir.display())))?;
         let ready = dir.join("ready.json");
         let mut cmd = std::process::Command::new(&rayctl);
-        cmd.args(["start", "--head", "--block", "--port=0", "--dashboard-port=0"])
-            .arg(format!("--ready-file={}", ready.display()))
-            .env("RAYCTL_TMPDIR", &dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("rayctl.log")).map_err(|e| Error::Init(e.to_string()))?);
+        cmd.args([
+            "start",
+            "--head",
+            "--block",
+            "--port=0",
+            "--dashboard-port=0",
+        ])
+        .arg(format!("--ready-file={}", ready.display()))
+        .env("RAYCTL_TMPDIR", &dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::File::create(dir.join("rayctl.log"))
+                .map_err(|e| Error::Init(e.to_string()))?,
+        );
         if let Some(n) = num_cpus {
             cmd.arg(format!("--num-cpus={n}"));
         }
-        let mut child = cmd.spawn().map_err(|e| Error::Init(format!("cannot run {}: {e}", rayctl.display())))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Init(format!("cannot run {}: {e}", rayctl.display())))?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(text) = std::fs::read(&ready)
                 && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text)
             {
-                let heads: Vec<String> = v["heads"].as_array().map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+                let heads: Vec<String> = v["heads"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|h| h.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 if !heads.is_empty() {
                     return Ok(Self { heads, child, dir });
                 }
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(dir.join("rayctl.log")).unwrap_or_default();
-                return Err(Error::Init(format!("the local cluster exited ({status}) before it was ready: {}", log.trim())));
+                return Err(Error::Init(format!(
+                    "the local cluster exited ({status}) before it was ready: {}",
+                    log.trim()
+                )));
             }
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
-                return Err(Error::Init("the local cluster was not ready within 60 s".into()));
+                return Err(Error::Init(
+                    "the local cluster was not ready within 60 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -497,5 +852,9 @@ fn find_rayctl() -> Option<std::path::PathBuf> {
             return Some(p);
         }
     }
-    std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|d| d.join("rayctl")).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("rayctl"))
+            .find(|p| p.is_file())
+    })
 }

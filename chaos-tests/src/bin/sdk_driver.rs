@@ -36,7 +36,10 @@ fn make_blob(seed: u64, n: u64) -> Vec<u8> {
 
 #[sdk::remote]
 fn checksum(data: View<Vec<u8>>) -> (u32, String) {
-    (crc(&data), std::env::var("RAYCTL_NODE_ID").unwrap_or_default())
+    (
+        crc(&data),
+        std::env::var("RAYCTL_NODE_ID").unwrap_or_default(),
+    )
 }
 
 /// Writes its pid to `path` (so a test can kill it), then sleeps and answers.
@@ -88,7 +91,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     match arg(0).as_str() {
         "mode" => {
             let r = add::remote(2i64, 40i64);
-            result(serde_json::json!({"mode": format!("{:?}", session.mode()), "sum": sdk::get(&r)?, "node": sdk::node_id()?.to_string()}));
+            result(
+                serde_json::json!({"mode": format!("{:?}", session.mode()), "sum": sdk::get(&r)?, "node": sdk::node_id()?.to_string()}),
+            );
         }
         "resource" => {
             let opts = TaskOptions::default().resource(&arg(1), 1.0);
@@ -98,14 +103,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "spread" => {
             let n: usize = arg(1).parse()?;
             let opts = TaskOptions::default().strategy(Strategy::Spread);
-            let refs: Vec<_> = (0..n).map(|_| sleep_where::remote_with(&opts, 500u64)).collect();
+            let refs: Vec<_> = (0..n)
+                .map(|_| sleep_where::remote_with(&opts, 500u64))
+                .collect();
             let nodes: Vec<String> = sdk::get_all(&refs)?;
             result(serde_json::json!({"nodes": nodes}));
         }
         "affinity" => {
             let node = arg(1).parse()?;
-            let opts = TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false });
-            let refs: Vec<_> = (0..4).map(|_| sleep_where::remote_with(&opts, 50u64)).collect();
+            let opts =
+                TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false });
+            let refs: Vec<_> = (0..4)
+                .map(|_| sleep_where::remote_with(&opts, 50u64))
+                .collect();
             result(serde_json::json!({"nodes": sdk::get_all(&refs)?}));
         }
         "infeasible" => {
@@ -120,7 +130,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // A 100 MiB object made on node A and consumed on node B.
             let (a, b) = (arg(1).parse()?, arg(2).parse()?);
             let n = 100 << 20;
-            let on = |node| TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false });
+            let on = |node| {
+                TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false })
+            };
             let blob_ref = make_blob::remote_with(&on(a), 7u64, n);
             let (sum, node) = sdk::get(&checksum::remote_with(&on(b), &blob_ref))?;
             let expected = crc(&blob(7, n));
@@ -139,30 +151,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let r = victim::remote_with(&opts, arg(1), 4000u64);
             match sdk::get(&r) {
                 Ok(v) => result(serde_json::json!({"value": v})),
-                Err(sdk::Error::Task(e)) => result(serde_json::json!({"error_kind": e.kind, "error": e.to_string()})),
+                Err(sdk::Error::Task(e)) => {
+                    result(serde_json::json!({"error_kind": e.kind, "error": e.to_string()}))
+                }
                 Err(e) => return Err(e.into()),
             }
         }
         "panic" => {
             let r = fail::remote("boom from the test".to_string());
             match sdk::get(&r) {
-                Err(sdk::Error::Task(e)) => result(serde_json::json!({"kind": e.kind, "message": e.message, "task_id": e.task_id, "node": e.node_id, "text": e.to_string()})),
+                Err(sdk::Error::Task(e)) => result(
+                    serde_json::json!({"kind": e.kind, "message": e.message, "task_id": e.task_id, "node": e.node_id, "text": e.to_string()}),
+                ),
                 other => result(serde_json::json!({"unexpected": format!("{other:?}")})),
             }
         }
         "refcount" => {
             // Objects in the stores of both nodes while held; freed when the refs drop.
             let (a, b) = (arg(1).parse()?, arg(2).parse()?);
-            let on = |node| TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false });
+            let on = |node| {
+                TaskOptions::default().strategy(Strategy::NodeAffinity { node, soft: false })
+            };
             let mut held = Vec::new();
             for i in 0..4u64 {
                 held.push(make_blob::remote_with(&on(a), i, 8 << 20));
             }
-            let puts: Vec<_> = (0..4u64).map(|i| sdk::put(&blob(100 + i, 8 << 20))).collect::<Result<_, _>>()?;
+            let puts: Vec<_> = (0..4u64)
+                .map(|i| sdk::put(&blob(100 + i, 8 << 20)))
+                .collect::<Result<_, _>>()?;
             // Consumed on B: B pulls copies of A's results and of the puts.
-            let sums: Vec<_> = held.iter().chain(puts.iter()).map(|r| checksum::remote_with(&on(b), r)).collect();
+            let sums: Vec<_> = held
+                .iter()
+                .chain(puts.iter())
+                .map(|r| checksum::remote_with(&on(b), r))
+                .collect();
             sdk::get_all(&sums)?;
-            result(serde_json::json!({"holding": held.len() + puts.len(), "owned": session.owned_objects()}));
+            result(
+                serde_json::json!({"holding": held.len() + puts.len(), "owned": session.owned_objects()}),
+            );
             stdin_line();
             drop((held, puts, sums));
             std::thread::sleep(Duration::from_millis(100));
@@ -173,11 +199,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // 100 producers whose results (stored, not inline) live on node A, then, after
             // the test killed A, 100 consumers of them: the lost ones are rebuilt.
             let a: sdk::NodeId = arg(1).parse()?;
-            let on_a = TaskOptions::default().strategy(Strategy::NodeAffinity { node: a, soft: true });
+            let on_a = TaskOptions::default().strategy(Strategy::NodeAffinity {
+                node: a,
+                soft: true,
+            });
             let size = 200 * 1024;
-            let stage1: Vec<_> = (0..100u64).map(|i| make_blob::remote_with(&on_a, i, size)).collect();
+            let stage1: Vec<_> = (0..100u64)
+                .map(|i| make_blob::remote_with(&on_a, i, size))
+                .collect();
             let (done, _) = sdk::wait(&stage1, stage1.len(), None)?;
-            let where1: Vec<String> = sdk::get_all(&(0..1).map(|_| where_am_i::remote_with(&on_a)).collect::<Vec<_>>())?;
+            let where1: Vec<String> = sdk::get_all(
+                &(0..1)
+                    .map(|_| where_am_i::remote_with(&on_a))
+                    .collect::<Vec<_>>(),
+            )?;
             result(serde_json::json!({"stage1": done.len(), "on": where1}));
             stdin_line();
             let stage2: Vec<_> = stage1.iter().map(checksum::remote).collect();
@@ -186,7 +221,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let got: Vec<u32> = sums.iter().map(|s| s.0).collect();
             // The driver's own get of a lost object rebuilds it too.
             let direct = crc(&sdk::get(&stage1[0])?);
-            result(serde_json::json!({"equal": got == expected, "direct_equal": direct == expected[0], "tasks": stage1.len() + stage2.len()}));
+            result(
+                serde_json::json!({"equal": got == expected, "direct_equal": direct == expected[0], "tasks": stage1.len() + stage2.len()}),
+            );
         }
         "idle" => {
             // Connected, no task yet: what the node started on its own.
@@ -201,7 +238,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let first = (ready.len(), rest.len(), t.elapsed().as_millis() as u64);
             let (ready0, _) = sdk::wait(&rest, rest.len(), Some(Duration::from_millis(1)))?;
             let (all, none) = sdk::wait(&refs, 5, None)?;
-            result(serde_json::json!({"first": first, "early": ready0.len(), "all": all.len(), "left": none.len()}));
+            result(
+                serde_json::json!({"first": first, "early": ready0.len(), "all": all.len(), "left": none.len()}),
+            );
         }
         "nested" => {
             let r = nested::remote(10i64, 20i64);
@@ -217,7 +256,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 r = add::remote(&r, 1i64);
             }
             // The async get, from a caller's own runtime.
-            let caller = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let caller = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let chain = caller.block_on(sdk::get_async(&r))?;
             result(serde_json::json!({"total": total, "chain": chain}));
         }

@@ -75,12 +75,16 @@ fn main() -> anyhow::Result<()> {
             fill(w.data_mut(), seed);
             let crc = crc32fast::hash(w.data_mut());
             w.seal()?;
-            println!("{}", serde_json::json!({ "id": id.to_string(), "crc": crc, "size": size, "secs": t.elapsed().as_secs_f64() }));
+            println!(
+                "{}",
+                serde_json::json!({ "id": id.to_string(), "crc": crc, "size": size, "secs": t.elapsed().as_secs_f64() })
+            );
         }
         Cmd::Get { id, timeout } => {
             let views = client.get(&id, Some(timeout))?;
             for (id, v) in id.iter().zip(views) {
-                let v = v.with_context(|| format!("object {id} not available after {timeout:?}"))?;
+                let v =
+                    v.with_context(|| format!("object {id} not available after {timeout:?}"))?;
                 let data = v.data();
                 println!(
                     "{}",
@@ -95,11 +99,23 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Hold { id, unsealed, unsealed_size } => {
+        Cmd::Hold {
+            id,
+            unsealed,
+            unsealed_size,
+        } => {
             let views = client.get(&id, Some(Duration::from_secs(30)))?;
-            anyhow::ensure!(views.iter().all(Option::is_some), "not every object is available");
-            let writer = unsealed.map(|u| client.create(u, unsealed_size, 0)).transpose()?;
-            println!("{}", serde_json::json!({ "holding": views.len(), "unsealed": writer.is_some() }));
+            anyhow::ensure!(
+                views.iter().all(Option::is_some),
+                "not every object is available"
+            );
+            let writer = unsealed
+                .map(|u| client.create(u, unsealed_size, 0))
+                .transpose()?;
+            println!(
+                "{}",
+                serde_json::json!({ "holding": views.len(), "unsealed": writer.is_some() })
+            );
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }

@@ -28,12 +28,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let session = sdk::init()?;
     let mut args = std::env::args().skip(1);
     let tasks: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(8);
-    let samples: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000_000);
+    let samples: u64 = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
     let start = std::time::Instant::now();
     let refs: Vec<_> = (0..tasks).map(|i| sample::remote(i, samples)).collect();
     let inside: u64 = sdk::get_all(&refs)?.into_iter().sum();
     let pi = 4.0 * inside as f64 / (tasks * samples) as f64;
-    println!("pi ≈ {pi:.6} from {} samples in {tasks} tasks ({:.2?}, node {})", tasks * samples, start.elapsed(), session.node_address());
+    println!(
+        "pi ≈ {pi:.6} from {} samples in {tasks} tasks ({:.2?}, node {})",
+        tasks * samples,
+        start.elapsed(),
+        session.node_address()
+    );
     if (pi - std::f64::consts::PI).abs() > 0.01 {
         return Err(format!("pi estimate {pi} is off by more than 0.01").into());
     }

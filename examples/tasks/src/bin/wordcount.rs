@@ -16,7 +16,10 @@ const PIECE: usize = 16 * 1024;
 #[sdk::remote]
 fn count(text: String) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
-    for w in text.split(|c: char| !c.is_alphanumeric() && c != '\'').filter(|w| !w.is_empty()) {
+    for w in text
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+    {
         *m.entry(w.to_lowercase()).or_insert(0) += 1;
     }
     m
@@ -51,7 +54,9 @@ fn pieces(text: &str) -> Vec<String> {
             end += 1;
         }
         if end < rest.len() {
-            end = rest[end..].find(char::is_whitespace).map_or(rest.len(), |i| end + i);
+            end = rest[end..]
+                .find(char::is_whitespace)
+                .map_or(rest.len(), |i| end + i);
         }
         out.push(rest[..end].to_owned());
         rest = &rest[end..];
@@ -69,7 +74,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut bytes = 0;
     for p in &paths {
         // Binary files are skipped, not counted as garbage words.
-        let Ok(text) = std::fs::read_to_string(p) else { continue };
+        let Ok(text) = std::fs::read_to_string(p) else {
+            continue;
+        };
         bytes += text.len();
         level.extend(pieces(&text).into_iter().map(count::remote));
     }
@@ -92,7 +99,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total: u64 = counts.values().sum();
     let mut top: Vec<(&String, &u64)> = counts.iter().collect();
     top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    println!("{} files, {bytes} bytes, {maps} map tasks: {total} words, {} distinct", paths.len(), counts.len());
+    println!(
+        "{} files, {bytes} bytes, {maps} map tasks: {total} words, {} distinct",
+        paths.len(),
+        counts.len()
+    );
     for (w, n) in top.iter().take(10) {
         println!("{n:>8}  {w}");
     }

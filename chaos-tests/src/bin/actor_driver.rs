@@ -1,0 +1,246 @@
+//! A driver for the actor tests: each subcommand exercises one behaviour of actors against
+//! the cluster named by `RAYCTL_ADDRESS` and prints `RESULT <json>` lines the tests read; a
+//! line on stdin moves an interactive subcommand to its next step. Workers are this binary
+//! re-executed by the nodes.
+
+use std::io::BufRead;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use sdk::{ActorOptions, Error};
+
+pub struct Counter {
+    n: i64,
+    log: Vec<i64>,
+}
+
+#[sdk::actor]
+impl Counter {
+    fn new(start: i64) -> Self {
+        Counter {
+            n: start,
+            log: Vec::new(),
+        }
+    }
+
+    fn incr(&mut self, by: i64) -> i64 {
+        self.n += by;
+        self.log.push(by);
+        self.n
+    }
+
+    fn get(&self) -> i64 {
+        self.n
+    }
+
+    fn calls(&self) -> u64 {
+        self.log.len() as u64
+    }
+
+    fn node(&self) -> String {
+        std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
+    }
+
+    fn fail(&self, msg: String) -> i64 {
+        panic!("{msg}")
+    }
+}
+
+pub struct Sleeper {
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+#[sdk::actor]
+impl Sleeper {
+    fn new() -> Self {
+        Sleeper {
+            now: AtomicUsize::new(0),
+            max: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sleeps; returns how many calls ran at once at most so far.
+    fn nap(&self, ms: u64) -> u64 {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(n, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(ms));
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        self.max.load(Ordering::SeqCst) as u64
+    }
+}
+
+pub struct Broken;
+
+#[sdk::actor]
+impl Broken {
+    fn new(msg: String) -> Self {
+        panic!("{msg}")
+    }
+
+    fn never(&self) -> i64 {
+        0
+    }
+}
+
+#[sdk::remote]
+fn slow_one(ms: u64) -> i64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    1
+}
+
+/// Calls an actor from inside a task: the task's worker is a caller too.
+#[sdk::remote]
+fn call_from_task(name: String) -> i64 {
+    let c = CounterHandle::get_actor(&name, None).expect("find the actor by name");
+    sdk::get(&c.incr(100i64)).expect("call from a task")
+}
+
+fn result(v: serde_json::Value) {
+    println!("RESULT {v}");
+}
+
+fn stdin_line() {
+    let _ = std::io::stdin().lock().lines().next();
+}
+
+fn kind(e: &Error) -> String {
+    match e {
+        Error::ActorDied(_) => "ActorDied".into(),
+        Error::ActorUnavailable(_) => "ActorUnavailable".into(),
+        Error::Actor(_) => "Actor".into(),
+        Error::Task(t) => format!("Task:{}", t.kind),
+        other => format!("{other:?}"),
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let _session = sdk::init()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match arg(0).as_str() {
+        "counter" => {
+            // N calls from one caller keep their order and the actor keeps its state; every
+            // 1000th call waits for a slow task's result, and the calls behind it wait too.
+            let n: i64 = arg(1).parse()?;
+            let c = Counter::remote(0i64)?;
+            let refs: Vec<_> = (0..n)
+                .map(|i| {
+                    if i % 1000 == 500 {
+                        c.incr(slow_one::remote(200u64))
+                    } else {
+                        c.incr(1i64)
+                    }
+                })
+                .collect();
+            let got = sdk::get_all(&refs)?;
+            let ordered = got.iter().enumerate().all(|(i, v)| *v == i as i64 + 1);
+            result(serde_json::json!({
+                "ordered": ordered, "last": got.last(), "get": sdk::get(&c.get())?, "calls": sdk::get(&c.calls())?,
+            }));
+        }
+        "restart" => {
+            // Placed on a node with the `slot` resource; the test kills that node twice.
+            let opts = ActorOptions::default()
+                .max_restarts(1)
+                .resource("slot", 1.0);
+            let c = Counter::remote_with(&opts, 0i64)?;
+            for _ in 0..10 {
+                c.incr(1i64);
+            }
+            let v = sdk::get(&c.get())?;
+            let info = c.handle().ready(Duration::from_secs(60))?;
+            result(
+                serde_json::json!({"value": v, "node": sdk::get(&c.node())?, "restarts": info.num_restarts}),
+            );
+            stdin_line();
+            // The node died: the actor restarts on the other one, from its constructor.
+            let v = sdk::get_timeout(&c.incr(1i64), Some(Duration::from_secs(120)))?;
+            let info = c.handle().info()?;
+            result(
+                serde_json::json!({"value": v, "node": sdk::get(&c.node())?, "restarts": info.num_restarts}),
+            );
+            stdin_line();
+            // No restart left.
+            let r = sdk::get_timeout(&c.incr(1i64), Some(Duration::from_secs(120)));
+            let info = c.handle().info()?;
+            match r {
+                Err(e) => result(
+                    serde_json::json!({"error": kind(&e), "message": e.to_string(), "state": format!("{:?}", info.state)}),
+                ),
+                Ok(v) => result(serde_json::json!({"unexpected_value": v})),
+            }
+        }
+        "named" => {
+            let opts = ActorOptions::default().name("counter-a").namespace("ns1");
+            let a = Counter::remote_with(&opts, 5i64)?;
+            let found = CounterHandle::get_actor("counter-a", Some("ns1"))?;
+            let same_state = sdk::get(&found.get())?;
+            let other_ns = CounterHandle::get_actor("counter-a", None)
+                .err()
+                .map(|e| kind(&e));
+            let dup = Counter::remote_with(&opts, 0i64)
+                .err()
+                .map(|e| e.to_string());
+            let again = Counter::remote_with(&opts.clone().get_if_exists(true), 0i64)?;
+            let wrong_class = SleeperHandle::get_actor("counter-a", Some("ns1"))
+                .err()
+                .map(|e| e.to_string());
+            // A task finds it by name too (namespace "default": make one there).
+            let d = Counter::remote_with(&ActorOptions::default().name("counter-d"), 1i64)?;
+            let from_task = sdk::get(&call_from_task::remote("counter-d".to_string()))?;
+            // A panicking method is an error for that call only.
+            let panicked = sdk::get(&a.fail("method boom".to_string()))
+                .err()
+                .map(|e| e.to_string());
+            let after_panic = sdk::get(&a.incr(1i64))?;
+            // Killed for good: calls fail with ActorDied, the name is free.
+            a.handle().kill(true)?;
+            let after_kill = sdk::get_timeout(&a.incr(1i64), Some(Duration::from_secs(60)))
+                .err()
+                .map(|e| kind(&e));
+            let lookup_after_kill = CounterHandle::get_actor("counter-a", Some("ns1"))
+                .err()
+                .map(|e| kind(&e));
+            // A constructor that panics: the actor is dead and says why.
+            let b = Broken::remote("ctor boom".to_string())?;
+            let ctor = sdk::get_timeout(&b.never(), Some(Duration::from_secs(60)))
+                .err()
+                .map(|e| (kind(&e), e.to_string()));
+            result(serde_json::json!({
+                "same_state": same_state, "same_id": again.handle().actor_id() == a.handle().actor_id(),
+                "found_id": found.handle().actor_id() == a.handle().actor_id(),
+                "other_ns": other_ns, "dup": dup, "wrong_class": wrong_class,
+                "from_task": from_task, "d_after": sdk::get(&d.get())?,
+                "panicked": panicked, "after_panic": after_panic,
+                "after_kill": after_kill, "lookup_after_kill": lookup_after_kill, "ctor": ctor,
+            }));
+        }
+        "concurrency" => {
+            let par = Sleeper::remote_with(&ActorOptions::default().max_concurrency(4))?;
+            let refs: Vec<_> = (0..4).map(|_| par.nap(400u64)).collect();
+            let par_max = sdk::get_all(&refs)?.into_iter().max();
+            let ser = Sleeper::remote()?;
+            let refs: Vec<_> = (0..4).map(|_| ser.nap(100u64)).collect();
+            let ser_max = sdk::get_all(&refs)?.into_iter().max();
+            result(serde_json::json!({"parallel_max": par_max, "serial_max": ser_max}));
+        }
+        "lifetime" => {
+            // One actor that dies with this driver, one detached that outlives it.
+            let owned = Counter::remote(0i64)?;
+            let detached =
+                Counter::remote_with(&ActorOptions::default().detached(true).name("keeper"), 0i64)?;
+            sdk::get(&owned.incr(1i64))?;
+            sdk::get(&detached.incr(1i64))?;
+            result(
+                serde_json::json!({"owned": owned.handle().actor_id(), "detached": detached.handle().actor_id()}),
+            );
+        }
+        "find" => {
+            let c = CounterHandle::get_actor(&arg(1), None)?;
+            result(serde_json::json!({"value": sdk::get(&c.incr(1i64))?}));
+        }
+        other => return Err(format!("unknown subcommand {other:?}").into()),
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Actors end to end over real processes: a driver built with the SDK (`actor_driver`), the
+//! actor table in Raft, the leader's actor manager placing and restarting actors, node
+//! daemons giving each actor a worker of its own, and calls straight from caller to actor.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chaos_tests::driver::{self, Driver};
+use chaos_tests::{Cluster, ClusterOptions, wait_for};
+use protocol::pb;
+use serde_json::Value;
+
+fn driver_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_actor_driver")
+}
+
+fn run(c: &Cluster, args: &[&str]) -> Result<Value> {
+    driver::run(driver_bin(), c, args, &[])
+}
+
+fn actor(c: &Cluster, id: &str) -> Result<pb::ActorInfo> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let req = pb::GetActorRequest {
+        actor_id: id.to_owned(),
+        ..Default::default()
+    };
+    Ok(rt.block_on(c.client().call(|mut cl| {
+        let req = req.clone();
+        async move { cl.get_actor(req).await }
+    }))?)
+}
+
+/// 10,000 calls from one caller: the actor keeps its state and runs them in call order,
+/// including calls queued behind one whose argument is a slow task's result.
+#[test]
+fn an_actor_keeps_its_state_and_the_callers_order() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        ..Default::default()
+    })?;
+    let r = run(&c, &["counter", "10000"])?;
+    assert_eq!(r["ordered"], true, "{r}");
+    assert_eq!(r["last"], 10000, "{r}");
+    assert_eq!(r["get"], 10000, "{r}");
+    assert_eq!(r["calls"], 10000, "{r}");
+    Ok(())
+}
+
+/// Names, namespaces, get-or-create, calls from a task, a panicking method, kill, and a
+/// constructor that panics.
+#[test]
+fn named_actors_kill_and_errors() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        node_cpus: 2.0,
+        ..Default::default()
+    })?;
+    let r = run(&c, &["named"])?;
+    assert_eq!(r["same_state"], 5, "{r}");
+    assert_eq!(r["found_id"], true, "{r}");
+    assert_eq!(r["same_id"], true, "get_if_exists gave another actor: {r}");
+    assert_eq!(r["other_ns"], "Actor", "found in the wrong namespace: {r}");
+    assert!(
+        r["dup"]
+            .as_str()
+            .is_some_and(|m| m.contains("already exists")),
+        "{r}"
+    );
+    assert!(
+        r["wrong_class"]
+            .as_str()
+            .is_some_and(|m| m.contains("not a")),
+        "{r}"
+    );
+    assert_eq!(r["from_task"], 101, "{r}");
+    assert_eq!(r["d_after"], 101, "{r}");
+    assert!(
+        r["panicked"]
+            .as_str()
+            .is_some_and(|m| m.contains("PANIC") && m.contains("method boom")),
+        "{r}"
+    );
+    assert_eq!(
+        r["after_panic"], 6,
+        "the actor lost its state after a panicking method: {r}"
+    );
+    assert_eq!(r["after_kill"], "ActorDied", "{r}");
+    assert_eq!(r["lookup_after_kill"], "Actor", "{r}");
+    assert_eq!(r["ctor"][0], "ActorDied", "{r}");
+    assert!(
+        r["ctor"][1]
+            .as_str()
+            .is_some_and(|m| m.contains("ctor boom")),
+        "{r}"
+    );
+    Ok(())
+}
+
+/// `max_concurrency` 4 runs `&self` calls at once; the default runs them one at a time.
+#[test]
+fn max_concurrency_runs_calls_in_parallel() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
+    let r = run(&c, &["concurrency"])?;
+    assert!(r["parallel_max"].as_u64().is_some_and(|n| n >= 2), "{r}");
+    assert_eq!(r["serial_max"], 1, "{r}");
+    Ok(())
+}
+
+/// A non-detached actor dies with the driver that made it; a detached one outlives it and
+/// another driver finds it by name.
+#[test]
+fn actors_die_with_their_owner_unless_detached() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
+    let r = run(&c, &["lifetime"])?;
+    let owned = r["owned"].as_str().context("owned")?.to_owned();
+    let detached = r["detached"].as_str().context("detached")?.to_owned();
+    let info = wait_for(
+        "the owned actor to die with its driver",
+        Duration::from_secs(60),
+        || {
+            actor(&c, &owned)
+                .ok()
+                .filter(|a| a.state == pb::ActorState::Dead as i32)
+        },
+    )?;
+    assert!(info.message.contains("owner"), "{info:?}");
+    assert_eq!(actor(&c, &detached)?.state, pb::ActorState::Alive as i32);
+    let r = run(&c, &["find", "keeper"])?;
+    assert_eq!(r["value"], 2, "{r}");
+    Ok(())
+}
+
+/// kill -9 of the node hosting an actor with max_restarts=1: it restarts on the other node
+/// and calls resume; a second kill leaves no restart and calls fail with ActorDied.
+#[test]
+fn an_actor_restarts_elsewhere_when_its_node_dies_then_dies_for_good() -> Result<()> {
+    // Only the worker nodes have a `slot`.
+    let mut c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 2,
+        node_resources: vec![("slot".into(), 1.0)],
+        ..Default::default()
+    })?;
+    let mut d = Driver::start(driver_bin(), &c, &["restart"], &[])?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(r["value"], 10, "{r}");
+    assert_eq!(r["restarts"], 0, "{r}");
+    let first = r["node"].as_str().context("node")?.to_owned();
+    let i = (0..2)
+        .find(|i| c.nodes[*i].ready["node_id"] == first.as_str())
+        .context("the actor is not on a worker node")?;
+    c.nodes[i].kill9();
+    d.next_step()?;
+    let r = d.result(Duration::from_secs(180))?;
+    assert_eq!(r["value"], 1, "restarted from its constructor: {r}");
+    assert_eq!(r["restarts"], 1, "{r}");
+    let second = r["node"].as_str().context("node")?.to_owned();
+    assert_ne!(second, first, "{r}");
+    c.nodes[1 - i].kill9();
+    d.next_step()?;
+    let r = d.result(Duration::from_secs(180))?;
+    assert_eq!(r["error"], "ActorDied", "{r}");
+    assert_eq!(r["state"], "Dead", "{r}");
+    assert!(
+        r["message"].as_str().is_some_and(|m| m.contains("died")),
+        "{r}"
+    );
+    d.finish(Duration::from_secs(30))
+}
