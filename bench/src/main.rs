@@ -2,7 +2,7 @@
 //! `{"name": …, "value": …, "unit": …}`; baselines (e.g. the disk's fsync rate) are measured
 //! in the same run so figures can be quoted as ratios.
 //!
-//! `cargo run --release -p bench -- control-plane|object-store|jobs|tasks|all` (add `--smoke` for the
+//! `cargo run --release -p bench -- control-plane|object-store|jobs|tasks|actors|all` (add `--smoke` for the
 //! quick CI run).
 
 use std::process::Command;
@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
+mod actors;
 mod control_plane;
 mod jobs;
 mod object_store;
@@ -23,6 +24,7 @@ enum Suite {
     ObjectStore,
     Jobs,
     Tasks,
+    Actors,
     /// The second process of the object-store get benchmark.
     #[value(hide = true)]
     GetChild,
@@ -103,8 +105,12 @@ fn main() -> Result<()> {
     if matches!(args.suite, Suite::All | Suite::Jobs) {
         jobs::run(args.smoke)?;
     }
-    if matches!(args.suite, Suite::All | Suite::Tasks) {
-        tasks::run(args.smoke)?;
+    let (t, a) = (
+        matches!(args.suite, Suite::All | Suite::Tasks),
+        matches!(args.suite, Suite::All | Suite::Actors),
+    );
+    if t || a {
+        tasks::run(args.smoke, t, a)?;
     }
     eprintln!("bench finished in {:.1?}", started.elapsed());
     Ok(())

@@ -45,7 +45,9 @@ fn memcpy_gbps(n: usize) -> f64 {
     n as f64 / best / 1e9
 }
 
-pub(crate) fn run(smoke: bool) -> Result<()> {
+/// Runs the tasks figures and/or the actors figures (`crate::actors`) in one cluster: the SDK
+/// starts once per process.
+pub(crate) fn run(smoke: bool, tasks: bool, actors: bool) -> Result<()> {
     let c = Cluster::start(ClusterOptions {
         heads: 1,
         nodes: 1,
@@ -77,6 +79,17 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
         session.mode()
     );
 
+    if tasks {
+        task_figures(smoke, other)?;
+    }
+    if actors {
+        crate::actors::run(smoke)?;
+    }
+    drop(session);
+    Ok(())
+}
+
+fn task_figures(smoke: bool, other: sdk::NodeId) -> Result<()> {
     // Warm up: start the workers.
     sdk::get_all(&(0..200).map(|_| noop::remote()).collect::<Vec<_>>())?;
 
@@ -185,6 +198,5 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
         big as f64 / warm / 1e9 / base,
         "x",
     );
-    drop(session);
     Ok(())
 }

@@ -164,6 +164,17 @@ impl Drop for Cluster {
                 }
             }
         }
+        // For post-mortems: keep the logs and data when asked to.
+        if std::env::var_os("RAYCTL_KEEP_TEST_DIRS").is_some() {
+            let dir = std::mem::replace(
+                &mut self.dir,
+                tempfile::Builder::new()
+                    .prefix("rayctl-chaos-empty-")
+                    .tempdir()
+                    .expect("tempdir"),
+            );
+            eprintln!("kept {}", dir.keep().display());
+        }
     }
 }
 

@@ -627,12 +627,15 @@ impl WorkerPool {
                     .map_err(std::io::Error::from)
             });
         }
+        // Hold the table while starting it: its hello can come before `spawn` returns, and
+        // must find it there.
+        let mut table = self.lock();
         let mut child = cmd.spawn().map_err(|e| {
             Status::internal(format!("cannot start worker {}: {e}", path.display()))
         })?;
         let pid = child.id().unwrap_or(0);
         let (tx, rx) = oneshot::channel();
-        self.lock().workers.insert(
+        table.workers.insert(
             id.clone(),
             Worker {
                 key,
@@ -645,6 +648,7 @@ impl WorkerPool {
                 log,
             },
         );
+        drop(table);
         crate::metrics::worker_started();
         let me = self.clone();
         let wid = id.clone();

@@ -236,6 +236,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 serde_json::json!({"owned": owned.handle().actor_id(), "detached": detached.handle().actor_id()}),
             );
         }
+        "many" => {
+            // Many actors at once, each in its own worker process.
+            let n: usize = arg(1).parse()?;
+            let actors: Vec<CounterHandle> = (0..n)
+                .map(|i| Counter::remote(i as i64))
+                .collect::<Result<_, _>>()?;
+            let refs: Vec<_> = actors.iter().map(|a| a.incr(1i64)).collect();
+            let got = sdk::get_all(&refs)?;
+            let ok = got.iter().enumerate().all(|(i, v)| *v == i as i64 + 1);
+            result(serde_json::json!({"ok": ok, "n": got.len()}));
+        }
         "find" => {
             let c = CounterHandle::get_actor(&arg(1), None)?;
             result(serde_json::json!({"value": sdk::get(&c.incr(1i64))?}));
