@@ -42,6 +42,21 @@ pub fn rayctl_bin() -> Result<PathBuf> {
 }
 
 /// A free loopback port (bound once, then released for the process to take).
+/// The value of the first series of a process's `/metrics` (on `port`) that starts with
+/// `name` (a metric name, or a name with labels).
+pub fn metric(port: u64, name: &str) -> Option<f64> {
+    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?;
+    let text = resp.body_mut().read_to_string().ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

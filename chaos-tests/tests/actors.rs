@@ -179,3 +179,98 @@ fn an_actor_restarts_elsewhere_when_its_node_dies_then_dies_for_good() -> Result
     );
     d.finish(Duration::from_secs(30))
 }
+
+/// The leader head is killed while a driver creates 20 actors: every actor is created, none
+/// twice (one worker each, no restart), and each keeps the state its constructor gave it.
+#[test]
+fn killing_the_leader_during_actor_creation_loses_none_and_doubles_none() -> Result<()> {
+    let mut c = Cluster::start(ClusterOptions {
+        heads: 3,
+        nodes: 1,
+        node_resources: vec![("slot".into(), 1.0)],
+        ..Default::default()
+    })?;
+    let leader = c.wait_leader(Duration::from_secs(60))?;
+    // The driver runs on the worker node (which survives), as a job's driver would.
+    let n = &c.nodes[0].ready;
+    let host = n["address"]
+        .as_str()
+        .context("address")?
+        .rsplit_once(':')
+        .context("host")?
+        .0
+        .to_owned();
+    let env = [
+        (
+            "RAYCTL_NODE_ADDRESS",
+            n["address"].as_str().context("address")?.to_owned(),
+        ),
+        (
+            "RAYCTL_NODE_ID",
+            n["node_id"].as_str().context("node id")?.to_owned(),
+        ),
+        (
+            "RAYCTL_OBJECT_STORE_SOCKET",
+            n["object_store_socket"]
+                .as_str()
+                .context("socket")?
+                .to_owned(),
+        ),
+        (
+            "RAYCTL_OBJECT_MANAGER_ADDRESS",
+            format!("{host}:{}", n["object_manager_port"]),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut d = Driver::start(driver_bin(), &c, &["create-many", "20"], &env)?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(r["phase"], "creating", "{r}");
+    c.heads[leader].kill9();
+    let r = d.result(Duration::from_secs(300))?;
+    assert_eq!(r["ok"], true, "{r}");
+    let ids: Vec<String> = r["ids"]
+        .as_array()
+        .context("ids")?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 20, "{r}");
+    d.finish(Duration::from_secs(30))?;
+    let others: Vec<String> = c
+        .head_addrs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, a)| a.clone())
+        .collect();
+    let client = c.client_for(
+        &others,
+        protocol::client::ClientOptions {
+            deadline: Duration::from_secs(60),
+            ..Default::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let list = rt.block_on(
+        client.call(|mut cl| async move { cl.list_actors(pb::ListActorsRequest {}).await }),
+    )?;
+    assert_eq!(
+        list.actors.len(),
+        20,
+        "an actor was created twice or lost: {:?}",
+        list.actors.iter().map(|a| &a.actor_id).collect::<Vec<_>>()
+    );
+    for a in &list.actors {
+        assert!(ids.contains(&a.actor_id), "unknown actor {}", a.actor_id);
+        assert_eq!(a.state, pb::ActorState::Alive as i32, "{a:?}");
+        assert_eq!(a.num_restarts, 0, "{a:?}");
+    }
+    // One worker process per actor on the node: no second copy was started.
+    let port = n["metrics_export_port"].as_u64().context("metrics port")?;
+    wait_for("20 leased workers", Duration::from_secs(30), || {
+        (chaos_tests::metric(port, "rayctl_workers{state=\"leased\"}")? == 20.0).then_some(())
+    })?;
+    Ok(())
+}

@@ -137,7 +137,7 @@ fn tasks_are_placed_by_resources_strategy_and_affinity() -> Result<()> {
 }
 
 fn used_memory(port: u64) -> Option<f64> {
-    metric(port, "ray_object_store_used_memory")
+    chaos_tests::metric(port, "ray_object_store_used_memory")
 }
 
 #[test]
@@ -349,7 +349,7 @@ fn the_examples_run_as_jobs() -> Result<()> {
 }
 
 fn workers_idle(port: u64) -> Option<f64> {
-    metric(port, "rayctl_workers{state=\"idle\"}")
+    chaos_tests::metric(port, "rayctl_workers{state=\"idle\"}")
 }
 
 #[test]
@@ -496,22 +496,8 @@ fn results_lost_with_their_node_are_rebuilt_from_lineage() -> Result<()> {
     wait_for(
         "rebuilds in the head node's metrics",
         Duration::from_secs(30),
-        || (metric(port, "rayctl_object_reconstructions_total")? >= 1.0).then_some(()),
+        || (chaos_tests::metric(port, "rayctl_object_reconstructions_total")? >= 1.0).then_some(()),
     )
-}
-
-/// The value of the first series of a node's `/metrics` that starts with `name`.
-fn metric(port: u64, name: &str) -> Option<f64> {
-    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?;
-    let text = resp.body_mut().read_to_string().ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name))?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()
 }
 
 /// A task that waits for tasks it submitted lends its CPU meanwhile: on a one-CPU cluster the

@@ -247,6 +247,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let ok = got.iter().enumerate().all(|(i, v)| *v == i as i64 + 1);
             result(serde_json::json!({"ok": ok, "n": got.len()}));
         }
+        "create-many" => {
+            // Creates N detached actors (on nodes with `slot`) one by one; says so after the
+            // first few so the test can kill the leader head while the rest are created.
+            let n: i64 = arg(1).parse()?;
+            let opts = ActorOptions::default()
+                .detached(true)
+                .resource("slot", 0.01);
+            let mut actors = Vec::new();
+            for i in 0..n {
+                actors.push(Counter::remote_with(&opts, i * 1000)?);
+                if i == 2 {
+                    result(serde_json::json!({"phase": "creating"}));
+                }
+                if i >= 2 {
+                    // Spread the rest over a second or so: the kill lands among them.
+                    std::thread::sleep(Duration::from_millis(60));
+                }
+            }
+            let mut values = Vec::new();
+            for (i, a) in actors.iter().enumerate() {
+                a.handle().ready(Duration::from_secs(180))?;
+                values.push(
+                    sdk::get_timeout(&a.incr(1i64), Some(Duration::from_secs(120)))?
+                        == i as i64 * 1000 + 1,
+                );
+            }
+            let ids: Vec<&str> = actors.iter().map(|a| a.handle().actor_id()).collect();
+            result(serde_json::json!({"ok": values.iter().all(|v| *v), "ids": ids}));
+        }
         "find" => {
             let c = CounterHandle::get_actor(&arg(1), None)?;
             result(serde_json::json!({"value": sdk::get(&c.incr(1i64))?}));
