@@ -4,7 +4,8 @@
 //! Figures (issue 6), against Ray 2.60 measured on this 2-core machine (817 sync and 1,830
 //! async calls/s, 1.2 actors/s): `actor_calls_sync_per_s` (call, then get, 5,000 times),
 //! `actor_calls_async_per_s` (5,000 calls, then get all), `actor_create_per_s` (200 actors
-//! until every one is alive, each in a process of its own).
+//! until every one is alive, each in a process of its own), `pg_create_remove_per_s` (a
+//! one-bundle placement group created, waited for and removed, 200 times in a row).
 
 use std::time::{Duration, Instant};
 
@@ -70,5 +71,23 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     for h in &actors {
         h.handle().kill(true)?;
     }
+
+    // Placement groups: create (two-phase reservation on the node) until CREATED, then
+    // remove, one after another.
+    let k = if smoke { 20 } else { 200 };
+    let bundle: std::collections::BTreeMap<String, f64> =
+        [("CPU".to_string(), 0.01)].into_iter().collect();
+    let opts = sdk::PlacementGroupOptions::new(sdk::PlacementStrategy::Pack);
+    let t = Instant::now();
+    for _ in 0..k {
+        let pg = sdk::placement_group(vec![bundle.clone()], &opts)?;
+        pg.ready(Duration::from_secs(60))?;
+        pg.remove()?;
+    }
+    emit(
+        "pg_create_remove_per_s",
+        k as f64 / t.elapsed().as_secs_f64(),
+        "groups/s",
+    );
     Ok(())
 }

@@ -76,10 +76,15 @@ impl Driver {
         }
     }
 
-    pub fn next_step(&mut self) -> Result<()> {
+    /// Sends one line to the driver's stdin.
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
         let stdin = self.child.stdin.as_mut().context("stdin")?;
-        writeln!(stdin, "go")?;
+        writeln!(stdin, "{line}")?;
         Ok(stdin.flush()?)
+    }
+
+    pub fn next_step(&mut self) -> Result<()> {
+        self.send_line("go")
     }
 
     pub fn finish(mut self, timeout: Duration) -> Result<()> {

@@ -274,3 +274,86 @@ fn killing_the_leader_during_actor_creation_loses_none_and_doubles_none() -> Res
     })?;
     Ok(())
 }
+
+/// A STRICT_SPREAD group of 3 bundles over 4 nodes: one bundle per node, tasks and actors run
+/// in their bundle; a group of 9 cannot fit, waits and says so; killing a bundle's node
+/// places the group again on the live nodes.
+#[test]
+fn placement_groups_reserve_bundles_and_are_rescheduled() -> Result<()> {
+    let mut c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 3,
+        ..Default::default()
+    })?;
+    wait_for("4 alive nodes", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (Cluster::nodes_in_state(&s, "ALIVE").len() == 4).then_some(())
+    })?;
+    let mut d = Driver::start(driver_bin(), &c, &["pg"], &[])?;
+    let r = d.result(Duration::from_secs(180))?;
+    let nodes: Vec<String> = r["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    let distinct: std::collections::HashSet<&String> = nodes.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "STRICT_SPREAD put two bundles on one node: {r}"
+    );
+    assert_eq!(
+        r["task_nodes"],
+        serde_json::json!(nodes),
+        "tasks ran outside their bundles: {r}"
+    );
+    assert!(
+        nodes.contains(&r["any_node"].as_str().unwrap_or_default().to_owned()),
+        "{r}"
+    );
+    assert_eq!(r["actor_node"], nodes[1].as_str(), "{r}");
+    assert_eq!(r["big_state"], "PENDING", "{r}");
+    assert!(
+        r["big_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("infeasible")),
+        "{r}"
+    );
+    assert!(
+        r["waiting"]
+            .as_str()
+            .is_some_and(|m| m.contains("infeasible")),
+        "{r}"
+    );
+    // Kill a worker node holding a bundle.
+    let i = (0..3)
+        .find(|i| {
+            nodes
+                .iter()
+                .any(|n| c.nodes[*i].ready["node_id"] == n.as_str())
+        })
+        .context("no bundle on a worker node")?;
+    let killed = c.nodes[i].ready["node_id"]
+        .as_str()
+        .context("node id")?
+        .to_owned();
+    c.nodes[i].kill9();
+    d.send_line(&killed)?;
+    let r = d.result(Duration::from_secs(180))?;
+    let again: Vec<String> = r["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    assert!(!again.contains(&killed), "{r}");
+    assert_eq!(
+        again.iter().collect::<std::collections::HashSet<_>>().len(),
+        3,
+        "{r}"
+    );
+    assert_eq!(r["task_nodes"], serde_json::json!(again), "{r}");
+    assert_eq!(r["removed"], "REMOVED", "{r}");
+    d.finish(Duration::from_secs(30))
+}

@@ -3,8 +3,8 @@
 //! by earlier leaders is applied), then starts the services from the replicated state; when it
 //! loses leadership it stops them. Services never mutate state directly: they propose commands.
 //!
-//! Today: node health, the job manager (`jobs::job_manager`) and the actor manager
-//! (`actors::actor_manager`). A later issue adds the autoscaler here.
+//! Today: node health, the job manager (`jobs::job_manager`), the actor manager
+//! (`actors::actor_manager`) and the placement-group manager (`pgs::pg_manager`). A later issue adds the autoscaler here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +63,7 @@ pub(crate) async fn supervise(
                     tokio::spawn(node_health(shared.clone(), health)),
                     tokio::spawn(crate::jobs::job_manager(shared.clone(), jobs)),
                     tokio::spawn(crate::actors::actor_manager(shared.clone())),
+                    tokio::spawn(crate::pgs::pg_manager(shared.clone())),
                 ])
             }
             (false, Some(hs)) => {

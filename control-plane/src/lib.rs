@@ -20,6 +20,7 @@ mod leader;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
+mod pgs;
 pub mod service;
 pub mod sm_store;
 pub mod state;
@@ -200,6 +201,8 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         actor_kick: tokio::sync::Notify::new(),
         actor_changed: tokio::sync::Notify::new(),
         actor_node_clients: Mutex::default(),
+        pg_kick: tokio::sync::Notify::new(),
+        pg_changed: tokio::sync::Notify::new(),
     });
 
     let routes = tonic::service::Routes::new(

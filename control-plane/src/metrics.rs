@@ -22,6 +22,7 @@ pub const NODES_DECLARED_DEAD: &str = "rayctl_nodes_declared_dead_total";
 pub const JOBS: &str = "rayctl_jobs";
 pub const ACTORS: &str = "ray_actors";
 pub const ACTOR_RESTARTS: &str = "rayctl_actor_restarts_total";
+pub const PLACEMENT_GROUPS: &str = "ray_placement_groups";
 pub const JOB_RUN_TIME: &str = "rayctl_job_run_seconds";
 pub const JOBS_ENDED: &str = "rayctl_jobs_ended_total";
 
@@ -115,6 +116,23 @@ pub(crate) fn record_actors(state: &crate::state::ClusterState) {
         gauge!(ACTORS, "State" => name).set(n as f64);
     }
     gauge!(ACTOR_RESTARTS).set(state.actors.values().map(|a| a.num_restarts).sum::<u64>() as f64);
+}
+
+pub(crate) fn record_placement_groups(state: &crate::state::ClusterState) {
+    use crate::state::PgState::*;
+    for (st, name) in [
+        (Pending, "PENDING"),
+        (Created, "CREATED"),
+        (Rescheduling, "RESCHEDULING"),
+        (Removed, "REMOVED"),
+    ] {
+        let n = state
+            .placement_groups
+            .values()
+            .filter(|p| p.state == st)
+            .count();
+        gauge!(PLACEMENT_GROUPS, "State" => name).set(n as f64);
+    }
 }
 
 pub(crate) fn record_job_ended(status: crate::state::JobStatus, started_ms: u64, ended_ms: u64) {

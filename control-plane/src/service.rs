@@ -42,6 +42,13 @@ pub(crate) struct SoftState {
     /// Owners that went away recently (owner prefix → when reported), passed on to every
     /// node with its heartbeat reply so all of them free those owners' objects.
     pub(crate) dead_owners: HashMap<Vec<u8>, Instant>,
+    /// node → (incarnation, totals with placement-group bundle resources) from heartbeats
+    pub(crate) totals: HashMap<NodeId, (u64, state::Resources)>,
+    /// Placement groups the manager is reserving now (their bundles on nodes are not
+    /// leftovers to release).
+    pub(crate) pg_in_progress: std::collections::HashSet<String>,
+    /// Why a placement group waits (from the manager's last round).
+    pub(crate) pg_messages: HashMap<String, String>,
 }
 
 pub(crate) struct HeadShared {
@@ -64,6 +71,9 @@ pub(crate) struct HeadShared {
     pub(crate) actor_changed: tokio::sync::Notify,
     /// Node manager clients with a long timeout, for StartActor (which waits for the constructor).
     pub(crate) actor_node_clients: Mutex<HashMap<String, client::NmClient>>,
+    /// Wakes the placement-group manager, and GetPlacementGroup waiters.
+    pub(crate) pg_kick: tokio::sync::Notify,
+    pub(crate) pg_changed: tokio::sync::Notify,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -256,6 +266,12 @@ impl HeadShared {
 
     fn node_info(&self, n: &NodeRecord) -> pb::NodeInfo {
         let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+        let total = match soft.totals.get(&n.node_id) {
+            Some((inc, t)) if *inc == n.incarnation && n.state == state::NodeState::Alive => {
+                t.clone()
+            }
+            _ => n.resources_total.clone(),
+        };
         let available = match soft.heartbeats.get(&n.node_id) {
             Some((inc, _, avail))
                 if *inc == n.incarnation && n.state == state::NodeState::Alive =>
@@ -278,7 +294,7 @@ impl HeadShared {
                 object_manager_port: n.ports.object_manager.into(),
                 metrics_export_port: n.ports.metrics_export.into(),
             }),
-            resources_total: n.resources_total.clone().into_iter().collect(),
+            resources_total: total.into_iter().collect(),
             resources_available: available.into_iter().collect(),
             labels: n.labels.clone().into_iter().collect(),
             is_head: n.is_head,
@@ -485,6 +501,7 @@ impl ControlPlane for ControlPlaneService {
         let mut r = req.into_inner();
         let node_id = parse_node_id(&r.node_id)?;
         let available = check_resources(&r.resources_available)?;
+        let total = check_resources(&r.resources_total)?;
         let actors_report = pb::HeartbeatRequest {
             running_actors: std::mem::take(&mut r.running_actors),
             dead_actors: std::mem::take(&mut r.dead_actors),
@@ -508,6 +525,9 @@ impl ControlPlane for ControlPlaneService {
             let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
             soft.heartbeats
                 .insert(node_id, (r.incarnation, Instant::now(), available));
+            if !total.is_empty() {
+                soft.totals.insert(node_id, (r.incarnation, total));
+            }
             soft.demand.insert(node_id, r.pending_demand);
             let now = Instant::now();
             for p in r
@@ -531,6 +551,8 @@ impl ControlPlane for ControlPlaneService {
             .cloned()
             .collect();
         let kill_actors = crate::actors::heartbeat_actors(&self.0, node_id, &actors_report).await?;
+        let cancel_placement_groups =
+            crate::pgs::heartbeat_bundles(&self.0, node_id, &r.placement_groups);
         let cluster_view = {
             let st = self.0.state.read();
             st.state
@@ -550,6 +572,7 @@ impl ControlPlane for ControlPlaneService {
             cluster_view,
             dead_owners,
             kill_actors,
+            cancel_placement_groups,
         }))
     }
 
@@ -759,6 +782,42 @@ impl ControlPlane for ControlPlaneService {
         crate::actors::kill(&self.0, req.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn create_placement_group(
+        &self,
+        req: Request<pb::CreatePlacementGroupRequest>,
+    ) -> Result<Response<pb::PlacementGroupInfo>, Status> {
+        crate::pgs::create(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_placement_group(
+        &self,
+        req: Request<pb::GetPlacementGroupRequest>,
+    ) -> Result<Response<pb::PlacementGroupInfo>, Status> {
+        crate::pgs::get(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove_placement_group(
+        &self,
+        req: Request<pb::RemovePlacementGroupRequest>,
+    ) -> Result<Response<pb::PlacementGroupInfo>, Status> {
+        crate::pgs::remove(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_placement_groups(
+        &self,
+        _: Request<pb::ListPlacementGroupsRequest>,
+    ) -> Result<Response<pb::ListPlacementGroupsReply>, Status> {
+        Ok(Response::new(pb::ListPlacementGroupsReply {
+            placement_groups: crate::pgs::list(&self.0).await?,
+        }))
     }
 
     async fn submit_job(

@@ -182,8 +182,13 @@ pub struct PlacementGroupRecord {
     pub bundles: Vec<Resources>,
     /// Where each bundle is reserved; `None` while unplaced.
     pub bundle_nodes: Vec<Option<NodeId>>,
+    /// The incarnation of each bundle's node when it was placed.
+    pub bundle_incarnations: Vec<u64>,
     pub state: PgState,
     pub created_at_ms: u64,
+    pub detached: bool,
+    /// Not detached: removed when the process with this owner prefix exits.
+    pub owner_prefix: Vec<u8>,
 }
 
 /// Every change to the replicated state. Closed: adding a variant is a log-format change.
@@ -309,11 +314,16 @@ pub enum Command {
         strategy: PgStrategy,
         bundles: Vec<Resources>,
         time_ms: u64,
+        detached: bool,
+        owner_prefix: Vec<u8>,
     },
+    /// CREATED needs a node (and its incarnation) for every bundle; RESCHEDULING and
+    /// REMOVED clear them.
     SetPlacementGroupState {
         pg_id: String,
         state: PgState,
         bundle_nodes: Vec<Option<NodeId>>,
+        bundle_incarnations: Vec<u64>,
     },
     /// Several commands in one log entry (one fsync); each is applied in order and answered
     /// on its own.
@@ -841,6 +851,8 @@ impl ClusterState {
                 strategy,
                 bundles,
                 time_ms,
+                detached,
+                owner_prefix,
             } => {
                 if self.placement_groups.contains_key(&pg_id) {
                     return exists("placement group", pg_id);
@@ -860,8 +872,11 @@ impl ClusterState {
                         strategy,
                         bundles,
                         bundle_nodes: vec![None; n],
+                        bundle_incarnations: vec![0; n],
                         state: PgState::Pending,
                         created_at_ms: time_ms,
+                        detached,
+                        owner_prefix,
                     },
                 );
                 Response::Ok
@@ -870,6 +885,7 @@ impl ClusterState {
                 pg_id,
                 state,
                 bundle_nodes,
+                bundle_incarnations,
             } => {
                 use PgState::*;
                 let Some(pg) = self.placement_groups.get_mut(&pg_id) else {
@@ -886,6 +902,7 @@ impl ClusterState {
                 }
                 if state == Created
                     && (bundle_nodes.len() != pg.bundles.len()
+                        || bundle_incarnations.len() != pg.bundles.len()
                         || bundle_nodes.iter().any(Option::is_none))
                 {
                     return Response::Rejected(Rejection::Invalid(format!(
@@ -894,11 +911,13 @@ impl ClusterState {
                     )));
                 }
                 pg.state = state;
-                pg.bundle_nodes = if state == Removed {
-                    vec![None; pg.bundles.len()]
+                if state == Created {
+                    pg.bundle_nodes = bundle_nodes;
+                    pg.bundle_incarnations = bundle_incarnations;
                 } else {
-                    bundle_nodes
-                };
+                    pg.bundle_nodes = vec![None; pg.bundles.len()];
+                    pg.bundle_incarnations = vec![0; pg.bundles.len()];
+                }
                 Response::Ok
             }
         }
@@ -1203,15 +1222,18 @@ mod tests {
             strategy: PgStrategy::StrictSpread,
             bundles: vec![Resources::new(), Resources::new()],
             time_ms: 1,
+            detached: false,
+            owner_prefix: Vec::new(),
         };
         assert_eq!(s.apply(create.clone()), Response::Ok);
         assert!(matches!(
             s.apply(create),
             Response::Rejected(Rejection::AlreadyExists { .. })
         ));
-        let set = |state, nodes| Command::SetPlacementGroupState {
+        let set = |state, nodes: Vec<Option<NodeId>>| Command::SetPlacementGroupState {
             pg_id: "pg".into(),
             state,
+            bundle_incarnations: vec![1; nodes.len()],
             bundle_nodes: nodes,
         };
         assert!(matches!(

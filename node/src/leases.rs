@@ -23,8 +23,38 @@ pub(crate) const MAX_SPILLBACKS: u32 = 4;
 /// How long an infeasible shape stays in the reported demand after it was last asked for.
 const INFEASIBLE_MEMORY: Duration = Duration::from_secs(10);
 
+/// A placement group's bundles on this node.
+struct Bundles {
+    /// The bundles' own resources, taken from the pool at prepare.
+    reserved: ResourceSet,
+    /// The group resources they provide once committed (`CPU_group_0_<pg>`, …).
+    provided: ResourceSet,
+    committed: bool,
+}
+
+/// The resources a committed bundle provides: each of its resources under its group names,
+/// and `bundle` = 1000 (so a zero-resource task can still ask for a bundle).
+pub(crate) fn group_resources(pg: &str, bundles: &[(u32, ResourceSet)]) -> ResourceSet {
+    let mut out = ResourceSet::new();
+    for (i, r) in bundles {
+        let mut pairs: Vec<(String, f64)> = r.iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        pairs.push(("bundle".into(), 1000.0));
+        for (k, v) in pairs {
+            let one = ResourceSet::from_map([
+                (format!("{k}_group_{i}_{pg}").as_str(), v),
+                (format!("{k}_group_{pg}").as_str(), v),
+            ]);
+            out.add(&one.unwrap_or_default());
+        }
+    }
+    out
+}
+
 struct State {
+    /// The node's resources, plus the group resources of committed bundles.
+    total: ResourceSet,
     available: ResourceSet,
+    bundles: HashMap<String, Bundles>,
     leases: HashMap<String, ResourceSet>,
     /// Leases whose CPU is lent out while their task is blocked in `get`.
     lent: std::collections::HashSet<String>,
@@ -39,7 +69,6 @@ struct State {
 
 pub(crate) struct Leases {
     node_id: NodeId,
-    total: ResourceSet,
     state: Mutex<State>,
     freed: tokio::sync::Notify,
 }
@@ -67,6 +96,8 @@ impl Leases {
             node_id,
             state: Mutex::new(State {
                 available: total.clone(),
+                total,
+                bundles: HashMap::new(),
                 leases: HashMap::new(),
                 lent: Default::default(),
                 next_lease: 0,
@@ -75,7 +106,6 @@ impl Leases {
                 queued: BTreeMap::new(),
                 infeasible: BTreeMap::new(),
             }),
-            total,
             freed: tokio::sync::Notify::new(),
         }
     }
@@ -86,6 +116,100 @@ impl Leases {
 
     pub(crate) fn available(&self) -> ResourceSet {
         self.lock().available.clone()
+    }
+
+    pub(crate) fn total(&self) -> ResourceSet {
+        self.lock().total.clone()
+    }
+
+    /// Placement groups with bundles here (prepared or committed).
+    pub(crate) fn placement_groups(&self) -> Vec<String> {
+        self.lock().bundles.keys().cloned().collect()
+    }
+
+    /// Phase one: reserves the bundles' resources, all or none (again for the same group:
+    /// nothing more).
+    pub(crate) fn prepare_bundles(
+        &self,
+        pg: &str,
+        bundles: &[(u32, ResourceSet)],
+    ) -> Result<(), Status> {
+        let provided = group_resources(pg, bundles);
+        if self
+            .lock()
+            .bundles
+            .get(pg)
+            .is_some_and(|b| b.provided == provided)
+        {
+            return Ok(());
+        }
+        // Held from an earlier placement of the group (it is being rescheduled): let those
+        // go first.
+        self.cancel_bundles(pg);
+        let mut st = self.lock();
+        let mut need = ResourceSet::new();
+        for (_, r) in bundles {
+            need.add(r);
+        }
+        st.available.subtract(&need).map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this node has {:?} free, the bundles need {:?}",
+                st.available.to_map(),
+                need.to_map()
+            ))
+        })?;
+        st.bundles.insert(
+            pg.to_owned(),
+            Bundles {
+                reserved: need,
+                provided,
+                committed: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Phase two: the group resources become usable by leases.
+    pub(crate) fn commit_bundles(&self, pg: &str) -> Result<(), Status> {
+        let mut st = self.lock();
+        let State {
+            bundles,
+            total,
+            available,
+            ..
+        } = &mut *st;
+        let b = bundles.get_mut(pg).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "placement group {pg} has no prepared bundles here"
+            ))
+        })?;
+        if !b.committed {
+            b.committed = true;
+            total.add(&b.provided);
+            available.add(&b.provided);
+        }
+        drop(st);
+        self.freed.notify_waiters();
+        Ok(())
+    }
+
+    /// Releases the group's bundles: their resources go back to the pool and their group
+    /// resources disappear (leases still holding some give back only what still exists).
+    pub(crate) fn cancel_bundles(&self, pg: &str) -> bool {
+        let mut st = self.lock();
+        let Some(b) = st.bundles.remove(pg) else {
+            return false;
+        };
+        if b.committed {
+            let names: Vec<String> = b.provided.iter().map(|(k, _)| k.to_owned()).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            st.total = st.total.without(&names);
+            st.available = st.available.without(&names);
+        }
+        st.available.add(&b.reserved);
+        drop(st);
+        self.freed.notify_waiters();
+        true
     }
 
     /// Queued and infeasible shapes for the next heartbeat.
@@ -178,14 +302,14 @@ impl Leases {
             cluster.nodes.insert(
                 self.node_id,
                 NodeView {
-                    total: self.total.clone(),
+                    total: st.total.clone(),
                     available: st.available.clone(),
                     alive: true,
                 },
             );
             let d = if r.spillback_count >= MAX_SPILLBACKS {
                 // Enough hops: keep it here if this node can ever run it.
-                if self.total.contains(&demand) {
+                if st.total.contains(&demand) {
                     Decision::Local
                 } else {
                     Decision::Infeasible
@@ -260,7 +384,7 @@ impl Leases {
     ) -> Result<String, Status> {
         let demand = ResourceSet::from_map(resources.iter().map(|(k, v)| (k.as_str(), *v)))
             .map_err(|e| invalid(e.to_string()))?;
-        if !self.total.contains(&demand) {
+        if !self.lock().total.contains(&demand) {
             return Err(Status::failed_precondition(format!(
                 "this node does not have {:?} in total",
                 demand.to_map()
@@ -315,6 +439,14 @@ impl Leases {
             // Its CPU is already back in the pool.
             r.subtract_allowing_debt(&r.only(&["CPU"]));
         }
+        // Group resources of a bundle cancelled meanwhile are gone.
+        let names: Vec<String> = r
+            .iter()
+            .map(|(k, _)| k.to_owned())
+            .filter(|k| st.total.get(k) > 0.0)
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let r = r.only(&names);
         st.available.add(&r);
         drop(st);
         self.freed.notify_waiters();
@@ -371,6 +503,44 @@ mod tests {
 
     fn cpu(n: f64) -> ResourceSet {
         ResourceSet::from_map([("CPU", n), ("mem", 2.0)]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bundles_reserve_then_provide_group_resources_and_give_everything_back() {
+        let cpus = |n: f64| ResourceSet::from_map([("CPU", n)]).unwrap();
+        let l = Leases::new(NodeId::from_bytes([1; 16]), cpus(4.0));
+        let b = vec![(0, cpus(1.0)), (1, cpus(2.0))];
+        // Too big: nothing reserved.
+        assert!(l.prepare_bundles("g", &[(0, cpus(5.0))]).is_err());
+        assert_eq!(l.available(), cpus(4.0));
+        l.prepare_bundles("g", &b).unwrap();
+        l.prepare_bundles("g", &b).unwrap();
+        assert_eq!(l.available().get("CPU"), 1.0, "reserved once");
+        assert_eq!(
+            l.available().get("CPU_group_0_g"),
+            0.0,
+            "not usable before commit"
+        );
+        l.commit_bundles("g").unwrap();
+        assert_eq!(l.total().get("CPU_group_1_g"), 2.0);
+        assert_eq!(l.total().get("CPU_group_g"), 3.0);
+        // A lease in bundle 1, then the group goes away before the lease ends.
+        let demand: std::collections::HashMap<String, f64> =
+            [("CPU_group_1_g".to_string(), 2.0)].into_iter().collect();
+        let lease = l
+            .request_here(&demand, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(l.available().get("CPU_group_1_g"), 0.0);
+        assert!(l.cancel_bundles("g"));
+        assert!(!l.cancel_bundles("g"));
+        assert!(l.give_back(&lease));
+        assert_eq!(
+            l.available(),
+            cpus(4.0),
+            "the lease gave back no group resource that no longer exists"
+        );
+        assert_eq!(l.total(), cpus(4.0));
     }
 
     #[test]

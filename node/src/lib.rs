@@ -227,8 +227,7 @@ impl NodeManager for NodeManagerService {
             .clone();
         Ok(tonic::Response::new(pb::HeartbeatReply {
             cluster_view,
-            dead_owners: Vec::new(),
-            kill_actors: Vec::new(),
+            ..Default::default()
         }))
     }
 
@@ -393,6 +392,47 @@ impl NodeManager for NodeManagerService {
         let r = req.into_inner();
         let killed = self.shared.workers.kill_actor(&r.actor_id, r.num_restarts);
         Ok(tonic::Response::new(pb::KillActorWorkerReply { killed }))
+    }
+
+    async fn prepare_bundles(
+        &self,
+        req: tonic::Request<pb::PrepareBundlesRequest>,
+    ) -> Result<tonic::Response<pb::BundlesReply>, tonic::Status> {
+        let r = req.into_inner();
+        let incarnation = self.shared.incarnation.load(Ordering::Acquire);
+        if r.node_incarnation != incarnation {
+            return Err(tonic::Status::failed_precondition(format!(
+                "placement group {} was placed on incarnation {} of this node, which is now incarnation {incarnation}",
+                r.pg_id, r.node_incarnation
+            )));
+        }
+        let mut bundles = Vec::with_capacity(r.bundles.len());
+        for b in &r.bundles {
+            let set =
+                scheduler::ResourceSet::from_map(b.resources.iter().map(|(k, v)| (k.as_str(), *v)))
+                    .map_err(|e| {
+                        tonic::Status::invalid_argument(format!("bundle {}: {e}", b.index))
+                    })?;
+            bundles.push((b.index, set));
+        }
+        self.shared.leases.prepare_bundles(&r.pg_id, &bundles)?;
+        Ok(tonic::Response::new(pb::BundlesReply { done: true }))
+    }
+
+    async fn commit_bundles(
+        &self,
+        req: tonic::Request<pb::BundlesRequest>,
+    ) -> Result<tonic::Response<pb::BundlesReply>, tonic::Status> {
+        self.shared.leases.commit_bundles(&req.into_inner().pg_id)?;
+        Ok(tonic::Response::new(pb::BundlesReply { done: true }))
+    }
+
+    async fn cancel_bundles(
+        &self,
+        req: tonic::Request<pb::BundlesRequest>,
+    ) -> Result<tonic::Response<pb::BundlesReply>, tonic::Status> {
+        let done = self.shared.leases.cancel_bundles(&req.into_inner().pg_id);
+        Ok(tonic::Response::new(pb::BundlesReply { done }))
     }
 
     type WorkerChannelStream = std::pin::Pin<

@@ -68,6 +68,8 @@ pub(crate) async fn run(
                 dead_owners: node.workers.take_dead_owners(),
                 running_actors: node.workers.running_actors(),
                 dead_actors: node.workers.take_dead_actors(),
+                resources_total: node.leases.total().to_map().into_iter().collect(),
+                placement_groups: node.leases.placement_groups(),
             };
             match client
                 .call(|mut c| {
@@ -83,6 +85,14 @@ pub(crate) async fn run(
                     if !r.kill_actors.is_empty() {
                         w.kill_actors(&r.kill_actors);
                     }
+                    for pg in &r.cancel_placement_groups {
+                        if node.leases.cancel_bundles(pg) {
+                            tracing::info!(
+                                pg,
+                                "released the bundles of a placement group the control plane says are not placed here"
+                            );
+                        }
+                    }
                     if !r.dead_owners.is_empty() {
                         tokio::task::spawn_blocking(move || {
                             r.dead_owners.iter().for_each(|p| w.free_owner(p))
@@ -95,6 +105,10 @@ pub(crate) async fn run(
                     node.workers.return_dead_actors(hb.dead_actors);
                     crate::metrics::heartbeat("fenced");
                     tracing::warn!("control plane fenced this node ({msg}); registering anew");
+                    // Bundles were placed on the fenced incarnation: they are rescheduled.
+                    for pg in node.leases.placement_groups() {
+                        node.leases.cancel_bundles(&pg);
+                    }
                     // Every actor here was assigned to the fenced incarnation and has been (or
                     // will be) restarted elsewhere: a zombie copy must not keep serving.
                     let all: Vec<String> = node

@@ -134,6 +134,17 @@ impl ResourceSet {
         }
     }
 
+    /// All amounts but those of `names`.
+    pub fn without(&self, names: &[&str]) -> ResourceSet {
+        ResourceSet(
+            self.0
+                .iter()
+                .filter(|(k, _)| !names.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+        )
+    }
+
     /// Only the amounts of `names`.
     pub fn only(&self, names: &[&str]) -> ResourceSet {
         ResourceSet(

@@ -59,6 +59,9 @@ pub struct ActorOptions {
     pub resources: BTreeMap<String, f64>,
     /// Run on this node only.
     pub node: Option<NodeId>,
+    /// Run in this placement group's bundle (None: any of its bundles); the actor's
+    /// resources come out of the bundle's reservation.
+    pub placement_group: Option<(crate::PlacementGroup, Option<usize>)>,
 }
 
 impl Default for ActorOptions {
@@ -76,6 +79,7 @@ impl Default for ActorOptions {
             memory: 0.0,
             resources: BTreeMap::new(),
             node: None,
+            placement_group: None,
         }
     }
 }
@@ -129,6 +133,10 @@ impl ActorOptions {
         self.node = Some(node);
         self
     }
+    pub fn placement_group(mut self, pg: &crate::PlacementGroup, bundle: Option<usize>) -> Self {
+        self.placement_group = Some((pg.clone(), bundle));
+        self
+    }
 
     fn shape(&self) -> Result<BTreeMap<String, f64>, String> {
         crate::TaskOptions {
@@ -136,6 +144,13 @@ impl ActorOptions {
             num_gpus: self.num_gpus,
             memory: self.memory,
             resources: self.resources.clone(),
+            strategy: match &self.placement_group {
+                Some((pg, bundle)) => crate::Strategy::PlacementGroup {
+                    pg: pg.clone(),
+                    bundle: *bundle,
+                },
+                None => crate::Strategy::Default,
+            },
             ..Default::default()
         }
         .shape()

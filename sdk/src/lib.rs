@@ -31,6 +31,7 @@
 
 mod actor;
 mod owner;
+mod pg;
 mod runtime;
 mod submit;
 mod value;
@@ -42,6 +43,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use actor::{ActorHandle, ActorInfo, ActorOptions, ActorState, get_actor};
+pub use pg::{
+    PlacementGroup, PlacementGroupInfo, PlacementGroupOptions, PlacementStrategy, placement_group,
+};
 pub use protocol::{NodeId, ObjectId};
 pub use sdk_macros::{actor, remote};
 pub use value::{INLINE_MAX, SliceWriter, Value, View};
@@ -139,6 +143,12 @@ pub enum Strategy {
     Spread,
     /// A given node; `soft` lets it run elsewhere when that node is dead or cannot fit it.
     NodeAffinity { node: NodeId, soft: bool },
+    /// In a placement group's bundle (`bundle` None: any of its bundles). The task's
+    /// resources come out of the bundle's reservation.
+    PlacementGroup {
+        pg: PlacementGroup,
+        bundle: Option<usize>,
+    },
 }
 
 /// Per-call options of a remote function (Ray's `.options(...)`).
@@ -209,7 +219,10 @@ impl TaskOptions {
         m.retain(|_, v| *v != 0.0);
         scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v)))
             .map_err(|e| e.to_string())?;
-        Ok(m)
+        Ok(match &self.strategy {
+            Strategy::PlacementGroup { pg, bundle } => pg::in_bundle(m, pg, *bundle),
+            _ => m,
+        })
     }
 }
 

@@ -48,7 +48,10 @@ pub(crate) struct Key {
 impl Key {
     pub(crate) fn new(shape: std::collections::BTreeMap<String, f64>, s: &Strategy) -> Arc<Self> {
         let (strategy, affinity, soft) = match s {
-            Strategy::Default => (pb::SchedulingStrategy::Hybrid as i32, String::new(), false),
+            // Bundle resources exist only on the bundles' nodes: the hybrid policy finds them.
+            Strategy::Default | Strategy::PlacementGroup { .. } => {
+                (pb::SchedulingStrategy::Hybrid as i32, String::new(), false)
+            }
             Strategy::Spread => (pb::SchedulingStrategy::Spread as i32, String::new(), false),
             Strategy::NodeAffinity { node, soft } => (
                 pb::SchedulingStrategy::NodeAffinity as i32,

@@ -7,7 +7,7 @@ use std::io::BufRead;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sdk::{ActorOptions, Error};
+use sdk::{ActorOptions, Error, PlacementGroupOptions, PlacementStrategy, Strategy, TaskOptions};
 
 pub struct Counter {
     n: i64,
@@ -81,6 +81,11 @@ impl Broken {
     fn never(&self) -> i64 {
         0
     }
+}
+
+#[sdk::remote]
+fn where_am_i() -> String {
+    std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
 }
 
 #[sdk::remote]
@@ -275,6 +280,86 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let ids: Vec<&str> = actors.iter().map(|a| a.handle().actor_id()).collect();
             result(serde_json::json!({"ok": values.iter().all(|v| *v), "ids": ids}));
+        }
+        "pg" => {
+            // One bundle per node; tasks and an actor run in their bundles; a group that
+            // cannot fit waits and says why; the group is placed again when a node dies.
+            let cpu = |n: f64| {
+                [("CPU".to_string(), n)]
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            };
+            let pg = sdk::placement_group(
+                vec![cpu(1.0); 3],
+                &PlacementGroupOptions::new(PlacementStrategy::StrictSpread),
+            )?;
+            let nodes: Vec<String> = pg
+                .ready(Duration::from_secs(120))?
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            let in_bundle = |i| {
+                TaskOptions::default().strategy(Strategy::PlacementGroup {
+                    pg: pg.clone(),
+                    bundle: Some(i),
+                })
+            };
+            let refs: Vec<_> = (0..3)
+                .map(|i| where_am_i::remote_with(&in_bundle(i)))
+                .collect();
+            let task_nodes = sdk::get_all(&refs)?;
+            let any = TaskOptions::default().strategy(Strategy::PlacementGroup {
+                pg: pg.clone(),
+                bundle: None,
+            });
+            let any_node = sdk::get(&where_am_i::remote_with(&any))?;
+            let a =
+                Counter::remote_with(&ActorOptions::default().placement_group(&pg, Some(1)), 0i64)?;
+            let actor_node = sdk::get(&a.node())?;
+            let big = sdk::placement_group(
+                vec![cpu(1.0); 9],
+                &PlacementGroupOptions::new(PlacementStrategy::StrictSpread),
+            )?;
+            let waiting = big
+                .ready(Duration::from_secs(3))
+                .err()
+                .map(|e| e.to_string());
+            let big_info = big.info()?;
+            result(serde_json::json!({
+                "nodes": nodes, "task_nodes": task_nodes, "any_node": any_node, "actor_node": actor_node,
+                "waiting": waiting, "big_state": big_info.state, "big_message": big_info.message,
+            }));
+            // The test kills the node of a bundle and says which.
+            let mut killed = String::new();
+            std::io::stdin().lock().read_line(&mut killed)?;
+            let killed = killed.trim().to_owned();
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            let again = loop {
+                let i = pg.info()?;
+                let placed: Vec<String> = i
+                    .bundle_nodes
+                    .iter()
+                    .flatten()
+                    .map(|n| n.to_string())
+                    .collect();
+                if i.state == "CREATED" && placed.len() == 3 && !placed.contains(&killed) {
+                    break placed;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("not placed again: {i:?}").into());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let moved = sdk::get_all(
+                &(0..3)
+                    .map(|i| where_am_i::remote_with(&in_bundle(i)))
+                    .collect::<Vec<_>>(),
+            )?;
+            pg.remove()?;
+            big.remove()?;
+            result(
+                serde_json::json!({"nodes": again, "task_nodes": moved, "removed": pg.info()?.state}),
+            );
         }
         "find" => {
             let c = CounterHandle::get_actor(&arg(1), None)?;
