@@ -357,3 +357,124 @@ fn placement_groups_reserve_bundles_and_are_rescheduled() -> Result<()> {
     assert_eq!(r["removed"], "REMOVED", "{r}");
     d.finish(Duration::from_secs(30))
 }
+
+fn rayctl_json(c: &Cluster, args: &[&str]) -> Result<Value> {
+    let mut a: Vec<&str> = args.to_vec();
+    let addr = c.head_addrs.join(",");
+    a.extend(["--address", &addr, "-o", "json"]);
+    let (code, out, err) = c.rayctl(&a)?;
+    anyhow::ensure!(code == 0, "rayctl {args:?} exited {code}: {err}");
+    Ok(serde_json::from_str(&out).with_context(|| format!("rayctl {args:?} printed {out}"))?)
+}
+
+/// `rayctl list actors|tasks|objects|placement-groups` (with filters), `summary tasks` and
+/// `memory` show what a running driver made.
+#[test]
+fn rayctl_lists_actors_tasks_objects_and_placement_groups() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        ..Default::default()
+    })?;
+    let mut d = Driver::start(driver_bin(), &c, &["introspect"], &[])?;
+    let r = d.result(Duration::from_secs(120))?;
+    let actor = r["actor"].as_str().context("actor")?.to_owned();
+    let object = r["object"].as_str().context("object")?.to_owned();
+    let pg = r["pg"].as_str().context("pg")?.to_owned();
+
+    let actors = rayctl_json(&c, &["list", "actors", "--filter", "name=intro"])?;
+    assert_eq!(actors.as_array().map(Vec::len), Some(1), "{actors}");
+    assert_eq!(actors[0]["actor_id"], actor.as_str());
+    assert_eq!(actors[0]["state"], "ALIVE");
+    assert!(actors[0]["pid"].as_u64().is_some_and(|p| p > 0), "{actors}");
+    let none = rayctl_json(&c, &["list", "actors", "--filter", "state=DEAD"])?;
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+
+    let tasks = rayctl_json(&c, &["list", "tasks", "--limit", "1000"])?;
+    let tasks = tasks.as_array().context("tasks")?;
+    let named = |n: &str, st: &str| {
+        tasks
+            .iter()
+            .filter(|t| t["name"].as_str().is_some_and(|x| x.ends_with(n)) && t["state"] == st)
+            .count()
+    };
+    assert_eq!(named("where_am_i", "FINISHED"), 5, "{tasks:?}");
+    assert_eq!(named("Counter::incr", "FINISHED"), 3, "{tasks:?}");
+    assert_eq!(named("Counter::fail", "FAILED"), 1, "{tasks:?}");
+    let failed = tasks
+        .iter()
+        .find(|t| t["state"] == "FAILED")
+        .context("failed task")?;
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("PANIC")),
+        "{failed}"
+    );
+    assert_eq!(failed["actor_id"], actor.as_str());
+    let only = rayctl_json(&c, &["list", "tasks", "--filter", "state=FAILED"])?;
+    assert_eq!(only.as_array().map(Vec::len), Some(1), "{only}");
+
+    let summary = rayctl_json(&c, &["summary", "tasks"])?;
+    let by = summary["by_name"].as_object().context("by_name")?;
+    let (_, counts) = by
+        .iter()
+        .find(|(k, _)| k.ends_with("where_am_i"))
+        .context("where_am_i in the summary")?;
+    assert_eq!(counts["FINISHED"], 5, "{summary}");
+
+    let objects = rayctl_json(
+        &c,
+        &[
+            "list",
+            "objects",
+            "--filter",
+            &format!("object_id={object}"),
+        ],
+    )?;
+    assert_eq!(objects.as_array().map(Vec::len), Some(1), "{objects}");
+    assert_eq!(objects[0]["copy"], "PRIMARY");
+    assert!(
+        objects[0]["size"].as_u64().is_some_and(|s| s >= 1 << 20),
+        "{objects}"
+    );
+
+    let pgs = rayctl_json(&c, &["list", "placement-groups"])?;
+    assert_eq!(pgs[0]["placement_group_id"], pg.as_str(), "{pgs}");
+    assert_eq!(pgs[0]["state"], "CREATED");
+    assert_eq!(pgs[0]["name"], "intro-pg");
+
+    let mem = rayctl_json(&c, &["memory"])?;
+    let driver_pid = r["pid"].as_u64().context("pid")?;
+    let owner = mem
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .flat_map(|n| n["processes"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["pid"].as_u64() == Some(driver_pid))
+        .context("the driver in rayctl memory")?;
+    assert!(
+        owner["objects_owned"].as_u64().is_some_and(|n| n >= 1),
+        "{owner}"
+    );
+    assert!(
+        mem.as_array()
+            .context("nodes")?
+            .iter()
+            .any(|n| n["used_bytes"].as_u64().is_some_and(|u| u >= 1 << 20)),
+        "{mem}"
+    );
+
+    // Bad input: a clear error.
+    let (code, _, err) = c.rayctl(&[
+        "list",
+        "actors",
+        "--address",
+        &c.head_addrs.join(","),
+        "--filter",
+        "colour=red",
+    ])?;
+    assert_ne!(code, 0);
+    assert!(err.contains("no field \"colour\""), "{err}");
+    d.finish(Duration::from_secs(30))
+}

@@ -435,6 +435,45 @@ impl NodeManager for NodeManagerService {
         Ok(tonic::Response::new(pb::BundlesReply { done }))
     }
 
+    async fn list_tasks(
+        &self,
+        _: tonic::Request<pb::ListTasksRequest>,
+    ) -> Result<tonic::Response<pb::ListTasksReply>, tonic::Status> {
+        Ok(tonic::Response::new(self.shared.workers.list_tasks()))
+    }
+
+    async fn list_objects(
+        &self,
+        _: tonic::Request<pb::ListObjectsRequest>,
+    ) -> Result<tonic::Response<pb::ListObjectsReply>, tonic::Status> {
+        let stats = self.store.stats();
+        let objects = self
+            .store
+            .list()
+            .into_iter()
+            .map(
+                |(id, size, primary, pins, in_memory, spilled, sealed)| pb::StoredObject {
+                    object_id: id.to_string(),
+                    size,
+                    primary,
+                    pins,
+                    in_memory,
+                    spilled,
+                    sealed,
+                },
+            )
+            .collect();
+        Ok(tonic::Response::new(pb::ListObjectsReply {
+            node_id: self.shared.node_id.to_string(),
+            objects,
+            processes: self.shared.workers.processes(),
+            used_bytes: stats.used,
+            capacity_bytes: stats.capacity,
+            pinned_bytes: stats.pinned,
+            spilled_bytes: stats.spilled,
+        }))
+    }
+
     type WorkerChannelStream = std::pin::Pin<
         Box<dyn futures_util::Stream<Item = Result<pb::NodeToWorker, tonic::Status>> + Send>,
     >;

@@ -95,6 +95,56 @@ struct PoolState {
     freed_owners: HashMap<Vec<u8>, Instant>,
     /// Actor workers that exited, for the next heartbeat.
     dead_actors: Vec<pb::ActorIncarnation>,
+    /// The processes on this channel: (pid, worker id, job id, owner prefix).
+    processes: HashMap<u64, (u32, String, String, Vec<u8>)>,
+    tasks: TaskTable,
+}
+
+/// The latest state of the tasks the owners on this node reported, bounded.
+#[derive(Default)]
+struct TaskTable {
+    by_id: HashMap<String, pb::TaskEvent>,
+    /// Insertion order, for eviction.
+    order: std::collections::VecDeque<String>,
+    dropped: u64,
+}
+
+/// Tasks kept per node for `rayctl list tasks`.
+const MAX_TASKS: usize = 100_000;
+
+impl TaskTable {
+    fn record(&mut self, events: pb::TaskEvents) {
+        self.dropped += events.dropped;
+        for e in events.events {
+            match self.by_id.get_mut(&e.task_id) {
+                Some(t) => {
+                    // Later events name only what changed.
+                    t.state = e.state;
+                    t.time_ms = e.time_ms;
+                    t.attempt = t.attempt.max(e.attempt);
+                    for (old, new) in [
+                        (&mut t.node_id, e.node_id),
+                        (&mut t.worker_id, e.worker_id),
+                        (&mut t.error, e.error),
+                    ] {
+                        if !new.is_empty() {
+                            *old = new;
+                        }
+                    }
+                }
+                None => {
+                    self.order.push_back(e.task_id.clone());
+                    self.by_id.insert(e.task_id.clone(), e);
+                }
+            }
+        }
+        while self.order.len() > MAX_TASKS {
+            if let Some(id) = self.order.pop_front() {
+                self.by_id.remove(&id);
+                self.dropped += 1;
+            }
+        }
+    }
 }
 
 pub(crate) struct WorkerPool {
@@ -722,6 +772,15 @@ impl WorkerPool {
                         if !h.owner_prefix.is_empty() && h.owner_prefix.len() <= 32 {
                             owner_prefix = Some(h.owner_prefix.clone());
                         }
+                        me.lock().processes.insert(
+                            conn,
+                            (
+                                h.pid,
+                                h.worker_id.clone(),
+                                h.job_id.clone(),
+                                h.owner_prefix.clone(),
+                            ),
+                        );
                         if h.worker_id.is_empty() {
                             continue;
                         }
@@ -777,6 +836,7 @@ impl WorkerPool {
                             });
                         }
                     }
+                    Some(pb::worker_message::Kind::TaskEvents(ev)) => me.lock().tasks.record(ev),
                     Some(pb::worker_message::Kind::Blocked(l)) => me.leases.lend(&l),
                     Some(pb::worker_message::Kind::Unblocked(l)) => me.leases.reclaim(&l),
                     Some(pb::worker_message::Kind::Stats(stats)) => {
@@ -786,6 +846,7 @@ impl WorkerPool {
                 }
             }
             let mut st = me.lock();
+            st.processes.remove(&conn);
             if let Some(last) = st.stats.remove(&conn) {
                 add_totals(&mut st.departed, &last);
             }
@@ -911,6 +972,34 @@ impl WorkerPool {
                     .then(|| (id.clone(), w.address.clone(), w.pid))
             })
         })
+    }
+
+    /// The tasks the owners here reported (latest state each), and how many were dropped.
+    pub(crate) fn list_tasks(&self) -> pb::ListTasksReply {
+        let st = self.lock();
+        pb::ListTasksReply {
+            tasks: st.tasks.by_id.values().cloned().collect(),
+            dropped: st.tasks.dropped,
+        }
+    }
+
+    /// The drivers and workers connected here and what they own.
+    pub(crate) fn processes(&self) -> Vec<pb::ProcessRefs> {
+        let st = self.lock();
+        st.processes
+            .iter()
+            .map(|(conn, (pid, worker, job, prefix))| {
+                let stats = st.stats.get(conn);
+                pb::ProcessRefs {
+                    pid: *pid,
+                    worker_id: worker.clone(),
+                    job_id: job.clone(),
+                    owner_prefix: prefix.iter().map(|b| format!("{b:02x}")).collect(),
+                    objects_owned: stats.map_or(0, |s| s.objects_owned),
+                    tasks_running: stats.map_or(0, |s| s.tasks_running),
+                }
+            })
+            .collect()
     }
 
     /// Dead owners to report with the next heartbeat.

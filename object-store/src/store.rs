@@ -585,6 +585,30 @@ impl Store {
         ids.len()
     }
 
+    /// Every object here: (id, data + metadata bytes, primary, pins, in memory, spilled,
+    /// sealed), largest first.
+    pub fn list(&self) -> Vec<(ObjectId, u64, bool, u32, bool, bool, bool)> {
+        let st = self.lock();
+        let mut v: Vec<_> = st
+            .objects
+            .iter()
+            .filter(|(_, e)| !e.delete_pending)
+            .map(|(id, e)| {
+                (
+                    *id,
+                    e.data_size + e.meta_size,
+                    e.primary,
+                    e.pins,
+                    e.offset.is_some(),
+                    e.spilled,
+                    e.sealed,
+                )
+            })
+            .collect();
+        v.sort_by_key(|o| (std::cmp::Reverse(o.1), o.0));
+        v
+    }
+
     /// True if the object is sealed here, in memory or spilled.
     pub fn contains(&self, id: &ObjectId) -> bool {
         self.lock()

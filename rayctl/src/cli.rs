@@ -30,6 +30,12 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// List actors, tasks, objects or placement groups.
+    List(ListArgs),
+    /// Summaries of the cluster's state (`summary tasks`: counts by function and state).
+    Summary(SummaryArgs),
+    /// Object store use per node: stored objects and their pins, and what each process owns.
+    Memory(MemoryArgs),
     /// Cluster administration.
     Operator {
         #[command(subcommand)]
@@ -143,6 +149,46 @@ pub(crate) struct JobSubmitArgs {
     /// The shell command the job runs.
     #[arg(last = true, required = true)]
     pub(crate) entrypoint: Vec<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ListKind {
+    Actors,
+    Tasks,
+    Objects,
+    PlacementGroups,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ListArgs {
+    pub(crate) kind: ListKind,
+    /// Keep rows whose field equals (KEY=VALUE) or differs from (KEY!=VALUE) a value; may be
+    /// repeated (all must hold). Fields are the JSON output's keys.
+    #[arg(long = "filter", short = 'f')]
+    pub(crate) filters: Vec<String>,
+    /// At most this many rows.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) limit: usize,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SummaryKind {
+    Tasks,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SummaryArgs {
+    pub(crate) kind: SummaryKind,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct MemoryArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -285,6 +331,9 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stop(args) => crate::daemon::stop(args),
         Command::Status(args) => runtime()?.block_on(crate::status::status(args.client)),
         Command::Job { command } => runtime()?.block_on(crate::job::run(command)),
+        Command::List(args) => runtime()?.block_on(crate::state::list(args)),
+        Command::Summary(args) => runtime()?.block_on(crate::state::summary(args)),
+        Command::Memory(args) => runtime()?.block_on(crate::state::memory(args)),
         Command::Operator {
             command: OperatorCommand::Raft { command },
         } => runtime()?.block_on(crate::status::raft(command)),

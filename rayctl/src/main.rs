@@ -8,6 +8,7 @@ mod daemon;
 mod job;
 mod package;
 mod session;
+mod state;
 mod status;
 
 use std::process::ExitCode;

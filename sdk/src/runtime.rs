@@ -122,12 +122,37 @@ impl Stats {
             task_retries_total: g(&self.retries),
             tasks_executed_total: g(&self.executed),
             reconstructions_total: g(&self.reconstructions),
+            objects_owned: 0,
         }
     }
 }
 
+/// One change of a task's state, kept until the next report to the node.
+struct TaskEv {
+    id: ObjectId,
+    function: &'static str,
+    state: &'static str,
+    node: String,
+    worker: String,
+    attempt: u32,
+    error: String,
+    actor: Option<String>,
+    time_ms: u64,
+}
+
+/// Task events waiting for the next report, bounded.
+#[derive(Default)]
+struct TaskLog {
+    events: Vec<TaskEv>,
+    dropped: u64,
+}
+
+/// Events kept between two reports (about a second); beyond, they are counted as dropped.
+const MAX_TASK_EVENTS: usize = 200_000;
+
 pub(crate) struct Runtime {
     rt: tokio::runtime::Runtime,
+    task_log: Mutex<TaskLog>,
     pub(crate) mode: Mode,
     pub(crate) node: NodeInfo,
     pub(crate) store: Option<StoreClient>,
@@ -178,9 +203,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         // Final counters, so even a driver shorter than one report period is counted.
         if let Some(tx) = self.rt.channel.get() {
-            let _ = tx.send(pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::Stats(self.rt.stats.to_pb())),
-            });
+            self.rt.report(tx);
         }
         // Let queued frees and the counters reach their nodes.
         self.rt
@@ -415,10 +438,7 @@ async fn driver_channel(rt: Arc<Runtime>) {
     let r = tokio::spawn(async move { c.worker_channel(stream).await });
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let stats = pb::WorkerMessage {
-            kind: Some(pb::worker_message::Kind::Stats(rt.stats.to_pb())),
-        };
-        if tx.send(stats).is_err() || r.is_finished() {
+        if !rt.report(&tx) || r.is_finished() {
             return;
         }
     }
@@ -457,6 +477,7 @@ impl Runtime {
         let (submit_tx, submit_rx) = mpsc::unbounded_channel();
         let r = Arc::new(Runtime {
             rt,
+            task_log: Mutex::default(),
             mode,
             node,
             store,
@@ -521,6 +542,81 @@ impl Runtime {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .unwrap_or_else(|| "".into())
+    }
+
+    /// Records a change of a task's state for `rayctl list tasks` (sent with the next report).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn task_event(
+        &self,
+        id: ObjectId,
+        function: &'static str,
+        state: &'static str,
+        node: &str,
+        worker: &str,
+        attempt: u32,
+        error: String,
+        actor: Option<&str>,
+    ) {
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut log = self.task_log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.events.len() >= MAX_TASK_EVENTS {
+            log.dropped += 1;
+            return;
+        }
+        log.events.push(TaskEv {
+            id,
+            function,
+            state,
+            node: node.to_owned(),
+            worker: worker.to_owned(),
+            attempt,
+            error,
+            actor: actor.map(str::to_owned),
+            time_ms,
+        });
+    }
+
+    /// Sends the counters and the task events gathered since the last report; false once
+    /// the channel is closed.
+    pub(crate) fn report(&self, tx: &mpsc::UnboundedSender<pb::WorkerMessage>) -> bool {
+        let mut stats = self.stats.to_pb();
+        stats.objects_owned = self.owner.len() as u64;
+        let log = std::mem::take(&mut *self.task_log.lock().unwrap_or_else(|p| p.into_inner()));
+        if !log.events.is_empty() || log.dropped > 0 {
+            let pid = std::process::id();
+            let events = log
+                .events
+                .into_iter()
+                .map(|e| pb::TaskEvent {
+                    task_id: e.id.to_string(),
+                    function: e.function.to_owned(),
+                    state: e.state.to_owned(),
+                    node_id: e.node,
+                    worker_id: e.worker,
+                    attempt: e.attempt,
+                    error: e.error,
+                    actor_id: e.actor.unwrap_or_default(),
+                    job_id: self.job_id.clone(),
+                    time_ms: e.time_ms,
+                    owner_pid: pid,
+                })
+                .collect();
+            let m = pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::TaskEvents(pb::TaskEvents {
+                    events,
+                    dropped: log.dropped,
+                })),
+            };
+            if tx.send(m).is_err() {
+                return false;
+            }
+        }
+        tx.send(pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Stats(stats)),
+        })
+        .is_ok()
     }
 
     /// The control plane (actor creation and lookup).
@@ -932,6 +1028,16 @@ impl Runtime {
             max_retries: opts.max_retries,
         };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
+        self.task_event(
+            id,
+            name,
+            "PENDING_ARGS_AVAIL",
+            "",
+            "",
+            0,
+            String::new(),
+            None,
+        );
         let _ = self.submit_tx.send(submit::Event::Submit(task));
         h
     }

@@ -154,6 +154,8 @@ struct ActorConn {
     tx: mpsc::UnboundedSender<pb::PushTasksRequest>,
     in_flight: HashMap<ObjectId, Task>,
     restarts: u64,
+    node_id: String,
+    worker_id: String,
 }
 
 struct Conn {
@@ -273,6 +275,16 @@ impl Submitter {
             Event::ArgsReady(t) => {
                 self.rt.stats.pending_args.fetch_sub(1, Ordering::Relaxed);
                 self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+                self.rt.task_event(
+                    t.id,
+                    t.function,
+                    "PENDING_NODE_ASSIGNMENT",
+                    "",
+                    "",
+                    t.attempt,
+                    String::new(),
+                    None,
+                );
                 dirty.push(t.key.clone());
                 self.keys
                     .entry(t.key.clone())
@@ -428,6 +440,16 @@ impl Submitter {
                     self.rt.stats.submitted.fetch_add(1, Ordering::Relaxed);
                     let c = self.conns.get_mut(&cid).expect("listed conns exist");
                     c.idle_since = None;
+                    self.rt.task_event(
+                        t.id,
+                        t.function,
+                        "SUBMITTED_TO_WORKER",
+                        &c.lease.node_id,
+                        &c.lease.worker_id,
+                        t.attempt,
+                        String::new(),
+                        None,
+                    );
                     c.in_flight.insert(t.id, t);
                     out.entry(cid).or_default().push(spec);
                 }
@@ -607,6 +629,16 @@ impl Submitter {
                     )),
                 };
                 self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
+                self.rt.task_event(
+                    id,
+                    t.function,
+                    "FINISHED",
+                    "",
+                    "",
+                    t.attempt,
+                    String::new(),
+                    None,
+                );
                 self.rt.owner.complete(id, state);
             }
             Some(pb::task_reply::Result::Error(e)) if e.kind == "ARG_LOST" => {
@@ -644,6 +676,16 @@ impl Submitter {
             }
             Some(pb::task_reply::Result::Error(e)) => {
                 self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.rt.task_event(
+                    id,
+                    t.function,
+                    "FAILED",
+                    "",
+                    "",
+                    t.attempt,
+                    format!("{}: {}", e.kind, e.message),
+                    None,
+                );
                 self.rt.owner.complete(id, State::Failed(e.into()));
             }
             None => {
@@ -661,6 +703,16 @@ impl Submitter {
 
     fn finish_failed(&self, t: &Task, e: TaskError) {
         self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.rt.task_event(
+            t.id,
+            t.function,
+            "FAILED",
+            "",
+            "",
+            t.attempt,
+            format!("{}: {}", e.kind, e.message),
+            None,
+        );
         self.rt.owner.complete(t.id, State::Failed(e));
     }
 
@@ -682,6 +734,16 @@ impl Submitter {
                 t.attempt += 1;
                 self.rt.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+                self.rt.task_event(
+                    t.id,
+                    t.function,
+                    "PENDING_NODE_ASSIGNMENT",
+                    "",
+                    "",
+                    t.attempt,
+                    String::new(),
+                    None,
+                );
                 retry.push(t);
             } else {
                 let msg = format!(
@@ -786,6 +848,16 @@ impl Submitter {
                     self.rt.stats.submitted.fetch_add(1, Ordering::Relaxed);
                     out.push(spec);
                     if let Some(c) = self.actor_conns.get_mut(&cid) {
+                        self.rt.task_event(
+                            t.id,
+                            t.function,
+                            "SUBMITTED_TO_WORKER",
+                            &c.node_id,
+                            &c.worker_id,
+                            t.attempt,
+                            String::new(),
+                            Some(&c.actor_id),
+                        );
                         c.in_flight.insert(t.id, t);
                     }
                 }
@@ -896,6 +968,8 @@ impl Submitter {
                 tx,
                 in_flight: HashMap::new(),
                 restarts: info.num_restarts,
+                node_id: info.node_id.clone(),
+                worker_id: info.worker_id.clone(),
             },
         );
         cid
@@ -909,14 +983,41 @@ impl Submitter {
         let Some(c) = self.actor_conns.get_mut(&cid) else {
             return;
         };
-        if c.in_flight.remove(&id).is_none() {
+        let Some(t) = c.in_flight.remove(&id) else {
             return;
-        }
+        };
         self.rt.stats.submitted.fetch_sub(1, Ordering::Relaxed);
-        if matches!(r.result, Some(pb::task_reply::Result::Value(_))) {
-            self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
+        match &r.result {
+            Some(pb::task_reply::Result::Value(_)) => {
+                self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
+                self.rt.task_event(
+                    id,
+                    t.function,
+                    "FINISHED",
+                    "",
+                    "",
+                    t.attempt,
+                    String::new(),
+                    Some(&c.actor_id),
+                );
+            }
+            other => {
+                self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let error = match other {
+                    Some(pb::task_reply::Result::Error(e)) => format!("{}: {}", e.kind, e.message),
+                    _ => "STORE: an empty reply".into(),
+                };
+                self.rt.task_event(
+                    id,
+                    t.function,
+                    "FAILED",
+                    "",
+                    "",
+                    t.attempt,
+                    error,
+                    Some(&c.actor_id),
+                );
+            }
         }
     }
 
@@ -943,6 +1044,16 @@ impl Submitter {
                 t.attempt += 1;
                 self.rt.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+                self.rt.task_event(
+                    t.id,
+                    t.function,
+                    "PENDING_NODE_ASSIGNMENT",
+                    "",
+                    "",
+                    t.attempt,
+                    String::new(),
+                    Some(&q.actor.id),
+                );
                 q.queue.push_front(t);
             } else {
                 q.orphans.push(t);

@@ -616,10 +616,7 @@ async fn start_server(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if node_tx
-                .send(msg(pb::worker_message::Kind::Stats(r.stats.to_pb())))
-                .is_err()
-            {
+            if !r.report(&node_tx) {
                 return;
             }
         }

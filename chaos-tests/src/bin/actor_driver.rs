@@ -361,6 +361,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 serde_json::json!({"nodes": again, "task_nodes": moved, "removed": pg.info()?.state}),
             );
         }
+        "introspect" => {
+            // Something of each kind for `rayctl list`, `summary` and `memory` to show.
+            let c = Counter::remote_with(&ActorOptions::default().name("intro"), 0i64)?;
+            for _ in 0..3 {
+                sdk::get(&c.incr(1i64))?;
+            }
+            let failed = sdk::get(&c.fail("for the list".to_string())).is_err();
+            let tasks: Vec<_> = (0..5).map(|_| where_am_i::remote()).collect();
+            sdk::get_all(&tasks)?;
+            let big = sdk::put(&vec![7u8; 1 << 20])?;
+            let cpu = [("CPU".to_string(), 0.5)]
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>();
+            let pg = sdk::placement_group(
+                vec![cpu],
+                &PlacementGroupOptions::new(PlacementStrategy::Pack).name("intro-pg"),
+            )?;
+            pg.ready(Duration::from_secs(60))?;
+            // Let the task events reach the node (reported every second).
+            std::thread::sleep(Duration::from_millis(2500));
+            result(
+                serde_json::json!({"actor": c.handle().actor_id(), "object": big.id().to_string(), "pg": pg.id(), "failed": failed, "pid": std::process::id()}),
+            );
+            stdin_line();
+            drop(big);
+        }
         "find" => {
             let c = CounterHandle::get_actor(&arg(1), None)?;
             result(serde_json::json!({"value": sdk::get(&c.incr(1i64))?}));
