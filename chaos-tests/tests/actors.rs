@@ -364,7 +364,7 @@ fn rayctl_json(c: &Cluster, args: &[&str]) -> Result<Value> {
     a.extend(["--address", &addr, "-o", "json"]);
     let (code, out, err) = c.rayctl(&a)?;
     anyhow::ensure!(code == 0, "rayctl {args:?} exited {code}: {err}");
-    Ok(serde_json::from_str(&out).with_context(|| format!("rayctl {args:?} printed {out}"))?)
+    serde_json::from_str(&out).with_context(|| format!("rayctl {args:?} printed {out}"))
 }
 
 /// `rayctl list actors|tasks|objects|placement-groups` (with filters), `summary tasks` and
