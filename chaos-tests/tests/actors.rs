@@ -478,3 +478,86 @@ fn rayctl_lists_actors_tasks_objects_and_placement_groups() -> Result<()> {
     assert!(err.contains("no field \"colour\""), "{err}");
     d.finish(Duration::from_secs(30))
 }
+
+/// Running (a process that exited but is not reaped yet, as under a stopped parent, is not).
+fn pid_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+/// A node frozen (SIGSTOP) long enough to be declared dead is a zombie when it wakes: its
+/// actor copy stops serving on its own before the actor restarts elsewhere (the node stopped
+/// renewing its lease), the caller moves to the new copy, and the woken node, fenced,
+/// re-registers without bringing the old copy back.
+#[test]
+fn a_zombie_node_keeps_no_second_copy_of_an_actor() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 2,
+        node_resources: vec![("slot".into(), 1.0)],
+        ..Default::default()
+    })?;
+    let mut d = Driver::start(driver_bin(), &c, &["zombie"], &[])?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(r["value"], 5, "{r}");
+    let old_pid = r["pid"].as_u64().context("pid")?;
+    let node = r["node"].as_str().context("node")?.to_owned();
+    let i = (0..2)
+        .find(|i| c.nodes[*i].ready["node_id"] == node.as_str())
+        .context("the actor is not on a worker node")?;
+    assert!(pid_alive(old_pid));
+    c.nodes[i].signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let actor_id = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let list = rt.block_on(
+            c.client()
+                .call(|mut cl| async move { cl.list_actors(pb::ListActorsRequest {}).await }),
+        )?;
+        list.actors.first().context("no actor")?.actor_id.clone()
+    };
+    // Restarted elsewhere; by then the frozen node's copy is gone.
+    let restarted = wait_for("the actor alive again", Duration::from_secs(60), || {
+        actor(&c, &actor_id)
+            .ok()
+            .filter(|a| a.state == pb::ActorState::Alive as i32 && a.num_restarts == 1)
+    })?;
+    assert!(
+        !pid_alive(old_pid),
+        "the frozen node's copy (pid {old_pid}) still runs beside the restarted one ({restarted:?})"
+    );
+    assert_ne!(restarted.node_id, node);
+    d.next_step()?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(
+        r["value"], 1,
+        "the caller did not reach the restarted copy: {r}"
+    );
+    assert_eq!(r["restarts"], 1, "{r}");
+    // Wake the zombie: it is fenced, registers anew, and the actor stays where it is.
+    c.nodes[i].signal(nix::sys::signal::Signal::SIGCONT)?;
+    wait_for(
+        "the woken node registered again",
+        Duration::from_secs(60),
+        || {
+            let s = c.status(None).ok()?;
+            (Cluster::nodes_in_state(&s, "ALIVE").len() == 3).then_some(())
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    d.next_step()?;
+    let r = d.result(Duration::from_secs(60))?;
+    assert_eq!(r["value"], 2, "{r}");
+    assert_eq!(
+        r["restarts"], 1,
+        "the actor restarted again after the zombie came back: {r}"
+    );
+    assert_eq!(r["pid"], restarted.pid, "{r}");
+    d.finish(Duration::from_secs(30))
+}

@@ -194,6 +194,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             dashboard_port: dashboard_port.into(),
         },
         heartbeat_period: opts.health.period,
+        node_timeout: opts.health.period * opts.health.failure_threshold.max(1),
         token: opts.token.clone(),
         proposals,
         job_kick: tokio::sync::Notify::new(),

@@ -59,6 +59,8 @@ pub(crate) struct HeadShared {
     pub(crate) address: String,
     pub(crate) ports: pb::HeadPorts,
     pub(crate) heartbeat_period: Duration,
+    /// The leader declares a node dead after this long without a heartbeat.
+    pub(crate) node_timeout: Duration,
     pub(crate) token: Option<AuthToken>,
     pub(crate) proposals: mpsc::UnboundedSender<Proposal>,
     /// Wakes the job manager (a job was submitted, stopped, or an attempt changed).
@@ -486,6 +488,7 @@ impl ControlPlane for ControlPlaneService {
                 Ok(Response::new(pb::RegisterNodeReply {
                     incarnation,
                     heartbeat_period_ms: self.0.heartbeat_period.as_millis() as u64,
+                    node_timeout_ms: self.0.node_timeout.as_millis() as u64,
                 }))
             }
             SmResponse::Rejected(r) => Err(rejection(r)),

@@ -130,6 +130,9 @@ pub(crate) struct NodeShared {
     pub(crate) object_store_capacity: u64,
     /// The leader's resource view from the last heartbeat reply (soft state).
     pub(crate) cluster_view: std::sync::Mutex<Vec<pb::NodeResources>>,
+    /// Until when this node's actor workers may serve: renewed by each heartbeat that gets
+    /// through, to before the leader could declare this node dead (see `NodeToWorker.serve_ms`).
+    pub(crate) serve_until: std::sync::Mutex<Option<std::time::Instant>>,
     pub(crate) leases: Arc<leases::Leases>,
     pub(crate) workers: Arc<workers::WorkerPool>,
 }
@@ -664,6 +667,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         object_store_socket: store_server.path().to_owned(),
         object_store_capacity: store.arena().capacity(),
         cluster_view: std::sync::Mutex::default(),
+        serve_until: std::sync::Mutex::default(),
         leases,
         workers: pool,
     });
@@ -705,6 +709,20 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         loop {
             object_store::metrics::record(&s.stats());
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }));
+    let sh = shared.clone();
+    tasks.push(tokio::spawn(async move {
+        // Renew the actor workers' serving lease while the cluster hears from this node.
+        loop {
+            let until = *sh.serve_until.lock().unwrap_or_else(|p| p.into_inner());
+            let left = until.map_or(Duration::ZERO, |u| {
+                u.saturating_duration_since(std::time::Instant::now())
+            });
+            if !left.is_zero() {
+                sh.workers.renew_actors(left);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }));
     let sh = shared.clone();

@@ -28,6 +28,7 @@ pub(crate) async fn run(
         is_head,
     };
     loop {
+        let asked = std::time::Instant::now();
         let reply = match client
             .call(|mut c| {
                 let r = register.clone();
@@ -49,10 +50,17 @@ pub(crate) async fn run(
             "registered with the control plane"
         );
         let period = Duration::from_millis(reply.heartbeat_period_ms.clamp(10, 60_000));
+        // Actor workers here may serve until 80 % of the node timeout after the last
+        // heartbeat (or registration) the leader answered was sent: the leader cannot have
+        // declared this node dead before then.
+        let grace =
+            Duration::from_millis(reply.node_timeout_ms.max(reply.heartbeat_period_ms)) * 4 / 5;
+        *node.serve_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked + grace);
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let sent = std::time::Instant::now();
             let hb = pb::HeartbeatRequest {
                 node_id: node.node_id.to_string(),
                 incarnation: reply.incarnation,
@@ -80,6 +88,8 @@ pub(crate) async fn run(
             {
                 Ok(r) => {
                     crate::metrics::heartbeat("ok");
+                    *node.serve_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(sent + grace);
                     *node.cluster_view.lock().unwrap_or_else(|p| p.into_inner()) = r.cluster_view;
                     let w = node.workers.clone();
                     if !r.kill_actors.is_empty() {

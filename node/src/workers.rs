@@ -909,6 +909,18 @@ impl WorkerPool {
         self.lock().dead_actors.append(&mut v);
     }
 
+    /// Lets the actor workers here serve for `left` more.
+    pub(crate) fn renew_actors(&self, left: Duration) {
+        let st = self.lock();
+        for w in st.workers.values().filter(|w| w.actor.is_some()) {
+            if let Some(tx) = &w.tx {
+                let _ = tx.send(pb::NodeToWorker {
+                    kind: Some(pb::node_to_worker::Kind::ServeMs(left.as_millis() as u64)),
+                });
+            }
+        }
+    }
+
     /// Kills the workers of actors that must not run here (the leader said so).
     pub(crate) fn kill_actors(&self, ids: &[String]) {
         let st = self.lock();

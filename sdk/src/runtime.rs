@@ -177,6 +177,8 @@ pub(crate) struct Runtime {
     head: OnceLock<HeadClient>,
     /// In an actor's worker: the actor it hosts.
     pub(crate) actor: OnceLock<Arc<crate::worker::ActorHost>>,
+    /// In an actor's worker: until when its node lets it serve (`NodeToWorker.serve_ms`).
+    pub(crate) serve_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// Kept by the driver; dropping it stops the one-node cluster `init` may have started.
@@ -497,6 +499,7 @@ impl Runtime {
             heads,
             head: OnceLock::new(),
             actor: OnceLock::new(),
+            serve_until: Mutex::new(None),
         });
         RUNTIME
             .set(r.clone())

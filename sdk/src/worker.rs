@@ -167,6 +167,9 @@ struct CoreWorker {
 /// (the owner died, or gave up on the request, after the node granted it).
 const ORPHAN_LEASE: Duration = Duration::from_secs(10);
 
+/// How long a new actor may serve before its node's first renewal (they come every 200 ms).
+const ACTOR_FIRST_LEASE: Duration = Duration::from_secs(3);
+
 /// The leases the node gave this worker: granted and not yet claimed by a stream, or given
 /// back unclaimed (a late stream for one of those is refused).
 #[derive(Default)]
@@ -488,6 +491,23 @@ fn start_actor(
         }
         tx
     });
+    // From now on this worker serves only while its node renews its lease: a node cut off
+    // from the cluster stops renewing before the leader declares it dead and restarts the
+    // actor elsewhere, and this copy exits.
+    *rt.serve_until.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(std::time::Instant::now() + ACTOR_FIRST_LEASE);
+    let watched = rt.clone();
+    std::thread::Builder::new()
+        .name("actor-lease".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let until = *watched.serve_until.lock().unwrap_or_else(|p| p.into_inner());
+            if until.is_some_and(|u| std::time::Instant::now() > u) {
+                eprintln!("rayctl worker: the node stopped renewing this actor's lease (it lost touch with the cluster); exiting so no second copy serves");
+                std::process::exit(3);
+            }
+        })
+        .expect("cannot start the actor lease watchdog");
     let host = ActorHost {
         actor_id: start.actor_id.clone(),
         restarts: start.num_restarts,
@@ -570,6 +590,7 @@ async fn start_server(
         })?
         .into_inner();
     let r = rt.clone();
+    let lease_rt = rt.clone();
     let give_back = node_tx.clone();
     tokio::spawn(async move {
         loop {
@@ -577,6 +598,15 @@ async fn start_server(
                 Ok(Some(pb::NodeToWorker {
                     kind: Some(pb::node_to_worker::Kind::Exit(_)),
                 })) => std::process::exit(0),
+                Ok(Some(pb::NodeToWorker {
+                    kind: Some(pb::node_to_worker::Kind::ServeMs(ms)),
+                })) => {
+                    *lease_rt
+                        .serve_until
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) =
+                        Some(std::time::Instant::now() + Duration::from_millis(ms));
+                }
                 Ok(Some(pb::NodeToWorker {
                     kind: Some(pb::node_to_worker::Kind::StartActor(start)),
                 })) => {

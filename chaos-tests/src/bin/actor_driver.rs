@@ -387,6 +387,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stdin_line();
             drop(big);
         }
+        "zombie" => {
+            let opts = ActorOptions::default()
+                .max_restarts(1)
+                .resource("slot", 1.0);
+            let c = Counter::remote_with(&opts, 0i64)?;
+            for _ in 0..5 {
+                c.incr(1i64);
+            }
+            let v = sdk::get(&c.get())?;
+            let info = c.handle().ready(Duration::from_secs(60))?;
+            result(
+                serde_json::json!({"value": v, "pid": info.pid, "node": info.node_id.map(|n| n.to_string())}),
+            );
+            stdin_line();
+            // Its node was frozen and declared dead: the copy restarted elsewhere answers.
+            let v = sdk::get_timeout(&c.incr(1i64), Some(Duration::from_secs(120)))?;
+            let info = c.handle().info()?;
+            result(
+                serde_json::json!({"value": v, "pid": info.pid, "restarts": info.num_restarts, "node": info.node_id.map(|n| n.to_string())}),
+            );
+            stdin_line();
+            let v = sdk::get_timeout(&c.incr(1i64), Some(Duration::from_secs(60)))?;
+            let info = c.handle().info()?;
+            result(serde_json::json!({"value": v, "pid": info.pid, "restarts": info.num_restarts}));
+        }
         "find" => {
             let c = CounterHandle::get_actor(&arg(1), None)?;
             result(serde_json::json!({"value": sdk::get(&c.incr(1i64))?}));
