@@ -561,3 +561,29 @@ fn a_zombie_node_keeps_no_second_copy_of_an_actor() -> Result<()> {
     assert_eq!(r["pid"], restarted.pid, "{r}");
     d.finish(Duration::from_secs(30))
 }
+
+/// `max_task_retries`: a call in flight when the actor's worker dies runs again on the
+/// restarted actor (1), or fails with ActorUnavailable (0); the actor serves later calls.
+#[test]
+fn calls_in_flight_are_retried_on_the_restarted_actor_within_max_task_retries() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
+    let r = run(&c, &["retries"])?;
+    // Restarted from its constructor (100), the retried call makes it 101.
+    assert_eq!(r["retries_1"]["first"]["value"], 101, "{r}");
+    assert_eq!(r["retries_1"]["next"], 102, "{r}");
+    assert_eq!(r["retries_1"]["restarts"], 1, "{r}");
+    assert_eq!(r["retries_0"]["first"]["error"], "ActorUnavailable", "{r}");
+    assert!(
+        r["retries_0"]["first"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_task_retries=0")),
+        "{r}"
+    );
+    assert_eq!(r["retries_0"]["next"], 101, "{r}");
+    assert_eq!(r["retries_0"]["restarts"], 1, "{r}");
+    Ok(())
+}

@@ -141,6 +141,35 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
             .then_some(())
     })
     .with_context(|| last.borrow().clone())?;
+
+    // Actors and placement groups: a driver makes both and exits; its (not detached) actor
+    // dies and its group is removed with it.
+    let out = Command::new(env!("CARGO_BIN_EXE_actor_driver"))
+        .arg("introspect")
+        .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
+        .env("RAYCTL_TMPDIR", c.path())
+        .stdin(Stdio::null())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "actor driver failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "actor and placement-group series",
+        Duration::from_secs(60),
+        || {
+            let dead = values(&query(port, "ray_actors{State=\"DEAD\"}")?);
+            let removed = values(&query(port, "ray_placement_groups{State=\"REMOVED\"}")?);
+            let restarts = query(port, "rayctl_actor_restarts_total")?;
+            *last.borrow_mut() = format!(
+                "dead actors {dead:?}, removed groups {removed:?}, restarts series {}",
+                restarts.len()
+            );
+            (dead == [1.0] && removed == [1.0] && restarts.len() == 1).then_some(())
+        },
+    )
+    .with_context(|| last.borrow().clone())?;
     Ok(())
 }
 

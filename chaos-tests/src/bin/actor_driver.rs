@@ -33,6 +33,12 @@ impl Counter {
         self.n
     }
 
+    fn slow_incr(&mut self, ms: u64) -> i64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.n += 1;
+        self.n
+    }
+
     fn calls(&self) -> u64 {
         self.log.len() as u64
     }
@@ -411,6 +417,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let v = sdk::get_timeout(&c.incr(1i64), Some(Duration::from_secs(60)))?;
             let info = c.handle().info()?;
             result(serde_json::json!({"value": v, "pid": info.pid, "restarts": info.num_restarts}));
+        }
+        "retries" => {
+            // A call in flight when the actor's worker is killed: retried on the restarted
+            // actor with max_task_retries=1, ActorUnavailable with 0; later calls go on.
+            let mut out = serde_json::Map::new();
+            for retries in [1i64, 0] {
+                let opts = ActorOptions::default()
+                    .max_restarts(2)
+                    .max_task_retries(retries);
+                let c = Counter::remote_with(&opts, 100i64)?;
+                c.handle().ready(Duration::from_secs(60))?;
+                let r = c.slow_incr(3000u64);
+                std::thread::sleep(Duration::from_millis(700));
+                c.handle().kill(false)?;
+                let first = match sdk::get_timeout(&r, Some(Duration::from_secs(120))) {
+                    Ok(v) => serde_json::json!({"value": v}),
+                    Err(e) => serde_json::json!({"error": kind(&e), "message": e.to_string()}),
+                };
+                let next = sdk::get_timeout(&c.incr(1i64), Some(Duration::from_secs(120)))?;
+                let info = c.handle().info()?;
+                out.insert(format!("retries_{retries}"), serde_json::json!({"first": first, "next": next, "restarts": info.num_restarts}));
+            }
+            result(serde_json::Value::Object(out));
         }
         "find" => {
             let c = CounterHandle::get_actor(&arg(1), None)?;
