@@ -184,9 +184,12 @@ fn an_actor_restarts_elsewhere_when_its_node_dies_then_dies_for_good() -> Result
 /// twice (one worker each, no restart), and each keeps the state its constructor gave it.
 #[test]
 fn killing_the_leader_during_actor_creation_loses_none_and_doubles_none() -> Result<()> {
+    // A node timeout of 5 s (the default's length): its actors' serving lease (80 %, 4 s)
+    // outlasts the leader failover even on a loaded machine.
     let mut c = Cluster::start(ClusterOptions {
         heads: 3,
         nodes: 1,
+        health_threshold: 10,
         node_resources: vec![("slot".into(), 1.0)],
         ..Default::default()
     })?;

@@ -14,7 +14,7 @@
 //! each (actor, incarnation) once and refuses other node incarnations, and a node running an
 //! incarnation that is not the record's current one is told to kill it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use tonic::Status;
 
 use crate::service::{HeadShared, now_ms};
 use crate::state::{
-    ActorRecord, ActorSpec, ActorState, ClusterState, Command, NodeState, Rejection, Response,
+    ActorRecord, ActorSpec, ActorState, ClusterState, Command, Rejection, Response,
 };
 
 const MAX_NAME: usize = 256;
@@ -425,12 +425,7 @@ pub(crate) fn plan(
         scheduler::ResourceSet::from_map(r.iter().map(|(k, v)| (k.as_str(), *v)))
             .unwrap_or_default()
     };
-    let alive: BTreeMap<NodeId, &crate::state::NodeRecord> = state
-        .nodes
-        .iter()
-        .filter(|(_, n)| n.state == NodeState::Alive)
-        .map(|(id, n)| (*id, n))
-        .collect();
+    let alive = state.alive_map();
     // Free resources per node: the last heartbeat, less actors assigned but not yet started
     // (their leases may not show yet), less what this round assigns.
     let mut free: HashMap<NodeId, scheduler::ResourceSet> = alive
@@ -534,28 +529,15 @@ type SentSet = Arc<Mutex<HashSet<(String, u64)>>>;
 
 /// The actor manager: runs on the leader only (started and stopped by `leader::supervise`).
 pub(crate) async fn actor_manager(shared: Arc<HeadShared>) {
-    while let Err(e) = shared.linearizable().await {
-        tracing::debug!("actor manager waits for leadership to settle: {e}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    shared.settle_leadership("actor manager").await;
     tracing::info!("actor manager started");
     let sent: SentSet = Arc::default();
     loop {
         let plan = {
             let st = shared.state.read();
             crate::metrics::record_actors(&st.state);
+            let available = shared.available_view(&st.state);
             let soft = shared.soft.lock().unwrap_or_else(|p| p.into_inner());
-            let available: HashMap<NodeId, crate::state::Resources> = soft
-                .heartbeats
-                .iter()
-                .filter(|(id, (inc, _, _))| {
-                    st.state
-                        .nodes
-                        .get(id)
-                        .is_some_and(|n| n.incarnation == *inc)
-                })
-                .map(|(id, (_, _, a))| (*id, a.clone()))
-                .collect();
             let dead_owners: HashSet<Vec<u8>> = soft.dead_owners.keys().cloned().collect();
             plan(&st.state, &available, &dead_owners)
         };
@@ -669,26 +651,10 @@ async fn start(shared: &HeadShared, actor: &str, restarts: u64) -> Result<Comman
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{NodePorts, Resources};
-
-    fn nid(b: u8) -> NodeId {
-        NodeId::from_bytes([b; 16])
-    }
+    use crate::state::Resources;
 
     fn state_with_nodes(n: u8) -> ClusterState {
-        let mut s = ClusterState::default();
-        for b in 1..=n {
-            s.apply(Command::RegisterNode {
-                node_id: nid(b),
-                address: format!("127.0.0.1:{b}"),
-                ports: NodePorts::default(),
-                resources: [("CPU".to_string(), 1.0)].into_iter().collect(),
-                labels: Default::default(),
-                is_head: false,
-                time_ms: 1,
-            });
-        }
-        s
+        crate::state::testing::with_nodes(n, 1.0)
     }
 
     fn create(s: &mut ClusterState, id: &str, cpus: f64, owner: &[u8]) {

@@ -10,7 +10,7 @@
 //! naming the node's incarnation; the agent refuses a start for another incarnation and
 //! starts each (job, attempt) once; reports of an older attempt are rejected by `apply`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -427,12 +427,7 @@ pub(crate) fn plan(
     queue_timeout: Duration,
 ) -> Plan {
     let mut p = Plan::default();
-    let alive: BTreeMap<NodeId, &crate::state::NodeRecord> = state
-        .nodes
-        .iter()
-        .filter(|(_, n)| n.state == NodeState::Alive)
-        .map(|(id, n)| (*id, n))
-        .collect();
+    let alive = state.alive_map();
     // What jobs already hold on each node.
     let mut used: HashMap<NodeId, (scheduler::ResourceSet, usize)> = HashMap::new();
     let set = |r: &crate::state::Resources| {
@@ -528,10 +523,7 @@ type SentSet = Arc<Mutex<HashSet<(String, u32, &'static str)>>>;
 
 /// The job manager: runs on the leader only (started and stopped by `leader::supervise`).
 pub(crate) async fn job_manager(shared: Arc<HeadShared>, cfg: JobConfig) {
-    while let Err(e) = shared.linearizable().await {
-        tracing::debug!("job manager waits for leadership to settle: {e}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    shared.settle_leadership("job manager").await;
     tracing::info!("job manager started");
     // RPCs to agents in flight or done in this term, so each is sent once per round of need.
     let sent: SentSet = Arc::default();

@@ -85,10 +85,7 @@ pub(crate) async fn supervise(
 /// committed `MarkNodeDead` that names the incarnation it saw (fencing).
 async fn node_health(shared: Arc<HeadShared>, cfg: HealthConfig) {
     // Rebuild from the replicated state: wait until every earlier commit is applied here.
-    while let Err(e) = shared.linearizable().await {
-        tracing::debug!("node health waits for leadership to settle: {e}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    shared.settle_leadership("node health").await;
     // Nodes get a full window from the moment this head took over: their heartbeats were
     // going to the old leader until now.
     let took_over = Instant::now();

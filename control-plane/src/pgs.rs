@@ -24,8 +24,8 @@ use tonic::Status;
 
 use crate::service::{HeadShared, now_ms};
 use crate::state::{
-    ClusterState, Command, NodeState, PgState, PgStrategy, PlacementGroupRecord, Rejection,
-    Resources, Response,
+    ClusterState, Command, PgState, PgStrategy, PlacementGroupRecord, Rejection, Resources,
+    Response,
 };
 
 const MAX_BUNDLES: usize = 1000;
@@ -315,12 +315,7 @@ pub(crate) fn plan(
     let set = |r: &Resources| {
         ResourceSet::from_map(r.iter().map(|(k, v)| (k.as_str(), *v))).unwrap_or_default()
     };
-    let alive: BTreeMap<NodeId, &crate::state::NodeRecord> = state
-        .nodes
-        .iter()
-        .filter(|(_, n)| n.state == NodeState::Alive)
-        .map(|(id, n)| (*id, n))
-        .collect();
+    let alive = state.alive_map();
     let mut view = ClusterView::default();
     for (id, n) in &alive {
         let total = set(&n.resources_total);
@@ -400,10 +395,7 @@ pub(crate) fn plan(
 
 /// The placement-group manager: runs on the leader only (started by `leader::supervise`).
 pub(crate) async fn pg_manager(shared: Arc<HeadShared>) {
-    while let Err(e) = shared.linearizable().await {
-        tracing::debug!("placement-group manager waits for leadership to settle: {e}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    shared.settle_leadership("placement-group manager").await;
     tracing::info!("placement-group manager started");
     shared
         .soft
@@ -415,18 +407,8 @@ pub(crate) async fn pg_manager(shared: Arc<HeadShared>) {
         let plan = {
             let st = shared.state.read();
             crate::metrics::record_placement_groups(&st.state);
+            let available = shared.available_view(&st.state);
             let soft = shared.soft.lock().unwrap_or_else(|p| p.into_inner());
-            let available: HashMap<NodeId, Resources> = soft
-                .heartbeats
-                .iter()
-                .filter(|(id, (inc, _, _))| {
-                    st.state
-                        .nodes
-                        .get(id)
-                        .is_some_and(|n| n.incarnation == *inc)
-                })
-                .map(|(id, (_, _, a))| (*id, a.clone()))
-                .collect();
             let dead_owners: HashSet<Vec<u8>> = soft.dead_owners.keys().cloned().collect();
             plan(&st.state, &available, &dead_owners, &soft.pg_in_progress)
         };
@@ -583,26 +565,11 @@ async fn reserve(shared: &HeadShared, pg: &str, nodes: &[(NodeId, u64)]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::NodePorts;
 
-    fn nid(b: u8) -> NodeId {
-        NodeId::from_bytes([b; 16])
-    }
+    use crate::state::testing::nid;
 
     fn cluster(n: u8) -> ClusterState {
-        let mut s = ClusterState::default();
-        for b in 1..=n {
-            s.apply(Command::RegisterNode {
-                node_id: nid(b),
-                address: format!("127.0.0.1:{b}"),
-                ports: NodePorts::default(),
-                resources: [("CPU".to_string(), 1.0)].into_iter().collect(),
-                labels: Default::default(),
-                is_head: false,
-                time_ms: 1,
-            });
-        }
-        s
+        crate::state::testing::with_nodes(n, 1.0)
     }
 
     fn group(s: &mut ClusterState, id: &str, n: usize, strategy: PgStrategy, owner: &[u8]) {

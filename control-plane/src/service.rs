@@ -213,6 +213,33 @@ impl HeadShared {
         Ok(c)
     }
 
+    /// Waits until this head's state has every entry earlier leaders committed (a read-index
+    /// succeeds): where a singleton service (`who`) starts from.
+    pub(crate) async fn settle_leadership(&self, who: &str) {
+        while let Err(e) = self.linearizable().await {
+            tracing::debug!("{who} waits for leadership to settle: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The available resources of the live nodes, from their last heartbeats (of their
+    /// current incarnation).
+    pub(crate) fn available_view(
+        &self,
+        st: &state::ClusterState,
+    ) -> HashMap<NodeId, state::Resources> {
+        let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+        soft.heartbeats
+            .iter()
+            .filter(|(id, (inc, _, _))| {
+                st.nodes
+                    .get(id)
+                    .is_some_and(|n| n.incarnation == *inc && n.state == state::NodeState::Alive)
+            })
+            .map(|(id, (_, _, a))| (*id, a.clone()))
+            .collect()
+    }
+
     /// A client of the node manager at `addr` whose calls may take up to `timeout` (cached).
     pub(crate) fn actor_node_manager(
         &self,

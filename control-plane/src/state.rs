@@ -926,6 +926,47 @@ impl ClusterState {
     pub fn alive_nodes(&self) -> impl Iterator<Item = &NodeRecord> {
         self.nodes.values().filter(|n| n.state == NodeState::Alive)
     }
+
+    /// The live nodes by id.
+    pub fn alive_map(&self) -> BTreeMap<NodeId, &NodeRecord> {
+        self.alive_nodes().map(|n| (n.node_id, n)).collect()
+    }
+}
+
+/// Helpers for the tests of the services built on this state.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub(crate) fn nid(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 16])
+    }
+
+    /// Registers node `b` with `cpus` CPUs.
+    pub(crate) fn register_with(b: u8, cpus: f64) -> Command {
+        Command::RegisterNode {
+            node_id: nid(b),
+            address: format!("127.0.0.1:{}", 1000 + u16::from(b)),
+            ports: NodePorts::default(),
+            resources: [("CPU".to_string(), cpus)].into(),
+            labels: Labels::new(),
+            is_head: false,
+            time_ms: 10,
+        }
+    }
+
+    pub(crate) fn register(b: u8) -> Command {
+        register_with(b, 2.0)
+    }
+
+    /// A state with live nodes 1..=n of `cpus` CPUs each.
+    pub(crate) fn with_nodes(n: u8, cpus: f64) -> ClusterState {
+        let mut s = ClusterState::default();
+        for b in 1..=n {
+            s.apply(register_with(b, cpus));
+        }
+        s
+    }
 }
 
 #[cfg(test)]
@@ -933,21 +974,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn nid(b: u8) -> NodeId {
-        NodeId::from_bytes([b; 16])
-    }
-
-    fn register(b: u8) -> Command {
-        Command::RegisterNode {
-            node_id: nid(b),
-            address: format!("127.0.0.1:{}", 1000 + u16::from(b)),
-            ports: NodePorts::default(),
-            resources: [("CPU".to_string(), 2.0)].into(),
-            labels: Labels::new(),
-            is_head: false,
-            time_ms: 10,
-        }
-    }
+    use super::testing::{nid, register};
 
     fn dead(b: u8, incarnation: u64) -> Command {
         Command::MarkNodeDead {

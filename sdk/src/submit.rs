@@ -275,16 +275,7 @@ impl Submitter {
             Event::ArgsReady(t) => {
                 self.rt.stats.pending_args.fetch_sub(1, Ordering::Relaxed);
                 self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
-                self.rt.task_event(
-                    t.id,
-                    t.function,
-                    "PENDING_NODE_ASSIGNMENT",
-                    "",
-                    "",
-                    t.attempt,
-                    String::new(),
-                    None,
-                );
+                note(&self.rt, &t, "PENDING_NODE_ASSIGNMENT", At::default());
                 dirty.push(t.key.clone());
                 self.keys
                     .entry(t.key.clone())
@@ -440,15 +431,15 @@ impl Submitter {
                     self.rt.stats.submitted.fetch_add(1, Ordering::Relaxed);
                     let c = self.conns.get_mut(&cid).expect("listed conns exist");
                     c.idle_since = None;
-                    self.rt.task_event(
-                        t.id,
-                        t.function,
+                    note(
+                        &self.rt,
+                        &t,
                         "SUBMITTED_TO_WORKER",
-                        &c.lease.node_id,
-                        &c.lease.worker_id,
-                        t.attempt,
-                        String::new(),
-                        None,
+                        At {
+                            node: &c.lease.node_id,
+                            worker: &c.lease.worker_id,
+                            ..At::default()
+                        },
                     );
                     c.in_flight.insert(t.id, t);
                     out.entry(cid).or_default().push(spec);
@@ -629,16 +620,7 @@ impl Submitter {
                     )),
                 };
                 self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
-                self.rt.task_event(
-                    id,
-                    t.function,
-                    "FINISHED",
-                    "",
-                    "",
-                    t.attempt,
-                    String::new(),
-                    None,
-                );
+                note(&self.rt, &t, "FINISHED", At::default());
                 self.rt.owner.complete(id, state);
             }
             Some(pb::task_reply::Result::Error(e)) if e.kind == "ARG_LOST" => {
@@ -676,16 +658,7 @@ impl Submitter {
             }
             Some(pb::task_reply::Result::Error(e)) => {
                 self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
-                self.rt.task_event(
-                    id,
-                    t.function,
-                    "FAILED",
-                    "",
-                    "",
-                    t.attempt,
-                    format!("{}: {}", e.kind, e.message),
-                    None,
-                );
+                note_failed(&self.rt, &t, format!("{}: {}", e.kind, e.message), None);
                 self.rt.owner.complete(id, State::Failed(e.into()));
             }
             None => {
@@ -703,16 +676,7 @@ impl Submitter {
 
     fn finish_failed(&self, t: &Task, e: TaskError) {
         self.rt.stats.failed.fetch_add(1, Ordering::Relaxed);
-        self.rt.task_event(
-            t.id,
-            t.function,
-            "FAILED",
-            "",
-            "",
-            t.attempt,
-            format!("{}: {}", e.kind, e.message),
-            None,
-        );
+        note_failed(&self.rt, t, format!("{}: {}", e.kind, e.message), None);
         self.rt.owner.complete(t.id, State::Failed(e));
     }
 
@@ -734,16 +698,7 @@ impl Submitter {
                 t.attempt += 1;
                 self.rt.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
-                self.rt.task_event(
-                    t.id,
-                    t.function,
-                    "PENDING_NODE_ASSIGNMENT",
-                    "",
-                    "",
-                    t.attempt,
-                    String::new(),
-                    None,
-                );
+                note(&self.rt, &t, "PENDING_NODE_ASSIGNMENT", At::default());
                 retry.push(t);
             } else {
                 let msg = format!(
@@ -848,15 +803,15 @@ impl Submitter {
                     self.rt.stats.submitted.fetch_add(1, Ordering::Relaxed);
                     out.push(spec);
                     if let Some(c) = self.actor_conns.get_mut(&cid) {
-                        self.rt.task_event(
-                            t.id,
-                            t.function,
+                        note(
+                            &self.rt,
+                            &t,
                             "SUBMITTED_TO_WORKER",
-                            &c.node_id,
-                            &c.worker_id,
-                            t.attempt,
-                            String::new(),
-                            Some(&c.actor_id),
+                            At {
+                                node: &c.node_id,
+                                worker: &c.worker_id,
+                                actor: Some(&c.actor_id),
+                            },
                         );
                         c.in_flight.insert(t.id, t);
                     }
@@ -990,15 +945,14 @@ impl Submitter {
         match &r.result {
             Some(pb::task_reply::Result::Value(_)) => {
                 self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
-                self.rt.task_event(
-                    id,
-                    t.function,
+                note(
+                    &self.rt,
+                    &t,
                     "FINISHED",
-                    "",
-                    "",
-                    t.attempt,
-                    String::new(),
-                    Some(&c.actor_id),
+                    At {
+                        actor: Some(&c.actor_id),
+                        ..At::default()
+                    },
                 );
             }
             other => {
@@ -1007,16 +961,7 @@ impl Submitter {
                     Some(pb::task_reply::Result::Error(e)) => format!("{}: {}", e.kind, e.message),
                     _ => "STORE: an empty reply".into(),
                 };
-                self.rt.task_event(
-                    id,
-                    t.function,
-                    "FAILED",
-                    "",
-                    "",
-                    t.attempt,
-                    error,
-                    Some(&c.actor_id),
-                );
+                note_failed(&self.rt, &t, error, Some(&c.actor_id));
             }
         }
     }
@@ -1044,15 +989,14 @@ impl Submitter {
                 t.attempt += 1;
                 self.rt.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.rt.stats.pending_node.fetch_add(1, Ordering::Relaxed);
-                self.rt.task_event(
-                    t.id,
-                    t.function,
+                note(
+                    &self.rt,
+                    &t,
                     "PENDING_NODE_ASSIGNMENT",
-                    "",
-                    "",
-                    t.attempt,
-                    String::new(),
-                    Some(&q.actor.id),
+                    At {
+                        actor: Some(&q.actor.id),
+                        ..At::default()
+                    },
                 );
                 q.queue.push_front(t);
             } else {
@@ -1141,6 +1085,32 @@ fn reply_state(r: &pb::TaskReply) -> State {
         Some(pb::task_reply::Result::Error(e)) => State::Failed(e.clone().into()),
         None => empty("reply"),
     }
+}
+
+/// Where a task's state changed (for its task event).
+#[derive(Default, Clone, Copy)]
+struct At<'a> {
+    node: &'a str,
+    worker: &'a str,
+    actor: Option<&'a str>,
+}
+
+/// Records a task's new state for `rayctl list tasks`.
+fn note(rt: &Runtime, t: &Task, state: &'static str, at: At<'_>) {
+    rt.task_event(
+        t.id,
+        t.function,
+        state,
+        at.node,
+        at.worker,
+        t.attempt,
+        String::new(),
+        at.actor,
+    );
+}
+
+fn note_failed(rt: &Runtime, t: &Task, error: String, actor: Option<&str>) {
+    rt.task_event(t.id, t.function, "FAILED", "", "", t.attempt, error, actor);
 }
 
 fn task_error(t: &Task, kind: &str, message: String, node: &str, worker: &str) -> TaskError {

@@ -216,34 +216,58 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
         let _ = self
             .node_tx
             .send(msg(pb::worker_message::Kind::LeaseStarted(lease.clone())));
-        let (reply_tx, reply_rx) = mpsc::unbounded_channel::<pb::TaskReply>();
         let exec = self.exec.clone();
-        let closed = Arc::new(AtomicBool::new(false));
         let lease_name: Arc<str> = lease.as_str().into();
-        tokio::spawn(async move {
-            let mut batch = first.tasks;
-            loop {
-                for spec in batch.drain(..) {
-                    let _ = exec.send(Work::Run {
-                        spec,
-                        lease: lease_name.clone(),
-                        reply: reply_tx.clone(),
-                        closed: closed.clone(),
-                        actor: false,
-                    });
-                }
-                match input.message().await {
-                    Ok(Some(m)) => batch = m.tasks,
-                    _ => break,
-                }
-            }
-            // The owner closed the lease (or died): skip what it can no longer want, then
-            // tell the node the worker is free once the queue is through.
-            closed.store(true, Ordering::Release);
-            let _ = exec.send(Work::End(lease));
-        });
-        Ok(tonic::Response::new(reply_stream(reply_rx)))
+        // When the owner closes the lease (or dies), the node hears the worker is free once
+        // the queue is through.
+        let replies = forward(
+            first.tasks,
+            input,
+            exec.clone(),
+            lease_name,
+            false,
+            move || {
+                let _ = exec.send(Work::End(lease));
+            },
+        );
+        Ok(tonic::Response::new(replies))
     }
+}
+
+/// Hands the calls of one stream to `exec` in arrival order and returns the stream of their
+/// replies. When the caller closes its stream (or dies), calls still queued are skipped, and
+/// `then` runs.
+fn forward(
+    first: Vec<pb::TaskSpec>,
+    mut input: tonic::Streaming<pb::PushTasksRequest>,
+    exec: std_mpsc::Sender<Work>,
+    lease: Arc<str>,
+    actor: bool,
+    then: impl FnOnce() + Send + 'static,
+) -> ReplyStream {
+    let (reply_tx, reply_rx) = mpsc::unbounded_channel::<pb::TaskReply>();
+    let closed = Arc::new(AtomicBool::new(false));
+    tokio::spawn(async move {
+        let mut batch = first;
+        loop {
+            for spec in batch.drain(..) {
+                let _ = exec.send(Work::Run {
+                    spec,
+                    lease: lease.clone(),
+                    reply: reply_tx.clone(),
+                    closed: closed.clone(),
+                    actor,
+                });
+            }
+            match input.message().await {
+                Ok(Some(m)) => batch = m.tasks,
+                _ => break,
+            }
+        }
+        closed.store(true, Ordering::Release);
+        then();
+    });
+    reply_stream(reply_rx)
 }
 
 /// Replies as they come, batched per stream message.
@@ -269,7 +293,7 @@ impl CoreWorker {
     fn actor_calls(
         &self,
         first: pb::PushTasksRequest,
-        mut input: tonic::Streaming<pb::PushTasksRequest>,
+        input: tonic::Streaming<pb::PushTasksRequest>,
     ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
         let host = match self.rt.actor.get() {
             Some(h) if h.actor_id == first.actor_id && h.restarts == first.actor_restarts => {
@@ -290,29 +314,14 @@ impl CoreWorker {
         };
         let exec = host.pool.clone().unwrap_or_else(|| self.exec.clone());
         let lease: Arc<str> = self.rt.running_lease_of_actor();
-        let (reply_tx, reply_rx) = mpsc::unbounded_channel::<pb::TaskReply>();
-        let closed = Arc::new(AtomicBool::new(false));
-        tokio::spawn(async move {
-            let mut batch = first.tasks;
-            loop {
-                for spec in batch.drain(..) {
-                    let _ = exec.send(Work::Run {
-                        spec,
-                        lease: lease.clone(),
-                        reply: reply_tx.clone(),
-                        closed: closed.clone(),
-                        actor: true,
-                    });
-                }
-                match input.message().await {
-                    Ok(Some(m)) => batch = m.tasks,
-                    _ => break,
-                }
-            }
-            // The caller went away: its queued calls are of no use to it.
-            closed.store(true, Ordering::Release);
-        });
-        Ok(tonic::Response::new(reply_stream(reply_rx)))
+        Ok(tonic::Response::new(forward(
+            first.tasks,
+            input,
+            exec,
+            lease,
+            true,
+            || {},
+        )))
     }
 }
 

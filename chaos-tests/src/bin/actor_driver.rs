@@ -165,7 +165,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 serde_json::json!({"value": v, "node": sdk::get(&c.node())?, "restarts": info.num_restarts}),
             );
             stdin_line();
-            // The node died: the actor restarts on the other one, from its constructor.
+            // The node died: the actor restarts on the other one, from its constructor. (A
+            // call made before the restart, while the old worker was dying, could fail with
+            // ActorUnavailable: max_task_retries is 0.)
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !c
+                .handle()
+                .info()
+                .is_ok_and(|i| i.num_restarts >= 1 && i.state == sdk::ActorState::Alive)
+            {
+                if std::time::Instant::now() > deadline {
+                    return Err("the actor did not restart within 120 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
             let v = sdk::get_timeout(&c.incr(1i64), Some(Duration::from_secs(120)))?;
             let info = c.handle().info()?;
             result(
