@@ -392,6 +392,17 @@ fn rayctl_lists_actors_tasks_objects_and_placement_groups() -> Result<()> {
     assert!(actors[0]["pid"].as_u64().is_some_and(|p| p > 0), "{actors}");
     let none = rayctl_json(&c, &["list", "actors", "--filter", "state=DEAD"])?;
     assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+    let stuck = rayctl_json(
+        &c,
+        &["list", "actors", "--filter", "state=PENDING_CREATION"],
+    )?;
+    assert_eq!(stuck.as_array().map(Vec::len), Some(1), "{stuck}");
+    assert!(
+        stuck[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("infeasible") && m.contains("unobtainium")),
+        "{stuck}"
+    );
 
     let tasks = rayctl_json(&c, &["list", "tasks", "--limit", "1000"])?;
     let tasks = tasks.as_array().context("tasks")?;

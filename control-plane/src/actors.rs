@@ -58,7 +58,7 @@ pub(crate) fn state_pb(s: ActorState) -> pb::ActorState {
     }
 }
 
-pub(crate) fn actor_info(st: &ClusterState, a: &ActorRecord) -> pb::ActorInfo {
+pub(crate) fn actor_info(shared: &HeadShared, st: &ClusterState, a: &ActorRecord) -> pb::ActorInfo {
     let node_address = a
         .node_id
         .and_then(|n| st.nodes.get(&n))
@@ -80,7 +80,19 @@ pub(crate) fn actor_info(st: &ClusterState, a: &ActorRecord) -> pb::ActorInfo {
         node_address,
         worker_id: a.worker_id.clone(),
         worker_address: a.worker_address.clone(),
-        message: a.message.clone(),
+        // Why it waits for a node (the manager's last round), else why it restarted or died.
+        message: if a.state == ActorState::PendingCreation || a.state == ActorState::Restarting {
+            shared
+                .soft
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .actor_messages
+                .get(&a.actor_id)
+                .cloned()
+                .unwrap_or_else(|| a.message.clone())
+        } else {
+            a.message.clone()
+        },
         created_at_ms: a.created_at_ms,
         resources: a.spec.resources.clone().into_iter().collect(),
         pid: a.pid,
@@ -220,7 +232,7 @@ pub(crate) async fn create(
         .actors
         .get(&r.actor_id)
         .ok_or_else(|| Status::internal("the created actor is missing"))?;
-    Ok(actor_info(&st.state, a))
+    Ok(actor_info(shared, &st.state, a))
 }
 
 fn by_name(shared: &HeadShared, namespace: &str, name: &str) -> Option<pb::ActorInfo> {
@@ -229,7 +241,10 @@ fn by_name(shared: &HeadShared, namespace: &str, name: &str) -> Option<pb::Actor
         .state
         .named_actors
         .get(&(namespace.to_owned(), name.to_owned()))?;
-    st.state.actors.get(id).map(|a| actor_info(&st.state, a))
+    st.state
+        .actors
+        .get(id)
+        .map(|a| actor_info(shared, &st.state, a))
 }
 
 pub(crate) async fn get(
@@ -268,7 +283,7 @@ pub(crate) async fn get(
             let settled = (a.state == ActorState::Alive && a.num_restarts >= r.min_restarts)
                 || a.state == ActorState::Dead;
             if settled || Instant::now() >= deadline {
-                return Ok(actor_info(&st.state, a));
+                return Ok(actor_info(shared, &st.state, a));
             }
         }
         let _ = tokio::time::timeout(
@@ -286,7 +301,7 @@ pub(crate) async fn list(shared: &HeadShared) -> Result<Vec<pb::ActorInfo>, Stat
         .state
         .actors
         .values()
-        .map(|a| actor_info(&st.state, a))
+        .map(|a| actor_info(shared, &st.state, a))
         .collect();
     v.sort_by_key(|a| (a.created_at_ms, a.actor_id.clone()));
     Ok(v)
@@ -340,7 +355,7 @@ pub(crate) async fn kill(
             }
         }
         let st = shared.state.read();
-        return Ok(actor_info(&st.state, &st.state.actors[&r.actor_id]));
+        return Ok(actor_info(shared, &st.state, &st.state.actors[&r.actor_id]));
     }
     Err(RpcError::Unavailable(format!(
         "actor {} kept changing; retry the kill",
@@ -413,6 +428,8 @@ pub(crate) struct Plan {
     pub(crate) commands: Vec<Command>,
     /// (actor, incarnation) assigned and not yet started: ask their node.
     pub(crate) starts: Vec<(String, u64)>,
+    /// Why actors wait for a node.
+    pub(crate) waiting: HashMap<String, String>,
 }
 
 pub(crate) fn plan(
@@ -520,6 +537,17 @@ pub(crate) fn plan(
                 f.subtract_allowing_debt(&need);
             }
             p.starts.push((a.actor_id.clone(), a.num_restarts));
+        } else {
+            let fits_a_total = alive
+                .iter()
+                .filter(|(id, _)| affinity.is_none_or(|x| x == **id))
+                .any(|(_, n)| set(&n.resources_total).contains(&need));
+            let why = if fits_a_total {
+                format!("waiting for a node with {:?} free", need.to_map())
+            } else {
+                format!("infeasible: no live node has {:?} in total", need.to_map())
+            };
+            p.waiting.insert(a.actor_id.clone(), why);
         }
     }
     p
@@ -541,6 +569,11 @@ pub(crate) async fn actor_manager(shared: Arc<HeadShared>) {
             let dead_owners: HashSet<Vec<u8>> = soft.dead_owners.keys().cloned().collect();
             plan(&st.state, &available, &dead_owners)
         };
+        shared
+            .soft
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .actor_messages = plan.waiting;
         if !plan.commands.is_empty() {
             if let Err(e) = shared.propose(Command::Batch(plan.commands)).await {
                 tracing::warn!(
@@ -701,9 +734,23 @@ mod tests {
         assert_eq!(nodes.len(), 2);
         assert_ne!(nodes[0], nodes[1]);
         assert_eq!(p.starts.len(), 2);
+        assert!(
+            p.waiting
+                .values()
+                .all(|m| m.starts_with("waiting for a node")),
+            "{:?}",
+            p.waiting
+        );
         for c in p.commands {
             assert_eq!(s.apply(c), Response::Ok);
         }
+        create(&mut s, "big", 5.0, b"o");
+        let p = plan(&s, &HashMap::new(), &HashSet::new());
+        assert!(
+            p.waiting["big"].starts_with("infeasible"),
+            "{:?}",
+            p.waiting
+        );
         // Next round: the assigned ones are started again (idempotent), none is re-placed.
         let p = plan(&s, &HashMap::new(), &HashSet::new());
         assert!(p.commands.is_empty(), "{:?}", p.commands);

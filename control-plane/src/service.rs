@@ -49,6 +49,8 @@ pub(crate) struct SoftState {
     pub(crate) pg_in_progress: std::collections::HashSet<String>,
     /// Why a placement group waits (from the manager's last round).
     pub(crate) pg_messages: HashMap<String, String>,
+    /// Why an actor waits for a node (from the actor manager's last round).
+    pub(crate) actor_messages: HashMap<String, String>,
 }
 
 pub(crate) struct HeadShared {

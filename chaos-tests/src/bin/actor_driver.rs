@@ -390,6 +390,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let tasks: Vec<_> = (0..5).map(|_| where_am_i::remote()).collect();
             sdk::get_all(&tasks)?;
             let big = sdk::put(&vec![7u8; 1 << 20])?;
+            let _stuck =
+                Counter::remote_with(&ActorOptions::default().resource("unobtainium", 1.0), 0i64)?;
             let cpu = [("CPU".to_string(), 0.5)]
                 .into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>();
