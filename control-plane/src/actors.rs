@@ -39,16 +39,6 @@ fn invalid(msg: impl Into<String>) -> Status {
     RpcError::InvalidArgument(msg.into()).into()
 }
 
-fn rejected(r: Rejection) -> Status {
-    let msg = r.to_string();
-    match r {
-        Rejection::NotFound { .. } => RpcError::NotFound(msg),
-        Rejection::AlreadyExists { .. } => RpcError::AlreadyExists(msg),
-        _ => RpcError::FailedPrecondition(msg),
-    }
-    .into()
-}
-
 pub(crate) fn state_pb(s: ActorState) -> pb::ActorState {
     match s {
         ActorState::PendingCreation => pb::ActorState::PendingCreation,
@@ -220,7 +210,7 @@ pub(crate) async fn create(
             )
             .into());
         }
-        Response::Rejected(e) => return Err(rejected(e)),
+        Response::Rejected(e) => return Err(crate::service::rejection(e)),
         other => {
             return Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into());
         }

@@ -90,7 +90,7 @@ fn invalid(msg: impl Into<String>) -> Status {
     RpcError::InvalidArgument(msg.into()).into()
 }
 
-fn rejection(r: Rejection) -> Status {
+pub(crate) fn rejection(r: Rejection) -> Status {
     let msg = r.to_string();
     match r {
         Rejection::NotFound { .. } => RpcError::NotFound(msg),

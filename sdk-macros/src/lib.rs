@@ -12,6 +12,28 @@ use proc_macro::TokenStream;
 use quote::{format_ident, quote};
 use syn::{FnArg, ItemFn, ReturnType, parse_macro_input, spanned::Spanned};
 
+/// What every call stub and invoker needs from a parameter list `(type, name)`.
+struct Generated {
+    /// `name: impl ::sdk::IntoArg<T>` for the stub's signature.
+    params: Vec<proc_macro2::TokenStream>,
+    names: Vec<syn::Ident>,
+    /// `let name: T = FromArg::from_arg(next)?;` for the invoker.
+    decode: Vec<proc_macro2::TokenStream>,
+    count: usize,
+}
+
+fn generated(tys: &[(syn::Type, syn::Ident)]) -> Generated {
+    Generated {
+        params: tys.iter().map(|(t, n)| quote!(#n: impl ::sdk::IntoArg<#t>)).collect(),
+        names: tys.iter().map(|(_, n)| n.clone()).collect(),
+        decode: tys
+            .iter()
+            .map(|(t, n)| quote!(let #n: #t = <#t as ::sdk::__private::FromArg>::from_arg(__args.next()?)?;))
+            .collect(),
+        count: tys.len(),
+    }
+}
+
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {
@@ -76,16 +98,12 @@ fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         ReturnType::Default => quote!(()),
         ReturnType::Type(_, t) => quote!(#t),
     };
-    let params: Vec<_> = tys
-        .iter()
-        .map(|(t, n)| quote!(#n: impl ::sdk::IntoArg<#t>))
-        .collect();
-    let names: Vec<_> = tys.iter().map(|(_, n)| n.clone()).collect();
-    let decode: Vec<_> = tys
-        .iter()
-        .map(|(t, n)| quote!(let #n: #t = <#t as ::sdk::__private::FromArg>::from_arg(__args.next()?)?;))
-        .collect();
-    let count = tys.len();
+    let Generated {
+        params,
+        names,
+        decode,
+        count,
+    } = generated(&tys);
     let doc = format!("Remote form of [`{name}()`]: `{name}::remote(…)` runs it on the cluster.");
     Ok(quote! {
         #f
@@ -239,16 +257,12 @@ fn expand_actor(imp: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
                     ReturnType::Default => quote!(()),
                     ReturnType::Type(_, t) => quote!(#t),
                 };
-                let params: Vec<_> = tys
-                    .iter()
-                    .map(|(t, n)| quote!(#n: impl ::sdk::IntoArg<#t>))
-                    .collect();
-                let names: Vec<_> = tys.iter().map(|(_, n)| n.clone()).collect();
-                let decode: Vec<_> = tys
-                    .iter()
-                    .map(|(t, n)| quote!(let #n: #t = <#t as ::sdk::__private::FromArg>::from_arg(__args.next()?)?;))
-                    .collect();
-                let count = tys.len();
+                let Generated {
+                    params,
+                    names,
+                    decode,
+                    count,
+                } = generated(&tys);
                 let method_name = quote!(concat!(
                     module_path!(),
                     "::",
@@ -300,14 +314,12 @@ fn expand_actor(imp: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
             "an actor needs a constructor `fn new(…) -> Self`",
         )
     })?;
-    let params: Vec<_> = ctor
-        .iter()
-        .map(|(t, n)| quote!(#n: impl ::sdk::IntoArg<#t>))
-        .collect();
-    let names: Vec<_> = ctor.iter().map(|(_, n)| n.clone()).collect();
-    let decode: Vec<_> =
-        ctor.iter().map(|(t, n)| quote!(let #n: #t = <#t as ::sdk::__private::FromArg>::from_arg(__args.next()?)?;)).collect();
-    let count = ctor.len();
+    let Generated {
+        params,
+        names,
+        decode,
+        count,
+    } = generated(&ctor);
     let doc = format!(
         "A handle to a `{ident}` actor: one method per actor method, each returning an `ObjectRef`."
     );
