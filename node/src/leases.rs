@@ -480,6 +480,36 @@ impl Leases {
     }
 }
 
+/// Gives a granted lease back when dropped, unless disarmed: a lease request whose caller
+/// goes away while the node is still giving the lease a worker (fetching the binary,
+/// starting a process) must not keep the lease's resources forever.
+pub(crate) struct GrantGuard<'a> {
+    leases: &'a Leases,
+    lease_id: Option<String>,
+}
+
+impl<'a> GrantGuard<'a> {
+    pub(crate) fn new(leases: &'a Leases, lease_id: &str) -> Self {
+        Self {
+            leases,
+            lease_id: Some(lease_id.to_owned()),
+        }
+    }
+
+    /// The lease is in its holder's hands now.
+    pub(crate) fn disarm(mut self) {
+        self.lease_id = None;
+    }
+}
+
+impl Drop for GrantGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.lease_id.take() {
+            self.leases.give_back(&id);
+        }
+    }
+}
+
 struct Queued<'a> {
     leases: &'a Leases,
     key: Vec<(String, u64)>,
@@ -541,6 +571,26 @@ mod tests {
             "the lease gave back no group resource that no longer exists"
         );
         assert_eq!(l.total(), cpus(4.0));
+    }
+
+    #[tokio::test]
+    async fn a_grant_whose_caller_went_away_is_given_back() {
+        let l = Leases::new(NodeId::from_bytes([1; 16]), cpu(2.0));
+        let one: std::collections::HashMap<String, f64> =
+            [("CPU".to_string(), 1.0)].into_iter().collect();
+        let a = l.request_here(&one, Duration::from_secs(1)).await.unwrap();
+        // Dropped while the worker was being found (the request was cancelled): back.
+        drop(GrantGuard::new(&l, &a));
+        assert_eq!(l.available().get("CPU"), 2.0);
+        let b = l.request_here(&one, Duration::from_secs(1)).await.unwrap();
+        GrantGuard::new(&l, &b).disarm();
+        assert_eq!(
+            l.available().get("CPU"),
+            1.0,
+            "a handed-over lease stays out"
+        );
+        assert!(l.give_back(&b));
+        assert!(!l.give_back(&a), "given back once");
     }
 
     #[test]

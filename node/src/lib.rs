@@ -259,6 +259,9 @@ impl NodeManager for NodeManagerService {
             }
         };
         if reply.outcome == pb::LeaseOutcome::Granted as i32 && !sha.is_empty() {
+            // If the caller goes away (it cancels requests it no longer needs) while the
+            // worker is being found, the lease is given back, not leaked.
+            let guard = leases::GrantGuard::new(&self.shared.leases, &reply.lease_id);
             match self
                 .shared
                 .workers
@@ -266,11 +269,13 @@ impl NodeManager for NodeManagerService {
                 .await
             {
                 Ok((worker_id, address)) => {
+                    // The worker now holds it: it gives it back if nobody claims it.
+                    guard.disarm();
                     reply.worker_id = worker_id;
                     reply.worker_address = address;
                 }
                 Err(e) => {
-                    self.shared.leases.give_back(&reply.lease_id);
+                    drop(guard);
                     metrics::lease("error", None);
                     return Err(e);
                 }

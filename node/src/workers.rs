@@ -24,6 +24,9 @@ use tonic::Status;
 
 use crate::leases::Leases;
 
+/// A binary fetch that receives nothing for this long fails.
+const FETCH_STALL: Duration = Duration::from_secs(30);
+
 /// How a node runs workers.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -430,12 +433,25 @@ impl WorkerPool {
         let mut f = tokio::fs::File::create(tmp)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        while let Some(c) = s.message().await.map_err(|e| {
-            Status::unavailable(format!(
-                "fetching binary {sha} from {source}: {}",
-                e.message()
-            ))
-        })? {
+        // A source that stops sending fails the fetch (the lease request is retried) rather
+        // than holding every lease for this binary behind it.
+        loop {
+            let next = tokio::time::timeout(FETCH_STALL, s.message())
+                .await
+                .map_err(|_| {
+                    Status::unavailable(format!(
+                        "fetching binary {sha} from {source}: no data for {FETCH_STALL:?}"
+                    ))
+                })?;
+            let Some(c) = next.map_err(|e| {
+                Status::unavailable(format!(
+                    "fetching binary {sha} from {source}: {}",
+                    e.message()
+                ))
+            })?
+            else {
+                break;
+            };
             f.write_all(&c.data)
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;

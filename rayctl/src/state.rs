@@ -188,8 +188,15 @@ fn print_table(rows: &[Value], cols: &[&str]) {
         .map(|r| {
             cols.iter()
                 .map(|c| {
+                    // One line per row: newlines (a panic's location, then its message)
+                    // become spaces; long cells are cut (`-o json` has them whole).
                     field(r, c)
-                        .map(|s| s.chars().take(60).collect())
+                        .map(|s| {
+                            s.chars()
+                                .map(|ch| if ch.is_control() { ' ' } else { ch })
+                                .take(60)
+                                .collect()
+                        })
                         .unwrap_or_default()
                 })
                 .collect()

@@ -33,6 +33,9 @@ const PIPELINE: usize = 16;
 const MAX_PENDING_LEASES: usize = 8;
 const LINGER: Duration = Duration::from_millis(200);
 const LEASE_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a lease request may take at one node: its queue, a binary fetch and a worker
+/// start (each bounded on the node).
+const LEASE_RPC_TIMEOUT: Duration = Duration::from_secs(300);
 /// Consecutive failed lease RPCs (not refusals) after which waiting tasks fail (~15 s).
 const MAX_LEASE_FAILURES: u32 = 10;
 
@@ -1149,7 +1152,11 @@ async fn request_lease(rt: Arc<Runtime>, key: Arc<Key>, events: mpsc::UnboundedS
                 binary_source: rt.binary.1.clone(),
                 job_id: rt.job_id.clone(),
             };
-            let r = match rt.nm(&addr).request_worker_lease(req).await {
+            // Bounded: queueing, a worker's start and a binary fetch fit well inside; a node
+            // stuck longer is treated as a failed request (retried, then the tasks fail).
+            let mut call = tonic::Request::new(req);
+            call.set_timeout(LEASE_RPC_TIMEOUT);
+            let r = match rt.nm(&addr).request_worker_lease(call).await {
                 Ok(r) => {
                     failures = 0;
                     r.into_inner()
