@@ -34,16 +34,26 @@ fn generated(tys: &[(syn::Type, syn::Ident)]) -> Generated {
     }
 }
 
-#[proc_macro_attribute]
-pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
-    if !attr.is_empty() {
-        let a = proc_macro2::TokenStream::from(attr);
-        return syn::Error::new(
+/// The attributes take no arguments (options are passed at the call).
+fn no_arguments(attr: TokenStream, what: &str, hint: &str) -> Option<TokenStream> {
+    if attr.is_empty() {
+        return None;
+    }
+    let a = proc_macro2::TokenStream::from(attr);
+    Some(
+        syn::Error::new(
             a.span(),
-            "#[remote] takes no arguments; pass options with `name::remote_with(&opts, …)`",
+            format!("{what} takes no arguments; pass options with {hint}"),
         )
         .to_compile_error()
-        .into();
+        .into(),
+    )
+}
+
+#[proc_macro_attribute]
+pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if let Some(e) = no_arguments(attr, "#[remote]", "`name::remote_with(&opts, …)`") {
+        return e;
     }
     let f = parse_macro_input!(item as ItemFn);
     match expand(&f) {
@@ -160,14 +170,8 @@ fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
 /// `Send + Sync`.
 #[proc_macro_attribute]
 pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
-    if !attr.is_empty() {
-        let a = proc_macro2::TokenStream::from(attr);
-        return syn::Error::new(
-            a.span(),
-            "#[actor] takes no arguments; pass options with `Type::remote_with(&opts, …)`",
-        )
-        .to_compile_error()
-        .into();
+    if let Some(e) = no_arguments(attr, "#[actor]", "`Type::remote_with(&opts, …)`") {
+        return e;
     }
     let imp = parse_macro_input!(item as syn::ItemImpl);
     match expand_actor(&imp) {

@@ -601,27 +601,15 @@ impl Submitter {
                         self.rt.owner.add_location(h.id, exec_loc.clone());
                     }
                 }
-                let state = match v.kind {
-                    Some(pb::value::Kind::Inline(bytes)) => State::Inline {
-                        bytes,
-                        tag: v.type_tag,
-                    },
-                    Some(pb::value::Kind::Stored(l)) => State::Stored {
-                        tag: v.type_tag,
-                        locs: vec![Loc {
-                            node_id: l.node_id,
-                            om: l.object_manager_address,
-                            nm: l.node_address,
-                        }],
-                    },
-                    None => State::Failed(task_error(
+                let state = value_state(&v).unwrap_or_else(|| {
+                    State::Failed(task_error(
                         &t,
                         "STORE",
                         "the worker sent an empty value".into(),
                         &c.lease.node_id,
                         &c.lease.worker_id,
-                    )),
-                };
+                    ))
+                });
                 self.rt.stats.finished.fetch_add(1, Ordering::Relaxed);
                 note(&self.rt, &t, "FINISHED", At::default());
                 self.rt.owner.complete(id, state);
@@ -1070,24 +1058,29 @@ fn reply_state(r: &pb::TaskReply) -> State {
         })
     };
     match &r.result {
-        Some(pb::task_reply::Result::Value(v)) => match &v.kind {
-            Some(pb::value::Kind::Inline(bytes)) => State::Inline {
-                bytes: bytes.clone(),
-                tag: v.type_tag.clone(),
-            },
-            Some(pb::value::Kind::Stored(l)) => State::Stored {
-                tag: v.type_tag.clone(),
-                locs: vec![Loc {
-                    node_id: l.node_id.clone(),
-                    om: l.object_manager_address.clone(),
-                    nm: l.node_address.clone(),
-                }],
-            },
-            None => empty("value"),
-        },
+        Some(pb::task_reply::Result::Value(v)) => value_state(v).unwrap_or_else(|| empty("value")),
         Some(pb::task_reply::Result::Error(e)) => State::Failed(e.clone().into()),
         None => empty("reply"),
     }
+}
+
+/// The object state a returned value gives (None: an empty value).
+fn value_state(v: &pb::Value) -> Option<State> {
+    Some(match &v.kind {
+        Some(pb::value::Kind::Inline(bytes)) => State::Inline {
+            bytes: bytes.clone(),
+            tag: v.type_tag.clone(),
+        },
+        Some(pb::value::Kind::Stored(l)) => State::Stored {
+            tag: v.type_tag.clone(),
+            locs: vec![Loc {
+                node_id: l.node_id.clone(),
+                om: l.object_manager_address.clone(),
+                nm: l.node_address.clone(),
+            }],
+        },
+        None => return None,
+    })
 }
 
 /// Where a task's state changed (for its task event).
