@@ -404,7 +404,20 @@ fn rayctl_lists_actors_tasks_objects_and_placement_groups() -> Result<()> {
         "{stuck}"
     );
 
-    let tasks = rayctl_json(&c, &["list", "tasks", "--limit", "1000"])?;
+    // Owners report task events about once a second: wait until the last ones are in.
+    let tasks = wait_for(
+        "the driver's task events on its node",
+        Duration::from_secs(60),
+        || {
+            let t = rayctl_json(&c, &["list", "tasks", "--limit", "1000"]).ok()?;
+            let done = t
+                .as_array()?
+                .iter()
+                .filter(|x| x["state"] == "FINISHED" || x["state"] == "FAILED")
+                .count();
+            (done >= 9).then_some(t)
+        },
+    )?;
     let tasks = tasks.as_array().context("tasks")?;
     let named = |n: &str, st: &str| {
         tasks
