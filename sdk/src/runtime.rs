@@ -437,11 +437,32 @@ async fn driver_channel(rt: Arc<Runtime>) {
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut c = rt.nm(&rt.node.address);
-    let r = tokio::spawn(async move { c.worker_channel(stream).await });
+    // The call returns as soon as the node answers; the channel lasts until its reply
+    // stream ends, so `r` finishes only when the channel is gone.
+    let mut r = tokio::spawn(async move {
+        let mut replies = c.worker_channel(stream).await?.into_inner();
+        while replies.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    });
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if !rt.report(&tx) || r.is_finished() {
-            return;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if !rt.report(&tx) {
+                    return;
+                }
+            }
+            end = &mut r => {
+                let why = match end {
+                    Ok(Ok(())) => "the node closed it".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(
+                    node = %rt.node.address,
+                    "the channel to this driver's node ended ({why}): task events are no longer reported"
+                );
+                return;
+            }
         }
     }
 }

@@ -382,6 +382,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         "introspect" => {
             // Something of each kind for `rayctl list`, `summary` and `memory` to show.
+            // First outlive the driver's first report (after one second), so the test sees
+            // that reporting goes on past it (it once stopped there).
+            std::thread::sleep(Duration::from_millis(1500));
             let c = Counter::remote_with(&ActorOptions::default().name("intro"), 0i64)?;
             for _ in 0..3 {
                 sdk::get(&c.incr(1i64))?;
