@@ -466,10 +466,41 @@ fn rayctl_lists_actors_tasks_objects_and_placement_groups() -> Result<()> {
         "{objects}"
     );
 
-    let pgs = rayctl_json(&c, &["list", "placement-groups"])?;
+    let pgs = rayctl_json(
+        &c,
+        &["list", "placement-groups", "--filter", "name=intro-pg"],
+    )?;
+    assert_eq!(pgs.as_array().map(Vec::len), Some(1), "{pgs}");
     assert_eq!(pgs[0]["placement_group_id"], pg.as_str(), "{pgs}");
     assert_eq!(pgs[0]["state"], "CREATED");
-    assert_eq!(pgs[0]["name"], "intro-pg");
+    let stuck = rayctl_json(
+        &c,
+        &["list", "placement-groups", "--filter", "state=PENDING"],
+    )?;
+    assert_eq!(stuck.as_array().map(Vec::len), Some(1), "{stuck}");
+    assert_eq!(stuck[0]["name"], "intro-stuck", "{stuck}");
+
+    // The actor and the group that wait are the cluster's pending demand, by kind (the
+    // managers' rounds set why they wait, so poll).
+    let demand = wait_for(
+        "the waiting actor and group in the cluster's demand",
+        Duration::from_secs(30),
+        || {
+            let d = c.status(None).ok()?["pending_demand"].clone();
+            let of = |kind: &str| {
+                d.as_array()?
+                    .iter()
+                    .find(|x| x["kind"] == kind && x["shape"]["unobtainium"] == 1.0)
+                    .cloned()
+            };
+            let actor = of("actor")?;
+            let group = of("placement_group:STRICT_SPREAD")?;
+            (actor["infeasible"] == 1 && group["infeasible"] == 2).then_some(d)
+        },
+    )?;
+    for d in demand.as_array().context("demand")? {
+        assert_eq!(d["queued"], 0, "nothing here waits only for room: {demand}");
+    }
 
     let mem = rayctl_json(&c, &["memory"])?;
     let driver_pid = r["pid"].as_u64().context("pid")?;

@@ -264,32 +264,59 @@ impl HeadShared {
         Ok(c)
     }
 
-    /// The live nodes' reported demand, summed by shape.
+    /// What waits for resources, summed by kind and shape: the tasks queued on live nodes
+    /// (from their heartbeats), the actors waiting for a node and the bundles of the
+    /// placement groups waiting to be placed (from the managers' last rounds).
     fn pending_demand(&self) -> Vec<pb::ResourceDemand> {
-        let alive: BTreeSet<NodeId> = self
-            .state
-            .read()
-            .state
-            .alive_nodes()
-            .map(|n| n.node_id)
-            .collect();
+        let st = self.state.read();
+        let state = &st.state;
+        let alive: BTreeSet<NodeId> = state.alive_nodes().map(|n| n.node_id).collect();
         let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by_shape: BTreeMap<String, pb::ResourceDemand> = BTreeMap::new();
+        let mut by_shape: BTreeMap<(String, String), pb::ResourceDemand> = BTreeMap::new();
+        let mut add = |kind: &str, shape: &state::Resources, queued: u32, infeasible: u32| {
+            if shape.values().all(|v| *v <= 0.0) {
+                return;
+            }
+            let e = by_shape
+                .entry((kind.to_owned(), format!("{shape:?}")))
+                .or_insert_with(|| pb::ResourceDemand {
+                    shape: shape.clone().into_iter().collect(),
+                    kind: kind.to_owned(),
+                    ..Default::default()
+                });
+            e.queued += queued;
+            e.infeasible += infeasible;
+        };
         for (node, demands) in &soft.demand {
             if !alive.contains(node) {
                 continue;
             }
             for d in demands {
-                let shape: BTreeMap<&String, &f64> = d.shape.iter().collect();
-                let e =
-                    by_shape
-                        .entry(format!("{shape:?}"))
-                        .or_insert_with(|| pb::ResourceDemand {
-                            shape: d.shape.clone(),
-                            ..Default::default()
-                        });
-                e.queued += d.queued;
-                e.infeasible += d.infeasible;
+                let shape = d.shape.clone().into_iter().collect();
+                add("task", &shape, d.queued, d.infeasible);
+            }
+        }
+        let infeasible = |m: Option<&String>| m.is_some_and(|m| m.starts_with("infeasible"));
+        for a in state.actors.values() {
+            let waiting = matches!(
+                a.state,
+                state::ActorState::PendingCreation | state::ActorState::Restarting
+            ) && a.node_id.is_none();
+            if waiting {
+                let inf = infeasible(soft.actor_messages.get(&a.actor_id));
+                add("actor", &a.spec.resources, u32::from(!inf), u32::from(inf));
+            }
+        }
+        for p in state.placement_groups.values() {
+            if matches!(
+                p.state,
+                state::PgState::Pending | state::PgState::Rescheduling
+            ) {
+                let inf = infeasible(soft.pg_messages.get(&p.pg_id));
+                let kind = format!("placement_group:{}", p.strategy.name());
+                for b in &p.bundles {
+                    add(&kind, b, u32::from(!inf), u32::from(inf));
+                }
             }
         }
         by_shape.into_values().collect()

@@ -165,6 +165,18 @@ pub enum PgStrategy {
     StrictSpread,
 }
 
+impl PgStrategy {
+    /// Ray's name of the strategy.
+    pub fn name(self) -> &'static str {
+        match self {
+            PgStrategy::Pack => "PACK",
+            PgStrategy::Spread => "SPREAD",
+            PgStrategy::StrictPack => "STRICT_PACK",
+            PgStrategy::StrictSpread => "STRICT_SPREAD",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PgState {
     Pending,

@@ -231,6 +231,7 @@ impl Leases {
                 shape: shape_map(&k),
                 queued,
                 infeasible,
+                kind: "task".into(),
             })
             .collect()
     }

@@ -73,6 +73,7 @@ pub(crate) fn status_json(s: &pb::ClusterStatus) -> Value {
         }).collect::<Vec<_>>(),
         "pending_demand": s.pending_demand.iter().map(|d| json!({
             "shape": sorted(&d.shape),
+            "kind": d.kind,
             "queued": d.queued,
             "infeasible": d.infeasible,
         })).collect::<Vec<_>>(),
@@ -169,8 +170,12 @@ fn status_text(s: &pb::ClusterStatus) -> String {
             .collect();
         let _ = writeln!(
             o,
-            " {{{}}}: {} queued, {} infeasible",
+            " {{{}}} {}: {} queued, {} infeasible",
             shape.join(", "),
+            match d.kind.strip_prefix("placement_group:") {
+                Some(strategy) => format!("placement group ({strategy})"),
+                None => d.kind.clone(),
+            },
             d.queued,
             d.infeasible
         );
@@ -280,4 +285,43 @@ pub(crate) async fn raft(cmd: RaftCommand) -> anyhow::Result<ExitCode> {
     };
     print_peers(&peers, args.output)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demands_name_what_waits() {
+        let demand = |kind: &str, queued, infeasible| pb::ResourceDemand {
+            shape: [("CPU".to_string(), 2.0)].into_iter().collect(),
+            queued,
+            infeasible,
+            kind: kind.into(),
+        };
+        let s = pb::ClusterStatus {
+            pending_demand: vec![
+                demand("task", 3, 0),
+                demand("actor", 0, 1),
+                demand("placement_group:STRICT_SPREAD", 2, 0),
+            ],
+            ..Default::default()
+        };
+        let text = status_text(&s);
+        assert!(
+            text.contains(" {CPU: 2} task: 3 queued, 0 infeasible"),
+            "{text}"
+        );
+        assert!(
+            text.contains(" {CPU: 2} actor: 0 queued, 1 infeasible"),
+            "{text}"
+        );
+        assert!(
+            text.contains(" {CPU: 2} placement group (STRICT_SPREAD): 2 queued, 0 infeasible"),
+            "{text}"
+        );
+        assert!(!text.contains("no resource demands"), "{text}");
+        let empty = status_text(&pb::ClusterStatus::default());
+        assert!(empty.contains("(no resource demands)"), "{empty}");
+    }
 }

@@ -403,6 +403,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &PlacementGroupOptions::new(PlacementStrategy::Pack).name("intro-pg"),
             )?;
             pg.ready(Duration::from_secs(60))?;
+            // A group no node can hold waits (its bundles are reported as demand).
+            let rare = [("unobtainium".to_string(), 1.0)]
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>();
+            let _stuck_pg = sdk::placement_group(
+                vec![rare.clone(), rare],
+                &PlacementGroupOptions::new(PlacementStrategy::StrictSpread).name("intro-stuck"),
+            )?;
             // Let the task events reach the node (reported every second).
             std::thread::sleep(Duration::from_millis(2500));
             result(
