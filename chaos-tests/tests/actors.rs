@@ -142,6 +142,48 @@ fn actors_die_with_their_owner_unless_detached() -> Result<()> {
     Ok(())
 }
 
+/// Dropping the last handle to an unnamed actor ends it once the calls made through it have
+/// returned; a clone of the handle keeps it alive, and so does a name.
+#[test]
+fn an_unnamed_actor_ends_with_its_last_handle() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
+    let mut d = Driver::start(driver_bin(), &c, &["scope"], &[])?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(r["first"], 1, "a call made before the drop returns: {r}");
+    let gone = r["gone"].as_str().context("gone")?.to_owned();
+    let info = wait_for(
+        "the actor without handles to end",
+        Duration::from_secs(60),
+        || {
+            actor(&c, &gone)
+                .ok()
+                .filter(|a| a.state == pb::ActorState::Dead as i32)
+        },
+    )?;
+    assert!(info.message.contains("every handle"), "{info:?}");
+    for kept in ["kept", "named"] {
+        let id = r[kept].as_str().context("id")?;
+        let a = actor(&c, id)?;
+        assert_eq!(a.state, pb::ActorState::Alive as i32, "{kept}: {a:?}");
+    }
+    let kept = r["kept"].as_str().context("kept")?.to_owned();
+    d.send_line("")?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(r["copy"], 15, "{r}");
+    d.finish(Duration::from_secs(60))?;
+    // The driver dropped its clone on its way out: that actor ends too.
+    wait_for("the kept actor to end", Duration::from_secs(60), || {
+        actor(&c, &kept)
+            .ok()
+            .filter(|a| a.state == pb::ActorState::Dead as i32)
+    })?;
+    Ok(())
+}
+
 /// kill -9 of the node hosting an actor with max_restarts=1: it restarts on the other node
 /// and calls resume; a second kill leaves no restart and calls fail with ActorDied.
 #[test]

@@ -143,7 +143,8 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
     .with_context(|| last.borrow().clone())?;
 
     // Actors and placement groups: a driver makes both and exits; its two actors (not
-    // detached; one never placed) die and its group is removed with it.
+    // detached; one never placed) die and its two groups (one never placed) are removed
+    // with it.
     let out = Command::new(env!("CARGO_BIN_EXE_actor_driver"))
         .arg("introspect")
         .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
@@ -166,7 +167,7 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
                 "dead actors {dead:?}, removed groups {removed:?}, restarts series {}",
                 restarts.len()
             );
-            (dead == [2.0] && removed == [1.0] && restarts.len() == 1).then_some(())
+            (dead == [2.0] && removed == [2.0] && restarts.len() == 1).then_some(())
         },
     )
     .with_context(|| last.borrow().clone())?;

@@ -302,6 +302,12 @@ pub(crate) async fn kill(
     r: pb::KillActorRequest,
 ) -> Result<pb::ActorInfo, Status> {
     check_id(&r.actor_id)?;
+    if r.reason.len() > 200 {
+        return Err(invalid(format!(
+            "a kill reason is at most 200 bytes, not {}",
+            r.reason.len()
+        )));
+    }
     for _ in 0..5 {
         shared.linearizable().await?;
         let (restarts, dead, node) = {
@@ -316,15 +322,15 @@ pub(crate) async fn kill(
             (a.num_restarts, a.state == ActorState::Dead, node)
         };
         if !dead {
-            let reason = if r.no_restart {
-                "killed (no restart)"
-            } else {
-                "killed; restarting if restarts are left"
+            let reason = match (r.no_restart, r.reason.as_str()) {
+                (true, "") => "killed (no restart)".to_owned(),
+                (true, why) => format!("killed: {why}"),
+                (false, _) => "killed; restarting if restarts are left".to_owned(),
             };
             let cmd = Command::ActorDied {
                 actor_id: r.actor_id.clone(),
                 num_restarts: restarts,
-                reason: reason.into(),
+                reason,
                 no_restart: r.no_restart,
             };
             match shared.propose(cmd).await? {

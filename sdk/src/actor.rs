@@ -205,9 +205,36 @@ impl From<&pb::ActorInfo> for ActorInfo {
 }
 
 /// An untyped handle; `#[actor]` types wrap it in a typed one with a method per method.
+///
+/// An unnamed, non-detached actor lives as long as the handles to it in the process that
+/// created it (as in Ray): when the last one is dropped, the actor is killed once the calls
+/// made through them have returned. Named actors can be looked up by other processes, which
+/// this process does not count, so they live until killed, until their owner exits or until
+/// their job ends; detached actors until killed.
 #[derive(Clone)]
 pub struct ActorHandle {
     pub(crate) inner: Arc<ActorRef>,
+    scope: Option<Arc<Scope>>,
+}
+
+/// Shared by the handles that keep an actor alive; dropping the last one ends the actor.
+struct Scope {
+    id: String,
+    /// Killed for good through a handle already: nothing left to do.
+    killed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if self.killed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(rt) = runtime::current() {
+            let _ = rt
+                .submit_tx
+                .send(crate::submit::Event::ActorOutOfScope(self.id.clone()));
+        }
+    }
 }
 
 /// What the submitter needs to call an actor.
@@ -292,12 +319,16 @@ impl ActorHandle {
         let req = pb::KillActorRequest {
             actor_id: self.inner.id.clone(),
             no_restart,
+            reason: String::new(),
         };
         rt.block_on(rt.head()?.call(|mut c| {
             let req = req.clone();
             async move { c.kill_actor(req).await }
         }))
         .map_err(|e| Error::Rpc(e.to_string()))?;
+        if no_restart && let Some(s) = &self.scope {
+            s.killed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -363,6 +394,7 @@ pub fn get_actor(name: &str, namespace: Option<&str>) -> Result<ActorHandle, Err
             class_name: i.class_name,
             max_task_retries: i.max_task_retries,
         }),
+        scope: None,
     })
 }
 
@@ -432,11 +464,22 @@ pub(crate) fn create(
             i.class_name
         )));
     }
+    // Only the handles of an actor made here, unnamed and not detached, end it when dropped.
+    let scoped = i.actor_id == req.actor_id
+        && opts.name.as_deref().is_none_or(str::is_empty)
+        && !opts.detached;
+    let scope = scoped.then(|| {
+        Arc::new(Scope {
+            id: i.actor_id.clone(),
+            killed: Default::default(),
+        })
+    });
     Ok(ActorHandle {
         inner: Arc::new(ActorRef {
             id: i.actor_id,
             class_name: i.class_name,
             max_task_retries: i.max_task_retries,
         }),
+        scope,
     })
 }

@@ -135,6 +135,9 @@ pub(crate) enum Event {
     ActorResolved(String, Box<Result<pb::ActorInfo, String>>),
     /// The arguments of the actor's next call are ready.
     ActorArgsReady(String),
+    /// The last handle that kept the actor alive was dropped: kill it once the calls made
+    /// from here have returned.
+    ActorOutOfScope(String),
 }
 
 /// Calls to one actor from this process: sent in order on one stream.
@@ -150,6 +153,8 @@ struct ActorQueue {
     dead: Option<String>,
     /// In flight when the worker died and not retried: failed once the actor's fate is known.
     orphans: Vec<Task>,
+    /// No handle keeps the actor alive any more: it is killed when no call is left.
+    out_of_scope: bool,
 }
 
 struct ActorConn {
@@ -224,6 +229,7 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<Event>
         dirty_actors.dedup();
         for a in dirty_actors.drain(..) {
             s.dispatch_actor(&a);
+            s.end_if_out_of_scope(&a);
         }
         dirty.sort_by_key(|k| Arc::as_ptr(k) as usize);
         dirty.dedup_by(|a, b| Arc::ptr_eq(a, b));
@@ -241,7 +247,20 @@ impl Submitter {
                 for r in replies {
                     self.actor_reply(conn, r);
                 }
+                if let Some(c) = self.actor_conns.get(&conn)
+                    && c.in_flight.is_empty()
+                {
+                    let id = c.actor_id.clone();
+                    self.end_if_out_of_scope(&id);
+                }
             }
+            Event::ActorOutOfScope(id) => match self.actors.get_mut(&id) {
+                Some(q) => {
+                    q.out_of_scope = true;
+                    self.end_if_out_of_scope(&id);
+                }
+                None => self.end_actor(id),
+            },
             Event::Broken(conn, why) if self.actor_conns.contains_key(&conn) => {
                 if let Some(a) = self.actor_broken(conn, why) {
                     dirty_actors.push(a);
@@ -260,6 +279,7 @@ impl Submitter {
                         min_restarts: 0,
                         dead: None,
                         orphans: Vec::new(),
+                        out_of_scope: false,
                     });
                 q.queue.push_back(*t);
                 dirty_actors.push(actor.id.clone());
@@ -823,6 +843,65 @@ impl Submitter {
             });
         }
         self.send_actor(cid, out);
+    }
+
+    /// Kills an actor no handle keeps alive once no call to it is left (queued, waiting for
+    /// arguments, in flight, or failed and waiting for the actor's fate).
+    fn end_if_out_of_scope(&mut self, id: &str) {
+        let Some(q) = self.actors.get(id) else {
+            return;
+        };
+        let in_flight = q
+            .conn
+            .and_then(|c| self.actor_conns.get(&c))
+            .is_some_and(|c| !c.in_flight.is_empty());
+        if !q.out_of_scope
+            || in_flight
+            || !q.queue.is_empty()
+            || q.waiting_args
+            || !q.orphans.is_empty()
+        {
+            return;
+        }
+        let Some(q) = self.actors.remove(id) else {
+            return;
+        };
+        if let Some(c) = q.conn {
+            // Closing the stream is all the worker needs to hear from this caller.
+            self.actor_conns.remove(&c);
+        }
+        if q.dead.is_none() {
+            self.end_actor(id.to_owned());
+        }
+    }
+
+    /// Kills an actor for good because no handle to it is left (as Ray does).
+    fn end_actor(&self, id: String) {
+        let rt = self.rt.clone();
+        self.rt.spawn(async move {
+            let req = pb::KillActorRequest {
+                actor_id: id.clone(),
+                no_restart: true,
+                reason: "every handle to it was dropped (it was not named or detached)".into(),
+            };
+            let r = match rt.head() {
+                Ok(h) => h
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.kill_actor(req).await }
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = r {
+                tracing::warn!(
+                    actor = id,
+                    "could not end an actor no handle refers to: {e}"
+                );
+            }
+        });
     }
 
     fn send_actor(&mut self, cid: u64, tasks: Vec<pb::TaskSpec>) {

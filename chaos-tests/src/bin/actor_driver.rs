@@ -259,6 +259,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result(
                 serde_json::json!({"owned": owned.handle().actor_id(), "detached": detached.handle().actor_id()}),
             );
+            // Exit holding the handles, as a driver that dies would: the owned actor must die
+            // because its owner did (dropping the handle would end it first).
+            std::mem::forget(owned);
         }
         "many" => {
             // Many actors at once, each in its own worker process.
@@ -466,6 +469,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 out.insert(format!("retries_{retries}"), serde_json::json!({"first": first, "next": next, "restarts": info.num_restarts}));
             }
             result(serde_json::Value::Object(out));
+        }
+        "scope" => {
+            // An unnamed actor ends when its last handle here is dropped, after the calls
+            // made through it; a handle's clone keeps it; a named actor outlives its handle.
+            let c = Counter::remote(0i64)?;
+            let gone = c.handle().actor_id().to_owned();
+            let r = c.incr(1i64);
+            drop(c);
+            let first = sdk::get_timeout(&r, Some(Duration::from_secs(60)))?;
+            let kept = Counter::remote(10i64)?;
+            let copy = kept.clone();
+            let kept_id = kept.handle().actor_id().to_owned();
+            drop(kept);
+            copy.handle().ready(Duration::from_secs(60))?;
+            let named = Counter::remote_with(&ActorOptions::default().name("scoped"), 0i64)?;
+            let named_id = named.handle().actor_id().to_owned();
+            sdk::get(&named.incr(1i64))?;
+            drop(named);
+            result(
+                serde_json::json!({"first": first, "gone": gone, "kept": kept_id, "named": named_id}),
+            );
+            stdin_line();
+            let v = sdk::get_timeout(&copy.incr(5i64), Some(Duration::from_secs(60)))?;
+            result(serde_json::json!({"copy": v}));
         }
         "find" => {
             let c = CounterHandle::get_actor(&arg(1), None)?;
