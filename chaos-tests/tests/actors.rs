@@ -18,6 +18,15 @@ fn run(c: &Cluster, args: &[&str]) -> Result<Value> {
     driver::run(driver_bin(), c, args, &[])
 }
 
+/// Polls until the actor is DEAD (up to a minute).
+fn wait_dead(c: &Cluster, id: &str, what: &str) -> Result<pb::ActorInfo> {
+    wait_for(what, Duration::from_secs(60), || {
+        actor(c, id)
+            .ok()
+            .filter(|a| a.state == pb::ActorState::Dead as i32)
+    })
+}
+
 fn actor(c: &Cluster, id: &str) -> Result<pb::ActorInfo> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -126,15 +135,7 @@ fn actors_die_with_their_owner_unless_detached() -> Result<()> {
     let r = run(&c, &["lifetime"])?;
     let owned = r["owned"].as_str().context("owned")?.to_owned();
     let detached = r["detached"].as_str().context("detached")?.to_owned();
-    let info = wait_for(
-        "the owned actor to die with its driver",
-        Duration::from_secs(60),
-        || {
-            actor(&c, &owned)
-                .ok()
-                .filter(|a| a.state == pb::ActorState::Dead as i32)
-        },
-    )?;
+    let info = wait_dead(&c, &owned, "the owned actor to die with its driver")?;
     assert!(info.message.contains("owner"), "{info:?}");
     assert_eq!(actor(&c, &detached)?.state, pb::ActorState::Alive as i32);
     let r = run(&c, &["find", "keeper"])?;
@@ -155,15 +156,7 @@ fn an_unnamed_actor_ends_with_its_last_handle() -> Result<()> {
     let r = d.result(Duration::from_secs(120))?;
     assert_eq!(r["first"], 1, "a call made before the drop returns: {r}");
     let gone = r["gone"].as_str().context("gone")?.to_owned();
-    let info = wait_for(
-        "the actor without handles to end",
-        Duration::from_secs(60),
-        || {
-            actor(&c, &gone)
-                .ok()
-                .filter(|a| a.state == pb::ActorState::Dead as i32)
-        },
-    )?;
+    let info = wait_dead(&c, &gone, "the actor without handles to end")?;
     assert!(info.message.contains("every handle"), "{info:?}");
     for kept in ["kept", "named"] {
         let id = r[kept].as_str().context("id")?;
@@ -176,11 +169,7 @@ fn an_unnamed_actor_ends_with_its_last_handle() -> Result<()> {
     assert_eq!(r["copy"], 15, "{r}");
     d.finish(Duration::from_secs(60))?;
     // The driver dropped its clone on its way out: that actor ends too.
-    wait_for("the kept actor to end", Duration::from_secs(60), || {
-        actor(&c, &kept)
-            .ok()
-            .filter(|a| a.state == pb::ActorState::Dead as i32)
-    })?;
+    wait_dead(&c, &kept, "the kept actor to end")?;
     Ok(())
 }
 

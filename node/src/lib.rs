@@ -135,6 +135,9 @@ pub(crate) struct NodeShared {
     pub(crate) serve_until: std::sync::Mutex<Option<std::time::Instant>>,
     pub(crate) leases: Arc<leases::Leases>,
     pub(crate) workers: Arc<workers::WorkerPool>,
+    /// Actor incarnations whose `StartActor` is under way here (waiting for their lease or
+    /// worker), so that a second ask waits instead of starting a second copy.
+    pub(crate) actors_starting: std::sync::Mutex<std::collections::HashSet<(String, u64)>>,
 }
 
 pub struct RunningNode {
@@ -299,7 +302,7 @@ impl NodeManager for NodeManagerService {
         &self,
         req: tonic::Request<pb::StartActorRequest>,
     ) -> Result<tonic::Response<pb::StartActorReply>, tonic::Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         let incarnation = self.shared.incarnation.load(Ordering::Acquire);
         if r.node_incarnation != incarnation {
             return Err(tonic::Status::failed_precondition(format!(
@@ -309,6 +312,7 @@ impl NodeManager for NodeManagerService {
         }
         let spec = r
             .spec
+            .take()
             .ok_or_else(|| tonic::Status::invalid_argument("the actor spec is missing"))?;
         // Asked again (a new leader, a lost reply): the same incarnation starts once.
         match self
@@ -332,64 +336,33 @@ impl NodeManager for NodeManagerService {
             }
             None => {}
         }
-        let timeout = std::time::Duration::from_secs(600);
-        let lease_id = self
+        let key = (r.actor_id.clone(), r.num_restarts);
+        if !self
             .shared
-            .leases
-            .request_here(&spec.resources, timeout)
-            .await?;
-        let start = pb::ActorStart {
-            actor_id: r.actor_id.clone(),
-            num_restarts: r.num_restarts,
-            lease_id: lease_id.clone(),
-            class_name: spec.class_name.clone(),
-            constructor: spec.constructor.clone(),
-            max_concurrency: spec.max_concurrency.max(1),
-        };
-        let out = self
-            .shared
-            .workers
-            .start_actor(
-                &spec.binary_sha256,
-                &spec.binary_source,
-                &r.job_id,
-                start,
-                timeout,
-            )
-            .await;
-        let reply = match out {
-            Ok(Ok((worker_id, worker_address, pid))) => {
-                tracing::info!(
-                    actor = r.actor_id,
-                    restarts = r.num_restarts,
-                    worker = worker_id,
-                    "actor started"
-                );
-                pb::StartActorReply {
-                    worker_id,
-                    worker_address,
-                    pid,
-                    creation_error: None,
-                }
-            }
-            Ok(Err(e)) => pb::StartActorReply {
-                creation_error: Some(e),
-                ..Default::default()
-            },
-            Err(e) => {
-                // Nothing holds the lease if no worker took it (a worker that did frees it
-                // when it exits).
-                if self
-                    .shared
-                    .workers
-                    .actor_worker(&r.actor_id, r.num_restarts)
-                    .is_none()
-                {
-                    self.shared.leases.give_back(&lease_id);
-                }
-                return Err(e);
-            }
-        };
+            .actors_starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return Err(tonic::Status::unavailable(format!(
+                "actor {} is still starting here",
+                r.actor_id
+            )));
+        }
+        // In a task of its own: if the caller goes away (a leader that died), the start
+        // still ends with the lease held by the actor's worker or given back, never stranded.
+        let shared = self.shared.clone();
+        let reply = tokio::spawn(async move {
+            let out = start_actor_here(shared.clone(), r, spec).await;
+            shared
+                .actors_starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            out
+        })
+        .await
+        .map_err(|e| tonic::Status::internal(format!("starting the actor failed: {e}")))??;
         Ok(tonic::Response::new(reply))
     }
 
@@ -675,6 +648,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         serve_until: std::sync::Mutex::default(),
         leases,
         workers: pool,
+        actors_starting: std::sync::Mutex::default(),
     });
 
     let agent = Arc::new(jobs::JobAgent::new(
@@ -851,4 +825,65 @@ fn remove_stale(dir: &std::path::Path, prefix: &str, suffix: &str) {
             };
         }
     }
+}
+
+/// Leases the actor's resources here and starts its worker (the rest of `StartActor`).
+async fn start_actor_here(
+    shared: Arc<NodeShared>,
+    r: pb::StartActorRequest,
+    spec: pb::ActorSpec,
+) -> Result<pb::StartActorReply, tonic::Status> {
+    let timeout = std::time::Duration::from_secs(600);
+    let lease_id = shared.leases.request_here(&spec.resources, timeout).await?;
+    let start = pb::ActorStart {
+        actor_id: r.actor_id.clone(),
+        num_restarts: r.num_restarts,
+        lease_id: lease_id.clone(),
+        class_name: spec.class_name.clone(),
+        constructor: spec.constructor.clone(),
+        max_concurrency: spec.max_concurrency.max(1),
+    };
+    let out = shared
+        .workers
+        .start_actor(
+            &spec.binary_sha256,
+            &spec.binary_source,
+            &r.job_id,
+            start,
+            timeout,
+        )
+        .await;
+    let reply = match out {
+        Ok(Ok((worker_id, worker_address, pid))) => {
+            tracing::info!(
+                actor = r.actor_id,
+                restarts = r.num_restarts,
+                worker = worker_id,
+                "actor started"
+            );
+            pb::StartActorReply {
+                worker_id,
+                worker_address,
+                pid,
+                creation_error: None,
+            }
+        }
+        Ok(Err(e)) => pb::StartActorReply {
+            creation_error: Some(e),
+            ..Default::default()
+        },
+        Err(e) => {
+            // Nothing holds the lease if no worker took it (a worker that did frees it
+            // when it exits).
+            if shared
+                .workers
+                .actor_worker(&r.actor_id, r.num_restarts)
+                .is_none()
+            {
+                shared.leases.give_back(&lease_id);
+            }
+            return Err(e);
+        }
+    };
+    Ok(reply)
 }
