@@ -161,3 +161,97 @@ fn leases_spill_back_queue_time_out_and_report_demand() -> Result<()> {
     assert!(bad.is_err_and(|e| e.to_string().contains("CPU")));
     Ok(())
 }
+
+/// A `StartActor` whose caller goes away mid-start (a leader that died) must not strand the
+/// actor's lease. Here the actor's binary comes from a "node" that takes connections and
+/// never answers (as a frozen node does), the call is cancelled after 300 ms, while the node
+/// holds the lease and waits for the binary, and the node gives the lease back once that
+/// fetch fails (about 10 s here: the HTTP/2 handshake fails).
+#[test]
+fn a_start_actor_cancelled_mid_start_gives_its_lease_back() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        ..Default::default()
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let n0_id = c.nodes[0].ready["node_id"]
+        .as_str()
+        .context("node id")?
+        .to_owned();
+    let n0 = c.nodes[0].ready["address"]
+        .as_str()
+        .context("address")?
+        .to_owned();
+    let node = |c: &Cluster| -> Option<serde_json::Value> {
+        let s = c.status(None).ok()?;
+        s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["node_id"] == n0_id.as_str() && n["state"] == "ALIVE")
+            .cloned()
+    };
+    // A resource fully in use is left out of the available ones.
+    let free = |c: &Cluster| {
+        Some(
+            node(c)?["resources_available"]["node0"]
+                .as_f64()
+                .unwrap_or(0.0),
+        )
+    };
+    let incarnation = wait_for(
+        "node 0 with its resource free",
+        Duration::from_secs(60),
+        || {
+            let n = node(&c)?;
+            (n["resources_available"]["node0"] == 1.0).then_some(n["incarnation"].as_u64()?)
+        },
+    )?;
+
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let class = "nowhere::Nothing".to_string();
+    let req = pb::StartActorRequest {
+        actor_id: "ab".repeat(16),
+        num_restarts: 0,
+        node_incarnation: incarnation,
+        job_id: String::new(),
+        spec: Some(pb::ActorSpec {
+            class_name: class.clone(),
+            constructor: Some(pb::TaskSpec {
+                task_id: vec![0; 20],
+                function: class,
+                ..Default::default()
+            }),
+            resources: [("node0".to_string(), 1.0)].into_iter().collect(),
+            binary_sha256: "0".repeat(64),
+            binary_source: silent.local_addr()?.to_string(),
+            max_concurrency: 1,
+            ..Default::default()
+        }),
+    };
+    let opts = ClientOptions {
+        rpc_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let r = rt.block_on(async {
+        let mut nm = protocol::client::node_manager(&n0, c.auth(), &opts)?;
+        anyhow::Ok(nm.start_actor(req).await)
+    })?;
+    assert!(
+        r.is_err(),
+        "its binary never comes, so it cannot start: {r:?}"
+    );
+    wait_for("the lease to be taken", Duration::from_secs(30), || {
+        (free(&c)? == 0.0).then_some(())
+    })?;
+    wait_for(
+        "the lease to be given back once the fetch fails",
+        Duration::from_secs(120),
+        || (free(&c)? == 1.0).then_some(()),
+    )?;
+    drop(silent);
+    Ok(())
+}

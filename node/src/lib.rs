@@ -873,6 +873,12 @@ async fn start_actor_here(
             ..Default::default()
         },
         Err(e) => {
+            tracing::warn!(
+                actor = r.actor_id,
+                restarts = r.num_restarts,
+                "could not start the actor: {}",
+                e.message()
+            );
             // Nothing holds the lease if no worker took it (a worker that did frees it
             // when it exits).
             if shared
