@@ -32,6 +32,24 @@ async fn lease(c: &Cluster, addr: &str, r: pb::LeaseRequest) -> Result<pb::Lease
     Ok(nm.request_worker_lease(r).await?.into_inner())
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Worker node `i`'s id and node manager address.
+fn node(c: &Cluster, i: usize) -> Result<(String, String)> {
+    let field = |k: &str| {
+        c.nodes[i].ready[k]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("node {i}'s {k}"))
+    };
+    Ok((field("node_id")?, field("address")?))
+}
+
 fn outcome(r: &pb::LeaseReply) -> pb::LeaseOutcome {
     pb::LeaseOutcome::try_from(r.outcome).unwrap_or(pb::LeaseOutcome::Unspecified)
 }
@@ -43,22 +61,12 @@ fn leases_spill_back_queue_time_out_and_report_demand() -> Result<()> {
         nodes: 2,
         ..Default::default()
     })?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let head_node = format!(
         "127.0.0.1:{}",
         c.heads[0].ready["node"]["node_manager_port"]
     );
-    let n1_id = c.nodes[1].ready["node_id"]
-        .as_str()
-        .context("node id")?
-        .to_owned();
-    let n1 = c.nodes[1].ready["address"]
-        .as_str()
-        .context("address")?
-        .to_owned();
+    let (n1_id, n1) = node(&c, 1)?;
     // The head's node learns the others' resources through the leader.
     wait_for(
         "the head's node to know node 1",
@@ -174,19 +182,9 @@ fn a_start_actor_cancelled_mid_start_gives_its_lease_back() -> Result<()> {
         nodes: 1,
         ..Default::default()
     })?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let n0_id = c.nodes[0].ready["node_id"]
-        .as_str()
-        .context("node id")?
-        .to_owned();
-    let n0 = c.nodes[0].ready["address"]
-        .as_str()
-        .context("address")?
-        .to_owned();
-    let node = |c: &Cluster| -> Option<serde_json::Value> {
+    let rt = runtime()?;
+    let (n0_id, n0) = node(&c, 0)?;
+    let status_of = |c: &Cluster| -> Option<serde_json::Value> {
         let s = c.status(None).ok()?;
         s["nodes"]
             .as_array()?
@@ -197,7 +195,7 @@ fn a_start_actor_cancelled_mid_start_gives_its_lease_back() -> Result<()> {
     // A resource fully in use is left out of the available ones.
     let free = |c: &Cluster| {
         Some(
-            node(c)?["resources_available"]["node0"]
+            status_of(c)?["resources_available"]["node0"]
                 .as_f64()
                 .unwrap_or(0.0),
         )
@@ -206,7 +204,7 @@ fn a_start_actor_cancelled_mid_start_gives_its_lease_back() -> Result<()> {
         "node 0 with its resource free",
         Duration::from_secs(60),
         || {
-            let n = node(&c)?;
+            let n = status_of(&c)?;
             (n["resources_available"]["node0"] == 1.0).then_some(n["incarnation"].as_u64()?)
         },
     )?;
