@@ -104,10 +104,7 @@ fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             }
         }
     }
-    let ret = match &sig.output {
-        ReturnType::Default => quote!(()),
-        ReturnType::Type(_, t) => quote!(#t),
-    };
+    let ret = return_type(sig);
     let Generated {
         params,
         names,
@@ -257,10 +254,7 @@ fn expand_actor(imp: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
                 }
                 let mutable = r.mutability.is_some();
                 let tys = typed_params(sig, "method")?;
-                let ret = match &sig.output {
-                    ReturnType::Default => quote!(()),
-                    ReturnType::Type(_, t) => quote!(#t),
-                };
+                let ret = return_type(sig);
                 let Generated {
                     params,
                     names,
@@ -388,4 +382,12 @@ fn expand_actor(imp: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
         }
         #(#regs)*
     })
+}
+
+/// What a function returns, `()` when it names nothing.
+fn return_type(sig: &syn::Signature) -> proc_macro2::TokenStream {
+    match &sig.output {
+        ReturnType::Default => quote!(()),
+        ReturnType::Type(_, t) => quote!(#t),
+    }
 }
