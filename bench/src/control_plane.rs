@@ -140,6 +140,15 @@ fn head_start_s(smoke: bool) -> Result<f64> {
             std::process::Command::new(&bin)
                 .args(args)
                 .env("RAYCTL_TMPDIR", tmp.path())
+                .env(
+                    protocol::auth::AUTH_TOKEN_PATH_ENV,
+                    tmp.path().join("auth_token"),
+                )
+                .env(
+                    protocol::auth::PEER_SECRET_PATH_ENV,
+                    tmp.path().join("peer_secret"),
+                )
+                .env_remove(protocol::AUTH_TOKEN_ENV)
                 .env_remove(protocol::ADDRESS_ENV)
                 .output()
         };

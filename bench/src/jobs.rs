@@ -18,9 +18,14 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn submit(a: &ureq::Agent, base: &str, entrypoint: &str) -> Result<String> {
+fn bearer(c: &Cluster) -> String {
+    format!("Bearer {}", c.token.as_deref().unwrap_or_default())
+}
+
+fn submit(a: &ureq::Agent, auth: &str, base: &str, entrypoint: &str) -> Result<String> {
     let mut r = a
         .post(format!("{base}/api/jobs/"))
+        .header("authorization", auth)
         .send_json(json!({ "entrypoint": entrypoint }))?;
     let v: Value = serde_json::from_str(&r.body_mut().read_to_string()?)?;
     if r.status() != 200 {
@@ -32,8 +37,11 @@ fn submit(a: &ureq::Agent, base: &str, entrypoint: &str) -> Result<String> {
         .context("no submission_id")
 }
 
-fn status(a: &ureq::Agent, base: &str, id: &str) -> Result<String> {
-    let mut r = a.get(format!("{base}/api/jobs/{id}")).call()?;
+fn status(a: &ureq::Agent, auth: &str, base: &str, id: &str) -> Result<String> {
+    let mut r = a
+        .get(format!("{base}/api/jobs/{id}"))
+        .header("authorization", auth)
+        .call()?;
     let v: Value = serde_json::from_str(&r.body_mut().read_to_string()?)?;
     Ok(v["status"].as_str().unwrap_or("").to_owned())
 }
@@ -47,14 +55,15 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     c.wait_leader(Duration::from_secs(30))?;
     let base = format!("http://127.0.0.1:{}", c.heads[0].ready["dashboard_port"]);
     let a = agent();
+    let auth = bearer(&c);
 
     let n = if smoke { 5 } else { 50 };
     let mut ms = Vec::with_capacity(n);
     for _ in 0..n {
         let start = Instant::now();
-        let id = submit(&a, &base, "echo hi")?;
+        let id = submit(&a, &auth, &base, "echo hi")?;
         loop {
-            match status(&a, &base, &id)?.as_str() {
+            match status(&a, &auth, &base, &id)?.as_str() {
                 "SUCCEEDED" => break,
                 "FAILED" | "STOPPED" => bail!("job {id} did not succeed"),
                 _ if start.elapsed() > Duration::from_secs(60) => bail!("job {id} took over 60 s"),
@@ -70,7 +79,7 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
     let m = if smoke { 50 } else { 1000 };
     let start = Instant::now();
     for _ in 0..m {
-        submit(&a, &base, "true")?;
+        submit(&a, &auth, &base, "true")?;
     }
     emit(
         "jobs_accepted_per_s",

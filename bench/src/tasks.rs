@@ -64,6 +64,10 @@ pub(crate) fn run(smoke: bool, tasks: bool, actors: bool) -> Result<()> {
     // SAFETY: set before the SDK starts any thread that reads the environment.
     unsafe {
         std::env::set_var("RAYCTL_TMPDIR", c.path());
+        std::env::set_var(
+            protocol::AUTH_TOKEN_ENV,
+            c.token.as_deref().unwrap_or_default(),
+        );
     }
     let session = sdk::init_with(sdk::Config {
         address: Some(c.head_addrs.join(",")),

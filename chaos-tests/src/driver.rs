@@ -27,9 +27,9 @@ impl Drop for Driver {
 impl Driver {
     pub fn start(bin: &str, c: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let mut cmd = Command::new(bin);
+        c.client_env(&mut cmd);
         cmd.args(args)
             .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
-            .env("RAYCTL_TMPDIR", c.path())
             .env_remove("RAYCTL_NODE_ADDRESS")
             .env_remove("RAYCTL_WORKER_ID")
             .env_remove("RAYCTL_REMOTE")

@@ -42,21 +42,6 @@ pub fn rayctl_bin() -> Result<PathBuf> {
 }
 
 /// A free loopback port (bound once, then released for the process to take).
-/// The value of the first series of a process's `/metrics` (on `port`) that starts with
-/// `name` (a metric name, or a name with labels).
-pub fn metric(port: u64, name: &str) -> Option<f64> {
-    let mut resp = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?;
-    let text = resp.body_mut().read_to_string().ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name))?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()
-}
-
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -122,6 +107,9 @@ impl Proc {
 pub struct ClusterOptions {
     pub heads: usize,
     pub nodes: usize,
+    /// A token the test chose (given to every daemon with `--auth-token-file`). None: the
+    /// default, as a user gets it: the first head generates one at `RAYCTL_AUTH_TOKEN_PATH`
+    /// (the cluster's temp dir) and every other process finds it there.
     pub token: Option<String>,
     pub health_period: Duration,
     pub health_threshold: u32,
@@ -156,7 +144,10 @@ pub struct Cluster {
     pub heads: Vec<Proc>,
     pub nodes: Vec<Proc>,
     pub head_addrs: Vec<String>,
+    /// The cluster token (the test's, or the one the first head generated).
     pub token: Option<String>,
+    /// Extra environment of every daemon (e.g. `RAYCTL_AUTH_MODE=disabled`).
+    pub daemon_env: Vec<(String, String)>,
     bin: PathBuf,
 }
 
@@ -207,6 +198,7 @@ impl Cluster {
             nodes: Vec::new(),
             head_addrs: head_addrs.clone(),
             token: opts.token.clone(),
+            daemon_env: Vec::new(),
             bin,
         };
         let token_args = match &opts.token {
@@ -238,6 +230,15 @@ impl Cluster {
             let p = c.spawn(&format!("head-{i}"), args)?;
             c.heads.push(p);
         }
+        // Nodes find the token the heads generated: start them once it exists.
+        for i in 0..c.heads.len() {
+            c.wait_ready(true, i)?;
+        }
+        if c.token.is_none() {
+            let t = std::fs::read_to_string(c.token_path())
+                .context("the first head did not generate a cluster token")?;
+            c.token = Some(t.trim().to_owned());
+        }
         for i in 0..opts.nodes {
             let mut args = vec![
                 format!("--address={}", head_addrs.join(",")),
@@ -261,13 +262,47 @@ impl Cluster {
             let p = c.spawn(&format!("node-{i}"), args)?;
             c.nodes.push(p);
         }
-        for i in 0..c.heads.len() {
-            c.wait_ready(true, i)?;
-        }
         for i in 0..c.nodes.len() {
             c.wait_ready(false, i)?;
         }
         Ok(c)
+    }
+
+    /// Where the heads of this cluster generate its token (`RAYCTL_AUTH_TOKEN_PATH`).
+    pub fn token_path(&self) -> PathBuf {
+        self.dir.path().join("auth_token")
+    }
+
+    /// Where the heads of this cluster keep their peer secret (`RAYCTL_PEER_SECRET_PATH`).
+    pub fn peer_secret_path(&self) -> PathBuf {
+        self.dir.path().join("peer_secret")
+    }
+
+    /// A client process of this cluster: its session root and its token in the environment.
+    pub fn client_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("RAYCTL_TMPDIR", self.dir.path())
+            .env_remove(protocol::auth::AUTH_TOKEN_PATH_ENV)
+            .env_remove(protocol::auth::PEER_SECRET_PATH_ENV);
+        match &self.token {
+            Some(t) => cmd.env(protocol::AUTH_TOKEN_ENV, t),
+            None => cmd.env_remove(protocol::AUTH_TOKEN_ENV),
+        }
+    }
+
+    /// The value of the first series of a process's `/metrics` (on `port`) that starts with
+    /// `name` (a metric name, or a name with labels).
+    pub fn metric(&self, port: u64, name: &str) -> Option<f64> {
+        let mut req = ureq::get(&format!("http://127.0.0.1:{port}/metrics"));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let text = req.call().ok()?.body_mut().read_to_string().ok()?;
+        text.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .last()?
+            .parse()
+            .ok()
     }
 
     fn spawn(&self, name: &str, mut args: Vec<String>) -> Result<Proc> {
@@ -307,8 +342,15 @@ impl Cluster {
         let child = Command::new(&self.bin)
             .args(&p.args)
             .env("RAYCTL_TMPDIR", self.dir.path())
+            .env(protocol::auth::AUTH_TOKEN_PATH_ENV, self.token_path())
+            .env(
+                protocol::auth::PEER_SECRET_PATH_ENV,
+                self.peer_secret_path(),
+            )
             .env_remove(protocol::AUTH_TOKEN_ENV)
+            .env_remove(protocol::auth::AUTH_MODE_ENV)
             .env_remove(protocol::ADDRESS_ENV)
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -415,13 +457,7 @@ impl Cluster {
     /// Runs `rayctl ARGS` against this cluster and returns (exit code, stdout, stderr).
     pub fn rayctl(&self, args: &[&str]) -> Result<(i32, String, String)> {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(args)
-            .env("RAYCTL_TMPDIR", self.dir.path())
-            .env_remove(protocol::ADDRESS_ENV);
-        match &self.token {
-            Some(t) => cmd.env(protocol::AUTH_TOKEN_ENV, t),
-            None => cmd.env_remove(protocol::AUTH_TOKEN_ENV),
-        };
+        self.client_env(cmd.args(args).env_remove(protocol::ADDRESS_ENV));
         let out = cmd.output().context("run rayctl")?;
         Ok((
             out.status.code().unwrap_or(-1),

@@ -304,7 +304,7 @@ fn killing_the_leader_during_actor_creation_loses_none_and_doubles_none() -> Res
     // One worker process per actor on the node: no second copy was started.
     let port = n["metrics_export_port"].as_u64().context("metrics port")?;
     wait_for("20 leased workers", Duration::from_secs(30), || {
-        (chaos_tests::metric(port, "rayctl_workers{state=\"leased\"}")? == 20.0).then_some(())
+        (c.metric(port, "rayctl_workers{state=\"leased\"}")? == 20.0).then_some(())
     })?;
     Ok(())
 }

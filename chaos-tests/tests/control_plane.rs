@@ -330,7 +330,10 @@ fn a_stopped_leader_cannot_acknowledge_writes_or_serve_stale_reads() -> Result<(
         ..Default::default()
     };
     let channel = protocol::client::channel(&c.head_addrs[old], &direct_opts)?;
-    let mut direct = pb::control_plane_client::ControlPlaneClient::new(channel);
+    let mut direct = pb::control_plane_client::ControlPlaneClient::with_interceptor(
+        channel,
+        protocol::auth::ClientAuth(c.auth()),
+    );
     let read = rt.block_on(direct.kv_get(pb::KvGetRequest {
         namespace: "test".into(),
         key: b"x".to_vec(),

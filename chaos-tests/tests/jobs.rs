@@ -336,7 +336,7 @@ fn killing_the_leader_disturbs_no_job_and_loses_no_transition() -> Result<()> {
     let apis: Vec<Http> = c
         .heads
         .iter()
-        .map(|h| Http::new(&h.ready["dashboard_port"], None))
+        .map(|h| Http::new(&h.ready["dashboard_port"], c.token.as_deref()))
         .collect();
     // Jobs run on the worker nodes (their custom resources), not on the heads' nodes, since
     // killing a head also kills its node.
@@ -374,8 +374,12 @@ fn killing_the_leader_disturbs_no_job_and_loses_no_transition() -> Result<()> {
             .iter()
             .map(|h| c.heads[*h].ready["dashboard_port"].clone())
             .collect();
+        let token = c.token.clone();
         std::thread::spawn(move || -> Result<()> {
-            let apis: Vec<Http> = ports.iter().map(|p| Http::new(p, None)).collect();
+            let apis: Vec<Http> = ports
+                .iter()
+                .map(|p| Http::new(p, token.as_deref()))
+                .collect();
             for i in 20..40 {
                 let deadline = std::time::Instant::now() + Duration::from_secs(60);
                 loop {
@@ -434,7 +438,7 @@ fn the_death_of_the_driver_node_fails_the_job_or_retries_it() -> Result<()> {
         nodes: 1,
         ..Default::default()
     })?;
-    let api = Http::new(&c.heads[0].ready["dashboard_port"], None);
+    let api = Http::new(&c.heads[0].ready["dashboard_port"], c.token.as_deref());
     for (id, retries) in [("doomed", 0), ("retried", 1)] {
         let body = json!({"entrypoint": "sleep 4; echo finished", "submission_id": id, "max_retries": retries,
                           "entrypoint_resources": {"node0": 0.1}});

@@ -209,7 +209,62 @@ fn a_start_actor_cancelled_mid_start_gives_its_lease_back() -> Result<()> {
         },
     )?;
 
+    // The binary's source must be a live node of the cluster (a node fetches binaries from
+    // nowhere else): register the silent listener as one, a node that accepts connections and
+    // never answers, as a frozen node does, and keep it alive with heartbeats.
     let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let fake = silent.local_addr()?.to_string();
+    let _enter = rt.enter();
+    let head = c.client();
+    let fake_id = "fa".repeat(16);
+    let reg = pb::RegisterNodeRequest {
+        node_id: fake_id.clone(),
+        address: fake.clone(),
+        ..Default::default()
+    };
+    let fake_inc = rt
+        .block_on(head.call(|mut h| {
+            let r = reg.clone();
+            async move { h.register_node(r).await }
+        }))?
+        .incarnation;
+    let beating = rt.spawn(async move {
+        loop {
+            let hb = pb::HeartbeatRequest {
+                node_id: fake_id.clone(),
+                incarnation: fake_inc,
+                ..Default::default()
+            };
+            let _ = head
+                .call(|mut h| {
+                    let hb = hb.clone();
+                    async move { h.heartbeat(hb).await }
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    wait_for(
+        "node 0 to see the silent node",
+        Duration::from_secs(30),
+        || {
+            let view = rt
+                .block_on(async {
+                    let mut nm =
+                        protocol::client::node_manager(&n0, c.auth(), &ClientOptions::default())?;
+                    anyhow::Ok(
+                        nm.get_cluster_view(pb::GetClusterViewRequest {})
+                            .await?
+                            .into_inner(),
+                    )
+                })
+                .ok()?;
+            view.cluster_view
+                .iter()
+                .any(|n| n.address == fake)
+                .then_some(())
+        },
+    )?;
     let class = "nowhere::Nothing".to_string();
     let req = pb::StartActorRequest {
         actor_id: "ab".repeat(16),
@@ -225,7 +280,7 @@ fn a_start_actor_cancelled_mid_start_gives_its_lease_back() -> Result<()> {
             }),
             resources: [("node0".to_string(), 1.0)].into_iter().collect(),
             binary_sha256: "0".repeat(64),
-            binary_source: silent.local_addr()?.to_string(),
+            binary_source: fake.clone(),
             max_concurrency: 1,
             ..Default::default()
         }),
@@ -250,6 +305,7 @@ fn a_start_actor_cancelled_mid_start_gives_its_lease_back() -> Result<()> {
         Duration::from_secs(120),
         || (free(&c)? == 1.0).then_some(()),
     )?;
+    beating.abort();
     drop(silent);
     Ok(())
 }

@@ -48,7 +48,8 @@ fn heads_leave_and_join_the_raft_group() -> Result<()> {
     })?;
     assert_eq!(initial.len(), 3);
 
-    // Remove a follower.
+    // Remove a follower (membership changes take the heads' peer secret).
+    let secret = c.peer_secret_path().display().to_string();
     let victim = (leader + 1) % 3;
     let victim_addr = c.head_addrs[victim].clone();
     let (code, _, err) = c.rayctl(&[
@@ -56,6 +57,8 @@ fn heads_leave_and_join_the_raft_group() -> Result<()> {
         "raft",
         "remove-peer",
         &victim_addr,
+        "--peer-secret-file",
+        &secret,
         "--address",
         &c.head_addrs.join(","),
     ])?;
@@ -71,6 +74,8 @@ fn heads_leave_and_join_the_raft_group() -> Result<()> {
         "raft",
         "remove-peer",
         &victim_addr,
+        "--peer-secret-file",
+        &secret,
         "--address",
         &c.head_addrs.join(","),
     ])?;

@@ -49,7 +49,8 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
         format!("127.0.0.1:{}", c.nodes[0].ready["metrics_export_port"]),
     ];
     let cfg = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: rayctl\n    static_configs:\n      - targets: [{}]\n",
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: rayctl\n    authorization:\n      type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: [{}]\n",
+        c.token_path().display(),
         targets
             .iter()
             .map(|t| format!("'{t}'"))
@@ -118,10 +119,10 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
     })?;
 
     // Tasks: a driver on the head's node runs tasks that need node 0's resource (a spillback).
-    let out = Command::new(env!("CARGO_BIN_EXE_sdk_driver"))
+    let out = c
+        .client_env(&mut Command::new(env!("CARGO_BIN_EXE_sdk_driver")))
         .args(["resource", "node0"])
         .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
-        .env("RAYCTL_TMPDIR", c.path())
         .output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -145,10 +146,10 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
     // Actors and placement groups: a driver makes both and exits; its two actors (not
     // detached; one never placed) die and its two groups (one never placed) are removed
     // with it.
-    let out = Command::new(env!("CARGO_BIN_EXE_actor_driver"))
+    let out = c
+        .client_env(&mut Command::new(env!("CARGO_BIN_EXE_actor_driver")))
         .arg("introspect")
         .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
-        .env("RAYCTL_TMPDIR", c.path())
         .stdin(Stdio::null())
         .output()?;
     anyhow::ensure!(

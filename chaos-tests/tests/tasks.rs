@@ -136,8 +136,8 @@ fn tasks_are_placed_by_resources_strategy_and_affinity() -> Result<()> {
     Ok(())
 }
 
-fn used_memory(port: u64) -> Option<f64> {
-    chaos_tests::metric(port, "ray_object_store_used_memory")
+fn used_memory(c: &Cluster, port: u64) -> Option<f64> {
+    c.metric(port, "ray_object_store_used_memory")
 }
 
 #[test]
@@ -167,7 +167,7 @@ fn large_objects_move_between_nodes_and_are_freed_with_their_refs() -> Result<()
         )
         .collect::<Option<_>>()
         .context("metrics ports")?;
-    let all = |f: &dyn Fn(f64) -> bool| ports.iter().all(|p| used_memory(*p).is_some_and(f));
+    let all = |f: &dyn Fn(f64) -> bool| ports.iter().all(|p| used_memory(&c, *p).is_some_and(f));
     wait_for(
         "stores empty after the first driver",
         Duration::from_secs(30),
@@ -193,7 +193,10 @@ fn large_objects_move_between_nodes_and_are_freed_with_their_refs() -> Result<()
     .with_context(|| {
         format!(
             "used: {:?}",
-            ports.iter().map(|p| used_memory(*p)).collect::<Vec<_>>()
+            ports
+                .iter()
+                .map(|p| used_memory(&c, *p))
+                .collect::<Vec<_>>()
         )
     })?;
     d.finish(Duration::from_secs(30))
@@ -348,8 +351,8 @@ fn the_examples_run_as_jobs() -> Result<()> {
     Ok(())
 }
 
-fn workers_idle(port: u64) -> Option<f64> {
-    chaos_tests::metric(port, "rayctl_workers{state=\"idle\"}")
+fn workers_idle(c: &Cluster, port: u64) -> Option<f64> {
+    c.metric(port, "rayctl_workers{state=\"idle\"}")
 }
 
 #[test]
@@ -367,18 +370,18 @@ fn prestarted_workers_wait_for_a_driver_and_idle_ones_exit() -> Result<()> {
     let port = c.heads[0].ready["node"]["metrics_export_port"]
         .as_u64()
         .context("metrics port")?;
-    assert_eq!(workers_idle(port), Some(0.0));
+    assert_eq!(workers_idle(&c, port), Some(0.0));
     let mut d = Driver::start(driver_bin(), &c, &["idle"], &[])?;
     d.result(Duration::from_secs(60))?;
     // Two workers start as soon as the driver has handed over its binary, before any task.
     wait_for(
         "two prestarted idle workers",
         Duration::from_secs(30),
-        || (workers_idle(port) == Some(2.0)).then_some(()),
+        || (workers_idle(&c, port) == Some(2.0)).then_some(()),
     )?;
     // Idle longer than --worker-idle-timeout: they exit.
     wait_for("idle workers to exit", Duration::from_secs(30), || {
-        (workers_idle(port) == Some(0.0)).then_some(())
+        (workers_idle(&c, port) == Some(0.0)).then_some(())
     })?;
     d.finish(Duration::from_secs(30))
 }
@@ -448,7 +451,7 @@ fn an_unclaimed_lease_is_given_back() -> Result<()> {
     wait_for(
         "the unclaimed lease to be given back",
         Duration::from_secs(60),
-        || (workers_idle(port) == Some(1.0)).then_some(()),
+        || (workers_idle(&c, port) == Some(1.0)).then_some(()),
     )?;
     let third = rt
         .block_on(nm.request_worker_lease(pb::LeaseRequest {
@@ -496,7 +499,7 @@ fn results_lost_with_their_node_are_rebuilt_from_lineage() -> Result<()> {
     wait_for(
         "rebuilds in the head node's metrics",
         Duration::from_secs(30),
-        || (chaos_tests::metric(port, "rayctl_object_reconstructions_total")? >= 1.0).then_some(()),
+        || (c.metric(port, "rayctl_object_reconstructions_total")? >= 1.0).then_some(()),
     )
 }
 
@@ -543,7 +546,7 @@ fn objects_of_a_killed_driver_are_freed_on_every_node() -> Result<()> {
         || {
             ports
                 .iter()
-                .all(|p| used_memory(*p).is_some_and(|u| u >= 32.0 * 1024.0 * 1024.0))
+                .all(|p| used_memory(&c, *p).is_some_and(|u| u >= 32.0 * 1024.0 * 1024.0))
                 .then_some(())
         },
     )?;
@@ -555,14 +558,17 @@ fn objects_of_a_killed_driver_are_freed_on_every_node() -> Result<()> {
         || {
             ports
                 .iter()
-                .all(|p| used_memory(*p) == Some(0.0))
+                .all(|p| used_memory(&c, *p) == Some(0.0))
                 .then_some(())
         },
     )
     .with_context(|| {
         format!(
             "used: {:?}",
-            ports.iter().map(|p| used_memory(*p)).collect::<Vec<_>>()
+            ports
+                .iter()
+                .map(|p| used_memory(&c, *p))
+                .collect::<Vec<_>>()
         )
     })
 }

@@ -151,18 +151,7 @@ pub fn check_runtime_env(json: &str) -> Result<(), String> {
 }
 
 fn check_submission_id(id: &str) -> Result<(), Status> {
-    if id.is_empty()
-        || id.len() > 128
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-    {
-        return Err(invalid(format!(
-            "submission_id {:?} must be 1 to 128 characters of letters, digits, '_', '-' and '.'",
-            id.chars().take(140).collect::<String>()
-        )));
-    }
-    Ok(())
+    protocol::ids::validate_submission_id(id).map_err(|e| invalid(e.to_string()))
 }
 
 pub(crate) async fn submit(

@@ -6,6 +6,16 @@
 //! package endpoints Ray's client uses for `working_dir`: `GET|PUT /api/packages/gcs/{name}`
 //! (an archive is checked by unpacking it into a scratch directory before it is stored).
 //!
+//! `POST /api/authenticate` (Ray's dashboard login) answers a request that carries the token
+//! with Ray's `ray-authentication-token` cookie (`HttpOnly; SameSite=Strict`), which the
+//! access check then accepts in place of the header.
+//!
+//! Browser safety: a POST or PUT with a body must say what it is: `application/json` for
+//! POSTs, an archive type (or none, as Ray's client sends) for package PUTs; anything else is
+//! 415, so a cross-site `text/plain` form can never submit a job. (A PUT always needs a
+//! CORS preflight, which we never grant.) Host and Origin are checked for every request by
+//! `protocol::server`.
+//!
 //! API Boundary: every handler goes through the cluster's gRPC API with a `HeadClient` that
 //! knows every head, so a follower's request reaches the leader (forwarding) and the REST
 //! layer holds no state. Errors are JSON `{"error": …}` with 400 (bad input), 404, 409
@@ -30,9 +40,14 @@ use serde_json::{Value, json};
 const RAY_API_VERSION: &str = "4";
 const OPENAPI: &str = include_str!("jobs_openapi.json");
 
+/// Package uploads checked at once: each may unpack up to `Limits::max_total` into a scratch
+/// directory and holds its body in memory, so the head's disk and memory use stay bounded.
+const MAX_CONCURRENT_UPLOADS: usize = 2;
+
 #[derive(Clone)]
 struct Api {
     client: HeadClient,
+    uploads: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Result<Router> {
@@ -43,6 +58,7 @@ pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Re
     let client = HeadClient::new(&heads, token, opts)?;
     Ok(Router::new()
         .route("/api/version", get(version))
+        .route("/api/authenticate", post(authenticate))
         .route(
             "/api/openapi.json",
             get(|| async { ([("content-type", "application/json")], OPENAPI) }),
@@ -60,7 +76,83 @@ pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Re
                     protocol::package::DEFAULT_MAX_BYTES as usize + 1,
                 )),
         )
-        .with_state(Api { client }))
+        .layer(axum::middleware::from_fn(require_body_type))
+        .with_state(Api {
+            client,
+            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
+        }))
+}
+
+/// 415 for a POST or PUT body of a type a browser may send cross-site without asking.
+async fn require_body_type(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::Method;
+    let method = req.method().clone();
+    if method != Method::POST && method != Method::PUT {
+        return next.run(req).await;
+    }
+    let empty = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == "0")
+        || (req.headers().get("content-length").is_none()
+            && req.headers().get("transfer-encoding").is_none());
+    let ctype = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let ok = match (&method, ctype.as_deref()) {
+        (_, Some("application/json")) => true,
+        (&Method::POST, None) => empty,
+        (&Method::PUT, None | Some("application/octet-stream" | "application/zip")) => true,
+        _ => false,
+    };
+    if ok {
+        return next.run(req).await;
+    }
+    ApiError(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!(
+            "{method} bodies must be application/json{} (got {})",
+            if method == Method::PUT {
+                " or application/zip"
+            } else {
+                ""
+            },
+            ctype.as_deref().unwrap_or("no content-type")
+        ),
+    )
+    .into_response()
+}
+
+/// Ray's dashboard login: the access check has already accepted the request's token; hand it
+/// back as an `HttpOnly; SameSite=Strict` cookie (30 days, as Ray's).
+async fn authenticate(headers: axum::http::HeaderMap) -> Response {
+    let token = ["authorization", "x-ray-authorization"]
+        .iter()
+        .find_map(|h| headers.get(*h)?.to_str().ok()?.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        // Auth is disabled (else the access check would have refused): nothing to remember.
+        return Json(json!({ "authenticated": true })).into_response();
+    };
+    let cookie = format!(
+        "{}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        protocol::server::AUTH_COOKIE,
+        30 * 24 * 3600
+    );
+    (
+        [("set-cookie", cookie)],
+        Json(json!({ "authenticated": true })),
+    )
+        .into_response()
 }
 
 struct ApiError(StatusCode, String);
@@ -173,7 +265,11 @@ async fn submit(State(api): State<Api>, body: Bytes) -> Result<Json<Value>, ApiE
         entrypoint_resources: resources.into_iter().collect(),
         max_retries: b.max_retries.unwrap_or(0),
         priority: b.priority.unwrap_or(0),
-        client_token: b.client_token.unwrap_or_default(),
+        // Each REST request is one submission: the handler's own retries (after a lost
+        // reply) carry this token, so they get the same job back instead of a 409.
+        client_token: b
+            .client_token
+            .unwrap_or_else(|| format!("rest-{}", crate::jobs::new_submission_id())),
     };
     let info = api
         .client
@@ -387,6 +483,17 @@ async fn package_upload(
     if body.is_empty() {
         return Err(bad("the package body is empty"));
     }
+    let _permit = tokio::time::timeout(Duration::from_secs(60), api.uploads.acquire())
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{MAX_CONCURRENT_UPLOADS} package uploads are being checked; try again later"
+                ),
+            )
+        })?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let bytes = body.clone();
     let checked = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let scratch = tempfile::tempdir().map_err(|e| format!("no scratch directory: {e}"))?;

@@ -21,6 +21,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 mod pgs;
+pub mod raft_transport;
 pub mod service;
 pub mod sm_store;
 pub mod state;
@@ -46,7 +47,8 @@ pub use leader::HealthConfig;
 use crate::db::SledRaftDb;
 use crate::log_store::LogStore;
 use crate::network::GrpcRaftNetworkFactory;
-use crate::service::{ControlPlaneService, HeadShared, RaftTransportService};
+use crate::raft_transport::RaftTransportService;
+use crate::service::{ControlPlaneService, HeadShared};
 use crate::sm_store::StateMachineStore;
 
 pub use protocol::server::MetricsRender;
@@ -68,7 +70,13 @@ pub struct HeadOptions {
     pub peers: Vec<String>,
     /// Existing heads to ask to add this one (instead of bootstrapping).
     pub join: Vec<String>,
+    /// The cluster token; none means auth is disabled (the operator said so).
     pub token: Option<AuthToken>,
+    /// The heads' peer secret (Raft transport, membership changes); none: found as
+    /// `protocol::auth::load_peer_secret` finds it.
+    pub peer_secret: Option<AuthToken>,
+    /// Origins a browser may call the dashboard port from, besides its own.
+    pub allowed_origins: Vec<String>,
     pub health: HealthConfig,
     pub jobs: jobs::JobConfig,
     pub raft_heartbeat: Duration,
@@ -89,6 +97,8 @@ impl HeadOptions {
             peers: Vec::new(),
             join: Vec::new(),
             token: None,
+            peer_secret: None,
+            allowed_origins: Vec::new(),
             health: HealthConfig::default(),
             jobs: jobs::JobConfig::default(),
             raft_heartbeat: Duration::from_millis(50),
@@ -166,6 +176,10 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
     .validate()
     .context("invalid raft config")?;
 
+    let peer_secret = match opts.peer_secret.clone() {
+        Some(p) => p,
+        None => protocol::auth::load_peer_secret(None, true)?,
+    };
     let db = SledRaftDb::open(&opts.data_dir.join("raft"))
         .with_context(|| format!("cannot open the raft store in {}", opts.data_dir.display()))?;
     let log_store = LogStore::new(db.clone());
@@ -175,7 +189,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
     let raft = types::Raft::new(
         raft_id,
         Arc::new(config),
-        GrpcRaftNetworkFactory::new(opts.token.clone()),
+        GrpcRaftNetworkFactory::new(Some(peer_secret.clone())),
         log_store,
         sm,
     )
@@ -228,13 +242,21 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         h
     };
     let api = jobs_api::router(api_heads, opts.token.clone())?;
+    let served = [opts.advertise_host.clone(), opts.bind_host.clone()];
     let listeners = Listeners::spawn(
         grpc,
         routes,
         http,
         api,
         opts.metrics.clone(),
-        opts.token.clone(),
+        protocol::server::Access {
+            token: opts.token.clone(),
+            peer: Some(peer_secret.clone()),
+            hosts: Arc::new(protocol::server::HostPolicy::new(
+                &served,
+                &opts.allowed_origins,
+            )),
+        },
     );
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(service::run_proposer(
@@ -261,10 +283,11 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             }
         }
     } else {
+        // Membership changes take the peer secret, not the cluster token.
         tasks.push(tokio::spawn(join_group(
             opts.join.clone(),
             address.clone(),
-            opts.token.clone(),
+            Some(peer_secret.clone()),
         )));
     }
 

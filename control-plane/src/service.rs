@@ -15,7 +15,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use protocol::auth::AuthToken;
 use protocol::client::{self, ClientOptions};
 use protocol::ids::validate_address;
-use protocol::pb::{self, control_plane_server::ControlPlane, raft_server};
+use protocol::pb::{self, control_plane_server::ControlPlane};
 use protocol::{NodeId, RaftId, RpcError};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
@@ -619,6 +619,7 @@ impl ControlPlane for ControlPlaneService {
                 .map(|n| {
                     let info = self.0.node_info(n);
                     pb::NodeResources {
+                        object_manager_port: info.ports.map_or(0, |p| p.object_manager_port),
                         node_id: info.node_id,
                         address: info.address,
                         total: info.resources_total,
@@ -1026,45 +1027,5 @@ impl ControlPlane for ControlPlaneService {
                 )))
             })?;
         Ok(Response::new(self.0.peers()))
-    }
-}
-
-/// The `Raft` transport service: decodes openraft's messages and hands them to the local
-/// Raft, encoding its `Result` back.
-#[derive(Clone)]
-pub(crate) struct RaftTransportService(pub(crate) Raft);
-
-fn decode<T: serde::de::DeserializeOwned>(req: Request<pb::RaftMessage>) -> Result<T, Status> {
-    postcard::from_bytes(&req.into_inner().data)
-        .map_err(|e| invalid(format!("malformed raft message: {e}")))
-}
-
-fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
-    postcard::to_allocvec(v)
-        .map(|data| Response::new(pb::RaftMessage { data }))
-        .map_err(|e| RpcError::Internal(format!("encoding raft reply: {e}")).into())
-}
-
-#[tonic::async_trait]
-impl raft_server::Raft for RaftTransportService {
-    async fn append_entries(
-        &self,
-        req: Request<pb::RaftMessage>,
-    ) -> Result<Response<pb::RaftMessage>, Status> {
-        encode(&self.0.append_entries(decode(req)?).await)
-    }
-
-    async fn vote(
-        &self,
-        req: Request<pb::RaftMessage>,
-    ) -> Result<Response<pb::RaftMessage>, Status> {
-        encode(&self.0.vote(decode(req)?).await)
-    }
-
-    async fn install_snapshot(
-        &self,
-        req: Request<pb::RaftMessage>,
-    ) -> Result<Response<pb::RaftMessage>, Status> {
-        encode(&self.0.install_snapshot(decode(req)?).await)
     }
 }

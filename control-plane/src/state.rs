@@ -338,8 +338,36 @@ pub enum Command {
         bundle_incarnations: Vec<u64>,
     },
     /// Several commands in one log entry (one fsync); each is applied in order and answered
-    /// on its own.
-    Batch(Vec<Command>),
+    /// on its own. Decoding refuses batches nested deeper than [`MAX_BATCH_DEPTH`].
+    Batch(#[serde(deserialize_with = "bounded_batch")] Vec<Command>),
+}
+
+/// How deep batches may nest in a decoded command: the proposer's batch of proposals that
+/// are themselves batches (a manager's round) is 2. Anything deeper is refused while it is
+/// decoded, so no log entry or message, however crafted, can recurse the decoder (or
+/// `apply`, or a drop) off the stack.
+pub const MAX_BATCH_DEPTH: usize = 2;
+
+thread_local! {
+    static BATCH_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn bounded_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Command>, D::Error> {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BATCH_DEPTH.with(|c| c.set(self.0));
+        }
+    }
+    let depth = BATCH_DEPTH.with(|c| c.get());
+    if depth >= MAX_BATCH_DEPTH {
+        return Err(serde::de::Error::custom(format!(
+            "command batches nested deeper than {MAX_BATCH_DEPTH}"
+        )));
+    }
+    BATCH_DEPTH.with(|c| c.set(depth + 1));
+    let _restore = Restore(depth);
+    Vec::<Command>::deserialize(d)
 }
 
 /// Why a committed command changed nothing.
@@ -460,10 +488,35 @@ fn stale_attempt(job_id: &str, given: u32, current: u32) -> Response {
 impl ClusterState {
     /// Applies one committed command. Deterministic; never panics on any input.
     pub fn apply(&mut self, cmd: Command) -> Response {
-        match cmd {
-            Command::Batch(cmds) => {
-                Response::Batch(cmds.into_iter().map(|c| self.apply(c)).collect())
+        let Command::Batch(cmds) = cmd else {
+            return self.apply_one(cmd);
+        };
+        // Iterative, so the depth of a batch never deepens the stack.
+        let mut stack: Vec<(std::vec::IntoIter<Command>, Vec<Response>)> =
+            vec![(cmds.into_iter(), Vec::new())];
+        while let Some((cmds, answered)) = stack.last_mut() {
+            match cmds.next() {
+                Some(Command::Batch(inner)) => stack.push((inner.into_iter(), Vec::new())),
+                Some(c) => {
+                    let r = self.apply_one(c);
+                    answered.push(r);
+                }
+                None => {
+                    let done = stack.pop().map(|(_, rs)| Response::Batch(rs));
+                    match (stack.last_mut(), done) {
+                        (Some((_, parent)), Some(r)) => parent.push(r),
+                        (None, Some(r)) => return r,
+                        _ => break,
+                    }
+                }
             }
+        }
+        Response::Batch(Vec::new())
+    }
+
+    fn apply_one(&mut self, cmd: Command) -> Response {
+        match cmd {
+            Command::Batch(_) => self.apply(cmd),
             Command::RegisterNode {
                 node_id,
                 address,
@@ -1483,6 +1536,56 @@ mod tests {
         };
         assert_eq!(s.apply(end), Response::Ok);
         assert_eq!(s.jobs["b"].status, JobStatus::Stopped);
+    }
+
+    /// postcard bytes of batches nested `depth` deep around one empty batch.
+    fn nested_batch_bytes(depth: usize) -> Vec<u8> {
+        let batch = postcard::to_allocvec(&Command::Batch(Vec::new())).unwrap();
+        // A batch is its variant index then the vector's length: one inner command each.
+        let mut b = Vec::new();
+        for _ in 0..depth {
+            b.extend_from_slice(&batch[..batch.len() - 1]);
+            b.push(1);
+        }
+        b.extend_from_slice(&batch);
+        b
+    }
+
+    #[test]
+    fn deeply_nested_batches_are_refused_while_decoding() {
+        // The proposer's depth (a batch of proposals that are batches) decodes and applies.
+        let two = Command::Batch(vec![Command::Batch(vec![dead(1, 1)]), dead(2, 1)]);
+        let back: Command = postcard::from_bytes(&postcard::to_allocvec(&two).unwrap()).unwrap();
+        assert_eq!(back, two);
+        assert_eq!(
+            ClusterState::default().apply(back),
+            Response::Batch(vec![
+                Response::Batch(vec![ClusterState::default().apply(dead(1, 1))]),
+                ClusterState::default().apply(dead(2, 1)),
+            ])
+        );
+        assert!(postcard::from_bytes::<Command>(&nested_batch_bytes(1)).is_ok());
+        // Deeper ones (the attacks: 1,200 and 100,000 deep) are errors, not stack overflows,
+        // and the decoder is usable again afterwards.
+        for depth in [2, 1_200, 100_000] {
+            assert!(postcard::from_bytes::<Command>(&nested_batch_bytes(depth)).is_err());
+        }
+        assert!(postcard::from_bytes::<Command>(&nested_batch_bytes(1)).is_ok());
+    }
+
+    #[test]
+    fn apply_of_a_deep_batch_built_in_memory_is_iterative() {
+        let mut c = Command::Batch(vec![dead(1, 1)]);
+        for _ in 0..100_000 {
+            c = Command::Batch(vec![c]);
+        }
+        let mut r = ClusterState::default().apply(c);
+        let mut depth = 0;
+        while let Response::Batch(mut v) = r {
+            depth += 1;
+            r = v.pop().unwrap_or(Response::Ok);
+        }
+        assert_eq!(depth, 100_001);
     }
 
     proptest! {

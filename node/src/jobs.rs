@@ -40,6 +40,8 @@ pub(crate) struct JobAgent {
     log_dir: PathBuf,
     work_dir: PathBuf,
     client: HeadClient,
+    /// Handed to the entrypoint in its environment (never on a command line).
+    token: Option<protocol::auth::AuthToken>,
     attempts: Mutex<HashMap<(String, u32), Attempt>>,
 }
 
@@ -51,12 +53,14 @@ impl JobAgent {
         log_dir: PathBuf,
         work_dir: PathBuf,
         client: HeadClient,
+        token: Option<protocol::auth::AuthToken>,
     ) -> Self {
         Self {
             node,
             log_dir,
             work_dir,
             client,
+            token,
             attempts: Mutex::default(),
         }
     }
@@ -225,6 +229,10 @@ impl JobAgent {
             .try_clone()
             .map_err(|e| format!("cannot open the job log: {e}"))?;
         let mut cmd = tokio::process::Command::new("sh");
+        match &self.token {
+            Some(t) => cmd.env(protocol::AUTH_TOKEN_ENV, t.as_str()),
+            None => cmd.env_remove(protocol::AUTH_TOKEN_ENV),
+        };
         cmd.arg("-c")
             .arg(&r.entrypoint)
             .current_dir(dir)
@@ -246,6 +254,8 @@ impl JobAgent {
                     self.node.ports.object_manager_port
                 ),
             )
+            // Job code never learns where the heads keep their peer secret.
+            .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -470,18 +480,6 @@ impl JobAgent {
 }
 
 fn check_job_id(id: &str) -> Result<(), Status> {
-    if id.is_empty()
-        || id.len() > 128
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        || id.starts_with('.')
-    {
-        return Err(RpcError::InvalidArgument(format!(
-            "bad job id {:?}",
-            id.chars().take(140).collect::<String>()
-        ))
-        .into());
-    }
-    Ok(())
+    protocol::ids::validate_submission_id(id)
+        .map_err(|e| RpcError::InvalidArgument(e.to_string()).into())
 }

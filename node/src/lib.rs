@@ -135,6 +135,9 @@ pub(crate) struct NodeShared {
     pub(crate) serve_until: std::sync::Mutex<Option<std::time::Instant>>,
     pub(crate) leases: Arc<leases::Leases>,
     pub(crate) workers: Arc<workers::WorkerPool>,
+    /// Pulls objects for local clients; told the live nodes' object managers with each
+    /// heartbeat reply, the only places it may pull from.
+    pub(crate) puller: Arc<object_store::Puller>,
     /// Actor incarnations whose `StartActor` is under way here (waiting for their lease or
     /// worker), so that a second ask waits instead of starting a second copy.
     pub(crate) actors_starting: std::sync::Mutex<std::collections::HashSet<(String, u64)>>,
@@ -566,6 +569,29 @@ impl NodeManager for NodeManagerService {
     }
 }
 
+impl NodeShared {
+    /// Takes the leader's view of the live nodes: it is soft state for scheduling, and the
+    /// list of the only peers this node fetches binaries and pulls objects from.
+    pub(crate) fn set_cluster_view(&self, view: Vec<pb::NodeResources>) {
+        let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_owned();
+        let mut nms = std::collections::HashSet::new();
+        let mut oms = vec![format!(
+            "{}:{}",
+            host(&self.address),
+            self.ports.object_manager_port
+        )];
+        for n in &view {
+            nms.insert(n.address.clone());
+            if n.object_manager_port != 0 {
+                oms.push(format!("{}:{}", host(&n.address), n.object_manager_port));
+            }
+        }
+        self.workers.set_binary_sources(nms);
+        self.puller.set_sources(oms);
+        *self.cluster_view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+}
+
 /// Validates a node's resources (names and amounts) with the scheduler's rules.
 pub fn check_resources(r: &BTreeMap<String, f64>) -> Result<(), scheduler::ResourceError> {
     scheduler::ResourceSet::from_map(r.iter().map(|(k, v)| (k.as_str(), *v))).map(|_| ())
@@ -648,14 +674,18 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         serve_until: std::sync::Mutex::default(),
         leases,
         workers: pool,
+        puller: puller.clone(),
         actors_starting: std::sync::Mutex::default(),
     });
+    // Until the first heartbeat reply names the live nodes, this node is the only peer.
+    shared.set_cluster_view(Vec::new());
 
     let agent = Arc::new(jobs::JobAgent::new(
         shared.clone(),
         opts.log_dir.clone(),
         opts.job_dir.clone(),
         client.clone(),
+        opts.token.clone(),
     ));
     let routes = tonic::service::Routes::new(
         pb::node_manager_server::NodeManagerServer::new(NodeManagerService {
@@ -671,13 +701,23 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         mx,
         axum::Router::new(),
         opts.metrics.clone(),
-        opts.token.clone(),
+        protocol::server::Access {
+            token: opts.token.clone(),
+            peer: None,
+            hosts: std::sync::Arc::new(protocol::server::HostPolicy::new(
+                std::slice::from_ref(&opts.advertise_host),
+                &[],
+            )),
+        },
     );
     let mut tasks = Vec::new();
     let om_routes = tonic::service::Routes::new(
         object_store::ObjectManagerService::new(store.clone()).into_server(),
     );
-    let om_router = protocol::server::grpc_router(om_routes, opts.token.clone());
+    let om_router = protocol::server::grpc_router(
+        om_routes,
+        protocol::server::Access::token(opts.token.clone()),
+    );
     tasks.push(tokio::spawn(async move {
         if let Err(e) = protocol::server::serve(om, om_router, std::future::pending()).await {
             tracing::error!("object manager server stopped: {e}");

@@ -90,7 +90,7 @@ pub(crate) async fn run(
                     crate::metrics::heartbeat("ok");
                     *node.serve_until.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(sent + grace);
-                    *node.cluster_view.lock().unwrap_or_else(|p| p.into_inner()) = r.cluster_view;
+                    node.set_cluster_view(r.cluster_view);
                     let w = node.workers.clone();
                     if !r.kill_actors.is_empty() {
                         w.kill_actors(&r.kill_actors);

@@ -154,6 +154,9 @@ pub(crate) struct WorkerPool {
     cfg: PoolConfig,
     leases: Arc<Leases>,
     st: Mutex<PoolState>,
+    /// Node managers a missing binary may be fetched from (the live nodes); none until the
+    /// first heartbeat reply, when only this node itself is a source.
+    binary_sources: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 fn is_sha256(s: &str) -> bool {
@@ -176,6 +179,7 @@ impl WorkerPool {
         Self {
             cfg,
             leases,
+            binary_sources: std::sync::RwLock::default(),
             st: Mutex::default(),
         }
     }
@@ -410,8 +414,28 @@ impl WorkerPool {
         Ok(path)
     }
 
+    /// Where binaries may come from from now on: the node managers of the live nodes.
+    pub(crate) fn set_binary_sources(&self, sources: std::collections::HashSet<String>) {
+        *self
+            .binary_sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = sources;
+    }
+
     async fn fetch(&self, sha: &str, source: &str, tmp: &Path) -> Result<(), Status> {
         use tokio::io::AsyncWriteExt;
+        let member = source == self.cfg.node_address
+            || self
+                .binary_sources
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(source);
+        if !member {
+            // A lease request names its source; it must never make this node dial anywhere.
+            return Err(Status::invalid_argument(format!(
+                "binary source {source:?} is not a live node of this cluster"
+            )));
+        }
         let opts = protocol::client::ClientOptions {
             rpc_timeout: Duration::from_secs(300),
             ..Default::default()
@@ -681,10 +705,13 @@ impl WorkerPool {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
+        // The token in the environment, never on the command line (`ps` shows those); the
+        // heads' peer secret never.
         match &self.cfg.token {
             Some(t) => cmd.env(protocol::AUTH_TOKEN_ENV, t.as_str()),
             None => cmd.env_remove(protocol::AUTH_TOKEN_ENV),
         };
+        cmd.env_remove(protocol::auth::PEER_SECRET_PATH_ENV);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. A
         // worker dies with its node.
         unsafe {

@@ -446,9 +446,21 @@ fn receive_hello(stream: &UnixStream) -> Result<(Hello, OwnedFd), ClientError> {
         }
         (msg.bytes, fd)
     };
-    let fd =
-        fd.ok_or_else(|| ClientError::Protocol("the store sent no arena descriptor".into()))?;
     buf.truncate(n);
+    let Some(fd) = fd else {
+        // A refused connection gets an error frame instead of the hello.
+        let mut rest = std::io::Read::chain(&buf[..], stream);
+        if let Ok(Some(Reply::Error { message, .. })) =
+            ipc::read_frame::<Reply>(&mut rest, &mut Vec::new())
+        {
+            return Err(ClientError::Protocol(format!(
+                "the store refused this connection: {message}"
+            )));
+        }
+        return Err(ClientError::Protocol(
+            "the store sent no arena descriptor".into(),
+        ));
+    };
     // The hello frame may arrive in pieces: read the rest plainly.
     let mut rest = std::io::Read::chain(&buf[..], stream);
     let hello = ipc::read_frame::<Hello>(&mut rest, &mut Vec::new())?.ok_or_else(|| {

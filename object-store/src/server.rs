@@ -4,6 +4,12 @@
 //!
 //! Invariant: when a connection ends for any reason, the client's pins are released and its
 //! unsealed objects aborted (`Store::disconnect`), so a killed worker never leaks memory.
+//!
+//! Access: the socket hands out the arena's fd, so only this user's processes may use it:
+//! the socket is 0600 in a 0700 directory, and each connection's peer uid (`SO_PEERCRED`)
+//! must be ours (root's connections are served too: root can read the memory anyway).
+//! At most [`MAX_CLIENTS`] connections are served at once; past that a client is told why
+//! and closed.
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
@@ -25,6 +31,9 @@ use crate::store::{Store, StoreError};
 pub type PullHook =
     Arc<dyn Fn(ObjectId, String, Option<Duration>) -> Result<(), String> + Send + Sync>;
 
+/// Connections served at once (each is a thread).
+pub const MAX_CLIENTS: usize = 1024;
+
 pub struct StoreServer {
     path: PathBuf,
     listener: UnixListener,
@@ -41,10 +50,20 @@ impl StoreServer {
         puller: Option<PullHook>,
     ) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        let uid = nix::unistd::geteuid().as_raw();
         let stopped = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(HashMap::new()));
         let accept = listener.try_clone()?;
@@ -57,6 +76,15 @@ impl StoreServer {
                         break;
                     }
                     let Ok(conn) = conn else { continue };
+                    if let Err(why) = admit(
+                        &conn,
+                        uid,
+                        c.lock().unwrap_or_else(|p| p.into_inner()).len(),
+                    ) {
+                        tracing::warn!("object store refused a connection: {why}");
+                        refuse(&conn, &why);
+                        continue;
+                    }
                     if let Ok(clone) = conn.try_clone() {
                         c.lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -108,6 +136,39 @@ impl Drop for StoreServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether a new connection is served: its peer is this user (or root), and there is room.
+fn admit(conn: &UnixStream, uid: u32, open: usize) -> Result<(), String> {
+    let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    if cred.uid() != uid && cred.uid() != 0 {
+        return Err(format!(
+            "process {} runs as uid {}, and this store serves only uid {uid}",
+            cred.pid(),
+            cred.uid()
+        ));
+    }
+    if open >= MAX_CLIENTS {
+        return Err(format!(
+            "{open} clients are connected, the most this store serves ({MAX_CLIENTS})"
+        ));
+    }
+    Ok(())
+}
+
+/// Tells a refused client why (an error frame where it expects the hello), then closes.
+fn refuse(conn: &UnixStream, why: &str) {
+    let mut w = conn;
+    let _ = ipc::write_frame(
+        &mut w,
+        &mut Vec::new(),
+        &Reply::Error {
+            kind: "Refused".into(),
+            message: why.to_owned(),
+        },
+    );
+    let _ = conn.shutdown(std::net::Shutdown::Both);
 }
 
 fn serve_client(store: &Store, conn: UnixStream, puller: Option<&PullHook>) {

@@ -249,6 +249,10 @@ pub enum PullError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "refusing to pull from {from}: it is not the object manager of a live node in this node's cluster view"
+    )]
+    NotAMember { from: String },
     #[error("pull of {0} timed out")]
     Timeout(ObjectId),
 }
@@ -280,6 +284,9 @@ pub struct Puller {
     token: Option<AuthToken>,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    /// The object managers pulls may go to (live nodes); none: any (no cluster view yet
+    /// given, as in this crate's own tests).
+    sources: std::sync::RwLock<Option<std::collections::HashSet<String>>>,
 }
 
 impl Puller {
@@ -295,7 +302,23 @@ impl Puller {
             token: cfg.token,
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            sources: std::sync::RwLock::new(None),
         }
+    }
+
+    /// From now on, pull only from these object managers (`host:port`): the live nodes. A
+    /// local client's `Pull` can then never make this node connect anywhere else.
+    pub fn set_sources(&self, sources: impl IntoIterator<Item = String>) {
+        *self.sources.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(sources.into_iter().collect());
+    }
+
+    fn allowed(&self, from: &str) -> bool {
+        self.sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|s| s.contains(from))
     }
 
     /// The most bytes ever in flight at once (for tests and the bench).
@@ -329,6 +352,11 @@ impl Puller {
     async fn pull_inner(self: &Arc<Self>, id: ObjectId, from: &str) -> Result<(), PullError> {
         if self.store.contains(&id) {
             return Ok(());
+        }
+        if !self.allowed(from) {
+            return Err(PullError::NotAMember {
+                from: from.to_owned(),
+            });
         }
         let src_err = |e: &dyn std::fmt::Display| PullError::Source {
             from: from.to_owned(),

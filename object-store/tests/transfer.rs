@@ -33,7 +33,7 @@ async fn serve(store: Arc<Store>, token: Option<AuthToken>) -> String {
     let routes = tonic::service::Routes::new(ObjectManagerService::new(store).into_server());
     tokio::spawn(protocol::server::serve(
         l,
-        protocol::server::grpc_router(routes, token),
+        protocol::server::grpc_router(routes, protocol::server::Access::token(token)),
         std::future::pending(),
     ));
     addr

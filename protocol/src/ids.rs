@@ -152,9 +152,38 @@ pub fn validate_address(addr: &str) -> Result<(), IdError> {
     }
 }
 
+/// Checks a job's submission id (also its job id, a directory and a log file name on the
+/// node): 1 to 128 of `[A-Za-z0-9_-]`. The one rule the heads and the nodes share.
+pub fn validate_submission_id(id: &str) -> Result<(), IdError> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(IdError {
+            kind: "submission_id",
+            value: id.chars().take(140).collect(),
+            expected: "1 to 128 characters of letters, digits, '_' and '-'",
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submission_ids() {
+        for ok in ["raysubmit_abc", "a", "A-b_9", &"x".repeat(128)] {
+            assert!(validate_submission_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "..", ".", "a.b", "a/b", "a b", "é", &"x".repeat(129)] {
+            let e = validate_submission_id(bad).unwrap_err().to_string();
+            assert!(e.contains("submission_id"), "{e}");
+        }
+    }
 
     #[test]
     fn node_id_round_trips_and_rejects_bad_input() {

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod ids;
+pub mod session;
 
 #[cfg(feature = "grpc")]
 pub mod auth;

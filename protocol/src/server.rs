@@ -1,8 +1,11 @@
-//! Server-side plumbing every gRPC and HTTP listener of ours shares: the cluster-token check,
-//! RPC metrics, the RESOURCE_EXHAUSTED mapping for oversize messages, `/metrics`, and `serve`.
+//! Server-side plumbing every gRPC and HTTP listener of ours shares: the access check (cluster
+//! token, peer secret, browser Host/Origin policy), RPC metrics, the RESOURCE_EXHAUSTED
+//! mapping for oversize messages, `/metrics`, and `serve`.
 //!
-//! Invariant: a request without the configured token never reaches a service; gRPC callers get
-//! UNAUTHENTICATED, HTTP callers 401.
+//! Invariant: a request without the configured token never reaches a service (gRPC callers get
+//! UNAUTHENTICATED, HTTP callers 401, or 403 for a wrong token); [`PEER_PATHS`] open only to
+//! the peer secret, whatever the token; a plain HTTP request naming a foreign Host or Origin
+//! is refused (403) before its credential is looked at.
 
 use std::future::Future;
 use std::time::Instant;
@@ -42,23 +45,195 @@ fn is_grpc(req: &Request) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-async fn check_token(State(token): State<Option<AuthToken>>, req: Request, next: Next) -> Response {
-    let Some(t) = &token else {
-        return next.run(req).await;
-    };
-    let header = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok());
-    if t.matches_header(header) {
-        return next.run(req).await;
+/// Paths only the heads' peer secret opens (the cluster token does not): the Raft transport
+/// and membership changes. Job code holds the cluster token; it must never reach these.
+pub const PEER_PATHS: &[&str] = &[
+    "/rayctl.v1.Raft/",
+    "/rayctl.v1.ControlPlane/RaftAddPeer",
+    "/rayctl.v1.ControlPlane/RaftRemovePeer",
+];
+
+/// The browser cookie that carries the token (Ray's name, set by `POST /api/authenticate`).
+pub const AUTH_COOKIE: &str = "ray-authentication-token";
+
+/// Which Host names and Origins a browser may use on our HTTP listeners (DNS rebinding and
+/// cross-site requests). IP literals and `localhost` are always allowed hosts: a rebinding
+/// attack needs a name the attacker controls.
+#[derive(Clone, Debug, Default)]
+pub struct HostPolicy {
+    /// Extra host names served (the advertised host, hosts of allowed origins), lowercase.
+    pub names: Vec<String>,
+    /// Origins allowed besides the same origin, e.g. `https://dash.example.com`.
+    pub origins: Vec<String>,
+}
+
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
     }
-    if is_grpc(&req) {
-        let status: tonic::Status =
-            RpcError::Unauthenticated("missing or wrong cluster token".into()).into();
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+impl HostPolicy {
+    pub fn new(served: &[String], origins: &[String]) -> Self {
+        let mut names: Vec<String> = served
+            .iter()
+            .map(|h| host_name(h).to_ascii_lowercase())
+            .collect();
+        for o in origins {
+            let rest = o.split("://").nth(1).unwrap_or(o);
+            names.push(host_name(rest.trim_end_matches('/')).to_ascii_lowercase());
+        }
+        Self {
+            names,
+            origins: origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let name = host_name(host);
+        name.parse::<std::net::IpAddr>().is_ok()
+            || name.eq_ignore_ascii_case("localhost")
+            || self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    /// Same origin as `host`, or listed.
+    pub fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
+        let o = origin.trim_end_matches('/').to_ascii_lowercase();
+        let rest = o
+            .strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"));
+        if let (Some(rest), Some(h)) = (rest, host)
+            && rest.eq_ignore_ascii_case(h)
+        {
+            return true;
+        }
+        self.origins.contains(&o)
+    }
+}
+
+/// Who may call a listener: the cluster token (none: auth disabled), the heads' peer secret
+/// for [`PEER_PATHS`], and the browser policy for plain HTTP.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    pub token: Option<AuthToken>,
+    pub peer: Option<AuthToken>,
+    pub hosts: std::sync::Arc<HostPolicy>,
+}
+
+impl Access {
+    pub fn token(token: Option<AuthToken>) -> Self {
+        Self {
+            token,
+            ..Self::default()
+        }
+    }
+}
+
+fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The credential a request carries: `authorization` or `x-ray-authorization`
+/// (`Bearer T`), or, from a browser, the `ray-authentication-token` cookie.
+fn presented(req: &Request) -> Option<&str> {
+    for h in ["authorization", "x-ray-authorization"] {
+        if let Some(t) = header(req, h).and_then(|v| v.strip_prefix("Bearer ")) {
+            return Some(t.trim());
+        }
+    }
+    req.headers()
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(AUTH_COOKIE)?.strip_prefix('='))
+}
+
+fn refuse(req: &Request, missing: bool, msg: &str) -> Response {
+    if is_grpc(req) {
+        let status: tonic::Status = RpcError::Unauthenticated(msg.into()).into();
         return status.into_http::<Body>().into_response();
     }
-    (StatusCode::UNAUTHORIZED, "missing or wrong cluster token\n").into_response()
+    // Ray's dashboard: 401 without a token, 403 with a wrong one.
+    let code = if missing {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::FORBIDDEN
+    };
+    (code, format!("{msg}\n")).into_response()
+}
+
+/// A browser request from a foreign Host (DNS rebinding) or Origin (cross-site) is refused
+/// before anything else; gRPC callers are not browsers.
+fn browser_check(access: &Access, req: &Request) -> Option<Response> {
+    if is_grpc(req) {
+        return None;
+    }
+    let host = header(req, "host").or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(h) = host
+        && !access.hosts.host_allowed(h)
+    {
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "host {h:?} is not an address this server serves (add it with --dashboard-allowed-origins)\n"
+                ),
+            )
+                .into_response(),
+        );
+    }
+    if let Some(o) = header(req, "origin")
+        && !access.hosts.origin_allowed(o, host)
+    {
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                format!("cross-origin request from {o:?} refused (allow it with --dashboard-allowed-origins)\n"),
+            )
+                .into_response(),
+        );
+    }
+    None
+}
+
+async fn check_access(State(access): State<Access>, req: Request, next: Next) -> Response {
+    if let Some(r) = browser_check(&access, &req) {
+        return r;
+    }
+    let path = req.uri().path();
+    let needed = match &access.peer {
+        Some(p) if PEER_PATHS.iter().any(|pp| path.starts_with(pp)) => {
+            return match presented(&req) {
+                Some(t) if p.matches(t) => next.run(req).await,
+                given => refuse(
+                    &req,
+                    given.is_none(),
+                    "raft and membership RPCs take only the heads' peer secret (the cluster token does not open them)",
+                ),
+            };
+        }
+        _ => &access.token,
+    };
+    let Some(t) = needed else {
+        return next.run(req).await;
+    };
+    match presented(&req) {
+        Some(g) if t.matches(g) => next.run(req).await,
+        None => refuse(
+            &req,
+            true,
+            "missing cluster token: this cluster requires one (rayctl and the SDK read it from RAYCTL_AUTH_TOKEN, RAYCTL_AUTH_TOKEN_PATH or ~/.rayctl/auth_token; Ray's clients need RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)",
+        ),
+        Some(_) => refuse(&req, false, "wrong cluster token"),
+    }
 }
 
 /// Records latency and status per method, and turns tonic's OUT_OF_RANGE for an oversize
@@ -105,17 +280,17 @@ fn remap_too_large(h: &mut axum::http::HeaderMap) {
     }
 }
 
-/// The axum router serving `routes` (gRPC) behind the token check and RPC metrics.
-pub fn grpc_router(routes: tonic::service::Routes, token: Option<AuthToken>) -> Router {
+/// The axum router serving `routes` (gRPC) behind the access check and RPC metrics.
+pub fn grpc_router(routes: tonic::service::Routes, access: Access) -> Router {
     routes
         .into_axum_router()
         .layer(middleware::from_fn(rpc_metrics))
-        .layer(middleware::from_fn_with_state(token, check_token))
+        .layer(middleware::from_fn_with_state(access, check_access))
 }
 
-/// Adds the token check to an HTTP router (REST, `/metrics`).
-pub fn with_token(router: Router, token: Option<AuthToken>) -> Router {
-    router.layer(middleware::from_fn_with_state(token, check_token))
+/// Adds the access check to an HTTP router (REST, `/metrics`).
+pub fn with_access(router: Router, access: Access) -> Router {
+    router.layer(middleware::from_fn_with_state(access, check_access))
 }
 
 /// `GET /metrics` in Prometheus text format, rendered by `render`.
@@ -166,18 +341,18 @@ impl Listeners {
         http: TcpListener,
         http_routes: Router,
         metrics: Option<MetricsRender>,
-        token: Option<AuthToken>,
+        access: Access,
     ) -> Self {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let http_router = with_token(
+        let http_router = with_access(
             metrics_route(move || metrics.as_ref().map(|r| r()).unwrap_or_default())
                 .merge(http_routes),
-            token.clone(),
+            access.clone(),
         );
-        let grpc_router = grpc_router(routes, token);
+        let grpc_router = grpc_router(routes, access);
         let mut tasks = Vec::new();
         for (name, listener, router) in [("gRPC", grpc, grpc_router), ("HTTP", http, http_router)] {
             let stopped = until_stopped(rx.clone());

@@ -56,20 +56,27 @@ pub(crate) enum OperatorCommand {
 pub(crate) enum RaftCommand {
     /// List the heads in the Raft group.
     ListPeers(ClientArgs),
-    /// Add a head (started with `--join`, or not yet started) as a voter.
+    /// Add a head (started with `--join`, or not yet started) as a voter. Needs the heads'
+    /// peer secret (run it on a head's machine, or pass --peer-secret-file).
     AddPeer {
         /// The new head's advertised HOST:PORT.
         peer: String,
         /// Add it as a non-voting learner only.
         #[arg(long)]
         learner: bool,
+        /// The heads' peer secret (default: RAYCTL_PEER_SECRET_PATH, then ~/.rayctl/peer_secret).
+        #[arg(long)]
+        peer_secret_file: Option<PathBuf>,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Remove a head from the Raft group.
+    /// Remove a head from the Raft group. Needs the heads' peer secret, as add-peer does.
     RemovePeer {
         /// The head's advertised HOST:PORT.
         peer: String,
+        /// The heads' peer secret (default: RAYCTL_PEER_SECRET_PATH, then ~/.rayctl/peer_secret).
+        #[arg(long)]
+        peer_secret_file: Option<PathBuf>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -202,7 +209,8 @@ pub(crate) struct ClientArgs {
     /// Head addresses HOST:PORT[,HOST:PORT…]; default RAYCTL_ADDRESS, then the local session.
     #[arg(long)]
     pub(crate) address: Option<String>,
-    /// File holding the cluster token (or set RAYCTL_AUTH_TOKEN).
+    /// File holding the cluster token (default: RAYCTL_AUTH_TOKEN, then the file named by
+    /// RAYCTL_AUTH_TOKEN_PATH, then ~/.rayctl/auth_token).
     #[arg(long)]
     pub(crate) auth_token_file: Option<PathBuf>,
     /// Give up after this long (e.g. 10s, 500ms).
@@ -287,9 +295,26 @@ pub(crate) struct StartArgs {
     pub(crate) object_spilling_directory: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub(crate) metrics_export_port: u16,
-    /// File holding the cluster token (or set RAYCTL_AUTH_TOKEN).
+    /// File holding the cluster token (default: RAYCTL_AUTH_TOKEN, then the file named by
+    /// RAYCTL_AUTH_TOKEN_PATH, then ~/.rayctl/auth_token; a head generates one there if none
+    /// exists).
     #[arg(long)]
     pub(crate) auth_token_file: Option<PathBuf>,
+    /// `token` (every call needs the cluster token) or `disabled` (no auth at all: only on a
+    /// machine whose every user you trust).
+    #[arg(long, env = "RAYCTL_AUTH_MODE", default_value = "token", value_parser = parse_auth_mode)]
+    pub(crate) auth_mode: protocol::auth::AuthMode,
+    /// With --auth-mode disabled, allow binding a non-loopback --bind-host anyway.
+    #[arg(long)]
+    pub(crate) allow_unauthenticated_remote: bool,
+    /// The heads' peer secret for Raft between heads (default: RAYCTL_PEER_SECRET_PATH, then
+    /// ~/.rayctl/peer_secret, created if missing). Every head of a group needs the same file.
+    #[arg(long, requires = "head")]
+    pub(crate) peer_secret_file: Option<PathBuf>,
+    /// Origins (e.g. https://dash.example.com) a browser may call the dashboard port from,
+    /// comma separated, besides the head's own address.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) dashboard_allowed_origins: Vec<String>,
     /// Stay in the foreground (systemd, containers).
     #[arg(long)]
     pub(crate) block: bool,
@@ -338,6 +363,10 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: OperatorCommand::Raft { command },
         } => runtime()?.block_on(crate::status::raft(command)),
     }
+}
+
+fn parse_auth_mode(s: &str) -> Result<protocol::auth::AuthMode, String> {
+    s.parse()
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

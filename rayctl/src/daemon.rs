@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use protocol::auth::AuthToken;
+use protocol::auth::{AuthMode, AuthToken};
 use protocol::server::MetricsRender;
 use serde_json::{Value, json};
 
@@ -25,6 +25,43 @@ use crate::cli::{StartArgs, StopArgs};
 use crate::session::{self, DaemonRecord};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+const NO_TOKEN: &str = "no cluster token found: copy the head's ~/.rayctl/auth_token to this machine (or set RAYCTL_AUTH_TOKEN, RAYCTL_AUTH_TOKEN_PATH or --auth-token-file); a cluster started with --auth-mode disabled needs --auth-mode disabled here too";
+
+const AUTH_DISABLED_WARNING: &str = "WARNING: --auth-mode disabled: every port of this daemon takes calls from anyone who can reach it, and any caller can run code on the cluster";
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The token this daemon serves with: none when auth is disabled; a head's found or
+/// generated (saying where, once); a node's found, or an error.
+fn daemon_token(a: &StartArgs) -> anyhow::Result<Option<AuthToken>> {
+    match a.auth_mode {
+        AuthMode::Disabled => {
+            eprintln!("{AUTH_DISABLED_WARNING}");
+            tracing::warn!("{AUTH_DISABLED_WARNING}");
+            Ok(None)
+        }
+        AuthMode::Token if a.head => {
+            let (t, created) = AuthToken::load_or_generate(a.auth_token_file.as_deref())?;
+            if let Some(p) = created {
+                eprintln!(
+                    "Generated a cluster token in {} (mode 0600). Clients on this machine find it there; copy it to other machines (or set RAYCTL_AUTH_TOKEN).",
+                    p.display()
+                );
+            }
+            Ok(Some(t))
+        }
+        AuthMode::Token => Ok(Some(
+            AuthToken::load(a.auth_token_file.as_deref())?.context(NO_TOKEN)?,
+        )),
+    }
+}
 
 pub(crate) fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     validate(&args)?;
@@ -63,7 +100,23 @@ fn validate(a: &StartArgs) -> anyhow::Result<()> {
     }
     resources(a)?;
     labels(a)?;
-    AuthToken::load(a.auth_token_file.as_deref())?;
+    match a.auth_mode {
+        AuthMode::Disabled => {
+            if !is_loopback(&a.bind_host) && !a.allow_unauthenticated_remote {
+                bail!(
+                    "--auth-mode disabled with --bind-host {}: anyone who can reach this machine could run code on the cluster; bind a loopback address, turn auth on, or add --allow-unauthenticated-remote if every host on that network is trusted",
+                    a.bind_host
+                );
+            }
+        }
+        // A head finds or generates its token; a worker node must find the cluster's.
+        AuthMode::Token if a.head => {}
+        AuthMode::Token => {
+            if AuthToken::load(a.auth_token_file.as_deref())?.is_none() {
+                bail!("{NO_TOKEN}");
+            }
+        }
+    }
     if a.health_check_period.is_zero() || a.health_check_failure_threshold == 0 {
         bail!("--health-check-period and --health-check-failure-threshold must be positive");
     }
@@ -177,14 +230,13 @@ fn install_metrics() -> anyhow::Result<MetricsRender> {
     Ok(Arc::new(move || handle.render()))
 }
 
-fn default_data_dir(a: &StartArgs) -> PathBuf {
-    if a.head {
-        session::base_dir()
-            .join("data")
-            .join(format!("head-{}", a.port))
+fn default_data_dir(a: &StartArgs) -> anyhow::Result<PathBuf> {
+    let base = session::base_dir()?;
+    Ok(if a.head {
+        base.join("data").join(format!("head-{}", a.port))
     } else {
-        session::base_dir().join("data").join("node")
-    }
+        base.join("data").join("node")
+    })
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -211,11 +263,11 @@ impl Drop for RecordGuard {
 
 async fn run_blocking(args: StartArgs) -> anyhow::Result<()> {
     let render = install_metrics()?;
-    let token = AuthToken::load(args.auth_token_file.as_deref())?;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| default_data_dir(&args));
+    let token = daemon_token(&args)?;
+    let data_dir = match args.data_dir.clone() {
+        Some(d) => d,
+        None => default_data_dir(&args)?,
+    };
     let session_dir = match &args.session_dir {
         Some(s) => s.clone(),
         None if args.head_node => data_dir.clone(),
@@ -321,7 +373,12 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         .as_deref()
         .map(protocol::client::HeadClient::parse_addresses)
         .unwrap_or_default();
-    opts.token = token;
+    opts.token = token.clone();
+    opts.peer_secret = Some(protocol::auth::load_peer_secret(
+        args.peer_secret_file.as_deref(),
+        true,
+    )?);
+    opts.allowed_origins = args.dashboard_allowed_origins.clone();
     opts.health = control_plane::HealthConfig {
         period: args.health_check_period,
         failure_threshold: args.health_check_failure_threshold,
@@ -377,12 +434,6 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         ),
         ("--resources", args.resources.clone()),
         ("--labels", args.labels.clone()),
-        (
-            "--auth-token-file",
-            args.auth_token_file
-                .as_ref()
-                .map(|p| p.display().to_string()),
-        ),
         ("--object-store-memory", args.object_store_memory.clone()),
         (
             "--object-spilling-directory",
@@ -404,8 +455,19 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         std::fs::File::create(session_dir.join(format!("node-{}.log", std::process::id())))
     })
     .context("cannot create the node daemon's log file")?;
+    if args.auth_mode == AuthMode::Disabled {
+        child_args.push("--auth-mode=disabled".into());
+    }
     let mut cmd = Command::new(std::env::current_exe()?);
+    // The node gets the cluster token in its environment (never on its command line) and
+    // nothing of the peer secret.
+    match &token {
+        Some(t) => cmd.env(protocol::AUTH_TOKEN_ENV, t.as_str()),
+        None => cmd.env_remove(protocol::AUTH_TOKEN_ENV),
+    };
     cmd.args(&child_args)
+        .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
+        .env_remove(protocol::auth::AUTH_MODE_ENV)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -477,6 +539,11 @@ fn wait_ready(
 }
 
 fn launch_background(args: StartArgs) -> anyhow::Result<ExitCode> {
+    if args.head {
+        // Here, not in the daemon, so the user sees where a new token went (the daemon then
+        // finds it) and a disabled-auth warning.
+        daemon_token(&args)?;
+    }
     let session_dir = session::new_session()?;
     let kind = if args.head { "head" } else { "node" };
     let ready = session_dir.join(format!("{kind}-ready.json"));
@@ -555,7 +622,7 @@ fn is_rayctl(pid: u32) -> bool {
 }
 
 pub(crate) fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
-    let daemons = session::list_daemons();
+    let daemons = session::list_daemons()?;
     let mut live = Vec::new();
     for (path, rec) in daemons {
         if is_rayctl(rec.pid) {

@@ -1,6 +1,8 @@
 //! Where `rayctl` keeps what it started on this machine.
 //!
-//! `$RAYCTL_TMPDIR` (default `/tmp/rayctl`) holds:
+//! The per-user root (`protocol::session::root`: `$RAYCTL_TMPDIR`, else
+//! `$XDG_RUNTIME_DIR/rayctl`, else `/tmp/rayctl-<uid>`, 0700 and refused unless it is this
+//! user's alone) holds:
 //! - `session_<time>_<pid>/` per `rayctl start` (logs, the daemon's data dir by default),
 //!   with `session_latest` pointing at the newest;
 //! - `session_latest/cluster.json`: the head addresses of the cluster last started here, the
@@ -12,10 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-pub(crate) fn base_dir() -> PathBuf {
-    std::env::var_os("RAYCTL_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/rayctl"))
+pub(crate) fn base_dir() -> anyhow::Result<PathBuf> {
+    Ok(protocol::session::root()?)
 }
 
 /// No address was given and no local session names a cluster.
@@ -33,7 +33,7 @@ pub(crate) struct ClusterFile {
 /// Creates a new session dir. `session_latest` moves to it once its daemon is up
 /// (`write_cluster_file`), so a daemon that fails to start never hides a running cluster.
 pub(crate) fn new_session() -> anyhow::Result<PathBuf> {
-    let base = base_dir();
+    let base = base_dir()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -45,7 +45,7 @@ pub(crate) fn new_session() -> anyhow::Result<PathBuf> {
 }
 
 fn point_latest_at(dir: &Path) -> anyhow::Result<()> {
-    let base = base_dir();
+    let base = base_dir()?;
     let latest = base.join("session_latest");
     let tmp = base.join(format!(".session_latest.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
@@ -81,7 +81,7 @@ pub(crate) fn resolve_heads(address: Option<&str>) -> anyhow::Result<Vec<String>
     {
         return Ok(protocol::client::HeadClient::parse_addresses(&a));
     }
-    let path = base_dir().join("session_latest").join("cluster.json");
+    let path = base_dir()?.join("session_latest").join("cluster.json");
     match std::fs::read(&path) {
         Ok(b) => {
             let f: ClusterFile = serde_json::from_slice(&b)
@@ -101,27 +101,28 @@ pub(crate) struct DaemonRecord {
     pub(crate) session: PathBuf,
 }
 
-pub(crate) fn daemons_dir() -> PathBuf {
-    base_dir().join("daemons")
+pub(crate) fn daemons_dir() -> anyhow::Result<PathBuf> {
+    Ok(base_dir()?.join("daemons"))
 }
 
 pub(crate) fn register_daemon(rec: &DaemonRecord) -> anyhow::Result<PathBuf> {
-    let dir = daemons_dir();
+    let dir = daemons_dir()?;
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{}.json", rec.pid));
     write_atomic(&path, &serde_json::to_vec(rec)?)?;
     Ok(path)
 }
 
-pub(crate) fn list_daemons() -> Vec<(PathBuf, DaemonRecord)> {
-    let Ok(rd) = std::fs::read_dir(daemons_dir()) else {
-        return Vec::new();
+pub(crate) fn list_daemons() -> anyhow::Result<Vec<(PathBuf, DaemonRecord)>> {
+    let Ok(rd) = std::fs::read_dir(daemons_dir()?) else {
+        return Ok(Vec::new());
     };
-    rd.filter_map(Result::ok)
+    Ok(rd
+        .filter_map(Result::ok)
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| {
             let rec = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
             Some((e.path(), rec))
         })
-        .collect()
+        .collect())
 }

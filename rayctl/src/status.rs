@@ -21,6 +21,19 @@ pub(crate) fn client(args: &ClientArgs) -> anyhow::Result<HeadClient> {
     Ok(HeadClient::new(&heads, token, opts)?)
 }
 
+/// A client for membership changes: they take the heads' peer secret, not the cluster token.
+fn peer_client(args: &ClientArgs, file: Option<&std::path::Path>) -> anyhow::Result<HeadClient> {
+    let heads = crate::session::resolve_heads(args.address.as_deref())?;
+    let secret = protocol::auth::load_peer_secret(file, false).context(
+        "membership changes need the heads' peer secret: run this on a head's machine or pass --peer-secret-file",
+    )?;
+    let opts = ClientOptions {
+        deadline: args.timeout,
+        ..Default::default()
+    };
+    Ok(HeadClient::new(&heads, Some(secret), opts)?)
+}
+
 fn state_name(s: i32) -> &'static str {
     match pb::NodeState::try_from(s) {
         Ok(pb::NodeState::Alive) => "ALIVE",
@@ -247,12 +260,13 @@ pub(crate) async fn raft(cmd: RaftCommand) -> anyhow::Result<ExitCode> {
         RaftCommand::AddPeer {
             peer,
             learner,
+            peer_secret_file,
             client: args,
         } => {
             let mut args = args;
             // Catching up a new head can take a while.
             args.timeout = args.timeout.max(std::time::Duration::from_secs(30));
-            let c = client(&args)?;
+            let c = peer_client(&args, peer_secret_file.as_deref())?;
             let opts = ClientOptions {
                 rpc_timeout: args.timeout,
                 deadline: args.timeout,
@@ -271,8 +285,12 @@ pub(crate) async fn raft(cmd: RaftCommand) -> anyhow::Result<ExitCode> {
                 .await?;
             (args, p)
         }
-        RaftCommand::RemovePeer { peer, client: args } => {
-            let c = client(&args)?;
+        RaftCommand::RemovePeer {
+            peer,
+            peer_secret_file,
+            client: args,
+        } => {
+            let c = peer_client(&args, peer_secret_file.as_deref())?;
             let req = pb::RaftRemovePeerRequest { address: peer };
             let p = c
                 .call(|mut c| {

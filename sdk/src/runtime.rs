@@ -227,7 +227,7 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
             "sdk::init() was already called in this process".into(),
         ));
     }
-    let token = AuthToken::load(None).map_err(|e| Error::Init(e.to_string()))?;
+    let mut token = AuthToken::load(None).map_err(|e| Error::Init(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sdk")
@@ -287,6 +287,8 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
                 Some(h) => h,
                 None => {
                     let c = crate::worker::LocalCluster::start(cfg.local_num_cpus)?;
+                    // The cluster it started made a token if there was none.
+                    token = AuthToken::load(None).map_err(|e| Error::Init(e.to_string()))?;
                     let heads = c.heads.clone();
                     cluster = Some(c);
                     heads
@@ -312,9 +314,8 @@ fn connect_store(socket: Option<String>) -> Result<StoreClient, Error> {
 }
 
 fn latest_session_heads() -> Option<Vec<String>> {
-    let base = std::env::var_os("RAYCTL_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/rayctl"));
+    // Only a session root that is this user's alone is trusted to say where the cluster is.
+    let base = protocol::session::root().ok()?;
     let text = std::fs::read(base.join("session_latest").join("cluster.json")).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
     let heads: Vec<String> = v

@@ -566,7 +566,8 @@ async fn start_server(
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
-    let router = protocol::server::grpc_router(routes, rt.token.clone());
+    let router =
+        protocol::server::grpc_router(routes, protocol::server::Access::token(rt.token.clone()));
     tokio::spawn(async move {
         if let Err(e) = protocol::server::serve(listener, router, std::future::pending()).await {
             eprintln!("rayctl worker: server stopped: {e}");
@@ -800,8 +801,7 @@ impl LocalCluster {
             Error::Init("no cluster to connect to (RAYCTL_ADDRESS is unset) and no `rayctl` binary to start one: put rayctl on PATH or set RAYCTL_BIN".into())
         })?;
         let dir = std::env::temp_dir().join(format!("rayctl-sdk-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Init(format!("cannot create {}: {e}", dir.display())))?;
+        protocol::session::ensure_private_dir(&dir).map_err(|e| Error::Init(e.to_string()))?;
         let ready = dir.join("ready.json");
         let mut cmd = std::process::Command::new(&rayctl);
         cmd.args([
