@@ -1,4 +1,5 @@
-//! `rayctl start` in the background and `rayctl stop`, in an isolated RAYCTL_TMPDIR.
+//! `rayctl start` in the background and `rayctl stop`, in an isolated RAYCTL_TMPDIR and
+//! HOME: a default start (no token flags) makes the cluster token, and every client finds it.
 
 use std::process::Command;
 use std::time::Duration;
@@ -10,21 +11,66 @@ use chaos_tests::{rayctl_bin, wait_for};
 fn start_in_background_then_stop_everything() -> Result<()> {
     let bin = rayctl_bin()?;
     let tmp = tempfile::tempdir()?;
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home)?;
     let run = |args: &[&str]| {
         Command::new(&bin)
             .args(args)
             .env("RAYCTL_TMPDIR", tmp.path())
+            .env("HOME", &home)
             .env_remove(protocol::ADDRESS_ENV)
+            .env_remove(protocol::AUTH_TOKEN_ENV)
+            .env_remove(protocol::auth::AUTH_TOKEN_PATH_ENV)
+            .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
+            .env_remove(protocol::auth::AUTH_MODE_ENV)
             .output()
     };
     let out = run(&["start", "--head", "--port", "0", "--dashboard-port", "0"])?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("Started a head at 127.0.0.1:"), "{text}");
+    // A default start made a token (and said where, once) and the heads' peer secret.
+    let token_file = home.join(".rayctl").join("auth_token");
+    assert!(
+        err.contains(&format!("Generated a cluster token in {}", token_file.display())),
+        "{err}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode(&token_file)?, 0o600);
+    assert_eq!(mode(&home.join(".rayctl"))?, 0o700);
+    assert_eq!(mode(&home.join(".rayctl").join("peer_secret"))?, 0o600);
+    let token = std::fs::read_to_string(&token_file)?.trim().to_owned();
+    assert_eq!(token.len(), 64, "256 random bits in hex");
+    let dash: u16 = text
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no dashboard port in {text}"));
+    // A bare POST (no token) is refused; rayctl itself needs no flag.
+    let bare = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", dash))?;
+        let body = r#"{"entrypoint": "id"}"#;
+        write!(
+            s,
+            "POST /api/jobs/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        r
+    };
+    assert!(bare.starts_with("HTTP/1.1 401"), "{bare}");
+    let out = run(&["job", "submit", "--", "echo", "hello-from-a-job"])?;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hello-from-a-job"),
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The status command finds the cluster through the session file.
     let status = wait_for(
         "status with the head's node",
@@ -88,6 +134,49 @@ fn start_in_background_then_stop_everything() -> Result<()> {
         })
         .collect();
     assert_eq!(daemons.len(), 2, "one record per daemon");
+    // A driver on this machine finds the cluster and its token with no flag at all.
+    let pi = bin.with_file_name("pi");
+    anyhow::ensure!(
+        pi.is_file(),
+        "{} is missing: build it first (cargo build -p task-examples; scripts/test does)",
+        pi.display()
+    );
+    let out = Command::new(&pi)
+        .args(["2", "1000"])
+        .env("RAYCTL_TMPDIR", tmp.path())
+        .env("HOME", &home)
+        .env_remove(protocol::ADDRESS_ENV)
+        .env_remove(protocol::AUTH_TOKEN_ENV)
+        .env_remove(protocol::auth::AUTH_TOKEN_PATH_ENV)
+        .output()?;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("pi"),
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The token never shows: not in status, not in any log, not on a command line.
+    let out = run(&["status", "-o", "json"])?;
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&token));
+    let mut logs = vec![tmp.path().to_path_buf()];
+    while let Some(d) = logs.pop() {
+        for e in std::fs::read_dir(&d)?.filter_map(Result::ok) {
+            let p = e.path();
+            if p.starts_with(&home) || p.is_symlink() {
+                continue;
+            }
+            if p.is_dir() {
+                logs.push(p);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                assert!(!text.contains(&token), "the token is in {}", p.display());
+            }
+        }
+    }
+    for e in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&cmd).contains(&token));
+    }
     let out = run(&["stop"])?;
     assert!(out.status.success());
     for pid in daemons {

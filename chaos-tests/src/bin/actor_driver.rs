@@ -494,6 +494,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let v = sdk::get_timeout(&copy.incr(5i64), Some(Duration::from_secs(60)))?;
             result(serde_json::json!({"copy": v}));
         }
+        "hold" => {
+            // An actor whose worker the test can probe; it lives until stdin says go.
+            let c = Counter::remote(1i64)?;
+            result(serde_json::json!({"value": sdk::get(&c.incr(1i64))?}));
+            stdin_line();
+        }
         "find" => {
             let c = CounterHandle::get_actor(&arg(1), None)?;
             result(serde_json::json!({"value": sdk::get(&c.incr(1i64))?}));
