@@ -212,6 +212,59 @@ fn every_listener_takes_only_the_right_credential() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_node_dials_only_live_nodes_for_objects_and_binaries() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        ..Default::default()
+    })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    let head_node = &c.heads[0].ready["node"];
+    let worker = &c.nodes[0].ready;
+    let other_om = format!("127.0.0.1:{}", worker["object_manager_port"]);
+    let store = object_store::StoreClient::connect(
+        head_node["object_store_socket"].as_str().context("socket")?,
+    )?;
+    // A local client's Pull from an address that is no node of the cluster is refused.
+    let outsider = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let id = protocol::ObjectId::from_bytes([5; 20]);
+    let e = store
+        .pull(id, &outsider.local_addr()?.to_string(), Some(Duration::from_secs(10)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not the object manager of a live node"), "{e}");
+    // From a live node it is a real pull (here: of an object that node does not have).
+    let reached = wait_for("the other node in the view", Duration::from_secs(30), || {
+        let e = store
+            .pull(id, &other_om, Some(Duration::from_secs(10)))
+            .err()?
+            .to_string();
+        (!e.contains("not the object manager")).then_some(e)
+    })?;
+    assert!(!reached.is_empty());
+    // A lease request that names a binary source outside the cluster never makes the node
+    // dial it.
+    let rt = rt();
+    let nm = format!("127.0.0.1:{}", head_node["node_manager_port"]);
+    let r = rt.block_on(async {
+        let mut n = protocol::client::node_manager(&nm, c.auth(), &ClientOptions::default())?;
+        anyhow::Ok(
+            n.request_worker_lease(pb::LeaseRequest {
+                resources: [("CPU".to_string(), 1.0)].into_iter().collect(),
+                binary_sha256: "0".repeat(64),
+                binary_source: outsider.local_addr()?.to_string(),
+                queue_timeout_ms: 5_000,
+                ..Default::default()
+            })
+            .await,
+        )
+    })?;
+    let e = r.expect_err("the source is no node");
+    assert!(e.message().contains("not a live node"), "{e:?}");
+    Ok(())
+}
+
 /// The leader's raft id, term and last log index, from `rayctl status`.
 fn leader_view(c: &Cluster) -> Result<(u64, u64, u64)> {
     let s = c.status(None)?;
