@@ -33,7 +33,10 @@ fn start_in_background_then_stop_everything() -> Result<()> {
     // A default start made a token (and said where, once) and the heads' peer secret.
     let token_file = home.join(".rayctl").join("auth_token");
     assert!(
-        err.contains(&format!("Generated a cluster token in {}", token_file.display())),
+        err.contains(&format!(
+            "Generated a cluster token in {}",
+            token_file.display()
+        )),
         "{err}"
     );
     use std::os::unix::fs::PermissionsExt;
