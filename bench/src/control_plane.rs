@@ -132,25 +132,11 @@ fn failover_trial(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Result<f64> 
 }
 
 fn head_start_s(smoke: bool) -> Result<f64> {
-    let bin = chaos_tests::rayctl_bin()?;
     let mut samples = Vec::new();
     for _ in 0..if smoke { 1 } else { 5 } {
         let tmp = tempfile::tempdir()?;
-        let run = |args: &[&str]| {
-            std::process::Command::new(&bin)
-                .args(args)
-                .env("RAYCTL_TMPDIR", tmp.path())
-                .env(
-                    protocol::auth::AUTH_TOKEN_PATH_ENV,
-                    tmp.path().join("auth_token"),
-                )
-                .env(
-                    protocol::auth::PEER_SECRET_PATH_ENV,
-                    tmp.path().join("peer_secret"),
-                )
-                .env_remove(protocol::AUTH_TOKEN_ENV)
-                .env_remove(protocol::ADDRESS_ENV)
-                .output()
+        let run = |args: &[&str]| -> Result<std::process::Output> {
+            Ok(chaos_tests::rayctl_in(tmp.path())?.args(args).output()?)
         };
         let start = Instant::now();
         let out = run(&["start", "--head", "--port", "0", "--dashboard-port", "0"])?;

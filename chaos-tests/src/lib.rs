@@ -41,6 +41,22 @@ pub fn rayctl_bin() -> Result<PathBuf> {
     )
 }
 
+/// A `rayctl` command kept to `dir`: its session root, and the token and peer secret files it
+/// finds or makes, are there; nothing of the caller's cluster settings comes through.
+pub fn rayctl_in(dir: &Path) -> Result<Command> {
+    let mut cmd = Command::new(rayctl_bin()?);
+    cmd.env("RAYCTL_TMPDIR", dir)
+        .env(protocol::auth::AUTH_TOKEN_PATH_ENV, dir.join("auth_token"))
+        .env(
+            protocol::auth::PEER_SECRET_PATH_ENV,
+            dir.join("peer_secret"),
+        )
+        .env_remove(protocol::AUTH_TOKEN_ENV)
+        .env_remove(protocol::auth::AUTH_MODE_ENV)
+        .env_remove(protocol::ADDRESS_ENV);
+    Ok(cmd)
+}
+
 /// A free loopback port (bound once, then released for the process to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chaos_tests::driver::Driver;
-use chaos_tests::{Cluster, ClusterOptions, rayctl_bin, wait_for};
+use chaos_tests::{Cluster, ClusterOptions, rayctl_in, wait_for};
 use control_plane::state::Command as Cmd;
 use control_plane::types::TypeConfig;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
@@ -761,14 +761,12 @@ fn another_user_cannot_use_the_store_or_plant_a_session_dir() -> Result<()> {
     object_store::StoreClient::connect(&sock)?;
 
     // A session root another user made (or anyone can write) is refused, with a reason.
-    let bin = rayctl_bin()?;
     let planted = c.path().join("planted");
     std::fs::create_dir(&planted)?;
     std::os::unix::fs::chown(&planted, Some(65534), Some(65534))?;
-    let out = Command::new(&bin)
+    let out = rayctl_in(c.path())?
         .args(["status", "--timeout", "1s"])
         .env("RAYCTL_TMPDIR", &planted)
-        .env_remove(protocol::ADDRESS_ENV)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_ne!(out.status.code(), Some(0));
@@ -776,10 +774,9 @@ fn another_user_cannot_use_the_store_or_plant_a_session_dir() -> Result<()> {
     let shared = c.path().join("shared");
     std::fs::create_dir(&shared)?;
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777))?;
-    let out = Command::new(&bin)
+    let out = rayctl_in(c.path())?
         .args(["status", "--timeout", "1s"])
         .env("RAYCTL_TMPDIR", &shared)
-        .env_remove(protocol::ADDRESS_ENV)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("others can write"), "{err}");
@@ -788,23 +785,12 @@ fn another_user_cannot_use_the_store_or_plant_a_session_dir() -> Result<()> {
 
 #[test]
 fn disabled_auth_is_loud_and_never_public_by_accident() -> Result<()> {
-    let bin = rayctl_bin()?;
     let tmp = tempfile::tempdir()?;
     let run = |args: &[&str]| {
-        Command::new(&bin)
+        rayctl_in(tmp.path())?
             .args(args)
-            .env("RAYCTL_TMPDIR", tmp.path())
-            .env(
-                protocol::auth::AUTH_TOKEN_PATH_ENV,
-                tmp.path().join("auth_token"),
-            )
-            .env(
-                protocol::auth::PEER_SECRET_PATH_ENV,
-                tmp.path().join("peer_secret"),
-            )
-            .env_remove(protocol::AUTH_TOKEN_ENV)
-            .env_remove(protocol::ADDRESS_ENV)
             .output()
+            .map_err(anyhow::Error::from)
     };
     let out = run(&[
         "start",
@@ -833,7 +819,7 @@ fn disabled_auth_is_loud_and_never_public_by_accident() -> Result<()> {
         }
     }
     let head = Kill(
-        Command::new(&bin)
+        rayctl_in(tmp.path())?
             .args([
                 "start",
                 "--head",
@@ -846,12 +832,6 @@ fn disabled_auth_is_loud_and_never_public_by_accident() -> Result<()> {
                 "0",
             ])
             .arg(format!("--ready-file={}", ready.display()))
-            .env("RAYCTL_TMPDIR", tmp.path())
-            .env(
-                protocol::auth::PEER_SECRET_PATH_ENV,
-                tmp.path().join("peer_secret"),
-            )
-            .env_remove(protocol::AUTH_TOKEN_ENV)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?,
