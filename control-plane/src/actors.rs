@@ -557,6 +557,11 @@ pub(crate) async fn actor_manager(shared: Arc<HeadShared>) {
     tracing::info!("actor manager started");
     let sent: SentSet = Arc::default();
     loop {
+        if !shared.leading() {
+            // Not confirmed by a quorum: this head grants nothing this round.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let plan = {
             let st = shared.state.read();
             crate::metrics::record_actors(&st.state);

@@ -517,6 +517,11 @@ pub(crate) async fn job_manager(shared: Arc<HeadShared>, cfg: JobConfig) {
     // RPCs to agents in flight or done in this term, so each is sent once per round of need.
     let sent: SentSet = Arc::default();
     loop {
+        if !shared.leading() {
+            // Not confirmed by a quorum: this head grants nothing this round.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let plan = {
             let st = shared.state.read();
             crate::metrics::record_jobs(&st.state);

@@ -56,7 +56,7 @@ pub(crate) async fn supervise(
             tracing::info!(term, leader = ?leader, "leader changed");
             last_leader = leader;
         }
-        crate::metrics::record_raft(term, is_leader, last_log, None);
+        crate::metrics::record_raft(term, is_leader && shared.lease.holds(term), last_log, None);
         match (is_leader, &running) {
             (true, None) => {
                 running = Some(vec![
@@ -88,13 +88,24 @@ async fn node_health(shared: Arc<HeadShared>, cfg: HealthConfig) {
     shared.settle_leadership("node health").await;
     // Nodes get a full window from the moment this head took over: their heartbeats were
     // going to the old leader until now.
-    let took_over = Instant::now();
+    let mut took_over = Instant::now();
+    let mut was_leading = true;
     let window = cfg.period * cfg.failure_threshold.max(1);
     tracing::info!(?window, "node health service started");
     let mut tick = tokio::time::interval(cfg.period.min(Duration::from_millis(500)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !shared.leading() {
+            // Unconfirmed: no verdicts. The window restarts when a quorum confirms us again,
+            // since nodes may have been heartbeating to another head meanwhile.
+            was_leading = false;
+            continue;
+        }
+        if !was_leading {
+            took_over = Instant::now();
+            was_leading = true;
+        }
         let now = Instant::now();
         let (verdicts, alive, dead) = {
             let st = shared.state.read();

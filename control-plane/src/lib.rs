@@ -17,10 +17,12 @@ pub mod db;
 pub mod jobs;
 mod jobs_api;
 mod leader;
+mod lease;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
 mod pgs;
+pub mod prevote;
 pub mod raft_transport;
 pub mod service;
 pub mod sm_store;
@@ -171,6 +173,8 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
         max_in_snapshot_log_to_keep: 1000,
         install_snapshot_timeout: 10_000,
+        // Elections only after a pre-vote round wins (`prevote::gate` switches them on).
+        enable_elect: false,
         ..Default::default()
     }
     .validate()
@@ -218,6 +222,12 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         actor_node_clients: Mutex::default(),
         pg_kick: tokio::sync::Notify::new(),
         pg_changed: tokio::sync::Notify::new(),
+        lease: lease::LeaderLease::new(
+            opts.health.period * opts.health.failure_threshold.max(1),
+            opts.election_timeout.1,
+        ),
+        leader_contact: prevote::LeaderContact::default(),
+        election_max: opts.election_timeout.1,
     });
 
     let routes = tonic::service::Routes::new(
@@ -226,7 +236,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
     )
     .add_service(
-        pb::raft_server::RaftServer::new(RaftTransportService(raft.clone()))
+        pb::raft_server::RaftServer::new(RaftTransportService(shared.clone()))
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
@@ -258,17 +268,17 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             )),
         },
     );
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(service::run_proposer(
-        shared.clone(),
-        proposal_rx,
-    )));
-    tasks.push(tokio::spawn(leader::supervise(
-        shared.clone(),
-        opts.health,
-        opts.jobs,
-    )));
-    tasks.push(tokio::spawn(commit_index_metric(raft.clone())));
+    let mut tasks = vec![
+        tokio::spawn(service::run_proposer(shared.clone(), proposal_rx)),
+        tokio::spawn(leader::supervise(shared.clone(), opts.health, opts.jobs)),
+        tokio::spawn(commit_index_metric(raft.clone())),
+        tokio::spawn(lease::keep_confirmed(shared.clone())),
+        tokio::spawn(prevote::gate(
+            shared.clone(),
+            peer_secret.clone(),
+            opts.election_timeout.1,
+        )),
+    ];
 
     if opts.join.is_empty() {
         if !raft.is_initialized().await.unwrap_or(true) {

@@ -404,6 +404,11 @@ pub(crate) async fn pg_manager(shared: Arc<HeadShared>) {
         .pg_in_progress
         .clear();
     loop {
+        if !shared.leading() {
+            // Not confirmed by a quorum: this head grants nothing this round.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let plan = {
             let st = shared.state.read();
             crate::metrics::record_placement_groups(&st.state);

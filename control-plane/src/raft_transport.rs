@@ -19,14 +19,17 @@ use protocol::RpcError;
 use protocol::pb::{self, raft_server};
 use tonic::{Request, Response, Status};
 
-use crate::types::Raft;
+use std::sync::Arc;
+
+use crate::prevote::{PreVoteRequest, answer};
+use crate::service::HeadShared;
 
 /// Terms and indexes at or above this are refused: far beyond any real cluster (a term a
 /// millisecond for 8,900 years), far below an overflow.
 pub const MAX_TERM: u64 = 1 << 48;
 
 #[derive(Clone)]
-pub(crate) struct RaftTransportService(pub(crate) Raft);
+pub(crate) struct RaftTransportService(pub(crate) Arc<HeadShared>);
 
 fn refuse(msg: String) -> Status {
     tracing::warn!("refused a raft message: {msg}");
@@ -64,7 +67,7 @@ impl RaftTransportService {
                 "{kind} from {from} has term {term}; terms must be below {MAX_TERM}"
             )));
         }
-        let m = self.0.metrics().borrow().membership_config.clone();
+        let m = self.0.raft.metrics().borrow().membership_config.clone();
         let members: Vec<u64> = m.membership().nodes().map(|(id, _)| *id).collect();
         if !members.is_empty() && !members.contains(&from) {
             return Err(refuse(format!(
@@ -88,7 +91,12 @@ impl raft_server::Raft for RaftTransportService {
         for e in &rpc.entries {
             check_log_id("an appended entry", Some(&e.log_id))?;
         }
-        encode(&self.0.append_entries(rpc).await)
+        let r = self.0.raft.append_entries(rpc).await;
+        if matches!(&r, Ok(resp) if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+        {
+            self.0.leader_contact.heard();
+        }
+        encode(&r)
     }
 
     async fn vote(
@@ -98,7 +106,7 @@ impl raft_server::Raft for RaftTransportService {
         let rpc: openraft::raft::VoteRequest<u64> = decode(req)?;
         self.check_sender("vote", &rpc.vote)?;
         check_log_id("vote last_log_id", rpc.last_log_id.as_ref())?;
-        encode(&self.0.vote(rpc).await)
+        encode(&self.0.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(
@@ -108,6 +116,27 @@ impl raft_server::Raft for RaftTransportService {
         let rpc: openraft::raft::InstallSnapshotRequest<crate::types::TypeConfig> = decode(req)?;
         self.check_sender("install-snapshot", &rpc.vote)?;
         check_log_id("snapshot last_log_id", rpc.meta.last_log_id.as_ref())?;
-        encode(&self.0.install_snapshot(rpc).await)
+        let r = self.0.raft.install_snapshot(rpc).await;
+        if r.is_ok() {
+            self.0.leader_contact.heard();
+        }
+        encode(&r)
+    }
+
+    async fn pre_vote(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc: PreVoteRequest = decode(req)?;
+        self.check_sender("pre-vote", &Vote::new(rpc.term, rpc.candidate))?;
+        let last = self.0.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let a = answer(
+            &rpc,
+            self.0.leading(),
+            self.0.leader_contact.since(),
+            self.0.election_max,
+            last,
+        );
+        encode(&a)
     }
 }

@@ -78,6 +78,13 @@ pub(crate) struct HeadShared {
     /// Wakes the placement-group manager, and GetPlacementGroup waiters.
     pub(crate) pg_kick: tokio::sync::Notify,
     pub(crate) pg_changed: tokio::sync::Notify,
+    /// Whether a quorum confirmed this head's leadership recently enough to grant anything.
+    pub(crate) lease: crate::lease::LeaderLease,
+    /// When this head last heard from a leader (for pre-votes).
+    pub(crate) leader_contact: crate::prevote::LeaderContact,
+    /// How recent a leader's word must be for a pre-vote to be refused: the election
+    /// timeout's maximum, openraft's own follower lease.
+    pub(crate) election_max: Duration,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -117,13 +124,35 @@ impl HeadShared {
     }
 
     /// Fails fast with NOT_LEADER unless this head believes it leads (a cheap local check for
-    /// soft-state RPCs such as heartbeats).
+    /// soft-state reads).
     fn require_local_leader(&self) -> Result<(), Status> {
         let m = self.raft.metrics().borrow().clone();
         if m.state == ServerState::Leader {
             Ok(())
         } else {
             Err(self.not_leader(m.current_leader))
+        }
+    }
+
+    /// Whether this head leads with its leadership confirmed by a quorum within the lease:
+    /// the condition for anything it grants (heartbeat replies, verdicts, starts).
+    pub(crate) fn leading(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && self.lease.holds(m.current_term)
+    }
+
+    /// NOT_LEADER unless this head leads, UNAVAILABLE (retryable, so a client moves on at
+    /// once) while its leadership is not confirmed.
+    fn require_confirmed_leader(&self) -> Result<(), Status> {
+        self.require_local_leader()?;
+        if self.leading() {
+            Ok(())
+        } else {
+            Err(RpcError::Unavailable(format!(
+                "this head's leadership has not been confirmed by a quorum within {:?}",
+                self.lease.length()
+            ))
+            .into())
         }
     }
 
@@ -556,7 +585,7 @@ impl ControlPlane for ControlPlaneService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        self.0.require_local_leader()?;
+        self.0.require_confirmed_leader()?;
         let mut r = req.into_inner();
         let node_id = parse_node_id(&r.node_id)?;
         let available = check_resources(&r.resources_available)?;

@@ -56,6 +56,18 @@ pub(crate) async fn run(
         let grace =
             Duration::from_millis(reply.node_timeout_ms.max(reply.heartbeat_period_ms)) * 4 / 5;
         *node.serve_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked + grace);
+        // Heartbeats must land well inside the node timeout even while the leader changes:
+        // an attempt stuck on a head that no longer leads (or is cut off) gives up after a
+        // fifth of the timeout and the next head is tried.
+        let node_timeout =
+            Duration::from_millis(reply.node_timeout_ms.max(reply.heartbeat_period_ms));
+        let attempt = (node_timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let hb_client = client.with_options(protocol::client::ClientOptions {
+            deadline: node_timeout / 2,
+            rpc_timeout: attempt,
+            connect_timeout: attempt,
+            max_backoff: (period / 4).max(Duration::from_millis(10)),
+        });
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -79,7 +91,7 @@ pub(crate) async fn run(
                 resources_total: node.leases.total().to_map().into_iter().collect(),
                 placement_groups: node.leases.placement_groups(),
             };
-            match client
+            match hb_client
                 .call(|mut c| {
                     let hb = hb.clone();
                     async move { c.heartbeat(hb).await }

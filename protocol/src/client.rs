@@ -265,8 +265,21 @@ impl HeadClient {
         let mut last;
         loop {
             let addr = self.pick();
+            // Each attempt gets at most its own budget (whatever timeout the cached channel
+            // was built with), so a head that stalls, such as one cut off by a partition,
+            // costs one attempt and the call moves on to the next head.
+            let budget = self
+                .opts
+                .rpc_timeout
+                .min(self.opts.deadline.saturating_sub(start.elapsed()))
+                .max(Duration::from_millis(1));
             let result = match self.client_for(&addr) {
-                Ok(c) => f(c).await.map_err(RpcError::from),
+                Ok(c) => match tokio::time::timeout(budget, f(c)).await {
+                    Ok(r) => r.map_err(RpcError::from),
+                    Err(_) => Err(RpcError::DeadlineExceeded(format!(
+                        "{addr} did not answer within {budget:?}"
+                    ))),
+                },
                 Err(e) => Err(e),
             };
             let e = match result {
