@@ -327,8 +327,54 @@ fn latest_session_heads() -> Option<Vec<String>> {
     (!heads.is_empty()).then_some(heads)
 }
 
-/// Picks this process's node: one on this machine whose store socket we can open (local
-/// mode), else any live node (remote mode).
+/// The addresses of this process's network interfaces (in its network namespace).
+fn local_ips() -> std::collections::HashSet<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Default::default();
+    };
+    addrs
+        .filter_map(|a| {
+            let s = a.address?;
+            s.as_sockaddr_in()
+                .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                .or_else(|| s.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+        })
+        .collect()
+}
+
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(|c| c == '[' || c == ']')
+}
+
+/// The nodes a driver here may attach to, best first: only nodes whose advertised address
+/// is one of this machine's (this network namespace's) own, because the socket files of
+/// other machines' nodes can be visible too (a shared session tree, network namespaces);
+/// among those, a node on the host of a head this driver was pointed at, then heads.
+fn local_candidates(
+    nodes: &[pb::NodeInfo],
+    heads: &[String],
+    ips: &std::collections::HashSet<std::net::IpAddr>,
+) -> Vec<pb::NodeInfo> {
+    let mut local: Vec<pb::NodeInfo> = nodes
+        .iter()
+        .filter(|n| {
+            let host = host_of(&n.address);
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ips.contains(&ip))
+        })
+        .cloned()
+        .collect();
+    let told: std::collections::HashSet<&str> = heads.iter().map(|h| host_of(h)).collect();
+    local.sort_by_key(|n| (!told.contains(host_of(&n.address)), !n.is_head));
+    local
+}
+
+/// Picks this process's node: one on this machine (see `local_candidates`) whose store
+/// socket we can open (local mode), else a live node (remote mode).
 async fn find_node(
     heads: &[String],
     token: Option<AuthToken>,
@@ -370,7 +416,7 @@ async fn find_node(
         format!("{host}:{}", n.ports.unwrap_or_default().object_manager_port)
     };
     if !remote {
-        for n in &nodes {
+        for n in &local_candidates(&nodes, heads, &local_ips()) {
             let Ok(mut c) = protocol::client::node_manager(
                 &n.address,
                 token.clone(),
@@ -385,6 +431,9 @@ async fn find_node(
             if h.object_store_socket.is_empty()
                 || !std::path::Path::new(&h.object_store_socket).exists()
             {
+                continue;
+            }
+            if h.node_id != n.node_id {
                 continue;
             }
             if let Ok(store) = StoreClient::connect(&h.object_store_socket) {
@@ -1143,5 +1192,44 @@ async fn free_loop(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<(String, Ob
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, addr: &str, head: bool) -> pb::NodeInfo {
+        pb::NodeInfo {
+            node_id: id.into(),
+            address: addr.into(),
+            is_head: head,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_driver_attaches_only_to_nodes_of_its_own_addresses() {
+        let nodes = [
+            node("a", "10.9.0.1:7000", true),
+            node("b", "10.9.0.2:7000", false),
+            node("c", "10.9.0.3:7000", false),
+            node("d", "127.0.0.1:7000", false),
+        ];
+        let ips: std::collections::HashSet<std::net::IpAddr> = ["10.9.0.2", "127.0.0.1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let ids = |heads: &[String]| -> Vec<String> {
+            local_candidates(&nodes, heads, &ips)
+                .into_iter()
+                .map(|n| n.node_id)
+                .collect()
+        };
+        // Node a (a head, but on another address) and c are never candidates.
+        assert_eq!(ids(&["10.9.0.1:6379".into()]), ["b", "d"]);
+        // Among local nodes, the one on the host of the head this driver was told first.
+        assert_eq!(ids(&["127.0.0.1:6379".into()]), ["d", "b"]);
+        assert!(local_candidates(&nodes, &[], &Default::default()).is_empty());
     }
 }
