@@ -9,6 +9,7 @@
 //! (`cargo build -p rayctl` first; `scripts/test` does).
 
 pub mod driver;
+pub mod netns;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -47,6 +47,17 @@ impl Counter {
         std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
     }
 
+    /// `incr`, answering "<value> <node id>" so a caller knows which copy answered.
+    fn incr_at(&mut self, by: i64) -> String {
+        self.n += by;
+        self.log.push(by);
+        format!(
+            "{} {}",
+            self.n,
+            std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
+        )
+    }
+
     fn fail(&self, msg: String) -> i64 {
         panic!("{msg}")
     }
@@ -493,6 +504,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stdin_line();
             let v = sdk::get_timeout(&copy.incr(5i64), Some(Duration::from_secs(60)))?;
             result(serde_json::json!({"copy": v}));
+        }
+        "detached" => {
+            // A detached actor on a node with a `slot`, restartable once.
+            let opts = ActorOptions::default()
+                .name(&arg(1))
+                .detached(true)
+                .max_restarts(1)
+                .max_task_retries(0)
+                .resource("slot", 1.0);
+            let c = Counter::remote_with(&opts, 0i64)?;
+            result(serde_json::json!({"node": sdk::get(&c.node())?}));
+        }
+        "caller" => {
+            // Calls the named actor until stdin closes, one call at a time, printing which
+            // copy acknowledged which value (or why a call failed), with the wall time.
+            let c = CounterHandle::get_actor(&arg(1), None)?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s = stop.clone();
+            std::thread::spawn(move || {
+                stdin_line();
+                s.store(true, std::sync::atomic::Ordering::Release);
+            });
+            let ms = || {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            };
+            result(serde_json::json!({"calling": arg(1)}));
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let sent = ms();
+                match sdk::get_timeout(&c.incr_at(1i64), Some(Duration::from_secs(1))) {
+                    Ok(s) => println!("ACK {sent} {} {s}", ms()),
+                    Err(e) => {
+                        println!("ERR {sent} {} {}", ms(), kind(&e));
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+            result(serde_json::json!({"stopped": true}));
+        }
+        "value" => {
+            let c = CounterHandle::get_actor(&arg(1), None)?;
+            result(
+                serde_json::json!({"value": sdk::get_timeout(&c.get(), Some(Duration::from_secs(30)))?}),
+            );
         }
         "hold" => {
             // An actor whose worker the test can probe; it lives until stdin says go.

@@ -1,0 +1,588 @@
+//! A cluster of real processes in network namespaces: every head and node is a host of its
+//! own (`ip netns`), with its own address on a bridge this fixture creates, so a partition
+//! between any two sets of hosts is a firewall rule inside their namespaces (`nft`,
+//! `../shared/CHAOS.md` §2). Used by the partition tests and, later, the chaos harness.
+//!
+//! The test process itself sits in the root namespace as an observer: the bridge carries its
+//! address (`.254`), which no partition rule names, so it can always ask every head.
+//!
+//! Invariant: everything a `NetCluster` creates (processes, veths, the bridge, namespaces,
+//! its temp dir) is removed when it drops, also when the test panics; a run that was killed
+//! leaves names that carry its pid, and [`clean_leftovers`] (called by every `start`)
+//! removes those whose pid no longer runs. Traffic goes only to addresses inside the
+//! namespaces made here.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use protocol::auth::AuthToken;
+use protocol::client::{ClientOptions, HeadClient};
+use serde_json::Value;
+
+/// Every name this fixture makes starts with this, then the creating pid.
+const PREFIX: &str = "rcn";
+const HEAD_PORT: u16 = 7000;
+const DASHBOARD_PORT: u16 = 8265;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// Checks that this machine can build namespaces: root, `ip` (iproute2) and `nft` (nftables).
+pub fn check_prerequisites() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("network-namespace tests need root (CI runs as root)");
+    }
+    for (tool, pkg) in [("ip", "iproute2"), ("nft", "nftables")] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+        if !found {
+            bail!("`{tool}` is missing: apt-get install {pkg} (.ci/run does)");
+        }
+    }
+    Ok(())
+}
+
+/// Removes namespaces and links of earlier runs whose creating process is gone.
+pub fn clean_leftovers() {
+    let dead = |name: &str| -> bool {
+        name.strip_prefix(PREFIX)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    if let Ok(links) = ip(&["-o", "link", "show"]) {
+        for l in links.lines() {
+            let name = l
+                .split(':')
+                .nth(1)
+                .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+                .unwrap_or_default();
+            if dead(&name) {
+                let _ = ip(&["link", "del", &name]);
+            }
+        }
+    }
+    if let Ok(list) = ip(&["netns", "list"]) {
+        for l in list.lines() {
+            let name = l.split_whitespace().next().unwrap_or("");
+            if dead(name) {
+                kill_in(name);
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
+    }
+}
+
+/// SIGKILLs every process in namespace `ns`.
+fn kill_in(ns: &str) {
+    if let Ok(pids) = ip(&["netns", "pids", ns]) {
+        for p in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = kill(Pid::from_raw(p), Signal::SIGCONT);
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }
+}
+
+/// One host: a namespace, the host side of its veth, and its address.
+pub struct Host {
+    pub ns: String,
+    pub veth: String,
+    pub ip: String,
+}
+
+/// One daemon in a host.
+pub struct NetProc {
+    pub name: String,
+    pub host: usize,
+    args: Vec<String>,
+    pub ready_file: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    pub ready: Value,
+}
+
+impl NetProc {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct NetOptions {
+    pub heads: usize,
+    pub nodes: usize,
+    pub health_period: Duration,
+    pub health_threshold: u32,
+    /// Custom resources of worker node `i` (besides its own `node<i>: 1`).
+    pub node_resources: Vec<(String, f64)>,
+    pub node_cpus: f64,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        Self {
+            heads: 3,
+            nodes: 2,
+            health_period: Duration::from_millis(500),
+            health_threshold: 5,
+            node_resources: Vec::new(),
+            node_cpus: 1.0,
+        }
+    }
+}
+
+pub struct NetCluster {
+    pub dir: tempfile::TempDir,
+    /// Heads' hosts first (`0..heads`), then the worker nodes' (`heads..`).
+    pub hosts: Vec<Host>,
+    pub heads: Vec<NetProc>,
+    pub nodes: Vec<NetProc>,
+    pub head_addrs: Vec<String>,
+    pub token: String,
+    bridge: String,
+    bin: PathBuf,
+}
+
+impl Drop for NetCluster {
+    fn drop(&mut self) {
+        for p in self.heads.iter_mut().chain(self.nodes.iter_mut()) {
+            p.kill9();
+        }
+        for h in &self.hosts {
+            // Heads' node daemons, workers and drivers started in the namespace die too.
+            kill_in(&h.ns);
+        }
+        // Veths first (namespace deletion is asynchronous), then namespaces, then the bridge.
+        for h in &self.hosts {
+            let _ = ip(&["link", "del", &h.veth]);
+        }
+        for h in &self.hosts {
+            let _ = ip(&["netns", "del", &h.ns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+impl NetCluster {
+    /// Builds the hosts, starts `heads` heads (one group) and `nodes` worker nodes in them,
+    /// and waits until every daemon is ready.
+    pub fn start(opts: NetOptions) -> Result<Self> {
+        check_prerequisites()?;
+        clean_leftovers();
+        let bin = crate::rayctl_bin()?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let tag = format!("{PREFIX}{pid}x{n}");
+        anyhow::ensure!(
+            tag.len() + 3 <= 15,
+            "interface names would be too long: {tag}"
+        );
+        // 10.<a>.<b>.0/24, unique per (pid, cluster) among the runs alive here.
+        let (a, b) = (100 + (n % 100) as u8, (pid % 251) as u8);
+        let subnet = format!("10.{a}.{b}");
+        if ip(&["route", "show", &format!("{subnet}.0/24")])?.trim() != "" {
+            bail!("subnet {subnet}.0/24 is in use on this machine");
+        }
+        let dir = tempfile::Builder::new().prefix("rayctl-netns-").tempdir()?;
+        let bridge = format!("{tag}br");
+        let mut c = NetCluster {
+            dir,
+            hosts: Vec::new(),
+            heads: Vec::new(),
+            nodes: Vec::new(),
+            head_addrs: Vec::new(),
+            token: String::new(),
+            bridge: bridge.clone(),
+            bin,
+        };
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        for i in 0..opts.heads + opts.nodes {
+            let ns = format!("{tag}h{i}");
+            let veth = format!("{tag}v{i}");
+            let addr = format!("{subnet}.{}", i + 1);
+            ip(&["netns", "add", &ns])?;
+            // Recorded before the rest, so a failure below still cleans this host up.
+            c.hosts.push(Host {
+                ns: ns.clone(),
+                veth: veth.clone(),
+                ip: addr.clone(),
+            });
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
+            ip(&["link", "set", &veth, "master", &bridge])?;
+            ip(&["link", "set", &veth, "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        c.head_addrs = (0..opts.heads)
+            .map(|i| format!("{}:{HEAD_PORT}", c.hosts[i].ip))
+            .collect();
+        for i in 0..opts.heads {
+            let hostip = c.hosts[i].ip.clone();
+            let args = vec![
+                "--head".to_string(),
+                format!("--port={HEAD_PORT}"),
+                format!("--dashboard-port={DASHBOARD_PORT}"),
+                format!("--peers={}", c.head_addrs.join(",")),
+                format!("--bind-host={hostip}"),
+                format!("--node-ip-address={hostip}"),
+                format!(
+                    "--data-dir={}",
+                    c.dir.path().join(format!("head-{i}")).display()
+                ),
+                format!("--health-check-period={}ms", opts.health_period.as_millis()),
+                format!("--health-check-failure-threshold={}", opts.health_threshold),
+                "--num-cpus=1".into(),
+                "--memory=1GiB".into(),
+            ];
+            let p = c.spawn(&format!("head-{i}"), i, args)?;
+            c.heads.push(p);
+        }
+        for i in 0..c.heads.len() {
+            c.wait_ready(true, i)?;
+        }
+        c.token = std::fs::read_to_string(c.token_path())
+            .context("the first head did not generate a cluster token")?
+            .trim()
+            .to_owned();
+        for i in 0..opts.nodes {
+            let host = opts.heads + i;
+            let hostip = c.hosts[host].ip.clone();
+            let mut res = serde_json::Map::new();
+            res.insert(format!("node{i}"), 1.into());
+            for (k, v) in &opts.node_resources {
+                res.insert(k.clone(), (*v).into());
+            }
+            let args = vec![
+                format!("--address={}", c.head_addrs.join(",")),
+                format!("--bind-host={hostip}"),
+                format!("--node-ip-address={hostip}"),
+                format!(
+                    "--data-dir={}",
+                    c.dir.path().join(format!("node-{i}")).display()
+                ),
+                format!("--num-cpus={}", opts.node_cpus),
+                "--memory=1GiB".into(),
+                format!("--resources={}", Value::Object(res)),
+            ];
+            let p = c.spawn(&format!("node-{i}"), host, args)?;
+            c.nodes.push(p);
+        }
+        for i in 0..c.nodes.len() {
+            c.wait_ready(false, i)?;
+        }
+        Ok(c)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.dir.path().join("auth_token")
+    }
+
+    /// Index in `hosts` of worker node `i`.
+    pub fn node_host(&self, i: usize) -> usize {
+        self.heads.len() + i
+    }
+
+    /// `ip netns exec <host's namespace> program`, with this cluster's session root and token.
+    pub fn exec(&self, host: usize, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.hosts[host].ns])
+            .arg(program)
+            .env("RAYCTL_TMPDIR", self.dir.path())
+            .env(protocol::AUTH_TOKEN_ENV, &self.token)
+            .env(protocol::ADDRESS_ENV, self.head_addrs.join(","))
+            .env_remove(protocol::auth::AUTH_TOKEN_PATH_ENV)
+            .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
+            .env_remove("RAYCTL_NODE_ADDRESS")
+            .env_remove("RAYCTL_WORKER_ID")
+            .env_remove("RAYCTL_REMOTE");
+        cmd
+    }
+
+    fn spawn(&self, name: &str, host: usize, mut args: Vec<String>) -> Result<NetProc> {
+        let ready_file = self.dir.path().join(format!("{name}.ready.json"));
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut full = vec!["start".to_string(), "--block".into()];
+        full.append(&mut args);
+        full.push(format!("--ready-file={}", ready_file.display()));
+        full.push(format!(
+            "--session-dir={}",
+            self.dir.path().join(format!("{name}-session")).display()
+        ));
+        let mut p = NetProc {
+            name: name.into(),
+            host,
+            args: full,
+            ready_file,
+            log,
+            child: None,
+            ready: Value::Null,
+        };
+        self.launch(&mut p)?;
+        Ok(p)
+    }
+
+    fn launch(&self, p: &mut NetProc) -> Result<()> {
+        let _ = std::fs::remove_file(&p.ready_file);
+        std::fs::create_dir_all(
+            self.dir
+                .path()
+                .join(format!("{}-session", p.name))
+                .join("logs"),
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p.log)?;
+        // `ip netns exec` execs the daemon, so the child's pid is the daemon's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.hosts[p.host].ns])
+            .arg(&self.bin)
+            .args(&p.args)
+            .env("RAYCTL_TMPDIR", self.dir.path())
+            .env(protocol::auth::AUTH_TOKEN_PATH_ENV, self.token_path())
+            .env(
+                protocol::auth::PEER_SECRET_PATH_ENV,
+                self.dir.path().join("peer_secret"),
+            )
+            .env_remove(protocol::AUTH_TOKEN_ENV)
+            .env_remove(protocol::auth::AUTH_MODE_ENV)
+            .env_remove(protocol::ADDRESS_ENV)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", p.name))?;
+        p.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, head: bool, i: usize) -> Result<()> {
+        let p = if head {
+            &mut self.heads[i]
+        } else {
+            &mut self.nodes[i]
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(b) = std::fs::read(&p.ready_file)
+                && let Ok(v) = serde_json::from_slice::<Value>(&b)
+            {
+                p.ready = v;
+                return Ok(());
+            }
+            if let Some(c) = p.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                p.child = None;
+                bail!("{} exited before ready ({st}):\n{}", p.name, p.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready within 60s:\n{}", p.name, p.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Head `i` again, with its arguments and data dir (after a kill).
+    pub fn restart_head(&mut self, i: usize) -> Result<()> {
+        self.heads[i].kill9();
+        let mut p = std::mem::replace(
+            &mut self.heads[i],
+            NetProc {
+                name: String::new(),
+                host: 0,
+                args: vec![],
+                ready_file: PathBuf::new(),
+                log: PathBuf::new(),
+                child: None,
+                ready: Value::Null,
+            },
+        );
+        let r = self.launch(&mut p);
+        self.heads[i] = p;
+        r?;
+        self.wait_ready(true, i)
+    }
+
+    /// Cuts every host of `a` off from every host of `b` (both ways), with drop rules inside
+    /// their namespaces. Established connections stall rather than break, as on a real
+    /// network. Replaces any earlier partition.
+    pub fn partition(&self, a: &[usize], b: &[usize]) -> Result<()> {
+        self.heal()?;
+        for (side, other) in [(a, b), (b, a)] {
+            let ips: Vec<&str> = other.iter().map(|h| self.hosts[*h].ip.as_str()).collect();
+            if ips.is_empty() {
+                continue;
+            }
+            let set = ips.join(", ");
+            let rules = format!(
+                "table inet chaos {{\n chain in {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} drop; }}\n chain out {{ type filter hook output priority 0; policy accept; ip daddr {{ {set} }} drop; }}\n}}\n"
+            );
+            for h in side {
+                let mut child = Command::new("ip")
+                    .args(["netns", "exec", &self.hosts[*h].ns, "nft", "-f", "-"])
+                    .stdin(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("nft")?;
+                child
+                    .stdin
+                    .take()
+                    .context("nft stdin")?
+                    .write_all(rules.as_bytes())?;
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    bail!(
+                        "nft in {} failed: {}",
+                        self.hosts[*h].ns,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every partition rule.
+    pub fn heal(&self) -> Result<()> {
+        for h in &self.hosts {
+            let has =
+                run(Command::new("ip").args(["netns", "exec", &h.ns, "nft", "list", "tables"]))?;
+            if has.contains("chaos") {
+                run(Command::new("ip").args([
+                    "netns", "exec", &h.ns, "nft", "delete", "table", "inet", "chaos",
+                ]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A client in the root namespace (the observer), holding every head address.
+    pub fn client(&self) -> HeadClient {
+        let opts = ClientOptions {
+            deadline: Duration::from_secs(5),
+            rpc_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        HeadClient::new(
+            &self.head_addrs,
+            AuthToken::new(&self.token, "test").ok(),
+            opts,
+        )
+        .expect("valid addresses")
+    }
+
+    /// `rayctl status -o json` from the observer through `via` (one head) or all heads.
+    pub fn status(&self, via: Option<usize>) -> Result<Value> {
+        let addr = match via {
+            Some(i) => self.head_addrs[i].clone(),
+            None => self.head_addrs.join(","),
+        };
+        let out = Command::new(&self.bin)
+            .args([
+                "status",
+                "-o",
+                "json",
+                "--timeout",
+                "3s",
+                "--address",
+                &addr,
+            ])
+            .env("RAYCTL_TMPDIR", self.dir.path())
+            .env(protocol::AUTH_TOKEN_ENV, &self.token)
+            .output()?;
+        if !out.status.success() {
+            bail!("rayctl status: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Index of the head that leads (as the majority's answer says).
+    pub fn wait_leader(&self, timeout: Duration) -> Result<usize> {
+        crate::wait_for("a leader", timeout, || {
+            let s = self.status(None).ok()?;
+            let l = s["leader"].as_str()?.to_string();
+            self.head_addrs.iter().position(|a| *a == l)
+        })
+    }
+
+    /// What head `i` says of itself (`HeadInfo`, which any head answers): (role, term).
+    pub fn head_view(&self, i: usize) -> Option<(String, u64)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let opts = ClientOptions {
+                deadline: Duration::from_secs(2),
+                rpc_timeout: Duration::from_secs(1),
+                ..Default::default()
+            };
+            let c = HeadClient::new(
+                std::slice::from_ref(&self.head_addrs[i]),
+                AuthToken::new(&self.token, "test").ok(),
+                opts,
+            )
+            .ok()?;
+            let r = c
+                .call(|mut h| async move { h.head_info(protocol::pb::HeadInfoRequest {}).await })
+                .await
+                .ok()?;
+            Some((r.role, r.term))
+        })
+    }
+}
