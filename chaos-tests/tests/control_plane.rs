@@ -57,11 +57,25 @@ fn three_heads_two_nodes_agree_from_every_head() -> Result<()> {
         ..Default::default()
     })?;
     c.wait_leader(Duration::from_secs(30))?;
-    // 3 head node daemons + 2 workers.
-    let first = wait_for("5 alive nodes", Duration::from_secs(30), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 5).then_some(s)
-    })?;
+    // 3 head node daemons + 2 workers, and every head in the group (a head that voted before
+    // it initialized is a learner until the leader's first entries reach it).
+    let first = wait_for(
+        "5 alive nodes, 1 leader, 2 followers",
+        Duration::from_secs(30),
+        || {
+            let s = c.status(None).ok()?;
+            let roles: Vec<&str> = s["heads"]
+                .as_array()?
+                .iter()
+                .filter_map(|h| h["role"].as_str())
+                .collect();
+            let count = |r: &str| roles.iter().filter(|x| **x == r).count();
+            (Cluster::nodes_in_state(&s, "ALIVE").len() == 5
+                && count("leader") == 1
+                && count("follower") == 2)
+                .then_some(s.clone())
+        },
+    )?;
     let leader = first["leader"].as_str().unwrap().to_string();
     assert_eq!(first["heads"].as_array().unwrap().len(), 3);
     let roles: Vec<&str> = first["heads"]
