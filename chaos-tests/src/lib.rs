@@ -58,6 +58,16 @@ pub fn rayctl_in(dir: &Path) -> Result<Command> {
     Ok(cmd)
 }
 
+/// Whether process `pid` runs (a zombie does not).
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+        .unwrap_or(false)
+}
+
 /// A free loopback port (bound once, then released for the process to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -111,6 +121,33 @@ impl Proc {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Waits (60 s at most) for the daemon's ready file; fails early if it exits.
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(b) = std::fs::read(&self.ready_file)
+                && let Ok(v) = serde_json::from_slice::<Value>(&b)
+            {
+                self.ready = v;
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                self.child = None;
+                bail!(
+                    "{} exited before ready ({st}):\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready within 60s:\n{}", self.name, self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -378,29 +415,10 @@ impl Cluster {
     }
 
     fn wait_ready(&mut self, head: bool, i: usize) -> Result<()> {
-        let p = if head {
-            &mut self.heads[i]
+        if head {
+            self.heads[i].wait_ready()
         } else {
-            &mut self.nodes[i]
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(b) = std::fs::read(&p.ready_file)
-                && let Ok(v) = serde_json::from_slice::<Value>(&b)
-            {
-                p.ready = v;
-                return Ok(());
-            }
-            if let Some(c) = p.child.as_mut()
-                && let Some(st) = c.try_wait()?
-            {
-                p.child = None;
-                bail!("{} exited before ready ({st}):\n{}", p.name, p.log_tail());
-            }
-            if Instant::now() > deadline {
-                bail!("{} not ready within 60s:\n{}", p.name, p.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            self.nodes[i].wait_ready()
         }
     }
 
@@ -526,7 +544,7 @@ impl Cluster {
     }
 }
 
-fn placeholder() -> Proc {
+pub(crate) fn placeholder() -> Proc {
     Proc {
         name: String::new(),
         args: vec![],

@@ -14,9 +14,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
@@ -24,6 +24,8 @@ use nix::unistd::Pid;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient};
 use serde_json::Value;
+
+use crate::Proc;
 
 /// Every name this fixture makes starts with this, then the creating pid.
 const PREFIX: &str = "rcn";
@@ -114,37 +116,6 @@ pub struct Host {
     pub ip: String,
 }
 
-/// One daemon in a host.
-pub struct NetProc {
-    pub name: String,
-    pub host: usize,
-    args: Vec<String>,
-    pub ready_file: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
-    pub ready: Value,
-}
-
-impl NetProc {
-    pub fn pid(&self) -> Option<i32> {
-        self.child.as_ref().map(|c| c.id() as i32)
-    }
-
-    pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 pub struct NetOptions {
     pub heads: usize,
     pub nodes: usize,
@@ -172,8 +143,8 @@ pub struct NetCluster {
     pub dir: tempfile::TempDir,
     /// Heads' hosts first (`0..heads`), then the worker nodes' (`heads..`).
     pub hosts: Vec<Host>,
-    pub heads: Vec<NetProc>,
-    pub nodes: Vec<NetProc>,
+    pub heads: Vec<Proc>,
+    pub nodes: Vec<Proc>,
     pub head_addrs: Vec<String>,
     pub token: String,
     bridge: String,
@@ -352,7 +323,7 @@ impl NetCluster {
         cmd
     }
 
-    fn spawn(&self, name: &str, host: usize, mut args: Vec<String>) -> Result<NetProc> {
+    fn spawn(&self, name: &str, host: usize, mut args: Vec<String>) -> Result<Proc> {
         let ready_file = self.dir.path().join(format!("{name}.ready.json"));
         let log = self.dir.path().join(format!("{name}.log"));
         let mut full = vec!["start".to_string(), "--block".into()];
@@ -362,20 +333,19 @@ impl NetCluster {
             "--session-dir={}",
             self.dir.path().join(format!("{name}-session")).display()
         ));
-        let mut p = NetProc {
+        let mut p = Proc {
             name: name.into(),
-            host,
             args: full,
             ready_file,
             log,
             child: None,
             ready: Value::Null,
         };
-        self.launch(&mut p)?;
+        self.launch(&mut p, host)?;
         Ok(p)
     }
 
-    fn launch(&self, p: &mut NetProc) -> Result<()> {
+    fn launch(&self, p: &mut Proc, host: usize) -> Result<()> {
         let _ = std::fs::remove_file(&p.ready_file);
         std::fs::create_dir_all(
             self.dir
@@ -389,7 +359,7 @@ impl NetCluster {
             .open(&p.log)?;
         // `ip netns exec` execs the daemon, so the child's pid is the daemon's.
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.hosts[p.host].ns])
+            .args(["netns", "exec", &self.hosts[host].ns])
             .arg(&self.bin)
             .args(&p.args)
             .env("RAYCTL_TMPDIR", self.dir.path())
@@ -411,48 +381,18 @@ impl NetCluster {
     }
 
     fn wait_ready(&mut self, head: bool, i: usize) -> Result<()> {
-        let p = if head {
-            &mut self.heads[i]
+        if head {
+            self.heads[i].wait_ready()
         } else {
-            &mut self.nodes[i]
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(b) = std::fs::read(&p.ready_file)
-                && let Ok(v) = serde_json::from_slice::<Value>(&b)
-            {
-                p.ready = v;
-                return Ok(());
-            }
-            if let Some(c) = p.child.as_mut()
-                && let Some(st) = c.try_wait()?
-            {
-                p.child = None;
-                bail!("{} exited before ready ({st}):\n{}", p.name, p.log_tail());
-            }
-            if Instant::now() > deadline {
-                bail!("{} not ready within 60s:\n{}", p.name, p.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            self.nodes[i].wait_ready()
         }
     }
 
     /// Head `i` again, with its arguments and data dir (after a kill).
     pub fn restart_head(&mut self, i: usize) -> Result<()> {
         self.heads[i].kill9();
-        let mut p = std::mem::replace(
-            &mut self.heads[i],
-            NetProc {
-                name: String::new(),
-                host: 0,
-                args: vec![],
-                ready_file: PathBuf::new(),
-                log: PathBuf::new(),
-                child: None,
-                ready: Value::Null,
-            },
-        );
-        let r = self.launch(&mut p);
+        let mut p = std::mem::replace(&mut self.heads[i], crate::placeholder());
+        let r = self.launch(&mut p, i);
         self.heads[i] = p;
         r?;
         self.wait_ready(true, i)

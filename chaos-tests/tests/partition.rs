@@ -33,15 +33,6 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map(|s| {
-            !s.lines()
-                .any(|l| l.starts_with("State:") && l.contains('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// A small seeded generator (xorshift), so each run can be replayed from its seed.
 struct Rng(u64);
 impl Rng {
@@ -188,7 +179,10 @@ fn cut_off_actor_run(seed: u64, with_leader: bool) -> Result<()> {
         .context("the actor is on a worker node")?;
     let old_node = a.node_id.clone();
     let old_pid = a.pid;
-    anyhow::ensure!(old_pid != 0 && alive(old_pid), "the actor's worker runs");
+    anyhow::ensure!(
+        old_pid != 0 && chaos_tests::process_alive(old_pid as i32),
+        "the actor's worker runs"
+    );
     // The caller sits with the old copy, on the cut-off side.
     let mut caller = NsDriver::start(&c, c.node_host(w), &["caller", &name])?;
     caller.result(Duration::from_secs(60))?;
@@ -213,7 +207,7 @@ fn cut_off_actor_run(seed: u64, with_leader: bool) -> Result<()> {
     let (mut exited, mut restarted) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(60);
     while restarted.is_none() && Instant::now() < deadline {
-        if exited.is_none() && !alive(old_pid) {
+        if exited.is_none() && !chaos_tests::process_alive(old_pid as i32) {
             exited = Some(now_ms());
         }
         if let Ok(a) = actor(&majority, &rt, &name)
@@ -299,7 +293,7 @@ fn cut_off_actor_run(seed: u64, with_leader: bool) -> Result<()> {
     assert_eq!(now.num_restarts, 1);
     assert_eq!(now.state, pb::ActorState::Alive as i32);
     assert_ne!(now.node_id, old_node);
-    assert!(!alive(old_pid));
+    assert!(!chaos_tests::process_alive(old_pid as i32));
     Ok(())
 }
 

@@ -89,15 +89,6 @@ fn raft_client(
     )
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map(|s| {
-            !s.lines()
-                .any(|l| l.starts_with("State:") && l.contains('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// No process on the machine has `secret` on its command line.
 fn no_command_line_holds(secret: &str) -> Result<()> {
     for e in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
@@ -522,7 +513,7 @@ fn a_process_holding_the_cluster_token_cannot_touch_the_raft_group() -> Result<(
     // No head died; the leader kept its leadership and term.
     for h in &c.heads {
         assert!(
-            h.pid().is_some_and(alive),
+            h.pid().is_some_and(chaos_tests::process_alive),
             "{} died:\n{}",
             h.name,
             h.log_tail()
