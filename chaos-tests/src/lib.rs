@@ -124,6 +124,28 @@ impl Proc {
         }
     }
 
+    /// `rayctl start --block ARGS` named `name`, with its ready file, log and session dir in
+    /// `dir`; not started yet.
+    fn daemon(dir: &Path, name: &str, mut args: Vec<String>) -> Proc {
+        let ready_file = dir.join(format!("{name}.ready.json"));
+        let log = dir.join(format!("{name}.log"));
+        let mut full = vec!["start".to_string(), "--block".into()];
+        full.append(&mut args);
+        full.push(format!("--ready-file={}", ready_file.display()));
+        full.push(format!(
+            "--session-dir={}",
+            dir.join(format!("{name}-session")).display()
+        ));
+        Proc {
+            name: name.into(),
+            args: full,
+            ready_file,
+            log,
+            child: None,
+            ready: Value::Null,
+        }
+    }
+
     /// Waits (60 s at most) for the daemon's ready file; fails early if it exits.
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -359,24 +381,8 @@ impl Cluster {
             .ok()
     }
 
-    fn spawn(&self, name: &str, mut args: Vec<String>) -> Result<Proc> {
-        let ready_file = self.dir.path().join(format!("{name}.ready.json"));
-        let log = self.dir.path().join(format!("{name}.log"));
-        let mut full = vec!["start".to_string(), "--block".into()];
-        full.append(&mut args);
-        full.push(format!("--ready-file={}", ready_file.display()));
-        full.push(format!(
-            "--session-dir={}",
-            self.dir.path().join(format!("{name}-session")).display()
-        ));
-        let mut p = Proc {
-            name: name.into(),
-            args: full,
-            ready_file,
-            log,
-            child: None,
-            ready: Value::Null,
-        };
+    fn spawn(&self, name: &str, args: Vec<String>) -> Result<Proc> {
+        let mut p = Proc::daemon(self.dir.path(), name, args);
         self.launch(&mut p)?;
         Ok(p)
     }

@@ -323,24 +323,8 @@ impl NetCluster {
         cmd
     }
 
-    fn spawn(&self, name: &str, host: usize, mut args: Vec<String>) -> Result<Proc> {
-        let ready_file = self.dir.path().join(format!("{name}.ready.json"));
-        let log = self.dir.path().join(format!("{name}.log"));
-        let mut full = vec!["start".to_string(), "--block".into()];
-        full.append(&mut args);
-        full.push(format!("--ready-file={}", ready_file.display()));
-        full.push(format!(
-            "--session-dir={}",
-            self.dir.path().join(format!("{name}-session")).display()
-        ));
-        let mut p = Proc {
-            name: name.into(),
-            args: full,
-            ready_file,
-            log,
-            child: None,
-            ready: Value::Null,
-        };
+    fn spawn(&self, name: &str, host: usize, args: Vec<String>) -> Result<Proc> {
+        let mut p = Proc::daemon(self.dir.path(), name, args);
         self.launch(&mut p, host)?;
         Ok(p)
     }
