@@ -203,14 +203,16 @@ impl AuthToken {
     /// `RAYCTL_AUTH_TOKEN_PATH` / `~/.rayctl/auth_token`. The path is returned when this call
     /// created the file, so the caller can say so once.
     pub fn load_or_generate(file: Option<&Path>) -> Result<(Self, Option<PathBuf>), TokenError> {
-        if file.is_none() && std::env::var(crate::AUTH_TOKEN_ENV).map_or(true, |v| v.is_empty()) {
-            let path = default_token_path()?;
-            let (t, created) = create_secret(&path)?;
-            return Ok((t, created.then_some(path)));
+        if let Some(path) = file {
+            return read_secret(path).map(|t| (t, None));
         }
-        match Self::load(file)? {
-            Some(t) => Ok((t, None)),
-            None => unreachable!("a file or RAYCTL_AUTH_TOKEN was given"),
+        match std::env::var(crate::AUTH_TOKEN_ENV) {
+            Ok(v) if !v.is_empty() => Ok((Self::new(&v, crate::AUTH_TOKEN_ENV)?, None)),
+            _ => {
+                let path = default_token_path()?;
+                let (t, created) = create_secret(&path)?;
+                Ok((t, created.then_some(path)))
+            }
         }
     }
 
