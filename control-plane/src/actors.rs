@@ -15,17 +15,19 @@
 //! incarnation that is not the record's current one is told to kill it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
 use protocol::{NodeId, RpcError, pb};
 use tonic::Status;
 
-use crate::service::{HeadShared, now_ms};
+use crate::head::{HeadShared, now_ms};
+use crate::leader_loop::{InFlight, LeaderService};
 use crate::state::{
     ActorRecord, ActorSpec, ActorState, ClusterState, Command, Rejection, Response,
 };
+use tokio::sync::Notify;
 
 const MAX_NAME: usize = 256;
 const MAX_SPEC_BYTES: usize = 4 * 1024 * 1024;
@@ -154,7 +156,7 @@ pub(crate) async fn create(
             "max_restarts and max_task_retries are -1 (unlimited) or at least 0",
         ));
     }
-    let resources = crate::service::check_resources(&spec.resources)?;
+    let resources = crate::head::check_resources(&spec.resources)?;
     if !spec.node_id.is_empty() {
         spec.node_id
             .parse::<NodeId>()
@@ -210,7 +212,7 @@ pub(crate) async fn create(
             )
             .into());
         }
-        Response::Rejected(e) => return Err(crate::service::rejection(e)),
+        Response::Rejected(e) => return Err(crate::head::rejection(e)),
         other => {
             return Err(RpcError::Internal(format!("unexpected apply result {other:?}")).into());
         }
@@ -549,19 +551,23 @@ pub(crate) fn plan(
     p
 }
 
-type SentSet = Arc<Mutex<HashSet<(String, u64)>>>;
+type SentSet = InFlight<(String, u64)>;
 
 /// The actor manager: runs on the leader only (started and stopped by `leader::supervise`).
-pub(crate) async fn actor_manager(shared: Arc<HeadShared>) {
-    shared.settle_leadership("actor manager").await;
-    tracing::info!("actor manager started");
-    let sent: SentSet = Arc::default();
-    loop {
-        if !shared.leading() {
-            // Not confirmed by a quorum: this head grants nothing this round.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
+#[derive(Default)]
+pub(crate) struct ActorManager {
+    sent: SentSet,
+}
+
+impl LeaderService for ActorManager {
+    const NAME: &'static str = "actor manager";
+    type Effects = Vec<(String, u64)>;
+
+    fn kick(shared: &HeadShared) -> Option<&Notify> {
+        Some(&shared.actor_kick)
+    }
+
+    fn plan(&mut self, shared: &HeadShared) -> (Vec<Command>, Self::Effects) {
         let plan = {
             let st = shared.state.read();
             crate::metrics::record_actors(&st.state);
@@ -575,34 +581,23 @@ pub(crate) async fn actor_manager(shared: Arc<HeadShared>) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .actor_messages = plan.waiting;
-        if !plan.commands.is_empty() {
-            if let Err(e) = shared.propose(Command::Batch(plan.commands)).await {
-                tracing::warn!(
-                    "actor manager could not commit its decisions: {}",
-                    e.message()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            shared.actor_changed.notify_waiters();
-        }
-        for (actor, restarts) in plan.starts {
-            start_once(&shared, &sent, actor, restarts);
-        }
-        tokio::select! {
-            _ = shared.actor_kick.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        (plan.commands, plan.starts)
+    }
+
+    fn committed(&mut self, shared: &HeadShared, _: &[Response]) {
+        shared.actor_changed.notify_waiters();
+    }
+
+    fn act(&mut self, shared: &Arc<HeadShared>, starts: Self::Effects) {
+        for (actor, restarts) in starts {
+            start_once(shared, &self.sent, actor, restarts);
         }
     }
 }
 
 fn start_once(shared: &Arc<HeadShared>, sent: &SentSet, actor: String, restarts: u64) {
     let key = (actor.clone(), restarts);
-    if !sent
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key.clone())
-    {
+    if !sent.start(key.clone()) {
         return;
     }
     let (shared, sent) = (shared.clone(), sent.clone());
@@ -611,7 +606,7 @@ fn start_once(shared: &Arc<HeadShared>, sent: &SentSet, actor: String, restarts:
             Ok(cmd) => {
                 if let Err(e) = shared.propose(cmd).await {
                     tracing::warn!(actor, "could not record the actor's start: {}", e.message());
-                    sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                    sent.forget(&key);
                 }
                 shared.actor_changed.notify_waiters();
                 shared.actor_kick.notify_one();
@@ -624,7 +619,7 @@ fn start_once(shared: &Arc<HeadShared>, sent: &SentSet, actor: String, restarts:
                     e.message()
                 );
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                sent.forget(&key);
                 shared.actor_kick.notify_one();
             }
         }

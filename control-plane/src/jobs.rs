@@ -10,16 +10,18 @@
 //! naming the node's incarnation; the agent refuses a start for another incarnation and
 //! starts each (job, attempt) once; reports of an older attempt are rejected by `apply`.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::pb;
 use protocol::{NodeId, RpcError};
 use tonic::Status;
 
-use crate::service::{HeadShared, now_ms};
+use crate::head::{HeadShared, now_ms};
+use crate::leader_loop::{InFlight, LeaderService};
 use crate::state::{AttemptOutcome, Command, JobRecord, JobStatus, NodeState, Rejection, Response};
+use tokio::sync::Notify;
 
 const MAX_ENTRYPOINT: usize = 64 * 1024;
 const MAX_RUNTIME_ENV: usize = 64 * 1024;
@@ -508,45 +510,44 @@ pub(crate) fn plan(
 }
 
 /// Agent RPCs (job, attempt, "start"|"stop") in flight or done in this term.
-type SentSet = Arc<Mutex<HashSet<(String, u32, &'static str)>>>;
+type SentSet = InFlight<(String, u32, &'static str)>;
 
 /// The job manager: runs on the leader only (started and stopped by `leader::supervise`).
-pub(crate) async fn job_manager(shared: Arc<HeadShared>, cfg: JobConfig) {
-    shared.settle_leadership("job manager").await;
-    tracing::info!("job manager started");
-    // RPCs to agents in flight or done in this term, so each is sent once per round of need.
-    let sent: SentSet = Arc::default();
-    loop {
-        if !shared.leading() {
-            // Not confirmed by a quorum: this head grants nothing this round.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+pub(crate) struct JobManager {
+    cfg: JobConfig,
+    sent: SentSet,
+}
+
+impl JobManager {
+    pub(crate) fn new(cfg: JobConfig) -> Self {
+        Self {
+            cfg,
+            sent: SentSet::default(),
         }
-        let plan = {
-            let st = shared.state.read();
-            crate::metrics::record_jobs(&st.state);
-            plan(&st.state, now_ms(), cfg.queue_timeout)
-        };
-        let starts_now: Vec<_> = plan.starts;
-        if !plan.commands.is_empty()
-            && let Err(e) = shared.propose(Command::Batch(plan.commands)).await
-        {
-            tracing::warn!(
-                "job manager could not commit its decisions: {}",
-                e.message()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
-        for (job, attempt, node) in starts_now {
-            send_once(&shared, &sent, job, attempt, node, "start", cfg);
+    }
+}
+
+impl LeaderService for JobManager {
+    const NAME: &'static str = "job manager";
+    type Effects = Plan;
+
+    fn kick(shared: &HeadShared) -> Option<&Notify> {
+        Some(&shared.job_kick)
+    }
+
+    fn plan(&mut self, shared: &HeadShared) -> (Vec<Command>, Plan) {
+        let st = shared.state.read();
+        crate::metrics::record_jobs(&st.state);
+        let mut p = plan(&st.state, now_ms(), self.cfg.queue_timeout);
+        (std::mem::take(&mut p.commands), p)
+    }
+
+    fn act(&mut self, shared: &Arc<HeadShared>, plan: Plan) {
+        for (job, attempt, node) in plan.starts {
+            send_once(shared, &self.sent, job, attempt, node, "start", self.cfg);
         }
         for (job, attempt, node) in plan.stops {
-            send_once(&shared, &sent, job, attempt, node, "stop", cfg);
-        }
-        tokio::select! {
-            _ = shared.job_kick.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            send_once(shared, &self.sent, job, attempt, node, "stop", self.cfg);
         }
     }
 }
@@ -563,11 +564,7 @@ fn send_once(
     cfg: JobConfig,
 ) {
     let key = (job.clone(), attempt, what);
-    if !sent
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key.clone())
-    {
+    if !sent.start(key.clone()) {
         return;
     }
     let (shared, sent) = (shared.clone(), sent.clone());
@@ -576,7 +573,7 @@ fn send_once(
         if let Err(e) = res {
             tracing::warn!(job, attempt, %node, "job agent {what} failed: {}", e.message());
             tokio::time::sleep(Duration::from_millis(500)).await;
-            sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            sent.forget(&key);
         }
     });
 }

@@ -1,18 +1,21 @@
-//! Leader-only singleton services. `LeaderServices` watches Raft's metrics; when this head
+//! Leader-only singleton services. `supervise` watches Raft's metrics; when this head
 //! becomes leader it first confirms leadership through a read-index (so every entry committed
 //! by earlier leaders is applied), then starts the services from the replicated state; when it
 //! loses leadership it stops them. Services never mutate state directly: they propose commands.
 //!
-//! Today: node health, the job manager (`jobs::job_manager`), the actor manager
-//! (`actors::actor_manager`) and the placement-group manager (`pgs::pg_manager`). A later issue adds the autoscaler here.
+//! The services: node health (here), the job manager (`jobs`), the actor manager (`actors`),
+//! the placement-group manager (`pgs`) and the autoscaler (`autoscaler`), each a
+//! `leader_loop::LeaderService`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::service::{HeadShared, now_ms};
+use crate::head::{HeadShared, now_ms};
+use crate::leader_loop::{LeaderService, run};
 use crate::state::{Command, NodeState, Response};
 
 #[derive(Debug, Clone, Copy)]
@@ -60,10 +63,10 @@ pub(crate) async fn supervise(
         match (is_leader, &running) {
             (true, None) => {
                 running = Some(vec![
-                    tokio::spawn(node_health(shared.clone(), health)),
-                    tokio::spawn(crate::jobs::job_manager(shared.clone(), jobs)),
-                    tokio::spawn(crate::actors::actor_manager(shared.clone())),
-                    tokio::spawn(crate::pgs::pg_manager(shared.clone())),
+                    tokio::spawn(run(shared.clone(), NodeHealth::new(health))),
+                    tokio::spawn(run(shared.clone(), crate::jobs::JobManager::new(jobs))),
+                    tokio::spawn(run(shared.clone(), crate::actors::ActorManager::default())),
+                    tokio::spawn(run(shared.clone(), crate::pgs::PgManager)),
                 ])
             }
             (false, Some(hs)) => {
@@ -83,81 +86,98 @@ pub(crate) async fn supervise(
 
 /// Declares nodes dead after `failure_threshold` missed heartbeat periods, through a
 /// committed `MarkNodeDead` that names the incarnation it saw (fencing).
-async fn node_health(shared: Arc<HeadShared>, cfg: HealthConfig) {
-    // Rebuild from the replicated state: wait until every earlier commit is applied here.
-    shared.settle_leadership("node health").await;
-    // Nodes get a full window from the moment this head took over: their heartbeats were
-    // going to the old leader until now.
-    let mut took_over = Instant::now();
-    let mut was_leading = true;
-    let window = cfg.period * cfg.failure_threshold.max(1);
-    tracing::info!(?window, "node health service started");
-    let mut tick = tokio::time::interval(cfg.period.min(Duration::from_millis(500)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if !shared.leading() {
-            // Unconfirmed: no verdicts. The window restarts when a quorum confirms us again,
-            // since nodes may have been heartbeating to another head meanwhile.
-            was_leading = false;
-            continue;
-        }
-        if !was_leading {
-            took_over = Instant::now();
-            was_leading = true;
-        }
-        let now = Instant::now();
-        let (verdicts, alive, dead) = {
-            let st = shared.state.read();
-            let soft = shared.soft.lock().unwrap_or_else(|p| p.into_inner());
-            let mut verdicts = Vec::new();
-            for n in st.state.alive_nodes() {
-                let last = match soft.heartbeats.get(&n.node_id) {
-                    Some((inc, at, _)) if *inc == n.incarnation => (*at).max(took_over),
-                    _ => took_over,
-                };
-                let silent = now.saturating_duration_since(last);
-                if silent > window {
-                    verdicts.push(Command::MarkNodeDead {
-                        node_id: n.node_id,
-                        incarnation: n.incarnation,
-                        reason: format!(
-                            "no heartbeat for {:.1}s (limit {:.1}s)",
-                            silent.as_secs_f64(),
-                            window.as_secs_f64()
-                        ),
-                        time_ms: now_ms(),
-                    });
-                }
-            }
-            let alive = st.state.alive_nodes().count();
-            let dead = st
-                .state
-                .nodes
-                .values()
-                .filter(|n| n.state == NodeState::Dead)
-                .count();
-            (verdicts, alive, dead)
-        };
-        crate::metrics::record_nodes(alive, dead);
-        if verdicts.is_empty() {
-            continue;
-        }
-        let n = verdicts.len();
-        match shared.propose(Command::Batch(verdicts)).await {
-            Ok(Response::Batch(rs)) => {
-                let applied = rs.iter().filter(|r| **r == Response::Ok).count();
-                for _ in 0..applied {
-                    crate::metrics::record_node_declared_dead();
-                }
-                tracing::warn!(
-                    declared = applied,
-                    of = n,
-                    "declared nodes dead after missed heartbeats"
-                );
-            }
-            Ok(other) => tracing::error!(?other, "unexpected reply to a node-death batch"),
-            Err(e) => tracing::warn!("could not commit node deaths: {}", e.message()),
+struct NodeHealth {
+    window: Duration,
+    period: Duration,
+    /// Nodes get a full window from the moment this head took over (or was confirmed again):
+    /// their heartbeats may have been going to another head until then.
+    took_over: Instant,
+    was_leading: bool,
+}
+
+impl NodeHealth {
+    fn new(cfg: HealthConfig) -> Self {
+        Self {
+            window: cfg.period * cfg.failure_threshold.max(1),
+            period: cfg.period.min(Duration::from_millis(500)),
+            took_over: Instant::now(),
+            was_leading: true,
         }
     }
+}
+
+impl LeaderService for NodeHealth {
+    const NAME: &'static str = "node health";
+    type Effects = ();
+
+    fn kick(_: &HeadShared) -> Option<&Notify> {
+        None
+    }
+
+    fn period(&self) -> Duration {
+        self.period
+    }
+
+    fn started(&mut self, _: &Arc<HeadShared>) {
+        self.took_over = Instant::now();
+        tracing::info!(window = ?self.window, "node health window");
+    }
+
+    fn unconfirmed(&mut self) {
+        // No verdicts; the window restarts when a quorum confirms us again.
+        self.was_leading = false;
+    }
+
+    fn plan(&mut self, shared: &HeadShared) -> (Vec<Command>, ()) {
+        if !self.was_leading {
+            self.took_over = Instant::now();
+            self.was_leading = true;
+        }
+        let now = Instant::now();
+        let st = shared.state.read();
+        let soft = shared.soft.lock().unwrap_or_else(|p| p.into_inner());
+        let mut verdicts = Vec::new();
+        for n in st.state.alive_nodes() {
+            let last = match soft.heartbeats.get(&n.node_id) {
+                Some((inc, at, _)) if *inc == n.incarnation => (*at).max(self.took_over),
+                _ => self.took_over,
+            };
+            let silent = now.saturating_duration_since(last);
+            if silent > self.window {
+                verdicts.push(Command::MarkNodeDead {
+                    node_id: n.node_id,
+                    incarnation: n.incarnation,
+                    reason: format!(
+                        "no heartbeat for {:.1}s (limit {:.1}s)",
+                        silent.as_secs_f64(),
+                        self.window.as_secs_f64()
+                    ),
+                    time_ms: now_ms(),
+                });
+            }
+        }
+        let alive = st.state.alive_nodes().count();
+        let dead = st
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Dead)
+            .count();
+        crate::metrics::record_nodes(alive, dead);
+        (verdicts, ())
+    }
+
+    fn committed(&mut self, _: &HeadShared, replies: &[Response]) {
+        let applied = replies.iter().filter(|r| **r == Response::Ok).count();
+        for _ in 0..applied {
+            crate::metrics::record_node_declared_dead();
+        }
+        tracing::warn!(
+            declared = applied,
+            of = replies.len(),
+            "declared nodes dead after missed heartbeats"
+        );
+    }
+
+    fn act(&mut self, _: &Arc<HeadShared>, (): ()) {}
 }

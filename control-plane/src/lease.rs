@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 
-use crate::service::HeadShared;
+use crate::types::Raft;
 
 pub(crate) struct LeaderLease {
     length: Duration,
@@ -67,31 +67,31 @@ impl LeaderLease {
 
 /// Renews the lease while this head is leader: a read-index round (a heartbeat to every
 /// follower, answered by a quorum) several times per lease.
-pub(crate) async fn keep_confirmed(shared: Arc<HeadShared>) {
-    let every = (shared.lease.length() / 4).max(Duration::from_millis(25));
+pub(crate) async fn keep_confirmed(raft: Raft, lease: Arc<LeaderLease>) {
+    let every = (lease.length() / 4).max(Duration::from_millis(25));
     let mut was_leading = false;
     loop {
         let (state, term, last_log) = {
-            let m = shared.raft.metrics().borrow().clone();
+            let m = raft.metrics().borrow().clone();
             (m.state, m.current_term, m.last_log_index)
         };
         if state == ServerState::Leader {
             let started = Instant::now();
-            let round = tokio::time::timeout(shared.lease.length(), shared.raft.get_read_log_id());
+            let round = tokio::time::timeout(lease.length(), raft.get_read_log_id());
             if let Ok(Ok(_)) = round.await {
-                shared.lease.confirm(started, term);
+                lease.confirm(started, term);
             }
         } else {
-            shared.lease.clear();
+            lease.clear();
         }
-        let leading = state == ServerState::Leader && shared.lease.holds(term);
+        let leading = state == ServerState::Leader && lease.holds(term);
         if leading != was_leading {
             if leading {
                 tracing::info!(term, "leadership confirmed by a quorum");
             } else if state == ServerState::Leader {
                 tracing::warn!(
                     term,
-                    lease = ?shared.lease.length(),
+                    lease = ?lease.length(),
                     "no quorum confirmed this leader within its lease: it grants nothing until one does"
                 );
             }

@@ -14,9 +14,11 @@
 
 mod actors;
 pub mod db;
+mod head;
 pub mod jobs;
 mod jobs_api;
 mod leader;
+mod leader_loop;
 mod lease;
 pub mod log_store;
 pub mod metrics;
@@ -47,10 +49,11 @@ use tokio::task::JoinHandle;
 pub use leader::HealthConfig;
 
 use crate::db::SledRaftDb;
+use crate::head::HeadShared;
 use crate::log_store::LogStore;
 use crate::network::GrpcRaftNetworkFactory;
 use crate::raft_transport::RaftTransportService;
-use crate::service::{ControlPlaneService, HeadShared};
+use crate::service::ControlPlaneService;
 use crate::sm_store::StateMachineStore;
 
 pub use protocol::server::MetricsRender;
@@ -222,11 +225,11 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         actor_node_clients: Mutex::default(),
         pg_kick: tokio::sync::Notify::new(),
         pg_changed: tokio::sync::Notify::new(),
-        lease: lease::LeaderLease::new(
+        lease: Arc::new(lease::LeaderLease::new(
             opts.health.period * opts.health.failure_threshold.max(1),
             opts.election_timeout.1,
-        ),
-        leader_contact: prevote::LeaderContact::default(),
+        )),
+        leader_contact: Arc::default(),
         election_max: opts.election_timeout.1,
     });
 
@@ -269,12 +272,14 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         },
     );
     let mut tasks = vec![
-        tokio::spawn(service::run_proposer(shared.clone(), proposal_rx)),
+        tokio::spawn(head::run_proposer(shared.clone(), proposal_rx)),
         tokio::spawn(leader::supervise(shared.clone(), opts.health, opts.jobs)),
         tokio::spawn(commit_index_metric(raft.clone())),
-        tokio::spawn(lease::keep_confirmed(shared.clone())),
+        tokio::spawn(lease::keep_confirmed(raft.clone(), shared.lease.clone())),
         tokio::spawn(prevote::gate(
-            shared.clone(),
+            raft.clone(),
+            shared.raft_id,
+            shared.leader_contact.clone(),
             peer_secret.clone(),
             opts.election_timeout.1,
         )),

@@ -22,11 +22,13 @@ use protocol::{NodeId, RpcError, pb};
 use scheduler::{BundlePlacement, BundleStrategy, ClusterView, NodeView, ResourceSet};
 use tonic::Status;
 
-use crate::service::{HeadShared, now_ms};
+use crate::head::{HeadShared, now_ms};
+use crate::leader_loop::LeaderService;
 use crate::state::{
     ClusterState, Command, PgState, PgStrategy, PlacementGroupRecord, Rejection, Resources,
     Response,
 };
+use tokio::sync::Notify;
 
 const MAX_BUNDLES: usize = 1000;
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -105,7 +107,7 @@ pub(crate) async fn create(
     }
     let mut bundles = Vec::with_capacity(r.bundles.len());
     for (i, b) in r.bundles.iter().enumerate() {
-        let set = crate::service::check_resources(&b.resources)
+        let set = crate::head::check_resources(&b.resources)
             .map_err(|e| invalid(format!("bundle {i}: {}", e.message())))?;
         if set.is_empty() {
             return Err(invalid(format!(
@@ -394,21 +396,26 @@ pub(crate) fn plan(
 }
 
 /// The placement-group manager: runs on the leader only (started by `leader::supervise`).
-pub(crate) async fn pg_manager(shared: Arc<HeadShared>) {
-    shared.settle_leadership("placement-group manager").await;
-    tracing::info!("placement-group manager started");
-    shared
-        .soft
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pg_in_progress
-        .clear();
-    loop {
-        if !shared.leading() {
-            // Not confirmed by a quorum: this head grants nothing this round.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
+pub(crate) struct PgManager;
+
+impl LeaderService for PgManager {
+    const NAME: &'static str = "placement-group manager";
+    type Effects = Vec<(String, Vec<(NodeId, u64)>)>;
+
+    fn kick(shared: &HeadShared) -> Option<&Notify> {
+        Some(&shared.pg_kick)
+    }
+
+    fn started(&mut self, shared: &Arc<HeadShared>) {
+        shared
+            .soft
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pg_in_progress
+            .clear();
+    }
+
+    fn plan(&mut self, shared: &HeadShared) -> (Vec<Command>, Self::Effects) {
         let plan = {
             let st = shared.state.read();
             crate::metrics::record_placement_groups(&st.state);
@@ -422,18 +429,15 @@ pub(crate) async fn pg_manager(shared: Arc<HeadShared>) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pg_messages = plan.messages;
-        if !plan.commands.is_empty() {
-            if let Err(e) = shared.propose(Command::Batch(plan.commands)).await {
-                tracing::warn!(
-                    "placement-group manager could not commit its decisions: {}",
-                    e.message()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            shared.pg_changed.notify_waiters();
-        }
-        for (pg, nodes) in plan.reserve {
+        (plan.commands, plan.reserve)
+    }
+
+    fn committed(&mut self, shared: &HeadShared, _: &[Response]) {
+        shared.pg_changed.notify_waiters();
+    }
+
+    fn act(&mut self, shared: &Arc<HeadShared>, reserve: Self::Effects) {
+        for (pg, nodes) in reserve {
             shared
                 .soft
                 .lock()
@@ -442,7 +446,7 @@ pub(crate) async fn pg_manager(shared: Arc<HeadShared>) {
                 .insert(pg.clone());
             let shared = shared.clone();
             tokio::spawn(async move {
-                let placed = reserve(&shared, &pg, &nodes).await;
+                let placed = reserve_group(&shared, &pg, &nodes).await;
                 shared
                     .soft
                     .lock()
@@ -464,15 +468,15 @@ pub(crate) async fn pg_manager(shared: Arc<HeadShared>) {
                 shared.pg_kick.notify_one();
             });
         }
-        tokio::select! {
-            _ = shared.pg_kick.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
     }
 }
 
 /// Two-phase reservation of one group; on any failure every prepared node is cancelled.
-async fn reserve(shared: &HeadShared, pg: &str, nodes: &[(NodeId, u64)]) -> Result<(), String> {
+async fn reserve_group(
+    shared: &HeadShared,
+    pg: &str,
+    nodes: &[(NodeId, u64)],
+) -> Result<(), String> {
     let (bundles, addrs) = {
         let st = shared.state.read();
         let g = st

@@ -20,7 +20,7 @@ use protocol::auth::{AuthToken, ClientAuth};
 use protocol::pb;
 use serde::{Deserialize, Serialize};
 
-use crate::service::HeadShared;
+use crate::types::Raft;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreVoteRequest {
@@ -93,19 +93,25 @@ fn majority(voters: usize, granted_by_others: usize) -> bool {
 }
 
 /// Keeps openraft's elections off unless a pre-vote round would win (see the module doc).
-pub(crate) async fn gate(shared: Arc<HeadShared>, peer: AuthToken, fresh: Duration) {
+pub(crate) async fn gate(
+    raft: Raft,
+    raft_id: u64,
+    contact: Arc<LeaderContact>,
+    peer: AuthToken,
+    fresh: Duration,
+) {
     let mut enabled: Option<bool> = None;
     loop {
-        let m = shared.raft.metrics().borrow().clone();
+        let m = raft.metrics().borrow().clone();
         let want = if m.state == ServerState::Leader {
             enabled.unwrap_or(false)
-        } else if shared.leader_contact.since().is_some_and(|s| s < fresh) {
+        } else if contact.since().is_some_and(|s| s < fresh) {
             false
         } else {
-            round(&shared, &peer, &m).await
+            round(raft_id, &peer, &m).await
         };
         if enabled != Some(want) {
-            shared.raft.runtime_config().elect(want);
+            raft.runtime_config().elect(want);
             if want {
                 tracing::info!(term = m.current_term, "pre-vote won: elections enabled");
             } else if enabled.is_some() {
@@ -123,7 +129,7 @@ pub(crate) async fn gate(shared: Arc<HeadShared>, peer: AuthToken, fresh: Durati
 type Metrics = openraft::RaftMetrics<u64, openraft::BasicNode>;
 
 /// One pre-vote round to every other voter; whether a majority granted.
-async fn round(shared: &HeadShared, peer: &AuthToken, m: &Metrics) -> bool {
+async fn round(raft_id: u64, peer: &AuthToken, m: &Metrics) -> bool {
     let voters: Vec<(u64, String)> = m
         .membership_config
         .membership()
@@ -137,7 +143,7 @@ async fn round(shared: &HeadShared, peer: &AuthToken, m: &Metrics) -> bool {
         return false;
     }
     let req = PreVoteRequest {
-        candidate: shared.raft_id,
+        candidate: raft_id,
         term: m.current_term + 1,
         last_log_index: m.last_log_index.unwrap_or(0),
     };
@@ -146,7 +152,7 @@ async fn round(shared: &HeadShared, peer: &AuthToken, m: &Metrics) -> bool {
     };
     let asks = voters
         .iter()
-        .filter(|(id, _)| *id != shared.raft_id)
+        .filter(|(id, _)| *id != raft_id)
         .map(|(_, addr)| ask(addr.clone(), peer.clone(), data.clone()));
     let answers = futures_util::future::join_all(asks).await;
     let granted = answers.iter().filter(|g| **g).count();

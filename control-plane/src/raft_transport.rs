@@ -21,8 +21,8 @@ use tonic::{Request, Response, Status};
 
 use std::sync::Arc;
 
+use crate::head::HeadShared;
 use crate::prevote::{PreVoteRequest, answer};
-use crate::service::HeadShared;
 
 /// Terms and indexes at or above this are refused: far beyond any real cluster (a term a
 /// millisecond for 8,900 years), far below an overflow.

@@ -39,3 +39,75 @@ fn protocol_and_scheduler_have_no_tokio() {
         assert!(bad.is_empty(), "{p} depends on tokio: {bad:?}");
     }
 }
+
+/// The workspace crates `package` depends on (normal dependencies, one level).
+fn internal_deps(package: &str) -> Vec<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "tree",
+            "--offline",
+            "-e",
+            "normal",
+            "--depth",
+            "1",
+            "--prefix",
+            "none",
+            "-p",
+            package,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_string_lossy()
+        .into_owned();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| l.contains(&format!("({root}")))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// DESIGN §12's table, checked: each library crate depends only on the workspace crates it
+/// names. One addition, recorded in docs/decisions.md: `sdk → scheduler`, so a program's
+/// resource shapes are checked by the same code that nodes and the autoscaler use (the
+/// scheduler is pure, so this adds no runtime to the SDK).
+#[test]
+fn crate_dependencies_follow_the_design() {
+    let allowed: &[(&str, &[&str])] = &[
+        ("protocol", &[]),
+        ("scheduler", &["protocol"]),
+        ("object-store", &["protocol"]),
+        ("control-plane", &["protocol", "scheduler"]),
+        ("node", &["protocol", "scheduler", "object-store"]),
+        (
+            "sdk",
+            &["protocol", "object-store", "scheduler", "sdk-macros"],
+        ),
+        ("sdk-macros", &[]),
+        ("rayctl", &["control-plane", "node", "protocol"]),
+    ];
+    let mut broken = Vec::new();
+    for (package, may) in allowed {
+        for dep in internal_deps(package) {
+            if !may.contains(&dep.as_str()) {
+                broken.push(format!("{package} → {dep}"));
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "dependencies DESIGN §12 does not allow: {broken:?}"
+    );
+    // The check itself sees dependencies.
+    assert!(internal_deps("node").contains(&"object-store".to_owned()));
+}
