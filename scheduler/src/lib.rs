@@ -1,11 +1,12 @@
 //! Pure placement logic: no I/O, no tokio, no clock, no RNG of its own (randomness comes in
 //! as a `pick` closure). `resources`: fixed-point resource arithmetic; `policy`: where a lease
 //! request goes (hybrid, SPREAD, node affinity, queueing, infeasibility); `bundles`: where
-//! the bundles of a placement group go (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD). The
-//! autoscaler's bin-packing comes with a later issue.
+//! the bundles of a placement group go (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD);
+//! `autoscale`: which worker nodes the autoscaler launches and removes.
 //!
 //! Invariant: `scheduler` builds without tokio (checked by `protocol/tests/no_tokio.rs`).
 
+pub mod autoscale;
 pub mod bundles;
 pub mod policy;
 pub mod resources;
