@@ -40,6 +40,8 @@ pub(crate) struct SoftState {
     pub(crate) pg_messages: HashMap<String, String>,
     /// Why an actor waits for a node (from the actor manager's last round).
     pub(crate) actor_messages: HashMap<String, String>,
+    /// node → (incarnation, idle for how long when reported (None: busy), when, draining)
+    pub(crate) idle: HashMap<NodeId, (u64, Option<u64>, Instant, bool)>,
 }
 
 pub(crate) struct HeadShared {
@@ -74,6 +76,12 @@ pub(crate) struct HeadShared {
     /// How recent a leader's word must be for a pre-vote to be refused: the election
     /// timeout's maximum, openraft's own follower lease.
     pub(crate) election_max: Duration,
+    /// Wakes the autoscaler (demand appeared, a record changed).
+    pub(crate) autoscaler_kick: tokio::sync::Notify,
+    /// What the autoscaler's last rounds found (for status and metrics).
+    pub(crate) autoscaler_status: Mutex<crate::autoscaler::AutoscalerSoft>,
+    /// How the autoscaler's providers run things on this machine.
+    pub(crate) provider_env: crate::autoscaler::provider::ProviderEnv,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -242,8 +250,16 @@ impl HeadShared {
         }
     }
 
+    pub(crate) fn autoscaler_soft(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::autoscaler::AutoscalerSoft> {
+        self.autoscaler_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The available resources of the live nodes, from their last heartbeats (of their
-    /// current incarnation).
+    /// current incarnation). Draining nodes are left out: they take nothing new.
     pub(crate) fn available_view(
         &self,
         st: &state::ClusterState,
@@ -255,6 +271,7 @@ impl HeadShared {
                 st.nodes
                     .get(id)
                     .is_some_and(|n| n.incarnation == *inc && n.state == state::NodeState::Alive)
+                    && !soft.idle.get(id).is_some_and(|i| i.0 == *inc && i.3)
             })
             .map(|(id, (_, _, a))| (*id, a.clone()))
             .collect()

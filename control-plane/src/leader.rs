@@ -67,6 +67,10 @@ pub(crate) async fn supervise(
                     tokio::spawn(run(shared.clone(), crate::jobs::JobManager::new(jobs))),
                     tokio::spawn(run(shared.clone(), crate::actors::ActorManager::default())),
                     tokio::spawn(run(shared.clone(), crate::pgs::PgManager)),
+                    tokio::spawn(run(
+                        shared.clone(),
+                        crate::autoscaler::Autoscaler::new(shared.provider_env.clone()),
+                    )),
                 ])
             }
             (false, Some(hs)) => {

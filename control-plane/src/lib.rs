@@ -13,8 +13,10 @@
 #![allow(clippy::result_large_err)]
 
 mod actors;
+pub mod autoscaler;
 pub mod db;
 mod head;
+pub mod instances;
 pub mod jobs;
 mod jobs_api;
 mod leader;
@@ -89,6 +91,8 @@ pub struct HeadOptions {
     /// Build a snapshot (and purge the log) every this many applied entries.
     pub snapshot_every: u64,
     pub metrics: Option<MetricsRender>,
+    /// How the autoscaler's providers start things (the local provider runs `rayctl`).
+    pub provider_env: autoscaler::provider::ProviderEnv,
 }
 
 impl HeadOptions {
@@ -110,6 +114,7 @@ impl HeadOptions {
             election_timeout: (Duration::from_millis(250), Duration::from_millis(500)),
             snapshot_every: 5000,
             metrics: None,
+            provider_env: autoscaler::provider::ProviderEnv::default(),
         }
     }
 }
@@ -231,6 +236,9 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         )),
         leader_contact: Arc::default(),
         election_max: opts.election_timeout.1,
+        autoscaler_kick: tokio::sync::Notify::new(),
+        autoscaler_status: Mutex::default(),
+        provider_env: opts.provider_env.clone(),
     });
 
     let routes = tonic::service::Routes::new(

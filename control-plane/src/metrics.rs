@@ -25,8 +25,49 @@ pub const ACTOR_RESTARTS: &str = "rayctl_actor_restarts_total";
 pub const PLACEMENT_GROUPS: &str = "ray_placement_groups";
 pub const JOB_RUN_TIME: &str = "rayctl_job_run_seconds";
 pub const JOBS_ENDED: &str = "rayctl_jobs_ended_total";
+// Ray's autoscaler metric names and labels, so Ray's Grafana panels work.
+pub const AS_ACTIVE: &str = "autoscaler_active_nodes";
+pub const AS_PENDING: &str = "autoscaler_pending_nodes";
+pub const AS_FAILED: &str = "autoscaler_recently_failed_nodes";
+pub const AS_CLUSTER_RES: &str = "autoscaler_cluster_resources";
+pub const AS_PENDING_RES: &str = "autoscaler_pending_resources";
+pub const AS_STARTED: &str = "autoscaler_started_nodes_total";
+pub const AS_STOPPED: &str = "autoscaler_stopped_nodes_total";
+pub const AS_FAILED_CREATE: &str = "autoscaler_failed_create_nodes_total";
 
 pub fn describe() {
+    describe_gauge!(
+        AS_ACTIVE,
+        "worker nodes the autoscaler launched that are running, by NodeType (leader only)"
+    );
+    describe_gauge!(
+        AS_PENDING,
+        "worker nodes requested and not yet running, by NodeType (leader only)"
+    );
+    describe_gauge!(
+        AS_FAILED,
+        "launches that failed in the last 10 minutes, by NodeType (leader only)"
+    );
+    describe_gauge!(
+        AS_CLUSTER_RES,
+        "total resources of the live nodes, by resource (leader only)"
+    );
+    describe_gauge!(
+        AS_PENDING_RES,
+        "resources of the nodes being launched, by resource (leader only)"
+    );
+    describe_counter!(
+        AS_STARTED,
+        "launches this head requested as leader, by NodeType"
+    );
+    describe_counter!(
+        AS_STOPPED,
+        "nodes this head terminated as leader, by NodeType"
+    );
+    describe_counter!(
+        AS_FAILED_CREATE,
+        "launches that failed on this head as leader, by NodeType"
+    );
     describe_gauge!(RAFT_TERM, "current Raft term of this head");
     describe_gauge!(RAFT_IS_LEADER, "1 if this head is the Raft leader, else 0");
     describe_gauge!(
@@ -191,4 +232,72 @@ pub(crate) fn record_nodes(alive: usize, dead: usize) {
 
 pub(crate) fn record_node_declared_dead() {
     counter!(NODES_DECLARED_DEAD).increment(1);
+}
+
+/// The autoscaler's gauges, from the replicated state (called every round on the leader).
+pub(crate) fn record_autoscaler(state: &crate::state::ClusterState) {
+    use std::collections::BTreeMap;
+    let types: Vec<(String, BTreeMap<String, f64>)> = state
+        .autoscaler
+        .config_json
+        .as_deref()
+        .and_then(|j| crate::autoscaler::config::Config::from_json(j).ok())
+        .map(|c| {
+            c.available_node_types
+                .into_iter()
+                .map(|(n, t)| (n, t.resources))
+                .collect()
+        })
+        .unwrap_or_default();
+    let now = crate::head::now_ms();
+    let mut pending_res: BTreeMap<String, f64> = BTreeMap::new();
+    for (name, res) in &types {
+        let of = |f: &dyn Fn(&crate::instances::InstanceRecord) -> bool| {
+            state
+                .autoscaler
+                .instances
+                .values()
+                .filter(|r| &r.node_type == name && f(r))
+                .count() as f64
+        };
+        use crate::instances::InstanceState as S;
+        gauge!(AS_ACTIVE, "NodeType" => name.clone()).set(of(&|r| r.state == S::RayRunning));
+        let pending = of(&|r| r.state.is_pending());
+        gauge!(AS_PENDING, "NodeType" => name.clone()).set(pending);
+        gauge!(AS_FAILED, "NodeType" => name.clone()).set(of(&|r| {
+            matches!(r.state, S::AllocationFailed | S::AllocationTimeout)
+                && now.saturating_sub(r.updated_ms) < 10 * 60 * 1000
+        }));
+        for (k, v) in res {
+            *pending_res.entry(k.clone()).or_default() += v * pending;
+        }
+    }
+    let mut total: BTreeMap<String, f64> = BTreeMap::new();
+    for n in state.alive_nodes() {
+        for (k, v) in &n.resources_total {
+            *total.entry(k.clone()).or_default() += v;
+        }
+    }
+    for k in ["CPU", "GPU", "memory"] {
+        total.entry(k.into()).or_default();
+        pending_res.entry(k.into()).or_default();
+    }
+    for (k, v) in total {
+        gauge!(AS_CLUSTER_RES, "resource" => k).set(v);
+    }
+    for (k, v) in pending_res {
+        gauge!(AS_PENDING_RES, "resource" => k).set(v);
+    }
+}
+
+pub(crate) fn record_autoscaler_launch(node_type: &str) {
+    counter!(AS_STARTED, "NodeType" => node_type.to_owned()).increment(1);
+}
+
+pub(crate) fn record_autoscaler_termination(node_type: &str) {
+    counter!(AS_STOPPED, "NodeType" => node_type.to_owned()).increment(1);
+}
+
+pub(crate) fn record_autoscaler_failure(node_type: &str) {
+    counter!(AS_FAILED_CREATE, "NodeType" => node_type.to_owned()).increment(1);
 }

@@ -26,12 +26,16 @@ const MAX_KV_NAMESPACE: usize = 256;
 const MAX_KV_KEY: usize = 4096;
 const MAX_KV_VALUE: usize = 1024 * 1024;
 
+/// Most bundles one `request_resources` may ask for.
+const MAX_FLOOR_BUNDLES: usize = 10_000;
+
 /// How long the leader passes a dead owner on (every node heartbeats many times meanwhile).
 const DEAD_OWNER_MEMORY: Duration = Duration::from_secs(60);
 
 impl HeadShared {
     fn node_info(&self, n: &NodeRecord) -> pb::NodeInfo {
         let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = soft.idle.get(&n.node_id).copied();
         let total = match soft.totals.get(&n.node_id) {
             Some((inc, t)) if *inc == n.incarnation && n.state == state::NodeState::Alive => {
                 t.clone()
@@ -67,6 +71,10 @@ impl HeadShared {
             registered_at_ms: n.registered_at_ms,
             dead_at_ms: n.dead_at_ms,
             death_reason: n.death_reason.clone(),
+            idle_ms: idle
+                .filter(|i| i.0 == n.incarnation && n.state == state::NodeState::Alive)
+                .and_then(|i| i.1.map(|ms| ms + i.2.elapsed().as_millis() as u64)),
+            draining: idle.is_some_and(|i| i.0 == n.incarnation && i.3),
         }
     }
 
@@ -199,7 +207,15 @@ impl ControlPlane for ControlPlaneService {
             if !total.is_empty() {
                 soft.totals.insert(node_id, (r.incarnation, total));
             }
+            let demand_now = !r.pending_demand.is_empty();
             soft.demand.insert(node_id, r.pending_demand);
+            soft.idle.insert(
+                node_id,
+                (r.incarnation, r.idle_ms, Instant::now(), r.draining),
+            );
+            if demand_now {
+                self.0.autoscaler_kick.notify_one();
+            }
             let now = Instant::now();
             for p in r
                 .dead_owners
@@ -228,15 +244,14 @@ impl ControlPlane for ControlPlaneService {
             let st = self.0.state.read();
             st.state
                 .alive_nodes()
-                .map(|n| {
-                    let info = self.0.node_info(n);
-                    pb::NodeResources {
-                        object_manager_port: info.ports.map_or(0, |p| p.object_manager_port),
-                        node_id: info.node_id,
-                        address: info.address,
-                        total: info.resources_total,
-                        available: info.resources_available,
-                    }
+                .map(|n| self.0.node_info(n))
+                .filter(|info| !info.draining)
+                .map(|info| pb::NodeResources {
+                    object_manager_port: info.ports.map_or(0, |p| p.object_manager_port),
+                    node_id: info.node_id,
+                    address: info.address,
+                    total: info.resources_total,
+                    available: info.resources_available,
                 })
                 .collect()
         };
@@ -277,13 +292,16 @@ impl ControlPlane for ControlPlaneService {
         _: Request<pb::GetClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         self.0.linearizable().await?;
-        let nodes: Vec<pb::NodeInfo> = {
+        let (nodes, autoscaler): (Vec<pb::NodeInfo>, _) = {
             let st = self.0.state.read();
-            st.state
-                .nodes
-                .values()
-                .map(|n| self.0.node_info(n))
-                .collect()
+            (
+                st.state
+                    .nodes
+                    .values()
+                    .map(|n| self.0.node_info(n))
+                    .collect(),
+                crate::autoscaler::status(&self.0, &st.state),
+            )
         };
         let m = self.0.raft.metrics().borrow().clone();
         let members: Vec<(u64, String)> = m
@@ -339,7 +357,128 @@ impl ControlPlane for ControlPlaneService {
             commit_index: m.last_applied.map_or(0, |l| l.index),
             heads,
             nodes,
+            autoscaler: Some(autoscaler),
         }))
+    }
+
+    async fn set_autoscaling_config(
+        &self,
+        req: Request<pb::SetAutoscalingConfigRequest>,
+    ) -> Result<Response<pb::AutoscalingConfigReply>, Status> {
+        let yaml = req.into_inner().yaml;
+        let config_json = if yaml.trim().is_empty() {
+            None
+        } else {
+            let c = crate::autoscaler::config::Config::from_yaml(&yaml)
+                .map_err(|e| invalid(e.to_string()))?;
+            Some(c.to_json())
+        };
+        self.0.require_confirmed_leader()?;
+        match self
+            .0
+            .propose(Command::SetAutoscalerConfig {
+                config_json: config_json.clone(),
+            })
+            .await?
+        {
+            SmResponse::Ok => {}
+            SmResponse::Rejected(e) => return Err(rejection(e)),
+            other => return Err(RpcError::Internal(format!("unexpected {other:?}")).into()),
+        }
+        self.0.autoscaler_kick.notify_one();
+        Ok(Response::new(pb::AutoscalingConfigReply {
+            config_json: config_json.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_autoscaling_config(
+        &self,
+        _: Request<pb::GetAutoscalingConfigRequest>,
+    ) -> Result<Response<pb::AutoscalingConfigReply>, Status> {
+        self.0.linearizable().await?;
+        let st = self.0.state.read();
+        Ok(Response::new(pb::AutoscalingConfigReply {
+            config_json: st.state.autoscaler.config_json.clone().unwrap_or_default(),
+        }))
+    }
+
+    async fn request_resources(
+        &self,
+        req: Request<pb::RequestResourcesRequest>,
+    ) -> Result<Response<pb::RequestResourcesReply>, Status> {
+        let r = req.into_inner();
+        if r.bundles.len() > MAX_FLOOR_BUNDLES {
+            return Err(invalid(format!(
+                "request_resources: {} bundles is over the limit of {MAX_FLOOR_BUNDLES}",
+                r.bundles.len()
+            )));
+        }
+        let mut bundles = Vec::with_capacity(r.bundles.len());
+        for (i, b) in r.bundles.iter().enumerate() {
+            let set = check_resources(&b.resources)
+                .map_err(|e| invalid(format!("request_resources: bundle {i}: {}", e.message())))?;
+            if !set.is_empty() {
+                bundles.push(set);
+            }
+        }
+        self.0.require_confirmed_leader()?;
+        match self
+            .0
+            .propose(Command::SetResourceRequest { bundles })
+            .await?
+        {
+            SmResponse::Ok => {}
+            SmResponse::Rejected(e) => return Err(rejection(e)),
+            other => return Err(RpcError::Internal(format!("unexpected {other:?}")).into()),
+        }
+        self.0.autoscaler_kick.notify_one();
+        Ok(Response::new(pb::RequestResourcesReply {}))
+    }
+
+    async fn drain_node(
+        &self,
+        req: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeReply>, Status> {
+        let r = req.into_inner();
+        let node_id = parse_node_id(&r.node_id)?;
+        if r.reason.len() > 200 {
+            return Err(invalid("a drain reason is at most 200 bytes"));
+        }
+        self.0.linearizable().await?;
+        let addr = {
+            let st = self.0.state.read();
+            let Some(n) = st.state.nodes.get(&node_id) else {
+                return Err(RpcError::NotFound(format!("node {node_id} is not registered")).into());
+            };
+            if n.state != state::NodeState::Alive {
+                return Err(RpcError::FailedPrecondition(format!(
+                    "node {node_id} is already dead ({})",
+                    n.death_reason
+                ))
+                .into());
+            }
+            if n.is_head {
+                return Err(RpcError::FailedPrecondition(format!(
+                    "node {node_id} is a head's node: stop that head instead (rayctl stop on its machine, then `rayctl operator raft remove-peer`)"
+                ))
+                .into());
+            }
+            n.address.clone()
+        };
+        let reason = if r.reason.is_empty() {
+            "drained by operator".to_owned()
+        } else {
+            format!("drained by operator: {}", r.reason)
+        };
+        let mut nm = self.0.node_manager(&addr)?;
+        let reply = nm
+            .drain_node(pb::DrainNodeRequest {
+                node_id: String::new(),
+                reason,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(reply))
     }
 
     async fn get_node(

@@ -21,7 +21,8 @@ use crate::types::{Entry, LogId, StorageError, StoredMembership, TypeConfig, sto
 
 const SNAPSHOT: &str = "snapshot";
 // 2: jobs gained attempts, retries, priority and stop requests (issue 4).
-const SNAPSHOT_VERSION: u32 = 2;
+// 3: the autoscaler's state follows the version-2 layout (a version-2 snapshot has none).
+const SNAPSHOT_VERSION: u32 = 3;
 
 /// What is applied so far. Shared with the services, which read it under the lock.
 #[derive(Debug, Default, Clone)]
@@ -105,38 +106,48 @@ impl StateReader {
 }
 
 fn decode_snapshot(data: &[u8]) -> Result<Applied, StorageError> {
-    let s: SnapshotV2 = postcard::from_bytes(data).map_err(|e| storage_err(false, e))?;
-    if s.version != SNAPSHOT_VERSION {
-        return Err(storage_err(
-            false,
-            std::io::Error::other(format!(
-                "snapshot version {} is not supported (expected {SNAPSHOT_VERSION})",
-                s.version
-            )),
-        ));
+    let (s, rest): (SnapshotV2, &[u8]) =
+        postcard::take_from_bytes(data).map_err(|e| storage_err(false, e))?;
+    let mut state = s.state;
+    match s.version {
+        2 => {}
+        SNAPSHOT_VERSION => {
+            state.autoscaler = postcard::from_bytes(rest).map_err(|e| storage_err(false, e))?;
+        }
+        v => {
+            return Err(storage_err(
+                false,
+                std::io::Error::other(format!(
+                    "snapshot version {v} is not supported (expected 2 or {SNAPSHOT_VERSION})"
+                )),
+            ));
+        }
     }
     Ok(Applied {
         last_applied: s.last_applied,
         membership: s.membership,
-        state: s.state,
+        state,
     })
+}
+
+/// A snapshot's bytes: the version-2 layout, then the autoscaler's state.
+fn encode_snapshot(a: &Applied) -> Result<Vec<u8>, StorageError> {
+    let snap = SnapshotV2 {
+        version: SNAPSHOT_VERSION,
+        last_applied: a.last_applied,
+        membership: a.membership.clone(),
+        state: a.state.clone(),
+    };
+    let mut out = postcard::to_allocvec(&snap).map_err(|e| storage_err(true, e))?;
+    out.extend(postcard::to_allocvec(&a.state.autoscaler).map_err(|e| storage_err(true, e))?);
+    Ok(out)
 }
 
 impl<D: RaftDb> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<D> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (data, last_applied, membership) = {
             let a = self.applied.read().unwrap_or_else(|p| p.into_inner());
-            let snap = SnapshotV2 {
-                version: SNAPSHOT_VERSION,
-                last_applied: a.last_applied,
-                membership: a.membership.clone(),
-                state: a.state.clone(),
-            };
-            (
-                postcard::to_allocvec(&snap).map_err(|e| storage_err(true, e))?,
-                a.last_applied,
-                a.membership.clone(),
-            )
+            (encode_snapshot(&a)?, a.last_applied, a.membership.clone())
         };
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {

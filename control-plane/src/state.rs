@@ -340,6 +340,26 @@ pub enum Command {
     /// Several commands in one log entry (one fsync); each is applied in order and answered
     /// on its own. Decoding refuses batches nested deeper than [`MAX_BATCH_DEPTH`].
     Batch(#[serde(deserialize_with = "bounded_batch")] Vec<Command>),
+    /// The autoscaler's config as canonical JSON, checked before it is proposed; `None`
+    /// turns the autoscaler off.
+    SetAutoscalerConfig {
+        config_json: Option<String>,
+    },
+    /// `request_resources`: replaces the floor.
+    SetResourceRequest {
+        bundles: Vec<Resources>,
+    },
+    /// A launch record, in REQUESTED, committed before the provider is called.
+    CreateInstance {
+        instance_id: String,
+        request_id: String,
+        node_type: String,
+        time_ms: u64,
+    },
+    UpdateInstance {
+        update: crate::instances::InstanceUpdate,
+        time_ms: u64,
+    },
 }
 
 /// How deep batches may nest in a decoded command: the proposer's batch of proposals that
@@ -421,6 +441,9 @@ pub struct ClusterState {
     pub named_actors: BTreeMap<(String, String), String>,
     pub placement_groups: BTreeMap<String, PlacementGroupRecord>,
     pub kv: BTreeMap<(String, Vec<u8>), Vec<u8>>,
+    /// Serialized after the rest in snapshots (version 3), so version-2 snapshots still load.
+    #[serde(skip)]
+    pub autoscaler: crate::instances::AutoscalerState,
 }
 
 fn not_found(kind: &str, id: impl ToString) -> Response {
@@ -466,6 +489,9 @@ impl Command {
                 runtime_env_json,
                 ..
             } => 256 + entrypoint.len() + runtime_env_json.len(),
+            Command::SetAutoscalerConfig { config_json } => {
+                64 + config_json.as_ref().map_or(0, String::len)
+            }
             Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
             _ => 256,
         }
@@ -570,9 +596,21 @@ impl ClusterState {
                 }
                 n.state = NodeState::Dead;
                 n.dead_at_ms = time_ms;
+                self.autoscaler.node_gone(node_id, &reason, time_ms);
                 n.death_reason = reason;
                 Response::Ok
             }
+            Command::SetAutoscalerConfig { config_json } => self.autoscaler.set_config(config_json),
+            Command::SetResourceRequest { bundles } => self.autoscaler.set_floor(bundles),
+            Command::CreateInstance {
+                instance_id,
+                request_id,
+                node_type,
+                time_ms,
+            } => self
+                .autoscaler
+                .create(instance_id, request_id, node_type, time_ms),
+            Command::UpdateInstance { update, time_ms } => self.autoscaler.update(update, time_ms),
             Command::KvPut {
                 namespace,
                 key,
@@ -642,6 +680,9 @@ impl ClusterState {
                 node_id,
                 incarnation,
             } => {
+                if let Some(r) = self.autoscaler.leaving(node_id) {
+                    return r;
+                }
                 let Some(j) = self.jobs.get_mut(&job_id) else {
                     return not_found("job", job_id);
                 };
@@ -833,6 +874,9 @@ impl ClusterState {
                 node_id,
                 node_incarnation,
             } => {
+                if let Some(r) = self.autoscaler.leaving(node_id) {
+                    return r;
+                }
                 let Some(a) = self.actors.get_mut(&actor_id) else {
                     return not_found("actor", actor_id);
                 };
@@ -953,6 +997,14 @@ impl ClusterState {
                 bundle_incarnations,
             } => {
                 use PgState::*;
+                if state == Created
+                    && let Some(r) = bundle_nodes
+                        .iter()
+                        .flatten()
+                        .find_map(|n| self.autoscaler.leaving(*n))
+                {
+                    return r;
+                }
                 let Some(pg) = self.placement_groups.get_mut(&pg_id) else {
                     return not_found("placement group", pg_id);
                 };

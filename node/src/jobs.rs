@@ -79,6 +79,12 @@ impl JobAgent {
             ))
             .into());
         }
+        if self.node.leases.draining() {
+            return Err(RpcError::Unavailable(
+                "this node is draining: it starts no new jobs".into(),
+            )
+            .into());
+        }
         let key = (r.job_id.clone(), r.attempt);
         let stop = Arc::new(AtomicBool::new(false));
         {
@@ -368,6 +374,16 @@ impl JobAgent {
     }
 
     /// Kills every running attempt (the node is shutting down).
+    /// Attempts starting or running here.
+    pub(crate) fn running(&self) -> usize {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|a| !matches!(a, Attempt::Ended))
+            .count()
+    }
+
     pub(crate) fn kill_all(&self) {
         for a in self
             .attempts

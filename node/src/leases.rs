@@ -65,6 +65,8 @@ struct State {
     queued: BTreeMap<Vec<(String, u64)>, u32>,
     /// shape → (requests, last asked)
     infeasible: BTreeMap<Vec<(String, u64)>, (u32, Instant)>,
+    /// The node accepted a drain: it grants nothing new.
+    draining: bool,
 }
 
 pub(crate) struct Leases {
@@ -105,6 +107,7 @@ impl Leases {
                 rng: seed,
                 queued: BTreeMap::new(),
                 infeasible: BTreeMap::new(),
+                draining: false,
             }),
             freed: tokio::sync::Notify::new(),
         }
@@ -120,6 +123,36 @@ impl Leases {
 
     pub(crate) fn total(&self) -> ResourceSet {
         self.lock().total.clone()
+    }
+
+    /// What this node's resources are held by now (leases, bundles), for the idle check.
+    pub(crate) fn held(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.leases.len(), st.bundles.len())
+    }
+
+    /// Starts a drain unless a lease or bundle is held: from then on nothing new is granted
+    /// (checked under the same lock as every grant, so no lease slips in between).
+    pub(crate) fn begin_drain(&self) -> Result<(), String> {
+        let mut st = self.lock();
+        if !st.leases.is_empty() || !st.bundles.is_empty() {
+            return Err(format!(
+                "{} lease(s) and {} placement group(s) hold resources here",
+                st.leases.len(),
+                st.bundles.len()
+            ));
+        }
+        st.draining = true;
+        Ok(())
+    }
+
+    /// The drain was refused after all (something else still runs here).
+    pub(crate) fn cancel_drain(&self) {
+        self.lock().draining = false;
+    }
+
+    pub(crate) fn draining(&self) -> bool {
+        self.lock().draining
     }
 
     /// Placement groups with bundles here (prepared or committed).
@@ -142,6 +175,11 @@ impl Leases {
             .is_some_and(|b| b.provided == provided)
         {
             return Ok(());
+        }
+        if self.lock().draining {
+            return Err(Status::unavailable(
+                "this node is draining: it takes no new bundles",
+            ));
         }
         // Held from an earlier placement of the group (it is being rescheduled): let those
         // go first.
@@ -237,6 +275,9 @@ impl Leases {
     }
 
     fn try_grant(&self, st: &mut State, demand: &ResourceSet) -> Option<String> {
+        if st.draining {
+            return None;
+        }
         st.available.subtract(demand).ok()?;
         st.next_lease += 1;
         let id = format!("{}-{}", self.node_id, st.next_lease);
@@ -299,15 +340,37 @@ impl Leases {
         }
         let decision = {
             let mut st = self.lock();
-            // This node knows itself exactly; the view may lag.
+            // This node knows itself exactly; the view may lag. A draining node is leaving.
             cluster.nodes.insert(
                 self.node_id,
                 NodeView {
                     total: st.total.clone(),
                     available: st.available.clone(),
-                    alive: true,
+                    alive: !st.draining,
                 },
             );
+            if st.draining {
+                let elsewhere = cluster
+                    .nodes
+                    .iter()
+                    .filter(|(id, n)| **id != self.node_id && n.total.contains(&demand))
+                    .min_by(|a, b| {
+                        let util = |n: &NodeView| n.total.utilization(&n.available, &demand);
+                        util(a.1).total_cmp(&util(b.1)).then(a.0.cmp(b.0))
+                    })
+                    .map(|(id, _)| *id);
+                return match elsewhere {
+                    Some(node) => Ok(pb::LeaseReply {
+                        outcome: pb::LeaseOutcome::Spillback as i32,
+                        node_id: node.to_string(),
+                        address: addresses.get(&node).cloned().unwrap_or_default(),
+                        ..Default::default()
+                    }),
+                    None => Err(Status::unavailable(
+                        "this node is draining and no other node can take the lease yet",
+                    )),
+                };
+            }
             let d = if r.spillback_count >= MAX_SPILLBACKS {
                 // Enough hops: keep it here if this node can ever run it.
                 if st.total.contains(&demand) {

@@ -141,6 +141,81 @@ pub(crate) struct NodeShared {
     /// Actor incarnations whose `StartActor` is under way here (waiting for their lease or
     /// worker), so that a second ask waits instead of starting a second copy.
     pub(crate) actors_starting: std::sync::Mutex<std::collections::HashSet<(String, u64)>>,
+    pub(crate) store: Arc<object_store::Store>,
+    /// Set once the job agent exists (it needs this struct).
+    pub(crate) agent: std::sync::OnceLock<Arc<jobs::JobAgent>>,
+    /// Since when nothing holds this node (see `busy_reasons`).
+    pub(crate) idle_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The reason, once a drain was accepted: the node leaves with it.
+    pub(crate) drained: tokio::sync::watch::Sender<Option<String>>,
+    /// A head's own node: never drained (stop the head instead).
+    pub(crate) is_head: bool,
+}
+
+impl NodeShared {
+    /// What keeps this node busy (empty: idle). Idle means what Ray's autoscaler means and
+    /// a little more: no leases (tasks, actors), no placement-group bundles, no job drivers,
+    /// no driver processes, and no primary copies of objects (owners free theirs when the
+    /// last reference goes, so a primary copy here is one somebody may still `get`).
+    /// Secondary copies do not count: they can be pulled again from the primary.
+    pub(crate) fn busy_reasons(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        let (leases, bundles) = self.leases.held();
+        if leases > 0 {
+            why.push(format!("{leases} lease(s)"));
+        }
+        if bundles > 0 {
+            why.push(format!("bundles of {bundles} placement group(s)"));
+        }
+        let jobs = self.agent.get().map_or(0, |a| a.running());
+        if jobs > 0 {
+            why.push(format!("{jobs} job driver(s)"));
+        }
+        let drivers = self
+            .workers
+            .processes()
+            .iter()
+            .filter(|p| p.worker_id.is_empty())
+            .count();
+        if drivers > 0 {
+            why.push(format!("{drivers} driver(s)"));
+        }
+        let primaries = self.store.primary_count();
+        if primaries > 0 {
+            why.push(format!("{primaries} primary object copy(ies)"));
+        }
+        why
+    }
+
+    /// How long the node has been idle, `None` while busy (reported with every heartbeat).
+    pub(crate) fn idle_ms(&self) -> Option<u64> {
+        let busy = !self.busy_reasons().is_empty();
+        let mut since = self.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+        if busy {
+            *since = None;
+            return None;
+        }
+        let at = *since.get_or_insert_with(std::time::Instant::now);
+        Some(at.elapsed().as_millis() as u64)
+    }
+
+    /// Accepts a drain unless the node is busy; once accepted, nothing new is granted here
+    /// and the node leaves (its daemon waits on `RunningNode::drained`).
+    pub(crate) fn drain(&self, reason: String) -> Result<(), String> {
+        if self.is_head {
+            return Err("this is a head's node: stop the head instead".into());
+        }
+        self.leases.begin_drain()?;
+        // Checked after grants stopped, so nothing can start between the check and the drain.
+        let why = self.busy_reasons();
+        if !why.is_empty() {
+            self.leases.cancel_drain();
+            return Err(why.join(", "));
+        }
+        *self.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.drained.send_replace(Some(reason));
+        Ok(())
+    }
 }
 
 pub struct RunningNode {
@@ -168,7 +243,22 @@ impl RunningNode {
         self.shared.incarnation.load(Ordering::Acquire)
     }
 
-    /// Stops serving; tells the control plane this node is going away (best effort, 2 s).
+    /// Waits until this node accepted a drain; returns its reason. The daemon then shuts the
+    /// node down (`shutdown` leaves the cluster with that reason).
+    pub async fn drained(&self) -> String {
+        let mut rx = self.shared.drained.subscribe();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Stops serving; tells the control plane this node is going away (best effort, 2 s),
+    /// with the drain's reason if it was drained.
     pub async fn shutdown(self) {
         let incarnation = self.incarnation();
         if incarnation > 0 {
@@ -179,7 +269,12 @@ impl RunningNode {
             let req = pb::UnregisterNodeRequest {
                 node_id: self.node_id.to_string(),
                 incarnation,
-                reason: "stopped by rayctl stop".into(),
+                reason: self
+                    .shared
+                    .drained
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| "stopped by rayctl stop".into()),
             };
             if let Err(e) = c
                 .call(|mut c| {
@@ -424,6 +519,40 @@ impl NodeManager for NodeManagerService {
         _: tonic::Request<pb::ListTasksRequest>,
     ) -> Result<tonic::Response<pb::ListTasksReply>, tonic::Status> {
         Ok(tonic::Response::new(self.shared.workers.list_tasks()))
+    }
+
+    async fn drain_node(
+        &self,
+        req: tonic::Request<pb::DrainNodeRequest>,
+    ) -> Result<tonic::Response<pb::DrainNodeReply>, tonic::Status> {
+        let r = req.into_inner();
+        if r.reason.len() > 256 {
+            return Err(tonic::Status::invalid_argument(
+                "a drain reason is at most 256 bytes",
+            ));
+        }
+        let reason = if r.reason.is_empty() {
+            "drained".to_owned()
+        } else {
+            r.reason
+        };
+        let reply = match self.shared.drain(reason.clone()) {
+            Ok(()) => {
+                tracing::info!(reason, "drain accepted: leaving the cluster");
+                pb::DrainNodeReply {
+                    accepted: true,
+                    rejected_because: String::new(),
+                }
+            }
+            Err(why) => {
+                tracing::info!(reason, "drain refused: busy with {why}");
+                pb::DrainNodeReply {
+                    accepted: false,
+                    rejected_because: format!("busy: {why}"),
+                }
+            }
+        };
+        Ok(tonic::Response::new(reply))
     }
 
     async fn list_objects(
@@ -676,6 +805,11 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         workers: pool,
         puller: puller.clone(),
         actors_starting: std::sync::Mutex::default(),
+        store: store.clone(),
+        agent: std::sync::OnceLock::new(),
+        idle_since: std::sync::Mutex::default(),
+        drained: tokio::sync::watch::Sender::new(None),
+        is_head: opts.is_head,
     });
     // Until the first heartbeat reply names the live nodes, this node is the only peer.
     shared.set_cluster_view(Vec::new());
@@ -687,6 +821,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         client.clone(),
         opts.token.clone(),
     ));
+    let _ = shared.agent.set(agent.clone());
     let routes = tonic::service::Routes::new(
         pb::node_manager_server::NodeManagerServer::new(NodeManagerService {
             shared: shared.clone(),

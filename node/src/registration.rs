@@ -90,6 +90,8 @@ pub(crate) async fn run(
                 dead_actors: node.workers.take_dead_actors(),
                 resources_total: node.leases.total().to_map().into_iter().collect(),
                 placement_groups: node.leases.placement_groups(),
+                idle_ms: node.idle_ms(),
+                draining: node.leases.draining(),
             };
             match hb_client
                 .call(|mut c| {

@@ -585,6 +585,15 @@ impl Store {
         ids.len()
     }
 
+    /// Primary copies here (in memory or spilled): what a node must not drop by leaving.
+    pub fn primary_count(&self) -> usize {
+        self.lock()
+            .objects
+            .values()
+            .filter(|e| e.primary && !e.delete_pending)
+            .count()
+    }
+
     /// Every object here: (id, data + metadata bytes, primary, pins, in memory, spilled,
     /// sealed), largest first.
     pub fn list(&self) -> Vec<(ObjectId, u64, bool, u32, bool, bool, bool)> {

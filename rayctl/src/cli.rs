@@ -41,6 +41,49 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: OperatorCommand,
     },
+    /// The autoscaler: its config (Ray's cluster YAML fields) and `request_resources`.
+    Autoscaler {
+        #[command(subcommand)]
+        command: AutoscalerCommand,
+    },
+    /// Drains a worker node (refused while it is busy) and removes it from the cluster.
+    DrainNode(DrainNodeArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AutoscalerCommand {
+    /// Replaces the autoscaling config (checked first; every head then uses it).
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Prints the config in use (JSON, which is YAML too); nothing when the autoscaler is off.
+    Config(ClientArgs),
+    /// Turns the autoscaler off: nodes it launched stay until removed by hand.
+    Disable(ClientArgs),
+    /// Ray's `request_resources`: the cluster keeps room for these (counting what is in
+    /// use) until the next call, which replaces them; no arguments clears them.
+    RequestResources {
+        /// CPUs as one-CPU bundles.
+        #[arg(long)]
+        num_cpus: Option<u32>,
+        /// Bundles as JSON, e.g. '[{"CPU": 2}, {"GPU": 1}]'.
+        #[arg(long)]
+        bundles: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DrainNodeArgs {
+    pub(crate) node_id: String,
+    /// Shown as the node's death reason ("drained by operator: REASON").
+    #[arg(long)]
+    pub(crate) reason: Option<String>,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -348,6 +391,10 @@ pub(crate) struct StartArgs {
     /// This node daemon belongs to a head (started by the head process).
     #[arg(long, hide = true)]
     pub(crate) head_node: bool,
+    /// Ray's flag: an autoscaling config (YAML: max_workers, upscaling_speed,
+    /// idle_timeout_minutes, available_node_types, provider), applied once the head is up.
+    #[arg(long, requires = "head")]
+    pub(crate) autoscaling_config: Option<PathBuf>,
 }
 
 pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -359,6 +406,8 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => runtime()?.block_on(crate::state::list(args)),
         Command::Summary(args) => runtime()?.block_on(crate::state::summary(args)),
         Command::Memory(args) => runtime()?.block_on(crate::state::memory(args)),
+        Command::Autoscaler { command } => runtime()?.block_on(crate::autoscaler::run(command)),
+        Command::DrainNode(args) => runtime()?.block_on(crate::autoscaler::drain_node(args)),
         Command::Operator {
             command: OperatorCommand::Raft { command },
         } => runtime()?.block_on(crate::status::raft(command)),

@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use protocol::auth::{AuthMode, AuthToken};
+use protocol::pb;
 use protocol::server::MetricsRender;
 use serde_json::{Value, json};
 
@@ -75,6 +76,9 @@ pub(crate) fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn validate(a: &StartArgs) -> anyhow::Result<()> {
+    if let Some(p) = &a.autoscaling_config {
+        crate::autoscaler::read_config(p)?;
+    }
     let peers = a
         .peers
         .as_deref()
@@ -345,8 +349,13 @@ async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
     if let Some(f) = &args.ready_file {
         session::write_atomic(f, serde_json::to_string(&ready)?.as_bytes())?;
     }
-    wait_for_signal().await?;
-    tracing::info!("stopping node");
+    tokio::select! {
+        r = wait_for_signal() => {
+            r?;
+            tracing::info!("stopping node");
+        }
+        reason = node.drained() => tracing::info!(reason, "drained: leaving the cluster"),
+    }
     node.shutdown().await;
     Ok(())
 }
@@ -389,6 +398,23 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         stop_grace: args.job_stop_grace,
     };
     opts.metrics = Some(render);
+    // What the autoscaler's local provider runs nodes with: this binary, and the cluster
+    // token in their environment (never the peer secret).
+    opts.provider_env = control_plane::autoscaler::provider::ProviderEnv {
+        rayctl: std::env::current_exe()?,
+        env: match &token {
+            Some(t) => vec![(protocol::AUTH_TOKEN_ENV.to_owned(), t.as_str().to_owned())],
+            None => vec![(
+                protocol::auth::AUTH_MODE_ENV.to_owned(),
+                "disabled".to_owned(),
+            )],
+        },
+        session_root: protocol::session::root_path(),
+    };
+    let autoscaling = match &args.autoscaling_config {
+        Some(p) => Some(crate::autoscaler::read_config(p)?),
+        None => None,
+    };
     let head = control_plane::start(opts.clone()).await?;
     let mut heads = if opts.peers.is_empty() {
         vec![head.address.clone()]
@@ -401,6 +427,33 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         }
     }
     session::write_cluster_file(&session_dir, &heads)?;
+    if let Some(yaml) = autoscaling {
+        // Through the cluster API, as `rayctl autoscaler apply` does: whichever head leads
+        // commits it (retried until a leader is elected).
+        let c = protocol::client::HeadClient::new(
+            &heads,
+            token.clone(),
+            protocol::client::ClientOptions {
+                deadline: Duration::from_secs(60),
+                ..Default::default()
+            },
+        )?;
+        tokio::spawn(async move {
+            match c
+                .call(|mut c| {
+                    let yaml = yaml.clone();
+                    async move {
+                        c.set_autoscaling_config(pb::SetAutoscalingConfigRequest { yaml })
+                            .await
+                    }
+                })
+                .await
+            {
+                Ok(_) => tracing::info!("autoscaling config applied"),
+                Err(e) => tracing::error!("could not apply the autoscaling config: {e}"),
+            }
+        });
+    }
 
     // The head's node daemon: a child process the kernel kills with us.
     let node_ready = session_dir.join(format!("node-ready-{}.json", std::process::id()));

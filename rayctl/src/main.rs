@@ -3,6 +3,7 @@
 //!
 //! Exit codes: 0 ok, 1 failed, 2 usage, 3 cluster unreachable, 4 not found, 5 job stopped.
 
+mod autoscaler;
 mod cli;
 mod daemon;
 mod job;

@@ -62,7 +62,12 @@ pub(crate) fn write_cluster_file(session: &Path, heads: &[String]) -> anyhow::Re
         &session.join("cluster.json"),
         &serde_json::to_vec_pretty(&f)?,
     )?;
-    point_latest_at(session)
+    // Only sessions `rayctl start` made here become the latest: a node the autoscaler started
+    // (its session lives in the provider's directory) never hides the cluster's own.
+    if session.parent() == Some(base_dir()?.as_path()) {
+        point_latest_at(session)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

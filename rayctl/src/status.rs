@@ -82,8 +82,12 @@ pub(crate) fn status_json(s: &pb::ClusterStatus) -> Value {
                 "registered_at_ms": n.registered_at_ms,
                 "dead_at_ms": n.dead_at_ms,
                 "death_reason": n.death_reason,
+                "idle_ms": n.idle_ms,
+                "draining": n.draining,
+                "node_type": n.labels.get(NODE_TYPE_LABEL),
             })
         }).collect::<Vec<_>>(),
+        "autoscaler": s.autoscaler.as_ref().map(autoscaler_json),
         "pending_demand": s.pending_demand.iter().map(|d| json!({
             "shape": sorted(&d.shape),
             "kind": d.kind,
@@ -91,6 +95,53 @@ pub(crate) fn status_json(s: &pb::ClusterStatus) -> Value {
             "infeasible": d.infeasible,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The label the autoscaler's providers give the nodes they launch.
+const NODE_TYPE_LABEL: &str = "rayctl.io/node-type";
+
+fn shape_json(m: &std::collections::HashMap<String, f64>) -> Value {
+    json!(sorted(m))
+}
+
+fn autoscaler_json(a: &pb::AutoscalerStatus) -> Value {
+    json!({
+        "enabled": a.enabled,
+        "instances": a.instances.iter().map(|i| json!({
+            "instance_id": i.instance_id,
+            "request_id": i.request_id,
+            "node_type": i.node_type,
+            "state": i.state,
+            "cloud_instance_id": i.cloud_instance_id,
+            "node_id": i.node_id,
+            "message": i.message,
+            "created_ms": i.created_ms,
+            "updated_ms": i.updated_ms,
+        })).collect::<Vec<_>>(),
+        "constraints": a.constraints.iter().map(|b| shape_json(&b.resources)).collect::<Vec<_>>(),
+        "infeasible": a.infeasible.iter().map(|d| json!({"shape": sorted(&d.shape), "count": d.queued})).collect::<Vec<_>>(),
+        "held_back": a.held_back.iter().map(|d| json!({"shape": sorted(&d.shape), "count": d.queued})).collect::<Vec<_>>(),
+        "last_round_ms": a.last_round_ms,
+        "last_error": a.last_error,
+    })
+}
+
+fn fmt_shape(m: &std::collections::HashMap<String, f64>) -> String {
+    let parts: Vec<String> = sorted(m)
+        .iter()
+        .map(|(k, v)| format!("'{k}': {}", fmt_amount(k, *v)))
+        .collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
+fn clock(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }
 
 fn fmt_amount(name: &str, v: f64) -> String {
@@ -132,23 +183,133 @@ fn status_text(s: &pb::ClusterStatus) -> String {
         .iter()
         .filter(|n| n.state != pb::NodeState::Alive as i32)
         .collect();
+    if let Some(a) = s.autoscaler.as_ref().filter(|a| a.enabled) {
+        let _ = writeln!(
+            o,
+            "======== Autoscaler status: {} UTC ========",
+            clock(a.last_round_ms)
+        );
+    }
     let _ = writeln!(
         o,
         "Node status\n---------------------------------------------------------------"
     );
+    let line = |n: &pb::NodeInfo| {
+        let kind = match (n.is_head, n.labels.get(NODE_TYPE_LABEL)) {
+            (true, _) => "head ".to_owned(),
+            (false, Some(t)) => format!("{t} "),
+            _ => String::new(),
+        };
+        format!(
+            " 1 {kind}node_{} {} (incarnation {})",
+            n.node_id, n.address, n.incarnation
+        )
+    };
+    let (idle, active): (Vec<&pb::NodeInfo>, Vec<&pb::NodeInfo>) =
+        alive.iter().copied().partition(|n| n.idle_ms.is_some());
     let _ = writeln!(o, "Active:");
-    for n in &alive {
+    for n in &active {
         let _ = writeln!(
             o,
-            " 1 node_{} {}{} (incarnation {})",
-            n.node_id,
-            n.address,
-            if n.is_head { " head" } else { "" },
-            n.incarnation
+            "{}{}",
+            line(n),
+            if n.draining { ", draining" } else { "" }
         );
     }
-    if alive.is_empty() {
+    if active.is_empty() {
         let _ = writeln!(o, " (no active nodes)");
+    }
+    let _ = writeln!(o, "Idle:");
+    for n in &idle {
+        let _ = writeln!(
+            o,
+            "{}, idle {:.0}s{}",
+            line(n),
+            n.idle_ms.unwrap_or(0) as f64 / 1000.0,
+            if n.draining { ", draining" } else { "" }
+        );
+    }
+    if idle.is_empty() {
+        let _ = writeln!(o, " (no idle nodes)");
+    }
+    if let Some(a) = s.autoscaler.as_ref().filter(|a| a.enabled) {
+        let _ = writeln!(o, "Pending:");
+        let pending: Vec<_> = a
+            .instances
+            .iter()
+            .filter(|i| matches!(i.state.as_str(), "QUEUED" | "REQUESTED" | "ALLOCATED"))
+            .collect();
+        let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for i in &pending {
+            by_type.entry(&i.node_type).or_default().push(&i.state);
+        }
+        for (t, states) in &by_type {
+            let _ = writeln!(
+                o,
+                " {t}, {} launching ({})",
+                states.len(),
+                states.join(", ")
+            );
+        }
+        if pending.is_empty() {
+            let _ = writeln!(o, " (no pending nodes)");
+        }
+        let stopping: Vec<_> = a
+            .instances
+            .iter()
+            .filter(|i| {
+                matches!(
+                    i.state.as_str(),
+                    "RAY_STOP_REQUESTED" | "RAY_STOPPING" | "TERMINATING"
+                )
+            })
+            .collect();
+        if !stopping.is_empty() {
+            let _ = writeln!(o, "Stopping:");
+            for i in stopping {
+                let _ = writeln!(
+                    o,
+                    " {}, {} ({}): {}",
+                    i.node_type, i.instance_id, i.state, i.message
+                );
+            }
+        }
+        let _ = writeln!(o, "Recent failures:");
+        let newest = a.instances.iter().map(|i| i.updated_ms).max().unwrap_or(0);
+        let failures: Vec<_> = a
+            .instances
+            .iter()
+            .filter(|i| {
+                matches!(
+                    i.state.as_str(),
+                    "ALLOCATION_FAILED" | "ALLOCATION_TIMEOUT" | "TERMINATION_FAILED"
+                )
+            })
+            .filter(|i| newest.saturating_sub(i.updated_ms) < 10 * 60 * 1000)
+            .collect();
+        let mut latest: BTreeMap<&str, &pb::AutoscalerInstance> = BTreeMap::new();
+        for i in &failures {
+            let e = latest.entry(&i.node_type).or_insert(i);
+            if i.updated_ms > e.updated_ms {
+                *e = i;
+            }
+        }
+        for (t, i) in &latest {
+            let what = i.message.split(':').next().unwrap_or("LaunchFailed");
+            let _ = writeln!(
+                o,
+                " {t}: {what} (latest_attempt: {}, {} in 10 min): {}",
+                clock(i.updated_ms),
+                failures.iter().filter(|f| f.node_type == *t).count(),
+                i.message
+            );
+        }
+        if failures.is_empty() {
+            let _ = writeln!(o, " (no failures)");
+        }
+        if !a.last_error.is_empty() {
+            let _ = writeln!(o, "Autoscaler: {}", a.last_error);
+        }
     }
     let _ = writeln!(o, "Dead:");
     for n in &dead {
@@ -175,6 +336,19 @@ fn status_text(s: &pb::ClusterStatus) -> String {
         let used = t - avail.get(k).copied().unwrap_or(0.0);
         let _ = writeln!(o, " {}/{} {k}", fmt_amount(k, used), fmt_amount(k, *t));
     }
+    if let Some(a) = s.autoscaler.as_ref().filter(|a| a.enabled) {
+        let _ = writeln!(o, "Constraints:");
+        let mut floor: BTreeMap<String, usize> = BTreeMap::new();
+        for b in &a.constraints {
+            *floor.entry(fmt_shape(&b.resources)).or_default() += 1;
+        }
+        for (shape, k) in &floor {
+            let _ = writeln!(o, " {shape}: {k} from request_resources()");
+        }
+        if floor.is_empty() {
+            let _ = writeln!(o, " (no request_resources() constraints)");
+        }
+    }
     let _ = writeln!(o, "Demands:");
     for d in &s.pending_demand {
         let shape: Vec<String> = sorted(&d.shape)
@@ -195,6 +369,24 @@ fn status_text(s: &pb::ClusterStatus) -> String {
     }
     if s.pending_demand.is_empty() {
         let _ = writeln!(o, " (no resource demands)");
+    }
+    if let Some(a) = s.autoscaler.as_ref().filter(|a| a.enabled) {
+        for d in &a.infeasible {
+            let _ = writeln!(
+                o,
+                " {}: {} infeasible: no node type of the autoscaling config can hold it",
+                fmt_shape(&d.shape),
+                d.queued
+            );
+        }
+        for d in &a.held_back {
+            let _ = writeln!(
+                o,
+                " {}: {} waiting: max_workers, upscaling_speed or a launch backoff holds it back",
+                fmt_shape(&d.shape),
+                d.queued
+            );
+        }
     }
     o
 }

@@ -26,9 +26,13 @@ pub struct NodeType {
     pub max_workers: u32,
     /// How long a node of this type must be idle before it is removed.
     pub idle_timeout_ms: u64,
+    /// No launches of this type now (backing off after failed launches); what it could
+    /// hold waits as held back, not infeasible.
+    pub paused: bool,
 }
 
-/// A worker node that registered (the head is never one: it is `Input::head`).
+/// A worker node the autoscaler launched and that registered (the heads are never one: they
+/// are `Input::fixed`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub id: String,
@@ -69,8 +73,9 @@ pub struct Input {
     /// Workers in the whole cluster (the head not counted).
     pub max_workers: u32,
     pub upscaling_speed: f64,
-    /// The head's capacity: demand may be placed there, but it is never launched or removed.
-    pub head: Option<(ResourceSet, ResourceSet)>,
+    /// Nodes the autoscaler does not manage (the heads, nodes started by hand), as (total,
+    /// available): demand may be placed there, but they are never launched or removed.
+    pub fixed: Vec<(ResourceSet, ResourceSet)>,
     pub nodes: Vec<Node>,
     /// Nodes requested and not yet registered, by type.
     pub launching: BTreeMap<String, u32>,
@@ -236,7 +241,7 @@ impl<'a> Limits<'a> {
     /// Whether one more node of type `t` may be launched; `capped` applies `upscaling_speed`.
     fn may_launch(&self, t: usize, capped: bool) -> bool {
         let ty = &self.input.types[t];
-        if self.count[t] >= ty.max_workers || self.total >= self.input.max_workers {
+        if ty.paused || self.count[t] >= ty.max_workers || self.total >= self.input.max_workers {
             return false;
         }
         if capped {
@@ -303,20 +308,14 @@ fn ever_fits(input: &Input, need: &[ResourceSet], strategy: GroupStrategy) -> bo
                 .types
                 .iter()
                 .any(|t| t.max_workers > 0 && t.resources.contains(&sum))
-                || input
-                    .head
-                    .as_ref()
-                    .is_some_and(|(total, _)| total.contains(&sum))
+                || input.fixed.iter().any(|(total, _)| total.contains(&sum))
         }
         _ => need.iter().all(|b| {
             input
                 .types
                 .iter()
                 .any(|t| t.max_workers > 0 && t.resources.contains(b))
-                || input
-                    .head
-                    .as_ref()
-                    .is_some_and(|(total, _)| total.contains(b))
+                || input.fixed.iter().any(|(total, _)| total.contains(b))
         }),
     }
 }
@@ -344,7 +343,7 @@ pub fn plan(input: &Input) -> Plan {
 
     // 2. The floor, on total capacity (it counts what is in use).
     let mut floor_bins: Vec<Bin> = Vec::new();
-    if let Some((total, _)) = &input.head {
+    for (total, _) in &input.fixed {
         floor_bins.push(Bin {
             tier: 0,
             free: total.clone(),
@@ -397,14 +396,14 @@ pub fn plan(input: &Input) -> Plan {
             ),
         }
     }
-    let head_off = usize::from(input.head.is_some());
+    let head_off = input.fixed.len();
     for (i, need) in floor_needs.iter_mut().enumerate() {
         *need = floor_bins[head_off + i].used;
     }
 
     // 3. The demand, on free capacity: running nodes, launching nodes, then this plan's.
     let mut bins: Vec<Bin> = Vec::new();
-    if let Some((_, avail)) = &input.head {
+    for (_, avail) in &input.fixed {
         bins.push(Bin {
             tier: 0,
             free: avail.clone(),
@@ -608,6 +607,7 @@ mod tests {
             min_workers: min,
             max_workers: max,
             idle_timeout_ms: 5_000,
+            paused: false,
         }
     }
 
@@ -626,7 +626,7 @@ mod tests {
             types: vec![ty("cpu2", cpu(2.0), 0, 3)],
             max_workers: 10,
             upscaling_speed: 1.0,
-            head: Some((ResourceSet::new(), ResourceSet::new())),
+            fixed: vec![(ResourceSet::new(), ResourceSet::new())],
             ..Default::default()
         }
     }
@@ -795,6 +795,17 @@ mod tests {
     }
 
     #[test]
+    fn a_paused_type_launches_nothing_and_its_demand_is_held_back() {
+        let mut i = base();
+        i.types[0].paused = true;
+        i.types[0].min_workers = 1;
+        i.demand = vec![tasks(cpu(1.0), 2)];
+        let p = plan(&i);
+        assert!(p.launch.is_empty());
+        assert_eq!((p.infeasible.len(), p.held_back), (0, vec![(cpu(1.0), 2)]));
+    }
+
+    #[test]
     fn the_global_max_holds_across_types() {
         let mut i = base();
         i.max_workers = 2;
@@ -820,6 +831,7 @@ mod tests {
                         min_workers: min,
                         max_workers: min + extra,
                         idle_timeout_ms: to * 1000,
+                        paused: false,
                     })
                     .collect();
                 let nodes: Vec<Node> = nodes
@@ -857,7 +869,7 @@ mod tests {
                     types,
                     max_workers,
                     upscaling_speed: f64::from(speed) / 10.0,
-                    head: Some((cpu(1.0), cpu(0.0))),
+                    fixed: vec![(cpu(1.0), cpu(0.0))],
                     nodes,
                     demand,
                     floor: floor.into_iter().map(|c| cpu(f64::from(c))).collect(),
@@ -927,7 +939,7 @@ mod tests {
             }
             // The capacity after the launches holds the demand that was not reported
             // infeasible (CPU is the only resource of these inputs).
-            let mut room = i.head.as_ref().map_or(0.0, |(_, a)| a.get("CPU"));
+            let mut room: f64 = i.fixed.iter().map(|(_, a)| a.get("CPU")).sum();
             room += i.nodes.iter().map(|n| n.available.get("CPU")).sum::<f64>();
             for (t, k) in i.launching.iter().chain(p.launch.iter()) {
                 let ty = i.types.iter().find(|x| &x.name == t).expect("a type");

@@ -45,6 +45,7 @@ use std::time::Duration;
 pub use actor::{ActorHandle, ActorInfo, ActorOptions, ActorState, get_actor};
 pub use pg::{
     PlacementGroup, PlacementGroupInfo, PlacementGroupOptions, PlacementStrategy, placement_group,
+    request_resources,
 };
 pub use protocol::{NodeId, ObjectId};
 pub use sdk_macros::{actor, remote};

@@ -131,6 +131,42 @@ pub fn placement_group(
     Ok(PlacementGroup { id: i.pg_id })
 }
 
+/// Ray's `ray.autoscaler.sdk.request_resources`: asks the autoscaler to keep room for
+/// `num_cpus` one-CPU bundles plus `bundles`, counting what is already in use (100 CPUs
+/// asked with 45 busy target 100, not 145), right away (it ignores `upscaling_speed`). It
+/// stays until the next call, which replaces it; a call with nothing clears it.
+pub fn request_resources(
+    num_cpus: Option<u32>,
+    bundles: Vec<BTreeMap<String, f64>>,
+) -> Result<(), Error> {
+    let mut all: Vec<pb::Bundle> = (0..num_cpus.unwrap_or(0))
+        .map(|_| pb::Bundle {
+            resources: [("CPU".to_owned(), 1.0)].into_iter().collect(),
+        })
+        .collect();
+    for (i, b) in bundles.into_iter().enumerate() {
+        if let Some((k, v)) = b.iter().find(|(_, v)| !v.is_finite() || **v < 0.0) {
+            return Err(Error::Actor(format!(
+                "request_resources: bundle {i}: {k} = {v} must be a non-negative number"
+            )));
+        }
+        all.push(pb::Bundle {
+            resources: b.into_iter().collect(),
+        });
+    }
+    let rt = runtime::current()?;
+    let req = pb::RequestResourcesRequest { bundles: all };
+    rt.block_on(rt.head()?.call(|mut c| {
+        let req = req.clone();
+        async move { c.request_resources(req).await }
+    }))
+    .map(|_| ())
+    .map_err(|e| match e.rpc() {
+        Some(protocol::RpcError::InvalidArgument(m)) => Error::Actor(m.clone()),
+        _ => Error::Rpc(e.to_string()),
+    })
+}
+
 impl PlacementGroup {
     pub fn id(&self) -> &str {
         &self.id
