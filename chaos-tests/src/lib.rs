@@ -110,6 +110,18 @@ impl Proc {
         self.child.is_some()
     }
 
+    /// Whether the process has exited on its own (reaped here if so).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(std::process::Child::try_wait) {
+            Some(Ok(Some(_))) => {
+                self.child = None;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
     pub fn signal(&self, sig: Signal) -> Result<()> {
         let pid = self.pid().context("process is not running")?;
         kill(Pid::from_raw(pid), sig).with_context(|| format!("kill -{sig} {}", self.name))

@@ -21,7 +21,7 @@ use tonic::Status;
 /// Spillback hops after which a request stays on the node asked last (if it can ever run it).
 pub(crate) const MAX_SPILLBACKS: u32 = 4;
 /// How long an infeasible shape stays in the reported demand after it was last asked for.
-const INFEASIBLE_MEMORY: Duration = Duration::from_secs(10);
+const INFEASIBLE_MEMORY: Duration = Duration::from_secs(3);
 
 /// A placement group's bundles on this node.
 struct Bundles {
@@ -62,9 +62,13 @@ struct State {
     spread_cursor: usize,
     rng: u64,
     /// shape (sorted pairs) → requests waiting now
-    queued: BTreeMap<Vec<(String, u64)>, u32>,
+    /// (shape, owner) → (requests waiting here now, the owner's backlog of tasks of that
+    /// shape as its latest waiting request said)
+    queued: BTreeMap<(Vec<(String, u64)>, Vec<u8>), (u32, u32)>,
     /// shape → (requests, last asked)
-    infeasible: BTreeMap<Vec<(String, u64)>, (u32, Instant)>,
+    /// (shape, owner) → (the owner's backlog as its latest request said, when): an owner
+    /// retries every second, so each owner counts once, with its latest backlog.
+    infeasible: BTreeMap<(Vec<(String, u64)>, Vec<u8>), (u32, Instant)>,
     /// The node accepted a drain: it grants nothing new.
     draining: bool,
 }
@@ -257,11 +261,13 @@ impl Leases {
         st.infeasible
             .retain(|_, (_, at)| now.duration_since(*at) < INFEASIBLE_MEMORY);
         let mut out: BTreeMap<Vec<(String, u64)>, (u32, u32)> = BTreeMap::new();
-        for (k, n) in &st.queued {
-            out.entry(k.clone()).or_default().0 += n;
+        for ((k, _), (waiting, backlog)) in &st.queued {
+            let e = &mut out.entry(k.clone()).or_default().0;
+            *e = e.saturating_add((*waiting).max(*backlog));
         }
-        for (k, (n, _)) in &st.infeasible {
-            out.entry(k.clone()).or_default().1 += n;
+        for ((k, _), (n, _)) in &st.infeasible {
+            let e = &mut out.entry(k.clone()).or_default().1;
+            *e = e.saturating_add(*n);
         }
         out.into_iter()
             .filter(|(_, (q, i))| q + i > 0)
@@ -405,16 +411,24 @@ impl Leases {
             };
             match d {
                 Decision::Local => match self.try_grant(&mut st, &demand) {
-                    Some(id) => return Ok(self.granted(id)),
+                    Some(id) => {
+                        st.infeasible
+                            .remove(&(shape_key(&demand), r.owner_prefix.clone()));
+                        return Ok(self.granted(id));
+                    }
                     None => Decision::Queue,
                 },
                 Decision::Infeasible => {
-                    let e = st
-                        .infeasible
-                        .entry(shape_key(&demand))
-                        .or_insert((0, Instant::now()));
-                    e.0 = e.0.saturating_add(1).min(1_000_000);
-                    e.1 = Instant::now();
+                    st.infeasible.insert(
+                        (shape_key(&demand), r.owner_prefix.clone()),
+                        (r.backlog.clamp(1, 1_000_000), Instant::now()),
+                    );
+                    d
+                }
+                Decision::Spillback(_) => {
+                    // It has a better place now: it no longer waits here as infeasible.
+                    st.infeasible
+                        .remove(&(shape_key(&demand), r.owner_prefix.clone()));
                     d
                 }
                 other => other,
@@ -433,8 +447,12 @@ impl Leases {
                 ..Default::default()
             }),
             Decision::Queue | Decision::Local => {
-                self.wait(demand, Duration::from_millis(r.queue_timeout_ms))
-                    .await
+                self.wait(
+                    demand,
+                    Duration::from_millis(r.queue_timeout_ms),
+                    (r.owner_prefix.clone(), r.backlog),
+                )
+                .await
             }
         }
     }
@@ -457,7 +475,7 @@ impl Leases {
         if let Some(id) = self.try_grant(&mut self.lock(), &demand) {
             return Ok(id);
         }
-        let r = self.wait(demand, timeout).await?;
+        let r = self.wait(demand, timeout, (Vec::new(), 1)).await?;
         if r.outcome == pb::LeaseOutcome::Granted as i32 {
             Ok(r.lease_id)
         } else {
@@ -468,9 +486,20 @@ impl Leases {
     }
 
     /// Waits in this node's queue until the demand fits or `timeout` passes.
-    async fn wait(&self, demand: ResourceSet, timeout: Duration) -> Result<pb::LeaseReply, Status> {
-        let key = shape_key(&demand);
-        *self.lock().queued.entry(key.clone()).or_default() += 1;
+    /// `owner` is (the owner's prefix, its backlog of tasks of this shape), for the demand.
+    async fn wait(
+        &self,
+        demand: ResourceSet,
+        timeout: Duration,
+        owner: (Vec<u8>, u32),
+    ) -> Result<pb::LeaseReply, Status> {
+        let key = (shape_key(&demand), owner.0);
+        {
+            let mut st = self.lock();
+            let e = st.queued.entry(key.clone()).or_default();
+            e.0 += 1;
+            e.1 = owner.1.min(1_000_000);
+        }
         // Counted as queued until this ends, however it ends (a caller may give up).
         let _queued = Queued { leases: self, key };
         let deadline = tokio::time::Instant::now() + timeout;
@@ -576,15 +605,15 @@ impl Drop for GrantGuard<'_> {
 
 struct Queued<'a> {
     leases: &'a Leases,
-    key: Vec<(String, u64)>,
+    key: (Vec<(String, u64)>, Vec<u8>),
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         let mut st = self.leases.lock();
         if let Some(n) = st.queued.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
+            n.0 -= 1;
+            if n.0 == 0 {
                 st.queued.remove(&self.key);
             }
         }

@@ -260,6 +260,11 @@ impl RunningNode {
     /// Stops serving; tells the control plane this node is going away (best effort, 2 s),
     /// with the drain's reason if it was drained.
     pub async fn shutdown(self) {
+        // Heartbeats stop first: a heartbeat answered "fenced" after the unregister below
+        // would register this node anew.
+        for t in &self.tasks {
+            t.abort();
+        }
         let incarnation = self.incarnation();
         if incarnation > 0 {
             let c = self.client.with_options(ClientOptions {

@@ -28,6 +28,10 @@ pub(crate) async fn run(
         is_head,
     };
     loop {
+        if node.drained.borrow().is_some() {
+            // Drained: the node is leaving; it never registers again.
+            return;
+        }
         let asked = std::time::Instant::now();
         let reply = match client
             .call(|mut c| {

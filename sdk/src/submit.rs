@@ -179,6 +179,9 @@ struct KeyState {
     queue: VecDeque<Task>,
     conns: Vec<u64>,
     requests: Vec<tokio::task::AbortHandle>,
+    /// Tasks waiting in `queue`, as the lease requests tell the nodes (the autoscaler's
+    /// demand: every waiting task wants a worker, however few leases are asked for).
+    backlog: Arc<std::sync::atomic::AtomicU32>,
 }
 
 struct Submitter {
@@ -484,14 +487,19 @@ impl Submitter {
             }
         }
         let ks = self.keys.get_mut(key).expect("taken above");
+        ks.backlog
+            .store(queue.len().min(u32::MAX as usize) as u32, Ordering::Relaxed);
         ks.queue = queue;
         ks.requests.retain(|h| !h.is_finished());
         if !ks.queue.is_empty() {
             let want = ks.queue.len().div_ceil(depth).min(MAX_PENDING_LEASES);
             while ks.requests.len() < want {
-                let h = self
-                    .rt
-                    .spawn(request_lease(self.rt.clone(), key.clone(), self.tx.clone()));
+                let h = self.rt.spawn(request_lease(
+                    self.rt.clone(),
+                    key.clone(),
+                    ks.backlog.clone(),
+                    self.tx.clone(),
+                ));
                 ks.requests.push(h.abort_handle());
             }
         } else {
@@ -1201,7 +1209,12 @@ fn task_error(t: &Task, kind: &str, message: String, node: &str, worker: &str) -
 
 /// Asks this process's node for a lease, following spillbacks; retries while it is
 /// infeasible or timed out (the nodes report the waiting demand).
-async fn request_lease(rt: Arc<Runtime>, key: Arc<Key>, events: mpsc::UnboundedSender<Event>) {
+async fn request_lease(
+    rt: Arc<Runtime>,
+    key: Arc<Key>,
+    backlog: Arc<std::sync::atomic::AtomicU32>,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut logged = false;
     let mut failures = 0;
@@ -1223,6 +1236,8 @@ async fn request_lease(rt: Arc<Runtime>, key: Arc<Key>, events: mpsc::UnboundedS
                 binary_sha256: rt.binary.0.clone(),
                 binary_source: rt.binary.1.clone(),
                 job_id: rt.job_id.clone(),
+                backlog: backlog.load(Ordering::Relaxed),
+                owner_prefix: rt.prefix.to_vec(),
             };
             // Bounded: queueing, a worker's start and a binary fetch fit well inside; a node
             // stuck longer is treated as a failed request (retried, then the tasks fail).

@@ -262,6 +262,62 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let chain = caller.block_on(sdk::get_async(&r))?;
             result(serde_json::json!({"total": total, "chain": chain}));
         }
+        "burst" => {
+            // N tasks of MS milliseconds, each asking for CPUS CPUs (the autoscaler's input).
+            let (n, ms, cpus): (usize, u64, f64) =
+                (arg(1).parse()?, arg(2).parse()?, arg(3).parse()?);
+            let opts = TaskOptions::default().num_cpus(cpus);
+            let refs: Vec<_> = (0..n)
+                .map(|_| sleep_where::remote_with(&opts, ms))
+                .collect();
+            let mut nodes = Vec::new();
+            let mut failed = Vec::new();
+            for r in &refs {
+                match sdk::get(r) {
+                    Ok(node) => nodes.push(node),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            result(serde_json::json!({"nodes": nodes, "failed": failed}));
+        }
+        "request_resources" => {
+            // Ray's request_resources(num_cpus=N); the next line clears it.
+            sdk::request_resources(Some(arg(1).parse()?), Vec::new())?;
+            result(serde_json::json!({"requested": arg(1)}));
+            stdin_line();
+            sdk::request_resources(None, Vec::new())?;
+            result(serde_json::json!({"cleared": true}));
+        }
+        "pg_spread" => {
+            let n: usize = arg(1).parse()?;
+            let bundles = (0..n)
+                .map(|_| std::collections::BTreeMap::from([("CPU".to_owned(), 1.0)]))
+                .collect();
+            let pg = sdk::placement_group(
+                bundles,
+                &sdk::PlacementGroupOptions::new(sdk::PlacementStrategy::StrictSpread),
+            )?;
+            let nodes = pg.ready(Duration::from_secs(120))?;
+            let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+            result(serde_json::json!({"nodes": nodes}));
+            stdin_line();
+            pg.remove()?;
+            result(serde_json::json!({"removed": true}));
+        }
+        "hold_object" => {
+            // A 1 MiB object made by a one-CPU task (so on a worker node), held until told.
+            let opts = TaskOptions::default().num_cpus(1.0);
+            let r = make_blob::remote_with(&opts, 7u64, 1u64 << 20);
+            let (ready, _) =
+                sdk::wait(std::slice::from_ref(&r), 1, Some(Duration::from_secs(120)))?;
+            let node = sdk::get(&where_am_i::remote_with(&opts))?;
+            result(serde_json::json!({"made": ready.len(), "node": node}));
+            stdin_line();
+            let got: Vec<u8> = sdk::get(&r)?;
+            result(serde_json::json!({"equal": got == blob(7, 1 << 20)}));
+            drop(r);
+            stdin_line();
+        }
         other => return Err(format!("unknown subcommand {other:?}").into()),
     }
     Ok(())

@@ -682,9 +682,27 @@ async fn work(
             .as_deref()
             .and_then(|j| Config::from_json(j).ok())
     };
+    // Each call only if its record is still in the state the round saw: a round planned
+    // while the previous calls ran may hold some that are done.
+    let still = |r: &InstanceRecord| {
+        shared
+            .state
+            .read()
+            .state
+            .autoscaler
+            .instances
+            .get(&r.instance_id)
+            .is_some_and(|now| {
+                now.state == r.state
+                    || (r.state == InstanceState::Terminating && now.state.is_final())
+            })
+    };
     for r in calls.launch {
         if !shared.leading() {
             return;
+        }
+        if !still(&r) {
+            continue;
         }
         let Some(t) = cfg
             .as_ref()
@@ -737,6 +755,9 @@ async fn work(
         if !shared.leading() {
             return;
         }
+        if !still(&r) {
+            continue;
+        }
         let outcome = match shared.node_manager(&addr) {
             Ok(mut nm) => nm
                 .drain_node(pb::DrainNodeRequest {
@@ -776,6 +797,17 @@ async fn work(
         if !shared.leading() {
             return;
         }
+        if !still(&r) {
+            continue;
+        }
+        let done_already = shared
+            .state
+            .read()
+            .state
+            .autoscaler
+            .instances
+            .get(&r.instance_id)
+            .is_some_and(|now| now.state.is_final());
         let ids: Vec<String> = [r.cloud_instance_id.clone()]
             .into_iter()
             .filter(|s| !s.is_empty())
@@ -787,7 +819,7 @@ async fn work(
                 .terminate(&ids, &format!("{}-terminate", r.request_id))
                 .await
         };
-        if r.state.is_final() {
+        if done_already {
             continue;
         }
         let cmd = match res {
