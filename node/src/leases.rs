@@ -50,6 +50,9 @@ pub(crate) fn group_resources(pg: &str, bundles: &[(u32, ResourceSet)]) -> Resou
     out
 }
 
+/// (a resource shape as sorted fixed-point pairs, the owner's prefix)
+type OwnerShape = (Vec<(String, u64)>, Vec<u8>);
+
 struct State {
     /// The node's resources, plus the group resources of committed bundles.
     total: ResourceSet,
@@ -64,11 +67,11 @@ struct State {
     /// shape (sorted pairs) → requests waiting now
     /// (shape, owner) → (requests waiting here now, the owner's backlog of tasks of that
     /// shape as its latest waiting request said)
-    queued: BTreeMap<(Vec<(String, u64)>, Vec<u8>), (u32, u32)>,
+    queued: BTreeMap<OwnerShape, (u32, u32)>,
     /// shape → (requests, last asked)
     /// (shape, owner) → (the owner's backlog as its latest request said, when): an owner
     /// retries every second, so each owner counts once, with its latest backlog.
-    infeasible: BTreeMap<(Vec<(String, u64)>, Vec<u8>), (u32, Instant)>,
+    infeasible: BTreeMap<OwnerShape, (u32, Instant)>,
     /// The node accepted a drain: it grants nothing new.
     draining: bool,
 }
@@ -605,7 +608,7 @@ impl Drop for GrantGuard<'_> {
 
 struct Queued<'a> {
     leases: &'a Leases,
-    key: (Vec<(String, u64)>, Vec<u8>),
+    key: OwnerShape,
 }
 
 impl Drop for Queued<'_> {
