@@ -241,12 +241,35 @@ impl HeadShared {
         Ok(c)
     }
 
-    /// Waits until this head's state has every entry earlier leaders committed (a read-index
-    /// succeeds): where a singleton service (`who`) starts from.
+    /// Waits until this head's state has every entry earlier leaders committed, and its
+    /// leadership is confirmed: where a singleton service (`who`) starts from. No RPC of its
+    /// own: an applied entry of the current term (the leader's first, blank entry) comes
+    /// after every entry committed before it, and the lease says a quorum confirmed this
+    /// leader (`lease::keep_confirmed` runs the read-index rounds for every service at once).
     pub(crate) async fn settle_leadership(&self, who: &str) {
-        while let Err(e) = self.linearizable().await {
-            tracing::debug!("{who} waits for leadership to settle: {e}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut rx = self.raft.metrics();
+        loop {
+            let (settled, term) = {
+                let m = rx.borrow_and_update();
+                let applied_this_term = m
+                    .last_applied
+                    .is_some_and(|l| l.leader_id.term == m.current_term);
+                (
+                    m.state == ServerState::Leader && applied_this_term,
+                    m.current_term,
+                )
+            };
+            if settled && self.lease.holds(term) {
+                return;
+            }
+            tracing::debug!("{who} waits for leadership to settle (term {term})");
+            tokio::select! {
+                r = rx.changed() => if r.is_err() {
+                    // Raft stopped: nothing to wait for.
+                    return;
+                },
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
         }
     }
 
