@@ -2,7 +2,7 @@
 //! `{"name": …, "value": …, "unit": …}`; baselines (e.g. the disk's fsync rate) are measured
 //! in the same run so figures can be quoted as ratios.
 //!
-//! `cargo run --release -p bench -- control-plane|object-store|jobs|tasks|actors|all` (add `--smoke` for the
+//! `cargo run --release -p bench -- control-plane|object-store|jobs|tasks|actors|autoscaler|all` (add `--smoke` for the
 //! quick CI run).
 
 use std::process::Command;
@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
 mod actors;
+mod autoscaler;
 mod control_plane;
 mod jobs;
 mod object_store;
@@ -25,6 +26,7 @@ enum Suite {
     Jobs,
     Tasks,
     Actors,
+    Autoscaler,
     /// The second process of the object-store get benchmark.
     #[value(hide = true)]
     GetChild,
@@ -111,6 +113,9 @@ fn main() -> Result<()> {
     );
     if t || a {
         tasks::run(args.smoke, t, a)?;
+    }
+    if matches!(args.suite, Suite::All | Suite::Autoscaler) {
+        autoscaler::run(args.smoke)?;
     }
     eprintln!("bench finished in {:.1?}", started.elapsed());
     Ok(())

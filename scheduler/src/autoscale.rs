@@ -105,95 +105,172 @@ pub struct Plan {
     pub held_back: Vec<(ResourceSet, u32)>,
 }
 
+/// Resource amounts as dense vectors over the plan's resource names (fixed-point units, as
+/// `ResourceSet` keeps them), so the inner loops compare a few integers.
+type Units = Vec<i64>;
+
+struct Dims(Vec<String>);
+
+impl Dims {
+    fn of(input: &Input) -> Self {
+        let mut names = std::collections::BTreeSet::new();
+        let mut add = |r: &ResourceSet| names.extend(r.units().map(|(k, _)| k.to_owned()));
+        input.types.iter().for_each(|t| add(&t.resources));
+        input.fixed.iter().for_each(|(t, a)| {
+            add(t);
+            add(a)
+        });
+        input.nodes.iter().for_each(|n| {
+            add(&n.total);
+            add(&n.available)
+        });
+        input.floor.iter().for_each(&mut add);
+        for d in &input.demand {
+            match d {
+                Demand::Shape { shape, .. } => add(shape),
+                Demand::Group { bundles, .. } => bundles.iter().for_each(&mut add),
+            }
+        }
+        Self(names.into_iter().collect())
+    }
+
+    fn dense(&self, r: &ResourceSet) -> Units {
+        let mut v = vec![0; self.0.len()];
+        for (k, u) in r.units() {
+            if let Ok(i) = self.0.binary_search_by(|n| n.as_str().cmp(k)) {
+                v[i] = u.max(0);
+            }
+        }
+        v
+    }
+
+    fn undense(&self, u: &Units) -> ResourceSet {
+        ResourceSet::from_units(
+            self.0
+                .iter()
+                .zip(u)
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| (k.as_str(), *v)),
+        )
+    }
+}
+
+fn fits(free: &Units, need: &Units) -> bool {
+    free.iter().zip(need).all(|(f, n)| f >= n)
+}
+
+fn sum(u: &Units) -> i64 {
+    u.iter().sum()
+}
+
+fn plus(a: &Units, b: &Units) -> Units {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// How many copies of `need` fit in `free`.
+fn copies(free: &Units, need: &Units) -> u32 {
+    free.iter()
+        .zip(need)
+        .filter(|(_, n)| **n > 0)
+        .map(|(f, n)| (f / n).clamp(0, u32::MAX as i64) as u32)
+        .min()
+        .unwrap_or(u32::MAX)
+}
+
 /// A bin: a node's capacity as this plan sees it.
 struct Bin {
-    /// 0: running (or the head), 1: launching, 2: launched by this plan. Demand goes to the
+    /// 0: running (or fixed), 1: launching, 2: launched by this plan. Demand goes to the
     /// lowest tier that holds it, so nothing is counted twice while nodes start.
     tier: u8,
-    free: ResourceSet,
+    free: Units,
+    room: i64,
     /// Something of this plan was placed here (so it is not removed).
     used: bool,
 }
 
-/// Orders candidate bins: lowest tier first, then best fit (the bin left with the least
-/// room, so big nodes stay free for big shapes), then the earliest.
-fn better(a: (usize, &Bin), b: (usize, &Bin)) -> std::cmp::Ordering {
-    a.1.tier
-        .cmp(&b.1.tier)
-        .then(size(&a.1.free).total_cmp(&size(&b.1.free)))
-        .then(a.0.cmp(&b.0))
+impl Bin {
+    fn new(tier: u8, free: Units) -> Self {
+        let room = sum(&free);
+        Self {
+            tier,
+            free,
+            room,
+            used: false,
+        }
+    }
+
+    fn take(&mut self, need: &Units, n: u32) {
+        for (f, x) in self.free.iter_mut().zip(need) {
+            *f -= x * i64::from(n);
+        }
+        self.room = sum(&self.free);
+        self.used = true;
+    }
 }
 
-fn fits_any(bins: &mut [Bin], shape: &ResourceSet) -> bool {
-    let best = bins
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.free.contains(shape))
-        .min_by(|a, b| better(*a, *b))
-        .map(|(i, _)| i);
-    match best {
-        Some(i) => {
-            let _ = bins[i].free.subtract(shape);
-            bins[i].used = true;
-            true
+/// The bin for `need`: lowest tier first, then best fit (the least room left, so big nodes
+/// stay free for big shapes), then the earliest; skipping `skip`.
+fn best(bins: &[Bin], need: &Units, skip: &[bool]) -> Option<usize> {
+    let mut pick: Option<usize> = None;
+    for (i, b) in bins.iter().enumerate() {
+        if skip.get(i).copied().unwrap_or(false) || !fits(&b.free, need) {
+            continue;
         }
-        None => false,
+        match pick {
+            Some(p) if (bins[p].tier, bins[p].room) <= (b.tier, b.room) => {}
+            _ => pick = Some(i),
+        }
     }
+    pick
 }
 
 /// Places every bundle of a group, or none (bins are left as they were).
-fn place_group(bins: &mut [Bin], bundles: &[ResourceSet], strategy: GroupStrategy) -> bool {
-    match strategy {
-        GroupStrategy::StrictPack => {
-            let mut sum = ResourceSet::new();
-            for b in bundles {
-                sum.add(b);
+fn place_group(bins: &mut [Bin], bundles: &[Units], strategy: GroupStrategy) -> bool {
+    if strategy == GroupStrategy::StrictPack {
+        let total = bundles
+            .iter()
+            .fold(vec![0; bundles[0].len()], |a, b| plus(&a, b));
+        return match best(bins, &total, &[]) {
+            Some(i) => {
+                bins[i].take(&total, 1);
+                true
             }
-            fits_any(bins, &sum)
-        }
-        GroupStrategy::Any | GroupStrategy::StrictSpread => {
-            let saved: Vec<(ResourceSet, bool)> =
-                bins.iter().map(|b| (b.free.clone(), b.used)).collect();
-            let mut taken = vec![false; bins.len()];
-            let mut order: Vec<&ResourceSet> = bundles.iter().collect();
-            order.sort_by(|a, b| size(b).total_cmp(&size(a)));
-            for bundle in order {
-                let pick = bins
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, b)| {
-                        b.free.contains(bundle)
-                            && !(strategy == GroupStrategy::StrictSpread && taken[*i])
-                    })
-                    .min_by(|a, b| better(*a, *b))
-                    .map(|(i, _)| i);
-                match pick {
-                    Some(i) => {
-                        let _ = bins[i].free.subtract(bundle);
-                        bins[i].used = true;
-                        taken[i] = true;
+            None => false,
+        };
+    }
+    let mut order: Vec<&Units> = bundles.iter().collect();
+    order.sort_by_key(|b| std::cmp::Reverse(sum(b)));
+    let mut taken = vec![false; bins.len()];
+    let mut done: Vec<(usize, &Units)> = Vec::new();
+    for bundle in order {
+        let skip: &[bool] = if strategy == GroupStrategy::StrictSpread {
+            &taken
+        } else {
+            &[]
+        };
+        match best(bins, bundle, skip) {
+            Some(i) => {
+                let used = bins[i].used;
+                bins[i].take(bundle, 1);
+                bins[i].used = used;
+                taken[i] = true;
+                done.push((i, bundle));
+            }
+            None => {
+                for (i, b) in done {
+                    for (f, x) in bins[i].free.iter_mut().zip(b) {
+                        *f += x;
                     }
-                    None => {
-                        for (b, (free, used)) in bins.iter_mut().zip(saved) {
-                            b.free = free;
-                            b.used = used;
-                        }
-                        return false;
-                    }
+                    bins[i].room = sum(&bins[i].free);
                 }
+                return false;
             }
-            true
         }
     }
-}
-
-fn size(r: &ResourceSet) -> f64 {
-    r.iter().map(|(_, v)| v).sum()
-}
-
-/// Whether a shape asks for a GPU (so GPU nodes are only launched when asked for).
-fn wants_gpu(shape: &ResourceSet) -> bool {
-    shape.get("GPU") > 0.0
+    for (i, _) in done {
+        bins[i].used = true;
+    }
+    true
 }
 
 /// Counts of one plan against the limits.
@@ -258,283 +335,285 @@ impl<'a> Limits<'a> {
         self.in_flight[t] += 1;
         self.total += 1;
     }
+
+    fn unlaunched(&mut self, t: usize) {
+        self.count[t] -= 1;
+        self.in_flight[t] -= 1;
+        self.total -= 1;
+    }
 }
 
-/// The best type for a new node that must hold `need` (one shape, or a group's bundles):
-/// types that can hold it, not GPU types unless a GPU is asked for, then the smallest.
-fn choose_type(
-    input: &Input,
-    limits: &Limits<'_>,
-    need: &[ResourceSet],
-    strict_spread: bool,
-    capped: bool,
-) -> Option<usize> {
-    let gpu = need.iter().any(wants_gpu);
-    let holds = |t: &NodeType| {
-        if strict_spread {
-            need.iter().all(|b| t.resources.contains(b))
+struct Planner<'a> {
+    input: &'a Input,
+    limits: Limits<'a>,
+    /// Per type, in the dense units.
+    types: Vec<Units>,
+    gpu: Option<usize>,
+    launch: Vec<u32>,
+}
+
+impl Planner<'_> {
+    /// The best type for a new node that must hold `need` (each of `need` if `each`, else
+    /// their sum): types that can, not GPU types unless a GPU is asked for, then the smallest.
+    fn choose_type(&self, need: &[Units], each: bool, capped: bool) -> Option<usize> {
+        let wants_gpu = self.gpu.is_some_and(|g| need.iter().any(|n| n[g] > 0));
+        let total = need
+            .iter()
+            .fold(vec![0; self.types.first().map_or(0, Vec::len)], |a, b| {
+                plus(&a, b)
+            });
+        let holds = |t: &Units| {
+            if each {
+                need.iter().all(|b| fits(t, b))
+            } else {
+                fits(t, &total) || need.iter().all(|b| fits(t, b))
+            }
+        };
+        (0..self.types.len())
+            .filter(|i| holds(&self.types[*i]) && self.limits.may_launch(*i, capped))
+            .min_by_key(|i| {
+                let gpu_type = self.gpu.is_some_and(|g| self.types[*i][g] > 0);
+                (!wants_gpu && gpu_type, sum(&self.types[*i]), *i)
+            })
+    }
+
+    /// Whether some type (or a fixed node) could hold `need` at all, whatever the limits.
+    fn ever_fits(&self, fixed: &[Units], need: &[Units], strict_pack: bool) -> bool {
+        let can = |n: &Units| {
+            self.types
+                .iter()
+                .zip(&self.input.types)
+                .any(|(u, t)| t.max_workers > 0 && fits(u, n))
+                || fixed.iter().any(|f| fits(f, n))
+        };
+        if strict_pack {
+            let total = need.iter().fold(vec![0; need[0].len()], |a, b| plus(&a, b));
+            can(&total)
         } else {
-            let mut sum = ResourceSet::new();
-            for b in need {
-                sum.add(b);
-            }
-            t.resources.contains(&sum) || need.iter().all(|b| t.resources.contains(b))
+            need.iter().all(can)
         }
-    };
-    input
-        .types
-        .iter()
-        .enumerate()
-        .filter(|(i, t)| holds(t) && limits.may_launch(*i, capped))
-        .min_by(|(ia, a), (ib, b)| {
-            let ga = !gpu && a.resources.get("GPU") > 0.0;
-            let gb = !gpu && b.resources.get("GPU") > 0.0;
-            ga.cmp(&gb)
-                .then(size(&a.resources).total_cmp(&size(&b.resources)))
-                .then(ia.cmp(ib))
-        })
-        .map(|(i, _)| i)
-}
+    }
 
-/// Whether some type could hold `need` at all, whatever the limits.
-fn ever_fits(input: &Input, need: &[ResourceSet], strategy: GroupStrategy) -> bool {
-    match strategy {
-        GroupStrategy::StrictPack => {
-            let mut sum = ResourceSet::new();
-            for b in need {
-                sum.add(b);
-            }
-            input
-                .types
-                .iter()
-                .any(|t| t.max_workers > 0 && t.resources.contains(&sum))
-                || input.fixed.iter().any(|(total, _)| total.contains(&sum))
-        }
-        _ => need.iter().all(|b| {
-            input
-                .types
-                .iter()
-                .any(|t| t.max_workers > 0 && t.resources.contains(b))
-                || input.fixed.iter().any(|(total, _)| total.contains(b))
-        }),
+    fn new_node(&mut self, t: usize, bins: &mut Vec<Bin>) {
+        self.limits.launched(t);
+        self.launch[t] += 1;
+        bins.push(Bin::new(2, self.types[t].clone()));
     }
 }
 
-fn new_bin(input: &Input, t: usize, tier: u8) -> Bin {
-    Bin {
-        tier,
-        free: input.types[t].resources.clone(),
-        used: false,
+/// Identical shapes summed, biggest first.
+fn shapes_of<'a>(
+    dims: &Dims,
+    items: impl Iterator<Item = (&'a ResourceSet, u32)>,
+) -> Vec<(Units, u32)> {
+    let mut by: BTreeMap<Units, u32> = BTreeMap::new();
+    for (s, k) in items {
+        let u = dims.dense(s);
+        if k > 0 && sum(&u) > 0 {
+            let e = by.entry(u).or_default();
+            *e = e.saturating_add(k);
+        }
     }
+    let mut v: Vec<(Units, u32)> = by.into_iter().collect();
+    v.sort_by(|a, b| sum(&b.0).cmp(&sum(&a.0)).then(a.0.cmp(&b.0)));
+    v
 }
 
 pub fn plan(input: &Input) -> Plan {
+    let dims = Dims::of(input);
     let mut out = Plan::default();
-    let mut limits = Limits::new(input);
-    let mut launch = vec![0u32; input.types.len()];
+    let gpu = dims.0.iter().position(|n| n == "GPU");
+    let mut p = Planner {
+        input,
+        limits: Limits::new(input),
+        types: input
+            .types
+            .iter()
+            .map(|t| dims.dense(&t.resources))
+            .collect(),
+        gpu,
+        launch: vec![0; input.types.len()],
+    };
+    let fixed_total: Vec<Units> = input.fixed.iter().map(|(t, _)| dims.dense(t)).collect();
+    let node_type: Vec<Option<usize>> = input
+        .nodes
+        .iter()
+        .map(|n| p.limits.type_index(&n.node_type))
+        .collect();
 
     // 1. min_workers (not capped by upscaling_speed).
     for (t, ty) in input.types.iter().enumerate() {
-        while limits.count[t] < ty.min_workers.min(ty.max_workers) && limits.may_launch(t, false) {
-            limits.launched(t);
-            launch[t] += 1;
+        while p.limits.count[t] < ty.min_workers.min(ty.max_workers)
+            && p.limits.may_launch(t, false)
+        {
+            p.limits.launched(t);
+            p.launch[t] += 1;
         }
     }
 
-    // 2. The floor, on total capacity (it counts what is in use).
-    let mut floor_bins: Vec<Bin> = Vec::new();
-    for (total, _) in &input.fixed {
-        floor_bins.push(Bin {
-            tier: 0,
-            free: total.clone(),
-            used: false,
-        });
-    }
-    for n in &input.nodes {
-        floor_bins.push(Bin {
-            tier: 0,
-            free: n.total.clone(),
-            used: false,
-        });
-    }
-    for (name, k) in &input.launching {
-        if let Some(t) = limits.type_index(name) {
-            for _ in 0..*k {
-                floor_bins.push(new_bin(input, t, 1));
-            }
-        }
-    }
-    for (t, k) in launch.iter().enumerate() {
-        for _ in 0..*k {
-            floor_bins.push(new_bin(input, t, 2));
-        }
-    }
-    let mut floor: Vec<&ResourceSet> = input.floor.iter().collect();
-    floor.sort_by(|a, b| size(b).total_cmp(&size(a)));
-    let mut floor_needs: Vec<bool> = vec![false; input.nodes.len()];
-    for shape in floor {
-        if fits_any(&mut floor_bins, shape) {
-            continue;
-        }
-        match choose_type(input, &limits, std::slice::from_ref(shape), false, false) {
-            Some(t) => {
-                limits.launched(t);
-                launch[t] += 1;
-                let mut b = new_bin(input, t, 2);
-                let _ = b.free.subtract(shape);
-                b.used = true;
-                floor_bins.push(b);
-            }
-            None => add_count(
-                if ever_fits(input, std::slice::from_ref(shape), GroupStrategy::Any) {
-                    &mut out.held_back
-                } else {
-                    &mut out.infeasible
-                },
-                shape,
-                1,
-            ),
-        }
-    }
+    // The bins of the cluster as it will be: fixed and running nodes, launching ones, and
+    // this plan's launches so far. `totals`: for the floor; `frees`: for the demand.
     let head_off = input.fixed.len();
-    for (i, need) in floor_needs.iter_mut().enumerate() {
-        *need = floor_bins[head_off + i].used;
+    let bins_with = |p: &Planner<'_>, cap: &dyn Fn(usize) -> Units, fixed: &[Units]| {
+        let mut bins: Vec<Bin> = fixed.iter().map(|f| Bin::new(0, f.clone())).collect();
+        for i in 0..input.nodes.len() {
+            bins.push(Bin::new(0, cap(i)));
+        }
+        for (name, k) in &input.launching {
+            if let Some(t) = p.limits.type_index(name) {
+                for _ in 0..*k {
+                    bins.push(Bin::new(1, p.types[t].clone()));
+                }
+            }
+        }
+        for (t, k) in p.launch.iter().enumerate() {
+            for _ in 0..*k {
+                bins.push(Bin::new(2, p.types[t].clone()));
+            }
+        }
+        bins
+    };
+
+    // 2. The floor, on total capacity (it counts what is in use), not capped.
+    let mut floor_bins = bins_with(&p, &|i| dims.dense(&input.nodes[i].total), &fixed_total);
+    for (shape, mut k) in shapes_of(&dims, input.floor.iter().map(|s| (s, 1))) {
+        while k > 0 {
+            let Some(i) = best(&floor_bins, &shape, &[]) else {
+                break;
+            };
+            let n = copies(&floor_bins[i].free, &shape).min(k);
+            floor_bins[i].take(&shape, n);
+            k -= n;
+        }
+        while k > 0 {
+            match p.choose_type(std::slice::from_ref(&shape), false, false) {
+                Some(t) => {
+                    p.new_node(t, &mut floor_bins);
+                    let last = floor_bins.len() - 1;
+                    let n = copies(&floor_bins[last].free, &shape).min(k).max(1);
+                    floor_bins[last].take(&shape, n);
+                    k -= n.min(k);
+                }
+                None => {
+                    let list = if p.ever_fits(&fixed_total, std::slice::from_ref(&shape), false) {
+                        &mut out.held_back
+                    } else {
+                        &mut out.infeasible
+                    };
+                    add_count(list, &dims.undense(&shape), k);
+                    k = 0;
+                }
+            }
+        }
     }
+    let floor_needs: Vec<bool> = (0..input.nodes.len())
+        .map(|i| floor_bins[head_off + i].used)
+        .collect();
 
     // 3. The demand, on free capacity: running nodes, launching nodes, then this plan's.
-    let mut bins: Vec<Bin> = Vec::new();
-    for (_, avail) in &input.fixed {
-        bins.push(Bin {
-            tier: 0,
-            free: avail.clone(),
-            used: false,
-        });
-    }
-    for n in &input.nodes {
-        bins.push(Bin {
-            tier: 0,
-            free: n.available.clone(),
-            used: false,
-        });
-    }
-    for (name, k) in &input.launching {
-        if let Some(t) = limits.type_index(name) {
-            for _ in 0..*k {
-                bins.push(new_bin(input, t, 1));
-            }
-        }
-    }
-    for (t, k) in launch.iter().enumerate() {
-        for _ in 0..*k {
-            bins.push(new_bin(input, t, 2));
-        }
-    }
-    // Groups first (all or nothing, and not capped), then shapes, biggest first.
-    let mut groups: Vec<(&Vec<ResourceSet>, GroupStrategy)> = Vec::new();
-    let mut shapes: Vec<(&ResourceSet, u32)> = Vec::new();
+    let fixed_free: Vec<Units> = input.fixed.iter().map(|(_, a)| dims.dense(a)).collect();
+    let mut bins = bins_with(&p, &|i| dims.dense(&input.nodes[i].available), &fixed_free);
+    // Groups first (all or nothing, not capped), then shapes, biggest first.
     for d in &input.demand {
-        match d {
-            Demand::Group { bundles, strategy } if !bundles.is_empty() => {
-                groups.push((bundles, *strategy))
-            }
-            Demand::Group { .. } => {}
-            Demand::Shape { shape, count } if *count > 0 && !shape.is_empty() => {
-                shapes.push((shape, *count))
-            }
-            Demand::Shape { .. } => {}
-        }
-    }
-    for (bundles, strategy) in groups {
-        if place_group(&mut bins, bundles, strategy) {
+        let Demand::Group { bundles, strategy } = d else {
+            continue;
+        };
+        let bundles: Vec<Units> = bundles
+            .iter()
+            .map(|b| dims.dense(b))
+            .filter(|b| sum(b) > 0)
+            .collect();
+        if bundles.is_empty() || place_group(&mut bins, &bundles, *strategy) {
             continue;
         }
-        if !ever_fits(input, bundles, strategy) {
-            for b in bundles {
-                add_count(&mut out.infeasible, b, 1);
+        let strict_pack = *strategy == GroupStrategy::StrictPack;
+        if !p.ever_fits(&fixed_total, &bundles, strict_pack) {
+            for b in &bundles {
+                add_count(&mut out.infeasible, &dims.undense(b), 1);
             }
             continue;
         }
-        // New nodes for the group: bins of fresh nodes are added until it fits (bounded by
-        // the number of bundles), undone if the limits stop it.
+        // Fresh nodes for the group until it fits (at most one per bundle), undone if the
+        // limits stop it first.
+        let need: Vec<Units> = if strict_pack {
+            vec![
+                bundles
+                    .iter()
+                    .fold(vec![0; bundles[0].len()], |a, b| plus(&a, b)),
+            ]
+        } else {
+            bundles.clone()
+        };
         let mark = bins.len();
         let mut added = Vec::new();
         let mut placed = false;
-        for _ in 0..bundles.len().max(1) {
-            let need: Vec<ResourceSet> = if strategy == GroupStrategy::StrictPack {
-                let mut sum = ResourceSet::new();
-                bundles.iter().for_each(|b| sum.add(b));
-                vec![sum]
-            } else {
-                bundles.clone()
-            };
-            let Some(t) = choose_type(
-                input,
-                &limits,
-                &need,
-                strategy == GroupStrategy::StrictSpread,
-                false,
-            ) else {
+        for _ in 0..bundles.len() {
+            let Some(t) = p.choose_type(&need, *strategy == GroupStrategy::StrictSpread, false)
+            else {
                 break;
             };
-            limits.launched(t);
+            p.limits.launched(t);
             added.push(t);
-            bins.push(new_bin(input, t, 2));
-            if place_group(&mut bins, bundles, strategy) {
+            bins.push(Bin::new(2, p.types[t].clone()));
+            if place_group(&mut bins, &bundles, *strategy) {
                 placed = true;
                 break;
             }
         }
         if placed {
             for t in added {
-                launch[t] += 1;
+                p.launch[t] += 1;
             }
         } else {
             bins.truncate(mark);
             for t in added {
-                limits.count[t] -= 1;
-                limits.in_flight[t] -= 1;
-                limits.total -= 1;
+                p.limits.unlaunched(t);
             }
-            for b in bundles {
-                add_count(&mut out.held_back, b, 1);
+            for b in &bundles {
+                add_count(&mut out.held_back, &dims.undense(b), 1);
             }
         }
     }
-    shapes.sort_by(|a, b| size(b.0).total_cmp(&size(a.0)));
-    for (shape, count) in shapes {
-        let mut left = 0u32;
-        let mut unfit = 0u32;
-        for _ in 0..count {
-            if fits_any(&mut bins, shape) {
-                continue;
-            }
-            if !ever_fits(input, std::slice::from_ref(shape), GroupStrategy::Any) {
-                unfit += 1;
-                continue;
-            }
-            match choose_type(input, &limits, std::slice::from_ref(shape), false, true) {
+    let shapes = shapes_of(
+        &dims,
+        input.demand.iter().filter_map(|d| match d {
+            Demand::Shape { shape, count } => Some((shape, *count)),
+            Demand::Group { .. } => None,
+        }),
+    );
+    for (shape, mut k) in shapes {
+        while k > 0 {
+            let Some(i) = best(&bins, &shape, &[]) else {
+                break;
+            };
+            let n = copies(&bins[i].free, &shape).min(k);
+            bins[i].take(&shape, n);
+            k -= n;
+        }
+        if k > 0 && !p.ever_fits(&fixed_total, std::slice::from_ref(&shape), false) {
+            add_count(&mut out.infeasible, &dims.undense(&shape), k);
+            continue;
+        }
+        while k > 0 {
+            match p.choose_type(std::slice::from_ref(&shape), false, true) {
                 Some(t) => {
-                    limits.launched(t);
-                    launch[t] += 1;
-                    let mut b = new_bin(input, t, 2);
-                    let _ = b.free.subtract(shape);
-                    b.used = true;
-                    bins.push(b);
+                    p.new_node(t, &mut bins);
+                    let last = bins.len() - 1;
+                    let n = copies(&bins[last].free, &shape).min(k).max(1);
+                    bins[last].take(&shape, n);
+                    k -= n.min(k);
                 }
-                None => left += 1,
+                None => {
+                    add_count(&mut out.held_back, &dims.undense(&shape), k);
+                    k = 0;
+                }
             }
-        }
-        if unfit > 0 {
-            add_count(&mut out.infeasible, shape, unfit);
-        }
-        if left > 0 {
-            add_count(&mut out.held_back, shape, left);
         }
     }
 
     // 4. Removal: idle nodes nothing above placed anything on, longest idle first, never
     //    below min_workers; idle nodes above a max go without waiting for their timeout.
-    let mut keep = limits.running.clone();
+    let mut keep = p.limits.running.clone();
     let mut total_workers = input.nodes.len() as u32 + input.launching.values().sum::<u32>();
     let mut candidates: Vec<(usize, &Node, u64)> = input
         .nodes
@@ -547,7 +626,7 @@ pub fn plan(input: &Input) -> Plan {
         if floor_needs[i] || bins[head_off + i].used {
             continue;
         }
-        let Some(t) = limits.type_index(&n.node_type) else {
+        let Some(t) = node_type[i] else {
             // A node of a type the config no longer has: it is over every max.
             out.remove.push((n.id.clone(), RemoveReason::OverMax));
             total_workers -= 1;
@@ -573,7 +652,7 @@ pub fn plan(input: &Input) -> Plan {
     out.launch = input
         .types
         .iter()
-        .zip(launch)
+        .zip(p.launch)
         .filter(|(_, k)| *k > 0)
         .map(|(t, k)| (t.name.clone(), k))
         .collect();

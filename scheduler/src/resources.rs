@@ -56,6 +56,22 @@ impl ResourceSet {
         Self::default()
     }
 
+    /// The amounts in fixed-point units (1/10,000), for arithmetic-heavy callers.
+    pub fn units(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// A set from fixed-point units (names already valid, as `units` gave them).
+    pub fn from_units<'a>(pairs: impl IntoIterator<Item = (&'a str, i64)>) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .filter(|(_, v)| *v > 0)
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        )
+    }
+
     /// Builds a set from `(name, amount)` pairs, validating both.
     pub fn from_map<'a>(
         pairs: impl IntoIterator<Item = (&'a str, f64)>,
