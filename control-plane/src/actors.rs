@@ -218,6 +218,8 @@ pub(crate) async fn create(
         }
     }
     shared.actor_kick.notify_one();
+    // New demand: the autoscaler looks at once, not at its next period.
+    shared.autoscaler_kick.notify_one();
     let st = shared.state.read();
     let a = st
         .state

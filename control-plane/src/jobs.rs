@@ -234,6 +234,8 @@ pub(crate) async fn submit(
         }
     }
     shared.job_kick.notify_one();
+    // New demand: the autoscaler looks at once, not at its next period.
+    shared.autoscaler_kick.notify_one();
     let st = shared.state.read();
     let j = st
         .state

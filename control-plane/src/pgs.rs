@@ -151,6 +151,8 @@ pub(crate) async fn create(
         }
     }
     shared.pg_kick.notify_one();
+    // New demand: the autoscaler looks at once, not at its next period.
+    shared.autoscaler_kick.notify_one();
     let p = shared
         .state
         .read()

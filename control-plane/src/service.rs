@@ -161,6 +161,12 @@ impl ControlPlane for ControlPlaneService {
                 let mut soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
                 soft.heartbeats
                     .insert(node_id, (incarnation, Instant::now(), resources));
+                // New capacity: the managers and the autoscaler (which ties the node to its
+                // launch record) look at once.
+                self.0.job_kick.notify_one();
+                self.0.actor_kick.notify_one();
+                self.0.pg_kick.notify_one();
+                self.0.autoscaler_kick.notify_one();
                 Ok(Response::new(pb::RegisterNodeReply {
                     incarnation,
                     heartbeat_period_ms: self.0.heartbeat_period.as_millis() as u64,

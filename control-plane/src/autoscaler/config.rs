@@ -370,6 +370,23 @@ provider:
     }
 
     #[test]
+    fn the_shipped_configs_are_valid() {
+        let local = Config::from_yaml(include_str!("../../../examples/autoscaler/local.yaml"))
+            .expect("examples/autoscaler/local.yaml");
+        assert_eq!(local.provider, ProviderConfig::Local { state_dir: None });
+        #[derive(serde::Deserialize)]
+        struct ConfigMap {
+            data: BTreeMap<String, String>,
+        }
+        let cm: ConfigMap = serde_saphyr::from_str(include_str!(
+            "../../../deploy/kubernetes/autoscaling-configmap.yaml"
+        ))
+        .expect("the ConfigMap parses");
+        let k8s = Config::from_yaml(&cm.data["autoscaling.yaml"]).expect("its autoscaling.yaml");
+        assert!(matches!(k8s.provider, ProviderConfig::Kubernetes { .. }));
+    }
+
+    #[test]
     fn defaults_are_rays() {
         let c = Config::from_yaml(
             "available_node_types: {w: {resources: {CPU: 1}}}\nprovider: {type: local}\n",
