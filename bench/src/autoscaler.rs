@@ -61,24 +61,9 @@ fn job_status(c: &Cluster, id: &str) -> Option<String> {
 
 /// One scale-up and scale-down; (up seconds, down seconds past the idle timeout).
 fn cycle(c: &Cluster, round: usize) -> Result<(f64, f64)> {
-    let addrs = c.head_addrs.join(",");
     let dead_before = cpu2_nodes(&c.status(None)?, "DEAD");
     let t0 = Instant::now();
-    let (code, out, err) = c.rayctl(&[
-        "job",
-        "submit",
-        "--no-wait",
-        "--entrypoint-num-cpus",
-        "2",
-        "--address",
-        &addrs,
-        "--",
-        "sleep 1",
-    ])?;
-    if code != 0 {
-        bail!("job submit: {out} {err}");
-    }
-    let id = out.trim().rsplit(' ').next().context("job id")?.to_owned();
+    let id = c.submit_job(&["--entrypoint-num-cpus", "2"], "sleep 1")?;
     wait_for(
         "the job running on a new node",
         Duration::from_secs(120),

@@ -519,6 +519,23 @@ impl Cluster {
         ))
     }
 
+    /// `rayctl job submit --no-wait ARGS… -- ENTRYPOINT` against every head; the job id.
+    pub fn submit_job(&self, args: &[&str], entrypoint: &str) -> Result<String> {
+        let addrs = self.head_addrs.join(",");
+        let mut all = vec!["job", "submit", "--no-wait", "--address", &addrs];
+        all.extend_from_slice(args);
+        all.extend(["--", entrypoint]);
+        let (code, out, err) = self.rayctl(&all)?;
+        if code != 0 {
+            bail!("rayctl job submit exited {code}: {out} {err}");
+        }
+        out.trim()
+            .rsplit(' ')
+            .next()
+            .map(str::to_owned)
+            .context("no job id in the output")
+    }
+
     /// `rayctl status -o json --address ADDR` (ADDR: one head, or all when `None`).
     pub fn status(&self, via: Option<usize>) -> Result<Value> {
         let addr = match via {

@@ -71,6 +71,14 @@ fn instances(s: &Value) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// The provider ids the records are tied to.
+fn cloud_ids(records: &[Value]) -> BTreeSet<&str> {
+    records
+        .iter()
+        .filter_map(|i| i["cloud_instance_id"].as_str())
+        .collect()
+}
+
 /// Worker nodes of a type, alive.
 fn alive_of(s: &Value, t: &str) -> Vec<Value> {
     Cluster::nodes_in_state(s, "ALIVE")
@@ -401,22 +409,9 @@ fn a_leader_killed_mid_scale_up_never_launches_twice() -> Result<()> {
     let leader = c.wait_leader(Duration::from_secs(30))?;
     // Two jobs that need two CPUs each (the demand is in Raft, so it outlives the leader):
     // two nodes are planned.
-    let addrs = c.head_addrs.join(",");
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let (code, out, err) = c.rayctl(&[
-            "job",
-            "submit",
-            "--no-wait",
-            "--entrypoint-num-cpus",
-            "2",
-            "--address",
-            &addrs,
-            "--",
-            "sleep 4",
-        ])?;
-        assert_eq!(code, 0, "{out} {err}");
-        ids.push(out.trim().rsplit(' ').next().context("job id")?.to_owned());
+        ids.push(c.submit_job(&["--entrypoint-num-cpus", "2"], "sleep 4")?);
     }
     wait_for("launch records", Duration::from_secs(60), || {
         let s = c.status(None).ok()?;
@@ -444,10 +439,7 @@ fn a_leader_killed_mid_scale_up_never_launches_twice() -> Result<()> {
             .then_some(s)
     })?;
     let records = instances(&s);
-    let clouds: BTreeSet<&str> = records
-        .iter()
-        .filter_map(|i| i["cloud_instance_id"].as_str())
-        .collect();
+    let clouds = cloud_ids(&records);
     assert!(
         (1..=2).contains(&records.len()),
         "at most the planned two: {records:?}"
@@ -614,10 +606,7 @@ provider:
             .then_some(s)
     })?;
     let records = instances(&s);
-    let pods: BTreeSet<&str> = records
-        .iter()
-        .filter_map(|i| i["cloud_instance_id"].as_str())
-        .collect();
+    let pods = cloud_ids(&records);
     assert_eq!(
         pods,
         BTreeSet::from(["ray-worker-cpu2-0", "ray-worker-cpu2-1"])

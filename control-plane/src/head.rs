@@ -171,15 +171,7 @@ impl HeadShared {
         crate::metrics::record_commit_latency(started.elapsed());
         match result {
             Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(RpcError::NotLeader {
-                    leader: f
-                        .leader_node
-                        .map(|n| n.addr)
-                        .or_else(|| self.leader_address(f.leader_id)),
-                }
-                .into())
-            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.forward(f)),
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(RpcError::FailedPrecondition(e.to_string()).into())
             }
@@ -189,19 +181,24 @@ impl HeadShared {
         }
     }
 
+    /// NOT_LEADER with the leader's address, from openraft's forward-to-leader answer.
+    fn forward(&self, f: openraft::error::ForwardToLeader<u64, openraft::BasicNode>) -> Status {
+        RpcError::NotLeader {
+            leader: f
+                .leader_node
+                .map(|n| n.addr)
+                .or_else(|| self.leader_address(f.leader_id)),
+        }
+        .into()
+    }
+
     /// Read-index: returns once this head is confirmed leader by a quorum and has applied
     /// everything committed before the call.
     pub(crate) async fn linearizable(&self) -> Result<(), Status> {
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(RpcError::NotLeader {
-                    leader: f
-                        .leader_node
-                        .map(|n| n.addr)
-                        .or_else(|| self.leader_address(f.leader_id)),
-                }
-                .into())
+                Err(self.forward(f))
             }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
                 Err(RpcError::Unavailable(format!("leader lost its quorum: {q}")).into())

@@ -3,7 +3,8 @@
 
 use std::process::Command;
 
-fn normal_deps(package: &str) -> String {
+/// `cargo tree -e normal --prefix none -p PACKAGE [EXTRA…]`, offline.
+fn cargo_tree(package: &str, extra: &[&str]) -> String {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args([
@@ -16,6 +17,7 @@ fn normal_deps(package: &str) -> String {
             "-p",
             package,
         ])
+        .args(extra)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo tree");
@@ -25,6 +27,10 @@ fn normal_deps(package: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn normal_deps(package: &str) -> String {
+    cargo_tree(package, &[])
 }
 
 #[test]
@@ -42,35 +48,13 @@ fn protocol_and_scheduler_have_no_tokio() {
 
 /// The workspace crates `package` depends on (normal dependencies, one level).
 fn internal_deps(package: &str) -> Vec<String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "tree",
-            "--offline",
-            "-e",
-            "normal",
-            "--depth",
-            "1",
-            "--prefix",
-            "none",
-            "-p",
-            package,
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run cargo tree");
-    assert!(
-        out.status.success(),
-        "cargo tree -p {package} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let tree = cargo_tree(package, &["--depth", "1"]);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
         .to_string_lossy()
         .into_owned();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    tree.lines()
         .skip(1)
         .filter(|l| l.contains(&format!("({root}")))
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))

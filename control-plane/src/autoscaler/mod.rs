@@ -684,18 +684,20 @@ async fn work(
     };
     // Each call only if its record is still in the state the round saw: a round planned
     // while the previous calls ran may hold some that are done.
-    let still = |r: &InstanceRecord| {
+    let now_state = |id: &str| {
         shared
             .state
             .read()
             .state
             .autoscaler
             .instances
-            .get(&r.instance_id)
-            .is_some_and(|now| {
-                now.state == r.state
-                    || (r.state == InstanceState::Terminating && now.state.is_final())
-            })
+            .get(id)
+            .map(|r| r.state)
+    };
+    let still = |r: &InstanceRecord| {
+        now_state(&r.instance_id).is_some_and(|now| {
+            now == r.state || (r.state == InstanceState::Terminating && now.is_final())
+        })
     };
     for r in calls.launch {
         if !shared.leading() {
@@ -800,14 +802,7 @@ async fn work(
         if !still(&r) {
             continue;
         }
-        let done_already = shared
-            .state
-            .read()
-            .state
-            .autoscaler
-            .instances
-            .get(&r.instance_id)
-            .is_some_and(|now| now.state.is_final());
+        let done_already = now_state(&r.instance_id).is_some_and(InstanceState::is_final);
         let ids: Vec<String> = [r.cloud_instance_id.clone()]
             .into_iter()
             .filter(|s| !s.is_empty())
