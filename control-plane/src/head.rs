@@ -142,6 +142,14 @@ impl HeadShared {
     /// once) while its leadership is not confirmed.
     pub(crate) fn require_confirmed_leader(&self) -> Result<(), Status> {
         self.require_local_leader()?;
+        if !self.caught_up() {
+            // A new leader that has not applied its first entry yet may lack what earlier
+            // leaders committed (a node's registration, say): it must not answer from that.
+            return Err(RpcError::Unavailable(
+                "this head became leader and is still applying the log".into(),
+            )
+            .into());
+        }
         if self.leading() {
             Ok(())
         } else {
@@ -238,6 +246,14 @@ impl HeadShared {
         Ok(c)
     }
 
+    /// Whether this head has applied an entry of its current term: its state then has
+    /// everything committed before (the leader's first, blank entry comes after it all).
+    pub(crate) fn caught_up(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.last_applied
+            .is_some_and(|l| l.leader_id.term == m.current_term)
+    }
+
     /// Waits until this head's state has every entry earlier leaders committed, and its
     /// leadership is confirmed: where a singleton service (`who`) starts from. No RPC of its
     /// own: an applied entry of the current term (the leader's first, blank entry) comes
@@ -248,14 +264,9 @@ impl HeadShared {
         loop {
             let (settled, term) = {
                 let m = rx.borrow_and_update();
-                let applied_this_term = m
-                    .last_applied
-                    .is_some_and(|l| l.leader_id.term == m.current_term);
-                (
-                    m.state == ServerState::Leader && applied_this_term,
-                    m.current_term,
-                )
+                (m.state == ServerState::Leader, m.current_term)
             };
+            let settled = settled && self.caught_up();
             if settled && self.lease.holds(term) {
                 return;
             }

@@ -147,14 +147,31 @@ impl ControlPlane for ControlPlaneService {
             object_manager: port(p.object_manager_port, "object_manager_port")?,
             metrics_export: port(p.metrics_export_port, "metrics_export_port")?,
         };
-        let cmd = Command::RegisterNode {
-            node_id,
-            address: r.address,
-            ports,
-            resources: resources.clone(),
-            labels: r.labels.into_iter().collect(),
-            is_head: r.is_head,
-            time_ms: now_ms(),
+        if r.registration_id.len() > 64 {
+            return Err(invalid("a registration id is at most 64 bytes"));
+        }
+        let (address, labels, time_ms) = (r.address, r.labels.into_iter().collect(), now_ms());
+        let cmd = if r.registration_id.is_empty() {
+            Command::RegisterNode {
+                node_id,
+                address,
+                ports,
+                resources: resources.clone(),
+                labels,
+                is_head: r.is_head,
+                time_ms,
+            }
+        } else {
+            Command::RegisterNodeOnce {
+                node_id,
+                address,
+                ports,
+                resources: resources.clone(),
+                labels,
+                is_head: r.is_head,
+                time_ms,
+                registration_id: r.registration_id,
+            }
         };
         match self.0.propose(cmd).await? {
             SmResponse::NodeRegistered { incarnation } => {

@@ -21,7 +21,8 @@ use crate::types::{Entry, LogId, StorageError, StoredMembership, TypeConfig, sto
 
 const SNAPSHOT: &str = "snapshot";
 // 2: jobs gained attempts, retries, priority and stop requests (issue 4).
-// 3: the autoscaler's state follows the version-2 layout (a version-2 snapshot has none).
+// 3: the autoscaler's state and the nodes' registration ids follow the version-2 layout (a
+//    version-2 snapshot has neither).
 const SNAPSHOT_VERSION: u32 = 3;
 
 /// What is applied so far. Shared with the services, which read it under the lock.
@@ -112,7 +113,8 @@ fn decode_snapshot(data: &[u8]) -> Result<Applied, StorageError> {
     match s.version {
         2 => {}
         SNAPSHOT_VERSION => {
-            state.autoscaler = postcard::from_bytes(rest).map_err(|e| storage_err(false, e))?;
+            (state.autoscaler, state.registrations) =
+                postcard::from_bytes(rest).map_err(|e| storage_err(false, e))?;
         }
         v => {
             return Err(storage_err(
@@ -139,7 +141,10 @@ fn encode_snapshot(a: &Applied) -> Result<Vec<u8>, StorageError> {
         state: a.state.clone(),
     };
     let mut out = postcard::to_allocvec(&snap).map_err(|e| storage_err(true, e))?;
-    out.extend(postcard::to_allocvec(&a.state.autoscaler).map_err(|e| storage_err(true, e))?);
+    out.extend(
+        postcard::to_allocvec(&(&a.state.autoscaler, &a.state.registrations))
+            .map_err(|e| storage_err(true, e))?,
+    );
     Ok(out)
 }
 

@@ -360,6 +360,19 @@ pub enum Command {
         update: crate::instances::InstanceUpdate,
         time_ms: u64,
     },
+    /// `RegisterNode` from a daemon that names its registration (one id per daemon start):
+    /// a retry of a registration that was committed while its reply was lost (a leader died)
+    /// gets the same incarnation back instead of fencing the node's work.
+    RegisterNodeOnce {
+        node_id: NodeId,
+        address: String,
+        ports: NodePorts,
+        resources: Resources,
+        labels: Labels,
+        is_head: bool,
+        time_ms: u64,
+        registration_id: String,
+    },
 }
 
 /// How deep batches may nest in a decoded command: the proposer's batch of proposals that
@@ -444,6 +457,10 @@ pub struct ClusterState {
     /// Serialized after the rest in snapshots (version 3), so version-2 snapshots still load.
     #[serde(skip)]
     pub autoscaler: crate::instances::AutoscalerState,
+    /// node → the registration id of its current incarnation (snapshot version 3, after the
+    /// autoscaler's state).
+    #[serde(skip)]
+    pub registrations: BTreeMap<NodeId, String>,
 }
 
 fn not_found(kind: &str, id: impl ToString) -> Response {
@@ -599,6 +616,39 @@ impl ClusterState {
                 self.autoscaler.node_gone(node_id, &reason, time_ms);
                 n.death_reason = reason;
                 Response::Ok
+            }
+            Command::RegisterNodeOnce {
+                node_id,
+                address,
+                ports,
+                resources,
+                labels,
+                is_head,
+                time_ms,
+                registration_id,
+            } => {
+                if let Some(n) = self.nodes.get(&node_id)
+                    && n.state == NodeState::Alive
+                    && !registration_id.is_empty()
+                    && self.registrations.get(&node_id) == Some(&registration_id)
+                {
+                    return Response::NodeRegistered {
+                        incarnation: n.incarnation,
+                    };
+                }
+                let r = self.apply_one(Command::RegisterNode {
+                    node_id,
+                    address,
+                    ports,
+                    resources,
+                    labels,
+                    is_head,
+                    time_ms,
+                });
+                if matches!(r, Response::NodeRegistered { .. }) {
+                    self.registrations.insert(node_id, registration_id);
+                }
+                r
             }
             Command::SetAutoscalerConfig { config_json } => self.autoscaler.set_config(config_json),
             Command::SetResourceRequest { bundles } => self.autoscaler.set_floor(bundles),
@@ -1092,6 +1142,46 @@ mod tests {
     use proptest::prelude::*;
 
     use super::testing::{nid, register};
+
+    fn once(b: u8, id: &str) -> Command {
+        let Command::RegisterNode {
+            node_id,
+            address,
+            ports,
+            resources,
+            labels,
+            is_head,
+            time_ms,
+        } = register(b)
+        else {
+            unreachable!("register makes a RegisterNode")
+        };
+        Command::RegisterNodeOnce {
+            node_id,
+            address,
+            ports,
+            resources,
+            labels,
+            is_head,
+            time_ms,
+            registration_id: id.into(),
+        }
+    }
+
+    #[test]
+    fn a_retried_registration_keeps_its_incarnation() {
+        let mut s = ClusterState::default();
+        let inc = |r: Response| match r {
+            Response::NodeRegistered { incarnation } => incarnation,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(inc(s.apply(once(1, "a"))), 1);
+        assert_eq!(inc(s.apply(once(1, "a"))), 1, "the same daemon's retry");
+        assert_eq!(inc(s.apply(once(1, "b"))), 2, "a restarted daemon");
+        s.apply(dead(1, 2));
+        assert_eq!(inc(s.apply(once(1, "b"))), 3, "fenced: a new incarnation");
+        assert_eq!(inc(s.apply(register(1))), 4, "without an id, as before");
+    }
 
     fn dead(b: u8, incarnation: u64) -> Command {
         Command::MarkNodeDead {

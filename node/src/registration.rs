@@ -26,6 +26,14 @@ pub(crate) async fn run(
         resources_total: resources.clone().into_iter().collect(),
         labels: labels.into_iter().collect(),
         is_head,
+        // A retry of this daemon's registration is recognised as one.
+        registration_id: format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
     };
     loop {
         if node.drained.borrow().is_some() {
