@@ -79,9 +79,18 @@ pub(crate) struct HeadShared {
     /// Wakes the autoscaler (demand appeared, a record changed).
     pub(crate) autoscaler_kick: tokio::sync::Notify,
     /// What the autoscaler's last rounds found (for status and metrics).
-    pub(crate) autoscaler_status: Mutex<crate::autoscaler::AutoscalerSoft>,
-    /// How the autoscaler's providers run things on this machine.
-    pub(crate) provider_env: crate::autoscaler::provider::ProviderEnv,
+    pub(crate) autoscaler_status: Mutex<AutoscalerSoft>,
+}
+
+/// What the autoscaler's last rounds left for `rayctl status` (soft state).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AutoscalerSoft {
+    /// Shapes no node type can hold, with how many wait.
+    pub(crate) infeasible: Vec<(BTreeMap<String, f64>, u32)>,
+    /// Shapes a limit (max_workers, upscaling_speed, a launch backoff) holds back.
+    pub(crate) held_back: Vec<(BTreeMap<String, f64>, u32)>,
+    pub(crate) last_round_ms: u64,
+    pub(crate) last_error: String,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -281,9 +290,7 @@ impl HeadShared {
         }
     }
 
-    pub(crate) fn autoscaler_soft(
-        &self,
-    ) -> std::sync::MutexGuard<'_, crate::autoscaler::AutoscalerSoft> {
+    pub(crate) fn autoscaler_soft(&self) -> std::sync::MutexGuard<'_, AutoscalerSoft> {
         self.autoscaler_status
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -15,7 +15,10 @@ use std::collections::BTreeMap;
 use protocol::NodeId;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Rejection, Resources, Response};
+use crate::rejection::Rejection;
+
+/// Resource amounts by name.
+type Resources = BTreeMap<String, f64>;
 
 /// Final records kept for "Recent failures" and for the record.
 pub const MAX_FINISHED: usize = 200;
@@ -125,29 +128,28 @@ pub struct InstanceUpdate {
     pub message: String,
 }
 
-fn rejected(msg: String) -> Response {
-    Response::Rejected(Rejection::Invalid(msg))
+fn rejected(msg: String) -> Rejection {
+    Rejection::Invalid(msg)
 }
 
 impl AutoscalerState {
-    pub(crate) fn set_config(&mut self, json: Option<String>) -> Response {
+    pub(crate) fn set_config(&mut self, json: Option<String>) {
         self.config_json = json;
-        Response::Ok
     }
 
-    pub(crate) fn set_floor(&mut self, bundles: Vec<Resources>) -> Response {
+    pub(crate) fn set_floor(&mut self, bundles: Vec<Resources>) -> Result<(), Rejection> {
         if let Some(bad) = bundles
             .iter()
             .flat_map(|b| b.iter())
             .find(|(_, v)| !v.is_finite() || **v < 0.0)
         {
-            return rejected(format!(
+            return Err(rejected(format!(
                 "request_resources: {} = {} must be finite and non-negative",
                 bad.0, bad.1
-            ));
+            )));
         }
         self.floor = bundles;
-        Response::Ok
+        Ok(())
     }
 
     pub(crate) fn create(
@@ -156,9 +158,9 @@ impl AutoscalerState {
         request_id: String,
         node_type: String,
         time_ms: u64,
-    ) -> Response {
+    ) -> Result<(), Rejection> {
         if self.instances.contains_key(&instance_id) {
-            return Response::Rejected(Rejection::AlreadyExists {
+            return Err(Rejection::AlreadyExists {
                 kind: "instance".into(),
                 id: instance_id,
             });
@@ -181,18 +183,18 @@ impl AutoscalerState {
                 ],
             },
         );
-        Response::Ok
+        Ok(())
     }
 
-    pub(crate) fn update(&mut self, u: InstanceUpdate, time_ms: u64) -> Response {
+    pub(crate) fn update(&mut self, u: InstanceUpdate, time_ms: u64) -> Result<(), Rejection> {
         let Some(r) = self.instances.get_mut(&u.instance_id) else {
-            return Response::Rejected(Rejection::NotFound {
+            return Err(Rejection::NotFound {
                 kind: "instance".into(),
                 id: u.instance_id,
             });
         };
         if r.state != u.state && !r.state.may_become(u.state) {
-            return Response::Rejected(Rejection::InvalidTransition {
+            return Err(Rejection::InvalidTransition {
                 kind: "instance".into(),
                 id: u.instance_id,
                 from: r.state.name().into(),
@@ -214,24 +216,27 @@ impl AutoscalerState {
             r.message = u.message;
         }
         self.prune();
-        Response::Ok
+        Ok(())
     }
 
     /// A rejection if the node is being removed (its record is RAY_STOP_REQUESTED or
     /// RAY_STOPPING): nothing new may be assigned to it. With the autoscaler checking the
     /// assignments after its stop request commits, this closes the race between an idle
     /// check and new work (Ray's #46492).
-    pub(crate) fn leaving(&self, node: NodeId) -> Option<Response> {
-        self.instances
-            .values()
-            .any(|r| {
-                r.node_id == Some(node)
-                    && matches!(
-                        r.state,
-                        InstanceState::RayStopRequested | InstanceState::RayStopping
-                    )
-            })
-            .then(|| rejected(format!("node {node} is being removed by the autoscaler")))
+    pub(crate) fn leaving(&self, node: NodeId) -> Result<(), Rejection> {
+        let leaving = self.instances.values().any(|r| {
+            r.node_id == Some(node)
+                && matches!(
+                    r.state,
+                    InstanceState::RayStopRequested | InstanceState::RayStopping
+                )
+        });
+        if leaving {
+            return Err(rejected(format!(
+                "node {node} is being removed by the autoscaler"
+            )));
+        }
+        Ok(())
     }
 
     /// A node tied to a record died (or left): the record goes to TERMINATING, so the
@@ -294,13 +299,10 @@ mod tests {
     fn records_follow_rays_instance_graph() {
         use InstanceState::*;
         let mut s = AutoscalerState::default();
-        assert_eq!(
-            s.create("i1".into(), "r1".into(), "cpu2".into(), 1),
-            Response::Ok
-        );
+        assert_eq!(s.create("i1".into(), "r1".into(), "cpu2".into(), 1), Ok(()));
         assert!(matches!(
             s.create("i1".into(), "r1".into(), "cpu2".into(), 2),
-            Response::Rejected(Rejection::AlreadyExists { .. })
+            Err(Rejection::AlreadyExists { .. })
         ));
         for st in [
             Allocated,
@@ -312,11 +314,11 @@ mod tests {
             Terminating,
             Terminated,
         ] {
-            assert_eq!(s.update(up("i1", st), 3), Response::Ok, "{st:?}");
+            assert_eq!(s.update(up("i1", st), 3), Ok(()), "{st:?}");
         }
         assert!(matches!(
             s.update(up("i1", Requested), 4),
-            Response::Rejected(Rejection::InvalidTransition { .. })
+            Err(Rejection::InvalidTransition { .. })
         ));
         let names: Vec<&str> = s.instances["i1"]
             .history
@@ -340,19 +342,21 @@ mod tests {
         );
         assert!(matches!(
             s.update(up("nope", Allocated), 1),
-            Response::Rejected(Rejection::NotFound { .. })
+            Err(Rejection::NotFound { .. })
         ));
     }
 
     #[test]
     fn a_dead_node_moves_its_record_to_terminating() {
         let mut s = AutoscalerState::default();
-        s.create("i1".into(), "r1".into(), "cpu2".into(), 1);
+        s.create("i1".into(), "r1".into(), "cpu2".into(), 1)
+            .expect("created");
         let node = NodeId::from_bytes([7; 16]);
         let mut u = up("i1", InstanceState::Allocated);
         u.node_id = Some(node);
-        s.update(u, 2);
-        s.update(up("i1", InstanceState::RayRunning), 3);
+        s.update(u, 2).expect("allocated");
+        s.update(up("i1", InstanceState::RayRunning), 3)
+            .expect("running");
         s.node_gone(node, "removed by autoscaler: idle", 4);
         assert_eq!(s.instances["i1"].state, InstanceState::Terminating);
         assert_eq!(s.instances["i1"].message, "removed by autoscaler: idle");
@@ -363,8 +367,10 @@ mod tests {
         let mut s = AutoscalerState::default();
         for k in 0..(MAX_FINISHED + 20) {
             let id = format!("i{k:04}");
-            s.create(id.clone(), id.clone(), "t".into(), k as u64);
-            s.update(up(&id, InstanceState::AllocationFailed), k as u64);
+            s.create(id.clone(), id.clone(), "t".into(), k as u64)
+                .expect("created");
+            s.update(up(&id, InstanceState::AllocationFailed), k as u64)
+                .expect("failed");
         }
         assert_eq!(s.instances.len(), MAX_FINISHED);
         assert!(!s.instances.contains_key("i0000"), "the oldest went first");

@@ -40,6 +40,7 @@ pub(crate) async fn supervise(
     shared: Arc<HeadShared>,
     health: HealthConfig,
     jobs: crate::jobs::JobConfig,
+    provider_env: crate::autoscaler::provider::ProviderEnv,
 ) {
     let mut rx = shared.raft.metrics();
     let mut running: Option<Vec<JoinHandle<()>>> = None;
@@ -69,7 +70,7 @@ pub(crate) async fn supervise(
                     tokio::spawn(run(shared.clone(), crate::pgs::PgManager)),
                     tokio::spawn(run(
                         shared.clone(),
-                        crate::autoscaler::Autoscaler::new(shared.provider_env.clone()),
+                        crate::autoscaler::Autoscaler::new(provider_env.clone()),
                     )),
                 ])
             }

@@ -28,6 +28,7 @@ pub mod network;
 mod pgs;
 pub mod prevote;
 pub mod raft_transport;
+mod rejection;
 pub mod service;
 pub mod sm_store;
 pub mod state;
@@ -238,7 +239,6 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         election_max: opts.election_timeout.1,
         autoscaler_kick: tokio::sync::Notify::new(),
         autoscaler_status: Mutex::default(),
-        provider_env: opts.provider_env.clone(),
     });
 
     let routes = tonic::service::Routes::new(
@@ -281,7 +281,12 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
     );
     let mut tasks = vec![
         tokio::spawn(head::run_proposer(shared.clone(), proposal_rx)),
-        tokio::spawn(leader::supervise(shared.clone(), opts.health, opts.jobs)),
+        tokio::spawn(leader::supervise(
+            shared.clone(),
+            opts.health,
+            opts.jobs,
+            opts.provider_env.clone(),
+        )),
         tokio::spawn(commit_index_metric(raft.clone())),
         tokio::spawn(lease::keep_confirmed(raft.clone(), shared.lease.clone())),
         tokio::spawn(prevote::gate(

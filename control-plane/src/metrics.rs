@@ -235,7 +235,7 @@ pub(crate) fn record_node_declared_dead() {
 }
 
 /// The autoscaler's gauges, from the replicated state (called every round on the leader).
-pub(crate) fn record_autoscaler(state: &crate::state::ClusterState) {
+pub(crate) fn record_autoscaler(state: &crate::state::ClusterState, now: u64) {
     use std::collections::BTreeMap;
     let types: Vec<(String, BTreeMap<String, f64>)> = state
         .autoscaler
@@ -249,7 +249,6 @@ pub(crate) fn record_autoscaler(state: &crate::state::ClusterState) {
                 .collect()
         })
         .unwrap_or_default();
-    let now = crate::head::now_ms();
     let mut pending_res: BTreeMap<String, f64> = BTreeMap::new();
     for (name, res) in &types {
         let of = |f: &dyn Fn(&crate::instances::InstanceRecord) -> bool| {

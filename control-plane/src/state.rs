@@ -403,32 +403,7 @@ fn bounded_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Command>,
     Vec::<Command>::deserialize(d)
 }
 
-/// Why a committed command changed nothing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum Rejection {
-    #[error("{kind} {id} not found")]
-    NotFound { kind: String, id: String },
-    #[error("{kind} {id} already exists")]
-    AlreadyExists { kind: String, id: String },
-    #[error("{kind} {id} cannot go from {from} to {to}")]
-    InvalidTransition {
-        kind: String,
-        id: String,
-        from: String,
-        to: String,
-    },
-    #[error(
-        "node {node_id} incarnation {given} is fenced (current incarnation {current}, {state})"
-    )]
-    Fenced {
-        node_id: String,
-        given: u64,
-        current: u64,
-        state: String,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use crate::rejection::Rejection;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
@@ -461,6 +436,13 @@ pub struct ClusterState {
     /// autoscaler's state).
     #[serde(skip)]
     pub registrations: BTreeMap<NodeId, String>,
+}
+
+fn answer(r: Result<(), Rejection>) -> Response {
+    match r {
+        Ok(()) => Response::Ok,
+        Err(e) => Response::Rejected(e),
+    }
 }
 
 fn not_found(kind: &str, id: impl ToString) -> Response {
@@ -650,17 +632,23 @@ impl ClusterState {
                 }
                 r
             }
-            Command::SetAutoscalerConfig { config_json } => self.autoscaler.set_config(config_json),
-            Command::SetResourceRequest { bundles } => self.autoscaler.set_floor(bundles),
+            Command::SetAutoscalerConfig { config_json } => {
+                self.autoscaler.set_config(config_json);
+                Response::Ok
+            }
+            Command::SetResourceRequest { bundles } => answer(self.autoscaler.set_floor(bundles)),
             Command::CreateInstance {
                 instance_id,
                 request_id,
                 node_type,
                 time_ms,
-            } => self
-                .autoscaler
-                .create(instance_id, request_id, node_type, time_ms),
-            Command::UpdateInstance { update, time_ms } => self.autoscaler.update(update, time_ms),
+            } => answer(
+                self.autoscaler
+                    .create(instance_id, request_id, node_type, time_ms),
+            ),
+            Command::UpdateInstance { update, time_ms } => {
+                answer(self.autoscaler.update(update, time_ms))
+            }
             Command::KvPut {
                 namespace,
                 key,
@@ -730,8 +718,8 @@ impl ClusterState {
                 node_id,
                 incarnation,
             } => {
-                if let Some(r) = self.autoscaler.leaving(node_id) {
-                    return r;
+                if let Err(r) = self.autoscaler.leaving(node_id) {
+                    return Response::Rejected(r);
                 }
                 let Some(j) = self.jobs.get_mut(&job_id) else {
                     return not_found("job", job_id);
@@ -924,8 +912,8 @@ impl ClusterState {
                 node_id,
                 node_incarnation,
             } => {
-                if let Some(r) = self.autoscaler.leaving(node_id) {
-                    return r;
+                if let Err(r) = self.autoscaler.leaving(node_id) {
+                    return Response::Rejected(r);
                 }
                 let Some(a) = self.actors.get_mut(&actor_id) else {
                     return not_found("actor", actor_id);
@@ -1051,9 +1039,9 @@ impl ClusterState {
                     && let Some(r) = bundle_nodes
                         .iter()
                         .flatten()
-                        .find_map(|n| self.autoscaler.leaving(*n))
+                        .find_map(|n| self.autoscaler.leaving(*n).err())
                 {
-                    return r;
+                    return Response::Rejected(r);
                 }
                 let Some(pg) = self.placement_groups.get_mut(&pg_id) else {
                     return not_found("placement group", pg_id);

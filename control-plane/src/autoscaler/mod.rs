@@ -50,15 +50,6 @@ const STOPPING_TIMEOUT: Duration = Duration::from_secs(60);
 /// A listing older than this is not trusted for removals.
 const LISTING_FRESH: Duration = Duration::from_secs(30);
 
-/// What the last rounds left for `rayctl status` and the metrics (soft state).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct AutoscalerSoft {
-    pub(crate) infeasible: Vec<(BTreeMap<String, f64>, u32)>,
-    pub(crate) held_back: Vec<(BTreeMap<String, f64>, u32)>,
-    pub(crate) last_round_ms: u64,
-    pub(crate) last_error: String,
-}
-
 /// The provider's last listing.
 #[derive(Default)]
 struct Listing {
@@ -261,7 +252,7 @@ impl LeaderService for Autoscaler {
         let st_guard = shared.state.read();
         let st = &st_guard.state;
         let Some(json) = st.autoscaler.config_json.clone() else {
-            crate::metrics::record_autoscaler(st);
+            crate::metrics::record_autoscaler(st, now_ms());
             return (Vec::new(), None);
         };
         let cfg = match Config::from_json(&json) {
@@ -551,7 +542,7 @@ impl LeaderService for Autoscaler {
                     .unwrap_or_else(|| "waiting for the provider's first listing".into())
             };
         }
-        crate::metrics::record_autoscaler(st);
+        crate::metrics::record_autoscaler(st, now_ms());
         let term = shared.raft.metrics().borrow().current_term;
         for (node_type, k) in &plan.launch {
             for _ in 0..*k {
