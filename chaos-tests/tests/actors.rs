@@ -585,10 +585,14 @@ fn pid_alive(pid: u64) -> bool {
 /// re-registers without bringing the old copy back.
 #[test]
 fn a_zombie_node_keeps_no_second_copy_of_an_actor() -> Result<()> {
+    // A node timeout of 4 s: the old copy's serving lease ends 0.8 s before the leader may
+    // restart the actor, a margin a loaded 2-core machine's scheduler cannot eat (with 2.5 s
+    // it was 0.5 s, and CI once checked the old pid before its watchdog had run).
     let c = Cluster::start(ClusterOptions {
         heads: 1,
         nodes: 2,
         node_resources: vec![("slot".into(), 1.0)],
+        health_threshold: 8,
         ..Default::default()
     })?;
     let mut d = Driver::start(driver_bin(), &c, &["zombie"], &[])?;
