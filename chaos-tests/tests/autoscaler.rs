@@ -299,9 +299,56 @@ fn groups_floors_and_min_workers_set_the_number_of_nodes() -> Result<()> {
     Ok(())
 }
 
+/// The primary copies of objects (1 MiB or more: larger than inline values), as
+/// (object id, node id) pairs, from `rayctl list objects`.
+fn primary_copies(c: &Cluster) -> Result<Vec<(String, String)>> {
+    let (code, out, err) = c.rayctl(&[
+        "list",
+        "objects",
+        "-o",
+        "json",
+        "--address",
+        &c.head_addrs.join(","),
+    ])?;
+    if code != 0 {
+        bail!("rayctl list objects exited {code}: {err}");
+    }
+    let rows: Vec<Value> = serde_json::from_str(&out).with_context(|| out.clone())?;
+    Ok(rows
+        .iter()
+        .filter(|o| o["copy"] == "PRIMARY" && o["size"].as_u64().is_some_and(|s| s >= 1 << 20))
+        .filter_map(|o| {
+            Some((
+                o["object_id"].as_str()?.to_owned(),
+                o["node_id"].as_str()?.to_owned(),
+            ))
+        })
+        .collect())
+}
+
+fn node_of(s: &Value, id: &str) -> Option<Value> {
+    s["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["node_id"] == id)
+        .cloned()
+}
+
+/// One worker node at a time (so the driver's two tasks share it), 2 s idle timeout.
+const ONE_CPU2: &str = r#"
+max_workers: 10
+available_node_types:
+  cpu2:
+    resources: {CPU: 2}
+    max_workers: 1
+    idle_timeout_s: 2
+provider:
+  type: local
+"#;
+
 #[test]
-fn busy_nodes_and_nodes_holding_referenced_objects_are_never_removed() -> Result<()> {
-    let c = cluster(1, &CPU2.replace("idle_timeout_s: 5", "idle_timeout_s: 2"))?;
+fn busy_nodes_stay_and_a_node_holding_a_referenced_object_leaves_after_moving_it() -> Result<()> {
+    let c = cluster(1, ONE_CPU2)?;
     // A 12 s task on a node whose idle timeout is 2 s: the node stays and the task succeeds.
     let r = chaos_tests::driver::run(driver_bin(), &c, &["burst", "1", "12000", "2"], &[])?;
     assert_eq!(r["failed"], Value::Array(vec![]), "{r}");
@@ -311,30 +358,103 @@ fn busy_nodes_and_nodes_holding_referenced_objects_are_never_removed() -> Result
         "no node left while it ran: {s}"
     );
 
-    // An object made on a launched node and still referenced keeps that node.
-    let mut d = Driver::start(driver_bin(), &c, &["hold_object"], &[])?;
+    // A 1 MiB object made on a launched node, its only copy, and still referenced: once the
+    // node is idle the autoscaler drains it, the drain moves the copy to the head's node and
+    // tells the driver (its owner), and only then does the node leave. The driver is remote,
+    // so it reads the object from where its owner table says it is.
+    let mut d = Driver::start(
+        driver_bin(),
+        &c,
+        &["hold_object"],
+        &[("RAYCTL_REMOTE", "1")],
+    )?;
     let r = d.result(Duration::from_secs(120))?;
     assert_eq!(r["made"], 1, "{r}");
     let holder = r["node"].as_str().context("node")?.to_owned();
-    std::thread::sleep(Duration::from_secs(6));
-    let s = c.status(None)?;
-    let n = s["nodes"]
+    let s = wait_for("the holder removed", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (node_of(&s, &holder)?["state"] == "DEAD").then_some(s)
+    })?;
+    let n = node_of(&s, &holder).context("the holder")?;
+    assert_eq!(n["death_reason"], "removed by autoscaler: idle", "{n}");
+    let head_node = s["nodes"]
         .as_array()
-        .and_then(|a| a.iter().find(|n| n["node_id"] == holder.as_str()))
-        .cloned()
-        .context("the holder")?;
-    assert_eq!(n["state"], "ALIVE", "{n}");
-    // An operator's drain is refused too, naming why.
-    let (code, _, err) =
-        c.rayctl(&["drain-node", &holder, "--address", &c.head_addrs.join(",")])?;
-    assert_ne!(code, 0);
-    assert!(
-        err.contains("busy") && err.contains("primary object"),
-        "{err}"
-    );
-    // The object is still there; once the driver drops it and leaves, the node goes.
+        .and_then(|a| a.iter().find(|n| n["is_head"] == true))
+        .and_then(|n| n["node_id"].as_str())
+        .context("head node")?
+        .to_owned();
+    let copies = primary_copies(&c)?;
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies[0].1, head_node, "the copy moved to the head's node");
+    // The owner reads it from its new place: same bytes, and from that copy. Had the owner
+    // not been told, it would have rebuilt the object (the head has no CPUs: a new node).
+    let launches = instances(&c.status(None)?).len();
     d.send_line("get")?;
     assert_eq!(d.result(Duration::from_secs(60))?["equal"], true);
+    assert_eq!(
+        instances(&c.status(None)?).len(),
+        launches,
+        "nothing launched to rebuild it"
+    );
+    // Released by the owner (it dropped the ref and still runs): the copy at its new place
+    // is freed, since the owner frees where it was told the copy is.
+    wait_for("the moved copy freed", Duration::from_secs(30), || {
+        primary_copies(&c).ok()?.is_empty().then_some(())
+    })?;
+    d.send_line("done")?;
+    d.finish(Duration::from_secs(30))?;
+    wait_all_removed(&c, "cpu2", Duration::from_secs(60))?;
+    Ok(())
+}
+
+#[test]
+fn a_node_whose_objects_cannot_move_is_kept_until_they_are_released() -> Result<()> {
+    // The head's store (1 MiB, the least a store can be) cannot take a 1 MiB object with
+    // its metadata, and there is no other node.
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        head_cpus: 0.0,
+        extra_args: vec!["--object-store-memory".into(), "1MiB".into()],
+        ..Default::default()
+    })?;
+    apply(&c, ONE_CPU2)?;
+    // A remote driver reads objects into its own memory (the head's store could not hold it).
+    let mut d = Driver::start(
+        driver_bin(),
+        &c,
+        &["hold_object"],
+        &[("RAYCTL_REMOTE", "1")],
+    )?;
+    let r = d.result(Duration::from_secs(120))?;
+    assert_eq!(r["made"], 1, "{r}");
+    let holder = r["node"].as_str().context("node")?.to_owned();
+    // The autoscaler tries, the drain is refused naming why, and the node stays.
+    let record = wait_for("a refused drain", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        instances(&s).into_iter().find(|i| {
+            i["node_id"] == holder.as_str()
+                && i["message"].as_str().is_some_and(|m| {
+                    m.contains("drain refused") && m.contains("could not be moved")
+                })
+        })
+    })?;
+    assert_eq!(record["state"], "RAY_RUNNING", "{record}");
+    let (code, _, err) =
+        c.rayctl(&["drain-node", &holder, "--address", &c.head_addrs.join(",")])?;
+    assert_ne!(code, 0, "an operator's drain is refused too");
+    assert!(err.contains("could not be moved"), "{err}");
+    std::thread::sleep(Duration::from_secs(3));
+    let s = c.status(None)?;
+    assert_eq!(node_of(&s, &holder).context("holder")?["state"], "ALIVE");
+    let copies = primary_copies(&c)?;
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies[0].1, holder, "the copy is still on its node");
+    d.send_line("get")?;
+    assert_eq!(d.result(Duration::from_secs(60))?["equal"], true);
+    // Released: the copy is freed, nothing holds the node any more, and it goes.
+    wait_for("the copy freed", Duration::from_secs(30), || {
+        primary_copies(&c).ok()?.is_empty().then_some(())
+    })?;
     d.send_line("done")?;
     d.finish(Duration::from_secs(30))?;
     wait_all_removed(&c, "cpu2", Duration::from_secs(90))?;

@@ -268,13 +268,16 @@ impl ControlPlane for ControlPlaneService {
             st.state
                 .alive_nodes()
                 .map(|n| self.0.node_info(n))
-                .filter(|info| !info.draining)
+                // Draining nodes stay in the view, flagged: nodes schedule nothing there,
+                // but still pull from them (a drain moves its objects away by pulls).
                 .map(|info| pb::NodeResources {
                     object_manager_port: info.ports.map_or(0, |p| p.object_manager_port),
                     node_id: info.node_id,
                     address: info.address,
                     total: info.resources_total,
                     available: info.resources_available,
+                    draining: info.draining,
+                    is_head: info.is_head,
                 })
                 .collect()
         };

@@ -142,9 +142,12 @@ impl Leases {
     /// (checked under the same lock as every grant, so no lease slips in between).
     pub(crate) fn begin_drain(&self) -> Result<(), String> {
         let mut st = self.lock();
+        if st.draining {
+            return Err("a drain of this node is already under way".into());
+        }
         if !st.leases.is_empty() || !st.bundles.is_empty() {
             return Err(format!(
-                "{} lease(s) and {} placement group(s) hold resources here",
+                "busy: {} lease(s) and {} placement group(s) hold resources here",
                 st.leases.len(),
                 st.bundles.len()
             ));

@@ -8,6 +8,7 @@
 //! API Boundary: `node` and `control-plane` never depend on each other; they meet only
 //! through `protocol`.
 
+mod drain;
 pub mod identity;
 mod jobs;
 mod leases;
@@ -128,8 +129,13 @@ pub(crate) struct NodeShared {
     pub(crate) incarnation: AtomicU64,
     pub(crate) object_store_socket: PathBuf,
     pub(crate) object_store_capacity: u64,
-    /// The leader's resource view from the last heartbeat reply (soft state).
+    /// The leader's resource view from the last heartbeat reply (soft state): the live
+    /// nodes that take work (draining ones left out).
     pub(crate) cluster_view: std::sync::Mutex<Vec<pb::NodeResources>>,
+    /// Every live node of that reply, draining ones too (a drain tells them all where
+    /// objects went).
+    pub(crate) peers: std::sync::Mutex<Vec<pb::NodeResources>>,
+    pub(crate) token: Option<AuthToken>,
     /// Until when this node's actor workers may serve: renewed by each heartbeat that gets
     /// through, to before the leader could declare this node dead (see `NodeToWorker.serve_ms`).
     pub(crate) serve_until: std::sync::Mutex<Option<std::time::Instant>>,
@@ -153,11 +159,11 @@ pub(crate) struct NodeShared {
 }
 
 impl NodeShared {
-    /// What keeps this node busy (empty: idle). Idle means what Ray's autoscaler means and
-    /// a little more: no leases (tasks, actors), no placement-group bundles, no job drivers,
-    /// no driver processes, and no primary copies of objects (owners free theirs when the
-    /// last reference goes, so a primary copy here is one somebody may still `get`).
-    /// Secondary copies do not count: they can be pulled again from the primary.
+    /// What keeps this node busy (empty: idle): leases (tasks, actors), placement-group
+    /// bundles, job drivers, driver processes. Objects do not: a drain moves the primary
+    /// copies to other nodes (see `drain`), and secondary copies can be pulled again from
+    /// their primary. So a node is never kept only because it holds objects (Ray's
+    /// ray#21870).
     pub(crate) fn busy_reasons(&self) -> Vec<String> {
         let mut why = Vec::new();
         let (leases, bundles) = self.leases.held();
@@ -180,10 +186,6 @@ impl NodeShared {
         if drivers > 0 {
             why.push(format!("{drivers} driver(s)"));
         }
-        let primaries = self.store.primary_count();
-        if primaries > 0 {
-            why.push(format!("{primaries} primary object copy(ies)"));
-        }
         why
     }
 
@@ -197,24 +199,6 @@ impl NodeShared {
         }
         let at = *since.get_or_insert_with(std::time::Instant::now);
         Some(at.elapsed().as_millis() as u64)
-    }
-
-    /// Accepts a drain unless the node is busy; once accepted, nothing new is granted here
-    /// and the node leaves (its daemon waits on `RunningNode::drained`).
-    pub(crate) fn drain(&self, reason: String) -> Result<(), String> {
-        if self.is_head {
-            return Err("this is a head's node: stop the head instead".into());
-        }
-        self.leases.begin_drain()?;
-        // Checked after grants stopped, so nothing can start between the check and the drain.
-        let why = self.busy_reasons();
-        if !why.is_empty() {
-            self.leases.cancel_drain();
-            return Err(why.join(", "));
-        }
-        *self.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.drained.send_replace(Some(reason));
-        Ok(())
     }
 }
 
@@ -541,7 +525,7 @@ impl NodeManager for NodeManagerService {
         } else {
             r.reason
         };
-        let reply = match self.shared.drain(reason.clone()) {
+        let reply = match self.shared.drain(reason.clone()).await {
             Ok(()) => {
                 tracing::info!(reason, "drain accepted: leaving the cluster");
                 pb::DrainNodeReply {
@@ -550,14 +534,86 @@ impl NodeManager for NodeManagerService {
                 }
             }
             Err(why) => {
-                tracing::info!(reason, "drain refused: busy with {why}");
+                tracing::info!(reason, "drain refused: {why}");
                 pb::DrainNodeReply {
                     accepted: false,
-                    rejected_because: format!("busy: {why}"),
+                    rejected_because: why,
                 }
             }
         };
         Ok(tonic::Response::new(reply))
+    }
+
+    async fn take_objects(
+        &self,
+        req: tonic::Request<pb::TakeObjectsRequest>,
+    ) -> Result<tonic::Response<pb::TakeObjectsReply>, tonic::Status> {
+        let r = req.into_inner();
+        if self.shared.leases.draining() {
+            return Err(tonic::Status::unavailable(
+                "this node is draining: it takes no objects",
+            ));
+        }
+        if r.object_ids.len() > 100_000 {
+            return Err(tonic::Status::invalid_argument(format!(
+                "{} objects in one TakeObjects: at most 100000",
+                r.object_ids.len()
+            )));
+        }
+        let ids = r
+            .object_ids
+            .iter()
+            .map(|b| protocol::ObjectId::from_slice(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        // The puller bounds the bytes in flight; each object is checksummed before it counts.
+        let pulls = ids.iter().map(|&id| {
+            let (puller, store, source) = (
+                self.shared.puller.clone(),
+                self.store.clone(),
+                r.source.clone(),
+            );
+            async move {
+                puller
+                    .pull(id, &source)
+                    .await
+                    .map_err(|e| format!("{id}: {e}"))?;
+                if store.set_primary(id, true) {
+                    Ok(id)
+                } else {
+                    Err(format!("{id}: evicted before it could be kept"))
+                }
+            }
+        });
+        let mut reply = pb::TakeObjectsReply::default();
+        for r in futures_util::future::join_all(pulls).await {
+            match r {
+                Ok(id) => reply.taken.push(id.as_bytes().to_vec()),
+                Err(e) => reply.errors.push(e),
+            }
+        }
+        if !reply.taken.is_empty() {
+            tracing::info!(
+                objects = reply.taken.len(),
+                from = r.source,
+                "took primary copies from a draining node"
+            );
+        }
+        Ok(tonic::Response::new(reply))
+    }
+
+    async fn objects_moved(
+        &self,
+        req: tonic::Request<pb::ObjectsMovedRequest>,
+    ) -> Result<tonic::Response<pb::ObjectsMovedReply>, tonic::Status> {
+        let delivered = self
+            .shared
+            .workers
+            .objects_moved(&req.into_inner())
+            .into_iter()
+            .map(|id| id.as_bytes().to_vec())
+            .collect();
+        Ok(tonic::Response::new(pb::ObjectsMovedReply { delivered }))
     }
 
     async fn list_objects(
@@ -722,7 +778,10 @@ impl NodeShared {
         }
         self.workers.set_binary_sources(nms);
         self.puller.set_sources(oms);
-        *self.cluster_view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+        // Scheduling never sends work to a node that is leaving.
+        let work = view.iter().filter(|n| !n.draining).cloned().collect();
+        *self.cluster_view.lock().unwrap_or_else(|p| p.into_inner()) = work;
+        *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = view;
     }
 }
 
@@ -805,6 +864,8 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         object_store_socket: store_server.path().to_owned(),
         object_store_capacity: store.arena().capacity(),
         cluster_view: std::sync::Mutex::default(),
+        peers: std::sync::Mutex::default(),
+        token: opts.token.clone(),
         serve_until: std::sync::Mutex::default(),
         leases,
         workers: pool,

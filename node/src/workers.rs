@@ -100,6 +100,9 @@ struct PoolState {
     dead_actors: Vec<pb::ActorIncarnation>,
     /// The processes on this channel: (pid, worker id, job id, owner prefix).
     processes: HashMap<u64, (u32, String, String, Vec<u8>)>,
+    /// Each channel's owner prefix and a way to send it news of its objects (weak: the
+    /// channel's own end still decides when it closes).
+    owners: HashMap<u64, (Vec<u8>, mpsc::WeakUnboundedSender<pb::NodeToWorker>)>,
     tasks: TaskTable,
 }
 
@@ -814,6 +817,11 @@ impl WorkerPool {
                     Some(pb::worker_message::Kind::Hello(h)) => {
                         if !h.owner_prefix.is_empty() && h.owner_prefix.len() <= 32 {
                             owner_prefix = Some(h.owner_prefix.clone());
+                            if let Some(t) = &tx {
+                                me.lock()
+                                    .owners
+                                    .insert(conn, (h.owner_prefix.clone(), t.downgrade()));
+                            }
                         }
                         me.lock().processes.insert(
                             conn,
@@ -890,6 +898,7 @@ impl WorkerPool {
             }
             let mut st = me.lock();
             st.processes.remove(&conn);
+            st.owners.remove(&conn);
             if let Some(last) = st.stats.remove(&conn) {
                 add_totals(&mut st.departed, &last);
             }
@@ -909,6 +918,37 @@ impl WorkerPool {
             }
         });
         rx
+    }
+
+    /// Hands each move to the owner of its object if that owner is connected here; returns
+    /// the objects whose owner got it.
+    pub(crate) fn objects_moved(&self, req: &pb::ObjectsMovedRequest) -> Vec<protocol::ObjectId> {
+        let owners: Vec<_> = self.lock().owners.values().cloned().collect();
+        let mut delivered = Vec::new();
+        for (prefix, tx) in owners {
+            let moves: Vec<pb::ObjectMove> = req
+                .moves
+                .iter()
+                .filter(|m| m.object_id.starts_with(&prefix))
+                .cloned()
+                .collect();
+            if moves.is_empty() {
+                continue;
+            }
+            let ids: Vec<protocol::ObjectId> = moves
+                .iter()
+                .filter_map(|m| protocol::ObjectId::from_slice(&m.object_id).ok())
+                .collect();
+            let msg = pb::NodeToWorker {
+                kind: Some(pb::node_to_worker::Kind::ObjectsMoved(
+                    pb::ObjectsMovedRequest { moves },
+                )),
+            };
+            if tx.upgrade().is_some_and(|tx| tx.send(msg).is_ok()) {
+                delivered.extend(ids);
+            }
+        }
+        delivered
     }
 
     /// Frees the objects of an owner that went away (once per owner).

@@ -594,6 +594,36 @@ impl Store {
             .count()
     }
 
+    /// The sealed primary copies here (in memory or spilled), the ones a drain must move.
+    pub fn primary_ids(&self) -> Vec<ObjectId> {
+        self.lock()
+            .objects
+            .iter()
+            .filter(|(_, e)| e.primary && e.sealed && !e.delete_pending)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Makes a sealed copy primary (kept: spilled, never evicted) or secondary (evictable:
+    /// the primary lives elsewhere). False if no sealed copy is here.
+    pub fn set_primary(&self, id: ObjectId, primary: bool) -> bool {
+        let mut st = self.lock();
+        match st.objects.get(&id) {
+            Some(e) if e.sealed && !e.delete_pending => {
+                if e.primary != primary {
+                    // Off its LRU list under the old kind, back on under the new one.
+                    st.lru_remove(&id);
+                    if let Some(e) = st.objects.get_mut(&id) {
+                        e.primary = primary;
+                    }
+                    st.lru_touch(id);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Every object here: (id, data + metadata bytes, primary, pins, in memory, spilled,
     /// sealed), largest first.
     pub fn list(&self) -> Vec<(ObjectId, u64, bool, u32, bool, bool, bool)> {
@@ -1163,6 +1193,28 @@ mod tests {
         s.disconnect(c);
         s.delete(&[oid(2)]);
         assert!(!d.path().join("spill").join(oid(2).to_string()).exists());
+    }
+
+    #[test]
+    fn a_copy_made_primary_is_kept_and_one_made_secondary_is_evicted() {
+        let (s, _d) = store(256 * 1024);
+        let chunk = 64 * 1024;
+        s.put(oid(1), &bytes(1, chunk), b"", false).unwrap(); // pulled: secondary
+        s.put(oid(2), &bytes(2, chunk), b"", true).unwrap();
+        assert_eq!(s.primary_ids(), vec![oid(2)]);
+        // A drain hands oid(1) to this node (primary), and oid(2) moves away (secondary).
+        assert!(s.set_primary(oid(1), true));
+        assert!(s.set_primary(oid(2), false));
+        assert!(!s.set_primary(oid(9), true), "not here");
+        assert_eq!(s.primary_ids(), vec![oid(1)]);
+        assert_eq!(s.primary_count(), 1);
+        for i in 3..=5 {
+            s.put(oid(i), &bytes(i, chunk), b"", true).unwrap();
+        }
+        // Full: the demoted copy is evicted, the promoted one is not.
+        assert!(!s.contains(&oid(2)));
+        assert!(s.contains(&oid(1)));
+        assert_eq!(s.stats().evictions_total, 1);
     }
 
     #[test]

@@ -172,6 +172,35 @@ impl Owner {
         }
     }
 
+    /// A draining node moved the copy of `id` it held to `to`: the copy is now there, not on
+    /// `from`. An object no longer owned (or not stored) gets its new copy freed, since no
+    /// release will ever name that place.
+    pub(crate) fn moved(&self, id: ObjectId, from: &str, to: Loc) {
+        let mut objects = self.lock();
+        if let Some(Entry {
+            state: State::Stored { locs, .. },
+            ..
+        }) = objects.get_mut(&id)
+        {
+            locs.retain(|l| l.node_id != from);
+            if !locs.contains(&to) {
+                locs.push(to);
+            }
+            return;
+        }
+        drop(objects);
+        let _ = self.free_tx.send((to.nm, id));
+    }
+
+    /// Whether `id` is stored somewhere not in `tried` (it moved while they were tried).
+    pub(crate) fn moved_since(&self, id: ObjectId, tried: &[Loc]) -> bool {
+        matches!(
+            self.lock().get(&id),
+            Some(Entry { state: State::Stored { locs, .. }, .. })
+                if locs.iter().any(|l| !tried.contains(l))
+        )
+    }
+
     fn release(&self, id: ObjectId) {
         let e = self.lock().remove(&id);
         if let Some(e) = e {
@@ -313,6 +342,42 @@ mod tests {
         freed.sort();
         assert_eq!(freed, ["a:nm", "b:nm"]);
         assert_eq!(o.len(), 0);
+    }
+
+    #[test]
+    fn a_moved_copy_replaces_the_old_place_and_an_unowned_one_is_freed() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let id = ObjectId::from_bytes([7; 20]);
+        let h = o.add(
+            id,
+            State::Stored {
+                tag: "t".into(),
+                locs: vec![loc("a"), loc("b")],
+            },
+        );
+        let tried = vec![loc("a"), loc("b")];
+        assert!(!o.moved_since(id, &tried));
+        o.moved(id, "a", loc("c"));
+        // Twice (a drain retried): still one entry for c.
+        o.moved(id, "a", loc("c"));
+        match o.state(id) {
+            Some(State::Stored { locs, .. }) => assert_eq!(locs, [loc("b"), loc("c")]),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(o.moved_since(id, &tried));
+        assert!(rx.try_recv().is_err(), "nothing freed while referenced");
+        // Released: the copy at its new place is the one freed.
+        drop(h);
+        let mut freed: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|(n, _)| n)
+            .collect();
+        freed.sort();
+        assert_eq!(freed, ["b:nm", "c:nm"]);
+        // News of an object this process no longer owns: its new copy is freed.
+        o.moved(id, "b", loc("d"));
+        assert_eq!(rx.try_recv().ok(), Some(("d:nm".to_string(), id)));
+        assert!(!o.moved_since(id, &[]));
     }
 
     #[test]

@@ -489,9 +489,14 @@ async fn driver_channel(rt: Arc<Runtime>) {
     let mut c = rt.nm(&rt.node.address);
     // The call returns as soon as the node answers; the channel lasts until its reply
     // stream ends, so `r` finishes only when the channel is gone.
+    let owner = rt.clone();
     let mut r = tokio::spawn(async move {
         let mut replies = c.worker_channel(stream).await?.into_inner();
-        while replies.message().await?.is_some() {}
+        while let Some(m) = replies.message().await? {
+            if let Some(pb::node_to_worker::Kind::ObjectsMoved(moved)) = m.kind {
+                owner.objects_moved(moved);
+            }
+        }
         Ok::<_, tonic::Status>(())
     });
     loop {
@@ -822,6 +827,25 @@ impl Runtime {
         ))
     }
 
+    /// A draining node moved objects this process owns: record their new places.
+    pub(crate) fn objects_moved(&self, req: pb::ObjectsMovedRequest) {
+        for m in req.moves {
+            let (Ok(id), Some(to)) = (ObjectId::from_slice(&m.object_id), m.to) else {
+                continue;
+            };
+            tracing::debug!(object = %id, from = m.from_node_id, to = to.node_id, "object moved");
+            self.owner.moved(
+                id,
+                &m.from_node_id,
+                Loc {
+                    node_id: to.node_id,
+                    om: to.object_manager_address,
+                    nm: to.node_address,
+                },
+            );
+        }
+    }
+
     async fn write_remote(&self, id: ObjectId, data: Bytes, tag: String) -> Result<(), Error> {
         const CHUNK: usize = 4 << 20;
         let meta = Bytes::from(tag.into_bytes());
@@ -938,8 +962,10 @@ impl Runtime {
                         _ => Error::Task(Box::new(e)),
                     });
                 }
-                State::Stored { tag, locs } => match self.fetch(id, locs).await {
+                State::Stored { tag, locs } => match self.fetch(id, locs.clone()).await {
                     Ok(src) => return Ok(Resolved::Stored(src, tag)),
+                    // A drain moved it while we pulled from its old place: try the new one.
+                    Err(Error::ObjectLost(..)) if self.owner.moved_since(id, &locs) => {}
                     Err(Error::ObjectLost(_, why)) => match self.owner.rebuild(id, &why) {
                         Rebuild::Run(lineage, n) => {
                             tracing::info!(object = %id, "rebuilding a lost object (rebuild {n})");

@@ -618,6 +618,9 @@ async fn start_server(
                         Some(std::time::Instant::now() + Duration::from_millis(ms));
                 }
                 Ok(Some(pb::NodeToWorker {
+                    kind: Some(pb::node_to_worker::Kind::ObjectsMoved(moved)),
+                })) => lease_rt.objects_moved(moved),
+                Ok(Some(pb::NodeToWorker {
                     kind: Some(pb::node_to_worker::Kind::StartActor(start)),
                 })) => {
                     let _ = exec.send(Work::StartActor(start));

@@ -310,8 +310,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let r = make_blob::remote_with(&opts, 7u64, 1u64 << 20);
             let (ready, _) =
                 sdk::wait(std::slice::from_ref(&r), 1, Some(Duration::from_secs(120)))?;
+            // `ready` holds refs too: only `r` may keep the object from here on.
+            let made = ready.len();
+            drop(ready);
             let node = sdk::get(&where_am_i::remote_with(&opts))?;
-            result(serde_json::json!({"made": ready.len(), "node": node}));
+            result(serde_json::json!({"made": made, "node": node}));
             stdin_line();
             let got: Vec<u8> = sdk::get(&r)?;
             result(serde_json::json!({"equal": got == blob(7, 1 << 20)}));

@@ -662,3 +662,162 @@ impl NodeProvider for KubernetesProvider {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(id: &str, ty: &str) -> CloudInstance {
+        CloudInstance {
+            id: id.into(),
+            node_type: ty.into(),
+            request_id: String::new(),
+            running: true,
+        }
+    }
+
+    fn k8s(kubectl: &str, kind: &str) -> KubernetesProvider {
+        KubernetesProvider {
+            kubectl: kubectl.into(),
+            namespace: "ray".into(),
+            timeout: Duration::from_secs(20),
+            workloads: BTreeMap::from([(
+                "cpu2".to_owned(),
+                KubernetesWorkload {
+                    kind: kind.into(),
+                    name: "w".into(),
+                    selector: "app=w".into(),
+                },
+            )]),
+        }
+    }
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_statefulset_loses_only_its_highest_ordinals_and_a_deployment_any_pod() {
+        let listed = [
+            pod("w-0", "cpu2"),
+            pod("w-1", "cpu2"),
+            pod("w-2", "cpu2"),
+            pod("other-5", "gpu"),
+        ];
+        let sts = k8s("kubectl", "StatefulSet");
+        // (chosen, removable): scaling a StatefulSet down removes its highest ordinals, so
+        // only a chosen run from the top can go; anything else would kill the wrong pod.
+        for (chosen, want) in [
+            (vec!["w-2"], vec!["w-2"]),
+            (vec!["w-1", "w-2"], vec!["w-2", "w-1"]),
+            (vec!["w-0", "w-2"], vec!["w-2"]),
+            (vec!["w-0"], vec![]),
+            (vec!["w-1"], vec![]),
+            (vec!["other-5", "w-2"], vec!["w-2"]),
+            (vec!["gone-9"], vec![]),
+        ] {
+            assert_eq!(
+                sts.removable(&ids(&chosen), &listed),
+                ids(&want),
+                "{chosen:?}"
+            );
+        }
+        let dep = k8s("kubectl", "Deployment");
+        assert_eq!(
+            dep.removable(&ids(&["w-0", "w-2"]), &listed),
+            ids(&["w-0", "w-2"])
+        );
+        assert_eq!(dep.removable(&ids(&["other-5"]), &listed), ids(&[]));
+    }
+
+    /// A stand-in `kubectl`: logs each call, prints `workload.json` and `pods.json` for the
+    /// gets, and makes a merge patch the workload's new state.
+    fn stand_in(dir: &std::path::Path) -> String {
+        let script = dir.join("kubectl");
+        let d = dir.display();
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {d}/log\ncase \"$3 $4\" in\n\
+                 'get pods') cat {d}/pods.json ;;\n\
+                 get*) cat {d}/workload.json ;;\n\
+                 patch*) printf '%s' \"$8\" > {d}/workload.json ;;\n\
+                 'annotate pod') ;;\n\
+                 *) echo \"unexpected $*\" >&2; exit 1 ;;\nesac\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::write(
+            dir.join("workload.json"),
+            r#"{"spec": {"replicas": 3}, "metadata": {"annotations": {}}}"#,
+        )
+        .unwrap();
+        let pods = |names: &[&str]| {
+            serde_json::json!({"items": names.iter().map(|n| serde_json::json!({
+                "metadata": {"name": n}, "status": {"phase": "Running"}
+            })).collect::<Vec<_>>()})
+        };
+        std::fs::write(
+            dir.join("pods.json"),
+            pods(&["w-0", "w-1", "w-2"]).to_string(),
+        )
+        .unwrap();
+        script.display().to_string()
+    }
+
+    fn workload(dir: &std::path::Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("workload.json")).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn terminating_a_deployment_pod_marks_it_cheapest_then_scales_down_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = k8s(&stand_in(dir.path()), "Deployment");
+        p.terminate(&ids(&["w-1"]), "req-1").await.unwrap();
+        let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+        let calls: Vec<&str> = log.lines().collect();
+        let annotate = calls
+            .iter()
+            .position(|l| {
+                *l == "--namespace ray annotate pod w-1 controller.kubernetes.io/pod-deletion-cost=-1000 --overwrite"
+            })
+            .expect("the pod is marked");
+        let patch = calls
+            .iter()
+            .position(|l| l.starts_with("--namespace ray patch deployment w --type=merge -p "))
+            .expect("the deployment is patched");
+        assert!(annotate < patch, "marked before the scale-down: {log}");
+        let w = workload(dir.path());
+        assert_eq!(w["spec"]["replicas"], 2);
+        assert_eq!(w["metadata"]["annotations"][LAST_REQUEST], "req-1");
+        // The same request again (a new leader retrying): nothing more is patched.
+        p.terminate(&ids(&["w-1"]), "req-1").await.unwrap();
+        let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+        assert_eq!(
+            log.lines().filter(|l| l.contains(" patch ")).count(),
+            1,
+            "{log}"
+        );
+        assert_eq!(workload(dir.path())["spec"]["replicas"], 2);
+        // A pod the provider does not list is not counted against the replicas.
+        p.terminate(&ids(&["nope-7"]), "req-2").await.unwrap();
+        assert_eq!(workload(dir.path())["spec"]["replicas"], 2);
+    }
+
+    #[tokio::test]
+    async fn terminating_statefulset_pods_scales_down_without_marking_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = k8s(&stand_in(dir.path()), "StatefulSet");
+        p.terminate(&ids(&["w-2", "w-1"]), "req-9").await.unwrap();
+        let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+        assert!(!log.contains("annotate"), "{log}");
+        assert!(log.contains("--namespace ray patch statefulset w"), "{log}");
+        assert_eq!(workload(dir.path())["spec"]["replicas"], 1);
+        // A kubectl that fails is an error, not a silent success.
+        let bad = k8s("/nonexistent/kubectl", "StatefulSet");
+        let e = bad.terminate(&ids(&["w-0"]), "req-10").await.unwrap_err();
+        assert!(e.contains("/nonexistent/kubectl"), "{e}");
+    }
+}
