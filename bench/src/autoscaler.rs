@@ -216,18 +216,7 @@ pub(crate) fn run(smoke: bool) -> Result<()> {
         ..Default::default()
     })?;
     c.wait_leader(Duration::from_secs(30))?;
-    let f = c.path().join("autoscaling.yaml");
-    std::fs::write(&f, config())?;
-    let (code, _, err) = c.rayctl(&[
-        "autoscaler",
-        "apply",
-        f.to_str().context("path")?,
-        "--address",
-        &c.head_addrs.join(","),
-    ])?;
-    if code != 0 {
-        bail!("autoscaler apply: {err}");
-    }
+    c.apply_autoscaling(&config())?;
     emit("node_start_s", node_start(&c)?, "s");
     let rounds = if smoke { 1 } else { 3 };
     let (mut ups, mut downs) = (Vec::new(), Vec::new());

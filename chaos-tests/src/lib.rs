@@ -227,6 +227,9 @@ impl Default for ClusterOptions {
     }
 }
 
+/// Names each applied autoscaling config file apart.
+static APPLIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub heads: Vec<Proc>,
@@ -505,6 +508,24 @@ impl Cluster {
 
     pub fn client_for(&self, addrs: &[String], opts: ClientOptions) -> HeadClient {
         HeadClient::new(addrs, self.auth(), opts).expect("valid addresses")
+    }
+
+    /// Replaces the autoscaling config (`rayctl autoscaler apply` of a file holding `yaml`).
+    pub fn apply_autoscaling(&self, yaml: &str) -> Result<()> {
+        let n = APPLIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let f = self.path().join(format!("autoscaling-{n}.yaml"));
+        std::fs::write(&f, yaml)?;
+        let (code, _, err) = self.rayctl(&[
+            "autoscaler",
+            "apply",
+            f.to_str().context("path")?,
+            "--address",
+            &self.head_addrs.join(","),
+        ])?;
+        if code != 0 {
+            bail!("rayctl autoscaler apply exited {code}: {err}");
+        }
+        Ok(())
     }
 
     /// Runs `rayctl ARGS` against this cluster and returns (exit code, stdout, stderr).

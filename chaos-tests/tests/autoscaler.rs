@@ -27,30 +27,8 @@ fn cluster(heads: usize, config: &str) -> Result<Cluster> {
         head_cpus: 0.0,
         ..Default::default()
     })?;
-    apply(&c, config)?;
+    c.apply_autoscaling(config)?;
     Ok(c)
-}
-
-fn apply(c: &Cluster, config: &str) -> Result<()> {
-    let f = c.path().join(format!("autoscaling-{}.yaml", rand_suffix()));
-    std::fs::write(&f, config)?;
-    let (code, _, err) = c.rayctl(&[
-        "autoscaler",
-        "apply",
-        f.to_str().context("path")?,
-        "--address",
-        &c.head_addrs.join(","),
-    ])?;
-    if code != 0 {
-        bail!("rayctl autoscaler apply exited {code}: {err}");
-    }
-    Ok(())
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
 }
 
 const CPU2: &str = r#"
@@ -273,10 +251,7 @@ fn groups_floors_and_min_workers_set_the_number_of_nodes() -> Result<()> {
     wait_all_removed(&c, "cpu2", Duration::from_secs(90))?;
 
     // min_workers: 1 keeps one idle node.
-    apply(
-        &c,
-        &CPU2.replace("max_workers: 3", "max_workers: 3\n    min_workers: 1"),
-    )?;
+    c.apply_autoscaling(&CPU2.replace("max_workers: 3", "max_workers: 3\n    min_workers: 1"))?;
     wait_for("one node for min_workers", Duration::from_secs(60), || {
         let s = c.status(None).ok()?;
         (alive_of(&s, "cpu2").len() == 1).then_some(())
@@ -417,7 +392,7 @@ fn a_node_whose_objects_cannot_move_is_kept_until_they_are_released() -> Result<
         extra_args: vec!["--object-store-memory".into(), "1MiB".into()],
         ..Default::default()
     })?;
-    apply(&c, ONE_CPU2)?;
+    c.apply_autoscaling(ONE_CPU2)?;
     // A remote driver reads objects into its own memory (the head's store could not hold it).
     let mut d = Driver::start(
         driver_bin(),
@@ -614,7 +589,7 @@ fn command_provider_failures_back_off_and_a_failing_list_removes_nothing() -> Re
     let cloud = c.path().join("cloud");
     std::fs::create_dir_all(&cloud)?;
     std::fs::write(cloud.join("fail_launch"), "")?;
-    apply(&c, &command_config(&cloud, 1))?;
+    c.apply_autoscaling(&command_config(&cloud, 1))?;
     let mut d = Driver::start(driver_bin(), &c, &["burst", "1", "500", "1"], &[])?;
     // Launches fail: they show as recent failures and are retried, with backoff.
     let s = wait_for("two failed launches", Duration::from_secs(60), || {
@@ -696,10 +671,8 @@ fn kubernetes_provider_scales_its_statefulset_through_kubectl() -> Result<()> {
         &kubectl,
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
-    apply(
-        &c,
-        &format!(
-            r#"
+    c.apply_autoscaling(&format!(
+        r#"
 max_workers: 4
 available_node_types:
   cpu2:
@@ -711,9 +684,8 @@ provider:
   namespace: ray
   kubectl: {}
 "#,
-            kubectl.display()
-        ),
-    )?;
+        kubectl.display()
+    ))?;
     // Demand for two nodes: the StatefulSet is scaled to 2, once per request.
     let _d = Driver::start(driver_bin(), &c, &["burst", "2", "60000", "2"], &[])?;
     let s = wait_for("two pods allocated", Duration::from_secs(60), || {

@@ -13,8 +13,16 @@ use crate::status::client;
 pub(crate) fn read_config(path: &std::path::Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the autoscaling config {}", path.display()))?;
-    control_plane::autoscaler::config::Config::from_yaml(&text)
+    let c = control_plane::autoscaler::config::Config::from_yaml(&text)
         .with_context(|| format!("in {}", path.display()))?;
+    let ignored = c.ignored_fields();
+    if !ignored.is_empty() {
+        eprintln!(
+            "note: {} ignores Ray's cluster-launcher fields {}: the provider starts nodes with `rayctl start` itself",
+            path.display(),
+            ignored.join(", ")
+        );
+    }
     Ok(text)
 }
 

@@ -42,6 +42,36 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_node_type: Option<String>,
     pub provider: ProviderConfig,
+    // Ray's cluster-launcher fields (`ray up`, `python/ray/autoscaler/ray-schema.json`):
+    // accepted so a Ray user's file reads as it is, never stored, and named by
+    // `ignored_fields`. Our providers start nodes with `rayctl start` themselves, so there is
+    // nothing to log in to, install, sync or run first.
+    #[serde(default, skip_serializing)]
+    auth: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    docker: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    file_mounts: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    cluster_synced_files: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    file_mounts_sync_continuously: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    rsync_exclude: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    rsync_filter: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    initialization_commands: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    setup_commands: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    head_setup_commands: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    worker_setup_commands: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    head_start_ray_commands: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    worker_start_ray_commands: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +191,43 @@ impl Config {
             serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         c.check()?;
         Ok(c)
+    }
+
+    /// Ray cluster-launcher fields the text had: accepted, and without effect here.
+    pub fn ignored_fields(&self) -> Vec<&'static str> {
+        [
+            ("auth", self.auth.is_some()),
+            ("docker", self.docker.is_some()),
+            ("file_mounts", self.file_mounts.is_some()),
+            ("cluster_synced_files", self.cluster_synced_files.is_some()),
+            (
+                "file_mounts_sync_continuously",
+                self.file_mounts_sync_continuously.is_some(),
+            ),
+            ("rsync_exclude", self.rsync_exclude.is_some()),
+            ("rsync_filter", self.rsync_filter.is_some()),
+            (
+                "initialization_commands",
+                self.initialization_commands.is_some(),
+            ),
+            ("setup_commands", self.setup_commands.is_some()),
+            ("head_setup_commands", self.head_setup_commands.is_some()),
+            (
+                "worker_setup_commands",
+                self.worker_setup_commands.is_some(),
+            ),
+            (
+                "head_start_ray_commands",
+                self.head_start_ray_commands.is_some(),
+            ),
+            (
+                "worker_start_ray_commands",
+                self.worker_start_ray_commands.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, here)| here.then_some(name))
+        .collect()
     }
 
     /// The stored form (canonical JSON), and back.
@@ -350,6 +417,29 @@ available_node_types:
 provider:
   type: local
 "#;
+
+    #[test]
+    fn ray_launcher_fields_are_accepted_named_and_not_stored() {
+        let text = format!(
+            "{RAY_BLOCK}auth: {{ssh_user: ubuntu}}\nsetup_commands: [pip install foo]\ndocker: {{image: rayproject/ray}}\n"
+        );
+        let c = Config::from_yaml(&text).expect("valid");
+        assert_eq!(c.ignored_fields(), ["auth", "docker", "setup_commands"]);
+        let stored = c.to_json();
+        assert!(
+            !stored.contains("ssh_user") && !stored.contains("setup_commands"),
+            "{stored}"
+        );
+        assert!(
+            Config::from_json(&stored)
+                .expect("json")
+                .ignored_fields()
+                .is_empty()
+        );
+        // Anything else at the top level is still an error naming it.
+        let e = Config::from_yaml(&format!("{RAY_BLOCK}setup_comands: []\n")).unwrap_err();
+        assert!(e.to_string().contains("setup_comands"), "{e}");
+    }
 
     #[test]
     fn a_ray_block_reads_the_same() {
