@@ -1,7 +1,8 @@
 //! The Jobs REST API on every head's HTTP port, following Ray's documented paths and JSON
 //! fields so existing Ray job clients work: `GET /api/version`, `POST /api/jobs/`,
 //! `GET /api/jobs/`, `GET /api/jobs/{id}`, `GET /api/jobs/{id}/logs`,
-//! `GET /api/jobs/{id}/logs/tail` (a chunked text stream until the job ends),
+//! `GET /api/jobs/{id}/logs/tail` (followed until the job ends: a WebSocket of TEXT frames
+//! for Ray's client, a chunked text stream otherwise),
 //! `POST /api/jobs/{id}/stop`, `DELETE /api/jobs/{id}`, `GET /api/openapi.json`, and the
 //! package endpoints Ray's client uses for `working_dir`: `GET|PUT /api/packages/gcs/{name}`
 //! (an archive is checked by unpacking it into a scratch directory before it is stored).
@@ -25,6 +26,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -55,7 +58,8 @@ pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Re
         deadline: Duration::from_secs(15),
         ..Default::default()
     };
-    let client = HeadClient::new(&heads, token, opts)?;
+    let client = HeadClient::new(&heads, token.clone(), opts)?;
+    let state_api = crate::state_api::router(client.clone(), token);
     Ok(Router::new()
         .route("/api/version", get(version))
         .route("/api/authenticate", post(authenticate))
@@ -80,7 +84,8 @@ pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Re
         .with_state(Api {
             client,
             uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
-        }))
+        })
+        .merge(state_api))
 }
 
 /// 415 for a POST or PUT body of a type a browser may send cross-site without asking.
@@ -376,10 +381,19 @@ async fn logs(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Val
     Ok(Json(json!({ "logs": String::from_utf8_lossy(&out) })))
 }
 
-/// Streams the log as it grows until the job ends (chunked `text/plain`).
-async fn tail(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// Follows the log until the job ends: over a WebSocket when the client asks for one (Ray's
+/// `JobSubmissionClient.tail_job_logs`, hence `ray job submit` and `ray job logs -f`: TEXT
+/// frames, then a normal close), else as a chunked `text/plain` stream.
+async fn tail(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
     // Fail with a status code, not a broken stream, when the job does not exist.
     get_one(&api, id.clone()).await?;
+    if let Ok(ws) = ws {
+        return Ok(ws.on_upgrade(move |socket| tail_ws(api, id, socket)));
+    }
     let stream = futures_util::stream::unfold(Some(0u64), move |offset| {
         let (api, id) = (api.clone(), id.clone());
         async move {
@@ -410,6 +424,82 @@ async fn tail(State(api): State<Api>, Path(id): Path<String>) -> Result<Response
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// Takes the text of `buf`, leaving in it the last bytes if they begin a character the next
+/// read completes (a log read can cut one); invalid bytes become U+FFFD.
+fn utf8_text(buf: &mut Vec<u8>) -> String {
+    let mut keep = 0;
+    for i in (buf.len().saturating_sub(3)..buf.len()).rev() {
+        let b = buf[i];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back for its lead byte
+        }
+        let need = match b {
+            0xF0.. => 4,
+            0xE0.. => 3,
+            0xC0.. => 2,
+            _ => 1,
+        };
+        if buf.len() - i < need {
+            keep = buf.len() - i;
+        }
+        break;
+    }
+    let rest = buf.split_off(buf.len() - keep);
+    let text = String::from_utf8_lossy(buf).into_owned();
+    *buf = rest;
+    text
+}
+
+async fn tail_ws(api: Api, id: String, mut socket: WebSocket) {
+    use axum::extract::ws::{CloseFrame, Message, close_code};
+    let mut offset = 0u64;
+    let mut pending = Vec::new();
+    let close = loop {
+        match read_logs(&api, &id, offset).await {
+            Ok(l) if !l.data.is_empty() => {
+                offset = l.next_offset;
+                pending.extend_from_slice(&l.data);
+                let text = utf8_text(&mut pending);
+                if !text.is_empty() && socket.send(Message::Text(text.into())).await.is_err() {
+                    return;
+                }
+            }
+            Ok(l) if l.complete => {
+                if !pending.is_empty() {
+                    let text = String::from_utf8_lossy(&pending).into_owned();
+                    let _ = socket.send(Message::Text(text.into())).await;
+                }
+                break CloseFrame {
+                    code: close_code::NORMAL,
+                    reason: "job finished".into(),
+                };
+            }
+            Ok(_) => {
+                // Nothing new yet: wait, but notice a client that went away.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    m = socket.recv() => match m {
+                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                        Some(Ok(_)) => {}
+                    },
+                }
+            }
+            Err(e) => {
+                let _ = socket
+                    .send(Message::Text(
+                        format!("\n[rayctl: log tail ended: {}]\n", e.1).into(),
+                    ))
+                    .await;
+                break CloseFrame {
+                    code: close_code::ERROR,
+                    reason: "cannot read the job's log".into(),
+                };
+            }
+        }
+    };
+    let _ = socket.send(Message::Close(Some(close))).await;
 }
 
 async fn stop(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -549,4 +639,27 @@ async fn kv_put(api: &Api, key: Vec<u8>, value: Vec<u8>) -> Result<(), ApiError>
         })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utf8_text;
+
+    #[test]
+    fn log_text_never_splits_a_character_between_frames() {
+        let all = "héllo ✓ 🦀\n".as_bytes().to_vec();
+        // Cut at every byte: the frames always join to the text.
+        for cut in 0..=all.len() {
+            let mut buf = all[..cut].to_vec();
+            let mut out = utf8_text(&mut buf);
+            buf.extend_from_slice(&all[cut..]);
+            out.push_str(&utf8_text(&mut buf));
+            assert_eq!(out, "héllo ✓ 🦀\n", "cut at {cut}");
+            assert!(buf.is_empty());
+        }
+        // Invalid bytes are replaced, not kept back forever.
+        let mut bad = vec![b'a', 0xFF, b'b'];
+        assert_eq!(utf8_text(&mut bad), "a\u{FFFD}b");
+        assert!(bad.is_empty());
+    }
 }

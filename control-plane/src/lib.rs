@@ -32,6 +32,7 @@ mod rejection;
 pub mod service;
 pub mod sm_store;
 pub mod state;
+mod state_api;
 pub mod types;
 
 use std::collections::BTreeMap;
