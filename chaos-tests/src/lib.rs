@@ -227,6 +227,25 @@ impl Default for ClusterOptions {
     }
 }
 
+/// Ray 2.60's own CLI (`ray`) and Python, from the venv `scripts/test` installs
+/// (`target/ray-venv`, or `RAYCTL_RAY_VENV`): the real client where we promise
+/// compatibility. Missing is an error that says how to get it, never a skip.
+pub fn ray_venv() -> Result<PathBuf> {
+    let dir = std::env::var_os("RAYCTL_RAY_VENV").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ray-venv"),
+        PathBuf::from,
+    );
+    if !dir.join("bin/ray").exists() {
+        bail!(
+            "Ray 2.60's CLI is required at {}/bin/ray: scripts/test installs it \
+             (python3 -m venv target/ray-venv && target/ray-venv/bin/pip install \
+             'ray[default]==2.60.0'), or set RAYCTL_RAY_VENV to such a venv",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 /// Names each applied autoscaling config file apart.
 static APPLIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 

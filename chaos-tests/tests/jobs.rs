@@ -477,3 +477,89 @@ fn the_death_of_the_driver_node_fails_the_job_or_retries_it() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_log_tail_is_a_websocket_for_rays_client_and_refuses_strangers() -> Result<()> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        token: Some(TOKEN.into()),
+        ..Default::default()
+    })?;
+    let port = c.heads[0].ready["dashboard_port"].clone();
+    let api = Http::new(&port, Some(TOKEN));
+    let (code, v) = api.json(
+        "POST",
+        "/api/jobs/",
+        Some(json!({"entrypoint": "echo one; sleep 1; echo twö; echo three"})),
+    )?;
+    assert_eq!(code, 200, "{v}");
+    let id = v["submission_id"].as_str().context("id")?.to_owned();
+    let url = format!("ws://127.0.0.1:{port}/api/jobs/{id}/logs/tail");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        // As Ray's client does: the token in a header, TEXT frames to the end, a normal close.
+        let mut req = url.as_str().into_client_request()?;
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse()?);
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await?;
+        assert_eq!(resp.status().as_u16(), 101);
+        let (mut text, mut close) = (String::new(), None);
+        while let Some(m) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await? {
+            match m? {
+                Message::Text(t) => text.push_str(t.as_str()),
+                Message::Close(f) => {
+                    close = f;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(text, "one\ntwö\nthree\n");
+        assert_eq!(close.map(|f| f.code), Some(CloseCode::Normal));
+
+        let status = |e: WsError| match e {
+            WsError::Http(r) => r.status().as_u16(),
+            other => panic!("expected an HTTP refusal, got {other}"),
+        };
+        // No token: refused before any upgrade.
+        let e = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect_err("no token");
+        assert_eq!(status(e), 401);
+        // A page on another site cannot open it with the user's credentials.
+        let mut req = url.as_str().into_client_request()?;
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse()?);
+        req.headers_mut()
+            .insert("origin", "http://evil.example".parse()?);
+        let e = tokio_tungstenite::connect_async(req)
+            .await
+            .expect_err("foreign origin");
+        assert_eq!(status(e), 403);
+        // A job that does not exist: 404, not an empty stream.
+        let mut req =
+            format!("ws://127.0.0.1:{port}/api/jobs/nosuchjob/logs/tail").into_client_request()?;
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse()?);
+        let e = tokio_tungstenite::connect_async(req)
+            .await
+            .expect_err("unknown job");
+        assert_eq!(status(e), 404);
+        anyhow::Ok(())
+    })?;
+    // Without an upgrade the same path still streams plain text.
+    let mut r = api
+        .agent
+        .get(&format!("{}/api/jobs/{id}/logs/tail", api.base))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .call()?;
+    assert_eq!(r.body_mut().read_to_string()?, "one\ntwö\nthree\n");
+    Ok(())
+}
