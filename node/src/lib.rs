@@ -13,6 +13,7 @@ pub mod identity;
 mod jobs;
 mod leases;
 pub mod metrics;
+mod output;
 mod package;
 mod registration;
 mod workers;
@@ -600,6 +601,20 @@ impl NodeManager for NodeManagerService {
             );
         }
         Ok(tonic::Response::new(reply))
+    }
+
+    async fn deliver_output(
+        &self,
+        req: tonic::Request<pb::WorkerOutput>,
+    ) -> Result<tonic::Response<pb::DeliverOutputReply>, tonic::Status> {
+        let o = req.into_inner();
+        if o.lines.len() > 100_000 {
+            return Err(tonic::Status::invalid_argument(
+                "at most 100000 lines of worker output at once",
+            ));
+        }
+        let delivered = self.shared.workers.deliver_output(o);
+        Ok(tonic::Response::new(pb::DeliverOutputReply { delivered }))
     }
 
     async fn objects_moved(

@@ -155,6 +155,8 @@ impl TaskTable {
 
 pub(crate) struct WorkerPool {
     cfg: PoolConfig,
+    /// Worker output for callers on other nodes.
+    output: crate::output::Forwarder,
     leases: Arc<Leases>,
     st: Mutex<PoolState>,
     /// Node managers a missing binary may be fetched from (the live nodes); none until the
@@ -180,6 +182,7 @@ pub(crate) use protocol::sha256_file;
 impl WorkerPool {
     pub(crate) fn new(cfg: PoolConfig, leases: Arc<Leases>) -> Self {
         Self {
+            output: crate::output::Forwarder::new(cfg.token.clone()),
             cfg,
             leases,
             binary_sources: std::sync::RwLock::default(),
@@ -890,6 +893,7 @@ impl WorkerPool {
                     Some(pb::worker_message::Kind::TaskEvents(ev)) => me.lock().tasks.record(ev),
                     Some(pb::worker_message::Kind::Blocked(l)) => me.leases.lend(&l),
                     Some(pb::worker_message::Kind::Unblocked(l)) => me.leases.reclaim(&l),
+                    Some(pb::worker_message::Kind::Output(o)) => me.route_output(o),
                     Some(pb::worker_message::Kind::Stats(stats)) => {
                         me.lock().stats.insert(conn, stats);
                     }
@@ -949,6 +953,31 @@ impl WorkerPool {
             }
         }
         delivered
+    }
+
+    /// Worker output: to the caller's channel if it is here, else on to its node.
+    pub(crate) fn route_output(&self, o: pb::WorkerOutput) {
+        if o.owner_node == self.cfg.node_address {
+            self.deliver_output(o);
+        } else if !o.owner_node.is_empty() {
+            self.output.send(o);
+        }
+    }
+
+    /// Hands worker output to the process here whose owner prefix it names.
+    pub(crate) fn deliver_output(&self, o: pb::WorkerOutput) -> bool {
+        let tx = self
+            .lock()
+            .owners
+            .values()
+            .find(|(prefix, _)| *prefix == o.owner_prefix)
+            .and_then(|(_, tx)| tx.upgrade());
+        tx.is_some_and(|tx| {
+            tx.send(pb::NodeToWorker {
+                kind: Some(pb::node_to_worker::Kind::Output(o)),
+            })
+            .is_ok()
+        })
     }
 
     /// Frees the objects of an owner that went away (once per owner).

@@ -30,6 +30,7 @@
 //! object stays alive while any `ObjectRef` to it or any pending task using it exists.
 
 mod actor;
+mod output;
 mod owner;
 mod pg;
 mod runtime;

@@ -55,7 +55,7 @@ enum Resolved {
 }
 
 /// How `init` connects.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Head addresses (`host:port[,host:port…]`); default `RAYCTL_ADDRESS`, then the cluster
     /// `rayctl start` last started on this machine, else a new one-node cluster.
@@ -64,6 +64,28 @@ pub struct Config {
     pub remote: bool,
     /// CPUs of the one-node cluster started when there is none (default: all).
     pub local_num_cpus: Option<f64>,
+    /// Print what this process's tasks and actors print, on this process's stderr, each line
+    /// prefixed `(NAME pid=PID, ip=IP)` (Ray's `log_to_driver`; default true).
+    pub log_to_driver: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            address: None,
+            remote: false,
+            local_num_cpus: None,
+            log_to_driver: true,
+        }
+    }
+}
+
+impl Config {
+    /// Whether worker output reaches this process (see `log_to_driver`).
+    pub fn log_to_driver(mut self, on: bool) -> Self {
+        self.log_to_driver = on;
+        self
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +201,8 @@ pub(crate) struct Runtime {
     pub(crate) actor: OnceLock<Arc<crate::worker::ActorHost>>,
     /// In an actor's worker: until when its node lets it serve (`NodeToWorker.serve_ms`).
     pub(crate) serve_until: Mutex<Option<std::time::Instant>>,
+    /// Whether what this process's calls print is sent here (`Config::log_to_driver`).
+    pub(crate) log_to_driver: std::sync::atomic::AtomicBool,
 }
 
 /// Kept by the driver; dropping it stops the one-node cluster `init` may have started.
@@ -301,6 +325,7 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
     let (sha, path) = rt.block_on(hash_self())?;
     let binary = (sha, node.address.clone());
     let r = Runtime::start(rt, mode, node, store, token, binary, String::new(), heads)?;
+    r.log_to_driver.store(cfg.log_to_driver, Ordering::Relaxed);
     r.block_on(r.clone().register_binary(path))?;
     r.spawn(driver_channel(r.clone()));
     Ok(Session { rt: r, cluster })
@@ -493,8 +518,14 @@ async fn driver_channel(rt: Arc<Runtime>) {
     let mut r = tokio::spawn(async move {
         let mut replies = c.worker_channel(stream).await?.into_inner();
         while let Some(m) = replies.message().await? {
-            if let Some(pb::node_to_worker::Kind::ObjectsMoved(moved)) = m.kind {
-                owner.objects_moved(moved);
+            match m.kind {
+                Some(pb::node_to_worker::Kind::ObjectsMoved(moved)) => owner.objects_moved(moved),
+                Some(pb::node_to_worker::Kind::Output(o)) => {
+                    if owner.log_to_driver.load(Ordering::Relaxed) {
+                        crate::output::print(&o);
+                    }
+                }
+                _ => {}
             }
         }
         Ok::<_, tonic::Status>(())
@@ -576,6 +607,7 @@ impl Runtime {
             head: OnceLock::new(),
             actor: OnceLock::new(),
             serve_until: Mutex::new(None),
+            log_to_driver: std::sync::atomic::AtomicBool::new(true),
         });
         RUNTIME
             .set(r.clone())
@@ -825,6 +857,16 @@ impl Runtime {
                 locs: vec![self.node.loc()],
             },
         ))
+    }
+
+    /// Where the calls this process makes send what they print: its node, unless it asked
+    /// for none (`Config::log_to_driver(false)`).
+    pub(crate) fn output_node(&self) -> String {
+        if self.log_to_driver.load(Ordering::Relaxed) {
+            self.node.address.clone()
+        } else {
+            String::new()
+        }
     }
 
     /// A draining node moved objects this process owns: record their new places.

@@ -33,6 +33,8 @@ const PIPELINE: usize = 16;
 const MAX_PENDING_LEASES: usize = 8;
 const LINGER: Duration = Duration::from_millis(200);
 const LEASE_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long calls wait for an actor that is not running before the user is told why.
+const ACTOR_WAIT_WARNING: Duration = Duration::from_secs(5);
 /// The longest a lease request may take at one node: its queue, a binary fetch and a worker
 /// start (each bounded on the node).
 const LEASE_RPC_TIMEOUT: Duration = Duration::from_secs(300);
@@ -48,7 +50,43 @@ pub(crate) struct Key {
     soft: bool,
 }
 
+/// How often the same warning may be printed again.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// A warning the user must see without having installed a logger (Ray prints these too): on
+/// stderr, at most once a minute per `key`.
+pub(crate) fn user_warning(key: &str, msg: &str) {
+    static LAST: std::sync::Mutex<Option<HashMap<String, Instant>>> = std::sync::Mutex::new(None);
+    let now = Instant::now();
+    {
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        let last = last.get_or_insert_with(HashMap::new);
+        if last
+            .get(key)
+            .is_some_and(|t| now.duration_since(*t) < WARN_EVERY)
+        {
+            return;
+        }
+        if last.len() > 10_000 {
+            last.clear();
+        }
+        last.insert(key.to_owned(), now);
+    }
+    tracing::warn!("{msg}");
+    eprintln!("(rayctl) warning: {msg}");
+}
+
 impl Key {
+    /// The shape as a user wrote it: `{CPU: 1, unobtainium: 1}`.
+    pub(crate) fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .shape
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", *v as f64 / 10_000.0))
+            .collect();
+        format!("{{{}}}", parts.join(", "))
+    }
+
     pub(crate) fn new(shape: std::collections::BTreeMap<String, f64>, s: &Strategy) -> Arc<Self> {
         let (strategy, affinity, soft) = match s {
             // Bundle resources exist only on the bundles' nodes: the hybrid policy finds them.
@@ -479,10 +517,8 @@ impl Submitter {
         for (cid, tasks) in out {
             if let Some(c) = self.conns.get(&cid) {
                 let _ = c.tx.send(pb::PushTasksRequest {
-                    lease_id: String::new(),
                     tasks,
-                    actor_id: String::new(),
-                    actor_restarts: 0,
+                    ..Default::default()
                 });
             }
         }
@@ -516,9 +552,8 @@ impl Submitter {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(pb::PushTasksRequest {
             lease_id: lease.lease_id.clone(),
-            tasks: Vec::new(),
-            actor_id: String::new(),
-            actor_restarts: 0,
+            owner_node: self.rt.output_node(),
+            ..Default::default()
         });
         self.stream(id, lease.worker_address.clone(), rx, false);
         self.conns.insert(
@@ -918,10 +953,8 @@ impl Submitter {
         }
         if let Some(c) = self.actor_conns.get(&cid) {
             let _ = c.tx.send(pb::PushTasksRequest {
-                lease_id: String::new(),
                 tasks,
-                actor_id: String::new(),
-                actor_restarts: 0,
+                ..Default::default()
             });
         }
     }
@@ -988,10 +1021,10 @@ impl Submitter {
         let cid = self.next_conn;
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(pb::PushTasksRequest {
-            lease_id: String::new(),
-            tasks: Vec::new(),
             actor_id: id.to_owned(),
             actor_restarts: info.num_restarts,
+            owner_node: self.rt.output_node(),
+            ..Default::default()
         });
         self.stream(cid, info.worker_address.clone(), rx, true);
         self.actor_conns.insert(
@@ -1120,7 +1153,23 @@ async fn resolve_actor(
                 let _ = events.send(Event::ActorResolved(id, Box::new(Ok(i))));
                 return;
             }
-            Ok(_) => {}
+            Ok(i) => {
+                if start.elapsed() > ACTOR_WAIT_WARNING {
+                    user_warning(
+                        &format!("actor {id}"),
+                        &format!(
+                            "actor {} ({id}) has not started after {}s: {}",
+                            i.class_name,
+                            start.elapsed().as_secs(),
+                            if i.message.is_empty() {
+                                "waiting for a node"
+                            } else {
+                                &i.message
+                            }
+                        ),
+                    );
+                }
+            }
             Err(e) => {
                 tracing::warn!(actor = id, "cannot look the actor up: {e}");
                 tokio::time::sleep(backoff).await;
@@ -1216,7 +1265,6 @@ async fn request_lease(
     events: mpsc::UnboundedSender<Event>,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let mut logged = false;
     let mut failures = 0;
     'outer: loop {
         let mut addr = rt.node.address.clone();
@@ -1285,15 +1333,36 @@ async fn request_lease(
                     hops += 1;
                 }
                 Ok(pb::LeaseOutcome::Infeasible) => {
-                    if !logged {
-                        tracing::warn!("tasks needing {:?} wait: {}", key.shape, r.message);
-                        logged = true;
-                    }
+                    user_warning(
+                        &format!("infeasible {}", key.describe()),
+                        &format!(
+                            "tasks needing {} cannot be scheduled: {}. They wait until a node that can run them joins the cluster (the autoscaler adds one if a node type fits).",
+                            key.describe(),
+                            r.message
+                        ),
+                    );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue 'outer;
                 }
+                Ok(pb::LeaseOutcome::TimedOut) => {
+                    user_warning(
+                        &format!("busy {}", key.describe()),
+                        &format!(
+                            "tasks needing {} have waited {}s for a worker: every node that can run them is busy{}. They run as resources free up.",
+                            key.describe(),
+                            LEASE_QUEUE_TIMEOUT.as_secs(),
+                            if r.message.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", r.message)
+                            }
+                        ),
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'outer;
+                }
                 _ => {
-                    // Timed out in a node's queue, or a spillback without an address.
+                    // A spillback without an address.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue 'outer;
                 }

@@ -222,6 +222,7 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
         // the queue is through.
         let replies = forward(
             first.tasks,
+            first.owner_node,
             input,
             exec.clone(),
             lease_name,
@@ -239,6 +240,7 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
 /// `then` runs.
 fn forward(
     first: Vec<pb::TaskSpec>,
+    owner_node: String,
     mut input: tonic::Streaming<pb::PushTasksRequest>,
     exec: std_mpsc::Sender<Work>,
     lease: Arc<str>,
@@ -251,6 +253,7 @@ fn forward(
         let mut batch = first;
         loop {
             for spec in batch.drain(..) {
+                crate::output::caller_node(&spec.task_id, &owner_node);
                 let _ = exec.send(Work::Run {
                     spec,
                     lease: lease.clone(),
@@ -316,6 +319,7 @@ impl CoreWorker {
         let lease: Arc<str> = self.rt.running_lease_of_actor();
         Ok(tonic::Response::new(forward(
             first.tasks,
+            first.owner_node,
             input,
             exec,
             lease,
@@ -352,6 +356,12 @@ pub(crate) fn serve(rt: Arc<Runtime>) -> ! {
     let (exec_tx, exec_rx) = std_mpsc::channel::<Work>();
     let (node_tx, node_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
     let host = std::env::var("RAYCTL_NODE_IP_ADDRESS").unwrap_or_else(|_| "127.0.0.1".into());
+    match crate::output::capture(host.clone()) {
+        Ok(c) => {
+            rt.spawn(crate::output::flush_loop(c, node_tx.clone()));
+        }
+        Err(e) => eprintln!("rayctl worker: what tasks print stays in this log only: {e}"),
+    }
     let started = rt.block_on(start_server(
         rt.clone(),
         host,
@@ -407,6 +417,7 @@ fn run_one(
         return;
     }
     rt.stats.running.fetch_add(1, Ordering::Relaxed);
+    crate::output::running(&spec.task_id, &spec.function);
     *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
     let r = if actor {
         let host = rt.actor.get().cloned();
@@ -620,6 +631,10 @@ async fn start_server(
                 Ok(Some(pb::NodeToWorker {
                     kind: Some(pb::node_to_worker::Kind::ObjectsMoved(moved)),
                 })) => lease_rt.objects_moved(moved),
+                // What this worker's own calls printed: on up to its caller.
+                Ok(Some(pb::NodeToWorker {
+                    kind: Some(pb::node_to_worker::Kind::Output(o)),
+                })) => crate::output::received(o),
                 Ok(Some(pb::NodeToWorker {
                     kind: Some(pb::node_to_worker::Kind::StartActor(start)),
                 })) => {

@@ -433,6 +433,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stdin_line();
             drop(big);
         }
+        "stuck" => {
+            // An actor no node can host, and a call that waits for it.
+            let c =
+                Counter::remote_with(&ActorOptions::default().resource("unobtainium", 1.0), 0i64)?;
+            let call = c.incr(1i64);
+            result(serde_json::json!({"actor": c.handle().actor_id()}));
+            stdin_line();
+            drop(call);
+        }
         "zombie" => {
             let opts = ActorOptions::default()
                 .max_restarts(1)

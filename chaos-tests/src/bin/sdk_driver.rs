@@ -60,6 +60,24 @@ fn nested(a: i64, b: i64) -> i64 {
     sdk::get(&x).expect("nested x") + sdk::get(&y).expect("nested y")
 }
 
+/// Prints a line on stdout and one on stderr; answers where it ran.
+#[sdk::remote]
+fn chatty(i: u64) -> String {
+    println!("stdout line from task {i}");
+    eprintln!("stderr line from task {i}");
+    std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
+}
+
+/// Prints, and calls `chatty` (whose output reaches the driver through this worker).
+#[sdk::remote]
+fn chatty_parent() -> u64 {
+    println!("parent before");
+    let r = chatty::remote(99u64);
+    sdk::get(&r).expect("nested chatty");
+    println!("parent after");
+    1
+}
+
 fn blob(seed: u64, n: u64) -> Vec<u8> {
     let mut s = seed | 1;
     (0..n)
@@ -85,8 +103,12 @@ fn stdin_line() {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let session = sdk::init()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let session = if args.first().is_some_and(|a| a == "quiet") {
+        sdk::init_with(sdk::Config::default().log_to_driver(false))?
+    } else {
+        sdk::init()?
+    };
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
     match arg(0).as_str() {
         "mode" => {
@@ -94,6 +116,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result(
                 serde_json::json!({"mode": format!("{:?}", session.mode()), "sum": sdk::get(&r)?, "node": sdk::node_id()?.to_string()}),
             );
+        }
+        "print" | "quiet" => {
+            let refs: Vec<_> = (0..4u64).map(chatty::remote).collect();
+            let nodes: Vec<String> = sdk::get_all(&refs)?;
+            let parent = sdk::get(&chatty_parent::remote())?;
+            result(serde_json::json!({"nodes": nodes, "parent": parent}));
+            stdin_line();
         }
         "resource" => {
             let opts = TaskOptions::default().resource(&arg(1), 1.0);
