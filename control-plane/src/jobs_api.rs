@@ -197,12 +197,15 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-async fn version() -> Json<Value> {
+/// Ray's version reply, plus the heads' gRPC addresses (`rayctl_heads`), so `rayctl
+/// --address http://HOST:8265` finds the cluster the way Ray users type its address.
+async fn version(State(api): State<Api>) -> Json<Value> {
     Json(json!({
         "version": RAY_API_VERSION,
         "ray_version": "2.60.0",
         "ray_commit": concat!("rayctl-", env!("CARGO_PKG_VERSION")),
         "session_name": "rayctl",
+        "rayctl_heads": api.client.addresses(),
     }))
 }
 

@@ -48,12 +48,18 @@ pub(crate) enum Command {
     },
     /// Drains a worker node (refused while it is busy) and removes it from the cluster.
     DrainNode(DrainNodeArgs),
+    /// Prints a shell completion script: `rayctl completions bash > ~/.local/share/bash-completion/completions/rayctl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AutoscalerCommand {
     /// Replaces the autoscaling config (checked first; every head then uses it).
     Apply {
+        /// The YAML file (Ray's cluster config fields).
         file: PathBuf,
         #[command(flatten)]
         client: ClientArgs,
@@ -78,6 +84,7 @@ pub(crate) enum AutoscalerCommand {
 
 #[derive(Args, Debug)]
 pub(crate) struct DrainNodeArgs {
+    /// The node to drain (its id, as `rayctl status` shows it).
     pub(crate) node_id: String,
     /// Shown as the node's death reason ("drained by operator: REASON").
     #[arg(long)]
@@ -136,6 +143,7 @@ pub(crate) enum JobCommand {
     Logs {
         #[command(flatten)]
         job: JobIdArgs,
+        /// Follow the log until the job ends.
         #[arg(short = 'f', long)]
         follow: bool,
     },
@@ -165,6 +173,7 @@ pub(crate) struct JobIdArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct JobSubmitArgs {
+    /// The job's id ([A-Za-z0-9_-], at most 128); default: a new raysubmit_… id.
     #[arg(long)]
     pub(crate) submission_id: Option<String>,
     /// Uploaded with the job (`.git` and what `.gitignore` excludes are left out).
@@ -173,10 +182,13 @@ pub(crate) struct JobSubmitArgs {
     /// The runtime_env as JSON, e.g. '{"env_vars": {"A": "1"}}'.
     #[arg(long)]
     pub(crate) runtime_env_json: Option<String>,
+    /// Metadata as a JSON object of strings, kept with the job.
     #[arg(long)]
     pub(crate) metadata_json: Option<String>,
+    /// CPUs the entrypoint needs on its node.
     #[arg(long)]
     pub(crate) entrypoint_num_cpus: Option<f64>,
+    /// GPUs the entrypoint needs on its node.
     #[arg(long)]
     pub(crate) entrypoint_num_gpus: Option<f64>,
     /// Memory for the entrypoint, e.g. 1GiB.
@@ -211,6 +223,7 @@ pub(crate) enum ListKind {
 
 #[derive(Args, Debug)]
 pub(crate) struct ListArgs {
+    /// What to list.
     pub(crate) kind: ListKind,
     /// Keep rows whose field equals (KEY=VALUE) or differs from (KEY!=VALUE) a value; may be
     /// repeated (all must hold). Fields are the JSON output's keys.
@@ -230,6 +243,7 @@ pub(crate) enum SummaryKind {
 
 #[derive(Args, Debug)]
 pub(crate) struct SummaryArgs {
+    /// What to summarize.
     pub(crate) kind: SummaryKind,
     #[command(flatten)]
     pub(crate) client: ClientArgs,
@@ -249,7 +263,8 @@ pub(crate) enum Output {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ClientArgs {
-    /// Head addresses HOST:PORT[,HOST:PORT…]; default RAYCTL_ADDRESS, then the local session.
+    /// Head addresses HOST:PORT[,HOST:PORT…], or a head's dashboard URL as Ray users type it
+    /// (http://HOST:8265); default RAYCTL_ADDRESS, then the local session.
     #[arg(long)]
     pub(crate) address: Option<String>,
     /// File holding the cluster token (default: RAYCTL_AUTH_TOKEN, then the file named by
@@ -259,6 +274,7 @@ pub(crate) struct ClientArgs {
     /// Give up after this long (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
+    /// Output format: text for people, json for programs.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub(crate) output: Output,
 }
@@ -274,8 +290,9 @@ pub(crate) struct StopArgs {
     /// SIGKILL at once instead of SIGTERM and a grace period.
     #[arg(long)]
     pub(crate) force: bool,
-    /// How long to wait for a graceful exit before SIGKILL.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long to wait for a graceful exit before SIGKILL: seconds (Ray's `-g 10`) or a
+    /// duration (10s, 500ms).
+    #[arg(long, short = 'g', visible_alias = "grace-period", default_value = "10s", value_parser = parse_grace)]
     pub(crate) grace: Duration,
 }
 
@@ -305,11 +322,14 @@ pub(crate) struct StartArgs {
     /// The address this machine advertises to the others (never guessed).
     #[arg(long, default_value = "127.0.0.1")]
     pub(crate) node_ip_address: String,
-    /// The interface servers listen on.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// The interface every server of this daemon listens on (Ray's `--dashboard-host` is taken
+    /// as this flag: the dashboard port has no interface of its own here).
+    #[arg(long, visible_alias = "dashboard-host", default_value = "127.0.0.1")]
     pub(crate) bind_host: String,
+    /// CPUs this node offers to tasks and actors (default: all of the machine's).
     #[arg(long)]
     pub(crate) num_cpus: Option<f64>,
+    /// GPUs this node offers (default: none).
     #[arg(long)]
     pub(crate) num_gpus: Option<f64>,
     /// Memory for tasks, e.g. 4GiB or a byte count.
@@ -318,9 +338,10 @@ pub(crate) struct StartArgs {
     /// Custom resources as JSON, e.g. '{"accel": 2}'.
     #[arg(long)]
     pub(crate) resources: Option<String>,
-    /// Node labels as JSON, e.g. '{"zone": "a"}'.
+    /// Node labels, as Ray writes them (zone=a,disk=ssd) or as JSON ('{"zone": "a"}').
     #[arg(long)]
     pub(crate) labels: Option<String>,
+    /// The node manager's gRPC port (leases, workers, jobs on this node); 0 picks a free one.
     #[arg(long, default_value_t = 0)]
     pub(crate) node_manager_port: u16,
     /// The object manager's port (object transfer between nodes); 0 picks a free one.
@@ -336,8 +357,20 @@ pub(crate) struct StartArgs {
     /// Where objects spill under memory pressure (default: the session directory).
     #[arg(long)]
     pub(crate) object_spilling_directory: Option<PathBuf>,
+    /// The node's /metrics port for Prometheus; 0 picks a free one.
     #[arg(long, default_value_t = 0)]
     pub(crate) metrics_export_port: u16,
+    /// Ray's flag: the root of this machine's sessions (what RAYCTL_TMPDIR sets; clients here
+    /// then need RAYCTL_TMPDIR=DIR to find the cluster).
+    #[arg(long)]
+    pub(crate) temp_dir: Option<PathBuf>,
+    /// Ray's flag, accepted: the dashboard port also serves the Jobs API and the state API,
+    /// so it stays on.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub(crate) include_dashboard: Option<bool>,
+    /// Ray's flag, accepted: rayctl collects no usage statistics.
+    #[arg(long)]
+    pub(crate) disable_usage_stats: bool,
     /// File holding the cluster token (default: RAYCTL_AUTH_TOKEN, then the file named by
     /// RAYCTL_AUTH_TOKEN_PATH, then ~/.rayctl/auth_token; a head generates one there if none
     /// exists).
@@ -411,7 +444,25 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Operator {
             command: OperatorCommand::Raft { command },
         } => runtime()?.block_on(crate::status::raft(command)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "rayctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Seconds as Ray's `ray stop -g 10` gives them, or a duration (`10s`, `500ms`).
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e}; expected seconds (10) or a duration (10s)"))
 }
 
 fn parse_auth_mode(s: &str) -> Result<protocol::auth::AuthMode, String> {
@@ -422,4 +473,70 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command says what it is (`--help` is the manual).
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || ["help", "version"].contains(&id) {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "rayctl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn rays_spellings_parse() {
+        let c = Cli::try_parse_from(["rayctl", "stop", "-g", "7"]).expect("-g");
+        let Command::Stop(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(s.grace, Duration::from_secs(7));
+        let c = Cli::try_parse_from(["rayctl", "stop", "--grace-period", "2s"])
+            .expect("--grace-period");
+        let Command::Stop(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(s.grace, Duration::from_secs(2));
+        let c = Cli::try_parse_from([
+            "rayctl",
+            "start",
+            "--head",
+            "--dashboard-host",
+            "0.0.0.0",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            "--temp-dir",
+            "/tmp/x",
+            "--labels",
+            "zone=a,disk=ssd",
+        ])
+        .expect("Ray's start flags");
+        let Command::Start(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(s.bind_host, "0.0.0.0");
+        assert_eq!(s.include_dashboard, Some(false));
+        assert!(s.disable_usage_stats);
+        assert!(Cli::try_parse_from(["rayctl", "stop", "-g", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["rayctl", "completions", "bash"]).is_ok());
+    }
 }

@@ -66,6 +66,25 @@ fn daemon_token(a: &StartArgs) -> anyhow::Result<Option<AuthToken>> {
 
 pub(crate) fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     validate(&args)?;
+    if let Some(dir) = &args.temp_dir {
+        // SAFETY: no other thread runs yet (no runtime, no daemon): nothing reads the
+        // environment concurrently. The daemon (a child) inherits it.
+        unsafe { std::env::set_var("RAYCTL_TMPDIR", dir) };
+    }
+    if !args.block {
+        if args.include_dashboard == Some(false) {
+            eprintln!(
+                "note: --include-dashboard=false is accepted but the dashboard port stays on: it also serves the Jobs API and Ray's state API"
+            );
+        }
+        if let Some(dir) = &args.temp_dir {
+            eprintln!(
+                "note: sessions go under {}; clients on this machine find this cluster with RAYCTL_TMPDIR={}",
+                dir.display(),
+                dir.display()
+            );
+        }
+    }
     if args.block {
         init_tracing();
         let rt = crate::cli::runtime()?;
@@ -194,12 +213,24 @@ fn object_store_options(
     Ok(o)
 }
 
+/// `--labels`: Ray's `k=v,k2=v2`, or a JSON object of strings.
 fn labels(a: &StartArgs) -> anyhow::Result<BTreeMap<String, String>> {
-    match &a.labels {
-        Some(j) => serde_json::from_str(j)
-            .with_context(|| format!("--labels {j:?}: expected a JSON object of strings")),
-        None => Ok(BTreeMap::new()),
+    let Some(text) = a.labels.as_deref().map(str::trim) else {
+        return Ok(BTreeMap::new());
+    };
+    if text.starts_with('{') {
+        return serde_json::from_str(text)
+            .with_context(|| format!("--labels {text:?}: expected a JSON object of strings"));
     }
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => bail!(
+                "--labels {text:?}: {p:?} is not KEY=VALUE (write zone=a,disk=ssd or a JSON object)"
+            ),
+        })
+        .collect()
 }
 
 fn init_tracing() {
@@ -591,7 +622,29 @@ fn wait_ready(
     }
 }
 
+/// A head `rayctl start` left running here on the port asked for: say which and how to stop
+/// it, instead of failing later on a port in use.
+fn refuse_second_head(args: &StartArgs) -> anyhow::Result<()> {
+    if !args.head || args.port == 0 {
+        return Ok(());
+    }
+    let suffix = format!(":{}", args.port);
+    if let Some((_, r)) = session::list_daemons()?
+        .into_iter()
+        .find(|(_, r)| r.kind == "head" && r.address.ends_with(&suffix) && session::alive(r.pid))
+    {
+        bail!(
+            "a head already runs here at {} (pid {}, session {}): use it (rayctl status, rayctl job submit …), stop it with `rayctl stop`, or start another with its own --port, --dashboard-port and --data-dir",
+            r.address,
+            r.pid,
+            r.session.display()
+        );
+    }
+    Ok(())
+}
+
 fn launch_background(args: StartArgs) -> anyhow::Result<ExitCode> {
+    refuse_second_head(&args)?;
     if args.head {
         // Here, not in the daemon, so the user sees where a new token went (the daemon then
         // finds it) and a disabled-auth warning.
@@ -668,17 +721,11 @@ fn launch_background(args: StartArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn is_rayctl(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains("rayctl"))
-        .unwrap_or(false)
-}
-
 pub(crate) fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     let daemons = session::list_daemons()?;
     let mut live = Vec::new();
     for (path, rec) in daemons {
-        if is_rayctl(rec.pid) {
+        if session::alive(rec.pid) {
             let sig = if args.force {
                 Signal::SIGKILL
             } else {
@@ -691,18 +738,24 @@ pub(crate) fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let deadline = Instant::now() + args.grace;
-    while Instant::now() < deadline && live.iter().any(|(_, r)| is_rayctl(r.pid)) {
+    while Instant::now() < deadline && live.iter().any(|(_, r)| session::alive(r.pid)) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut killed = 0;
     for (path, rec) in &live {
-        if is_rayctl(rec.pid) {
+        if session::alive(rec.pid) {
             let _ = kill(Pid::from_raw(rec.pid as i32), Signal::SIGKILL);
             killed += 1;
         }
         let _ = std::fs::remove_file(path);
         eprintln!("stopped {} {} (pid {})", rec.kind, rec.address, rec.pid);
     }
+    let heads: Vec<String> = live
+        .iter()
+        .filter(|(_, r)| r.kind == "head")
+        .map(|(_, r)| r.address.clone())
+        .collect();
+    session::mark_stopped(&heads)?;
     eprintln!(
         "Stopped {} daemon(s){}.",
         live.len(),

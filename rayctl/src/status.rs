@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use crate::cli::{ClientArgs, Output, RaftCommand};
 
 pub(crate) fn client(args: &ClientArgs) -> anyhow::Result<HeadClient> {
-    let heads = crate::session::resolve_heads(args.address.as_deref())?;
     let token = AuthToken::load(args.auth_token_file.as_deref())?;
+    let heads = crate::session::resolve_heads(args.address.as_deref(), token.as_ref())?;
     let opts = ClientOptions {
         deadline: args.timeout,
         ..Default::default()
@@ -23,7 +23,10 @@ pub(crate) fn client(args: &ClientArgs) -> anyhow::Result<HeadClient> {
 
 /// A client for membership changes: they take the heads' peer secret, not the cluster token.
 fn peer_client(args: &ClientArgs, file: Option<&std::path::Path>) -> anyhow::Result<HeadClient> {
-    let heads = crate::session::resolve_heads(args.address.as_deref())?;
+    let token = AuthToken::load(args.auth_token_file.as_deref())
+        .ok()
+        .flatten();
+    let heads = crate::session::resolve_heads(args.address.as_deref(), token.as_ref())?;
     let secret = protocol::auth::load_peer_secret(file, false).context(
         "membership changes need the heads' peer secret: run this on a head's machine or pass --peer-secret-file",
     )?;

@@ -206,6 +206,7 @@ pub(crate) struct Runtime {
 }
 
 /// Kept by the driver; dropping it stops the one-node cluster `init` may have started.
+#[must_use = "dropping the Session at once stops the cluster init() may have started: keep it (`let _session = sdk::init()?;`) until main returns"]
 pub struct Session {
     rt: Arc<Runtime>,
     cluster: Option<crate::worker::LocalCluster>,
@@ -343,6 +344,10 @@ fn latest_session_heads() -> Option<Vec<String>> {
     let base = protocol::session::root().ok()?;
     let text = std::fs::read(base.join("session_latest").join("cluster.json")).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    // `rayctl stop` stopped it: start our own instead of waiting for it.
+    if v.get("stopped_at_ms").is_some_and(|t| !t.is_null()) {
+        return None;
+    }
     let heads: Vec<String> = v
         .get("heads")?
         .as_array()?
