@@ -306,9 +306,9 @@ fn the_examples_run_as_jobs() -> Result<()> {
         .parent()
         .context("bin dir")?
         .to_owned();
-    let (pi, wordcount) = (dir.join("pi"), dir.join("wordcount"));
+    let (pi, wordcount, points) = (dir.join("pi"), dir.join("wordcount"), dir.join("points"));
     anyhow::ensure!(
-        pi.is_file() && wordcount.is_file(),
+        pi.is_file() && wordcount.is_file() && points.is_file(),
         "build the examples first: cargo build -p task-examples (scripts/test does)"
     );
     let c = Cluster::start(ClusterOptions {
@@ -348,6 +348,16 @@ fn the_examples_run_as_jobs() -> Result<()> {
             .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["26", "the"]),
         "{out}"
     );
+    // A struct of the user's own through tasks (`#[sdk::value]`), a `&str` argument and an
+    // integer literal: y = 2x + 1 sampled on [0, 8], 11 points per part.
+    let (code, out, err) =
+        c.rayctl(&["job", "submit", "--", points.to_str().context("path")?, "8"])?;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("8 parts (part-0…part-7): 88 points, mean y 9.000, max y 17.000"),
+        "{out}\n{err}"
+    );
+    assert!(out.contains("hello points ×3"), "{out}\n{err}");
     Ok(())
 }
 

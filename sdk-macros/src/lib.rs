@@ -50,6 +50,23 @@ fn no_arguments(attr: TokenStream, what: &str, hint: &str) -> Option<TokenStream
     )
 }
 
+/// `#[sdk::value]` on a struct or enum: everything it needs to be a task argument, a return
+/// value or an object (rkyv's `Archive`, `Serialize` and `Deserialize`, through the SDK's
+/// own rkyv, so the program needs no rkyv dependency of its own).
+#[proc_macro_attribute]
+pub fn value(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if let Some(e) = no_arguments(attr, "#[value]", "serde or rkyv attributes on the fields") {
+        return e;
+    }
+    let item = proc_macro2::TokenStream::from(item);
+    quote!(
+        #[derive(::sdk::rkyv::Archive, ::sdk::rkyv::Serialize, ::sdk::rkyv::Deserialize)]
+        #[rkyv(crate = ::sdk::rkyv)]
+        #item
+    )
+    .into()
+}
+
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(e) = no_arguments(attr, "#[remote]", "`name::remote_with(&opts, …)`") {

@@ -49,7 +49,9 @@ pub use pg::{
     request_resources,
 };
 pub use protocol::{NodeId, ObjectId};
-pub use sdk_macros::{actor, remote};
+/// The rkyv the SDK encodes values with; `#[sdk::value]` derives through it.
+pub use rkyv;
+pub use sdk_macros::{actor, remote, value};
 pub use value::{INLINE_MAX, SliceWriter, Value, View};
 
 pub use runtime::{Config, Mode, Session, init, init_with};
@@ -360,6 +362,11 @@ pub fn node_id() -> Result<NodeId, Error> {
 }
 
 /// An argument of a remote function: a value, or a reference to one.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be passed where the remote function takes `{P}`",
+    label = "pass a `{P}` or an `ObjectRef<{P}>`",
+    note = "a type of your own must be marked `#[sdk::value]`"
+)]
 pub trait IntoArg<P> {
     #[doc(hidden)]
     fn into_arg(self) -> __private::ArgOut;
@@ -393,6 +400,17 @@ impl<T: Value> IntoArg<View<T>> for &ObjectRef<T> {
 impl<T: Value> IntoArg<View<T>> for T {
     fn into_arg(self) -> __private::ArgOut {
         __private::ArgOut::encode(&self)
+    }
+}
+/// `"text"` for a `String` parameter.
+impl IntoArg<String> for &str {
+    fn into_arg(self) -> __private::ArgOut {
+        __private::ArgOut::encode(&self.to_owned())
+    }
+}
+impl IntoArg<View<String>> for &str {
+    fn into_arg(self) -> __private::ArgOut {
+        __private::ArgOut::encode(&self.to_owned())
     }
 }
 

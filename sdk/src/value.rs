@@ -21,8 +21,13 @@ use rkyv::{Archive, Deserialize, Portable, Serialize};
 /// (Ray's default, 100 KiB).
 pub const INLINE_MAX: usize = 100 * 1024;
 
-/// A type that can be a task argument, a return value or an object: anything that derives
-/// `rkyv::{Archive, Serialize, Deserialize}` (std types included).
+/// A type that can be a task argument, a return value or an object: std types, and anything
+/// marked `#[sdk::value]` (which derives rkyv's `Archive`, `Serialize` and `Deserialize`).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a task argument, return value or object",
+    label = "not a value the cluster can carry",
+    note = "mark the type `#[sdk::value]` (or derive rkyv's Archive, Serialize and Deserialize for it)"
+)]
 pub trait Value:
     Sized
     + Archive<

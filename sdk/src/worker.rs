@@ -66,6 +66,11 @@ impl Args<'_> {
 }
 
 /// A parameter type of a remote function.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a parameter of a remote function or actor method",
+    label = "not a value the cluster can carry",
+    note = "mark the type `#[sdk::value]` (it derives rkyv's Archive, Serialize and Deserialize through the SDK)"
+)]
 pub trait FromArg: Sized {
     fn from_arg(a: ArgIn) -> Result<Self, ArgError>;
 }
