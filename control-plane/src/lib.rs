@@ -23,6 +23,7 @@ mod leader;
 mod leader_loop;
 mod lease;
 pub mod log_store;
+pub mod logs;
 pub mod metrics;
 pub mod network;
 mod pgs;

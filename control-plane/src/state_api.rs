@@ -819,9 +819,204 @@ struct Api {
 
 pub(crate) fn router(client: HeadClient, token: Option<AuthToken>) -> Router {
     Router::new()
+        .route("/api/v0/logs", get(list_logs))
+        .route("/api/v0/logs/{media}", get(log_file))
         .route("/api/v0/{resource}", get(list))
         .route("/api/v0/{resource}/summarize", get(summarize))
         .with_state(Api { client, token })
+}
+
+// ---- logs (Ray's `/api/v0/logs`, `/logs/file`, `/logs/stream`) ----
+
+fn query_map(raw: &str) -> std::collections::HashMap<String, String> {
+    form_urlencoded::parse(raw.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn log_error(e: crate::logs::LogError) -> Response {
+    use crate::logs::LogError;
+    let code = match &e {
+        LogError::NotFound(_) => StatusCode::NOT_FOUND,
+        LogError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        LogError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, e.to_string()).into_response()
+}
+
+fn logs_of(api: &Api, q: &std::collections::HashMap<String, String>) -> crate::logs::Logs {
+    let timeout = q
+        .get("timeout")
+        .and_then(|t| t.parse::<f64>().ok())
+        .filter(|t| t.is_finite() && *t > 0.0 && *t <= 3600.0)
+        .map_or(Duration::from_secs(30), Duration::from_secs_f64);
+    crate::logs::Logs::new(api.client.clone(), api.token.clone(), timeout)
+}
+
+/// `GET /api/v0/logs?node_id=…|node_ip=…&glob=…`: the node's files by kind, in Ray's envelope.
+async fn list_logs(State(api): State<Api>, RawQuery(raw): RawQuery) -> Response {
+    let q = query_map(raw.as_deref().unwrap_or_default());
+    let Some(node) = q.get("node_id").or_else(|| q.get("node_ip")) else {
+        return reply(Err(
+            "give node_id or node_ip (as Ray's list_logs does)".into()
+        ));
+    };
+    let glob = q.get("glob").map_or("*", String::as_str);
+    match logs_of(&api, &q).list(Some(node), glob).await {
+        Ok(nodes) => {
+            let mut by_kind: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for n in &nodes {
+                for f in &n.files {
+                    let kind = if f.name.starts_with("worker-") {
+                        "worker"
+                    } else if f.name.starts_with("job-driver-") {
+                        "job"
+                    } else {
+                        "daemon"
+                    };
+                    by_kind.entry(kind).or_default().push(&f.name);
+                }
+            }
+            reply(Ok(json!(by_kind)))
+        }
+        Err(e) => reply(Err(e.to_string())),
+    }
+}
+
+/// `GET /api/v0/logs/file|stream?…`: a file by `node_id`/`node_ip` and `filename`, or the log
+/// of an `actor_id`, `task_id`, worker `pid`-less `worker_id` or `submission_id`; its last
+/// `lines` lines (default 1000, -1 all); `stream` then follows it (a job's until it ends).
+async fn log_file(
+    State(api): State<Api>,
+    Path(media): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    use crate::logs::Target;
+    let follow = match media.as_str() {
+        "file" => false,
+        "stream" => true,
+        other => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("no /api/v0/logs/{other}: file or stream"),
+            )
+                .into_response();
+        }
+    };
+    let q = query_map(raw.as_deref().unwrap_or_default());
+    let target = if let Some(id) = q.get("actor_id") {
+        Target::Actor(id.clone())
+    } else if let Some(id) = q.get("task_id") {
+        Target::Task(id.clone())
+    } else if let Some(id) = q.get("submission_id") {
+        Target::Job(id.clone())
+    } else if let Some(id) = q.get("worker_id") {
+        Target::Worker(id.clone())
+    } else if let (Some(node), Some(f)) = (
+        q.get("node_id").or_else(|| q.get("node_ip")),
+        q.get("filename"),
+    ) {
+        Target::File {
+            node: node.clone(),
+            filename: f.clone(),
+        }
+    } else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "give node_id (or node_ip) and filename, or actor_id, task_id, worker_id or submission_id",
+        )
+            .into_response();
+    };
+    let lines: i64 = match q.get("lines").map(|l| l.parse::<i64>()) {
+        None => 1000,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return (StatusCode::BAD_REQUEST, "lines must be a whole number").into_response();
+        }
+    };
+    let logs = std::sync::Arc::new(logs_of(&api, &q));
+    let at = match logs.locate(&target).await {
+        Ok(at) => at,
+        Err(e) => return log_error(e),
+    };
+    let first = match logs.read(&at, 0, u32::try_from(lines).unwrap_or(0)).await {
+        Ok(r) => r,
+        Err(e) => return log_error(e),
+    };
+    let job = matches!(target, Target::Job(_)).then(|| match &target {
+        Target::Job(id) => id.clone(),
+        _ => String::new(),
+    });
+    // The first piece, then the rest of the file, then (stream) what is appended.
+    let stream = futures_util::stream::unfold(
+        (Some(first), logs, at, false),
+        move |(pending, logs, at, done)| {
+            let job = job.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                let Some(mut r) = pending else {
+                    return None;
+                };
+                loop {
+                    if !r.data.is_empty() {
+                        let data = axum::body::Bytes::from(std::mem::take(&mut r.data));
+                        let next = pb::ReadLogReply {
+                            next_offset: r.next_offset,
+                            size: r.size,
+                            ..Default::default()
+                        };
+                        return Some((
+                            Ok::<_, std::io::Error>(data),
+                            (Some(next), logs, at, false),
+                        ));
+                    }
+                    let more = r.next_offset < r.size;
+                    if !more && !follow {
+                        return None;
+                    }
+                    if !more {
+                        if let Some(id) = &job
+                            && logs.job_status(id).await.is_some_and(|s| {
+                                matches!(
+                                    pb::JobStatus::try_from(s),
+                                    Ok(pb::JobStatus::Succeeded
+                                        | pb::JobStatus::Failed
+                                        | pb::JobStatus::Stopped)
+                                )
+                            })
+                        {
+                            // One last read for lines written just before the end.
+                            let last = logs.read(&at, r.next_offset, 0).await.ok()?;
+                            return (!last.data.is_empty()).then(|| {
+                                (
+                                    Ok(axum::body::Bytes::from(last.data)),
+                                    (None, logs.clone(), at.clone(), true),
+                                )
+                            });
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    r = match logs.read(&at, r.next_offset, 0).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let text = format!("\n[log ended: {e}]\n");
+                            return Some((
+                                Ok(axum::body::Bytes::from(text)),
+                                (None, logs, at, true),
+                            ));
+                        }
+                    };
+                }
+            }
+        },
+    );
+    (
+        [("content-type", "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 fn reply(data: Result<Value, String>) -> Response {

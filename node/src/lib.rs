@@ -12,6 +12,7 @@ mod drain;
 pub mod identity;
 mod jobs;
 mod leases;
+mod logs;
 pub mod metrics;
 mod output;
 mod package;
@@ -137,6 +138,8 @@ pub(crate) struct NodeShared {
     /// objects went).
     pub(crate) peers: std::sync::Mutex<Vec<pb::NodeResources>>,
     pub(crate) token: Option<AuthToken>,
+    /// The session's logs directory (daemons, workers, job drivers).
+    pub(crate) log_dir: PathBuf,
     /// Until when this node's actor workers may serve: renewed by each heartbeat that gets
     /// through, to before the leader could declare this node dead (see `NodeToWorker.serve_ms`).
     pub(crate) serve_until: std::sync::Mutex<Option<std::time::Instant>>,
@@ -603,6 +606,33 @@ impl NodeManager for NodeManagerService {
         Ok(tonic::Response::new(reply))
     }
 
+    async fn list_logs(
+        &self,
+        req: tonic::Request<pb::ListLogsRequest>,
+    ) -> Result<tonic::Response<pb::ListLogsReply>, tonic::Status> {
+        let glob = req.into_inner().glob;
+        let dir = self.shared.log_dir.clone();
+        let files = tokio::task::spawn_blocking(move || logs::list(&dir, &glob))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))??;
+        Ok(tonic::Response::new(pb::ListLogsReply {
+            node_id: self.shared.node_id.to_string(),
+            files,
+        }))
+    }
+
+    async fn read_log(
+        &self,
+        req: tonic::Request<pb::ReadLogRequest>,
+    ) -> Result<tonic::Response<pb::ReadLogReply>, tonic::Status> {
+        let r = req.into_inner();
+        let dir = self.shared.log_dir.clone();
+        let reply = tokio::task::spawn_blocking(move || logs::read(&dir, &r))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))??;
+        Ok(tonic::Response::new(reply))
+    }
+
     async fn deliver_output(
         &self,
         req: tonic::Request<pb::WorkerOutput>,
@@ -881,6 +911,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         cluster_view: std::sync::Mutex::default(),
         peers: std::sync::Mutex::default(),
         token: opts.token.clone(),
+        log_dir: opts.log_dir.clone(),
         serve_until: std::sync::Mutex::default(),
         leases,
         workers: pool,

@@ -48,11 +48,70 @@ pub(crate) enum Command {
     },
     /// Drains a worker node (refused while it is busy) and removes it from the cluster.
     DrainNode(DrainNodeArgs),
+    /// Logs of nodes, workers, actors, tasks and jobs, through any head (Ray's `ray logs`).
+    Logs {
+        #[command(subcommand)]
+        command: LogsCommand,
+    },
     /// Prints a shell completion script: `rayctl completions bash > ~/.local/share/bash-completion/completions/rayctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum LogsCommand {
+    /// A node's log files: lists those the glob matches, or prints the one it matches.
+    Cluster {
+        /// A glob over file names, e.g. 'worker-*' or node.log (default: every file).
+        glob: Option<String>,
+        /// The node (its id, an id prefix, or its IP; default: every live node).
+        #[arg(long)]
+        node_id: Option<String>,
+        #[command(flatten)]
+        opts: LogOpts,
+    },
+    /// The log of an actor's worker.
+    Actor {
+        /// The actor's id.
+        id: String,
+        #[command(flatten)]
+        opts: LogOpts,
+    },
+    /// The log of the worker that ran a task (its latest attempt).
+    Task {
+        /// The task's id (or a unique prefix).
+        id: String,
+        #[command(flatten)]
+        opts: LogOpts,
+    },
+    /// A worker process's log.
+    Worker {
+        /// The worker's id (as `rayctl list tasks` shows it).
+        id: String,
+        #[command(flatten)]
+        opts: LogOpts,
+    },
+    /// A job driver's log (followed with -f until the job ends).
+    Job {
+        /// The job's (submission) id.
+        id: String,
+        #[command(flatten)]
+        opts: LogOpts,
+    },
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LogOpts {
+    /// Keep printing what is appended (a job's log until the job ends; others until Ctrl-C).
+    #[arg(short = 'f', long)]
+    pub(crate) follow: bool,
+    /// Print only the last N lines (-1: the whole file).
+    #[arg(long, default_value_t = 1000, allow_negative_numbers = true)]
+    pub(crate) tail: i64,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -441,6 +500,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Memory(args) => runtime()?.block_on(crate::state::memory(args)),
         Command::Autoscaler { command } => runtime()?.block_on(crate::autoscaler::run(command)),
         Command::DrainNode(args) => runtime()?.block_on(crate::autoscaler::drain_node(args)),
+        Command::Logs { command } => runtime()?.block_on(crate::logs::run(command)),
         Command::Operator {
             command: OperatorCommand::Raft { command },
         } => runtime()?.block_on(crate::status::raft(command)),

@@ -18,6 +18,18 @@ use crate::status::client;
 
 pub(crate) const EXIT_STOPPED: u8 = 5;
 
+/// The shell command a job runs: one argument is taken as the command line itself (a quoted
+/// script: `-- 'make && ./run'`); several are quoted word by word, as Ray's CLI does
+/// (`shlex.join`), so `-- sh -c 'echo a; echo b'` runs what it says.
+fn entrypoint(args: &[String]) -> anyhow::Result<String> {
+    match args {
+        [] => anyhow::bail!("no entrypoint: give the command after --"),
+        [one] => Ok(one.clone()),
+        many => shlex::try_join(many.iter().map(String::as_str))
+            .map_err(|e| anyhow::anyhow!("the entrypoint cannot be quoted for the shell: {e}")),
+    }
+}
+
 pub(crate) async fn run(cmd: JobCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         JobCommand::Submit(a) => submit(*a).await,
@@ -268,7 +280,7 @@ async fn submit(a: JobSubmitArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(control_plane::jobs::new_submission_id);
     let req = pb::SubmitJobRequest {
         submission_id,
-        entrypoint: a.entrypoint.join(" "),
+        entrypoint: entrypoint(&a.entrypoint)?,
         runtime_env_json: if env.is_empty() {
             String::new()
         } else {
@@ -307,4 +319,29 @@ async fn submit(a: JobSubmitArgs) -> anyhow::Result<ExitCode> {
         ),
     }
     Ok(outcome(&j))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entrypoint;
+
+    fn ep(a: &[&str]) -> String {
+        entrypoint(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn entrypoints_keep_their_words_as_the_shell_will_see_them() {
+        assert_eq!(ep(&["echo", "hi"]), "echo hi");
+        assert_eq!(
+            ep(&["sh", "-c", "echo a; echo b"]),
+            "sh -c 'echo a; echo b'"
+        );
+        assert_eq!(
+            ep(&["echo $HOME; ls"]),
+            "echo $HOME; ls",
+            "one argument is the command line"
+        );
+        assert_eq!(ep(&["cat", "it's.txt"]), "cat \"it's.txt\"");
+        assert!(entrypoint(&[]).is_err());
+    }
 }

@@ -7,6 +7,7 @@ mod autoscaler;
 mod cli;
 mod daemon;
 mod job;
+mod logs;
 mod package;
 mod session;
 mod state;
@@ -38,6 +39,14 @@ fn exit_code_for(e: &anyhow::Error) -> u8 {
                 ClientError::Rpc(RpcError::NotFound(_)) => 4,
                 ClientError::Rpc(RpcError::InvalidArgument(_)) => 2,
                 ClientError::Rpc(_) => 1,
+            };
+        }
+        if let Some(l) = cause.downcast_ref::<control_plane::logs::LogError>() {
+            use control_plane::logs::LogError;
+            return match l {
+                LogError::NotFound(_) => 4,
+                LogError::BadRequest(_) => 2,
+                LogError::Unavailable(_) => 3,
             };
         }
         if cause.downcast_ref::<session::NoCluster>().is_some() {
