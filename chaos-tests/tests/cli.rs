@@ -191,3 +191,113 @@ fn start_in_background_then_stop_everything() -> Result<()> {
     assert_eq!(out.status.code(), Some(3), "unreachable cluster exit code");
     Ok(())
 }
+
+/// The README's demo command, as written there but with this build's binaries, run twice in
+/// a row in a home of its own: the second run stops what the first left and runs again.
+#[test]
+fn the_readme_demo_runs_twice_in_a_row() -> Result<()> {
+    let bin = rayctl_bin()?;
+    let wordcount = bin.with_file_name("wordcount");
+    anyhow::ensure!(
+        wordcount.is_file(),
+        "{} is missing: build it first (cargo build -p task-examples; scripts/test does)",
+        wordcount.display()
+    );
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let demo = readme
+        .lines()
+        .find(|l| l.starts_with("cargo build --release -p rayctl -p task-examples && "))
+        .ok_or_else(|| anyhow::anyhow!("the README has no demo command"))?;
+    // This build's binaries instead of a release build, and ports of this test's own (the
+    // same in both runs, so the second meets the first's head); the rest as written.
+    let (port, dash) = (chaos_tests::free_port(), chaos_tests::free_port());
+    let script = demo
+        .trim_start_matches("cargo build --release -p rayctl -p task-examples && ")
+        .replace(
+            "./target/release/rayctl start --head",
+            &format!("./target/release/rayctl start --head --port {port} --dashboard-port {dash}"),
+        )
+        .replace("./target/release/rayctl", &bin.display().to_string())
+        .replace(
+            "$PWD/target/release/wordcount",
+            &wordcount.display().to_string(),
+        );
+    assert!(script.contains(&format!("--port {port}")), "{script}");
+    let tmp = tempfile::tempdir()?;
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home)?;
+    let run = || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .env("RAYCTL_TMPDIR", tmp.path())
+            .env("HOME", &home)
+            .env_remove(protocol::ADDRESS_ENV)
+            .env_remove(protocol::AUTH_TOKEN_ENV)
+            .env_remove(protocol::auth::AUTH_TOKEN_PATH_ENV)
+            .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
+            .env_remove(protocol::auth::AUTH_MODE_ENV)
+            .output()
+    };
+    struct Stop<'a>(
+        &'a std::path::Path,
+        &'a std::path::Path,
+        &'a std::path::Path,
+    );
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(self.0)
+                .args(["stop", "--force"])
+                .env("RAYCTL_TMPDIR", self.1)
+                .env("HOME", self.2)
+                .output();
+        }
+    }
+    let _stop = Stop(&bin, tmp.path(), &home);
+    for round in 1..=2 {
+        let out = run()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "run {round}: {text}");
+        assert!(text.contains(": 294 words"), "run {round}: {text}");
+        assert!(
+            text.contains("Cluster status") && text.contains(" head node_"),
+            "run {round} ends with the status: {text}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() -> Result<()> {
+    let bin = rayctl_bin()?;
+    for (shell, mark) in [
+        ("bash", "_rayctl()"),
+        ("zsh", "#compdef rayctl"),
+        ("fish", "complete -c rayctl"),
+    ] {
+        let out = Command::new(&bin).args(["completions", shell]).output()?;
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(mark),
+            "{shell}: {}",
+            &text[..text.len().min(300)]
+        );
+        assert!(
+            text.contains("drain-node") && text.contains("logs"),
+            "{shell} knows the commands"
+        );
+    }
+    let out = Command::new(&bin).args(["completions", "tcsh"]).output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    Ok(())
+}
