@@ -182,3 +182,94 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
         .map(|d| std::path::Path::new(d).join(name))
         .find(|p| p.is_file())
 }
+
+/// Prometheus configured with nothing but the heads' service discovery finds every head and
+/// node, and a node that joins later, with no config change; each head's session also has
+/// Ray's discovery file.
+#[test]
+fn prometheus_finds_every_head_and_node_through_service_discovery() -> Result<()> {
+    let bin = which("prometheus").context(
+        "the `prometheus` binary is required (apt-get install prometheus; .ci/run does)",
+    )?;
+    let c = Cluster::start(ClusterOptions {
+        heads: 3,
+        nodes: 1,
+        ..Default::default()
+    })?;
+    c.wait_leader(Duration::from_secs(60))?;
+    // A follower's endpoint: its list is the leader's.
+    let dash = &c.heads[1].ready["dashboard_port"];
+    let cfg = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: rayctl\n    authorization:\n      type: Bearer\n      credentials_file: {token}\n    http_sd_configs:\n      - url: http://127.0.0.1:{dash}/api/prometheus/sd\n        refresh_interval: 1s\n        authorization:\n          type: Bearer\n          credentials_file: {token}\n",
+        token = c.token_path().display(),
+    );
+    let cfg_path = c.path().join("prometheus-sd.yml");
+    std::fs::write(&cfg_path, cfg)?;
+    let port = free_port();
+    let log = std::fs::File::create(c.path().join("prometheus-sd.log"))?;
+    let _prom = KillOnDrop(
+        Command::new(bin)
+            .arg(format!("--config.file={}", cfg_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                c.path().join("tsdb-sd").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    // 3 heads, their 3 node daemons, 1 worker node.
+    wait_for("7 targets up", Duration::from_secs(90), || {
+        let up = values(&query(port, "up{job=\"ray\"}")?);
+        (up.len() == 7 && up.iter().all(|v| *v == 1.0)).then_some(())
+    })
+    .with_context(|| {
+        std::fs::read_to_string(c.path().join("prometheus-sd.log")).unwrap_or_default()
+    })?;
+    // A node started later is found without touching the config.
+    let (code, _, err) = c.rayctl(&[
+        "start",
+        "--address",
+        &c.head_addrs.join(","),
+        "--num-cpus",
+        "1",
+        "--data-dir",
+        c.path().join("late-node").to_str().context("path")?,
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    wait_for("the late node scraped", Duration::from_secs(90), || {
+        let up = values(&query(port, "up{job=\"ray\"}")?);
+        (up.len() == 8 && up.iter().all(|v| *v == 1.0)).then_some(())
+    })?;
+    // Ray's file, in each head's session, lists the same targets.
+    let files = find_files(c.path(), "prom_metrics_service_discovery.json");
+    assert!(files.len() >= 3, "one per head: {files:?}");
+    let listed = wait_for("the file lists 8 targets", Duration::from_secs(30), || {
+        let v: Value = serde_json::from_slice(&std::fs::read(&files[0]).ok()?).ok()?;
+        let t = v[0]["targets"].as_array()?.len();
+        (t == 8 && v[0]["labels"]["job"] == "ray").then_some(v)
+    })?;
+    assert!(listed[0]["targets"].as_array().is_some_and(|t| {
+        t.iter()
+            .all(|x| x.as_str().is_some_and(|s| s.starts_with("127.0.0.1:")))
+    }));
+    Ok(())
+}
+
+fn find_files(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+    out
+}

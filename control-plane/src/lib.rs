@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod network;
 mod pgs;
 pub mod prevote;
+mod prom_sd;
 pub mod raft_transport;
 mod rejection;
 pub mod service;
@@ -96,6 +97,8 @@ pub struct HeadOptions {
     pub metrics: Option<MetricsRender>,
     /// How the autoscaler's providers start things (the local provider runs `rayctl`).
     pub provider_env: autoscaler::provider::ProviderEnv,
+    /// Where to write Ray's Prometheus service discovery file every 5 s (none: nowhere).
+    pub service_discovery_file: Option<PathBuf>,
 }
 
 impl HeadOptions {
@@ -118,6 +121,7 @@ impl HeadOptions {
             snapshot_every: 5000,
             metrics: None,
             provider_env: autoscaler::provider::ProviderEnv::default(),
+            service_discovery_file: None,
         }
     }
 }
@@ -264,7 +268,16 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         );
         h
     };
-    let api = jobs_api::router(api_heads, opts.token.clone())?;
+    let sd_client = protocol::client::HeadClient::new(
+        &api_heads,
+        opts.token.clone(),
+        protocol::client::ClientOptions {
+            deadline: Duration::from_secs(10),
+            ..Default::default()
+        },
+    )?;
+    let api =
+        jobs_api::router(api_heads, opts.token.clone())?.merge(prom_sd::router(sd_client.clone()));
     let served = [opts.advertise_host.clone(), opts.bind_host.clone()];
     let listeners = Listeners::spawn(
         grpc,
@@ -282,6 +295,10 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         },
     );
     let mut tasks = vec![
+        tokio::spawn(match opts.service_discovery_file.clone() {
+            Some(path) => futures_util::future::Either::Left(prom_sd::write_loop(sd_client, path)),
+            None => futures_util::future::Either::Right(std::future::ready(())),
+        }),
         tokio::spawn(head::run_proposer(shared.clone(), proposal_rx)),
         tokio::spawn(leader::supervise(
             shared.clone(),

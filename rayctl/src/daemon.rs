@@ -429,6 +429,7 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         stop_grace: args.job_stop_grace,
     };
     opts.metrics = Some(render);
+    opts.service_discovery_file = Some(session_dir.join("prom_metrics_service_discovery.json"));
     // What the autoscaler's local provider runs nodes with: this binary, and the cluster
     // token in their environment (never the peer secret).
     opts.provider_env = control_plane::autoscaler::provider::ProviderEnv {
