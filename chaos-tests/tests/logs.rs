@@ -164,3 +164,61 @@ fn logs_of_nodes_workers_tasks_actors_and_jobs_through_any_head() -> Result<()> 
     a.finish(Duration::from_secs(30))?;
     Ok(())
 }
+
+/// `rayctl timeline`: one Chrome-trace complete event per finished task, as `ray timeline`.
+#[test]
+fn the_timeline_has_one_complete_event_per_finished_task() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        head_cpus: 0.0,
+        node_cpus: 2.0,
+        token: Some(TOKEN.into()),
+        ..Default::default()
+    })?;
+    let addr = c.head_addrs.join(",");
+    let mut d = Driver::start(env!("CARGO_BIN_EXE_sdk_driver"), &c, &["print"], &[])?;
+    d.result(Duration::from_secs(120))?;
+    // Six tasks finished (four, a parent and its child); their events reach the node.
+    let finished = wait_for("six finished tasks listed", Duration::from_secs(30), || {
+        let (_, out, _) = c
+            .rayctl(&["list", "tasks", "-o", "json", "--address", &addr])
+            .ok()?;
+        let v: Vec<Value> = serde_json::from_str(&out).ok()?;
+        let done: Vec<String> = v
+            .iter()
+            .filter(|t| t["state"] == "FINISHED")
+            .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
+            .collect();
+        (done.len() == 6).then_some(done)
+    })?;
+    let path = c.path().join("trace.json");
+    let (code, _, err) = c.rayctl(&[
+        "timeline",
+        "-o",
+        path.to_str().context("path")?,
+        "--address",
+        &addr,
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let events: Vec<Value> = serde_json::from_slice(&std::fs::read(&path)?)?;
+    assert_eq!(events.len(), 6, "{events:?}");
+    for e in &events {
+        assert_eq!(e["ph"], "X", "{e}");
+        assert!(e["ts"].as_u64().is_some_and(|t| t > 0), "{e}");
+        assert!(e["dur"].as_u64().is_some(), "{e}");
+        assert!(
+            e["name"].as_str().is_some_and(|n| n.contains("chatty")),
+            "{e}"
+        );
+        assert!(
+            finished
+                .iter()
+                .any(|id| e["args"]["task_id"] == id.as_str()),
+            "{e}"
+        );
+    }
+    d.send_line("done")?;
+    d.finish(Duration::from_secs(30))?;
+    Ok(())
+}

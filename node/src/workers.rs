@@ -121,9 +121,23 @@ const MAX_TASKS: usize = 100_000;
 impl TaskTable {
     fn record(&mut self, events: pb::TaskEvents) {
         self.dropped += events.dropped;
-        for e in events.events {
+        for mut e in events.events {
+            // The times of the states a timeline needs, from the events as they come.
+            let (start, end) = match e.state.as_str() {
+                "SUBMITTED_TO_WORKER" => (e.time_ms, 0),
+                "FINISHED" | "FAILED" => (0, e.time_ms),
+                _ => (0, 0),
+            };
             match self.by_id.get_mut(&e.task_id) {
                 Some(t) => {
+                    if start != 0 {
+                        // A retry starts again.
+                        t.start_ms = start;
+                        t.end_ms = 0;
+                    }
+                    if end != 0 {
+                        t.end_ms = end;
+                    }
                     // Later events name only what changed.
                     t.state = e.state;
                     t.time_ms = e.time_ms;
@@ -139,6 +153,9 @@ impl TaskTable {
                     }
                 }
                 None => {
+                    e.created_ms = e.time_ms;
+                    e.start_ms = start;
+                    e.end_ms = end;
                     self.order.push_back(e.task_id.clone());
                     self.by_id.insert(e.task_id.clone(), e);
                 }
@@ -1225,6 +1242,40 @@ fn add_totals(into: &mut pb::WorkerStats, s: &pb::WorkerStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_task_table_keeps_when_each_task_started_and_ended() {
+        let ev = |id: &str, state: &str, t: u64| pb::TaskEvent {
+            task_id: id.into(),
+            state: state.into(),
+            time_ms: t,
+            ..Default::default()
+        };
+        let mut table = TaskTable::default();
+        table.record(pb::TaskEvents {
+            events: vec![
+                ev("a", "PENDING_NODE_ASSIGNMENT", 100),
+                ev("a", "SUBMITTED_TO_WORKER", 120),
+                ev("b", "SUBMITTED_TO_WORKER", 130),
+            ],
+            dropped: 0,
+        });
+        table.record(pb::TaskEvents {
+            events: vec![ev("a", "FINISHED", 170), ev("b", "FAILED", 150)],
+            dropped: 0,
+        });
+        let a = &table.by_id["a"];
+        assert_eq!((a.created_ms, a.start_ms, a.end_ms), (100, 120, 170));
+        let b = &table.by_id["b"];
+        assert_eq!((b.created_ms, b.start_ms, b.end_ms), (130, 130, 150));
+        // A retry starts the clock again.
+        table.record(pb::TaskEvents {
+            events: vec![ev("b", "SUBMITTED_TO_WORKER", 200)],
+            dropped: 0,
+        });
+        let b = &table.by_id["b"];
+        assert_eq!((b.start_ms, b.end_ms), (200, 0));
+    }
 
     fn pool(dir: &Path) -> Arc<WorkerPool> {
         let node = protocol::NodeId::from_bytes([7; 16]);

@@ -48,6 +48,9 @@ pub(crate) enum Command {
     },
     /// Drains a worker node (refused while it is busy) and removes it from the cluster.
     DrainNode(DrainNodeArgs),
+    /// Task events as a Chrome trace (Ray's `ray timeline`): open it in chrome://tracing or
+    /// Perfetto.
+    Timeline(TimelineArgs),
     /// Logs of nodes, workers, actors, tasks and jobs, through any head (Ray's `ray logs`).
     Logs {
         #[command(subcommand)]
@@ -301,6 +304,23 @@ pub(crate) enum SummaryKind {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct TimelineArgs {
+    /// Where to write the trace (default: rayctl-timeline-<time>.json here; - for stdout).
+    #[arg(short = 'o', long)]
+    pub(crate) output: Option<PathBuf>,
+    /// Head addresses HOST:PORT[,HOST:PORT…] or a dashboard URL; default RAYCTL_ADDRESS,
+    /// then the local session.
+    #[arg(long)]
+    pub(crate) address: Option<String>,
+    /// File holding the cluster token (as for every command).
+    #[arg(long)]
+    pub(crate) auth_token_file: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Duration,
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct SummaryArgs {
     /// What to summarize.
     pub(crate) kind: SummaryKind,
@@ -501,6 +521,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Autoscaler { command } => runtime()?.block_on(crate::autoscaler::run(command)),
         Command::DrainNode(args) => runtime()?.block_on(crate::autoscaler::drain_node(args)),
         Command::Logs { command } => runtime()?.block_on(crate::logs::run(command)),
+        Command::Timeline(args) => runtime()?.block_on(crate::state::timeline(args)),
         Command::Operator {
             command: OperatorCommand::Raft { command },
         } => runtime()?.block_on(crate::status::raft(command)),

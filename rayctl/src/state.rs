@@ -432,3 +432,69 @@ mod tests {
         assert!(parse_filters(&["state".into()]).is_err());
     }
 }
+
+/// One Chrome-trace "complete" event per task that ended (pushed to its worker → finished or
+/// failed), on a track per node (`pid`) and worker (`tid`).
+pub(crate) fn trace_events(tasks: &[pb::TaskEvent]) -> Vec<Value> {
+    tasks
+        .iter()
+        .filter(|t| t.end_ms > 0)
+        .map(|t| {
+            let start = if t.start_ms > 0 {
+                t.start_ms
+            } else {
+                t.created_ms
+            };
+            let start = start.min(t.end_ms);
+            json!({
+                "cat": if t.actor_id.is_empty() { "task" } else { "actor_task" },
+                "name": t.function,
+                "ph": "X",
+                "ts": start * 1000,
+                "dur": (t.end_ms - start) * 1000,
+                "pid": format!("node {}", t.node_id.get(..8).unwrap_or(&t.node_id)),
+                "tid": format!("worker {}", t.worker_id),
+                "args": {
+                    "task_id": t.task_id, "state": t.state, "attempt": t.attempt,
+                    "job_id": t.job_id, "actor_id": t.actor_id, "error": t.error,
+                },
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn timeline(args: crate::cli::TimelineArgs) -> anyhow::Result<ExitCode> {
+    let client_args = ClientArgs {
+        address: args.address.clone(),
+        auth_token_file: args.auth_token_file.clone(),
+        timeout: args.timeout,
+        output: crate::cli::Output::Text,
+    };
+    let c = client(&client_args)?;
+    let (tasks, _, unreachable) = all_tasks(&c, &client_args).await?;
+    warn_unreachable(&unreachable);
+    let events = trace_events(&tasks);
+    let text = serde_json::to_string(&events)?;
+    match args.output.as_deref() {
+        Some(p) if p == std::path::Path::new("-") => println!("{text}"),
+        out => {
+            let path = out.map(std::path::Path::to_path_buf).unwrap_or_else(|| {
+                let now = std::time::SystemTime::now();
+                std::path::PathBuf::from(format!(
+                    "rayctl-timeline-{}.json",
+                    humantime::format_rfc3339_seconds(now)
+                        .to_string()
+                        .replace(':', "-")
+                ))
+            });
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!(
+                "{} task(s) written to {}: open it in chrome://tracing or https://ui.perfetto.dev",
+                events.len(),
+                path.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -717,6 +717,8 @@ impl Runtime {
                     job_id: self.job_id.clone(),
                     time_ms: e.time_ms,
                     owner_pid: pid,
+                    // The node keeps these from the events it sees.
+                    ..Default::default()
                 })
                 .collect();
             let m = pb::WorkerMessage {
