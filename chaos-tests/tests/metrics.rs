@@ -163,7 +163,7 @@ fn prometheus_scrapes_heads_and_nodes() -> Result<()> {
         || {
             let dead = values(&query(port, "ray_actors{State=\"DEAD\"}")?);
             let removed = values(&query(port, "ray_placement_groups{State=\"REMOVED\"}")?);
-            let restarts = query(port, "rayctl_actor_restarts_total")?;
+            let restarts = query(port, "rayctl_actor_restarts")?;
             *last.borrow_mut() = format!(
                 "dead actors {dead:?}, removed groups {removed:?}, restarts series {}",
                 restarts.len()

@@ -58,8 +58,7 @@ pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Re
         deadline: Duration::from_secs(15),
         ..Default::default()
     };
-    let client = HeadClient::new(&heads, token.clone(), opts)?;
-    let state_api = crate::state_api::router(client.clone(), token);
+    let client = HeadClient::new(&heads, token, opts)?;
     Ok(Router::new()
         .route("/api/version", get(version))
         .route("/api/authenticate", post(authenticate))
@@ -84,8 +83,7 @@ pub(crate) fn router(heads: Vec<String>, token: Option<AuthToken>) -> anyhow::Re
         .with_state(Api {
             client,
             uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
-        })
-        .merge(state_api))
+        }))
 }
 
 /// 415 for a POST or PUT body of a type a browser may send cross-site without asking.

@@ -276,8 +276,11 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             ..Default::default()
         },
     )?;
-    let api =
-        jobs_api::router(api_heads, opts.token.clone())?.merge(prom_sd::router(sd_client.clone()));
+    // The dashboard port: the Jobs API, Ray's State API and Prometheus discovery, each over
+    // the cluster API (so any head serves them).
+    let api = jobs_api::router(api_heads, opts.token.clone())?
+        .merge(state_api::router(sd_client.clone(), opts.token.clone()))
+        .merge(prom_sd::router(sd_client.clone()));
     let served = [opts.advertise_host.clone(), opts.bind_host.clone()];
     let listeners = Listeners::spawn(
         grpc,

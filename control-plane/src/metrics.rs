@@ -21,7 +21,7 @@ pub const NODES: &str = "rayctl_nodes";
 pub const NODES_DECLARED_DEAD: &str = "rayctl_nodes_declared_dead_total";
 pub const JOBS: &str = "rayctl_jobs";
 pub const ACTORS: &str = "ray_actors";
-pub const ACTOR_RESTARTS: &str = "rayctl_actor_restarts_total";
+pub const ACTOR_RESTARTS: &str = "rayctl_actor_restarts";
 pub const PLACEMENT_GROUPS: &str = "ray_placement_groups";
 pub const JOB_RUN_TIME: &str = "rayctl_job_run_seconds";
 pub const JOBS_ENDED: &str = "rayctl_jobs_ended_total";
@@ -117,7 +117,7 @@ pub fn describe() {
     );
     describe_gauge!(
         ACTOR_RESTARTS,
-        "restarts of all actors in the actor table (leader only)"
+        "restarts so far of the actors in the actor table now (a gauge: it falls when actors leave the table; leader only)"
     );
     describe_histogram!(
         JOB_RUN_TIME,
