@@ -87,7 +87,8 @@ fn ensure_rayctl() -> Result<()> {
 fn main() -> Result<()> {
     // The nodes run this binary again as the tasks suite's workers.
     if sdk::is_worker() {
-        sdk::init()?;
+        // In a worker, init serves tasks and never returns.
+        let _worker = sdk::init()?;
     }
     let args = Args::parse();
     if args.suite == Suite::GetChild {
