@@ -220,6 +220,9 @@ struct KeyState {
     /// Tasks waiting in `queue`, as the lease requests tell the nodes (the autoscaler's
     /// demand: every waiting task wants a worker, however few leases are asked for).
     backlog: Arc<std::sync::atomic::AtomicU32>,
+    /// Leases of this shape held now (a lease request that times out while some run is a
+    /// backlog, not a cluster that can run none of them).
+    running: Arc<std::sync::atomic::AtomicU32>,
 }
 
 struct Submitter {
@@ -525,6 +528,10 @@ impl Submitter {
         let ks = self.keys.get_mut(key).expect("taken above");
         ks.backlog
             .store(queue.len().min(u32::MAX as usize) as u32, Ordering::Relaxed);
+        ks.running.store(
+            ks.conns.len().min(u32::MAX as usize) as u32,
+            Ordering::Relaxed,
+        );
         ks.queue = queue;
         ks.requests.retain(|h| !h.is_finished());
         if !ks.queue.is_empty() {
@@ -534,6 +541,7 @@ impl Submitter {
                     self.rt.clone(),
                     key.clone(),
                     ks.backlog.clone(),
+                    ks.running.clone(),
                     self.tx.clone(),
                 ));
                 ks.requests.push(h.abort_handle());
@@ -1262,6 +1270,7 @@ async fn request_lease(
     rt: Arc<Runtime>,
     key: Arc<Key>,
     backlog: Arc<std::sync::atomic::AtomicU32>,
+    running: Arc<std::sync::atomic::AtomicU32>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -1344,7 +1353,9 @@ async fn request_lease(
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue 'outer;
                 }
-                Ok(pb::LeaseOutcome::TimedOut) => {
+                Ok(pb::LeaseOutcome::TimedOut) if running.load(Ordering::Relaxed) == 0 => {
+                    // None of these tasks runs anywhere: say why they wait. (With some running
+                    // it is an ordinary backlog.)
                     user_warning(
                         &format!("busy {}", key.describe()),
                         &format!(
@@ -1362,7 +1373,8 @@ async fn request_lease(
                     continue 'outer;
                 }
                 _ => {
-                    // A spillback without an address.
+                    // Timed out while others of this shape run (a backlog), or a spillback
+                    // without an address: ask again.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue 'outer;
                 }
