@@ -7,24 +7,26 @@ use std::time::Duration;
 use anyhow::Result;
 use chaos_tests::{rayctl_bin, wait_for};
 
+/// `program` in a session root and home of its own: none of the caller's cluster settings.
+fn isolated(program: &std::path::Path, root: &std::path::Path, home: &std::path::Path) -> Command {
+    let mut c = Command::new(program);
+    c.env("RAYCTL_TMPDIR", root)
+        .env("HOME", home)
+        .env_remove(protocol::ADDRESS_ENV)
+        .env_remove(protocol::AUTH_TOKEN_ENV)
+        .env_remove(protocol::auth::AUTH_TOKEN_PATH_ENV)
+        .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
+        .env_remove(protocol::auth::AUTH_MODE_ENV);
+    c
+}
+
 #[test]
 fn start_in_background_then_stop_everything() -> Result<()> {
     let bin = rayctl_bin()?;
     let tmp = tempfile::tempdir()?;
     let home = tmp.path().join("home");
     std::fs::create_dir(&home)?;
-    let run = |args: &[&str]| {
-        Command::new(&bin)
-            .args(args)
-            .env("RAYCTL_TMPDIR", tmp.path())
-            .env("HOME", &home)
-            .env_remove(protocol::ADDRESS_ENV)
-            .env_remove(protocol::AUTH_TOKEN_ENV)
-            .env_remove(protocol::auth::AUTH_TOKEN_PATH_ENV)
-            .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
-            .env_remove(protocol::auth::AUTH_MODE_ENV)
-            .output()
-    };
+    let run = |args: &[&str]| isolated(&bin, tmp.path(), &home).args(args).output();
     let out = run(&["start", "--head", "--port", "0", "--dashboard-port", "0"])?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
@@ -227,17 +229,10 @@ fn the_readme_demo_runs_twice_in_a_row() -> Result<()> {
     let home = tmp.path().join("home");
     std::fs::create_dir(&home)?;
     let run = || {
-        Command::new("sh")
+        isolated(std::path::Path::new("sh"), tmp.path(), &home)
             .arg("-c")
             .arg(&script)
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .env("RAYCTL_TMPDIR", tmp.path())
-            .env("HOME", &home)
-            .env_remove(protocol::ADDRESS_ENV)
-            .env_remove(protocol::AUTH_TOKEN_ENV)
-            .env_remove(protocol::auth::AUTH_TOKEN_PATH_ENV)
-            .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
-            .env_remove(protocol::auth::AUTH_MODE_ENV)
             .output()
     };
     struct Stop<'a>(
@@ -247,10 +242,8 @@ fn the_readme_demo_runs_twice_in_a_row() -> Result<()> {
     );
     impl Drop for Stop<'_> {
         fn drop(&mut self) {
-            let _ = Command::new(self.0)
+            let _ = isolated(self.0, self.1, self.2)
                 .args(["stop", "--force"])
-                .env("RAYCTL_TMPDIR", self.1)
-                .env("HOME", self.2)
                 .output();
         }
     }

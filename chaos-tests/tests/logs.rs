@@ -24,16 +24,21 @@ fn get(port: &Value, path: &str) -> Result<(u16, String)> {
     Ok((r.status().as_u16(), r.body_mut().read_to_string()?))
 }
 
-#[test]
-fn logs_of_nodes_workers_tasks_actors_and_jobs_through_any_head() -> Result<()> {
-    let c = Cluster::start(ClusterOptions {
+/// One head with no CPUs and a worker node: every task runs on the worker node.
+fn cluster() -> Result<Cluster> {
+    Cluster::start(ClusterOptions {
         heads: 1,
         nodes: 1,
         head_cpus: 0.0,
         node_cpus: 2.0,
         token: Some(TOKEN.into()),
         ..Default::default()
-    })?;
+    })
+}
+
+#[test]
+fn logs_of_nodes_workers_tasks_actors_and_jobs_through_any_head() -> Result<()> {
+    let c = cluster()?;
     let addr = c.head_addrs.join(",");
     // Tasks that print (their worker's log has the lines), and an actor.
     let mut d = Driver::start(env!("CARGO_BIN_EXE_sdk_driver"), &c, &["print"], &[])?;
@@ -168,14 +173,7 @@ fn logs_of_nodes_workers_tasks_actors_and_jobs_through_any_head() -> Result<()> 
 /// `rayctl timeline`: one Chrome-trace complete event per finished task, as `ray timeline`.
 #[test]
 fn the_timeline_has_one_complete_event_per_finished_task() -> Result<()> {
-    let c = Cluster::start(ClusterOptions {
-        heads: 1,
-        nodes: 1,
-        head_cpus: 0.0,
-        node_cpus: 2.0,
-        token: Some(TOKEN.into()),
-        ..Default::default()
-    })?;
+    let c = cluster()?;
     let addr = c.head_addrs.join(",");
     let mut d = Driver::start(env!("CARGO_BIN_EXE_sdk_driver"), &c, &["print"], &[])?;
     d.result(Duration::from_secs(120))?;

@@ -14,6 +14,7 @@
 
 mod actors;
 pub mod autoscaler;
+mod cluster_view;
 pub mod db;
 mod head;
 pub mod instances;

@@ -83,11 +83,9 @@ impl Logs {
     }
 
     async fn live_nodes(&self) -> Result<Vec<pb::NodeInfo>, LogError> {
-        let s = self
-            .client
-            .call(|mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await })
+        let s = crate::cluster_view::status(&self.client)
             .await
-            .map_err(|e| unavailable("cannot get the cluster status", e))?;
+            .map_err(LogError::Unavailable)?;
         Ok(s.nodes
             .into_iter()
             .filter(|n| n.state == pb::NodeState::Alive as i32)
@@ -100,10 +98,11 @@ impl Logs {
         let Some(want) = node.filter(|n| !n.is_empty()) else {
             return Ok(all);
         };
-        let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_owned();
         let hit: Vec<pb::NodeInfo> = all
             .iter()
-            .filter(|n| n.node_id.starts_with(want) || host(&n.address) == want)
+            .filter(|n| {
+                n.node_id.starts_with(want) || crate::cluster_view::host(&n.address) == want
+            })
             .cloned()
             .collect();
         if hit.is_empty() {

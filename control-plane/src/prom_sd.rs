@@ -19,12 +19,10 @@ use protocol::client::HeadClient;
 use protocol::pb;
 use serde_json::{Value, json};
 
+use crate::cluster_view::{host, status};
+
 /// How often the file is written (Ray's period).
 pub(crate) const PERIOD: Duration = Duration::from_secs(5);
-
-fn host(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
-}
 
 /// The targets of a cluster status: heads that answered (their dashboard port serves
 /// `/metrics`), then live nodes (their metrics export port).
@@ -48,12 +46,6 @@ pub(crate) fn targets(s: &pb::ClusterStatus) -> Value {
             }),
     );
     json!([{"labels": {"job": "ray"}, "targets": t}])
-}
-
-async fn status(c: &HeadClient) -> Result<pb::ClusterStatus, String> {
-    c.call(|mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await })
-        .await
-        .map_err(|e| e.to_string())
 }
 
 pub(crate) fn router(client: HeadClient) -> Router {

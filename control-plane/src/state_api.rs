@@ -34,12 +34,14 @@ use protocol::client::{ClientOptions, HeadClient};
 use protocol::pb;
 use serde_json::{Value, json};
 
+use crate::cluster_view::{host, status};
+
 /// One of Ray's state resources: its columns and which of them filters may name.
 pub(crate) struct Resource {
     pub(crate) name: &'static str,
     base: &'static [&'static str],
-    /// Every column, for `detail=true`.
-    detail: &'static [&'static str],
+    /// The columns `detail=true` adds.
+    more: &'static [&'static str],
     filterable: &'static [&'static str],
 }
 
@@ -56,15 +58,7 @@ const ACTORS: Resource = Resource {
         "pid",
         "ray_namespace",
     ],
-    detail: &[
-        "actor_id",
-        "class_name",
-        "state",
-        "job_id",
-        "name",
-        "node_id",
-        "pid",
-        "ray_namespace",
+    more: &[
         "serialized_runtime_env",
         "required_resources",
         "death_cause",
@@ -104,18 +98,7 @@ const NODES: Resource = Resource {
         "resources_total",
         "labels",
     ],
-    detail: &[
-        "node_id",
-        "node_ip",
-        "is_head_node",
-        "state",
-        "state_message",
-        "node_name",
-        "resources_total",
-        "labels",
-        "start_time_ms",
-        "end_time_ms",
-    ],
+    more: &["start_time_ms", "end_time_ms"],
     filterable: &["is_head_node", "node_id", "node_ip", "node_name", "state"],
 };
 
@@ -136,20 +119,7 @@ const TASKS: Resource = Resource {
         "worker_pid",
         "error_type",
     ],
-    detail: &[
-        "task_id",
-        "attempt_number",
-        "name",
-        "state",
-        "job_id",
-        "actor_id",
-        "type",
-        "func_or_class_name",
-        "parent_task_id",
-        "node_id",
-        "worker_id",
-        "worker_pid",
-        "error_type",
+    more: &[
         "language",
         "required_resources",
         "runtime_env_info",
@@ -198,15 +168,7 @@ const JOBS: Resource = Resource {
         "error_type",
         "driver_info",
     ],
-    detail: &[
-        "type",
-        "job_id",
-        "submission_id",
-        "driver_info",
-        "status",
-        "entrypoint",
-        "message",
-        "error_type",
+    more: &[
         "start_time",
         "end_time",
         "metadata",
@@ -221,11 +183,7 @@ const JOBS: Resource = Resource {
 const PLACEMENT_GROUPS: Resource = Resource {
     name: "placement_groups",
     base: &["placement_group_id", "name", "creator_job_id", "state"],
-    detail: &[
-        "placement_group_id",
-        "name",
-        "creator_job_id",
-        "state",
+    more: &[
         "bundles",
         "is_detached",
         "stats",
@@ -252,14 +210,7 @@ const WORKERS: Resource = Resource {
         "ip",
         "pid",
     ],
-    detail: &[
-        "worker_id",
-        "is_alive",
-        "worker_type",
-        "exit_type",
-        "node_id",
-        "ip",
-        "pid",
+    more: &[
         "exit_detail",
         "worker_launch_time_ms",
         "worker_launched_time_ms",
@@ -296,7 +247,7 @@ const OBJECT_COLUMNS: &[&str] = &[
 const OBJECTS: Resource = Resource {
     name: "objects",
     base: OBJECT_COLUMNS,
-    detail: OBJECT_COLUMNS,
+    more: &[],
     filterable: &[
         "attempt_number",
         "call_site",
@@ -319,6 +270,17 @@ const RESOURCES: [&Resource; 7] = [
     &WORKERS,
     &OBJECTS,
 ];
+
+impl Resource {
+    /// The columns of a reply: the base ones, and with `detail` every one.
+    pub(crate) fn columns(&self, detail: bool) -> Vec<&'static str> {
+        let mut c = self.base.to_vec();
+        if detail {
+            c.extend_from_slice(self.more);
+        }
+        c
+    }
+}
 
 pub(crate) fn resource(name: &str) -> Option<&'static Resource> {
     RESOURCES.iter().copied().find(|r| r.name == name)
@@ -456,7 +418,7 @@ pub(crate) fn respond(
         })
         .collect();
     let num_filtered = kept.len();
-    let columns = if q.detail { res.detail } else { res.base };
+    let columns = res.columns(q.detail);
     let result: Vec<Value> = kept
         .iter()
         .take(q.limit)
@@ -496,11 +458,6 @@ fn opt_str(s: &str) -> Value {
 
 fn opt_ms(ms: u64) -> Value {
     if ms == 0 { Value::Null } else { json!(ms) }
-}
-
-/// The host of a `host:port` address.
-fn host(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
 }
 
 fn strip<'a>(name: &'a str, prefix: &str) -> &'a str {
@@ -1172,12 +1129,6 @@ async fn collect(
     }
 }
 
-async fn status(c: &HeadClient) -> Result<pb::ClusterStatus, String> {
-    c.call(|mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await })
-        .await
-        .map_err(|e| format!("cannot get the cluster status: {e}"))
-}
-
 /// Calls `f` on every live node's node manager at once; (node address, reply).
 async fn fan_out<T, F, Fut>(
     api: &Api,
@@ -1291,7 +1242,7 @@ mod tests {
         let d = respond(&NODES, rows, &q("detail=true"), &[]).unwrap();
         assert_eq!(
             d["result"][1].as_object().unwrap().len(),
-            NODES.detail.len()
+            NODES.columns(true).len()
         );
         assert_eq!(d["result"][1]["state_message"], "gone");
         // Every row builder makes every detail column, and no other.
@@ -1307,7 +1258,7 @@ mod tests {
                 let mut j = crate::jobs_api::details(&pb::JobInfo::default());
                 j.as_object_mut()
                     .unwrap()
-                    .retain(|k, _| JOBS.detail.contains(&k.as_str()));
+                    .retain(|k, _| JOBS.columns(true).contains(&k.as_str()));
                 j
             }),
         ];
@@ -1318,7 +1269,7 @@ mod tests {
                 .keys()
                 .map(String::as_str)
                 .collect();
-            let want: std::collections::BTreeSet<&str> = res.detail.iter().copied().collect();
+            let want: std::collections::BTreeSet<&str> = res.columns(true).into_iter().collect();
             assert_eq!(keys, want, "{}", res.name);
         }
         let listed = pb::ListObjectsReply {
@@ -1347,7 +1298,12 @@ mod tests {
                 .keys()
                 .map(String::as_str)
                 .collect();
-            assert_eq!(keys, res.detail.iter().copied().collect(), "{}", res.name);
+            assert_eq!(
+                keys,
+                res.columns(true).into_iter().collect(),
+                "{}",
+                res.name
+            );
         }
         let o = &object_rows(&nodes)[0];
         assert_eq!(

@@ -45,7 +45,6 @@ pub(crate) struct Target {
 /// before worker nodes (a head's node is never scaled down, so a copy there never has to
 /// move again), then by node id so every drain orders them the same way.
 pub(crate) fn targets(view: &[pb::NodeResources], me: &str) -> Vec<Target> {
-    let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_owned();
     let mut v: Vec<&pb::NodeResources> = view
         .iter()
         .filter(|n| !n.draining && n.node_id != me && n.object_manager_port != 0)
@@ -55,7 +54,7 @@ pub(crate) fn targets(view: &[pb::NodeResources], me: &str) -> Vec<Target> {
         .map(|n| Target {
             node_id: n.node_id.clone(),
             nm: n.address.clone(),
-            om: format!("{}:{}", host(&n.address), n.object_manager_port),
+            om: crate::om_address(&n.address, n.object_manager_port),
         })
         .collect()
 }
@@ -102,14 +101,6 @@ impl NodeShared {
         *self.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.drained.send_replace(Some(reason));
         Ok(())
-    }
-
-    fn my_om(&self) -> String {
-        let host = self
-            .address
-            .rsplit_once(':')
-            .map_or(self.address.as_str(), |(h, _)| h);
-        format!("{host}:{}", self.ports.object_manager_port)
     }
 
     fn node_client(

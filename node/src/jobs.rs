@@ -249,17 +249,7 @@ impl JobAgent {
             .env("RAYCTL_NODE_ID", self.node.node_id.to_string())
             .env("RAYCTL_NODE_ADDRESS", &self.node.address)
             .env("RAYCTL_OBJECT_STORE_SOCKET", &self.node.object_store_socket)
-            .env(
-                "RAYCTL_OBJECT_MANAGER_ADDRESS",
-                format!(
-                    "{}:{}",
-                    self.node
-                        .address
-                        .rsplit_once(':')
-                        .map_or("127.0.0.1", |(h, _)| h),
-                    self.node.ports.object_manager_port
-                ),
-            )
+            .env("RAYCTL_OBJECT_MANAGER_ADDRESS", self.node.my_om())
             // Job code never learns where the heads keep their peer secret.
             .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
             .stdin(std::process::Stdio::null())

@@ -804,21 +804,28 @@ impl NodeManager for NodeManagerService {
     }
 }
 
+/// `host:port` of the object manager on port `port` of the node whose node manager is
+/// `nm` (`host:port`; both listen on the node's advertised host).
+pub(crate) fn om_address(nm: &str, port: impl std::fmt::Display) -> String {
+    let host = nm.rsplit_once(':').map_or(nm, |(h, _)| h);
+    format!("{host}:{port}")
+}
+
 impl NodeShared {
+    /// This node's object manager, as other nodes reach it.
+    pub(crate) fn my_om(&self) -> String {
+        om_address(&self.address, self.ports.object_manager_port)
+    }
+
     /// Takes the leader's view of the live nodes: it is soft state for scheduling, and the
     /// list of the only peers this node fetches binaries and pulls objects from.
     pub(crate) fn set_cluster_view(&self, view: Vec<pb::NodeResources>) {
-        let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_owned();
         let mut nms = std::collections::HashSet::new();
-        let mut oms = vec![format!(
-            "{}:{}",
-            host(&self.address),
-            self.ports.object_manager_port
-        )];
+        let mut oms = vec![self.my_om()];
         for n in &view {
             nms.insert(n.address.clone());
             if n.object_manager_port != 0 {
-                oms.push(format!("{}:{}", host(&n.address), n.object_manager_port));
+                oms.push(om_address(&n.address, n.object_manager_port));
             }
         }
         self.workers.set_binary_sources(nms);

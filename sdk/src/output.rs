@@ -213,6 +213,9 @@ pub(crate) fn caller_node(task_id: &[u8], node: &str) {
         && !node.is_empty()
     {
         let mut st = lock(c);
+        if st.nodes.get(prefix).is_some_and(|n| n == node) {
+            return;
+        }
         if st.nodes.len() > 100_000 {
             st.nodes.clear();
         }
@@ -220,13 +223,25 @@ pub(crate) fn caller_node(task_id: &[u8], node: &str) {
     }
 }
 
-/// Attributes output from now on to this call (`None`: to nobody). Returns the previous.
+/// Attributes output from now on to this call (a task id too short: to nobody).
 pub(crate) fn running(task_id: &[u8], name: &str) {
-    if let Some(c) = CAPTURE.get() {
-        let prefix = task_id.get(..PREFIX_LEN).map(<[u8]>::to_vec);
-        // Flush what the last call printed before it is attributed to this one.
-        let _ = std::io::stdout().flush();
-        lock(c).current = prefix.map(|p| (p, Arc::from(display_name(name))));
+    let Some(c) = CAPTURE.get() else {
+        return;
+    };
+    let prefix = task_id.get(..PREFIX_LEN);
+    let name = display_name(name);
+    // Flush what the last call printed before it is attributed to this one.
+    let _ = std::io::stdout().flush();
+    let mut st = lock(c);
+    // The same caller and name as the last call (the common case: one owner's stream of
+    // one function): nothing to allocate.
+    let same = match (&st.current, prefix) {
+        (Some((p, n)), Some(q)) => p.as_slice() == q && &**n == name,
+        (None, None) => true,
+        _ => false,
+    };
+    if !same {
+        st.current = prefix.map(|p| (p.to_vec(), Arc::from(name)));
     }
 }
 
