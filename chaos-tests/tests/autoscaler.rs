@@ -526,13 +526,16 @@ fn a_leader_killed_mid_scale_up_never_launches_twice() -> Result<()> {
             c.rayctl(&["job", "wait", id, "--address", &alive, "--timeout", "120s"])?;
         assert_eq!(code, 0, "job {id} after the failover: {out} {err}");
     }
+    let mut last = Value::Null;
     let s = wait_for("the records settled", Duration::from_secs(60), || {
         let s = c.status(None).ok()?;
+        last = s["autoscaler"].clone();
         instances(&s)
             .iter()
             .all(|i| i["state"] != "REQUESTED" && i["state"] != "ALLOCATED")
             .then_some(s)
-    })?;
+    })
+    .with_context(|| format!("the autoscaler last showed {last:#}"))?;
     let records = instances(&s);
     let clouds = cloud_ids(&records);
     assert!(

@@ -263,6 +263,16 @@ fn local_alive(pid: u32, id: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A live process one of whose arguments is exactly `arg`.
+fn find_process_with_arg(arg: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let ours = cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes());
+        (ours && local_alive(pid, arg)).then_some(pid)
+    })
+}
+
 impl LocalProvider {
     fn record(&self, id: &str) -> Option<LocalRecord> {
         let b = std::fs::read(self.dir.join(id).join("instance.json")).ok()?;
@@ -271,6 +281,45 @@ impl LocalProvider {
 
     fn instance_dir(&self, id: &str) -> PathBuf {
         self.dir.join(id)
+    }
+
+    /// Writes the instance's record (atomically: a reader sees the old one or the new one).
+    fn write_record(&self, rec: &LocalRecord) -> Result<(), String> {
+        let dir = self.instance_dir(&rec.id);
+        let tmp = dir.join(".instance.json");
+        std::fs::write(&tmp, serde_json::to_vec(rec).unwrap_or_default())
+            .and_then(|()| std::fs::rename(&tmp, dir.join("instance.json")))
+            .map_err(|e| format!("cannot record instance {}: {e}", rec.id))
+    }
+
+    /// Makes instance `id` unless this request already made it. A head killed mid-launch
+    /// (directory made, node maybe started, record not yet written) leaves nothing a new
+    /// leader mistakes for done: the launch holds a lock on the directory (released by the
+    /// kernel when its holder dies), and a node process started without its record is found
+    /// by its data directory and recorded instead of started twice.
+    fn launch_one(&self, spec: &LaunchSpec, id: &str, request_id: &str) -> Result<(), String> {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = self.instance_dir(id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let lock = std::fs::File::create(dir.join("launch.lock"))
+            .map_err(|e| format!("cannot create {}/launch.lock: {e}", dir.display()))?;
+        let _held = Flock::lock(lock, FlockArg::LockExclusive)
+            .map_err(|(_, e)| format!("cannot lock {}/launch.lock: {e}", dir.display()))?;
+        if self.record(id).is_some() || dir.join("terminated").exists() {
+            return Ok(());
+        }
+        let data = format!("--data-dir={}", dir.join("data").display());
+        if let Some(pid) = find_process_with_arg(&data) {
+            tracing::info!(id, pid, "a node started for this instance had no record; recorded it");
+            return self.write_record(&LocalRecord {
+                id: id.into(),
+                node_type: spec.node_type.clone(),
+                request_id: request_id.into(),
+                pid,
+            });
+        }
+        self.spawn(spec, id, request_id)
     }
 
     fn spawn(&self, spec: &LaunchSpec, id: &str, request_id: &str) -> Result<(), String> {
@@ -328,16 +377,12 @@ impl LocalProvider {
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.rayctl.display()))?;
-        let rec = LocalRecord {
+        self.write_record(&LocalRecord {
             id: id.into(),
             node_type: spec.node_type.clone(),
             request_id: request_id.into(),
             pid: child.id(),
-        };
-        let tmp = dir.join(".instance.json");
-        std::fs::write(&tmp, serde_json::to_vec(&rec).unwrap_or_default())
-            .and_then(|()| std::fs::rename(&tmp, dir.join("instance.json")))
-            .map_err(|e| format!("cannot record instance {id}: {e}"))?;
+        })?;
         // Reap it when it exits (while this head lives; after, init does).
         std::thread::spawn(move || {
             let _ = child.wait();
@@ -383,10 +428,7 @@ impl NodeProvider for LocalProvider {
                 format!("{request_id}-{k}")
             };
             // Idempotent: an instance this request already made stays the only one.
-            if self.instance_dir(&id).exists() {
-                continue;
-            }
-            self.spawn(spec, &id, request_id)?;
+            self.launch_one(spec, &id, request_id)?;
         }
         Ok(())
     }
@@ -396,22 +438,29 @@ impl NodeProvider for LocalProvider {
         use nix::unistd::Pid;
         let mut live = Vec::new();
         for id in ids {
-            if let Some(rec) = self.record(id)
-                && local_alive(rec.pid, id)
-            {
-                let _ = kill(Pid::from_raw(rec.pid as i32), Signal::SIGTERM);
-                live.push(rec);
+            // Its record's process, or one a launch cut short started without a record.
+            let pid = self
+                .record(id)
+                .map(|r| r.pid)
+                .filter(|pid| local_alive(*pid, id))
+                .or_else(|| {
+                    let data = self.instance_dir(id).join("data");
+                    find_process_with_arg(&format!("--data-dir={}", data.display()))
+                });
+            if let Some(pid) = pid {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                live.push((pid, id.clone()));
             }
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while live.iter().any(|r| local_alive(r.pid, &r.id))
+        while live.iter().any(|(pid, id)| local_alive(*pid, id))
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for r in &live {
-            if local_alive(r.pid, &r.id) {
-                let _ = kill(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
+        for (pid, id) in &live {
+            if local_alive(*pid, id) {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
             }
         }
         for id in ids {
@@ -728,6 +777,74 @@ mod tests {
             ids(&["w-0", "w-2"])
         );
         assert_eq!(dep.removable(&ids(&["other-5"]), &listed), ids(&[]));
+    }
+
+    /// A local provider whose `rayctl` is a stand-in that only waits (its arguments stay in
+    /// its command line, as a real node's do).
+    fn local(dir: &std::path::Path) -> LocalProvider {
+        let script = dir.join("rayctl");
+        std::fs::write(&script, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        LocalProvider {
+            dir: dir.join("instances"),
+            rayctl: script,
+            env: Vec::new(),
+        }
+    }
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            node_type: "cpu2".into(),
+            resources: BTreeMap::from([("CPU".to_owned(), 2.0)]),
+            labels: BTreeMap::new(),
+            node_config: serde_json::Value::Null,
+            head_addresses: vec!["127.0.0.1:1".into()],
+        }
+    }
+
+    async fn listed_ids(p: &LocalProvider) -> Vec<String> {
+        p.non_terminated()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_launch_cut_short_by_a_dead_head_is_finished_once_by_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = local(tmp.path());
+        // Cut short before the node started: the directory alone is not an instance.
+        std::fs::create_dir_all(p.instance_dir("r1")).unwrap();
+        p.launch(&spec(), 1, "r1").await.unwrap();
+        assert_eq!(listed_ids(&p).await, ids(&["r1"]));
+        // Asked again: still one.
+        p.launch(&spec(), 1, "r1").await.unwrap();
+        let first = p.record("r1").unwrap().pid;
+        // Cut short after the node started, before its record: the node is found, not
+        // started again.
+        std::fs::remove_file(p.instance_dir("r1").join("instance.json")).unwrap();
+        assert_eq!(listed_ids(&p).await, ids(&[]));
+        p.launch(&spec(), 1, "r1").await.unwrap();
+        assert_eq!(p.record("r1").unwrap().pid, first);
+        assert_eq!(listed_ids(&p).await, ids(&["r1"]));
+        // A node without a record is terminated too, and a terminated instance is not
+        // launched again.
+        p.launch(&spec(), 1, "r2").await.unwrap();
+        std::fs::remove_file(p.instance_dir("r2").join("instance.json")).unwrap();
+        p.terminate(&ids(&["r1", "r2"]), "t").await.unwrap();
+        assert!(!local_alive(first, "r1"));
+        assert_eq!(
+            find_process_with_arg(&format!(
+                "--data-dir={}",
+                p.instance_dir("r2").join("data").display()
+            )),
+            None
+        );
+        p.launch(&spec(), 1, "r1").await.unwrap();
+        assert_eq!(listed_ids(&p).await, ids(&[]));
     }
 
     /// A stand-in `kubectl`: logs each call, prints `workload.json` and `pods.json` for the
