@@ -913,9 +913,7 @@ async fn log_file(
                 if done {
                     return None;
                 }
-                let Some(mut r) = pending else {
-                    return None;
-                };
+                let mut r = pending?;
                 loop {
                     if !r.data.is_empty() {
                         let data = axum::body::Bytes::from(std::mem::take(&mut r.data));

@@ -417,22 +417,6 @@ pub(crate) async fn memory(args: MemoryArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filters_match_fields_and_reject_unknown_ones() {
-        let row = json!({"state": "ALIVE", "num_restarts": 1});
-        let f = parse_filters(&["state=alive".into(), "num_restarts!=0".into()]).unwrap();
-        assert!(keep(&row, &f).unwrap());
-        let f = parse_filters(&["state=DEAD".into()]).unwrap();
-        assert!(!keep(&row, &f).unwrap());
-        assert!(keep(&row, &parse_filters(&["nope=1".into()]).unwrap()).is_err());
-        assert!(parse_filters(&["state".into()]).is_err());
-    }
-}
-
 /// One Chrome-trace "complete" event per task that ended (pushed to its worker → finished or
 /// failed), on a track per node (`pid`) and worker (`tid`).
 pub(crate) fn trace_events(tasks: &[pb::TaskEvent]) -> Vec<Value> {
@@ -497,4 +481,20 @@ pub(crate) async fn timeline(args: crate::cli::TimelineArgs) -> anyhow::Result<E
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_fields_and_reject_unknown_ones() {
+        let row = json!({"state": "ALIVE", "num_restarts": 1});
+        let f = parse_filters(&["state=alive".into(), "num_restarts!=0".into()]).unwrap();
+        assert!(keep(&row, &f).unwrap());
+        let f = parse_filters(&["state=DEAD".into()]).unwrap();
+        assert!(!keep(&row, &f).unwrap());
+        assert!(keep(&row, &parse_filters(&["nope=1".into()]).unwrap()).is_err());
+        assert!(parse_filters(&["state".into()]).is_err());
+    }
 }

@@ -525,10 +525,10 @@ async fn driver_channel(rt: Arc<Runtime>) {
         while let Some(m) = replies.message().await? {
             match m.kind {
                 Some(pb::node_to_worker::Kind::ObjectsMoved(moved)) => owner.objects_moved(moved),
-                Some(pb::node_to_worker::Kind::Output(o)) => {
-                    if owner.log_to_driver.load(Ordering::Relaxed) {
-                        crate::output::print(&o);
-                    }
+                Some(pb::node_to_worker::Kind::Output(o))
+                    if owner.log_to_driver.load(Ordering::Relaxed) =>
+                {
+                    crate::output::print(&o);
                 }
                 _ => {}
             }

@@ -311,7 +311,11 @@ impl LocalProvider {
         }
         let data = format!("--data-dir={}", dir.join("data").display());
         if let Some(pid) = find_process_with_arg(&data) {
-            tracing::info!(id, pid, "a node started for this instance had no record; recorded it");
+            tracing::info!(
+                id,
+                pid,
+                "a node started for this instance had no record; recorded it"
+            );
             return self.write_record(&LocalRecord {
                 id: id.into(),
                 node_type: spec.node_type.clone(),
