@@ -415,6 +415,24 @@ impl Cluster {
             .ok()
     }
 
+    /// The sum over every label set of series `name` at a `/metrics` port.
+    pub fn metric_sum(&self, port: u64, name: &str) -> Option<f64> {
+        let mut req = ureq::get(&format!("http://127.0.0.1:{port}/metrics"));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let text = req.call().ok()?.body_mut().read_to_string().ok()?;
+        Some(
+            text.lines()
+                .filter(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+                })
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
     fn spawn(&self, name: &str, args: Vec<String>) -> Result<Proc> {
         let mut p = Proc::daemon(self.dir.path(), name, args);
         self.launch(&mut p)?;

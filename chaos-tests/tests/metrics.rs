@@ -5,6 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use chaos_tests::driver::Driver;
 use chaos_tests::{Cluster, ClusterOptions, free_port, wait_for};
 use serde_json::Value;
 
@@ -255,8 +256,173 @@ fn prometheus_finds_every_head_and_node_through_service_discovery() -> Result<()
         t.iter()
             .all(|x| x.as_str().is_some_and(|s| s.starts_with("127.0.0.1:")))
     }));
+
+    // Work of every kind, and an autoscaler config (its node types make its series), for
+    // the dashboards' panels.
+    c.apply_autoscaling(
+        "max_workers: 1\navailable_node_types:\n  cpu1:\n    resources: {CPU: 1}\n    min_workers: 0\n    max_workers: 1\nprovider:\n  type: local\n",
+    )?;
+    let mut d = Driver::start(env!("CARGO_BIN_EXE_actor_driver"), &c, &["introspect"], &[])?;
+    d.result(Duration::from_secs(120))?;
+    c.submit_job(&[], "echo panel check")?;
+    wait_for("tasks and jobs scraped", Duration::from_secs(60), || {
+        let done = values(&query(port, "sum(ray_tasks{State=\"FINISHED\"})")?);
+        let jobs = values(&query(port, "sum(rayctl_jobs{status=\"SUCCEEDED\"})")?);
+        (done.first().is_some_and(|v| *v >= 5.0) && jobs.first().is_some_and(|v| *v >= 1.0))
+            .then_some(())
+    })?;
+    // Two more scrapes for the rates.
+    std::thread::sleep(Duration::from_secs(3));
+    let unset = |e: &str| {
+        ["$SessionName", "$Cluster", "$Instance", "$RayNodeType"]
+            .iter()
+            .fold(e.to_owned(), |e, v| e.replace(v, ".*"))
+    };
+
+    // Our Grafana dashboard: every query of every panel returns data.
+    let ours: Value = serde_json::from_str(include_str!("../../deploy/grafana/rayctl.json"))?;
+    let mut empty = Vec::new();
+    let mut n = 0;
+    for p in ours["panels"].as_array().context("panels")? {
+        for t in p["targets"].as_array().context("targets")? {
+            let e = unset(t["expr"].as_str().context("expr")?);
+            n += 1;
+            if query(port, &e).is_none_or(|r| r.is_empty()) {
+                empty.push(format!("{}: {e}", p["title"]));
+            }
+        }
+    }
+    assert!(empty.is_empty(), "queries with no data: {empty:#?}");
+    eprintln!(
+        "rayctl.json: all {n} queries of {} panels return data",
+        ours["panels"].as_array().map_or(0, Vec::len)
+    );
+
+    // Ray 2.60's default dashboard, from the file in its wheel: at least 90 % of the panels
+    // that are not about GPUs or TPUs return data (a panel does when one of its queries
+    // does; Ray's panels carry alternatives, e.g. host or cgroup memory).
+    let venv = chaos_tests::ray_venv()?;
+    let dump = Command::new(venv.join("bin/python"))
+        .arg("-c")
+        .arg(RAY_PANELS_PY)
+        .output()?;
+    anyhow::ensure!(
+        dump.status.success(),
+        "reading Ray's panels: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let panels: Vec<Value> = serde_json::from_slice(&dump.stdout)?;
+    let mut table = Vec::new();
+    let (mut with_data, mut counted) = (0, 0);
+    for p in &panels {
+        let title = p["title"].as_str().unwrap_or_default();
+        if ["GPU", "TPU", "GRAM"].iter().any(|g| title.contains(g)) {
+            continue;
+        }
+        counted += 1;
+        let data = p["exprs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .any(|e| query(port, &unset(e)).is_some_and(|r| !r.is_empty()));
+        with_data += usize::from(data);
+        table.push(format!(
+            "{} {:>3} {title}",
+            if data { "data " } else { "EMPTY" },
+            p["id"]
+        ));
+    }
+    let share = with_data as f64 / counted.max(1) as f64;
+    eprintln!(
+        "Ray 2.60 default dashboard: {with_data} of {counted} non-GPU panels return data ({:.0} %)\n{}",
+        share * 100.0,
+        table.join("\n")
+    );
+    assert!(
+        counted >= 20,
+        "Ray's panel file changed shape: {counted} panels"
+    );
+    assert!(
+        share >= 0.9,
+        "only {with_data} of {counted}:\n{}",
+        table.join("\n")
+    );
+
+    // `promtool check metrics` on every endpoint: nothing but what Ray's own names make it
+    // say (camelCase label names such as SessionName and State, which Ray's dashboards
+    // filter by, and the `_count` suffix of Ray's `ray_node_cpu_count`).
+    let promtool = which("promtool").context("promtool (Debian's prometheus package)")?;
+    let token = std::fs::read_to_string(c.token_path())?;
+    let sd: Value = serde_json::from_str(
+        &ureq::get(&format!("http://127.0.0.1:{dash}/api/prometheus/sd"))
+            .header("Authorization", &format!("Bearer {}", token.trim()))
+            .call()?
+            .body_mut()
+            .read_to_string()?,
+    )?;
+    let targets: Vec<String> = sd
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(targets.len(), 8, "{sd}");
+    for t in &targets {
+        let body = ureq::get(&format!("http://{t}/metrics"))
+            .header("Authorization", &format!("Bearer {}", token.trim()))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        let mut p = Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(p.stdin.as_mut().context("stdin")?, body.as_bytes())?;
+        drop(p.stdin.take());
+        let out = p.wait_with_output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let other: Vec<&str> = said
+            .lines()
+            .filter(|l| {
+                !l.trim().is_empty()
+                    && !l.contains("label names should be written in 'snake_case' not 'camelCase'")
+                    && !l.starts_with("ray_node_cpu_count non-histogram and non-summary metrics should not have \"_count\" suffix")
+            })
+            .collect();
+        assert!(other.is_empty(), "promtool on {t}: {other:#?}");
+        assert!(
+            body.contains("SessionName="),
+            "{t} has no SessionName label"
+        );
+    }
+    d.send_line("done")?;
     Ok(())
 }
+
+/// Prints Ray 2.60's default dashboard panels as JSON: id, title and the queries with the
+/// global filters filled in, as Ray's dashboard factory does.
+const RAY_PANELS_PY: &str = r#"
+import json
+from ray.dashboard.modules.metrics.dashboards import default_dashboard_panels as m
+c = m.default_dashboard_config
+panels = list(c.panels)
+for r in c.rows:
+    panels += r.panels
+filters = ",".join(c.standard_global_filters)
+print(json.dumps([
+    {"id": p.id, "title": p.title,
+     "exprs": [t.expr.format(global_filters=filters) for t in p.targets]}
+    for p in panels
+]))
+"#;
 
 fn find_files(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();

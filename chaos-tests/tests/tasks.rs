@@ -245,6 +245,17 @@ fn a_killed_worker_is_retried_and_without_retries_the_error_is_clear() -> Result
         }
         d.finish(Duration::from_secs(30))?;
     }
+    // Both deaths are counted as Ray counts them (its dashboard's "Unexpected System Level
+    // Worker Failures"); the workers the node itself ends are not.
+    let port = c.heads[0].ready["node"]["metrics_export_port"]
+        .as_u64()
+        .context("metrics port")?;
+    let failures = "ray_node_manager_unexpected_worker_failure_total";
+    wait_for(
+        "two worker failures counted",
+        Duration::from_secs(30),
+        || (c.metric_sum(port, failures)? == 2.0).then_some(()),
+    )?;
     Ok(())
 }
 

@@ -52,8 +52,10 @@ pub(crate) async fn run<S: LeaderService>(shared: Arc<HeadShared>, mut svc: S) {
     tracing::info!("{} started", S::NAME);
     loop {
         if !shared.leading() {
-            // Not confirmed by a quorum: this head grants nothing this round.
+            // Not confirmed by a quorum: this head grants nothing this round, and reports
+            // none of the leader's gauges.
             svc.unconfirmed();
+            crate::metrics::record_not_leading();
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }

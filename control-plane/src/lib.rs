@@ -14,7 +14,8 @@
 
 mod actors;
 pub mod autoscaler;
-mod cluster_view;
+pub mod cluster_view;
+mod dashboard;
 pub mod db;
 mod head;
 pub mod instances;
@@ -100,6 +101,10 @@ pub struct HeadOptions {
     pub provider_env: autoscaler::provider::ProviderEnv,
     /// Where to write Ray's Prometheus service discovery file every 5 s (none: nowhere).
     pub service_discovery_file: Option<PathBuf>,
+    /// Grafana for the dashboard's metrics page (Ray's RAY_GRAFANA_HOST), and the address
+    /// browsers reach it at if different (RAY_GRAFANA_IFRAME_HOST).
+    pub grafana_host: Option<String>,
+    pub grafana_iframe_host: Option<String>,
 }
 
 impl HeadOptions {
@@ -123,6 +128,8 @@ impl HeadOptions {
             metrics: None,
             provider_env: autoscaler::provider::ProviderEnv::default(),
             service_discovery_file: None,
+            grafana_host: None,
+            grafana_iframe_host: None,
         }
     }
 }
@@ -277,11 +284,16 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             ..Default::default()
         },
     )?;
-    // The dashboard port: the Jobs API, Ray's State API and Prometheus discovery, each over
-    // the cluster API (so any head serves them).
+    // The dashboard port: the web dashboard, the Jobs API, Ray's State API and Prometheus
+    // discovery, each over the cluster API (so any head serves them).
     let api = jobs_api::router(api_heads, opts.token.clone())?
         .merge(state_api::router(sd_client.clone(), opts.token.clone()))
-        .merge(prom_sd::router(sd_client.clone()));
+        .merge(prom_sd::router(sd_client.clone()))
+        .merge(dashboard::router(
+            opts.token.clone(),
+            opts.grafana_host.clone(),
+            opts.grafana_iframe_host.clone(),
+        ));
     let served = [opts.advertise_host.clone(), opts.bind_host.clone()];
     let listeners = Listeners::spawn(
         grpc,

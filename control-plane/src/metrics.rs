@@ -113,7 +113,11 @@ pub fn describe() {
     describe_gauge!(JOBS, "jobs in the job table, by status (leader only)");
     describe_gauge!(
         ACTORS,
-        "actors in the actor table, by State (leader only; Ray's name)"
+        "actors in the actor table, by State, Source=gcs (leader only; Ray's name)"
+    );
+    describe_gauge!(
+        PLACEMENT_GROUPS,
+        "placement groups in the table, by State (leader only; Ray's name)"
     );
     describe_gauge!(
         ACTOR_RESTARTS,
@@ -154,7 +158,7 @@ pub(crate) fn record_actors(state: &crate::state::ClusterState) {
         (Dead, "DEAD"),
     ] {
         let n = state.actors.values().filter(|a| a.state == st).count();
-        gauge!(ACTORS, "State" => name).set(n as f64);
+        gauge!(ACTORS, "State" => name, "Source" => "gcs").set(n as f64);
     }
     gauge!(ACTOR_RESTARTS).set(state.actors.values().map(|a| a.num_restarts).sum::<u64>() as f64);
 }
@@ -260,17 +264,44 @@ pub(crate) fn record_autoscaler(state: &crate::state::ClusterState, now: u64) {
                 .count() as f64
         };
         use crate::instances::InstanceState as S;
-        gauge!(AS_ACTIVE, "NodeType" => name.clone()).set(of(&|r| r.state == S::RayRunning));
+        as_set(
+            AS_ACTIVE,
+            "NodeType",
+            name.clone(),
+            of(&|r| r.state == S::RayRunning),
+        );
         let pending = of(&|r| r.state.is_pending());
-        gauge!(AS_PENDING, "NodeType" => name.clone()).set(pending);
-        gauge!(AS_FAILED, "NodeType" => name.clone()).set(of(&|r| {
+        as_set(AS_PENDING, "NodeType", name.clone(), pending);
+        let failed = of(&|r| {
             matches!(r.state, S::AllocationFailed | S::AllocationTimeout)
                 && now.saturating_sub(r.updated_ms) < 10 * 60 * 1000
-        }));
+        });
+        as_set(AS_FAILED, "NodeType", name.clone(), failed);
         for (k, v) in res {
             *pending_res.entry(k.clone()).or_default() += v * pending;
         }
     }
+    // Nodes no launch record stands for (heads' nodes, nodes started by hand): Ray counts
+    // its head node type among the active nodes too.
+    let launched: std::collections::HashSet<protocol::NodeId> = state
+        .autoscaler
+        .instances
+        .values()
+        .filter_map(|r| r.node_id)
+        .collect();
+    let (mut heads, mut others) = (0.0, 0.0);
+    for n in state
+        .alive_nodes()
+        .filter(|n| !launched.contains(&n.node_id))
+    {
+        if n.is_head {
+            heads += 1.0;
+        } else {
+            others += 1.0;
+        }
+    }
+    as_set(AS_ACTIVE, "NodeType", "head", heads);
+    as_set(AS_ACTIVE, "NodeType", "unmanaged", others);
     let mut total: BTreeMap<String, f64> = BTreeMap::new();
     for n in state.alive_nodes() {
         for (k, v) in &n.resources_total {
@@ -282,11 +313,40 @@ pub(crate) fn record_autoscaler(state: &crate::state::ClusterState, now: u64) {
         pending_res.entry(k.into()).or_default();
     }
     for (k, v) in total {
-        gauge!(AS_CLUSTER_RES, "resource" => k).set(v);
+        as_set(AS_CLUSTER_RES, "resource", k, v);
     }
     for (k, v) in pending_res {
-        gauge!(AS_PENDING_RES, "resource" => k).set(v);
+        as_set(AS_PENDING_RES, "resource", k, v);
     }
+}
+
+/// A head that does not lead (any more) reports none of the leader-only gauges: zero, so a
+/// sum over every head counts the leader's alone, also after a failover.
+pub(crate) fn record_not_leading() {
+    let empty = crate::state::ClusterState::default();
+    record_actors(&empty);
+    record_placement_groups(&empty);
+    record_jobs(&empty);
+    record_nodes(0, 0);
+    // Every autoscaler label set this head reported, at zero.
+    let seen = AS_SEEN.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for (metric, key, value) in seen {
+        gauge!(metric, key => value).set(0.0);
+    }
+}
+
+/// The autoscaler gauges' label sets reported so far, for [`record_not_leading`].
+static AS_SEEN: std::sync::Mutex<std::collections::BTreeSet<(&'static str, &'static str, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Sets an autoscaler gauge and remembers its label set.
+fn as_set(metric: &'static str, key: &'static str, value: impl Into<String>, v: f64) {
+    let value = value.into();
+    gauge!(metric, key => value.clone()).set(v);
+    AS_SEEN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert((metric, key, value));
 }
 
 pub(crate) fn record_autoscaler_launch(node_type: &str) {

@@ -780,7 +780,65 @@ pub(crate) fn router(client: HeadClient, token: Option<AuthToken>) -> Router {
         .route("/api/v0/logs/{media}", get(log_file))
         .route("/api/v0/{resource}", get(list))
         .route("/api/v0/{resource}/summarize", get(summarize))
+        .route("/api/rayctl/status", get(cluster_status))
+        .route("/api/rayctl/node_stats", get(node_stats))
         .with_state(Api { client, token })
+}
+
+/// The cluster status as `rayctl status --format json` prints it (the dashboard's overview).
+async fn cluster_status(State(api): State<Api>) -> Response {
+    reply(
+        status(&api.client)
+            .await
+            .map(|s| crate::cluster_view::status_json(&s)),
+    )
+}
+
+/// Per live node, what only the node knows: its object store's use and its processes
+/// (drivers and workers), for the dashboard's node page. Nodes that do not answer are named.
+async fn node_stats(State(api): State<Api>) -> Response {
+    let r = fan_out(&api, &api.client, Duration::from_secs(5), |mut nm| async move {
+        nm.list_objects(pb::ListObjectsRequest {}).await
+    })
+    .await
+    .map(|replies| {
+        let mut nodes = serde_json::Map::new();
+        let mut failed = Vec::new();
+        for (addr, r) in replies {
+            match r {
+                Ok(r) => {
+                    let workers = r.processes.iter().filter(|p| !p.worker_id.is_empty());
+                    let drivers = r.processes.iter().filter(|p| p.worker_id.is_empty());
+                    nodes.insert(
+                        r.node_id.clone(),
+                        json!({
+                            "address": addr,
+                            "object_store": {
+                                "used_bytes": r.used_bytes,
+                                "capacity_bytes": r.capacity_bytes,
+                                "pinned_bytes": r.pinned_bytes,
+                                "spilled_bytes": r.spilled_bytes,
+                                "objects": r.objects.len(),
+                            },
+                            "workers": workers.clone().count(),
+                            "drivers": drivers.count(),
+                            "tasks_running": r.processes.iter().map(|p| p.tasks_running).sum::<u64>(),
+                            "processes": r.processes.iter().map(|p| json!({
+                                "pid": p.pid,
+                                "worker_id": p.worker_id,
+                                "job_id": p.job_id,
+                                "objects_owned": p.objects_owned,
+                                "tasks_running": p.tasks_running,
+                            })).collect::<Vec<_>>(),
+                        }),
+                    );
+                }
+                Err(e) => failed.push(format!("{addr}: {e}")),
+            }
+        }
+        json!({"nodes": nodes, "unreachable": failed})
+    });
+    reply(r)
 }
 
 // ---- logs (Ray's `/api/v0/logs`, `/logs/file`, `/logs/stream`) ----

@@ -9,6 +9,7 @@
 //! through `protocol`.
 
 mod drain;
+mod host_metrics;
 pub mod identity;
 mod jobs;
 mod leases;
@@ -847,6 +848,7 @@ pub fn check_resources(r: &BTreeMap<String, f64>) -> Result<(), scheduler::Resou
 pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     metrics::describe();
     metrics::describe_workers();
+    host_metrics::describe();
     let (lock, node_id) = identity::acquire(&opts.data_dir)?;
     check_resources(&opts.resources)?;
     let client = HeadClient::new(&opts.heads, opts.token.clone(), ClientOptions::default())
@@ -996,6 +998,31 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
                 sh.workers.renew_actors(left);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }));
+    let sh = shared.clone();
+    tasks.push(tokio::spawn(async move {
+        let host = sh
+            .address
+            .rsplit_once(':')
+            .map_or("", |(h, _)| h)
+            .to_owned();
+        let mut m = host_metrics::HostMetrics::new(sh.is_head, &host);
+        loop {
+            // sysinfo reads /proc: off the async threads.
+            let s = sh.clone();
+            m = match tokio::task::spawn_blocking(move || {
+                m.record(&s);
+                m.tasks(s.workers.task_counts());
+                m.actors(s.workers.actor_counts());
+                m
+            })
+            .await
+            {
+                Ok(m) => m,
+                Err(_) => return,
+            };
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }));
     let sh = shared.clone();

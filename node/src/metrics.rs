@@ -60,7 +60,7 @@ pub fn describe_workers() {
     );
     describe_gauge!(
         TASKS,
-        "tasks by state (Ray's State names), owned or run by processes on this node"
+        "tasks by State (Ray's names), Name (function), IsRetry and Source: owner (the states the tasks' owners on this node recorded) or executor (running in this node's workers)"
     );
     describe_counter!(
         TASK_RETRIES,
@@ -94,17 +94,10 @@ pub(crate) fn workers(
     for (k, v) in by_state {
         gauge!(WORKERS, "state" => *k).set(*v as f64);
     }
-    for state in [
-        "PENDING_ARGS_AVAIL",
-        "PENDING_NODE_ASSIGNMENT",
-        "SUBMITTED_TO_WORKER",
-    ] {
-        gauge!(TASKS, "State" => state)
-            .set(s.owned_by_state.get(state).copied().unwrap_or(0) as f64);
-    }
-    gauge!(TASKS, "State" => "RUNNING").set(s.tasks_running as f64);
-    gauge!(TASKS, "State" => "FINISHED").set(s.tasks_finished_total as f64);
-    gauge!(TASKS, "State" => "FAILED").set(s.tasks_failed_total as f64);
+    // Tasks running in this node's workers (the owners' states, by function, come from the
+    // task table: `host_metrics::HostMetrics::tasks`). Workers do not say which function.
+    gauge!(TASKS, "State" => "RUNNING", "Name" => "", "IsRetry" => "0", "Source" => "executor")
+        .set(s.tasks_running as f64);
     counter!(TASK_RETRIES).absolute(s.task_retries_total);
     counter!(TASKS_EXECUTED).absolute(s.tasks_executed_total);
     counter!(RECONSTRUCTIONS).absolute(s.reconstructions_total);

@@ -72,6 +72,8 @@ struct ActorBinding {
 }
 
 struct Worker {
+    /// Set when this node kills it (so its exit is not counted as a failure).
+    killed: std::sync::atomic::AtomicBool,
     key: (String, String),
     actor: Option<ActorBinding>,
     pid: u32,
@@ -110,6 +112,9 @@ struct PoolState {
 #[derive(Default)]
 struct TaskTable {
     by_id: HashMap<String, pb::TaskEvent>,
+    /// Tasks that ended, by (FINISHED or FAILED, function, whether a retry): counted as they
+    /// end, so eviction from `by_id` does not lower them.
+    ended: HashMap<(String, String, bool), u64>,
     /// Insertion order, for eviction.
     order: std::collections::VecDeque<String>,
     dropped: u64,
@@ -128,8 +133,19 @@ impl TaskTable {
                 "FINISHED" | "FAILED" => (0, e.time_ms),
                 _ => (0, 0),
             };
+            let ends = matches!(e.state.as_str(), "FINISHED" | "FAILED");
             match self.by_id.get_mut(&e.task_id) {
                 Some(t) => {
+                    if ends && t.state != e.state {
+                        *self
+                            .ended
+                            .entry((
+                                e.state.clone(),
+                                t.function.clone(),
+                                t.attempt.max(e.attempt) > 0,
+                            ))
+                            .or_default() += 1;
+                    }
                     if start != 0 {
                         // A retry starts again.
                         t.start_ms = start;
@@ -153,6 +169,12 @@ impl TaskTable {
                     }
                 }
                 None => {
+                    if ends {
+                        *self
+                            .ended
+                            .entry((e.state.clone(), e.function.clone(), e.attempt > 0))
+                            .or_default() += 1;
+                    }
                     e.created_ms = e.time_ms;
                     e.start_ms = start;
                     e.end_ms = end;
@@ -179,6 +201,18 @@ pub(crate) struct WorkerPool {
     /// Node managers a missing binary may be fetched from (the live nodes); none until the
     /// first heartbeat reply, when only this node itself is a source.
     binary_sources: std::sync::RwLock<std::collections::HashSet<String>>,
+}
+
+impl Worker {
+    /// Kills the process, remembering that its death was asked for.
+    fn kill(&self) -> nix::Result<()> {
+        self.killed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+    }
 }
 
 fn is_sha256(s: &str) -> bool {
@@ -558,10 +592,7 @@ impl WorkerPool {
             // The worker is of no use to anyone: make sure it is gone.
             if let Some(w) = self.lock().workers.get_mut(&id) {
                 w.state = WState::Idle(Instant::now() - self.cfg.opts.idle_timeout);
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(w.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = w.kill();
             }
             Err(Status::unavailable(msg))
         };
@@ -647,10 +678,7 @@ impl WorkerPool {
         let rx = binding.unwrap_or(rx);
         let fail = |msg: String| {
             if let Some(w) = self.lock().workers.get(&id) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(w.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = w.kill();
             }
             Err(Status::unavailable(msg))
         };
@@ -754,6 +782,7 @@ impl WorkerPool {
         table.workers.insert(
             id.clone(),
             Worker {
+                killed: std::sync::atomic::AtomicBool::new(false),
                 key,
                 actor,
                 pid,
@@ -784,11 +813,24 @@ impl WorkerPool {
         let Some(mut w) = self.lock().workers.remove(id) else {
             return;
         };
-        match &w.state {
+        let working = match &w.state {
             WState::Leased(l) | WState::Starting(Some(l)) => {
                 self.leases.give_back(l);
+                true
             }
-            WState::Idle(_) | WState::Starting(None) => {}
+            WState::Idle(_) | WState::Starting(None) => false,
+        };
+        // Not asked to die and not a clean exit of its own (an actor's exit_actor).
+        if (working || w.actor.is_some())
+            && !w.killed.load(std::sync::atomic::Ordering::Relaxed)
+            && status != "exit status: 0"
+        {
+            let name = w
+                .actor
+                .as_ref()
+                .map(|a| a.start.class_name.clone())
+                .unwrap_or_default();
+            crate::host_metrics::worker_failed(name);
         }
         if let Some(r) = w.ready.take() {
             let _ = r.send(Err(format!(
@@ -931,6 +973,8 @@ impl WorkerPool {
                 st = me.lock();
             }
             // A worker whose channel ended is of no use: end it (its exit frees its lease).
+            // Its channel ending is its failure (usually its death), not this node's choice:
+            // not marked as killed.
             if let Some(w) = worker.and_then(|id| st.workers.get(&id)) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(w.pid as i32),
@@ -1063,10 +1107,7 @@ impl WorkerPool {
                     pid = w.pid,
                     "killing an actor worker the control plane says must not run here"
                 );
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(w.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = w.kill();
             }
         }
     }
@@ -1087,11 +1128,7 @@ impl WorkerPool {
                     pid = w.pid,
                     "killing the actor's worker"
                 );
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(w.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
-                .is_ok()
+                w.kill().is_ok()
             }
             None => false,
         }
@@ -1116,6 +1153,37 @@ impl WorkerPool {
     }
 
     /// The tasks the owners here reported (latest state each), and how many were dropped.
+    /// Tasks of the task table by (state, function, whether a retry): Ray's `ray_tasks`.
+    pub(crate) fn task_counts(&self) -> HashMap<(String, String, bool), u64> {
+        let st = self.lock();
+        let mut out = st.tasks.ended.clone();
+        for t in st.tasks.by_id.values() {
+            if !matches!(t.state.as_str(), "FINISHED" | "FAILED") {
+                *out.entry((t.state.clone(), t.function.clone(), t.attempt > 0))
+                    .or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// Actors hosted by this node's workers by (state, class): ALIVE once the constructor
+    /// returned, PENDING_CREATION before.
+    pub(crate) fn actor_counts(&self) -> HashMap<(&'static str, String), u64> {
+        let st = self.lock();
+        let mut out: HashMap<(&'static str, String), u64> = HashMap::new();
+        for w in st.workers.values() {
+            if let Some(a) = &w.actor {
+                let state = if a.ready.is_none() {
+                    "ALIVE"
+                } else {
+                    "PENDING_CREATION"
+                };
+                *out.entry((state, a.start.class_name.clone())).or_default() += 1;
+            }
+        }
+        out
+    }
+
     pub(crate) fn list_tasks(&self) -> pb::ListTasksReply {
         let st = self.lock();
         pb::ListTasksReply {
@@ -1182,10 +1250,7 @@ impl WorkerPool {
                     || now.duration_since(since)
                         >= self.cfg.opts.idle_timeout + Duration::from_secs(5)
                 {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(w.pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                    let _ = w.kill();
                 }
             }
         }
@@ -1223,10 +1288,7 @@ impl WorkerPool {
     /// Kills every worker (the node is shutting down).
     pub(crate) fn kill_all(&self) {
         for w in self.lock().workers.values() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(w.pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = w.kill();
         }
     }
 }

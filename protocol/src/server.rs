@@ -3,8 +3,9 @@
 //! mapping for oversize messages, `/metrics`, and `serve`.
 //!
 //! Invariant: a request without the configured token never reaches a service (gRPC callers get
-//! UNAUTHENTICATED, HTTP callers 401, or 403 for a wrong token); [`PEER_PATHS`] open only to
-//! the peer secret, whatever the token; a plain HTTP request naming a foreign Host or Origin
+//! UNAUTHENTICATED, HTTP callers 401, or 403 for a wrong token), except a GET of one of the
+//! dashboard's static [`PUBLIC_PATHS`]; [`PEER_PATHS`] open only to the peer secret, whatever
+//! the token; a plain HTTP request naming a foreign Host or Origin
 //! is refused (403) before its credential is looked at.
 
 use std::future::Future;
@@ -51,6 +52,19 @@ pub const PEER_PATHS: &[&str] = &[
     "/rayctl.v1.Raft/",
     "/rayctl.v1.ControlPlane/RaftAddPeer",
     "/rayctl.v1.ControlPlane/RaftRemovePeer",
+];
+
+/// Paths a GET may fetch without a credential: the dashboard's page and its static assets,
+/// which hold no cluster data (every number on the page comes from token-checked APIs, and
+/// the page shows its login form when they answer 401).
+pub const PUBLIC_PATHS: &[&str] = &[
+    "/",
+    // Whether this browser's cookie is good (a yes or no, nothing about the cluster), so
+    // the page can show its login form without a failed request first.
+    "/api/rayctl/session",
+    "/dashboard/app.js",
+    "/dashboard/style.css",
+    "/favicon.ico",
 ];
 
 /// The browser cookie that carries the token (Ray's name, set by `POST /api/authenticate`).
@@ -143,12 +157,21 @@ fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
 /// The credential a request carries: `authorization` or `x-ray-authorization`
 /// (`Bearer T`), or, from a browser, the `ray-authentication-token` cookie.
 fn presented(req: &Request) -> Option<&str> {
+    presented_in(req.headers())
+}
+
+/// [`presented`] for handlers that see only the headers.
+pub fn presented_in(headers: &axum::http::HeaderMap) -> Option<&str> {
     for h in ["authorization", "x-ray-authorization"] {
-        if let Some(t) = header(req, h).and_then(|v| v.strip_prefix("Bearer ")) {
+        if let Some(t) = headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        {
             return Some(t.trim());
         }
     }
-    req.headers()
+    headers
         .get_all("cookie")
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -209,6 +232,9 @@ async fn check_access(State(access): State<Access>, req: Request, next: Next) ->
         return r;
     }
     let path = req.uri().path();
+    if req.method() == axum::http::Method::GET && PUBLIC_PATHS.contains(&path) {
+        return next.run(req).await;
+    }
     let needed = match &access.peer {
         Some(p) if PEER_PATHS.iter().any(|pp| path.starts_with(pp)) => {
             return match presented(&req) {

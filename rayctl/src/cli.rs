@@ -470,6 +470,18 @@ pub(crate) struct StartArgs {
     /// comma separated, besides the head's own address.
     #[arg(long, value_delimiter = ',')]
     pub(crate) dashboard_allowed_origins: Vec<String>,
+    /// The cluster's name, on every metric as Ray's `SessionName` and `ray_io_cluster`
+    /// labels (the filters of Ray's Grafana dashboards); give every head and node the same.
+    #[arg(long, env = "RAYCTL_CLUSTER_NAME", default_value = "rayctl")]
+    pub(crate) cluster_name: String,
+    /// Grafana's address (e.g. http://127.0.0.1:3000): the dashboard's metrics page embeds
+    /// the panels of `deploy/grafana/rayctl.json` from it (Ray's RAY_GRAFANA_HOST).
+    #[arg(long, env = "RAY_GRAFANA_HOST")]
+    pub(crate) grafana_host: Option<String>,
+    /// The Grafana address browsers use, when it differs from --grafana-host (Ray's
+    /// RAY_GRAFANA_IFRAME_HOST).
+    #[arg(long, env = "RAY_GRAFANA_IFRAME_HOST")]
+    pub(crate) grafana_iframe_host: Option<String>,
     /// Stay in the foreground (systemd, containers).
     #[arg(long)]
     pub(crate) block: bool,

@@ -243,8 +243,11 @@ fn init_tracing() {
 }
 
 /// Installs the Prometheus recorder for this process and returns its renderer.
-fn install_metrics() -> anyhow::Result<MetricsRender> {
+fn install_metrics(cluster_name: &str) -> anyhow::Result<MetricsRender> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        // The labels Ray's Grafana dashboards filter every query by.
+        .add_global_label("SessionName", cluster_name)
+        .add_global_label("ray_io_cluster", cluster_name)
         .set_buckets(&[
             0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0,
@@ -297,7 +300,7 @@ impl Drop for RecordGuard {
 }
 
 async fn run_blocking(args: StartArgs) -> anyhow::Result<()> {
-    let render = install_metrics()?;
+    let render = install_metrics(&args.cluster_name)?;
     let token = daemon_token(&args)?;
     let data_dir = match args.data_dir.clone() {
         Some(d) => d,
@@ -419,6 +422,8 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         true,
     )?);
     opts.allowed_origins = args.dashboard_allowed_origins.clone();
+    opts.grafana_host = args.grafana_host.clone();
+    opts.grafana_iframe_host = args.grafana_iframe_host.clone();
     opts.health = control_plane::HealthConfig {
         period: args.health_check_period,
         failure_threshold: args.health_check_failure_threshold,
@@ -431,16 +436,19 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
     opts.metrics = Some(render);
     opts.service_discovery_file = Some(session_dir.join("prom_metrics_service_discovery.json"));
     // What the autoscaler's local provider runs nodes with: this binary, and the cluster
-    // token in their environment (never the peer secret).
+    // token and name in their environment (never the peer secret).
     opts.provider_env = control_plane::autoscaler::provider::ProviderEnv {
         rayctl: std::env::current_exe()?,
-        env: match &token {
-            Some(t) => vec![(protocol::AUTH_TOKEN_ENV.to_owned(), t.as_str().to_owned())],
-            None => vec![(
-                protocol::auth::AUTH_MODE_ENV.to_owned(),
-                "disabled".to_owned(),
-            )],
-        },
+        env: vec![
+            match &token {
+                Some(t) => (protocol::AUTH_TOKEN_ENV.to_owned(), t.as_str().to_owned()),
+                None => (
+                    protocol::auth::AUTH_MODE_ENV.to_owned(),
+                    "disabled".to_owned(),
+                ),
+            },
+            ("RAYCTL_CLUSTER_NAME".to_owned(), args.cluster_name.clone()),
+        ],
         session_root: protocol::session::root_path(),
     };
     let autoscaling = match &args.autoscaling_config {
@@ -504,6 +512,7 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         format!("--object-manager-port={}", args.object_manager_port),
         format!("--metrics-export-port={}", args.metrics_export_port),
         format!("--plasma-directory={}", args.plasma_directory.display()),
+        format!("--cluster-name={}", args.cluster_name),
     ];
     for (flag, v) in [
         ("--num-cpus", args.num_cpus.map(|v| v.to_string())),
