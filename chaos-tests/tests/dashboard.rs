@@ -289,6 +289,8 @@ fn the_dashboard_shows_the_live_cluster_in_a_real_browser_behind_its_login() -> 
             shows(&page, "#job-log", &[line.as_str()]).await?;
             let later = format!("dashboard line {}", now + 4);
             shows(&page, "#job-log", &[later.as_str()]).await?;
+            shows(&page, "#job-history", &["Submitted", "Driver started"]).await?;
+            shows(&page, "#view", &["while true"]).await?;
             shot(&page, "job").await?;
 
             open_view(&page, "#/actors", "actors").await?;

@@ -316,6 +316,9 @@ pub(crate) fn details(j: &pb::JobInfo) -> Value {
         "error_type": null,
         "start_time": opt_ms(j.submitted_at_ms),
         "end_time": opt_ms(j.ended_at_ms),
+        // Ours (Ray's client ignores fields it does not know): when the current attempt's
+        // driver started, for the dashboard's status history.
+        "run_start_time": opt_ms(j.started_at_ms),
         "metadata": j.metadata,
         "runtime_env": runtime_env,
         "driver_agent_http_address": null,

@@ -1297,14 +1297,17 @@
     const seen = S.jobSeen[id] || (S.jobSeen[id] = []);
     if (!seen.length || seen[seen.length - 1].status !== j.status) seen.push({ status: j.status, t: Date.now() });
     const items = [];
-    if (j.start_time) items.push({ t: j.start_time, html: 'Submitted', cls: 'info' });
+    // The recorded times: submitted (PENDING), the current attempt's driver started
+    // (RUNNING), ended; then what this page saw change in between.
+    if (j.start_time) items.push({ t: j.start_time, html: 'Submitted ' + badge('PENDING'), cls: 'info' });
+    if (j.run_start_time) {
+      const attempt = num(j.attempt) > 0 ? ' <span class="muted">attempt ' + esc(num(j.attempt) + 1) + ' of ' + esc(num(j.max_retries) + 1) + '</span>' : '';
+      items.push({ t: j.run_start_time, html: 'Driver started ' + badge('RUNNING') + attempt, cls: badgeClass('RUNNING') });
+    }
     seen.forEach((x, i) => {
-      if (i === 0) {
-        if (TERMINAL_JOB.has(x.status)) return; // the end is shown already
-        items.push({ t: x.t, html: badge(x.status) + ' <span class="muted">when this page opened</span>', cls: badgeClass(x.status), seen: true });
-      } else {
-        items.push({ t: x.t, html: 'became ' + badge(x.status), cls: badgeClass(x.status), seen: true });
-      }
+      if (i === 0) return; // the state at opening is one of the recorded ones
+      if (TERMINAL_JOB.has(x.status) && j.end_time) return; // the end is shown already
+      items.push({ t: x.t, html: 'became ' + badge(x.status), cls: badgeClass(x.status), seen: true });
     });
     if (j.end_time) items.push({ t: j.end_time, html: 'Ended ' + badge(j.status), cls: badgeClass(j.status) });
     items.sort((a, b) => num(a.t) - num(b.t));
@@ -1312,7 +1315,7 @@
       '<ol class="timeline">' +
       items.map((x) => '<li class="' + x.cls + '"><span class="tl-dot"></span><span class="tl-text">' + x.html + '</span> <span class="muted small">' +
         esc(fmtTime(x.t)) + '</span></li>').join('') +
-      '</ol><p class="muted small">The Jobs API keeps no status history; this is submitted / ended plus the changes this page has seen.</p>'
+      '</ol>'
     );
   }
 
