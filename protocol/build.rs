@@ -10,6 +10,7 @@ fn main() -> Result<()> {
             "rayctl/v1/cluster.proto",
             "rayctl/v1/object.proto",
             "rayctl/v1/worker.proto",
+            "ray/rpc/gcs_compat.proto",
         ],
         ["proto"],
     )

@@ -76,6 +76,28 @@ pub fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
+/// The value of the first series in Prometheus text `text` that `query` names: `name`, or
+/// `name{k="v",…}` for a series of that name carrying at least those labels (every series
+/// also has the global labels, e.g. `SessionName`).
+pub fn find_metric(text: &str, query: &str) -> Option<f64> {
+    let (name, want) = match query.split_once('{') {
+        Some((n, rest)) => (n, rest.trim_end_matches('}')),
+        None => (query, ""),
+    };
+    let want: Vec<&str> = want.split(',').filter(|p| !p.is_empty()).collect();
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let have: Vec<&str> = labels.split(',').collect();
+        (n == name && want.iter().all(|w| have.contains(w)))
+            .then(|| value.parse().ok())
+            .flatten()
+    })
+}
+
 /// Polls `f` until it returns `Some`, or fails after `timeout` naming `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -407,12 +429,7 @@ impl Cluster {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         let text = req.call().ok()?.body_mut().read_to_string().ok()?;
-        text.lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .last()?
-            .parse()
-            .ok()
+        find_metric(&text, name)
     }
 
     /// The sum over every label set of series `name` at a `/metrics` port.

@@ -21,9 +21,7 @@ fn metrics(port: &serde_json::Value) -> Result<String> {
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    chaos_tests::find_metric(text, name)
 }
 
 #[test]

@@ -460,3 +460,88 @@ fn rays_state_cli_lists_gets_and_summarizes_while_a_driver_runs() -> Result<()> 
     d.finish(Duration::from_secs(30))?;
     Ok(())
 }
+
+/// Stops what `rayctl start` started in `dir` when dropped.
+struct StopOnDrop(PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut c) = chaos_tests::rayctl_in(&self.0) {
+            let _ = c.arg("stop").output();
+        }
+    }
+}
+
+/// `ray logs` finds the dashboard through the GCS: it connects to the bootstrap address
+/// (our head's gRPC port), asks the GCS's internal KV for the dashboard's address, then reads
+/// logs over the State API. Ray replaces 127.0.0.1 with the machine's outward address, so
+/// the head here serves 127.0.0.2 (loopback all the same).
+#[test]
+fn rays_logs_cli_finds_the_dashboard_through_our_gcs_answers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _stop = StopOnDrop(dir.path().to_path_buf());
+    let port = chaos_tests::free_port();
+    let out = chaos_tests::rayctl_in(dir.path())?
+        .args([
+            "start",
+            "--head",
+            "--port",
+            &port.to_string(),
+            "--dashboard-port",
+            "0",
+            "--node-ip-address",
+            "127.0.0.2",
+            "--bind-host",
+            "127.0.0.2",
+            "--num-cpus",
+            "1",
+            "--data-dir",
+            dir.path().join("head").to_str().context("path")?,
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rayctl start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let address = format!("127.0.0.2:{port}");
+    let out = chaos_tests::rayctl_in(dir.path())?
+        .args([
+            "job",
+            "submit",
+            "--address",
+            &address,
+            "--submission-id",
+            "logs-by-ray",
+            "--",
+            "echo hello from a job that ray logs reads",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rayctl job submit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = std::fs::read_to_string(dir.path().join("auth_token"))?;
+    let ray = Ray {
+        venv: chaos_tests::ray_venv()?,
+        home: tempfile::tempdir()?,
+        token: token.trim().to_owned(),
+    };
+    // The head node's files (Ray takes the node from the bootstrap address).
+    let o = ray.ray(&["logs", "cluster", "--address", &address], LIMIT)?;
+    assert_eq!(o.code, 0, "{}", o.text);
+    assert!(o.stdout.contains("job-driver-logs-by-ray"), "{}", o.text);
+    // A job's log by its submission id.
+    let o = ray.ray(
+        &["logs", "job", "--id", "logs-by-ray", "--address", &address],
+        LIMIT,
+    )?;
+    assert_eq!(o.code, 0, "{}", o.text);
+    assert!(
+        o.stdout.contains("hello from a job that ray logs reads"),
+        "{}",
+        o.text
+    );
+    Ok(())
+}

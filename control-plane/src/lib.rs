@@ -32,6 +32,7 @@ mod pgs;
 pub mod prevote;
 mod prom_sd;
 pub mod raft_transport;
+mod ray_gcs;
 mod rejection;
 pub mod service;
 pub mod sm_store;
@@ -265,6 +266,28 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             .max_decoding_message_size(protocol::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(protocol::MAX_MESSAGE_BYTES),
     );
+    // The GCS calls Ray's own tools make to find the dashboard (`ray logs`).
+    let ray_gcs = {
+        let mut key: Vec<&String> = peers.iter().chain(&opts.join).collect();
+        key.sort();
+        key.dedup();
+        let key: Vec<&str> = key.iter().map(|s| s.as_str()).collect();
+        ray_gcs::RayGcs::new(
+            format!("{}:{dashboard_port}", opts.advertise_host),
+            &key.join(","),
+        )
+    };
+    let routes = routes
+        .add_service(
+            protocol::ray_rpc::node_info_gcs_service_server::NodeInfoGcsServiceServer::new(
+                ray_gcs.clone(),
+            ),
+        )
+        .add_service(
+            protocol::ray_rpc::internal_kv_gcs_service_server::InternalKvGcsServiceServer::new(
+                ray_gcs,
+            ),
+        );
     let api_heads = {
         let mut h = vec![address.clone()];
         h.extend(

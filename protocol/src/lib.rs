@@ -23,6 +23,12 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/rayctl.v1.rs"));
 }
 
+/// The GCS calls of Ray's own tools we answer (package `ray.rpc`, Ray's wire format).
+#[allow(unreachable_pub, clippy::all, missing_docs)]
+pub mod ray_rpc {
+    include!(concat!(env!("OUT_DIR"), "/ray.rpc.rs"));
+}
+
 pub use error::RpcError;
 
 /// A job status as Ray spells it (`PENDING`, `RUNNING`, …; `UNKNOWN` for other values).
