@@ -145,6 +145,30 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 }
 
 #[test]
+fn work_waiting_for_busy_nodes_is_named_on_the_drivers_stderr() -> Result<()> {
+    // One node with one CPU (the head's has none): a 20 s task holds it, and a task of
+    // another shape waits for it past the lease's 10 s queue timeout.
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        head_cpus: 0.0,
+        node_cpus: 1.0,
+        node_resources: vec![("slot".into(), 1.0)],
+        ..Default::default()
+    })?;
+    let mut d = Driver::start(sdk_driver(), &c, &["busy"], &[])?;
+    wait_for("the busy warning", Duration::from_secs(30), || {
+        d.output()
+            .contains("(rayctl) warning: tasks needing {CPU: 1, slot: 1} have waited 10s for a worker: every node that can run them is busy")
+            .then_some(())
+    })
+    .with_context(|| format!("driver output:\n{}", d.output()))?;
+    // And both run once the CPU is free.
+    assert_eq!(d.result(Duration::from_secs(60))?["done"], true);
+    d.finish(Duration::from_secs(30))
+}
+
+#[test]
 fn work_no_node_can_run_is_named_on_the_drivers_stderr_within_seconds() -> Result<()> {
     let c = two_nodes()?;
     let start = std::time::Instant::now();

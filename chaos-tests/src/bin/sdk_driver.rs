@@ -147,6 +147,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect();
             result(serde_json::json!({"nodes": sdk::get_all(&refs)?}));
         }
+        "busy" => {
+            // The only CPU held for a while by one shape; another shape then waits for it.
+            let long = sleep_where::remote(20_000u64);
+            std::thread::sleep(Duration::from_secs(1));
+            let opts = TaskOptions::default().resource("slot", 1.0);
+            let waiting = sleep_where::remote_with(&opts, 10u64);
+            sdk::get(&long)?;
+            sdk::get(&waiting)?;
+            result(serde_json::json!({"done": true}));
+        }
         "infeasible" => {
             let opts = TaskOptions::default().resource("unobtainium", 1.0);
             let r = where_am_i::remote_with(&opts);
