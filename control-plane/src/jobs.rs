@@ -30,7 +30,8 @@ const MAX_LOG_CHUNK: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub struct JobConfig {
-    /// A job that no node could take for this long fails.
+    /// A job that no node could take for this long fails (as the leader watched it wait, on
+    /// its monotonic clock; see [`plan`]).
     pub queue_timeout: Duration,
     /// SIGTERM → SIGKILL grace when a job is stopped.
     pub stop_grace: Duration,
@@ -414,10 +415,17 @@ pub(crate) struct Plan {
 }
 
 /// The job manager's decisions: pure, so they are tested without a cluster.
+///
+/// `waited` is how long this leader has itself watched each queued attempt wait (job id,
+/// attempt), on its monotonic clock. The queue timeout is judged by that alone, never by
+/// `submitted_at_ms`: that is another head's wall clock, and a head whose clock is an hour
+/// fast would otherwise fail every queued job at once. A new leader starts watching afresh,
+/// so a failover can only lengthen a wait, never cut it short.
 pub(crate) fn plan(
     state: &crate::state::ClusterState,
     now_ms: u64,
     queue_timeout: Duration,
+    waited: &HashMap<(String, u32), Duration>,
 ) -> Plan {
     let mut p = Plan::default();
     let alive = state.alive_map();
@@ -492,7 +500,10 @@ pub(crate) fn plan(
                 e.1 += 1;
                 p.starts.push((j.job_id.clone(), j.attempt, *id));
             }
-            None if now_ms.saturating_sub(j.submitted_at_ms) > queue_timeout.as_millis() as u64 => {
+            None if waited
+                .get(&(j.job_id.clone(), j.attempt))
+                .is_some_and(|w| *w > queue_timeout) =>
+            {
                 p.commands.push(Command::JobAttemptEnded {
                     job_id: j.job_id.clone(),
                     attempt: j.attempt,
@@ -518,6 +529,8 @@ type SentSet = InFlight<(String, u32, &'static str)>;
 pub(crate) struct JobManager {
     cfg: JobConfig,
     sent: SentSet,
+    /// When this head first saw each queued attempt (job id, attempt) waiting for a node.
+    queued_since: HashMap<(String, u32), std::time::Instant>,
 }
 
 impl JobManager {
@@ -525,7 +538,27 @@ impl JobManager {
         Self {
             cfg,
             sent: SentSet::default(),
+            queued_since: HashMap::new(),
         }
+    }
+
+    /// How long this head has watched each queued attempt wait (see [`plan`]).
+    fn waited(&mut self, state: &crate::state::ClusterState) -> HashMap<(String, u32), Duration> {
+        let now = std::time::Instant::now();
+        let queued: std::collections::HashSet<(String, u32)> = state
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Pending && j.driver_node.is_none())
+            .map(|j| (j.job_id.clone(), j.attempt))
+            .collect();
+        self.queued_since.retain(|k, _| queued.contains(k));
+        queued
+            .into_iter()
+            .map(|k| {
+                let since = *self.queued_since.entry(k.clone()).or_insert(now);
+                (k, now.duration_since(since))
+            })
+            .collect()
     }
 }
 
@@ -540,7 +573,8 @@ impl LeaderService for JobManager {
     fn plan(&mut self, shared: &HeadShared) -> (Vec<Command>, Plan) {
         let st = shared.state.read();
         crate::metrics::record_jobs(&st.state);
-        let mut p = plan(&st.state, now_ms(), self.cfg.queue_timeout);
+        let waited = self.waited(&st.state);
+        let mut p = plan(&st.state, now_ms(), self.cfg.queue_timeout, &waited);
         (std::mem::take(&mut p.commands), p)
     }
 
@@ -682,7 +716,7 @@ mod tests {
         submit(&mut s, "high", 2.0, 5, 20);
         submit(&mut s, "tiny", 0.0, 0, 30);
         submit(&mut s, "huge", 4.0, 0, 40);
-        let p = plan(&s, 50, Duration::from_secs(60));
+        let p = plan(&s, 50, Duration::from_secs(60), &HashMap::new());
         let assigned: Vec<(String, NodeId)> = p
             .commands
             .iter()
@@ -700,14 +734,49 @@ mod tests {
             vec![("high".to_string(), nid(2)), ("tiny".to_string(), nid(1))]
         );
         assert_eq!(p.starts.len(), 2);
-        // After the queue timeout an unplaceable job fails, with the reason.
-        let p = plan(&s, 40 + 61_000, Duration::from_secs(60));
-        let failed: Vec<&Command> = p
-            .commands
-            .iter()
-            .filter(|c| matches!(c, Command::JobAttemptEnded { .. }))
-            .collect();
-        assert_eq!(failed.len(), 2, "{failed:?}");
+        // The wall clock says nothing about the queue timeout: this head's clock an hour
+        // past every submission fails no job (a head with a fast clock once failed them all).
+        let failed = |p: &Plan| -> Vec<String> {
+            p.commands
+                .iter()
+                .filter_map(|c| match c {
+                    Command::JobAttemptEnded { job_id, .. } => Some(job_id.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let hour_later = 40 + 3_600_000;
+        let p = plan(&s, hour_later, Duration::from_secs(60), &HashMap::new());
+        assert!(failed(&p).is_empty(), "{:?}", p.commands);
+        // What this leader watched wait past the timeout fails, with the reason; what it
+        // watched for less (a new leader) waits on.
+        let waited = HashMap::from([
+            (("low".to_string(), 0), Duration::from_secs(61)),
+            (("huge".to_string(), 0), Duration::from_secs(59)),
+        ]);
+        let p = plan(&s, 50, Duration::from_secs(60), &waited);
+        assert_eq!(failed(&p), vec!["low".to_string()]);
+    }
+
+    #[test]
+    fn the_leader_times_each_queued_attempt_from_when_it_first_saw_it() {
+        let mut s = state_with_nodes(&[1.0]);
+        submit(&mut s, "q", 4.0, 0, 10);
+        let mut m = JobManager::new(JobConfig::default());
+        let first = m.waited(&s)[&("q".to_string(), 0)];
+        assert!(first < Duration::from_millis(50), "{first:?}");
+        std::thread::sleep(Duration::from_millis(30));
+        let later = m.waited(&s)[&("q".to_string(), 0)];
+        assert!(later >= Duration::from_millis(30), "{later:?}");
+        // Placed: no longer timed, and forgotten.
+        s.apply(Command::AssignJob {
+            job_id: "q".into(),
+            attempt: 0,
+            node_id: nid(1),
+            incarnation: 1,
+        });
+        assert!(m.waited(&s).is_empty());
+        assert!(m.queued_since.is_empty());
     }
 
     #[test]
@@ -743,7 +812,7 @@ mod tests {
             is_head: false,
             time_ms: 6,
         });
-        let p = plan(&s, 10, Duration::from_secs(60));
+        let p = plan(&s, 10, Duration::from_secs(60), &HashMap::new());
         let msgs: Vec<String> = p
             .commands
             .iter()
