@@ -98,6 +98,23 @@ pub fn find_metric(text: &str, query: &str) -> Option<f64> {
     })
 }
 
+/// Every file below `dir` (at any depth) whose name `keep` accepts.
+pub fn files_below(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_below(&p, keep));
+        } else if p.file_name().and_then(|n| n.to_str()).is_some_and(keep) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Polls `f` until it returns `Some`, or fails after `timeout` naming `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;

@@ -125,23 +125,10 @@ fn log_to_driver_false_keeps_the_driver_quiet() -> Result<()> {
 
 /// The text of every `worker-*.log` below `dir`.
 fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.filter_map(Result::ok) {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else if p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("worker-") && n.ends_with(".log"))
-        {
-            out.push(std::fs::read_to_string(&p).unwrap_or_default());
-        }
-    }
-    out
+    chaos_tests::files_below(dir, &|n| n.starts_with("worker-") && n.ends_with(".log"))
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect()
 }
 
 #[test]

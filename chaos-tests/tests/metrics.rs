@@ -245,7 +245,7 @@ fn prometheus_finds_every_head_and_node_through_service_discovery() -> Result<()
         (up.len() == 8 && up.iter().all(|v| *v == 1.0)).then_some(())
     })?;
     // Ray's file, in each head's session, lists the same targets.
-    let files = find_files(c.path(), "prom_metrics_service_discovery.json");
+    let files = chaos_tests::files_below(c.path(), &|n| n == "prom_metrics_service_discovery.json");
     assert!(files.len() >= 3, "one per head: {files:?}");
     let listed = wait_for("the file lists 8 targets", Duration::from_secs(30), || {
         let v: Value = serde_json::from_slice(&std::fs::read(&files[0]).ok()?).ok()?;
@@ -423,19 +423,3 @@ print(json.dumps([
     for p in panels
 ]))
 "#;
-
-fn find_files(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.filter_map(Result::ok) {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(find_files(&p, name));
-        } else if p.file_name().is_some_and(|n| n == name) {
-            out.push(p);
-        }
-    }
-    out
-}

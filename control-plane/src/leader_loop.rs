@@ -50,15 +50,19 @@ pub(crate) async fn run<S: LeaderService>(shared: Arc<HeadShared>, mut svc: S) {
     shared.settle_leadership(S::NAME).await;
     svc.started(&shared);
     tracing::info!("{} started", S::NAME);
+    let mut was_leading = true;
     loop {
         if !shared.leading() {
-            // Not confirmed by a quorum: this head grants nothing this round, and reports
-            // none of the leader's gauges.
+            // Not confirmed by a quorum: this head grants nothing this round, and (once, as
+            // it stops leading) zeroes the leader's gauges.
             svc.unconfirmed();
-            crate::metrics::record_not_leading();
+            if std::mem::replace(&mut was_leading, false) {
+                crate::metrics::record_not_leading();
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
+        was_leading = true;
         let (commands, effects) = svc.plan(&shared);
         if !commands.is_empty() {
             let n = commands.len();
