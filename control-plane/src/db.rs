@@ -7,10 +7,17 @@
 //!   only after a later `flush` completes; `flush` makes every earlier write durable.
 //! - After a crash, the durable state is a prefix of the writes in the order they were made.
 //! - Log keys are log indexes; `logs(a, b)` returns the entries in `a..b` in index order.
+//!
+//! Opening checks the data dir's format stamp (`format`) before anything else is read, and
+//! stamps a fresh data dir; see `SledRaftDb::open`.
 
 use std::future::Future;
 use std::io;
 use std::path::Path;
+
+use sled::Transactional;
+
+use crate::format::{self, DB_FORMAT, FORMAT_KEY};
 
 pub trait RaftDb: Clone + Send + Sync + 'static {
     fn meta(&self, key: &str) -> io::Result<Option<Vec<u8>>>;
@@ -39,6 +46,13 @@ fn io(e: sled::Error) -> io::Error {
 }
 
 impl SledRaftDb {
+    /// Opens (or creates) the store in `dir`. The format stamp is read first: an unknown
+    /// format is refused (`InvalidData`, the message naming the version) before anything
+    /// else is read. A fresh db is stamped with [`DB_FORMAT`]; an unstamped db with data is
+    /// format 1 and is migrated to format 2 in one sled transaction over both trees (every
+    /// log entry gains its version, and the stamp is written), flushed before `open`
+    /// returns: sled seals a transaction as one batch and recovery drops a torn batch, so a
+    /// crash leaves the db all format 1 (migrated again on the next open) or all format 2.
     pub fn open(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         // A small cache: sled's memory otherwise grows toward the db size (sled#1410).
@@ -49,10 +63,61 @@ impl SledRaftDb {
             .flush_every_ms(None)
             .open()
             .map_err(io)?;
-        let logs = db.open_tree("logs").map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
-        Ok(Self { db, logs, meta })
+        let stamp = meta.get(FORMAT_KEY).map_err(io)?;
+        let found = match &stamp {
+            Some(b) => Some(format::decode_db_format(b).map_err(invalid_data)?),
+            None => None,
+        };
+        let logs = db.open_tree("logs").map_err(io)?;
+        let this = Self { db, logs, meta };
+        match found {
+            Some(DB_FORMAT) => {}
+            None if this.logs.is_empty() && this.meta.is_empty() => {
+                this.meta
+                    .insert(FORMAT_KEY, &format::encode_db_format(DB_FORMAT))
+                    .map_err(io)?;
+                this.db.flush().map_err(io)?;
+            }
+            // Unstamped with data, or stamped 1 (no build stamps 1, but it means the same).
+            None | Some(_) => this.migrate_from_format1(dir)?,
+        }
+        Ok(this)
     }
+
+    /// Format 1 → 2: prefixes every log entry with its version and stamps the db, atomically.
+    fn migrate_from_format1(&self, dir: &Path) -> io::Result<()> {
+        let mut entries = Vec::new();
+        for r in self.logs.iter() {
+            let (k, v) = r.map_err(io)?;
+            entries.push((k, format::migrate_entry_from_format1(&v)));
+        }
+        (&self.logs, &self.meta)
+            .transaction(|(logs, meta)| {
+                for (k, v) in &entries {
+                    logs.insert(k, v.as_slice())?;
+                }
+                meta.insert(FORMAT_KEY, &format::encode_db_format(DB_FORMAT))?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => io(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    io::Error::other("the format migration aborted")
+                }
+            })?;
+        self.db.flush().map_err(io)?;
+        tracing::info!(
+            dir = %dir.display(),
+            entries = entries.len(),
+            "migrated the raft store from format 1 to {DB_FORMAT}"
+        );
+        Ok(())
+    }
+}
+
+fn invalid_data(e: format::FormatError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 impl RaftDb for SledRaftDb {

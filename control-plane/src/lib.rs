@@ -2,6 +2,7 @@
 //!
 //! - `state`: the closed `Command` enum and the deterministic `apply` (pure).
 //! - `db`, `log_store`, `sm_store`: openraft's log and state machine on sled, behind `RaftDb`.
+//! - `format`: the versions of the data dir, log entries and snapshots, checked first.
 //! - `network`: openraft's transport over gRPC.
 //! - `service`: the `ControlPlane` and `Raft` gRPC services.
 //! - `leader`: the leader-only singleton services (node health).
@@ -17,6 +18,7 @@ pub mod autoscaler;
 pub mod cluster_view;
 mod dashboard;
 pub mod db;
+pub mod format;
 mod head;
 pub mod instances;
 pub mod jobs;

@@ -75,8 +75,10 @@ impl<D: RaftDb> LogStore<D> {
     }
 }
 
+/// An entry's bytes are versioned (`format::encode_entry`): an entry another build wrote in
+/// a format this one does not know is an error naming its version, never a misread command.
 fn decode(b: &[u8]) -> Result<Entry, StorageError> {
-    postcard::from_bytes(b).map_err(|e| storage_err(false, e))
+    crate::format::decode_entry(b).map_err(|e| storage_err(false, e))
 }
 
 impl<D: RaftDb> RaftLogReader<TypeConfig> for LogStore<D> {
@@ -150,7 +152,7 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
         for e in entries {
             batch.push((
                 e.log_id.index,
-                postcard::to_allocvec(&e).map_err(|e| storage_err(true, e))?,
+                crate::format::encode_entry(&e).map_err(|e| storage_err(true, e))?,
             ));
         }
         self.db.put_logs(batch).map_err(|e| storage_err(true, e))?;

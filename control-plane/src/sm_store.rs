@@ -4,8 +4,10 @@
 //! Invariants:
 //! - A snapshot is durable before `build_snapshot`/`install_snapshot` return, so openraft may
 //!   purge the log entries it covers.
-//! - The snapshot format is `SnapshotV2`, versioned on its own; an unknown version is an
-//!   error, never a silent reset.
+//! - A snapshot's bytes start with its version (a postcard `u32`), read and checked before
+//!   anything else of them is decoded (`decode_snapshot`), for the snapshots on disk and those
+//!   another head sends alike; an unknown version is an error naming it, never a silent
+//!   reset or a misread state.
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +26,7 @@ const SNAPSHOT: &str = "snapshot";
 // 3: the autoscaler's state and the nodes' registration ids follow the version-2 layout (a
 //    version-2 snapshot has neither).
 const SNAPSHOT_VERSION: u32 = 3;
+const SNAPSHOT_VERSIONS_READ: std::ops::RangeInclusive<u32> = 2..=SNAPSHOT_VERSION;
 
 /// What is applied so far. Shared with the services, which read it under the lock.
 #[derive(Debug, Default, Clone)]
@@ -33,9 +36,11 @@ pub struct Applied {
     pub state: ClusterState,
 }
 
+/// A snapshot's bytes: the version (a postcard `u32`), this body, then (version 3) the
+/// autoscaler's state and the registrations. The same bytes as the version-2 struct that
+/// began with its `version` field, so older builds read what this one writes.
 #[derive(Serialize, Deserialize)]
-struct SnapshotV2 {
-    version: u32,
+struct SnapshotBody {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     state: ClusterState,
@@ -107,45 +112,43 @@ impl StateReader {
 }
 
 fn decode_snapshot(data: &[u8]) -> Result<Applied, StorageError> {
-    let (s, rest): (SnapshotV2, &[u8]) =
-        postcard::take_from_bytes(data).map_err(|e| storage_err(false, e))?;
-    let mut state = s.state;
-    match s.version {
-        2 => {}
-        SNAPSHOT_VERSION => {
-            (state.autoscaler, state.registrations) =
-                postcard::from_bytes(rest).map_err(|e| storage_err(false, e))?;
-        }
-        v => {
-            return Err(storage_err(
-                false,
-                std::io::Error::other(format!(
-                    "snapshot version {v} is not supported (expected 2 or {SNAPSHOT_VERSION})"
-                )),
-            ));
-        }
+    let (version, rest) = crate::format::split_version("snapshot", data, &SNAPSHOT_VERSIONS_READ)
+        .map_err(|e| storage_err(false, e))?;
+    let undecodable = |e: postcard::Error| {
+        storage_err(
+            false,
+            crate::format::FormatError::Decode {
+                what: "snapshot",
+                version,
+                reason: e.to_string(),
+            },
+        )
+    };
+    let (body, rest): (SnapshotBody, &[u8]) =
+        postcard::take_from_bytes(rest).map_err(undecodable)?;
+    let mut state = body.state;
+    if version >= 3 {
+        (state.autoscaler, state.registrations) =
+            postcard::from_bytes(rest).map_err(undecodable)?;
     }
     Ok(Applied {
-        last_applied: s.last_applied,
-        membership: s.membership,
+        last_applied: body.last_applied,
+        membership: body.membership,
         state,
     })
 }
 
-/// A snapshot's bytes: the version-2 layout, then the autoscaler's state.
+/// A snapshot's bytes: the version, the body, then the autoscaler's state.
 fn encode_snapshot(a: &Applied) -> Result<Vec<u8>, StorageError> {
-    let snap = SnapshotV2 {
-        version: SNAPSHOT_VERSION,
+    let body = SnapshotBody {
         last_applied: a.last_applied,
         membership: a.membership.clone(),
         state: a.state.clone(),
     };
-    let mut out = postcard::to_allocvec(&snap).map_err(|e| storage_err(true, e))?;
-    out.extend(
-        postcard::to_allocvec(&(&a.state.autoscaler, &a.state.registrations))
-            .map_err(|e| storage_err(true, e))?,
-    );
-    Ok(out)
+    let out = crate::format::version_prefix(SNAPSHOT_VERSION);
+    let out = postcard::to_extend(&body, out).map_err(|e| storage_err(true, e))?;
+    postcard::to_extend(&(&a.state.autoscaler, &a.state.registrations), out)
+        .map_err(|e| storage_err(true, e))
 }
 
 impl<D: RaftDb> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<D> {
