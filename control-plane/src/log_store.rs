@@ -8,6 +8,11 @@
 //!   one: concurrent clients share fsyncs.
 //! - `last_purged` is written before the purged entries are removed, so a crash between the
 //!   two leaves no hole.
+//! - Every mutating call is durable when it returns (`append`: when its callback fires),
+//!   except `save_committed` (see there). `truncate` and `purge` flush although a crash
+//!   undoing them is harmless today (the append after a truncation flushes both; purged
+//!   entries are covered by a durable snapshot): they are rare (a conflicting follower, a
+//!   snapshot), and a contract without exceptions needs no such argument per call.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -130,7 +135,10 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not flushed on its own: losing it only delays re-applying committed entries.
+        // Not flushed on its own (openraft makes persisting it optional): losing it only
+        // delays re-applying committed entries after a restart, until the leader names the
+        // commit index again. It is never durable ahead of the entries it covers: those were
+        // written before it, and a crash keeps a prefix of the writes (`RaftDb`).
         self.write_meta(COMMITTED, &committed)
     }
 
@@ -165,13 +173,15 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.db
             .remove_logs(log_id.index, u64::MAX)
-            .map_err(|e| storage_err(true, e))
+            .map_err(|e| storage_err(true, e))?;
+        self.db.flush().await.map_err(|e| storage_err(true, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.write_meta(LAST_PURGED, &log_id)?;
         self.db
             .remove_logs(0, log_id.index.saturating_add(1))
-            .map_err(|e| storage_err(true, e))
+            .map_err(|e| storage_err(true, e))?;
+        self.db.flush().await.map_err(|e| storage_err(true, e))
     }
 }
