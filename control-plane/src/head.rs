@@ -228,6 +228,7 @@ impl HeadShared {
 
     pub(crate) fn head_info(&self) -> pb::HeadInfoReply {
         let m = self.raft.metrics().borrow().clone();
+        let (state_hash_index, state_hash) = self.state.state_hash().unwrap_or_default();
         pb::HeadInfoReply {
             raft_id: self.raft_id,
             address: self.address.clone(),
@@ -237,6 +238,8 @@ impl HeadShared {
             last_applied: m.last_applied.map_or(0, |l| l.index),
             ports: Some(self.ports),
             leader: self.leader_address(m.current_leader).unwrap_or_default(),
+            state_hash,
+            state_hash_index,
         }
     }
 

@@ -11,7 +11,7 @@
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta};
@@ -76,7 +76,10 @@ impl<D: RaftDb> StateMachineStore<D> {
 
     /// A read handle on the applied state, for the services.
     pub fn reader(&self) -> StateReader {
-        StateReader(self.applied.clone())
+        StateReader {
+            applied: self.applied.clone(),
+            hash_cache: Arc::default(),
+        }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
@@ -103,11 +106,67 @@ impl<D: RaftDb> StateMachineStore<D> {
 
 /// Read-only view of the applied state, cheap to clone.
 #[derive(Clone)]
-pub struct StateReader(Arc<RwLock<Applied>>);
+pub struct StateReader {
+    applied: Arc<RwLock<Applied>>,
+    hash_cache: Arc<Mutex<Option<HashAt>>>,
+}
+
+/// The last `state_hash` and the applied log id it was taken at.
+type HashAt = (Option<LogId>, u64);
 
 impl StateReader {
     pub fn read(&self) -> RwLockReadGuard<'_, Applied> {
-        self.0.read().unwrap_or_else(|p| p.into_inner())
+        self.applied.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (last applied index, `Applied::state_hash` at it), read under one lock. Cached per
+    /// applied log id: the state changes only with it (apply and install_snapshot both move
+    /// it, and Raft makes the state at one log id the same everywhere).
+    pub fn state_hash(&self) -> Option<(u64, u64)> {
+        let a = self.read();
+        let index = a.last_applied.map_or(0, |l| l.index);
+        let mut cache = self.hash_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, hash)) = *cache
+            && at == a.last_applied
+        {
+            return Some((index, hash));
+        }
+        let hash = a.state_hash()?;
+        *cache = Some((a.last_applied, hash));
+        Some((index, hash))
+    }
+}
+
+impl Applied {
+    /// A stable hash of the replicated state and the membership (not of `last_applied`):
+    /// the first 8 bytes, big-endian, of the SHA-256 of their postcard encoding. Stable
+    /// across builds and heads: every table is a `BTreeMap` (encoded in key order; no
+    /// `HashMap` anywhere in `ClusterState`), and the fields snapshots keep apart
+    /// (`autoscaler`, `registrations`: `serde(skip)` in `ClusterState`) are hashed
+    /// explicitly. None only if encoding fails, which these types never do.
+    pub fn state_hash(&self) -> Option<u64> {
+        use sha2::Digest;
+        struct HashWriter(sha2::Sha256);
+        impl std::io::Write for HashWriter {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.update(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = HashWriter(sha2::Sha256::new());
+        let all = (
+            &self.membership,
+            &self.state,
+            &self.state.autoscaler,
+            &self.state.registrations,
+        );
+        postcard::to_io(&all, &mut w).ok()?;
+        let digest = w.0.finalize();
+        let first: [u8; 8] = digest.get(..8)?.try_into().ok()?;
+        Some(u64::from_be_bytes(first))
     }
 }
 
@@ -244,5 +303,106 @@ impl<D: RaftDb> RaftStateMachine<TypeConfig> for StateMachineStore<D> {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+    use crate::db::SledRaftDb;
+    use crate::state::Command;
+
+    fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
+            payload,
+        }
+    }
+
+    fn put(index: u64, key: &str, value: &str) -> Entry {
+        entry(
+            index,
+            EntryPayload::Normal(Command::KvPut {
+                namespace: "n".into(),
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+                overwrite: true,
+            }),
+        )
+    }
+
+    fn log() -> Vec<Entry> {
+        let nodes: std::collections::BTreeMap<u64, openraft::BasicNode> =
+            [(1, openraft::BasicNode::new("127.0.0.1:1"))].into();
+        vec![
+            entry(1, EntryPayload::Blank),
+            entry(
+                2,
+                EntryPayload::Membership(Membership::new(
+                    vec![std::collections::BTreeSet::from([1])],
+                    nodes,
+                )),
+            ),
+            put(3, "a", "1"),
+            put(4, "b", "2"),
+        ]
+    }
+
+    /// A state machine on its own fresh store that applied `entries`.
+    async fn applied(entries: Vec<Entry>) -> (tempfile::TempDir, StateMachineStore<SledRaftDb>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachineStore::open(SledRaftDb::open(dir.path()).unwrap()).unwrap();
+        sm.apply(entries).await.unwrap();
+        (dir, sm)
+    }
+
+    #[tokio::test]
+    async fn replicas_that_applied_the_same_entries_report_the_same_hash() {
+        let (_a, a) = applied(log()).await;
+        let (_b, b) = applied(log()).await;
+        let (ha, hb) = (a.reader().state_hash(), b.reader().state_hash());
+        assert_eq!(ha.map(|h| h.0), Some(4));
+        assert_eq!(ha, hb);
+
+        // One different entry at the same index: another hash.
+        let mut other = log();
+        other[3] = put(4, "b", "3");
+        let (_c, c) = applied(other).await;
+        let hc = c.reader().state_hash();
+        assert_eq!(hc.map(|h| h.0), Some(4));
+        assert_ne!(ha.map(|h| h.1), hc.map(|h| h.1));
+
+        // The state a snapshot restores hashes the same (a head that restarted or installed
+        // a snapshot agrees with those that applied the log).
+        let mut a2 = a.clone();
+        let snap = a2.build_snapshot().await.unwrap();
+        let (_d, mut d) = applied(Vec::new()).await;
+        d.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        assert_eq!(d.reader().state_hash(), ha);
+    }
+
+    /// The tables `ClusterState` leaves out of its own encoding (`serde(skip)`) are hashed too.
+    #[tokio::test]
+    async fn the_autoscaler_state_is_part_of_the_hash() {
+        let (_a, mut a) = applied(log()).await;
+        let before = a.reader().state_hash().map(|h| h.1);
+        let (_b, mut b) = applied(log()).await;
+        a.apply([entry(
+            5,
+            EntryPayload::Normal(Command::SetAutoscalerConfig {
+                config_json: Some("{}".into()),
+            }),
+        )])
+        .await
+        .unwrap();
+        b.apply([entry(5, EntryPayload::Blank)]).await.unwrap();
+        let (ha, hb) = (a.reader().state_hash(), b.reader().state_hash());
+        assert_eq!(ha.map(|h| h.0), Some(5));
+        assert_eq!(hb.map(|h| h.0), Some(5));
+        assert_ne!(ha.map(|h| h.1), hb.map(|h| h.1));
+        // A blank entry moves the index, not the state.
+        assert_eq!(hb.map(|h| h.1), before);
     }
 }
