@@ -15,6 +15,7 @@ pub struct Driver {
     pub child: Child,
     lines: std::sync::mpsc::Receiver<String>,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Driver {
@@ -32,22 +33,33 @@ impl Driver {
             .env("RAYCTL_ADDRESS", c.head_addrs.join(","))
             .env_remove("RAYCTL_NODE_ADDRESS")
             .env_remove("RAYCTL_WORKER_ID")
-            .env_remove("RAYCTL_REMOTE")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env_remove("RAYCTL_REMOTE");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().context("start sdk_driver")?;
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` (environment already set) with its stdin, stdout and stderr piped.
+    pub fn spawn(mut cmd: Command) -> Result<Self> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("start the driver")?;
         let (tx, lines) = std::sync::mpsc::channel();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let out = child.stdout.take().context("stdout")?;
         let err = child.stderr.take().context("stderr")?;
-        let l = log.clone();
+        let (l, o) = (log.clone(), stdout.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line.clone());
+                l.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line.clone());
+                o.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line.clone());
                 if let Some(r) = line.strip_prefix("RESULT ") {
                     let _ = tx.send(r.to_owned());
                 }
@@ -56,14 +68,30 @@ impl Driver {
         let l = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        Ok(Self { child, lines, log })
+        Ok(Self {
+            child,
+            lines,
+            log,
+            stdout,
+        })
+    }
+
+    /// Every line the driver printed on stdout so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn output(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
     }
 
     pub fn result(&mut self, timeout: Duration) -> Result<Value> {

@@ -9,6 +9,7 @@
 //! (`cargo build -p rayctl` first; `scripts/test` does).
 
 pub mod driver;
+pub mod harness;
 pub mod netns;
 
 use std::net::TcpListener;
@@ -222,6 +223,11 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Where the daemon's stdout and stderr go.
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     pub fn log_tail(&self) -> String {

@@ -29,6 +29,8 @@ use crate::Proc;
 
 /// Every name this fixture makes starts with this, then the creating pid.
 const PREFIX: &str = "rcn";
+/// Temp dirs are `<tmp>/rayctl-netns-<pid>-…`.
+const DIR_PREFIX: &str = "rayctl-netns-";
 const HEAD_PORT: u16 = 7000;
 const DASHBOARD_PORT: u16 = 8265;
 
@@ -94,6 +96,40 @@ pub fn clean_leftovers() {
             }
         }
     }
+    // Temp dirs of dead runs, after unmounting whatever a scenario mounted below them (a
+    // small tmpfs for a full disk).
+    let tmp = std::env::temp_dir();
+    let dead_dir = |name: &str| -> bool {
+        name.strip_prefix(DIR_PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    if let Ok(rd) = std::fs::read_dir(&tmp) {
+        for e in rd.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead_dir(&name) {
+                unmount_below(&e.path());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Unmounts (lazily) every mount point at or below `dir`, deepest first.
+pub fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect();
+    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in points {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 /// SIGKILLs every process in namespace `ns`.
@@ -124,6 +160,11 @@ pub struct NetOptions {
     /// Custom resources of worker node `i` (besides its own `node<i>: 1`).
     pub node_resources: Vec<(String, f64)>,
     pub node_cpus: f64,
+    /// Hosts with no daemon, after the worker nodes' (for clients that a partition can name).
+    pub clients: usize,
+    /// Extra environment of the daemon on host `i` (heads first, then nodes), e.g.
+    /// libfaketime's. `{dir}` in a value stands for the cluster's temp dir.
+    pub env: Vec<(usize, Vec<(String, String)>)>,
 }
 
 impl Default for NetOptions {
@@ -135,6 +176,8 @@ impl Default for NetOptions {
             health_threshold: 5,
             node_resources: Vec::new(),
             node_cpus: 1.0,
+            clients: 0,
+            env: Vec::new(),
         }
     }
 }
@@ -149,6 +192,8 @@ pub struct NetCluster {
     pub token: String,
     bridge: String,
     bin: PathBuf,
+    /// Extra environment of each host's daemon, kept across restarts (e.g. libfaketime).
+    host_env: Vec<Vec<(String, String)>>,
 }
 
 impl Drop for NetCluster {
@@ -168,6 +213,7 @@ impl Drop for NetCluster {
             let _ = ip(&["netns", "del", &h.ns]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
+        unmount_below(self.dir.path());
     }
 }
 
@@ -191,7 +237,10 @@ impl NetCluster {
         if ip(&["route", "show", &format!("{subnet}.0/24")])?.trim() != "" {
             bail!("subnet {subnet}.0/24 is in use on this machine");
         }
-        let dir = tempfile::Builder::new().prefix("rayctl-netns-").tempdir()?;
+        // The pid in the name lets `clean_leftovers` find a killed run's directory.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{DIR_PREFIX}{pid}-"))
+            .tempdir()?;
         let bridge = format!("{tag}br");
         let mut c = NetCluster {
             dir,
@@ -202,11 +251,21 @@ impl NetCluster {
             token: String::new(),
             bridge: bridge.clone(),
             bin,
+            host_env: vec![Vec::new(); opts.heads + opts.nodes],
         };
+        for (host, env) in &opts.env {
+            let dir = c.dir.path().display().to_string();
+            if let Some(slot) = c.host_env.get_mut(*host) {
+                *slot = env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.replace("{dir}", &dir)))
+                    .collect();
+            }
+        }
         ip(&["link", "add", &bridge, "type", "bridge"])?;
         ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &bridge])?;
         ip(&["link", "set", &bridge, "up"])?;
-        for i in 0..opts.heads + opts.nodes {
+        for i in 0..opts.heads + opts.nodes + opts.clients {
             let ns = format!("{tag}h{i}");
             let veth = format!("{tag}v{i}");
             let addr = format!("{subnet}.{}", i + 1);
@@ -342,10 +401,12 @@ impl NetCluster {
             .append(true)
             .open(&p.log)?;
         // `ip netns exec` execs the daemon, so the child's pid is the daemon's.
+        let extra = self.host_env.get(host).cloned().unwrap_or_default();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.hosts[host].ns])
             .arg(&self.bin)
             .args(&p.args)
+            .envs(extra)
             .env("RAYCTL_TMPDIR", self.dir.path())
             .env(protocol::auth::AUTH_TOKEN_PATH_ENV, self.token_path())
             .env(
@@ -374,12 +435,33 @@ impl NetCluster {
 
     /// Head `i` again, with its arguments and data dir (after a kill).
     pub fn restart_head(&mut self, i: usize) -> Result<()> {
-        self.heads[i].kill9();
-        let mut p = std::mem::replace(&mut self.heads[i], crate::placeholder());
-        let r = self.launch(&mut p, i);
-        self.heads[i] = p;
+        self.restart_heads(&[i])
+    }
+
+    /// Worker node `i` again, on its data dir (after a kill).
+    pub fn restart_node(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].kill9();
+        let mut p = std::mem::replace(&mut self.nodes[i], crate::placeholder());
+        let r = self.launch(&mut p, self.heads.len() + i);
+        self.nodes[i] = p;
         r?;
-        self.wait_ready(true, i)
+        self.wait_ready(false, i)
+    }
+
+    /// Heads `which` again, all started before any is waited for (a head may need the
+    /// others to become ready).
+    pub fn restart_heads(&mut self, which: &[usize]) -> Result<()> {
+        for &i in which {
+            self.heads[i].kill9();
+            let mut p = std::mem::replace(&mut self.heads[i], crate::placeholder());
+            let r = self.launch(&mut p, i);
+            self.heads[i] = p;
+            r?;
+        }
+        for &i in which {
+            self.wait_ready(true, i)?;
+        }
+        Ok(())
     }
 
     /// Cuts every host of `a` off from every host of `b` (both ways), with drop rules inside
@@ -388,35 +470,133 @@ impl NetCluster {
     pub fn partition(&self, a: &[usize], b: &[usize]) -> Result<()> {
         self.heal()?;
         for (side, other) in [(a, b), (b, a)] {
-            let ips: Vec<&str> = other.iter().map(|h| self.hosts[*h].ip.as_str()).collect();
-            if ips.is_empty() {
+            let Some(set) = self.ip_set(other) else {
                 continue;
-            }
-            let set = ips.join(", ");
-            let rules = format!(
-                "table inet chaos {{\n chain in {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} drop; }}\n chain out {{ type filter hook output priority 0; policy accept; ip daddr {{ {set} }} drop; }}\n}}\n"
-            );
+            };
             for h in side {
-                let mut child = Command::new("ip")
-                    .args(["netns", "exec", &self.hosts[*h].ns, "nft", "-f", "-"])
-                    .stdin(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .context("nft")?;
-                child
-                    .stdin
-                    .take()
-                    .context("nft stdin")?
-                    .write_all(rules.as_bytes())?;
-                let out = child.wait_with_output()?;
-                if !out.status.success() {
-                    bail!(
-                        "nft in {} failed: {}",
-                        self.hosts[*h].ns,
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
+                self.set_rules(
+                    *h,
+                    &[format!("ip saddr {set} drop")],
+                    &[format!("ip daddr {set} drop")],
+                )?;
             }
+        }
+        Ok(())
+    }
+
+    /// Drops what hosts `from` send to hosts `to`, and nothing the other way (rules at the
+    /// receivers only). Replaces any earlier partition.
+    pub fn one_way(&self, from: &[usize], to: &[usize]) -> Result<()> {
+        self.heal()?;
+        let Some(set) = self.ip_set(from) else {
+            return Ok(());
+        };
+        for h in to {
+            self.set_rules(*h, &[format!("ip saddr {set} drop")], &[])?;
+        }
+        Ok(())
+    }
+
+    /// Drops `percent` % of the packets every host of `hosts` receives on its link, at
+    /// random (nft numgen). Replaces any earlier partition.
+    pub fn lossy(&self, hosts: &[usize], percent: u32) -> Result<()> {
+        self.heal()?;
+        for h in hosts {
+            self.set_rules(
+                *h,
+                &[format!(
+                    "iifname \"eth0\" numgen random mod 100 < {percent} drop"
+                )],
+                &[],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Caps host `h`'s outgoing bandwidth with a token bucket (`tc tbf`), e.g. `"1mbit"`.
+    pub fn cap_bandwidth(&self, h: usize, rate: &str) -> Result<()> {
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.hosts[h].ns,
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "32kbit",
+            "latency",
+            "400ms",
+        ]))
+        .map(|_| ())
+    }
+
+    /// Removes host `h`'s bandwidth cap, if any.
+    pub fn uncap_bandwidth(&self, h: usize) -> Result<()> {
+        let q = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.hosts[h].ns,
+            "tc",
+            "qdisc",
+            "show",
+            "dev",
+            "eth0",
+        ]))?;
+        if q.contains("tbf") {
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.hosts[h].ns,
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                "eth0",
+                "root",
+            ]))?;
+        }
+        Ok(())
+    }
+
+    /// `{ a, b }` of the hosts' addresses, None when there are none.
+    fn ip_set(&self, hosts: &[usize]) -> Option<String> {
+        let ips: Vec<&str> = hosts.iter().map(|h| self.hosts[*h].ip.as_str()).collect();
+        (!ips.is_empty()).then(|| format!("{{ {} }}", ips.join(", ")))
+    }
+
+    /// Installs (replacing) host `h`'s `inet chaos` table with these input and output rules.
+    fn set_rules(&self, h: usize, input: &[String], output: &[String]) -> Result<()> {
+        let ns = &self.hosts[h].ns;
+        let body = format!(
+            "table inet chaos {{\n chain in {{ type filter hook input priority 0; policy accept; {} }}\n chain out {{ type filter hook output priority 0; policy accept; {} }}\n}}\n",
+            input.iter().map(|r| format!("{r};")).collect::<String>(),
+            output.iter().map(|r| format!("{r};")).collect::<String>(),
+        );
+        // `add table` + `delete table` first makes the file replace, not extend, the table.
+        let rules = format!("add table inet chaos\ndelete table inet chaos\n{body}");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("nft")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "nft in {ns} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }

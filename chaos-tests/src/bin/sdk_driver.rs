@@ -42,6 +42,17 @@ fn checksum(data: View<Vec<u8>>) -> (u32, String) {
     )
 }
 
+/// One step of a chain: every byte moves one place left and is xored with the step.
+#[sdk::remote]
+fn next_blob(prev: View<Vec<u8>>, step: u64) -> Vec<u8> {
+    step_blob(&prev, step)
+}
+
+fn step_blob(prev: &[u8], step: u64) -> Vec<u8> {
+    let n = prev.len();
+    (0..n).map(|i| prev[(i + 1) % n] ^ (step as u8)).collect()
+}
+
 /// Writes its pid to `path` (so a test can kill it), then sleeps and answers.
 #[sdk::remote]
 fn victim(path: String, ms: u64) -> u64 {
@@ -263,6 +274,70 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result(
                 serde_json::json!({"equal": got == expected, "direct_equal": direct == expected[0], "tasks": stage1.len() + stage2.len()}),
             );
+        }
+        "chain" => {
+            // The chaos runner's DAG: `chains` chains of `steps` tasks, each consuming the
+            // previous step's stored object, spread over the nodes, with retries; and one
+            // object put per chain whose checksum is recorded at put time. A line
+            // `PROGRESS <tasks done>` after each step lets the runner strike mid-DAG.
+            let chains: u64 = arg(1).parse()?;
+            let steps: u64 = arg(2).parse()?;
+            let size = 64 * 1024;
+            let opts = TaskOptions::default()
+                .strategy(Strategy::Spread)
+                .max_retries(3);
+            let mut put_crcs = Vec::new();
+            let mut puts = Vec::new();
+            for i in 0..chains {
+                let b = blob(1000 + i, size);
+                put_crcs.push(crc(&b));
+                puts.push(sdk::put(&b)?);
+            }
+            let mut heads: Vec<sdk::ObjectRef<Vec<u8>>> = (0..chains)
+                .map(|i| make_blob::remote_with(&opts, i, size))
+                .collect();
+            let mut errors = Vec::new();
+            for step in 0..steps {
+                heads = heads
+                    .iter()
+                    .map(|prev| next_blob::remote_with(&opts, prev, step))
+                    .collect();
+                if let Err(e) = sdk::wait(&heads, heads.len(), None) {
+                    errors.push(format!("step {step}: {e}"));
+                }
+                println!("PROGRESS {}", (step + 1) * chains);
+            }
+            let mut mismatches = 0;
+            for (i, r) in heads.iter().enumerate() {
+                let mut want = blob(i as u64, size);
+                for step in 0..steps {
+                    want = step_blob(&want, step);
+                }
+                match sdk::get(r) {
+                    Ok(got) if crc(&got) == crc(&want) => {}
+                    Ok(_) => mismatches += 1,
+                    Err(e) => errors.push(format!("chain {i}: {e}")),
+                }
+            }
+            // Every put read back on a worker, against the checksum taken at put time.
+            let reads: Vec<_> = puts
+                .iter()
+                .map(|p| checksum::remote_with(&opts, p))
+                .collect();
+            let mut put_mismatches = 0;
+            for (r, want) in reads.iter().zip(&put_crcs) {
+                match sdk::get(r) {
+                    Ok((got, _)) if got == *want => {}
+                    Ok(_) => put_mismatches += 1,
+                    Err(e) => errors.push(format!("put read: {e}")),
+                }
+            }
+            result(serde_json::json!({
+                "tasks": chains * (steps + 1) + chains,
+                "mismatches": mismatches,
+                "put_mismatches": put_mismatches,
+                "errors": errors,
+            }));
         }
         "idle" => {
             // Connected, no task yet: what the node started on its own.

@@ -1,0 +1,753 @@
+//! The scenarios of `../shared/CHAOS.md` §4 that the runner has, each a fault phase over
+//! the recorded traffic. Every one heals what it did before it returns; the runner heals
+//! again regardless.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+
+use super::check::{self, Check};
+use super::workload::{self, Load};
+use super::{Run, Scenario, pause};
+use crate::driver::Driver;
+use crate::netns::NetOptions;
+
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "leader-kill",
+            about: "kill -9 the leader under load, restart it after 5 s",
+            net: three_heads_one_node,
+            load: Load::default,
+            fault: leader_kill,
+        },
+        Scenario {
+            name: "leader-isolated",
+            about: "cut the leader off from the other heads and nodes (clients still reach it); \
+                    reads go to every head",
+            net: three_heads_one_node,
+            load: Load::default,
+            fault: leader_isolated,
+        },
+        Scenario {
+            name: "flapping-partition",
+            about: "a new random head cut off every 2 s, both ways or one way",
+            net: three_heads_one_node,
+            load: Load::default,
+            fault: flapping,
+        },
+        Scenario {
+            name: "leader-pause",
+            about: "SIGSTOP the leader, resume it; then freeze the next leader in the cgroup \
+                    freezer, thaw it",
+            net: three_heads_one_node,
+            load: Load::default,
+            fault: leader_pause,
+        },
+        Scenario {
+            name: "crash-restart-all",
+            about: "kill -9 every head within 50 ms, restart them all",
+            net: three_heads_one_node,
+            load: Load::default,
+            fault: crash_restart_all,
+        },
+        Scenario {
+            name: "lossy-links",
+            about: "10 % then 30 % packet loss on every host, then a 1 Mbit/s cap on the \
+                    leader with 10 % loss; no netem here, so no added delay",
+            net: three_heads_one_node,
+            load: Load::default,
+            fault: lossy_links,
+        },
+        Scenario {
+            name: "worker-kill-dag",
+            about: "kill -9 a worker node mid-DAG (220 chained tasks, max_retries 3, puts \
+                    checksummed at put time), restart it after 5 s",
+            net: two_nodes,
+            load: light,
+            fault: worker_kill_dag,
+        },
+        Scenario {
+            name: "zombie-worker",
+            about: "cut off the node of a detached actor (max_restarts 1), sometimes with the \
+                    leader, while a caller on that node calls it; heal",
+            net: two_nodes_with_slots,
+            load: light,
+            fault: zombie_worker,
+        },
+        Scenario {
+            name: "clock-skew",
+            about: "the leader's and a worker's wall clock +1 h, then -1 d, then running at \
+                    twice the speed, changed at runtime (libfaketime; monotonic time untouched)",
+            net: skewable,
+            load: queued_jobs,
+            fault: clock_skew,
+        },
+    ]
+}
+
+/// Jobs that hold node-0's single `node0` slot for a second each, submitted faster than
+/// they finish, so some always wait in the queue when a clock jumps.
+fn queued_jobs() -> Load {
+    Load {
+        job_every: Some(Duration::from_millis(800)),
+        job_seconds: 1.0,
+        job_resources: vec![("node0".into(), 1.0)],
+        ..Load::default()
+    }
+}
+
+/// libfaketime, as Debian's `faketime` package installs it.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Every daemon's wall clock follows its own file (`{dir}/clock-<host>`, re-read every
+/// second): no file, no skew. Monotonic time stays real, as under an NTP step.
+fn skewable() -> NetOptions {
+    let mut o = three_heads_one_node();
+    o.env = (0..o.heads + o.nodes)
+        .map(|h| {
+            let env = [
+                ("LD_PRELOAD", LIBFAKETIME.to_string()),
+                ("FAKETIME_TIMESTAMP_FILE", format!("{{dir}}/clock-{h}")),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+                ("FAKETIME_CACHE_DURATION", "1".into()),
+            ];
+            (h, env.map(|(k, v)| (k.to_string(), v)).to_vec())
+        })
+        .collect();
+    o
+}
+
+fn three_heads_one_node() -> NetOptions {
+    NetOptions {
+        heads: 3,
+        nodes: 1,
+        ..Default::default()
+    }
+}
+
+pub fn find(name: &str) -> Option<Scenario> {
+    all().into_iter().find(|s| s.name == name)
+}
+
+impl Run {
+    /// kill -9 head `i` (and remember it was on purpose).
+    pub fn kill_head(&mut self, i: usize) {
+        self.killed.insert(self.c.heads[i].name.clone());
+        self.c.heads[i].kill9();
+    }
+
+    /// Restarts heads `which` on their data dirs (no longer counted as killed).
+    pub fn restart_heads(&mut self, which: &[usize]) -> Result<()> {
+        self.c.restart_heads(which)?;
+        for &i in which {
+            self.killed.remove(&self.c.heads[i].name);
+        }
+        Ok(())
+    }
+}
+
+fn leader_kill(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let l = run.leader()?;
+    run.fault(&format!("kill -9 head-{l}, the leader"));
+    run.kill_head(l);
+    let t0 = Instant::now();
+    let new = run.c.wait_leader(Duration::from_secs(30))?;
+    run.detect_s = Some(t0.elapsed().as_secs_f64());
+    run.hist.event(format!("head-{new} leads"));
+    pause(Duration::from_secs(5).saturating_sub(t0.elapsed()))?;
+    run.heal(&format!("restart head-{l}"));
+    run.restart_heads(&[l])?;
+    run.until_end(started)
+}
+
+fn leader_isolated(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let l = run.leader()?;
+    let (_, old_term) = run.c.head_view(l).context("the leader's view")?;
+    let rest = run.others(&[l]);
+    run.fault(&format!(
+        "head-{l}, the leader, cut off from heads and nodes {rest:?}"
+    ));
+    run.c.partition(&[l], &rest)?;
+    let t0 = Instant::now();
+    // A new leader among the majority, in a later term.
+    let majority: Vec<usize> = (0..run.c.heads.len()).filter(|h| *h != l).collect();
+    let elected = crate::wait_for(
+        "a new leader on the majority side",
+        Duration::from_secs(15),
+        || {
+            majority.iter().find_map(|h| {
+                let (role, term) = run.c.head_view(*h)?;
+                (role == "leader" && term > old_term).then_some(*h)
+            })
+        },
+    );
+    let took = t0.elapsed().as_secs_f64();
+    run.checks.push(Check::new(
+        "new-leader-elected",
+        elected.is_ok(),
+        match &elected {
+            Ok(h) => format!("head-{h} leads {took:.2} s after the cut"),
+            Err(e) => format!("{e:#}"),
+        },
+    ));
+    run.detect_s = Some(took);
+    pause(run.duration.mul_f64(0.4).min(Duration::from_secs(10)))?;
+    run.heal(&format!("head-{l} rejoins"));
+    run.c.heal()?;
+    run.until_end(started)
+}
+
+fn flapping(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    let heads = run.c.heads.len();
+    while started.elapsed() + Duration::from_secs(2) <= run.duration {
+        let h = run.rng.below(heads as u64) as usize;
+        let rest = run.others(&[h]);
+        match run.rng.below(3) {
+            0 => {
+                run.fault(&format!("head-{h} cut off both ways"));
+                run.c.partition(&[h], &rest)?;
+            }
+            1 => {
+                run.fault(&format!("head-{h} hears nobody (one way)"));
+                run.c.one_way(&rest, &[h])?;
+            }
+            _ => {
+                run.fault(&format!("nobody hears head-{h} (one way)"));
+                run.c.one_way(&[h], &rest)?;
+            }
+        }
+        pause(Duration::from_secs(2))?;
+    }
+    run.heal("all links");
+    run.c.heal()?;
+    run.until_end(started)
+}
+
+/// A process frozen in a cgroup of its own (the v1 freezer, else v2's `cgroup.freeze`),
+/// thawed and the cgroup removed on drop.
+struct Frozen {
+    dir: PathBuf,
+    pid: i32,
+    v2: bool,
+}
+
+impl Frozen {
+    fn freeze(pid: i32) -> Result<Self> {
+        let name = format!("rcn{}frz{pid}", std::process::id());
+        let v1 = PathBuf::from("/sys/fs/cgroup/freezer");
+        let v2 = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("cgroup.controllers").exists());
+        let (dir, v2) = if v1.join("freezer.state").exists() || v1.join("tasks").exists() {
+            (v1.join(name), false)
+        } else if let Some(root) = v2 {
+            (root.join(name), true)
+        } else {
+            bail!("no cgroup freezer on this machine (neither v1 nor v2 is mounted)");
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let f = Frozen { dir, pid, v2 };
+        std::fs::write(f.dir.join("cgroup.procs"), pid.to_string())?;
+        if v2 {
+            std::fs::write(f.dir.join("cgroup.freeze"), "1")?;
+        } else {
+            std::fs::write(f.dir.join("freezer.state"), "FROZEN")?;
+        }
+        Ok(f)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if self.v2 {
+            let _ = std::fs::write(self.dir.join("cgroup.freeze"), "0");
+        } else {
+            let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+        }
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::write(parent.join("cgroup.procs"), self.pid.to_string());
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Removes freezer cgroups a killed run left (thawing what is in them).
+pub fn clean_freezers() {
+    for root in [
+        "/sys/fs/cgroup/freezer",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ] {
+        let Ok(rd) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for e in rd.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("rcn")
+                .and_then(|r| r.split("frz").next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let _ = std::fs::write(e.path().join("freezer.state"), "THAWED");
+            let _ = std::fs::write(e.path().join("cgroup.freeze"), "0");
+            if let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) {
+                for p in procs.lines() {
+                    let _ = std::fs::write(std::path::Path::new(root).join("cgroup.procs"), p);
+                }
+            }
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+fn leader_pause(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    let hold = run.duration.mul_f64(0.3).min(Duration::from_secs(10));
+    pause(run.random_start())?;
+    let l = run.leader()?;
+    run.fault(&format!("SIGSTOP head-{l}, the leader, for {hold:?}"));
+    run.killed.insert(run.c.heads[l].name.clone());
+    run.c.heads[l].signal(Signal::SIGSTOP)?;
+    pause(hold)?;
+    run.heal(&format!("SIGCONT head-{l}"));
+    run.c.heads[l].signal(Signal::SIGCONT)?;
+    run.killed.remove(&run.c.heads[l].name);
+    pause(Duration::from_secs(3))?;
+    let l = run.leader()?;
+    let pid = run.c.heads[l].pid().context("the leader's pid")?;
+    match Frozen::freeze(pid) {
+        Ok(frozen) => {
+            run.fault(&format!(
+                "head-{l}, the leader, frozen (cgroup freezer) for {hold:?}"
+            ));
+            pause(hold)?;
+            run.heal(&format!("thaw head-{l}"));
+            drop(frozen);
+        }
+        Err(e) => run
+            .notes
+            .push(format!("the freezer half was skipped: {e:#}")),
+    }
+    run.until_end(started)
+}
+
+fn crash_restart_all(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let before = workload::head_infos(&run.target)
+        .into_iter()
+        .flatten()
+        .map(|i| i.last_applied)
+        .max()
+        .unwrap_or(0);
+    let all: Vec<usize> = (0..run.c.heads.len()).collect();
+    run.fault("kill -9 every head");
+    let t0 = Instant::now();
+    for &i in &all {
+        run.kill_head(i);
+    }
+    let spread = t0.elapsed();
+    pause(Duration::from_secs(1))?;
+    run.heal("restart every head");
+    run.restart_heads(&all)?;
+    let l = run.leader()?;
+    let after = crate::wait_for("the log back at its index", Duration::from_secs(30), || {
+        let m = workload::head_infos(&run.target)
+            .into_iter()
+            .flatten()
+            .map(|i| i.last_log_index)
+            .max()?;
+        (m >= before).then_some(m)
+    });
+    run.checks.push(Check::new(
+        "recovered-index",
+        after.is_ok(),
+        format!(
+            "applied index {before} before the kill (all {} killed within {spread:?}); \
+             head-{l} leads after the restart; log index after: {after:?}",
+            all.len()
+        ),
+    ));
+    run.until_end(started)
+}
+
+fn lossy_links(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    let hosts: Vec<usize> = (0..run.c.hosts.len()).collect();
+    let phase = run.duration / 3;
+    run.fault("10 % loss on every host");
+    run.c.lossy(&hosts, 10)?;
+    pause(phase)?;
+    run.fault("30 % loss on every host");
+    run.c.lossy(&hosts, 30)?;
+    pause(phase)?;
+    let l = run.leader()?;
+    run.fault(&format!(
+        "1 Mbit/s cap on head-{l}, the leader, and 10 % loss"
+    ));
+    run.c.lossy(&hosts, 10)?;
+    run.c.cap_bandwidth(l, "1mbit")?;
+    run.until_end(started)?;
+    run.heal("no loss, no cap");
+    run.c.heal()?;
+    run.c.uncap_bandwidth(l)?;
+    let dead = check::nodes_declared_dead(&run.hist.snapshot());
+    run.checks.push(Check::new(
+        "no-node-declared-dead",
+        dead.is_empty(),
+        format!("nodes the leader called DEAD: {dead:?}"),
+    ));
+    run.notes
+        .push("no netem in this kernel: loss and bandwidth only, no added delay".into());
+    Ok(())
+}
+
+fn clock_skew(run: &mut Run) -> Result<()> {
+    if !std::path::Path::new(LIBFAKETIME).exists() {
+        bail!("{LIBFAKETIME} is missing: apt-get install faketime (.ci/run does)");
+    }
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let l = run.leader()?;
+    let node_host = run.c.node_host(0);
+    let phase = run.duration / 4;
+    let set = |run: &Run, skew: &str| -> Result<()> {
+        for h in [l, node_host] {
+            std::fs::write(run.c.path().join(format!("clock-{h}")), format!("{skew}\n"))?;
+        }
+        Ok(())
+    };
+    for (skew, what) in [
+        ("+1h", "an hour fast"),
+        ("-1d", "a day slow"),
+        ("+0 x2", "running at twice the speed"),
+    ] {
+        run.fault(&format!(
+            "the wall clocks of head-{l} (the leader) and node-0 {what} ({skew})"
+        ));
+        set(run, skew)?;
+        pause(phase)?;
+    }
+    run.heal("every clock true again");
+    set(run, "+0")?;
+    let rec = run.hist.snapshot();
+    let terms = check::leader_terms(&rec);
+    run.checks.push(Check::new(
+        "no-elections",
+        terms == 1,
+        format!("{terms} term(s) had a leader: wall-clock jumps must not cause elections"),
+    ));
+    let dead = check::nodes_declared_dead(&rec);
+    run.checks.push(Check::new(
+        "no-node-declared-dead",
+        dead.is_empty(),
+        format!("nodes the leader called DEAD: {dead:?}"),
+    ));
+    run.until_end(started)?;
+    run.require_jobs_succeeded = true;
+    run.after = Some(skew_seen);
+    Ok(())
+}
+
+/// The skew really reached the leader: some job it accepted carries a submission time an
+/// hour ahead, and some a day behind.
+fn skew_seen(jobs: &[protocol::pb::JobInfo]) -> Check {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let ahead = jobs
+        .iter()
+        .filter(|j| j.submitted_at_ms as i64 > now + 50 * 60_000)
+        .count();
+    let behind = jobs
+        .iter()
+        .filter(|j| (j.submitted_at_ms as i64) < now - 20 * 3_600_000)
+        .count();
+    Check::new(
+        "skew-took-effect",
+        ahead > 0 && behind > 0,
+        format!(
+            "jobs stamped an hour ahead: {ahead}, a day behind: {behind} (of {})",
+            jobs.len()
+        ),
+    )
+}
+
+/// A binary built beside the runner (`sdk_driver`, `actor_driver`).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name(name);
+    anyhow::ensure!(
+        p.is_file(),
+        "{} is missing: cargo build -p chaos-tests --bins",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// Starts driver `bin ARGS` in host `host`'s namespace.
+fn driver(run: &Run, host: usize, bin: &str, args: &[&str]) -> Result<Driver> {
+    let mut cmd = run.c.exec(host, &sibling(bin)?);
+    cmd.args(args);
+    Driver::spawn(cmd)
+}
+
+fn two_nodes() -> NetOptions {
+    NetOptions {
+        heads: 3,
+        nodes: 2,
+        ..Default::default()
+    }
+}
+
+fn two_nodes_with_slots() -> NetOptions {
+    NetOptions {
+        node_resources: vec![("slot".into(), 1.0)],
+        ..two_nodes()
+    }
+}
+
+fn light() -> Load {
+    Load {
+        kv_clients: 2,
+        job_every: Some(Duration::from_secs(3)),
+        ..Load::default()
+    }
+}
+
+/// Seconds from `since` until the leader calls node `id` DEAD (None: not within 30 s).
+fn detect_dead(run: &Run, id: &str, since: Instant) -> Option<f64> {
+    crate::wait_for("the node declared dead", Duration::from_secs(30), || {
+        (workload::node_state(&run.target, id).as_deref() == Some("DEAD")).then_some(())
+    })
+    .ok()
+    .map(|()| since.elapsed().as_secs_f64())
+}
+
+fn worker_kill_dag(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    let (chains, steps) = (20u64, 10u64);
+    let mut d = driver(
+        run,
+        0,
+        "sdk_driver",
+        &["chain", &chains.to_string(), &steps.to_string()],
+    )?;
+    let strike = chains * run.rng.between(2.0, 5.0) as u64;
+    crate::wait_for("the DAG under way", Duration::from_secs(120), || {
+        d.stdout_lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("PROGRESS ")?.parse::<u64>().ok())
+            .any(|n| n >= strike)
+            .then_some(())
+    })
+    .with_context(|| format!("driver output:\n{}", d.output()))?;
+    let id = run.c.nodes[0].ready["node_id"]
+        .as_str()
+        .context("node-0's id")?
+        .to_string();
+    run.fault(&format!(
+        "kill -9 node-0 after {strike} of {} tasks",
+        chains * (steps + 1)
+    ));
+    run.killed.insert(run.c.nodes[0].name.clone());
+    run.c.nodes[0].kill9();
+    let t0 = Instant::now();
+    run.detect_s = detect_dead(run, &id, t0);
+    run.checks.push(Check::new(
+        "dead-node-detected",
+        run.detect_s.is_some_and(|s| s <= 10.0),
+        format!(
+            "node-0 declared DEAD after {:?} s (at most 10 s)",
+            run.detect_s
+        ),
+    ));
+    pause(Duration::from_secs(5).saturating_sub(t0.elapsed()))?;
+    run.heal("restart node-0");
+    run.c.restart_node(0)?;
+    run.killed.remove(&run.c.nodes[0].name);
+    let r = d.result(Duration::from_secs(240))?;
+    let mismatches = r["mismatches"].as_u64().unwrap_or(u64::MAX)
+        + r["put_mismatches"].as_u64().unwrap_or(u64::MAX);
+    let errors = r["errors"].as_array().map_or(0, Vec::len);
+    run.checksum_mismatch += mismatches as usize;
+    run.checks.push(Check::new(
+        "checksums",
+        mismatches == 0,
+        format!(
+            "{} tasks: {} chain results and {} put objects differ from what was recorded",
+            r["tasks"], r["mismatches"], r["put_mismatches"]
+        ),
+    ));
+    run.checks.push(Check::new(
+        "dag-complete",
+        errors == 0,
+        format!(
+            "every task's result arrived (lineage rebuilt what node-0 held); errors: {}",
+            r["errors"]
+        ),
+    ));
+    run.until_end(started)
+}
+
+/// I8 under a partition: the actor's worker node (and, on a seeded coin, the leader) cut
+/// off while a caller on that node keeps calling; the majority restarts the actor elsewhere
+/// only once the old copy is gone, and the old copy answers nothing sent after that.
+fn zombie_worker(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    let name = format!("zombie-{}", run.target.tag);
+    driver(run, 0, "actor_driver", &["detached", &name])?.result(Duration::from_secs(120))?;
+    let a = workload::actor_named(&run.target, &run.target.heads, &name).context("the actor")?;
+    let w = run
+        .c
+        .nodes
+        .iter()
+        .position(|n| n.ready["node_id"].as_str() == Some(a.node_id.as_str()))
+        .context("the actor is on a worker node")?;
+    let (old_node, old_pid) = (a.node_id.clone(), a.pid as i32);
+    let mut caller = driver(run, run.c.node_host(w), "actor_driver", &["caller", &name])?;
+    caller.result(Duration::from_secs(60))?;
+    crate::wait_for("a first acknowledged call", Duration::from_secs(60), || {
+        caller
+            .stdout_lines()
+            .iter()
+            .any(|l| l.starts_with("ACK"))
+            .then_some(())
+    })?;
+    pause(Duration::from_millis(run.rng.below(1000)))?;
+    let mut cut = vec![run.c.node_host(w)];
+    let with_leader = run.rng.below(2) == 0;
+    if with_leader {
+        cut.push(run.leader()?);
+    }
+    let rest: Vec<usize> = (0..run.c.hosts.len())
+        .filter(|h| !cut.contains(h))
+        .collect();
+    let majority: Vec<String> = (0..run.c.heads.len())
+        .filter(|h| !cut.contains(h))
+        .map(|h| run.c.head_addrs[h].clone())
+        .collect();
+    run.fault(&format!(
+        "node-{w} (the actor's){} cut off",
+        if with_leader { " and the leader" } else { "" }
+    ));
+    let cut_at = wall_ms();
+    run.c.partition(&cut, &rest)?;
+    let (mut exited, mut restarted) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while restarted.is_none() && Instant::now() < deadline {
+        if exited.is_none() && !crate::process_alive(old_pid) {
+            exited = Some(wall_ms());
+        }
+        if workload::actor_named(&run.target, &majority, &name).is_some_and(|a| a.num_restarts >= 1)
+        {
+            restarted = Some(wall_ms());
+        }
+        pause(Duration::from_millis(50))?;
+    }
+    run.detect_s = restarted.map(|r| (r - cut_at) as f64 / 1000.0);
+    pause(run.duration.mul_f64(0.4).min(Duration::from_secs(10)))?;
+    run.heal(&format!("node-{w} rejoins"));
+    run.c.heal()?;
+    let new_ack = crate::wait_for(
+        "a call answered by the new copy",
+        Duration::from_secs(60),
+        || {
+            caller
+                .stdout_lines()
+                .iter()
+                .any(|l| l.starts_with("ACK") && !l.ends_with(&old_node))
+                .then_some(())
+        },
+    );
+    caller.send_line("stop")?;
+    pause(Duration::from_millis(500))?;
+    // (sent, value, node) of every acknowledgement.
+    let acks: Vec<(u128, i64, String)> = caller
+        .stdout_lines()
+        .iter()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("ACK ")?.split_whitespace();
+            let sent = f.next()?.parse().ok()?;
+            let _recv = f.next()?;
+            let value = f.next()?.parse().ok()?;
+            Some((sent, value, f.next().unwrap_or_default().to_string()))
+        })
+        .collect();
+    let mut bad = Vec::new();
+    match (exited, restarted) {
+        (_, None) => bad.push("the majority never restarted the actor".to_string()),
+        (None, Some(_)) => bad.push(format!(
+            "the old copy (pid {old_pid}) still ran at the restart"
+        )),
+        (Some(e), Some(r)) if e > r => bad.push(format!(
+            "the old copy was gone {} ms after the cut, the restart seen at {} ms",
+            e - cut_at,
+            r - cut_at
+        )),
+        _ => {}
+    }
+    if let Some(r) = restarted {
+        let late: Vec<_> = acks
+            .iter()
+            .filter(|(s, _, n)| *n == old_node && *s > r)
+            .collect();
+        if !late.is_empty() {
+            bad.push(format!(
+                "the old copy answered calls sent after the restart: {late:?}"
+            ));
+        }
+    }
+    let new_vals: Vec<i64> = acks
+        .iter()
+        .filter(|(_, _, n)| *n != old_node)
+        .map(|(_, v, _)| *v)
+        .collect();
+    if let Err(e) = &new_ack {
+        bad.push(format!("{e:#}"));
+    }
+    if !new_vals.windows(2).all(|w| w[0] < w[1]) {
+        bad.push(format!("the new copy's values went back: {new_vals:?}"));
+    }
+    match workload::actor_named(&run.target, &run.target.heads, &name) {
+        Some(a) if a.num_restarts == 1 && a.node_id != old_node => {}
+        other => bad.push(format!(
+            "afterwards: {other:?} (want one restart, on another node)"
+        )),
+    }
+    run.checks.push(Check::new(
+        "one-actor-instance",
+        bad.is_empty(),
+        if bad.is_empty() {
+            format!(
+                "old copy gone {} ms after the cut, before the restart at {} ms; {} acknowledgements, none from the old copy after it",
+                exited.map_or(0, |e| e - cut_at),
+                restarted.map_or(0, |r| r - cut_at),
+                acks.len()
+            )
+        } else {
+            bad.join("; ")
+        },
+    ));
+    run.until_end(started)
+}
+
+fn wall_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
