@@ -14,6 +14,7 @@
 use std::future::Future;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use sled::Transactional;
 
@@ -36,13 +37,17 @@ pub struct SledRaftDb {
     db: sled::Db,
     logs: sled::Tree,
     meta: sled::Tree,
+    dir: Arc<Path>,
 }
 
-fn io(e: sled::Error) -> io::Error {
-    match e {
-        sled::Error::Io(e) => e,
-        other => io::Error::other(other.to_string()),
-    }
+/// A sled error as an I/O error that names the store's directory, keeping the OS error's
+/// kind and text (an operator reading "No space left on device" needs to know where).
+fn io_in(dir: &Path, e: sled::Error) -> io::Error {
+    let (kind, msg) = match e {
+        sled::Error::Io(e) => (e.kind(), e.to_string()),
+        other => (io::ErrorKind::Other, other.to_string()),
+    };
+    io::Error::new(kind, format!("{}: {msg}", dir.display()))
 }
 
 impl SledRaftDb {
@@ -55,6 +60,7 @@ impl SledRaftDb {
     /// crash leaves the db all format 1 (migrated again on the next open) or all format 2.
     pub fn open(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let io = |e| io_in(dir, e);
         // A small cache: sled's memory otherwise grows toward the db size (sled#1410).
         // flush_every_ms(None): we flush explicitly before acknowledging anything.
         let db = sled::Config::new()
@@ -70,7 +76,12 @@ impl SledRaftDb {
             None => None,
         };
         let logs = db.open_tree("logs").map_err(io)?;
-        let this = Self { db, logs, meta };
+        let this = Self {
+            db,
+            logs,
+            meta,
+            dir: dir.into(),
+        };
         match found {
             Some(DB_FORMAT) => {}
             None if this.logs.is_empty() && this.meta.is_empty() => {
@@ -85,8 +96,13 @@ impl SledRaftDb {
         Ok(this)
     }
 
+    fn io(&self, e: sled::Error) -> io::Error {
+        io_in(&self.dir, e)
+    }
+
     /// Format 1 → 2: prefixes every log entry with its version and stamps the db, atomically.
     fn migrate_from_format1(&self, dir: &Path) -> io::Result<()> {
+        let io = |e| io_in(dir, e);
         let mut entries = Vec::new();
         for r in self.logs.iter() {
             let (k, v) = r.map_err(io)?;
@@ -122,11 +138,15 @@ fn invalid_data(e: format::FormatError) -> io::Error {
 
 impl RaftDb for SledRaftDb {
     fn meta(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
-        Ok(self.meta.get(key).map_err(io)?.map(|v| v.to_vec()))
+        Ok(self
+            .meta
+            .get(key)
+            .map_err(|e| self.io(e))?
+            .map(|v| v.to_vec()))
     }
 
     fn set_meta(&self, key: &str, value: &[u8]) -> io::Result<()> {
-        self.meta.insert(key, value).map_err(io)?;
+        self.meta.insert(key, value).map_err(|e| self.io(e))?;
         Ok(())
     }
 
@@ -135,7 +155,7 @@ impl RaftDb for SledRaftDb {
         for (i, v) in entries {
             batch.insert(&i.to_be_bytes(), v);
         }
-        self.logs.apply_batch(batch).map_err(io)
+        self.logs.apply_batch(batch).map_err(|e| self.io(e))
     }
 
     fn logs(&self, from: u64, to_exclusive: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
@@ -145,14 +165,14 @@ impl RaftDb for SledRaftDb {
         self.logs
             .range(from.to_be_bytes()..to_exclusive.to_be_bytes())
             .map(|r| {
-                let (k, v) = r.map_err(io)?;
+                let (k, v) = r.map_err(|e| self.io(e))?;
                 Ok((key_index(&k)?, v.to_vec()))
             })
             .collect()
     }
 
     fn last_log(&self) -> io::Result<Option<(u64, Vec<u8>)>> {
-        match self.logs.last().map_err(io)? {
+        match self.logs.last().map_err(|e| self.io(e))? {
             Some((k, v)) => Ok(Some((key_index(&k)?, v.to_vec()))),
             None => Ok(None),
         }
@@ -165,17 +185,18 @@ impl RaftDb for SledRaftDb {
             .range(from.to_be_bytes()..to_exclusive.to_be_bytes())
             .keys()
         {
-            batch.remove(r.map_err(io)?);
+            batch.remove(r.map_err(|e| self.io(e))?);
         }
-        self.logs.apply_batch(batch).map_err(io)
+        self.logs.apply_batch(batch).map_err(|e| self.io(e))
     }
 
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send + 'static {
         let db = self.db.clone();
+        let dir = self.dir.clone();
         // fsync on a blocking thread: the async runtime's workers never wait on the disk.
         async move {
             match tokio::task::spawn_blocking(move || db.flush()).await {
-                Ok(r) => r.map(|_| ()).map_err(io),
+                Ok(r) => r.map(|_| ()).map_err(|e| io_in(&dir, e)),
                 Err(e) => Err(io::Error::other(format!("flush task failed: {e}"))),
             }
         }

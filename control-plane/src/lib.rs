@@ -144,11 +144,49 @@ pub struct RunningHead {
     pub port: u16,
     pub dashboard_port: u16,
     pub raft: types::Raft,
+    data_dir: PathBuf,
     listeners: Listeners,
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Resolves with why Raft stopped when it stops on its own: a storage error (a full disk: the
+/// log's flush failed, which openraft makes fatal), or its core panicked. Never after a
+/// shutdown asked for (`Fatal::Stopped`). Watches the metrics, where openraft's core leaves
+/// `running_state = Err(fatal)` (and `state = Shutdown`) as it quits.
+pub async fn raft_failure(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+) -> String {
+    loop {
+        let running = metrics.borrow_and_update().running_state.clone();
+        match running {
+            Ok(()) => {}
+            Err(openraft::error::Fatal::Stopped) => std::future::pending::<()>().await,
+            Err(fatal) => return fatal.to_string(),
+        }
+        if metrics.changed().await.is_err() {
+            return "its core ended without a word".into();
+        }
+    }
+}
+
 impl RunningHead {
+    /// Resolves when this head can no longer serve: its Raft stopped on its own (see
+    /// [`raft_failure`]). Such a head answers "raft stopped" forever and cannot recover in
+    /// the process (sled refuses every write after a failed one), so the caller should exit
+    /// non-zero: restarted on the same data dir once the cause is fixed, the head rejoins
+    /// the group and catches up (as etcd does, a member that cannot persist stops).
+    pub fn failed(&self) -> impl std::future::Future<Output = anyhow::Error> + Send + 'static {
+        let metrics = self.raft.metrics();
+        let store = self.data_dir.join("raft");
+        async move {
+            let why = raft_failure(metrics).await;
+            anyhow::anyhow!(
+                "this head's raft stopped ({why}); its store is {}: a head that cannot persist must not keep running, so it exits (restart it once the cause, e.g. a full disk, is fixed: it rejoins the group and catches up)",
+                store.display()
+            )
+        }
+    }
+
     /// Stops serving and stops Raft.
     pub async fn shutdown(self) {
         self.listeners.stop();
@@ -386,6 +424,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         port,
         dashboard_port,
         raft,
+        data_dir: opts.data_dir.clone(),
         listeners,
         tasks,
     })

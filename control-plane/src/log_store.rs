@@ -23,7 +23,8 @@ use openraft::{OptionalSend, RaftLogReader, Vote};
 use tokio::sync::mpsc;
 
 use crate::db::RaftDb;
-use crate::types::{Entry, LogId, StorageError, TypeConfig, storage_err};
+use crate::metrics::StorageOp;
+use crate::types::{Entry, LogId, StorageError, TypeConfig, io_err, storage_err};
 
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
@@ -50,6 +51,13 @@ impl<D: RaftDb> LogStore<D> {
                 }
                 let result = fdb.flush().await;
                 crate::metrics::record_log_flush(pending.len());
+                if let Err(e) = &result {
+                    // The callbacks carry the error to openraft, whose core then stops (Fatal)
+                    // without counting these entries as stored here: this head answers no
+                    // write they hold, and exits (`RunningHead::failed`).
+                    crate::metrics::record_storage_error(StorageOp::Flush);
+                    tracing::error!(op = "flush", "raft store flush failed: {e}");
+                }
                 for (cb, started) in pending.drain(..) {
                     crate::metrics::record_append_latency(started.elapsed());
                     cb.log_io_completed(match &result {
@@ -66,7 +74,7 @@ impl<D: RaftDb> LogStore<D> {
         &self,
         key: &str,
     ) -> Result<Option<T>, StorageError> {
-        match self.db.meta(key).map_err(|e| storage_err(false, e))? {
+        match self.db.meta(key).map_err(|e| io_err(StorageOp::Read, e))? {
             Some(b) => Ok(Some(
                 postcard::from_bytes(&b).map_err(|e| storage_err(false, e))?,
             )),
@@ -76,7 +84,9 @@ impl<D: RaftDb> LogStore<D> {
 
     fn write_meta<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<(), StorageError> {
         let b = postcard::to_allocvec(v).map_err(|e| storage_err(true, e))?;
-        self.db.set_meta(key, &b).map_err(|e| storage_err(true, e))
+        self.db
+            .set_meta(key, &b)
+            .map_err(|e| io_err(StorageOp::Write, e))
     }
 }
 
@@ -101,7 +111,10 @@ impl<D: RaftDb> RaftLogReader<TypeConfig> for LogStore<D> {
             Bound::Excluded(x) => *x,
             Bound::Unbounded => u64::MAX,
         };
-        let raw = self.db.logs(from, to).map_err(|e| storage_err(false, e))?;
+        let raw = self
+            .db
+            .logs(from, to)
+            .map_err(|e| io_err(StorageOp::Read, e))?;
         raw.iter().map(|(_, b)| decode(b)).collect()
     }
 }
@@ -111,7 +124,7 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.read_json(LAST_PURGED)?;
-        let last = match self.db.last_log().map_err(|e| storage_err(false, e))? {
+        let last = match self.db.last_log().map_err(|e| io_err(StorageOp::Read, e))? {
             Some((_, b)) => Some(decode(&b)?.log_id),
             None => last_purged,
         };
@@ -127,7 +140,10 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
         self.write_meta(VOTE, vote)?;
-        self.db.flush().await.map_err(|e| storage_err(true, e))
+        self.db
+            .flush()
+            .await
+            .map_err(|e| io_err(StorageOp::Flush, e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
@@ -163,7 +179,9 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
                 crate::format::encode_entry(&e).map_err(|e| storage_err(true, e))?,
             ));
         }
-        self.db.put_logs(batch).map_err(|e| storage_err(true, e))?;
+        self.db
+            .put_logs(batch)
+            .map_err(|e| io_err(StorageOp::Write, e))?;
         self.flusher
             .send((callback, started))
             .map_err(|_| storage_err(true, std::io::Error::other("log flusher stopped")))?;
@@ -173,15 +191,21 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.db
             .remove_logs(log_id.index, u64::MAX)
-            .map_err(|e| storage_err(true, e))?;
-        self.db.flush().await.map_err(|e| storage_err(true, e))
+            .map_err(|e| io_err(StorageOp::Write, e))?;
+        self.db
+            .flush()
+            .await
+            .map_err(|e| io_err(StorageOp::Flush, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.write_meta(LAST_PURGED, &log_id)?;
         self.db
             .remove_logs(0, log_id.index.saturating_add(1))
-            .map_err(|e| storage_err(true, e))?;
-        self.db.flush().await.map_err(|e| storage_err(true, e))
+            .map_err(|e| io_err(StorageOp::Write, e))?;
+        self.db
+            .flush()
+            .await
+            .map_err(|e| io_err(StorageOp::Flush, e))
     }
 }

@@ -17,6 +17,7 @@ pub const RAFT_FLUSH_BATCH: &str = "rayctl_raft_log_flush_batch_size";
 pub const RAFT_COMMIT_LATENCY: &str = "rayctl_raft_commit_latency_seconds";
 pub const PROPOSAL_BATCH: &str = "rayctl_raft_proposal_batch_size";
 pub const RAFT_SNAPSHOT_BYTES: &str = "rayctl_raft_snapshot_bytes";
+pub const RAFT_STORAGE_ERRORS: &str = "rayctl_raft_storage_errors_total";
 pub const NODES: &str = "rayctl_nodes";
 pub const NODES_DECLARED_DEAD: &str = "rayctl_nodes_declared_dead_total";
 pub const JOBS: &str = "rayctl_jobs";
@@ -105,6 +106,10 @@ pub fn describe() {
         Unit::Bytes,
         "size of the last snapshot built"
     );
+    describe_counter!(
+        RAFT_STORAGE_ERRORS,
+        "failed Raft store operations, by op (read, write, flush); the head exits after one"
+    );
     describe_gauge!(NODES, "nodes in the node table, by state (leader only)");
     describe_counter!(
         NODES_DECLARED_DEAD,
@@ -189,6 +194,28 @@ pub(crate) fn record_job_ended(status: crate::state::JobStatus, started_ms: u64,
 
 pub(crate) fn record_log_flush(appends: usize) {
     histogram!(RAFT_FLUSH_BATCH).record(appends as f64);
+}
+
+/// What a failed Raft store operation was doing: the `op` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StorageOp {
+    Read,
+    Write,
+    Flush,
+}
+
+impl StorageOp {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Flush => "flush",
+        }
+    }
+}
+
+pub(crate) fn record_storage_error(op: StorageOp) {
+    counter!(RAFT_STORAGE_ERRORS, "op" => op.label()).increment(1);
 }
 
 pub(crate) fn record_commit_latency(d: Duration) {

@@ -18,8 +18,9 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
 use crate::db::RaftDb;
+use crate::metrics::StorageOp;
 use crate::state::{ClusterState, Response};
-use crate::types::{Entry, LogId, StorageError, StoredMembership, TypeConfig, storage_err};
+use crate::types::{Entry, LogId, StorageError, StoredMembership, TypeConfig, io_err, storage_err};
 
 const SNAPSHOT: &str = "snapshot";
 // 2: jobs gained attempts, retries, priority and stop requests (issue 4).
@@ -87,7 +88,11 @@ impl<D: RaftDb> StateMachineStore<D> {
     }
 
     fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        match self.db.meta(SNAPSHOT).map_err(|e| storage_err(false, e))? {
+        match self
+            .db
+            .meta(SNAPSHOT)
+            .map_err(|e| io_err(StorageOp::Read, e))?
+        {
             Some(b) => Ok(Some(
                 postcard::from_bytes(&b).map_err(|e| storage_err(false, e))?,
             )),
@@ -99,8 +104,11 @@ impl<D: RaftDb> StateMachineStore<D> {
         let b = postcard::to_allocvec(s).map_err(|e| storage_err(true, e))?;
         self.db
             .set_meta(SNAPSHOT, &b)
-            .map_err(|e| storage_err(true, e))?;
-        self.db.flush().await.map_err(|e| storage_err(true, e))
+            .map_err(|e| io_err(StorageOp::Write, e))?;
+        self.db
+            .flush()
+            .await
+            .map_err(|e| io_err(StorageOp::Flush, e))
     }
 }
 

@@ -34,3 +34,13 @@ pub(crate) fn storage_err(verb_write: bool, e: impl std::error::Error + 'static)
     };
     io.into()
 }
+
+/// A failed Raft store I/O call as openraft's storage error, counted
+/// (`rayctl_raft_storage_errors_total{op}`) and logged with what the store said (its data
+/// dir and the OS error, e.g. "No space left on device"). Every such error is fatal to
+/// openraft; the head then exits (`RunningHead::failed`).
+pub(crate) fn io_err(op: crate::metrics::StorageOp, e: std::io::Error) -> StorageError {
+    crate::metrics::record_storage_error(op);
+    tracing::error!(op = op.label(), "raft store {} failed: {e}", op.label());
+    storage_err(op != crate::metrics::StorageOp::Read, e)
+}

@@ -456,6 +456,15 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         None => None,
     };
     let head = control_plane::start(opts.clone()).await?;
+    // A head whose Raft store failed (a full disk) answers "raft stopped" forever and cannot
+    // recover in the process: exit non-zero, so a supervisor restarts it (the node daemon, a
+    // child, dies with it). Exiting skips the daemon record's removal, as a crash would.
+    let failed = head.failed();
+    tokio::spawn(async move {
+        let e = failed.await;
+        tracing::error!("{e:#}");
+        std::process::exit(1);
+    });
     let mut heads = if opts.peers.is_empty() {
         vec![head.address.clone()]
     } else {
