@@ -16,6 +16,8 @@ fn main() -> Result<()> {
     )
     .map_err(|e| std::io::Error::other(e.to_string()))?;
     tonic_prost_build::configure()
+        // A request that does not decode is INVALID_ARGUMENT, not prost's INTERNAL.
+        .codec_path("crate::codec::StrictCodec")
         .build_client(grpc)
         .build_server(grpc)
         // Chunk payloads are `bytes::Bytes`: no copy between the HTTP/2 frame and the store.

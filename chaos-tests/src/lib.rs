@@ -11,6 +11,7 @@
 pub mod driver;
 pub mod harness;
 pub mod netns;
+pub mod probe;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

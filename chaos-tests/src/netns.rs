@@ -160,6 +160,8 @@ pub struct NetOptions {
     /// Custom resources of worker node `i` (besides its own `node<i>: 1`).
     pub node_resources: Vec<(String, f64)>,
     pub node_cpus: f64,
+    /// Extra arguments of every worker node (e.g. `--object-store-memory=32MiB`).
+    pub node_args: Vec<String>,
     /// Hosts with no daemon, after the worker nodes' (for clients that a partition can name).
     pub clients: usize,
     /// Extra environment of the daemon on host `i` (heads first, then nodes), e.g.
@@ -177,6 +179,7 @@ impl Default for NetOptions {
             node_resources: Vec::new(),
             node_cpus: 1.0,
             clients: 0,
+            node_args: Vec::new(),
             env: Vec::new(),
         }
     }
@@ -332,7 +335,7 @@ impl NetCluster {
             for (k, v) in &opts.node_resources {
                 res.insert(k.clone(), (*v).into());
             }
-            let args = vec![
+            let mut args = vec![
                 format!("--address={}", c.head_addrs.join(",")),
                 format!("--bind-host={hostip}"),
                 format!("--node-ip-address={hostip}"),
@@ -344,6 +347,7 @@ impl NetCluster {
                 "--memory=1GiB".into(),
                 format!("--resources={}", Value::Object(res)),
             ];
+            args.extend(opts.node_args.iter().cloned());
             let p = c.spawn(&format!("node-{i}"), host, args)?;
             c.nodes.push(p);
         }

@@ -104,6 +104,22 @@ fn garbage_oversize_and_unknown_ids_get_clear_errors() -> Result<()> {
         .unwrap_err();
     assert!(matches!(rpc_err(e), RpcError::ResourceExhausted(_)));
 
+    // A message cut short, and one with a field of the wrong wire type: INVALID_ARGUMENT
+    // naming the message (prost's own answer would be INTERNAL).
+    for bytes in [vec![0x0a, 5, b'a'], vec![0x09, 1, 2, 3, 4, 5, 6, 7, 8]] {
+        let ch = protocol::client::channel(&c.head_addrs[0], &ClientOptions::default())?;
+        let e = rt
+            .block_on(chaos_tests::probe::raw_call(
+                ch,
+                c.token.as_deref(),
+                "/rayctl.v1.ControlPlane/KvPut",
+                bytes,
+            ))
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("KvPutRequest"), "{e:?}");
+    }
+
     // Unknown and malformed ids.
     let unknown = "ab".repeat(16);
     let e = rt

@@ -15,6 +15,8 @@ pub mod auth;
 #[cfg(feature = "grpc")]
 pub mod client;
 #[cfg(feature = "grpc")]
+pub mod codec;
+#[cfg(feature = "grpc")]
 pub mod server;
 
 /// Generated protobuf types of package `rayctl.v1`.

@@ -339,6 +339,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "errors": errors,
             }));
         }
+        "pressure" => {
+            // The chaos runner's store exhaustion: 4 objects read zero-copy and held (their
+            // views pin them), then `n` puts of `mib` MiB while every ref is kept, so the
+            // store must spill or refuse, never evict or reuse what is held. Then every
+            // object is read back against the checksum taken at put time.
+            let seed: u64 = arg(1).parse()?;
+            let n: u64 = arg(2).parse()?;
+            let size = arg(3).parse::<u64>()? << 20;
+            let mut pinned = Vec::new();
+            for i in 0..4 {
+                let b = blob(seed * 1000 + i, size);
+                let r = sdk::put(&b)?;
+                pinned.push((sdk::get_view(&r)?, crc(&b), r));
+            }
+            let (mut kept, mut full, mut other) = (Vec::new(), 0u64, Vec::new());
+            for i in 0..n {
+                let b = blob(seed * 1000 + 100 + i, size);
+                match sdk::put(&b) {
+                    Ok(r) => kept.push((r, crc(&b))),
+                    Err(e) if e.to_string().contains("ObjectStoreFull") => full += 1,
+                    Err(e) => other.push(e.to_string()),
+                }
+            }
+            let pinned_bad = pinned.iter().filter(|(v, c, _)| crc(v) != *c).count();
+            let mut read_bad = 0;
+            for (r, c) in &kept {
+                match sdk::get(r) {
+                    Ok(b) if crc(&b) == *c => {}
+                    Ok(_) => read_bad += 1,
+                    Err(e) => other.push(format!("read back: {e}")),
+                }
+            }
+            result(serde_json::json!({
+                "puts_ok": kept.len(), "store_full": full, "other_errors": other,
+                "pinned_bad": pinned_bad, "read_bad": read_bad,
+            }));
+        }
         "idle" => {
             // Connected, no task yet: what the node started on its own.
             result(serde_json::json!({"connected": true}));

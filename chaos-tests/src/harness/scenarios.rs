@@ -78,6 +78,24 @@ pub fn all() -> Vec<Scenario> {
             fault: zombie_worker,
         },
         Scenario {
+            name: "store-exhaustion",
+            about: "three drivers on one node put 3x its 32 MiB store while holding every \
+                    ref and four zero-copy views each",
+            net: small_store,
+            load: light,
+            fault: store_exhaustion,
+        },
+        Scenario {
+            name: "hostile-clients",
+            about: "on every port of every head and node: random bytes, truncated and \
+                    mistyped protobuf, deep nesting, 5 MiB and 1 GiB messages, 10k concurrent \
+                    calls, unknown ids; no, wrong and right credentials; the token never in a \
+                    log or a metric",
+            net: three_heads_one_node,
+            load: light,
+            fault: hostile_clients,
+        },
+        Scenario {
             name: "clock-skew",
             about: "the leader's and a worker's wall clock +1 h, then -1 d, then running at \
                     twice the speed, changed at runtime (libfaketime; monotonic time untouched)",
@@ -750,4 +768,316 @@ fn wall_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
+}
+
+fn small_store() -> NetOptions {
+    NetOptions {
+        node_args: vec!["--object-store-memory=32MiB".into()],
+        ..three_heads_one_node()
+    }
+}
+
+fn store_exhaustion(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let host = run.c.node_host(0);
+    run.fault("three drivers fill node-0's 32 MiB store threefold (2 MiB objects, all held)");
+    let mut drivers = Vec::new();
+    for k in 0..3u64 {
+        let seed = (run.rng.below(1000) + 1) * 10 + k;
+        drivers.push(driver(
+            run,
+            host,
+            "sdk_driver",
+            &["pressure", &seed.to_string(), "16", "2"],
+        )?);
+    }
+    let mut other = Vec::new();
+    let (mut ok, mut full, mut pinned_bad, mut read_bad) = (0, 0, 0, 0);
+    for d in &mut drivers {
+        let r = d.result(Duration::from_secs(180))?;
+        ok += r["puts_ok"].as_u64().unwrap_or(0);
+        full += r["store_full"].as_u64().unwrap_or(0);
+        pinned_bad += r["pinned_bad"].as_u64().unwrap_or(u64::MAX);
+        read_bad += r["read_bad"].as_u64().unwrap_or(u64::MAX);
+        if let Some(e) = r["other_errors"].as_array() {
+            other.extend(e.iter().map(ToString::to_string));
+        }
+    }
+    let spilled = node_metric(run, 0, "rayctl_object_store_spilled_bytes_total");
+    run.heal("the drivers exit and release everything");
+    drop(drivers);
+    run.checks.push(Check::new(
+        "store-was-exhausted",
+        spilled.is_some_and(|b| b > 0.0) || full > 0,
+        format!("node-0 spilled {spilled:?} bytes and refused {full} puts"),
+    ));
+    run.checksum_mismatch += (pinned_bad + read_bad) as usize;
+    run.checks.push(Check::new(
+        "store-full-is-clean",
+        other.is_empty() && ok > 0,
+        format!("{ok} puts stored (spilled as needed), {full} refused with ObjectStoreFull; other errors: {other:?}"),
+    ));
+    run.checks.push(Check::new(
+        "checksums",
+        pinned_bad == 0 && read_bad == 0,
+        format!("held views changed: {pinned_bad}; objects read back wrong: {read_bad}"),
+    ));
+    run.until_end(started)
+}
+
+/// A value from worker node `i`'s `/metrics` (asked from the observer, with the token).
+fn node_metric(run: &Run, i: usize, query: &str) -> Option<f64> {
+    let port = run.c.nodes[i].ready["metrics_export_port"].as_u64()?;
+    let ip = &run.c.hosts[run.c.node_host(i)].ip;
+    let text = ureq::get(&format!("http://{ip}:{port}/metrics"))
+        .header("authorization", format!("Bearer {}", run.c.token))
+        .call()
+        .ok()?
+        .body_mut()
+        .read_to_string()
+        .ok()?;
+    crate::find_metric(&text, query)
+}
+
+/// Every daemon's listeners, and the pids whose memory the probes must not grow.
+fn listeners(run: &Run) -> (crate::probe::Listeners, Vec<(String, i32)>) {
+    let mut l = crate::probe::Listeners::default();
+    let mut pids = Vec::new();
+    for (i, h) in run.c.heads.iter().enumerate() {
+        let ip = &run.c.hosts[i].ip;
+        l.heads.push(run.c.head_addrs[i].clone());
+        if let Some(p) = h.ready["dashboard_port"].as_u64() {
+            l.http.push((
+                format!("head-{i} REST"),
+                format!("{ip}:{p}"),
+                "/api/jobs/".into(),
+            ));
+            l.http.push((
+                format!("head-{i} /metrics"),
+                format!("{ip}:{p}"),
+                "/metrics".into(),
+            ));
+        }
+        if let Some(p) = h.pid() {
+            pids.push((h.name.clone(), p));
+        }
+        node_listeners(
+            &mut l,
+            &mut pids,
+            &format!("head-{i}'s node"),
+            ip,
+            &h.ready["node"],
+        );
+    }
+    for (i, n) in run.c.nodes.iter().enumerate() {
+        let ip = &run.c.hosts[run.c.node_host(i)].ip;
+        node_listeners(&mut l, &mut pids, &n.name, ip, &n.ready);
+    }
+    (l, pids)
+}
+
+fn node_listeners(
+    l: &mut crate::probe::Listeners,
+    pids: &mut Vec<(String, i32)>,
+    name: &str,
+    ip: &str,
+    ready: &serde_json::Value,
+) {
+    if let Some(p) = ready["node_manager_port"].as_u64() {
+        l.node_managers.push(format!("{ip}:{p}"));
+    }
+    if let Some(p) = ready["object_manager_port"].as_u64() {
+        l.object_managers.push(format!("{ip}:{p}"));
+    }
+    if let Some(p) = ready["metrics_export_port"].as_u64() {
+        l.http.push((
+            format!("{name} /metrics"),
+            format!("{ip}:{p}"),
+            "/metrics".into(),
+        ));
+    }
+    if let Some(p) = ready["pid"].as_i64() {
+        pids.push((name.to_string(), p as i32));
+    }
+}
+
+fn hostile_clients(run: &mut Run) -> Result<()> {
+    use prost::Message;
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let (l, pids) = listeners(run);
+    let before: Vec<Option<u64>> = pids.iter().map(|(_, p)| crate::probe::rss(*p)).collect();
+    let token = run.c.token.clone();
+    run.fault(&format!(
+        "hostile clients on {} head, {} node manager and {} object manager ports, {} HTTP endpoints",
+        l.heads.len(),
+        l.node_managers.len(),
+        l.object_managers.len(),
+        l.http.len()
+    ));
+    let mut seed = run.rng.next_u64() | 1;
+    let mut garbage = 0;
+    for a in l
+        .heads
+        .iter()
+        .chain(&l.node_managers)
+        .chain(&l.object_managers)
+    {
+        garbage += crate::probe::garbage(a, 10, &mut seed);
+    }
+    let unknown = "ab".repeat(16);
+    let head_paths: Vec<(&'static str, Vec<u8>)> = vec![
+        (
+            "/rayctl.v1.ControlPlane/HeadInfo",
+            pb_bytes(&protocol::pb::HeadInfoRequest {}),
+        ),
+        (
+            "/rayctl.v1.ControlPlane/KvPut",
+            protocol::pb::KvPutRequest {
+                namespace: "hostile".into(),
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                overwrite: true,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "/rayctl.v1.ControlPlane/GetNode",
+            protocol::pb::GetNodeRequest {
+                node_id: unknown.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "/rayctl.v1.ControlPlane/GetJob",
+            protocol::pb::GetJobRequest {
+                job_id: "nope".into(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "/rayctl.v1.ControlPlane/Heartbeat",
+            protocol::pb::HeartbeatRequest {
+                node_id: unknown.clone(),
+                incarnation: 1,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+    ];
+    let node_paths: Vec<(&'static str, Vec<u8>)> = vec![(
+        "/rayctl.v1.NodeManager/HealthCheck",
+        pb_bytes(&protocol::pb::NodeHealthCheckRequest {}),
+    )];
+    let om_paths: Vec<(&'static str, Vec<u8>)> = vec![(
+        "/rayctl.v1.ObjectManager/GetObjectInfo",
+        protocol::pb::GetObjectInfoRequest {
+            object_id: vec![9; 20],
+        }
+        .encode_to_vec(),
+    )];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (seen, auth) = rt.block_on(async {
+        let mut seen = crate::probe::Seen::default();
+        for h in &l.heads {
+            crate::probe::bad_grpc(h, &token, &head_paths, 10_000, &mut seen).await?;
+        }
+        for n in &l.node_managers {
+            crate::probe::bad_grpc(n, &token, &node_paths, 1000, &mut seen).await?;
+        }
+        for o in &l.object_managers {
+            crate::probe::bad_grpc(o, &token, &om_paths, 1000, &mut seen).await?;
+        }
+        let auth = crate::probe::auth_matrix(&l, &token).await?;
+        anyhow::Ok((seen, auth))
+    })?;
+    drop(rt);
+    run.heal("the hostile clients stop");
+    run.checks.push(Check::new(
+        "bad-grpc-answered-clearly",
+        seen.bad.is_empty(),
+        if seen.bad.is_empty() {
+            format!(
+                "{garbage} garbage connections and {} bad calls; answers by code: {:?}",
+                seen.calls, seen.codes
+            )
+        } else {
+            format!(
+                "{} bad answers of {}: {}",
+                seen.bad.len(),
+                seen.calls,
+                seen.bad
+                    .iter()
+                    .take(8)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        },
+    ));
+    run.checks.push(Check::new(
+        "auth-on-every-port",
+        auth.is_empty(),
+        if auth.is_empty() {
+            format!(
+                "{} gRPC listeners and {} HTTP endpoints: no and wrong tokens refused, the cluster token admitted (never on Raft)",
+                l.heads.len() * 2 + l.node_managers.len() + l.object_managers.len(),
+                l.http.len()
+            )
+        } else {
+            auth.join("; ")
+        },
+    ));
+    // Memory settles after the flood; then no daemon may have grown by 50 MiB or more.
+    pause(Duration::from_secs(2))?;
+    let mut grew = Vec::new();
+    let mut growth = Vec::new();
+    for ((name, pid), b) in pids.iter().zip(&before) {
+        if let (Some(b), Some(a)) = (b, crate::probe::rss(*pid)) {
+            let mib = (a as f64 - *b as f64) / f64::from(1 << 20);
+            growth.push(format!("{name} {mib:+.1}"));
+            if mib >= 50.0 {
+                grew.push(format!("{name} grew {mib:.1} MiB"));
+            }
+        }
+    }
+    run.checks.push(Check::new(
+        "memory-bounded",
+        grew.is_empty(),
+        format!("RSS change in MiB: {}", growth.join(", ")),
+    ));
+    // The token in no log, no metric.
+    let mut leaks = Vec::new();
+    for f in crate::files_below(run.c.path(), &|n: &str| {
+        n.ends_with(".log") || n.ends_with(".out") || n.ends_with(".err")
+    }) {
+        if std::fs::read_to_string(&f).is_ok_and(|t| t.contains(&token)) {
+            leaks.push(f.display().to_string());
+        }
+    }
+    for (name, addr, path) in l.http.iter().filter(|(_, _, p)| p == "/metrics") {
+        let text = ureq::get(&format!("http://{addr}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default();
+        if text.contains(&token) {
+            leaks.push(name.clone());
+        }
+    }
+    run.checks.push(Check::new(
+        "token-not-leaked",
+        leaks.is_empty(),
+        format!("logs and /metrics holding the token: {leaks:?}"),
+    ));
+    run.until_end(started)
+}
+
+fn pb_bytes<M: prost::Message>(m: &M) -> Vec<u8> {
+    m.encode_to_vec()
 }
