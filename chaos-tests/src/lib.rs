@@ -8,6 +8,7 @@
 //! The binary is `$RAYCTL_BIN`, else `rayctl` beside the test executable's target dir
 //! (`cargo build -p rayctl` first; `scripts/test` does).
 
+pub mod disk;
 pub mod driver;
 pub mod harness;
 pub mod netns;
@@ -140,6 +141,8 @@ pub struct Proc {
     child: Option<Child>,
     /// What the daemon reported when it became ready (ports, ids).
     pub ready: Value,
+    /// How it ended, when `exited` saw it end on its own.
+    pub exit_status: Option<std::process::ExitStatus>,
 }
 
 impl Proc {
@@ -151,11 +154,13 @@ impl Proc {
         self.child.is_some()
     }
 
-    /// Whether the process has exited on its own (reaped here if so).
+    /// Whether the process has exited on its own (reaped here if so; its status is kept in
+    /// `exit_status`).
     pub fn exited(&mut self) -> bool {
         match self.child.as_mut().map(std::process::Child::try_wait) {
-            Some(Ok(Some(_))) => {
+            Some(Ok(Some(st))) => {
                 self.child = None;
+                self.exit_status = Some(st);
                 true
             }
             Some(_) => false,
@@ -196,6 +201,7 @@ impl Proc {
             log,
             child: None,
             ready: Value::Null,
+            exit_status: None,
         }
     }
 
@@ -686,5 +692,6 @@ pub(crate) fn placeholder() -> Proc {
         log: PathBuf::new(),
         child: None,
         ready: Value::Null,
+        exit_status: None,
     }
 }

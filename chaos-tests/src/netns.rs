@@ -164,6 +164,9 @@ pub struct NetOptions {
     pub node_args: Vec<String>,
     /// Hosts with no daemon, after the worker nodes' (for clients that a partition can name).
     pub clients: usize,
+    /// Each head's Raft store (`<data dir>/raft`) on a tmpfs of this size (e.g. "32m"), so a
+    /// scenario can fill it.
+    pub store_tmpfs: Option<String>,
     /// Extra environment of the daemon on host `i` (heads first, then nodes), e.g.
     /// libfaketime's. `{dir}` in a value stands for the cluster's temp dir.
     pub env: Vec<(usize, Vec<(String, String)>)>,
@@ -180,6 +183,7 @@ impl Default for NetOptions {
             node_cpus: 1.0,
             clients: 0,
             node_args: Vec::new(),
+            store_tmpfs: None,
             env: Vec::new(),
         }
     }
@@ -197,6 +201,8 @@ pub struct NetCluster {
     bin: PathBuf,
     /// Extra environment of each host's daemon, kept across restarts (e.g. libfaketime).
     host_env: Vec<Vec<(String, String)>>,
+    /// The heads' store filesystems, when `store_tmpfs` asked for them (by head).
+    pub stores: Vec<crate::disk::Tmpfs>,
 }
 
 impl Drop for NetCluster {
@@ -255,6 +261,7 @@ impl NetCluster {
             bridge: bridge.clone(),
             bin,
             host_env: vec![Vec::new(); opts.heads + opts.nodes],
+            stores: Vec::new(),
         };
         for (host, env) in &opts.env {
             let dir = c.dir.path().display().to_string();
@@ -299,6 +306,12 @@ impl NetCluster {
         c.head_addrs = (0..opts.heads)
             .map(|i| format!("{}:{HEAD_PORT}", c.hosts[i].ip))
             .collect();
+        if let Some(size) = &opts.store_tmpfs {
+            for i in 0..opts.heads {
+                let store = c.dir.path().join(format!("head-{i}")).join("raft");
+                c.stores.push(crate::disk::Tmpfs::mount(&store, size)?);
+            }
+        }
         for i in 0..opts.heads {
             let hostip = c.hosts[i].ip.clone();
             let args = vec![

@@ -96,6 +96,15 @@ pub fn all() -> Vec<Scenario> {
             fault: hostile_clients,
         },
         Scenario {
+            name: "disk-full",
+            about: "fill the Raft store of the leader, then of a follower (each on a 32 MiB \
+                    tmpfs): the head exits naming the error, the rest keep serving; free the \
+                    space and restart it",
+            net: stores_on_tmpfs,
+            load: Load::default,
+            fault: disk_full,
+        },
+        Scenario {
             name: "clock-skew",
             about: "the leader's and a worker's wall clock +1 h, then -1 d, then running at \
                     twice the speed, changed at runtime (libfaketime; monotonic time untouched)",
@@ -1080,4 +1089,74 @@ fn hostile_clients(run: &mut Run) -> Result<()> {
 
 fn pb_bytes<M: prost::Message>(m: &M) -> Vec<u8> {
     m.encode_to_vec()
+}
+
+fn stores_on_tmpfs() -> NetOptions {
+    NetOptions {
+        store_tmpfs: Some("32m".into()),
+        ..three_heads_one_node()
+    }
+}
+
+fn disk_full(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    pause(run.random_start())?;
+    for leader in [true, false] {
+        let l = run.leader()?;
+        let h = if leader {
+            l
+        } else {
+            (l + 1 + run.rng.below(2) as usize) % run.c.heads.len()
+        };
+        let role = if leader { "the leader" } else { "a follower" };
+        run.fault(&format!("head-{h}'s store full ({role})"));
+        run.killed.insert(run.c.heads[h].name.clone());
+        run.c.stores[h].fill()?;
+        let t0 = Instant::now();
+        let exited = crate::wait_for(
+            &format!("head-{h} to exit"),
+            Duration::from_secs(30),
+            || run.c.heads[h].exited().then_some(()),
+        );
+        let took = t0.elapsed().as_secs_f64();
+        let log = std::fs::read_to_string(run.c.heads[h].log_path()).unwrap_or_default();
+        let status = run.c.heads[h].exit_status;
+        let named = log.contains("No space left on device");
+        run.checks.push(Check::new(
+            &format!("full-{}-exits", if leader { "leader" } else { "follower" }),
+            exited.is_ok() && status.is_some_and(|s| !s.success()) && named,
+            format!(
+                "head-{h} ({role}) exited {took:.1} s after its disk filled, with {status:?}; \
+                 its log names ENOSPC: {named}"
+            ),
+        ));
+        if leader {
+            run.detect_s = Some(took);
+        }
+        pause(Duration::from_secs(2))?;
+        run.heal(&format!("free head-{h}'s disk, restart it"));
+        run.c.stores[h].free()?;
+        run.restart_heads(&[h])?;
+        // It catches up with the others.
+        let caught = crate::wait_for(
+            &format!("head-{h} to catch up"),
+            Duration::from_secs(30),
+            || {
+                let infos = workload::head_infos(&run.target);
+                let mine = infos.get(h)?.as_ref()?.last_applied;
+                let best = infos.iter().flatten().map(|i| i.last_applied).max()?;
+                (mine + 50 >= best).then_some(mine)
+            },
+        );
+        run.checks.push(Check::new(
+            &format!(
+                "full-{}-rejoins",
+                if leader { "leader" } else { "follower" }
+            ),
+            caught.is_ok(),
+            format!("head-{h} restarted on the freed disk and applied up to {caught:?}"),
+        ));
+        pause(Duration::from_secs(2))?;
+    }
+    run.until_end(started)
 }
