@@ -160,6 +160,8 @@ pub struct NetOptions {
     /// Custom resources of worker node `i` (besides its own `node<i>: 1`).
     pub node_resources: Vec<(String, f64)>,
     pub node_cpus: f64,
+    /// Hosts for heads that join later (`join_head`), after the worker nodes' hosts.
+    pub spare_heads: usize,
     /// Extra arguments of every worker node (e.g. `--object-store-memory=32MiB`).
     pub node_args: Vec<String>,
     /// Hosts with no daemon, after the worker nodes' (for clients that a partition can name).
@@ -182,6 +184,7 @@ impl Default for NetOptions {
             node_resources: Vec::new(),
             node_cpus: 1.0,
             clients: 0,
+            spare_heads: 0,
             node_args: Vec::new(),
             store_tmpfs: None,
             env: Vec::new(),
@@ -203,6 +206,12 @@ pub struct NetCluster {
     host_env: Vec<Vec<(String, String)>>,
     /// The heads' store filesystems, when `store_tmpfs` asked for them (by head).
     pub stores: Vec<crate::disk::Tmpfs>,
+    /// The host of each head (a joined head's is a spare host, not its index).
+    head_hosts: Vec<usize>,
+    /// Spare hosts not yet used by `join_head`.
+    spare: Vec<usize>,
+    /// The first worker node's host (the heads started with the cluster come before).
+    node_base: usize,
 }
 
 impl Drop for NetCluster {
@@ -262,6 +271,9 @@ impl NetCluster {
             bin,
             host_env: vec![Vec::new(); opts.heads + opts.nodes],
             stores: Vec::new(),
+            head_hosts: (0..opts.heads).collect(),
+            spare: (opts.heads + opts.nodes..opts.heads + opts.nodes + opts.spare_heads).collect(),
+            node_base: opts.heads,
         };
         for (host, env) in &opts.env {
             let dir = c.dir.path().display().to_string();
@@ -275,7 +287,7 @@ impl NetCluster {
         ip(&["link", "add", &bridge, "type", "bridge"])?;
         ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &bridge])?;
         ip(&["link", "set", &bridge, "up"])?;
-        for i in 0..opts.heads + opts.nodes + opts.clients {
+        for i in 0..opts.heads + opts.nodes + opts.spare_heads + opts.clients {
             let ns = format!("{tag}h{i}");
             let veth = format!("{tag}v{i}");
             let addr = format!("{subnet}.{}", i + 1);
@@ -378,9 +390,51 @@ impl NetCluster {
         self.dir.path().join("auth_token")
     }
 
+    /// Index in `hosts` of head `i`.
+    pub fn head_host(&self, i: usize) -> usize {
+        self.head_hosts[i]
+    }
+
+    /// The addresses heads started on the spare hosts will have.
+    pub fn spare_addresses(&self) -> Vec<String> {
+        self.spare
+            .iter()
+            .map(|h| format!("{}:{HEAD_PORT}", self.hosts[*h].ip))
+            .collect()
+    }
+
+    /// Starts a head on the next spare host that joins the group (`--join`, it asks the
+    /// leader to add it as a voter); waits until it is ready. Returns its index in `heads`.
+    pub fn join_head(&mut self) -> Result<usize> {
+        anyhow::ensure!(!self.spare.is_empty(), "no spare host left for a head");
+        let host = self.spare.remove(0);
+        let i = self.heads.len();
+        let hostip = self.hosts[host].ip.clone();
+        let args = vec![
+            "--head".to_string(),
+            format!("--port={HEAD_PORT}"),
+            format!("--dashboard-port={DASHBOARD_PORT}"),
+            format!("--join={}", self.head_addrs.join(",")),
+            format!("--bind-host={hostip}"),
+            format!("--node-ip-address={hostip}"),
+            format!(
+                "--data-dir={}",
+                self.dir.path().join(format!("head-{i}")).display()
+            ),
+            "--num-cpus=1".into(),
+            "--memory=1GiB".into(),
+        ];
+        let p = self.spawn(&format!("head-{i}"), host, args)?;
+        self.heads.push(p);
+        self.head_hosts.push(host);
+        self.head_addrs.push(format!("{hostip}:{HEAD_PORT}"));
+        self.heads[i].wait_ready()?;
+        Ok(i)
+    }
+
     /// Index in `hosts` of worker node `i`.
     pub fn node_host(&self, i: usize) -> usize {
-        self.heads.len() + i
+        self.node_base + i
     }
 
     /// `ip netns exec <host's namespace> program`, with this cluster's session root and token.
@@ -459,7 +513,7 @@ impl NetCluster {
     pub fn restart_node(&mut self, i: usize) -> Result<()> {
         self.nodes[i].kill9();
         let mut p = std::mem::replace(&mut self.nodes[i], crate::placeholder());
-        let r = self.launch(&mut p, self.heads.len() + i);
+        let r = self.launch(&mut p, self.node_base + i);
         self.nodes[i] = p;
         r?;
         self.wait_ready(false, i)
@@ -471,7 +525,7 @@ impl NetCluster {
         for &i in which {
             self.heads[i].kill9();
             let mut p = std::mem::replace(&mut self.heads[i], crate::placeholder());
-            let r = self.launch(&mut p, i);
+            let r = self.launch(&mut p, self.head_hosts[i]);
             self.heads[i] = p;
             r?;
         }

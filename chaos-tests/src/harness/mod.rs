@@ -134,6 +134,9 @@ pub struct Run {
     pub jobs: bool,
     /// Every job must end SUCCEEDED (no fault in the scenario may fail one).
     pub require_jobs_succeeded: bool,
+    /// The heads in the group at the end (None: every head of the target), for the
+    /// convergence check.
+    pub members: Option<Vec<String>>,
     /// A scenario's own check of the final job list.
     pub after: Option<fn(&[protocol::pb::JobInfo]) -> Check>,
 }
@@ -161,9 +164,10 @@ impl Run {
         self.duration.mul_f64(self.rng.between(0.1, 0.4))
     }
 
-    /// Every host that is not `h`: the other heads and the worker nodes (not the clients).
+    /// Every host that is not in `h`: heads, worker nodes and spare hosts (not the clients',
+    /// which is the last).
     pub fn others(&self, h: &[usize]) -> Vec<usize> {
-        (0..self.c.heads.len() + self.c.nodes.len())
+        (0..self.c.hosts.len() - 1)
             .filter(|i| !h.contains(i))
             .collect()
     }
@@ -226,7 +230,13 @@ fn run_inner(
     let client_host = c.hosts.len() - 1;
     let load = (scn.load)();
     let target = Target {
-        heads: c.head_addrs.clone(),
+        // Heads that may join later are addressed from the start (refused until they run).
+        heads: c
+            .head_addrs
+            .iter()
+            .cloned()
+            .chain(c.spare_addresses())
+            .collect(),
         token: c.token.clone(),
         client_ns: Some(c.hosts[client_host].ns.clone()),
         tag: format!("s{seed}"),
@@ -247,6 +257,7 @@ fn run_inner(
         jobs: load.job_every.is_some(),
         require_jobs_succeeded: false,
         after: None,
+        members: None,
     };
     run.leader().context("no first leader")?;
     let traffic = workload::start(target.clone(), load.clone(), hist.clone(), seed)?;
@@ -323,7 +334,11 @@ fn run_inner(
         result.checks.push(f(&jobs));
     }
     result.checks.push(check::one_leader_per_term(&rec));
-    result.checks.push(converged(&target));
+    let members = run.members.clone().unwrap_or_else(|| target.heads.clone());
+    result.checks.push(converged(&Target {
+        heads: members,
+        ..target.clone()
+    }));
     let crashes = crashes(&mut run);
     result.checks.push(Check::new(
         "no-crash",

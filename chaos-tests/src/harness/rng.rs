@@ -18,9 +18,10 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    /// Uniform in `0..n` (0 when n is 0).
+    /// Uniform in `0..n` (0 when n is 0), from the high bits (Lemire's multiply-shift; the
+    /// low bits of xorshift outputs are the weak ones).
     pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
 
     /// Uniform in `[lo, hi)` seconds.

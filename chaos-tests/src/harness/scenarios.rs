@@ -105,6 +105,15 @@ pub fn all() -> Vec<Scenario> {
             fault: disk_full,
         },
         Scenario {
+            name: "membership-change",
+            about: "while the leader is killed or cut off: a fourth head joins and the old \
+                    leader is removed, both at once; the removed head comes back and must \
+                    not disrupt",
+            net: with_spare_head,
+            load: Load::default,
+            fault: membership_change,
+        },
+        Scenario {
             name: "clock-skew",
             about: "the leader's and a worker's wall clock +1 h, then -1 d, then running at \
                     twice the speed, changed at runtime (libfaketime; monotonic time untouched)",
@@ -405,8 +414,11 @@ fn crash_restart_all(run: &mut Run) -> Result<()> {
         after.is_ok(),
         format!(
             "applied index {before} before the kill (all {} killed within {spread:?}); \
-             head-{l} leads after the restart; log index after: {after:?}",
-            all.len()
+             head-{l} leads after the restart; log index after: {}",
+            all.len(),
+            after
+                .as_ref()
+                .map_or_else(|e| format!("{e:#}"), ToString::to_string)
         ),
     ));
     run.until_end(started)
@@ -854,7 +866,7 @@ fn listeners(run: &Run) -> (crate::probe::Listeners, Vec<(String, i32)>) {
     let mut l = crate::probe::Listeners::default();
     let mut pids = Vec::new();
     for (i, h) in run.c.heads.iter().enumerate() {
-        let ip = &run.c.hosts[i].ip;
+        let ip = &run.c.hosts[run.c.head_host(i)].ip;
         l.heads.push(run.c.head_addrs[i].clone());
         if let Some(p) = h.ready["dashboard_port"].as_u64() {
             l.http.push((
@@ -1154,9 +1166,169 @@ fn disk_full(run: &mut Run) -> Result<()> {
                 if leader { "leader" } else { "follower" }
             ),
             caught.is_ok(),
-            format!("head-{h} restarted on the freed disk and applied up to {caught:?}"),
+            format!(
+                "head-{h} restarted on the freed disk and applied up to {}",
+                caught
+                    .as_ref()
+                    .map_or_else(|e| format!("{e:#}"), ToString::to_string)
+            ),
         ));
         pause(Duration::from_secs(2))?;
     }
+    run.until_end(started)
+}
+
+fn with_spare_head() -> NetOptions {
+    NetOptions {
+        spare_heads: 1,
+        ..three_heads_one_node()
+    }
+}
+
+/// `rayctl operator raft ARGS… --address <every head>` from the observer, with the peer
+/// secret: (exit code, stdout, stderr).
+fn operator(run: &Run, args: &[&str]) -> Result<(i32, String, String)> {
+    let mut cmd = std::process::Command::new(crate::rayctl_bin()?);
+    cmd.args(["operator", "raft"]).args(args);
+    if args[0] != "list-peers" {
+        cmd.arg("--peer-secret-file")
+            .arg(run.c.path().join("peer_secret"));
+    }
+    let out = cmd
+        .arg("--address")
+        .arg(run.target.heads.join(","))
+        .env("RAYCTL_TMPDIR", run.c.path())
+        .env(protocol::AUTH_TOKEN_ENV, &run.c.token)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The group's voters, as `rayctl operator raft list-peers` reports them.
+fn voters(run: &Run) -> Option<Vec<String>> {
+    let (code, out, _) = operator(run, &["list-peers", "-o", "json"]).ok()?;
+    if code != 0 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let mut p: Vec<String> = v["peers"]
+        .as_array()?
+        .iter()
+        .filter(|p| p["voter"].as_bool() == Some(true))
+        .filter_map(|p| p["address"].as_str().map(str::to_string))
+        .collect();
+    p.sort();
+    Some(p)
+}
+
+fn membership_change(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let l = run.leader()?;
+    let old = run.c.head_addrs[l].clone();
+    let kill = run.rng.below(2) == 0;
+    if kill {
+        run.fault(&format!("kill -9 head-{l}, the leader"));
+        run.kill_head(l);
+    } else {
+        let rest = run.others(&[run.c.head_host(l)]);
+        run.fault(&format!("head-{l}, the leader, cut off"));
+        run.c.partition(&[run.c.head_host(l)], &rest)?;
+    }
+    // Both changes at once: the join (the new head asks the leader) and the removal.
+    run.hist
+        .event(format!("head-3 joins while head-{l} is removed"));
+    let removal = {
+        let bin = crate::rayctl_bin()?;
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args([
+            "operator",
+            "raft",
+            "remove-peer",
+            &old,
+            "--peer-secret-file",
+        ])
+        .arg(run.c.path().join("peer_secret"))
+        .arg("--address")
+        .arg(run.target.heads.join(","))
+        .env("RAYCTL_TMPDIR", run.c.path())
+        .env(protocol::AUTH_TOKEN_ENV, &run.c.token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        cmd.spawn()?
+    };
+    let joined = run.c.join_head();
+    let removal = removal.wait_with_output()?;
+    let mut refused_once = None;
+    if !removal.status.success() {
+        // One change at a time: a removal refused while the join was in flight is retried.
+        refused_once = Some(String::from_utf8_lossy(&removal.stderr).trim().to_string());
+        let (code, _, err) =
+            crate::wait_for("the removal to go through", Duration::from_secs(30), || {
+                let r = operator(run, &["remove-peer", &old]).ok()?;
+                (r.0 == 0 || r.0 == 4).then_some(r)
+            })?;
+        anyhow::ensure!(code == 0 || code == 4, "remove-peer {old}: {err}");
+    }
+    let j = joined.context("the fourth head joining")?;
+    let mut want: Vec<String> = run
+        .c
+        .head_addrs
+        .iter()
+        .filter(|a| **a != old)
+        .cloned()
+        .collect();
+    want.sort();
+    let mut last = None;
+    let got = crate::wait_for("the new membership", Duration::from_secs(60), || {
+        let v = operator(run, &["list-peers", "-o", "json"]).ok();
+        last.clone_from(&v);
+        voters(run).filter(|v| *v == want)
+    });
+    run.checks.push(Check::new(
+        "membership-changed",
+        got.is_ok(),
+        format!(
+            "voters {} (want {want:?}); head-{j} joined; a concurrent change refused first: \
+             {refused_once:?}{}",
+            got.as_ref()
+                .map_or_else(|e| format!("{e:#}"), |v| format!("{v:?}")),
+            if got.is_ok() {
+                String::new()
+            } else {
+                format!(
+                    "; the removal said {:?}; list-peers last said {last:?}",
+                    String::from_utf8_lossy(&removal.stderr).trim()
+                )
+            }
+        ),
+    ));
+    run.members = Some(want.clone());
+    // The removed head returns (restarted or reconnected) and must not disrupt the group.
+    let term_before = run
+        .c
+        .head_view(run.leader()?)
+        .map(|v| v.1)
+        .context("the leader's term")?;
+    if kill {
+        run.heal(&format!("restart head-{l}, no longer a member"));
+        run.restart_heads(&[l])?;
+    } else {
+        run.heal(&format!("head-{l}, no longer a member, reconnected"));
+        run.c.heal()?;
+    }
+    pause(Duration::from_secs(5))?;
+    let leader_now = run.leader()?;
+    let term_after = run.c.head_view(leader_now).map(|v| v.1).unwrap_or(u64::MAX);
+    run.checks.push(Check::new(
+        "removed-head-harmless",
+        term_after == term_before && leader_now != l,
+        format!(
+            "the group's term {term_before} before head-{l} returned, {term_after} 5 s after; head-{leader_now} leads"
+        ),
+    ));
     run.until_end(started)
 }
