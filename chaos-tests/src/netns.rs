@@ -162,6 +162,8 @@ pub struct NetOptions {
     pub node_cpus: f64,
     /// Hosts for heads that join later (`join_head`), after the worker nodes' hosts.
     pub spare_heads: usize,
+    /// Extra arguments of every head (e.g. `--raft-snapshot-interval=100`).
+    pub head_args: Vec<String>,
     /// Extra arguments of every worker node (e.g. `--object-store-memory=32MiB`).
     pub node_args: Vec<String>,
     /// Hosts with no daemon, after the worker nodes' (for clients that a partition can name).
@@ -185,6 +187,7 @@ impl Default for NetOptions {
             node_cpus: 1.0,
             clients: 0,
             spare_heads: 0,
+            head_args: Vec::new(),
             node_args: Vec::new(),
             store_tmpfs: None,
             env: Vec::new(),
@@ -326,7 +329,7 @@ impl NetCluster {
         }
         for i in 0..opts.heads {
             let hostip = c.hosts[i].ip.clone();
-            let args = vec![
+            let mut args = vec![
                 "--head".to_string(),
                 format!("--port={HEAD_PORT}"),
                 format!("--dashboard-port={DASHBOARD_PORT}"),
@@ -342,6 +345,7 @@ impl NetCluster {
                 "--num-cpus=1".into(),
                 "--memory=1GiB".into(),
             ];
+            args.extend(opts.head_args.iter().cloned());
             let p = c.spawn(&format!("head-{i}"), i, args)?;
             c.heads.push(p);
         }
@@ -517,6 +521,30 @@ impl NetCluster {
         self.nodes[i] = p;
         r?;
         self.wait_ready(false, i)
+    }
+
+    /// Sets (Some) or removes (None) variable `key` of host `host`'s daemon environment, from
+    /// its next start on.
+    pub fn set_env(&mut self, host: usize, key: &str, value: Option<&str>) {
+        if let Some(env) = self.host_env.get_mut(host) {
+            env.retain(|(k, _)| k != key);
+            if let Some(v) = value {
+                env.push((key.to_string(), v.to_string()));
+            }
+        }
+    }
+
+    /// Starts heads `which` again (after killing them) without waiting for them: a head
+    /// set to crash at a fail point may never become ready.
+    pub fn relaunch_heads(&mut self, which: &[usize]) -> Result<()> {
+        for &i in which {
+            self.heads[i].kill9();
+            let mut p = std::mem::replace(&mut self.heads[i], crate::placeholder());
+            let r = self.launch(&mut p, self.head_hosts[i]);
+            self.heads[i] = p;
+            r?;
+        }
+        Ok(())
     }
 
     /// Heads `which` again, all started before any is waited for (a head may need the

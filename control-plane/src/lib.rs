@@ -18,6 +18,7 @@ pub mod autoscaler;
 pub mod cluster_view;
 mod dashboard;
 pub mod db;
+pub mod failpoints;
 pub mod format;
 mod head;
 pub mod instances;
@@ -99,6 +100,9 @@ pub struct HeadOptions {
     pub election_timeout: (Duration, Duration),
     /// Build a snapshot (and purge the log) every this many applied entries.
     pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, so a follower that lags by fewer catches up from
+    /// the log instead of a snapshot install.
+    pub logs_to_keep: u64,
     pub metrics: Option<MetricsRender>,
     /// How the autoscaler's providers start things (the local provider runs `rayctl`).
     pub provider_env: autoscaler::provider::ProviderEnv,
@@ -128,6 +132,7 @@ impl HeadOptions {
             raft_heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(250), Duration::from_millis(500)),
             snapshot_every: 5000,
+            logs_to_keep: 1000,
             metrics: None,
             provider_env: autoscaler::provider::ProviderEnv::default(),
             service_discovery_file: None,
@@ -235,7 +240,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         election_timeout_min: opts.election_timeout.0.as_millis() as u64,
         election_timeout_max: opts.election_timeout.1.as_millis() as u64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: opts.logs_to_keep,
         install_snapshot_timeout: 10_000,
         // Elections only after a pre-vote round wins (`prevote::gate` switches them on).
         enable_elect: false,
@@ -250,9 +255,9 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
     };
     let db = SledRaftDb::open(&opts.data_dir.join("raft"))
         .with_context(|| format!("cannot open the raft store in {}", opts.data_dir.display()))?;
-    let log_store = LogStore::new(db.clone());
-    let sm = StateMachineStore::open(db)
+    let sm = StateMachineStore::open(db.clone())
         .map_err(|e| anyhow::anyhow!("cannot restore the state machine: {e}"))?;
+    let log_store = LogStore::with_snapshot_floor(db, sm.snapshot_floor());
     let reader = sm.reader();
     let raft = types::Raft::new(
         raft_id,

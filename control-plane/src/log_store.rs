@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::db::RaftDb;
 use crate::metrics::StorageOp;
+use crate::sm_store::SnapshotFloor;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, io_err, storage_err};
 
 const VOTE: &str = "vote";
@@ -34,6 +35,8 @@ const LAST_PURGED: &str = "last_purged";
 pub struct LogStore<D: RaftDb> {
     db: D,
     flusher: mpsc::UnboundedSender<(LogFlushed<TypeConfig>, Instant)>,
+    /// When set, `purge` never goes past the durable snapshot (see `SnapshotFloor`).
+    floor: Option<SnapshotFloor>,
 }
 
 impl<D: RaftDb> LogStore<D> {
@@ -49,7 +52,9 @@ impl<D: RaftDb> LogStore<D> {
                 while let Ok(more) = rx.try_recv() {
                     pending.push(more);
                 }
+                fail::fail_point!("raft-log-flush-before");
                 let result = fdb.flush().await;
+                fail::fail_point!("raft-log-flush-after");
                 crate::metrics::record_log_flush(pending.len());
                 if let Err(e) = &result {
                     // The callbacks carry the error to openraft, whose core then stops (Fatal)
@@ -67,7 +72,20 @@ impl<D: RaftDb> LogStore<D> {
                 }
             }
         });
-        Self { db, flusher: tx }
+        Self {
+            db,
+            flusher: tx,
+            floor: None,
+        }
+    }
+
+    /// A store whose `purge` stops at what the state machine's durable snapshot covers: the
+    /// entries past it stay (and are purged later) until the snapshot holding them is stored.
+    pub fn with_snapshot_floor(db: D, floor: SnapshotFloor) -> Self {
+        Self {
+            floor: Some(floor),
+            ..Self::new(db)
+        }
     }
 
     fn read_json<T: serde::de::DeserializeOwned>(
@@ -199,6 +217,15 @@ impl<D: RaftDb> RaftLogStorage<TypeConfig> for LogStore<D> {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let log_id = match &self.floor {
+            None => log_id,
+            Some(f) => match f.get() {
+                Some(floor) if floor.index < log_id.index => floor,
+                Some(_) => log_id,
+                // No durable snapshot yet: nothing may go.
+                None => return Ok(()),
+            },
+        };
         self.write_meta(LAST_PURGED, &log_id)?;
         self.db
             .remove_logs(0, log_id.index.saturating_add(1))

@@ -58,6 +58,26 @@ pub struct StateMachineStore<D: RaftDb> {
     applied: Arc<RwLock<Applied>>,
     db: D,
     snapshot_seq: Arc<AtomicU64>,
+    floor: SnapshotFloor,
+}
+
+/// The last log id the durable snapshot covers, shared with the log store: the log is never
+/// purged past it. openraft 0.9 purges a follower's log as soon as it hands a received
+/// snapshot to the state machine, before the state machine has stored it; a crash in
+/// between left an old snapshot and a log purged past it, and the head could not start
+/// ("Failed to get log entries"; found by the chaos runner's `raft-snapshot-install-mid`
+/// fail point).
+#[derive(Clone, Default, Debug)]
+pub struct SnapshotFloor(Arc<std::sync::Mutex<Option<LogId>>>);
+
+impl SnapshotFloor {
+    pub fn get(&self) -> Option<LogId> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set(&self, l: Option<LogId>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = l;
+    }
 }
 
 impl<D: RaftDb> StateMachineStore<D> {
@@ -67,12 +87,19 @@ impl<D: RaftDb> StateMachineStore<D> {
             applied: Arc::default(),
             db,
             snapshot_seq: Arc::default(),
+            floor: SnapshotFloor::default(),
         };
         if let Some(s) = store.stored_snapshot()? {
             let restored = decode_snapshot(&s.data)?;
             *store.write() = restored;
+            store.floor.set(s.meta.last_log_id);
         }
         Ok(store)
+    }
+
+    /// What the durable snapshot covers, for `LogStore::with_snapshot_floor`.
+    pub fn snapshot_floor(&self) -> SnapshotFloor {
+        self.floor.clone()
     }
 
     /// A read handle on the applied state, for the services.
@@ -108,7 +135,10 @@ impl<D: RaftDb> StateMachineStore<D> {
         self.db
             .flush()
             .await
-            .map_err(|e| io_err(StorageOp::Flush, e))
+            .map_err(|e| io_err(StorageOp::Flush, e))?;
+        // Durable now: the log may be purged up to it.
+        self.floor.set(s.meta.last_log_id);
+        Ok(())
     }
 }
 
@@ -241,6 +271,7 @@ impl<D: RaftDb> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<D> {
             meta: meta.clone(),
             data,
         };
+        fail::fail_point!("raft-snapshot-build-mid");
         self.persist_snapshot(&stored).await?;
         crate::metrics::record_snapshot(stored.data.len());
         Ok(Snapshot {
@@ -279,6 +310,8 @@ impl<D: RaftDb> RaftStateMachine<TypeConfig> for StateMachineStore<D> {
         if let Some(l) = a.last_applied {
             crate::metrics::record_applied(l.index);
         }
+        drop(a);
+        fail::fail_point!("raft-apply-before-reply");
         Ok(out)
     }
 
@@ -301,6 +334,7 @@ impl<D: RaftDb> RaftStateMachine<TypeConfig> for StateMachineStore<D> {
             meta: meta.clone(),
             data,
         };
+        fail::fail_point!("raft-snapshot-install-mid");
         self.persist_snapshot(&stored).await?;
         *self.write() = restored;
         Ok(())

@@ -155,3 +155,44 @@ async fn vote_and_snapshots_are_durable_when_they_return() {
     .unwrap();
     assert_eq!(db2.unflushed(), 0, "install_snapshot");
 }
+
+/// The log is never purged past the durable snapshot: openraft 0.9 purges a follower's log
+/// as soon as it hands a received snapshot to the state machine, and a crash before the
+/// state machine stored it used to leave an old snapshot and a log purged past it.
+#[tokio::test]
+async fn the_log_is_purged_only_up_to_the_durable_snapshot() {
+    let (_dir, db) = open();
+    ten_entries(&db).await;
+    let mut sm = StateMachineStore::open(db.clone()).unwrap();
+    let mut log = LogStore::with_snapshot_floor(db.clone(), sm.snapshot_floor());
+    // No snapshot yet: nothing goes.
+    log.purge(lid(8)).await.unwrap();
+    let left = log.try_get_log_entries(0..u64::MAX).await.unwrap();
+    assert_eq!(left.first().map(|e| e.log_id), Some(lid(1)));
+    assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, None);
+    // A snapshot of entries 1..=3 is stored: a purge up to 8 stops at 3.
+    sm.apply((1..=3).map(entry)).await.unwrap();
+    sm.build_snapshot().await.unwrap();
+    log.purge(lid(8)).await.unwrap();
+    let left = log.try_get_log_entries(0..u64::MAX).await.unwrap();
+    assert_eq!(left.first().map(|e| e.log_id), Some(lid(4)));
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_purged_log_id,
+        Some(lid(3))
+    );
+    // Reopened, the floor is the stored snapshot's (3): a purge up to 8 still stops there,
+    // and once a snapshot of 1..=6 is stored, one up to 6 goes all the way.
+    drop((sm, log));
+    let mut sm = StateMachineStore::open(db.clone()).unwrap();
+    let mut log = LogStore::with_snapshot_floor(db.clone(), sm.snapshot_floor());
+    log.purge(lid(8)).await.unwrap();
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_purged_log_id,
+        Some(lid(3))
+    );
+    sm.apply((4..=6).map(entry)).await.unwrap();
+    sm.build_snapshot().await.unwrap();
+    log.purge(lid(6)).await.unwrap();
+    let left = log.try_get_log_entries(0..u64::MAX).await.unwrap();
+    assert_eq!(left.first().map(|e| e.log_id), Some(lid(7)));
+}

@@ -151,6 +151,9 @@ impl JobAgent {
                 "stopped before it started".into(),
             ),
             Some(Ok((child, _))) => {
+                // The driver runs; the head does not know yet (the chaos runner crashes the
+                // node here: the attempt must still end once, and run at most once).
+                fail::fail_point!("job-agent-start");
                 self.report(
                     &r.job_id,
                     r.attempt,

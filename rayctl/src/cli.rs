@@ -507,6 +507,10 @@ pub(crate) struct StartArgs {
     /// Snapshot the Raft state (and compact the log) every this many entries (heads).
     #[arg(long, default_value_t = 5000)]
     pub(crate) raft_snapshot_interval: u64,
+    /// Log entries kept behind each snapshot (heads): a follower lagging by fewer catches up
+    /// from the log, one lagging by more gets the snapshot.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) raft_logs_to_keep: u64,
     /// Where the daemon reports its bound ports once ready (used by `rayctl start` itself).
     #[arg(long, hide = true)]
     pub(crate) ready_file: Option<PathBuf>,

@@ -429,6 +429,7 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         failure_threshold: args.health_check_failure_threshold,
     };
     opts.snapshot_every = args.raft_snapshot_interval.max(10);
+    opts.logs_to_keep = args.raft_logs_to_keep;
     opts.jobs = control_plane::jobs::JobConfig {
         queue_timeout: args.job_queue_timeout,
         stop_grace: args.job_stop_grace,

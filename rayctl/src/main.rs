@@ -19,6 +19,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    // The chaos runner's fail points, in builds that have them (FAILPOINTS, read once).
+    control_plane::failpoints::from_env();
     match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -114,6 +114,15 @@ pub fn all() -> Vec<Scenario> {
             fault: membership_change,
         },
         Scenario {
+            name: "crash-at-failpoints",
+            about: "every head crashed at once at a fail point (before and after the log \
+                    flush, between apply and reply, mid snapshot build), restarted; then \
+                    node-0 crashed between starting a job's driver and reporting it",
+            net: frequent_snapshots,
+            load: queued_jobs,
+            fault: crash_at_failpoints,
+        },
+        Scenario {
             name: "clock-skew",
             about: "the leader's and a worker's wall clock +1 h, then -1 d, then running at \
                     twice the speed, changed at runtime (libfaketime; monotonic time untouched)",
@@ -1330,5 +1339,134 @@ fn membership_change(run: &mut Run) -> Result<()> {
             "the group's term {term_before} before head-{l} returned, {term_after} 5 s after; head-{leader_now} leads"
         ),
     ));
+    run.until_end(started)
+}
+
+fn frequent_snapshots() -> NetOptions {
+    NetOptions {
+        head_args: vec![
+            "--raft-snapshot-interval=50".into(),
+            "--raft-logs-to-keep=20".into(),
+        ],
+        ..three_heads_one_node()
+    }
+}
+
+/// Waits until every head of `which` has exited, or none more has for 3 s after the first
+/// did (the rest, without a quorum, may never reach the point), or `timeout`; kills the
+/// rest. Returns how many exited on their own.
+fn wait_heads_exit(run: &mut Run, which: &[usize], timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    let (mut last, mut last_change) = (0, Instant::now());
+    loop {
+        let done = which.iter().filter(|&&i| run.c.heads[i].exited()).count();
+        if done != last {
+            (last, last_change) = (done, Instant::now());
+        }
+        let settled = done > 0 && last_change.elapsed() > Duration::from_secs(3);
+        if done == which.len() || settled || Instant::now() > deadline || super::interrupted() {
+            for &i in which {
+                run.c.heads[i].kill9();
+            }
+            return done;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn crash_at_failpoints(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    pause(run.random_start() / 2)?;
+    let all: Vec<usize> = (0..run.c.heads.len()).collect();
+    let mut fired = Vec::new();
+    for fp in [
+        "raft-log-flush-before",
+        "raft-log-flush-after",
+        "raft-apply-before-reply",
+        "raft-snapshot-build-mid",
+    ] {
+        // Each head crashes the n-th time it reaches the point (n seeded, small), all
+        // restarted at once with the point armed.
+        let n = 1 + run.rng.below(if fp.starts_with("raft-snapshot") {
+            2
+        } else {
+            20
+        });
+        let spec = format!("{fp}={n}*off->panic");
+        run.fault(&format!("every head restarted with FAILPOINTS={spec}"));
+        for &i in &all {
+            run.killed.insert(run.c.heads[i].name.clone());
+            run.c.set_env(i, "FAILPOINTS", Some(&spec));
+        }
+        run.c.relaunch_heads(&all)?;
+        let crashed = wait_heads_exit(run, &all, Duration::from_secs(30));
+        run.hist
+            .event(format!("{crashed} of {} heads crashed at {fp}", all.len()));
+        fired.push(format!("{fp}: {crashed}/{}", all.len()));
+        for &i in &all {
+            run.c.set_env(i, "FAILPOINTS", None);
+        }
+        run.heal("every head restarted without fail points");
+        run.restart_heads(&all)?;
+        run.leader()?;
+        pause(Duration::from_millis(500))?;
+    }
+    // A follower that lags behind the purged log gets a snapshot, and crashes installing it.
+    let l = run.leader()?;
+    let f = (l + 1) % all.len();
+    run.fault(&format!(
+        "head-{f} (a follower) down while the log moves on"
+    ));
+    run.kill_head(f);
+    let lead_index = |run: &Run| {
+        workload::head_infos(&run.target)
+            .get(l)
+            .cloned()
+            .flatten()
+            .map(|i| i.last_log_index)
+    };
+    let from = lead_index(run).unwrap_or(0);
+    crate::wait_for("the log 150 entries on", Duration::from_secs(60), || {
+        (lead_index(run)? > from + 150).then_some(())
+    })?;
+    let spec = "raft-snapshot-install-mid=panic";
+    run.fault(&format!("head-{f} restarted with FAILPOINTS={spec}"));
+    run.c.set_env(f, "FAILPOINTS", Some(spec));
+    run.c.relaunch_heads(&[f])?;
+    let crashed = wait_heads_exit(run, &[f], Duration::from_secs(30));
+    fired.push(format!("raft-snapshot-install-mid: {crashed}/1"));
+    run.c.set_env(f, "FAILPOINTS", None);
+    run.heal(&format!("head-{f} restarted without fail points"));
+    run.restart_heads(&[f])?;
+    let some_fired = !fired.iter().any(|f| f.contains(": 0/"));
+    run.checks.push(Check::new(
+        "fail-points-fired",
+        some_fired,
+        format!("heads crashed at each point: {}", fired.join(", ")),
+    ));
+    // Node-0 crashes after spawning a job's driver, before telling the head.
+    let host = run.c.node_host(0);
+    run.fault("node-0 restarted with FAILPOINTS=job-agent-start=panic");
+    run.killed.insert(run.c.nodes[0].name.clone());
+    run.c
+        .set_env(host, "FAILPOINTS", Some("job-agent-start=panic"));
+    run.c.restart_node(0)?;
+    let crashed = crate::wait_for(
+        "node-0 to crash at a job start",
+        Duration::from_secs(30),
+        || run.c.nodes[0].exited().then_some(()),
+    );
+    run.c.set_env(host, "FAILPOINTS", None);
+    run.checks.push(Check::new(
+        "job-start-crash-fired",
+        crashed.is_ok(),
+        match &crashed {
+            Ok(()) => "node-0 crashed between spawning a driver and reporting it".to_string(),
+            Err(e) => format!("{e:#}"),
+        },
+    ));
+    run.heal("node-0 restarted without fail points");
+    run.c.restart_node(0)?;
+    run.killed.remove(&run.c.nodes[0].name);
     run.until_end(started)
 }
