@@ -612,6 +612,49 @@ impl NetCluster {
         Ok(())
     }
 
+    /// Sends every packet hosts `hosts` send to another host twice (nft `dup`, which only an
+    /// `ip` family table takes). Undone by `heal`.
+    pub fn duplicate(&self, hosts: &[usize]) -> Result<()> {
+        for &h in hosts {
+            let rules: String = self
+                .hosts
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != h)
+                .map(|(_, o)| format!("ip daddr {0} dup to {0} device \"eth0\"; ", o.ip))
+                .collect();
+            let text = format!(
+                "add table ip chaosdup\ndelete table ip chaosdup\ntable ip chaosdup {{\n chain out {{ type filter hook output priority 0; policy accept; {rules}}}\n}}\n"
+            );
+            self.nft(h, &text)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `nft -f -` with `text` inside host `h`'s namespace.
+    fn nft(&self, h: usize, text: &str) -> Result<()> {
+        let ns = &self.hosts[h].ns;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("nft")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(text.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "nft in {ns} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Caps host `h`'s outgoing bandwidth with a token bucket (`tc tbf`), e.g. `"1mbit"`.
     pub fn cap_bandwidth(&self, h: usize, rate: &str) -> Result<()> {
         run(Command::new("ip").args([
@@ -671,33 +714,16 @@ impl NetCluster {
 
     /// Installs (replacing) host `h`'s `inet chaos` table with these input and output rules.
     fn set_rules(&self, h: usize, input: &[String], output: &[String]) -> Result<()> {
-        let ns = &self.hosts[h].ns;
         let body = format!(
             "table inet chaos {{\n chain in {{ type filter hook input priority 0; policy accept; {} }}\n chain out {{ type filter hook output priority 0; policy accept; {} }}\n}}\n",
             input.iter().map(|r| format!("{r};")).collect::<String>(),
             output.iter().map(|r| format!("{r};")).collect::<String>(),
         );
         // `add table` + `delete table` first makes the file replace, not extend, the table.
-        let rules = format!("add table inet chaos\ndelete table inet chaos\n{body}");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("nft")?;
-        child
-            .stdin
-            .take()
-            .context("nft stdin")?
-            .write_all(rules.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "nft in {ns} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        self.nft(
+            h,
+            &format!("add table inet chaos\ndelete table inet chaos\n{body}"),
+        )
     }
 
     /// Removes every partition rule.
@@ -705,9 +731,14 @@ impl NetCluster {
         for h in &self.hosts {
             let has =
                 run(Command::new("ip").args(["netns", "exec", &h.ns, "nft", "list", "tables"]))?;
-            if has.contains("chaos") {
+            if has.contains("inet chaos") {
                 run(Command::new("ip").args([
                     "netns", "exec", &h.ns, "nft", "delete", "table", "inet", "chaos",
+                ]))?;
+            }
+            if has.contains("ip chaosdup") {
+                run(Command::new("ip").args([
+                    "netns", "exec", &h.ns, "nft", "delete", "table", "ip", "chaosdup",
                 ]))?;
             }
         }

@@ -429,3 +429,43 @@ pub fn rss(pid: i32) -> Option<u64> {
         .ok()?;
     Some(kb * 1024)
 }
+
+/// A zip of `files` (name, bytes) and symlinks (name, target), names as given (`../x` and
+/// `/abs` included).
+pub fn zip_archive(files: &[(&str, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let o = zip::write::SimpleFileOptions::default();
+    for (n, d) in files {
+        z.start_file(*n, o).expect("zip");
+        z.write_all(d).expect("zip");
+    }
+    for (n, t) in links {
+        z.add_symlink(*n, *t, o).expect("zip");
+    }
+    z.finish().expect("zip").into_inner()
+}
+
+/// 1.1 GiB of zeros in a few MiB: more than a node unpacks.
+pub fn zip_bomb() -> Vec<u8> {
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let o = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    z.start_file("zeros", o).expect("zip");
+    let block = vec![0u8; 1 << 20];
+    for _ in 0..1100 {
+        z.write_all(&block).expect("zip");
+    }
+    z.finish().expect("zip").into_inner()
+}
+
+/// `n` empty entries: a bomb by count.
+pub fn zip_many_entries(n: usize) -> Vec<u8> {
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let o =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..n {
+        z.start_file(format!("e{i}"), o).expect("zip");
+    }
+    z.finish().expect("zip").into_inner()
+}

@@ -260,10 +260,19 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
     };
     let name = "_ray_pkg_00112233445566778899aabbccddeeff.zip";
     for (i, (bytes, want)) in [
-        (archive(&[("../escape", &b"x"[..])], &[]), "outside"),
-        (archive(&[("/abs", &b"x"[..])], &[]), "outside"),
-        (archive(&[], &[("l", "../../etc")]), "points outside"),
-        (bomb(), "zip bomb"),
+        (
+            chaos_tests::probe::zip_archive(&[("../escape", &b"x"[..])], &[]),
+            "outside",
+        ),
+        (
+            chaos_tests::probe::zip_archive(&[("/abs", &b"x"[..])], &[]),
+            "outside",
+        ),
+        (
+            chaos_tests::probe::zip_archive(&[], &[("l", "../../etc")]),
+            "points outside",
+        ),
+        (chaos_tests::probe::zip_bomb(), "zip bomb"),
         (b"not a zip".to_vec(), "not a zip"),
     ]
     .into_iter()
@@ -277,11 +286,14 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
     }
     let (code, _) = api.json("GET", &format!("/api/packages/gcs/{name}"), None)?;
     assert_eq!(code, 404, "nothing stored");
-    let (code, _) = put("../../x.zip", archive(&[("a", &b"x"[..])], &[]))?;
+    let (code, _) = put(
+        "../../x.zip",
+        chaos_tests::probe::zip_archive(&[("a", &b"x"[..])], &[]),
+    )?;
     assert!(code == 400 || code == 404, "{code}");
     let (code, text) = put(
         name,
-        archive(&[("hello.txt", &b"from a ray client\n"[..])], &[]),
+        chaos_tests::probe::zip_archive(&[("hello.txt", &b"from a ray client\n"[..])], &[]),
     )?;
     assert_eq!(code, 200, "{text}");
     let (code, _) = api.json("GET", &format!("/api/packages/gcs/{name}"), None)?;
@@ -294,35 +306,6 @@ fn the_rest_api_and_rayctl_run_stop_list_and_delete_jobs() -> Result<()> {
         "from a ray client\n"
     );
     Ok(())
-}
-
-fn archive(files: &[(&str, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
-    use std::io::Write;
-    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let o = zip::write::SimpleFileOptions::default();
-    for (n, d) in files {
-        z.start_file(*n, o).expect("zip");
-        z.write_all(d).expect("zip");
-    }
-    for (n, t) in links {
-        z.add_symlink(*n, *t, o).expect("zip");
-    }
-    z.finish().expect("zip").into_inner()
-}
-
-/// 1.1 GiB of zeros in a few MiB: more than a node unpacks.
-fn bomb() -> Vec<u8> {
-    use std::io::Write;
-    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let o = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated)
-        .large_file(true);
-    z.start_file("zeros", o).expect("zip");
-    let block = vec![0u8; 1 << 20];
-    for _ in 0..1100 {
-        z.write_all(&block).expect("zip");
-    }
-    z.finish().expect("zip").into_inner()
 }
 
 #[test]

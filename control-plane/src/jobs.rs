@@ -133,7 +133,18 @@ pub fn check_runtime_env(json: &str) -> Result<(), String> {
     let obj = v.as_object().ok_or("runtime_env must be a JSON object")?;
     for (k, v) in obj {
         match k.as_str() {
-            "working_dir" if v.is_string() || v.is_null() => {}
+            "working_dir" if v.is_null() => {}
+            // Only a package uploaded to the cluster: a path would name a directory on
+            // whichever node runs the driver (Ray's job client uploads local directories
+            // and sends their gcs:// URI, as `rayctl job submit --working-dir` does).
+            "working_dir" if v.is_string() => {
+                protocol::package::name_from_uri(v.as_str().unwrap_or_default()).map_err(|e| {
+                    format!(
+                        "runtime_env.{e}; upload a local directory with `rayctl job submit \
+                         --working-dir` or Ray's job client"
+                    )
+                })?;
+            }
             "env_vars" => {
                 let m = v
                     .as_object()
@@ -836,12 +847,24 @@ mod tests {
     #[test]
     fn runtime_env_is_checked() {
         assert!(check_runtime_env("").is_ok());
-        assert!(check_runtime_env(r#"{"working_dir": "pkg://x", "env_vars": {"A": "1"}}"#).is_ok());
+        assert!(
+            check_runtime_env(
+                r#"{"working_dir": "gcs://_ray_pkg_0011223344556677.zip", "env_vars": {"A": "1"}}"#
+            )
+            .is_ok()
+        );
+        assert!(check_runtime_env(r#"{"working_dir": null}"#).is_ok());
         for (bad, want) in [
             ("{", "not valid JSON"),
             ("[]", "JSON object"),
             (r#"{"pip": ["x"]}"#, "runtime_env.pip is not supported"),
             (r#"{"env_vars": {"A": 1}}"#, "env_vars.A must be a string"),
+            (r#"{"working_dir": "/etc"}"#, "is not a package URI"),
+            (r#"{"working_dir": "pkg://x"}"#, "is not a package URI"),
+            (
+                r#"{"working_dir": "gcs://../../x.zip"}"#,
+                "is not of the form _ray_pkg_",
+            ),
         ] {
             let e = check_runtime_env(bad).unwrap_err();
             assert!(e.contains(want), "{bad}: {e}");

@@ -55,8 +55,9 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "lossy-links",
-            about: "10 % then 30 % packet loss on every host, then a 1 Mbit/s cap on the \
-                    leader with 10 % loss; no netem here, so no added delay",
+            about: "10 % then 30 % packet loss on every host, every packet duplicated, then \
+                    a 1 Mbit/s cap on the leader with 10 % loss; no netem here, so no added \
+                    delay",
             net: three_heads_one_node,
             load: Load::default,
             fault: lossy_links,
@@ -121,6 +122,16 @@ pub fn all() -> Vec<Scenario> {
             net: frequent_snapshots,
             load: queued_jobs,
             fault: crash_at_failpoints,
+        },
+        Scenario {
+            name: "hostile-http",
+            about: "bad HTTP, CLI and archive input: unknown ids, ../ and absolute paths, \
+                    links out and chains of links, zip bombs by size and by count, an \
+                    over-limit upload, invalid JSON, a lone surrogate in an env value; 4xx \
+                    or a clear CLI error each, and no byte written outside the sandbox",
+            net: three_heads_one_node,
+            load: light,
+            fault: hostile_http,
         },
         Scenario {
             name: "clock-skew",
@@ -436,12 +447,16 @@ fn crash_restart_all(run: &mut Run) -> Result<()> {
 fn lossy_links(run: &mut Run) -> Result<()> {
     let started = Instant::now();
     let hosts: Vec<usize> = (0..run.c.hosts.len()).collect();
-    let phase = run.duration / 3;
+    let phase = run.duration / 4;
     run.fault("10 % loss on every host");
     run.c.lossy(&hosts, 10)?;
     pause(phase)?;
     run.fault("30 % loss on every host");
     run.c.lossy(&hosts, 30)?;
+    pause(phase)?;
+    run.fault("every packet between hosts sent twice");
+    run.c.heal()?;
+    run.c.duplicate(&hosts)?;
     pause(phase)?;
     let l = run.leader()?;
     run.fault(&format!(
@@ -1468,5 +1483,333 @@ fn crash_at_failpoints(run: &mut Run) -> Result<()> {
     run.heal("node-0 restarted without fail points");
     run.c.restart_node(0)?;
     run.killed.remove(&run.c.nodes[0].name);
+    run.until_end(started)
+}
+
+/// `(status, body)` of one HTTP request with the cluster token.
+fn http(
+    run: &Run,
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<(u16, String)> {
+    let url = format!("http://{addr}{path}");
+    let auth = format!("Bearer {}", run.c.token);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into();
+    let mut r = match method {
+        "GET" => agent.get(&url).header("authorization", &auth).call()?,
+        "POST" => agent
+            .post(&url)
+            .header("authorization", &auth)
+            .header("content-type", content_type)
+            .send(&body[..])?,
+        "PUT" => agent
+            .put(&url)
+            .header("authorization", &auth)
+            .header("content-type", content_type)
+            .send(&body[..])?,
+        other => bail!("no method {other}"),
+    };
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    Ok((status, text))
+}
+
+fn hostile_http(run: &mut Run) -> Result<()> {
+    use crate::probe::{zip_archive, zip_bomb, zip_many_entries};
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let tag = run.target.tag.clone();
+    let ip = run.c.hosts[run.c.head_host(0)].ip.clone();
+    let port = run.c.heads[0].ready["dashboard_port"]
+        .as_u64()
+        .context("dashboard port")?;
+    let api = format!("{ip}:{port}");
+    let node_id = run.c.nodes[0].ready["node_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // Where an escape would land: none of these may exist afterwards.
+    let escapes = [
+        std::env::temp_dir().join(format!("escape-{tag}")),
+        std::env::temp_dir().join(format!("abs-{tag}")),
+        run.c.path().join(format!("escape-{tag}")),
+    ];
+    run.fault("hostile HTTP requests, archives and CLI arguments");
+    let pkg = "_ray_pkg_00112233445566778899aabbccddeeff.zip";
+    let json = "application/json";
+    let zip = "application/zip";
+    let abs = format!("/tmp/abs-{tag}");
+    let cases: Vec<(String, &str, String, &str, Vec<u8>)> = vec![
+        (
+            "unknown job".into(),
+            "GET",
+            "/api/jobs/no-such-job".into(),
+            json,
+            vec![],
+        ),
+        (
+            "../ in a job id".into(),
+            "GET",
+            "/api/jobs/..%2F..%2Fetc%2Fpasswd".into(),
+            json,
+            vec![],
+        ),
+        (
+            "unknown job's logs".into(),
+            "GET",
+            "/api/jobs/no-such-job/logs".into(),
+            json,
+            vec![],
+        ),
+        (
+            "invalid JSON".into(),
+            "POST",
+            "/api/jobs/".into(),
+            json,
+            b"{not json".to_vec(),
+        ),
+        (
+            "a number for the entrypoint".into(),
+            "POST",
+            "/api/jobs/".into(),
+            json,
+            br#"{"entrypoint": 5}"#.to_vec(),
+        ),
+        (
+            "a lone surrogate in an env value".into(),
+            "POST",
+            "/api/jobs/".into(),
+            json,
+            br#"{"entrypoint": "true", "runtime_env": {"env_vars": {"A": "\ud800"}}}"#.to_vec(),
+        ),
+        (
+            "a host path as working_dir".into(),
+            "POST",
+            "/api/jobs/".into(),
+            json,
+            br#"{"entrypoint": "true", "runtime_env": {"working_dir": "/etc"}}"#.to_vec(),
+        ),
+        (
+            "an archive entry with ../".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            zip_archive(&[(&format!("../../escape-{tag}"), b"x")], &[]),
+        ),
+        (
+            "an absolute archive entry".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            zip_archive(&[(&abs, b"x")], &[]),
+        ),
+        (
+            "a link out".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            zip_archive(&[], &[("out", "../../../etc")]),
+        ),
+        (
+            "a chain of links out".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            zip_archive(&[], &[("a", "b"), ("b", "c/.."), ("c", "../..")]),
+        ),
+        (
+            "a file through a link out".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            zip_archive(&[(&format!("t/escape-{tag}"), b"x")], &[("t", "/tmp")]),
+        ),
+        (
+            "a zip bomb by size".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            zip_bomb(),
+        ),
+        (
+            "a zip bomb by count".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            zip_many_entries(100_001),
+        ),
+        (
+            "not a zip".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            b"not a zip".to_vec(),
+        ),
+        (
+            "an over-limit upload".into(),
+            "PUT",
+            format!("/api/packages/gcs/{pkg}"),
+            zip,
+            vec![0u8; (protocol::package::DEFAULT_MAX_BYTES + 2) as usize],
+        ),
+        (
+            "../ in a package name".into(),
+            "PUT",
+            "/api/packages/gcs/..%2F..%2Fx.zip".into(),
+            zip,
+            zip_archive(&[("a", b"x")], &[]),
+        ),
+        (
+            "a log file outside the logs".into(),
+            "GET",
+            format!("/api/v0/logs/file?node_id={node_id}&filename=../../../../etc/passwd"),
+            json,
+            vec![],
+        ),
+        (
+            "an absolute log file".into(),
+            "GET",
+            format!("/api/v0/logs/file?node_id={node_id}&filename=/etc/passwd"),
+            json,
+            vec![],
+        ),
+        (
+            "an unknown State API resource".into(),
+            "GET",
+            "/api/v0/nonsense".into(),
+            json,
+            vec![],
+        ),
+    ];
+    let mut bad = Vec::new();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for (what, method, path, ct, body) in cases {
+        match http(run, &api, method, &path, ct, body) {
+            Ok((code, text)) => {
+                *statuses.entry(code).or_default() += 1;
+                if !(400..500).contains(&code) || text.trim().is_empty() {
+                    bad.push(format!(
+                        "{what}: HTTP {code} {:?}",
+                        text.chars().take(120).collect::<String>()
+                    ));
+                }
+            }
+            Err(e) => bad.push(format!("{what}: {e:#}")),
+        }
+    }
+    // Nothing of the refused archives was stored.
+    if let Ok((code, _)) = http(
+        run,
+        &api,
+        "GET",
+        &format!("/api/packages/gcs/{pkg}"),
+        json,
+        vec![],
+    ) && code != 404
+    {
+        bad.push(format!(
+            "a refused package is there after all (HTTP {code})"
+        ));
+    }
+    run.checks.push(Check::new(
+        "bad-http-refused-clearly",
+        bad.is_empty(),
+        if bad.is_empty() {
+            format!("every bad request answered 4xx with a reason: {statuses:?}")
+        } else {
+            bad.join("; ")
+        },
+    ));
+    // The CLI: clear errors and usage exit codes.
+    let rayctl = |args: &[&std::ffi::OsStr]| -> Result<(i32, String)> {
+        let out = std::process::Command::new(crate::rayctl_bin()?)
+            .args(args)
+            .env("RAYCTL_TMPDIR", run.c.path())
+            .env(protocol::AUTH_TOKEN_ENV, &run.c.token)
+            .env(protocol::ADDRESS_ENV, run.c.head_addrs.join(","))
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    use std::os::unix::ffi::OsStrExt;
+    let os = |s: &str| std::ffi::OsStr::new(s).to_os_string();
+    let mut cli_bad = Vec::new();
+    for (what, args, want) in [
+        (
+            "invalid runtime_env JSON",
+            vec![
+                os("job"),
+                os("submit"),
+                os("--runtime-env-json"),
+                os("{bad"),
+                os("--"),
+                os("true"),
+            ],
+            "runtime",
+        ),
+        (
+            "a non-UTF-8 argument",
+            vec![
+                os("job"),
+                os("submit"),
+                os("--runtime-env-json"),
+                std::ffi::OsStr::from_bytes(b"{\"env_vars\": {\"A\": \"\xff\"}}").to_os_string(),
+                os("--"),
+                os("true"),
+            ],
+            "UTF-8",
+        ),
+        (
+            "../ as a job id",
+            vec![os("job"), os("logs"), os("../../etc/passwd")],
+            "",
+        ),
+    ] {
+        let a: Vec<&std::ffi::OsStr> = args.iter().map(|s| s.as_os_str()).collect();
+        match rayctl(&a) {
+            Ok((0, _)) => cli_bad.push(format!("{what}: exit 0")),
+            Ok((code, err)) if !err.contains("error") || !err.contains(want) => {
+                cli_bad.push(format!("{what}: exit {code}, {:?}", err.trim()))
+            }
+            Ok(_) => {}
+            Err(e) => cli_bad.push(format!("{what}: {e:#}")),
+        }
+    }
+    run.checks.push(Check::new(
+        "bad-cli-input-refused",
+        cli_bad.is_empty(),
+        if cli_bad.is_empty() {
+            "each refused with a named error and a non-zero exit".into()
+        } else {
+            cli_bad.join("; ")
+        },
+    ));
+    run.heal("the hostile clients stop");
+    let found: Vec<String> = escapes
+        .iter()
+        .filter(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .chain(
+            crate::files_below(run.c.path(), &|n: &str| {
+                n.contains(&format!("escape-{tag}")) || n.contains(&format!("abs-{tag}"))
+            })
+            .into_iter()
+            .map(|p| p.display().to_string()),
+        )
+        .collect();
+    run.checks.push(Check::new(
+        "nothing-written-outside",
+        found.is_empty(),
+        format!("files the archives tried to plant: {found:?}"),
+    ));
     run.until_end(started)
 }
