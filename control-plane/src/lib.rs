@@ -257,7 +257,10 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         .with_context(|| format!("cannot open the raft store in {}", opts.data_dir.display()))?;
     let sm = StateMachineStore::open(db.clone())
         .map_err(|e| anyhow::anyhow!("cannot restore the state machine: {e}"))?;
-    let log_store = LogStore::with_snapshot_floor(db, sm.snapshot_floor());
+    let mut log_store = LogStore::with_snapshot_floor(db, sm.snapshot_floor());
+    forget_leadership(&mut log_store)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the raft vote: {e}"))?;
     let reader = sm.reader();
     let raft = types::Raft::new(
         raft_id,
@@ -484,5 +487,54 @@ async fn commit_index_metric(raft: types::Raft) {
         if let Some(c) = committed {
             ::metrics::gauge!(metrics::RAFT_COMMIT_INDEX).set(c as f64);
         }
+    }
+}
+
+/// A head never resumes as leader of its old term after a restart: its vote is stored again
+/// as not committed, so it starts as a follower and a leader is elected in a new term.
+///
+/// openraft 0.9 restores a restarted leader whose vote is committed at once, in the same
+/// term, without a new no-op entry. Its commit index then comes from the store, where it is
+/// not flushed, so a linearizable read could be served from a state missing writes that were
+/// acknowledged before the crash (the chaos runner's `crash-at-failpoints` saw it); and a
+/// leader whose unflushed log tail died with it would propose new entries under log ids its
+/// followers already hold. An election costs about a second after a whole-group restart.
+async fn forget_leadership<S: openraft::storage::RaftLogStorage<types::TypeConfig>>(
+    log: &mut S,
+) -> Result<(), types::StorageError> {
+    if let Some(mut vote) = log.read_vote().await?
+        && vote.committed
+    {
+        vote.committed = false;
+        log.save_vote(&vote).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use openraft::Vote;
+    use openraft::storage::RaftLogStorage;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_restarted_head_holds_its_vote_but_not_its_leadership() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::new(SledRaftDb::open(dir.path()).unwrap());
+        let mut vote = Vote::new(7, 3);
+        vote.commit();
+        log.save_vote(&vote).await.unwrap();
+        forget_leadership(&mut log).await.unwrap();
+        let back = log.read_vote().await.unwrap().unwrap();
+        assert!(!back.committed, "a committed vote would restore leadership");
+        assert_eq!(back.leader_id(), vote.leader_id(), "the vote itself stays");
+        // An uncommitted vote (and none at all) is left as it is.
+        forget_leadership(&mut log).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(back));
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut empty = LogStore::new(SledRaftDb::open(dir2.path()).unwrap());
+        forget_leadership(&mut empty).await.unwrap();
+        assert_eq!(empty.read_vote().await.unwrap(), None);
     }
 }

@@ -31,11 +31,16 @@ use workload::{Load, Target};
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: nix::libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        // A second Ctrl-C: leave now (`chaos clean` removes what the run left).
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { nix::libc::_exit(130) };
+    }
 }
 
 /// Makes Ctrl-C and SIGTERM end the current run through its normal teardown (every process,
-/// namespace and mount removed) instead of killing the runner mid-way.
+/// namespace and mount removed) instead of killing the runner mid-way; a second one exits at
+/// once.
 pub fn catch_interrupts() {
     use nix::sys::signal::{SigHandler, Signal, signal};
     for s in [Signal::SIGINT, Signal::SIGTERM] {

@@ -579,3 +579,134 @@ pub(super) fn crash_at_failpoints(run: &mut Run) -> Result<()> {
     run.killed.remove(&run.c.nodes[0].name);
     run.until_end(started)
 }
+
+/// Head `h`'s Raft store, opened raw (the head is down), as another build would have left
+/// it: `edit` changes it; flushed and closed before returning.
+fn edit_store(run: &Run, h: usize, edit: impl FnOnce(&sled::Db) -> Result<()>) -> Result<()> {
+    let dir = run.c.path().join(format!("head-{h}")).join("raft");
+    let db = sled::open(&dir).with_context(|| format!("open {}", dir.display()))?;
+    edit(&db)?;
+    db.flush()?;
+    Ok(())
+}
+
+/// Starts head `h` and waits for it to exit on its own (30 s at most); its exit and the log
+/// lines it wrote since `from` bytes.
+fn start_expecting_refusal(run: &mut Run, h: usize, from: usize) -> (bool, String) {
+    if run.c.relaunch_heads(&[h]).is_err() {
+        return (false, String::new());
+    }
+    let exited = wait_heads_exit(run, &[h], Duration::from_secs(30)) == 1;
+    let log = std::fs::read_to_string(run.c.heads[h].log_path()).unwrap_or_default();
+    (exited, log.get(from..).unwrap_or_default().to_string())
+}
+
+pub(super) fn format_drift(run: &mut Run) -> Result<()> {
+    let started = Instant::now();
+    pause(run.random_start())?;
+    let l = run.leader()?;
+    let h = (l + 1 + run.rng.below(2) as usize) % run.c.heads.len();
+    let log_len =
+        |run: &Run| std::fs::metadata(run.c.heads[h].log_path()).map_or(0, |m| m.len() as usize);
+    run.fault(&format!(
+        "head-{h}'s store stamped with format 99 (a newer build's)"
+    ));
+    run.kill_head(h);
+    edit_store(run, h, |db| {
+        db.open_tree("meta")?
+            .insert("format", &99u32.to_be_bytes())?;
+        Ok(())
+    })?;
+    let from = log_len(run);
+    let (exited, said) = start_expecting_refusal(run, h, from);
+    let named = said.contains("written by format version 99");
+    run.checks.push(Check::new(
+        "unknown-format-refused",
+        exited && named,
+        format!(
+            "head-{h} exited: {exited}; it named the format: {named}{}",
+            if named {
+                String::new()
+            } else {
+                format!(
+                    " (its log: {:?})",
+                    said.chars()
+                        .rev()
+                        .take(300)
+                        .collect::<String>()
+                        .chars()
+                        .rev()
+                        .collect::<String>()
+                )
+            }
+        ),
+    ));
+    run.fault(&format!(
+        "head-{h}'s store back at format 2, with a log entry of version 99 at its end"
+    ));
+    let mut planted = 0u64;
+    edit_store(run, h, |db| {
+        db.open_tree("meta")?
+            .insert("format", &2u32.to_be_bytes())?;
+        let logs = db.open_tree("logs")?;
+        let last = logs
+            .last()?
+            .map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0);
+        planted = last + 1;
+        // Version 99 (a postcard varint), then bytes this build cannot know.
+        logs.insert(planted.to_be_bytes(), &[99u8, 1, 2, 3, 4][..])?;
+        Ok(())
+    })?;
+    let from = log_len(run);
+    let (exited, said) = start_expecting_refusal(run, h, from);
+    let named = said.contains("log entry was written by format version 99");
+    run.checks.push(Check::new(
+        "unknown-entry-refused",
+        exited && named,
+        format!(
+            "head-{h} exited: {exited}; it named the entry's version: {named}{}",
+            if named {
+                String::new()
+            } else {
+                format!(
+                    " (its log: {:?})",
+                    said.chars()
+                        .rev()
+                        .take(300)
+                        .collect::<String>()
+                        .chars()
+                        .rev()
+                        .collect::<String>()
+                )
+            }
+        ),
+    ));
+    run.heal(&format!("head-{h}'s store put back; restart it"));
+    edit_store(run, h, |db| {
+        db.open_tree("logs")?.remove(planted.to_be_bytes())?;
+        Ok(())
+    })?;
+    run.restart_heads(&[h])?;
+    let caught = crate::wait_for(
+        &format!("head-{h} to catch up"),
+        Duration::from_secs(30),
+        || {
+            let infos = workload::head_infos(&run.target);
+            let mine = infos.get(h)?.as_ref()?.last_applied;
+            let best = infos.iter().flatten().map(|i| i.last_applied).max()?;
+            (mine + 50 >= best).then_some(mine)
+        },
+    );
+    run.checks.push(Check::new(
+        "drifted-head-rejoins",
+        caught.is_ok(),
+        format!(
+            "head-{h}, its store put back, applied up to {}",
+            caught
+                .as_ref()
+                .map_or_else(|e| format!("{e:#}"), ToString::to_string)
+        ),
+    ));
+    run.until_end(started)
+}

@@ -145,6 +145,15 @@ pub fn all() -> Vec<Scenario> {
             fault: hostile_http,
         },
         Scenario {
+            name: "format-drift",
+            about: "a follower's store as another build left it: an unknown format stamp, \
+                    then a log entry of an unknown version; each refused by name at start, \
+                    and the head rejoins once its store is put back",
+            net: three_heads_one_node,
+            load: light,
+            fault: format_drift,
+        },
+        Scenario {
             name: "clock-skew",
             about: "the leader's and a worker's wall clock +1 h, then -1 d, then running at \
                     twice the speed, changed at runtime (libfaketime; monotonic time untouched)",
