@@ -4,9 +4,12 @@
 //!
 //! In a worker, `capture` puts pipes behind file descriptors 1 and 2. A reader thread per
 //! pipe copies every byte to where the descriptor pointed before (the worker's log file, so
-//! the log stays whole) and cuts it into lines, each attributed to the call running when it
-//! arrived: its name and its caller, known by the owner prefix that starts every task id
-//! and by the caller's node (named in the first message of each `PushTasks` stream). Lines
+//! the log stays whole) and cuts it into lines, each attributed to the call that wrote it:
+//! its name and its caller, known by the owner prefix that starts every task id and by the
+//! caller's node (named in the first message of each `PushTasks` stream). A call's start
+//! writes a marker line (`SWITCH`) into both pipes, and the reader takes the next call's
+//! attribution when it reads the marker, so bytes still in a pipe when the next call starts
+//! are not given to it; the marker never reaches the log file or the caller. Lines
 //! wait in a queue bounded in bytes; past the bound they are counted and dropped, so a
 //! chatty task can never stall or bloat its worker. Every 100 ms the queue goes to the
 //! worker's node as `WorkerOutput` messages, one per caller, which the node hands to the
@@ -29,6 +32,12 @@ const QUEUE_BYTES: usize = 4 << 20;
 /// The longest line forwarded; longer ones are cut (the log file has them whole).
 const LINE_BYTES: usize = 16 << 10;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Written by `running` into both pipes where the next call's output begins (see the
+/// module doc). NUL bytes: no text a program prints as lines contains it by chance.
+const SWITCH: &[u8] = b"\0rayctl: the next call starts here\0\n";
+
+/// A call's caller prefix and display name; `None`: output goes to nobody.
+type Attribution = Option<(Vec<u8>, Arc<str>)>;
 
 /// Who the running call belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -47,8 +56,11 @@ struct Queue {
 
 #[derive(Default)]
 struct State {
-    /// The call running now: its caller's prefix and name.
-    current: Option<(Vec<u8>, Arc<str>)>,
+    /// The call running now (the last one `running` named): its caller's prefix and name.
+    current: Attribution,
+    /// Per stream (stdout, stderr): the attributions of the markers written and not yet
+    /// read, in order.
+    pending: [VecDeque<Attribution>; 2],
     /// Caller prefix → the caller's node manager, from the streams' first messages.
     nodes: HashMap<Vec<u8>, String>,
     queue: Queue,
@@ -59,6 +71,8 @@ struct State {
 /// The worker's output capture; `None` outside workers.
 pub(crate) struct Capture {
     st: Mutex<State>,
+    /// Held while a call's markers are written, so the pending queues match the pipes.
+    switching: Mutex<()>,
     pid: u32,
     ip: String,
 }
@@ -77,6 +91,7 @@ pub(crate) const PREFIX_LEN: usize = 11;
 pub(crate) fn capture(ip: String) -> std::io::Result<Arc<Capture>> {
     let c = Arc::new(Capture {
         st: Mutex::default(),
+        switching: Mutex::default(),
         pid: std::process::id(),
         ip,
     });
@@ -104,17 +119,11 @@ pub(crate) fn capture(ip: String) -> std::io::Result<Arc<Capture>> {
                 if stderr { "err" } else { "out" }
             ))
             .spawn(move || {
-                let mut r = std::io::BufReader::new(std::fs::File::from(read));
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    match r.read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                    let _ = original.write_all(&line);
-                    c.push(&line);
-                }
+                c.read_stream(
+                    usize::from(stderr),
+                    std::fs::File::from(read),
+                    &mut original,
+                )
             })?;
     }
     Ok(c)
@@ -133,11 +142,64 @@ pub(crate) async fn flush_loop(c: Arc<Capture>, node_tx: mpsc::UnboundedSender<p
 }
 
 impl Capture {
-    fn push(&self, raw: &[u8]) {
-        let mut st = lock(self);
-        let Some((prefix, name)) = st.current.clone() else {
+    /// Copies one pipe (`stream` 0 stdout, 1 stderr) to `original` and queues its lines,
+    /// attributed as the markers in it say, until the pipe closes.
+    fn read_stream(&self, stream: usize, read: impl std::io::Read, original: &mut impl Write) {
+        let mut r = std::io::BufReader::new(read);
+        let mut line = Vec::new();
+        let mut current: Attribution = None;
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if let Some(rest) = line.strip_suffix(SWITCH) {
+                // What came before the marker without a newline is the last call's.
+                if !rest.is_empty() {
+                    let _ = original.write_all(rest);
+                    self.push(&current, rest);
+                }
+                current = lock(self).pending[stream].pop_front().flatten();
+                continue;
+            }
+            let _ = original.write_all(&line);
+            self.push(&current, &line);
+        }
+    }
+
+    /// Marks where `want`'s output begins in both streams, unless it is already the
+    /// running call's; `write` puts bytes into a stream.
+    fn switch(
+        &self,
+        want: Attribution,
+        mut write: impl FnMut(usize, &[u8]) -> std::io::Result<()>,
+    ) {
+        let _order = self.switching.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut st = lock(self);
+            if st.current == want {
+                return;
+            }
+            st.current = want.clone();
+            for q in &mut st.pending {
+                q.push_back(want.clone());
+            }
+        }
+        for stream in 0..2 {
+            if write(stream, SWITCH).is_err() {
+                // No marker in the pipe: nothing will take this one (ours is the last, as
+                // `switching` is held).
+                lock(self).pending[stream].pop_back();
+            }
+        }
+    }
+
+    fn push(&self, attribution: &Attribution, raw: &[u8]) {
+        let Some((prefix, name)) = attribution.clone() else {
             return;
         };
+        let mut st = lock(self);
         let Some(node) = st.nodes.get(&prefix).cloned() else {
             return;
         };
@@ -230,19 +292,26 @@ pub(crate) fn running(task_id: &[u8], name: &str) {
     };
     let prefix = task_id.get(..PREFIX_LEN);
     let name = display_name(name);
-    // Flush what the last call printed before it is attributed to this one.
-    let _ = std::io::stdout().flush();
-    let mut st = lock(c);
     // The same caller and name as the last call (the common case: one owner's stream of
-    // one function): nothing to allocate.
-    let same = match (&st.current, prefix) {
+    // one function): no marker, nothing to allocate.
+    let same = match (&lock(c).current, prefix) {
         (Some((p, n)), Some(q)) => p.as_slice() == q && &**n == name,
         (None, None) => true,
         _ => false,
     };
-    if !same {
-        st.current = prefix.map(|p| (p.to_vec(), Arc::from(name)));
+    if same {
+        return;
     }
+    let want = prefix.map(|p| (p.to_vec(), Arc::from(name)));
+    c.switch(want, |stream, bytes| {
+        if stream == 0 {
+            let mut out = std::io::stdout().lock();
+            out.write_all(bytes)?;
+            out.flush()
+        } else {
+            std::io::stderr().lock().write_all(bytes)
+        }
+    });
 }
 
 /// Ray shows a task by its function's name and an actor's calls by its class.
@@ -309,6 +378,7 @@ mod tests {
     fn cap() -> Capture {
         Capture {
             st: Mutex::default(),
+            switching: Mutex::default(),
             pid: 7,
             ip: "10.0.0.1".into(),
         }
@@ -319,17 +389,16 @@ mod tests {
         let c = cap();
         let a = vec![1u8; PREFIX_LEN];
         let b = vec![2u8; PREFIX_LEN];
-        c.push(b"before any call\n");
+        c.push(&None, b"before any call\n");
         {
             let mut st = lock(&c);
             st.nodes.insert(a.clone(), "n1:1".into());
             st.nodes.insert(b.clone(), "n2:1".into());
-            st.current = Some((a.clone(), Arc::from("f")));
         }
-        c.push(b"one\n");
-        c.push(b"two\r\n");
-        lock(&c).current = Some((b.clone(), Arc::from("Counter")));
-        c.push(b"three\n");
+        let f = Some((a.clone(), Arc::from("f")));
+        c.push(&f, b"one\n");
+        c.push(&f, b"two\r\n");
+        c.push(&Some((b.clone(), Arc::from("Counter"))), b"three\n");
         let out = c.take();
         let outs: Vec<&pb::WorkerOutput> = out
             .iter()
@@ -359,7 +428,7 @@ mod tests {
         // Past the bound lines are counted, not kept.
         let big = vec![b'x'; LINE_BYTES];
         for _ in 0..(QUEUE_BYTES / LINE_BYTES + 10) {
-            c.push(&big);
+            c.push(&f, &big);
         }
         let out = c.take();
         let dropped: u64 = out
@@ -378,6 +447,82 @@ mod tests {
             })
             .sum();
         assert!(kept * LINE_BYTES <= QUEUE_BYTES);
+    }
+
+    /// The lines of every `Output` message: (name, lines).
+    fn named_lines(out: &[pb::WorkerMessage]) -> Vec<(String, Vec<String>)> {
+        out.iter()
+            .filter_map(|m| match &m.kind {
+                Some(pb::worker_message::Kind::Output(o)) => {
+                    Some((o.name.clone(), o.lines.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bytes_still_in_the_pipe_when_the_next_call_starts_stay_the_last_calls() {
+        let c = Arc::new(cap());
+        let a = vec![1u8; PREFIX_LEN];
+        lock(&c).nodes.insert(a.clone(), "n1:1".into());
+        // Real pipes, read by threads that start only after everything is written: the
+        // worst case of a reader behind the calls.
+        let pipes: Vec<_> = (0..2).map(|_| nix::unistd::pipe().unwrap()).collect();
+        let mut writers: Vec<std::fs::File> = pipes
+            .iter()
+            .map(|(_, w)| std::fs::File::from(w.try_clone().unwrap()))
+            .collect();
+        let mut write = |stream: usize, b: &[u8]| writers[stream].write_all(b);
+        c.switch(Some((a.clone(), Arc::from("first"))), &mut write);
+        write(0, b"one\n").unwrap();
+        write(1, b"err one\n").unwrap();
+        write(0, b"no newline").unwrap();
+        c.switch(Some((a.clone(), Arc::from("second"))), &mut write);
+        write(0, b"two\n").unwrap();
+        // The same call again writes no marker.
+        c.switch(Some((a.clone(), Arc::from("second"))), &mut write);
+        write(1, b"err two\n").unwrap();
+        c.switch(None, &mut write);
+        write(0, b"nobody's\n").unwrap();
+        drop(writers);
+        let logs: Vec<Vec<u8>> = pipes
+            .into_iter()
+            .enumerate()
+            .map(|(stream, (r, w))| {
+                drop(w);
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let mut log = Vec::new();
+                    c.read_stream(stream, std::fs::File::from(r), &mut log);
+                    log
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        // The log files get every byte but no marker.
+        assert_eq!(
+            String::from_utf8_lossy(&logs[0]),
+            "one\nno newlinetwo\nnobody's\n"
+        );
+        assert_eq!(String::from_utf8_lossy(&logs[1]), "err one\nerr two\n");
+        let mut got = named_lines(&c.take());
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("first".to_string(), vec!["err one".to_string()]),
+                (
+                    "first".to_string(),
+                    vec!["one".to_string(), "no newline".to_string()]
+                ),
+                ("second".to_string(), vec!["err two".to_string()]),
+                ("second".to_string(), vec!["two".to_string()]),
+            ]
+        );
+        assert!(lock(&c).pending.iter().all(VecDeque::is_empty));
     }
 
     #[test]
