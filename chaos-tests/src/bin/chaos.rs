@@ -138,6 +138,11 @@ fn main() -> Result<()> {
                     let seed = base.wrapping_add(u64::from(k));
                     println!("== {} run {}/{runs} seed {seed}", s.name, k + 1);
                     let r = harness::run_once(s, seed, k, &cfg, &dir);
+                    if harness::interrupted() {
+                        // Cut short by Ctrl-C: neither a pass nor a failure, and not reported.
+                        println!("   interrupted: this run is not counted");
+                        break 'outer;
+                    }
                     for c in &r.checks {
                         println!(
                             "   {} {:22} {}",
@@ -186,7 +191,10 @@ fn main() -> Result<()> {
                 dir.join("report.json").display()
             );
             if harness::interrupted() {
-                bail!("interrupted; everything the runs made is removed");
+                bail!(
+                    "interrupted; the report has the {} complete run(s), and everything the runs made is removed",
+                    results.len()
+                );
             }
             if failed > 0 {
                 std::process::exit(1);
