@@ -593,3 +593,67 @@ fn objects_of_a_killed_driver_are_freed_on_every_node() -> Result<()> {
         )
     })
 }
+
+#[test]
+fn a_program_sees_the_clusters_resources_nodes_and_where_its_code_runs() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        head_cpus: 1.0,
+        node_cpus: 2.0,
+        ..Default::default()
+    })?;
+    wait_for("2 alive nodes", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
+    })?;
+    let r = run(&c, &["context"], &[])?;
+    assert_eq!(r["cluster"]["CPU"], 3.0, "{r}");
+    let avail = r["available"]["CPU"].as_f64().unwrap_or(0.0);
+    assert!((0.0..=3.0).contains(&avail), "{r}");
+    let nodes = r["nodes"].as_array().context("nodes")?;
+    assert_eq!(nodes.len(), 2, "{r}");
+    assert!(nodes.iter().all(|n| n["alive"] == true), "{r}");
+    assert_eq!(nodes.iter().filter(|n| n["head"] == true).count(), 1, "{r}");
+    let mut cpus: Vec<f64> = nodes.iter().filter_map(|n| n["cpus"].as_f64()).collect();
+    cpus.sort_by(f64::total_cmp);
+    assert_eq!(cpus, vec![1.0, 2.0], "{r}");
+    // The driver is no worker and runs no task; the task knows its id and its retry.
+    assert_eq!(r["driver_is_worker"], false, "{r}");
+    assert!(r["driver_task"].is_null(), "{r}");
+    assert_eq!(r["task_id"], r["ref_id"], "{r}");
+    assert_eq!(r["attempt"], 1, "the first attempt's worker exited: {r}");
+    assert_eq!(r["task_is_worker"], true, "{r}");
+    let ids: Vec<&str> = nodes.iter().filter_map(|n| n["id"].as_str()).collect();
+    assert!(ids.contains(&r["task_node"].as_str().unwrap_or("")), "{r}");
+    assert!(
+        ids.contains(&r["driver_node"].as_str().unwrap_or("")),
+        "{r}"
+    );
+    Ok(())
+}
+
+#[test]
+fn cancel_drops_queued_tasks_stops_running_ones_and_their_children() -> Result<()> {
+    // One CPU in the cluster (the head has none).
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        head_cpus: 0.0,
+        node_cpus: 1.0,
+        ..Default::default()
+    })?;
+    wait_for("2 alive nodes", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
+    })?;
+    let r = run(&c, &["cancel"], &[])?;
+    // Each would otherwise take a minute (or, queued, until the running one ends).
+    for case in ["queued", "running", "forced", "recursive"] {
+        assert_eq!(r[case]["kind"], "CANCELLED", "{case}: {r}");
+        let ms = r[case]["ms"].as_u64().unwrap_or(u64::MAX);
+        assert!(ms < 20_000, "{case} took {ms} ms: {r}");
+    }
+    assert_eq!(r["after"], 0, "{r}");
+    Ok(())
+}

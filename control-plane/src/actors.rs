@@ -666,7 +666,11 @@ async fn start(shared: &HeadShared, actor: &str, restarts: u64) -> Result<Comman
         Some(e) => Command::ActorDied {
             actor_id: actor.to_owned(),
             num_restarts: restarts,
-            reason: format!("the constructor failed: {}: {}", e.kind, e.message),
+            reason: format!(
+                "the constructor failed: {}: {}",
+                protocol::task_error_kind_name(e.kind()),
+                e.message
+            ),
             no_restart: true,
         },
         None => Command::ActorStarted {

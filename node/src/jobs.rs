@@ -246,13 +246,16 @@ impl JobAgent {
             .arg(&r.entrypoint)
             .current_dir(dir)
             .env(protocol::ADDRESS_ENV, r.cluster_addresses.join(","))
-            .env("RAYCTL_JOB_ID", &r.job_id)
+            .env(protocol::env::JOB_ID, &r.job_id)
             .env("RAY_JOB_SUBMISSION_ID", &r.job_id)
             // The driver's local node (the SDK uses its store and leases from it).
-            .env("RAYCTL_NODE_ID", self.node.node_id.to_string())
-            .env("RAYCTL_NODE_ADDRESS", &self.node.address)
-            .env("RAYCTL_OBJECT_STORE_SOCKET", &self.node.object_store_socket)
-            .env("RAYCTL_OBJECT_MANAGER_ADDRESS", self.node.my_om())
+            .env(protocol::env::NODE_ID, self.node.node_id.to_string())
+            .env(protocol::env::NODE_ADDRESS, &self.node.address)
+            .env(
+                protocol::env::OBJECT_STORE_SOCKET,
+                &self.node.object_store_socket,
+            )
+            .env(protocol::env::OBJECT_MANAGER_ADDRESS, self.node.my_om())
             // Job code never learns where the heads keep their peer secret.
             .env_remove(protocol::auth::PEER_SECRET_PATH_ENV)
             .stdin(std::process::Stdio::null())

@@ -51,7 +51,7 @@ pub(crate) fn group_resources(pg: &str, bundles: &[(u32, ResourceSet)]) -> Resou
 }
 
 /// (a resource shape as sorted fixed-point pairs, the owner's prefix)
-type OwnerShape = (Vec<(String, u64)>, Vec<u8>);
+type OwnerShape = (ResourceSet, Vec<u8>);
 
 struct State {
     /// The node's resources, plus the group resources of committed bundles.
@@ -82,16 +82,8 @@ pub(crate) struct Leases {
     freed: tokio::sync::Notify,
 }
 
-fn shape_key(r: &ResourceSet) -> Vec<(String, u64)> {
-    r.iter()
-        .map(|(k, v)| (k.to_owned(), (v * 10_000.0).round() as u64))
-        .collect()
-}
-
-fn shape_map(k: &[(String, u64)]) -> std::collections::HashMap<String, f64> {
-    k.iter()
-        .map(|(n, u)| (n.clone(), *u as f64 / 10_000.0))
-        .collect()
+fn shape_map(k: &ResourceSet) -> std::collections::HashMap<String, f64> {
+    k.iter().map(|(n, v)| (n.to_owned(), v)).collect()
 }
 
 fn invalid(msg: String) -> Status {
@@ -266,7 +258,7 @@ impl Leases {
         let now = Instant::now();
         st.infeasible
             .retain(|_, (_, at)| now.duration_since(*at) < INFEASIBLE_MEMORY);
-        let mut out: BTreeMap<Vec<(String, u64)>, (u32, u32)> = BTreeMap::new();
+        let mut out: BTreeMap<ResourceSet, (u32, u32)> = BTreeMap::new();
         for ((k, _), (waiting, backlog)) in &st.queued {
             let e = &mut out.entry(k.clone()).or_default().0;
             *e = e.saturating_add((*waiting).max(*backlog));
@@ -419,14 +411,14 @@ impl Leases {
                 Decision::Local => match self.try_grant(&mut st, &demand) {
                     Some(id) => {
                         st.infeasible
-                            .remove(&(shape_key(&demand), r.owner_prefix.clone()));
+                            .remove(&(demand.clone(), r.owner_prefix.clone()));
                         return Ok(self.granted(id));
                     }
                     None => Decision::Queue,
                 },
                 Decision::Infeasible => {
                     st.infeasible.insert(
-                        (shape_key(&demand), r.owner_prefix.clone()),
+                        (demand.clone(), r.owner_prefix.clone()),
                         (r.backlog.clamp(1, 1_000_000), Instant::now()),
                     );
                     d
@@ -434,7 +426,7 @@ impl Leases {
                 Decision::Spillback(_) => {
                     // It has a better place now: it no longer waits here as infeasible.
                     st.infeasible
-                        .remove(&(shape_key(&demand), r.owner_prefix.clone()));
+                        .remove(&(demand.clone(), r.owner_prefix.clone()));
                     d
                 }
                 other => other,
@@ -499,7 +491,7 @@ impl Leases {
         timeout: Duration,
         owner: (Vec<u8>, u32),
     ) -> Result<pb::LeaseReply, Status> {
-        let key = (shape_key(&demand), owner.0);
+        let key = (demand.clone(), owner.0);
         {
             let mut st = self.lock();
             let e = st.queued.entry(key.clone()).or_default();

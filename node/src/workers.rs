@@ -740,18 +740,18 @@ impl WorkerPool {
         };
         let mut cmd = tokio::process::Command::new(path);
         cmd.current_dir(cwd)
-            .env("RAYCTL_WORKER_ID", &id)
-            .env("RAYCTL_NODE_ID", &self.cfg.node_id)
-            .env("RAYCTL_NODE_ADDRESS", &self.cfg.node_address)
-            .env("RAYCTL_OBJECT_STORE_SOCKET", &self.cfg.store_socket)
+            .env(protocol::env::WORKER_ID, &id)
+            .env(protocol::env::NODE_ID, &self.cfg.node_id)
+            .env(protocol::env::NODE_ADDRESS, &self.cfg.node_address)
+            .env(protocol::env::OBJECT_STORE_SOCKET, &self.cfg.store_socket)
             .env(
-                "RAYCTL_OBJECT_MANAGER_ADDRESS",
+                protocol::env::OBJECT_MANAGER_ADDRESS,
                 &self.cfg.object_manager_address,
             )
-            .env("RAYCTL_NODE_IP_ADDRESS", &self.cfg.advertise_host)
+            .env(protocol::env::NODE_IP_ADDRESS, &self.cfg.advertise_host)
             .env(protocol::ADDRESS_ENV, self.cfg.heads.join(","))
-            .env("RAYCTL_JOB_ID", &key.1)
-            .env("RAYCTL_BINARY_SHA256", &key.0)
+            .env(protocol::env::JOB_ID, &key.1)
+            .env(protocol::env::BINARY_SHA256, &key.0)
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err)

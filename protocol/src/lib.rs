@@ -6,6 +6,7 @@
 //! Invariant: with default features this crate has no tokio in its dependency tree
 //! (`tests/no_tokio.rs`), so pure crates such as `scheduler` may depend on it.
 
+pub mod env;
 pub mod error;
 pub mod ids;
 pub mod session;
@@ -32,6 +33,27 @@ pub mod ray_rpc {
 }
 
 pub use error::RpcError;
+
+/// A task error kind as our messages spell it (`PANIC`, `WORKER_DIED`, …; `UNKNOWN` for
+/// other values).
+pub fn task_error_kind_name(kind: pb::TaskErrorKind) -> &'static str {
+    use pb::TaskErrorKind as K;
+    match kind {
+        K::Panic => "PANIC",
+        K::WorkerDied => "WORKER_DIED",
+        K::Argument => "ARGUMENT",
+        K::ArgLost => "ARG_LOST",
+        K::UnknownFunction => "UNKNOWN_FUNCTION",
+        K::Store => "STORE",
+        K::Dependency => "DEPENDENCY",
+        K::Scheduling => "SCHEDULING",
+        K::ObjectLost => "OBJECT_LOST",
+        K::ActorDied => "ACTOR_DIED",
+        K::ActorUnavailable => "ACTOR_UNAVAILABLE",
+        K::Cancelled => "CANCELLED",
+        K::Unspecified => "UNKNOWN",
+    }
+}
 
 /// A job status as Ray spells it (`PENDING`, `RUNNING`, …; `UNKNOWN` for other values).
 pub fn job_status_name(status: i32) -> &'static str {

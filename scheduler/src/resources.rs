@@ -27,7 +27,8 @@ pub enum ResourceError {
     },
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Ordered and hashable, so a set can key the shapes tasks are queued and leased by.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ResourceSet(BTreeMap<String, i64>);
 
 fn valid_name(n: &str) -> bool {

@@ -138,7 +138,7 @@ impl ActorOptions {
         self
     }
 
-    fn shape(&self) -> Result<BTreeMap<String, f64>, String> {
+    fn shape(&self) -> Result<scheduler::ResourceSet, String> {
         crate::TaskOptions {
             num_cpus: self.num_cpus,
             num_gpus: self.num_gpus,
@@ -297,7 +297,7 @@ impl ActorHandle {
                 ActorState::Dead => {
                     return Err(Error::ActorDied(Box::new(actor_error(
                         &self.inner,
-                        "ACTOR_DIED",
+                        crate::TaskErrorKind::ActorDied,
                         info.message,
                     ))));
                 }
@@ -325,7 +325,7 @@ impl ActorHandle {
             let req = req.clone();
             async move { c.kill_actor(req).await }
         }))
-        .map_err(|e| Error::Rpc(e.to_string()))?;
+        .map_err(Error::Rpc)?;
         if no_restart && let Some(s) = &self.scope {
             s.killed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -333,9 +333,13 @@ impl ActorHandle {
     }
 }
 
-pub(crate) fn actor_error(a: &ActorRef, kind: &str, message: String) -> crate::TaskError {
+pub(crate) fn actor_error(
+    a: &ActorRef,
+    kind: crate::TaskErrorKind,
+    message: String,
+) -> crate::TaskError {
     crate::TaskError {
-        kind: kind.into(),
+        kind,
         message: format!("actor {} ({}): {message}", a.id, a.class_name),
         task_id: String::new(),
         function: a.class_name.clone(),
@@ -362,7 +366,7 @@ pub(crate) async fn get_info(
             async move { c.get_actor(req).await }
         })
         .await
-        .map_err(|e| Error::Rpc(e.to_string()))
+        .map_err(Error::Rpc)
 }
 
 /// Finds a live named actor (namespace `None`: "default").
@@ -380,7 +384,7 @@ pub fn get_actor(name: &str, namespace: Option<&str>) -> Result<ActorHandle, Err
         }))
         .map_err(|e| match e.rpc() {
             Some(protocol::RpcError::NotFound(m)) => Error::Actor(m.clone()),
-            _ => Error::Rpc(e.to_string()),
+            _ => Error::Rpc(e),
         })?;
     if i.state == pb::ActorState::Dead as i32 {
         return Err(Error::Actor(format!(
@@ -428,7 +432,7 @@ pub(crate) fn create(
             args: ctor_args,
             attempt: 0,
         }),
-        resources: shape.into_iter().collect(),
+        resources: shape.iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         binary_sha256: rt.binary.0.clone(),
         binary_source: rt.binary.1.clone(),
         max_concurrency: opts.max_concurrency.max(1),
@@ -455,7 +459,7 @@ pub(crate) fn create(
             Some(protocol::RpcError::AlreadyExists(m) | protocol::RpcError::InvalidArgument(m)) => {
                 Error::Actor(m.clone())
             }
-            _ => Error::Rpc(e.to_string()),
+            _ => Error::Rpc(e),
         })?;
     if i.class_name != class {
         return Err(Error::Actor(format!(

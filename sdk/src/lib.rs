@@ -30,6 +30,7 @@
 //! object stays alive while any `ObjectRef` to it or any pending task using it exists.
 
 mod actor;
+mod context;
 mod output;
 mod owner;
 mod pg;
@@ -44,14 +45,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use actor::{ActorHandle, ActorInfo, ActorOptions, ActorState, get_actor};
+pub use context::{
+    Context, Node, available_resources, cluster_resources, context, is_cancelled, nodes,
+};
 pub use pg::{
     PlacementGroup, PlacementGroupInfo, PlacementGroupOptions, PlacementStrategy, placement_group,
     request_resources,
 };
-pub use protocol::{NodeId, ObjectId};
+pub use protocol::client::ClientError;
+pub use protocol::pb::TaskErrorKind;
+pub use protocol::{NodeId, ObjectId, RpcError};
 /// The rkyv the SDK encodes values with; `#[sdk::value]` derives through it.
 pub use rkyv;
 pub use sdk_macros::{actor, remote, value};
+pub use submit::CancelOptions;
 pub use value::{INLINE_MAX, SliceWriter, Value, View};
 
 pub use runtime::{Config, Mode, Session, init, init_with};
@@ -59,9 +66,8 @@ pub use runtime::{Config, Mode, Session, init, init_with};
 /// Why a remote function call failed, with where it ran.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskError {
-    /// `PANIC`, `WORKER_DIED`, `ARGUMENT`, `UNKNOWN_FUNCTION`, `STORE`, `DEPENDENCY`,
-    /// `SCHEDULING`, `OBJECT_LOST`.
-    pub kind: String,
+    /// What kind of failure it is (`kind_name` spells it as messages do).
+    pub kind: TaskErrorKind,
     pub message: String,
     pub task_id: String,
     pub function: String,
@@ -78,14 +84,21 @@ impl std::fmt::Display for TaskError {
         if !self.worker_id.is_empty() {
             write!(f, " (worker {})", self.worker_id)?;
         }
-        write!(f, ": {}: {}", self.kind, self.message)
+        write!(f, ": {}: {}", self.kind_name(), self.message)
+    }
+}
+
+impl TaskError {
+    /// The kind as messages spell it: `PANIC`, `WORKER_DIED`, `ACTOR_DIED`, ….
+    pub fn kind_name(&self) -> &'static str {
+        protocol::task_error_kind_name(self.kind)
     }
 }
 
 impl From<protocol::pb::TaskError> for TaskError {
     fn from(e: protocol::pb::TaskError) -> Self {
         Self {
-            kind: e.kind,
+            kind: e.kind(),
             message: e.message,
             task_id: e.task_id,
             function: e.function,
@@ -98,7 +111,7 @@ impl From<protocol::pb::TaskError> for TaskError {
 impl From<&TaskError> for protocol::pb::TaskError {
     fn from(e: &TaskError) -> Self {
         Self {
-            kind: e.kind.clone(),
+            kind: e.kind as i32,
             message: e.message.clone(),
             task_id: e.task_id.clone(),
             function: e.function.clone(),
@@ -119,8 +132,10 @@ pub enum Error {
     ObjectLost(ObjectId, String),
     #[error("object store: {0}")]
     Store(String),
+    /// A call to the cluster failed: what the cluster answered (`ClientError::Rpc`, whose
+    /// `RpcError` says what kind of failure it was) or that no head answered.
     #[error("cluster: {0}")]
-    Rpc(String),
+    Rpc(#[from] ClientError),
     #[error("cannot decode the value: {0}")]
     Decode(String),
     #[error("cannot start the SDK: {0}")]
@@ -135,6 +150,45 @@ pub enum Error {
     /// restarting) but the call was not retried (`max_task_retries`).
     #[error("{0}")]
     ActorUnavailable(Box<TaskError>),
+    /// The task was cancelled (`sdk::cancel`).
+    #[error("{0}")]
+    TaskCancelled(Box<TaskError>),
+    /// A failure inside the SDK itself (a task of its runtime panicked or was cancelled).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<RpcError> for Error {
+    fn from(e: RpcError) -> Self {
+        Self::Rpc(ClientError::Rpc(e))
+    }
+}
+
+impl Error {
+    /// What the cluster answered, when a call to it failed with an answer.
+    pub fn rpc(&self) -> Option<&RpcError> {
+        match self {
+            Self::Rpc(e) => e.rpc(),
+            _ => None,
+        }
+    }
+
+    /// Whether the same call may succeed if tried again: no head answered, the cluster
+    /// was unavailable, busy or changing leaders, or a wait timed out.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Timeout(..) => true,
+            Self::Rpc(ClientError::Unreachable { .. }) => true,
+            Self::Rpc(ClientError::Rpc(e)) => matches!(
+                e,
+                RpcError::NotLeader { .. }
+                    | RpcError::Unavailable(_)
+                    | RpcError::DeadlineExceeded(_)
+                    | RpcError::ResourceExhausted(_)
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Where the scheduler may place a task.
@@ -208,8 +262,9 @@ impl TaskOptions {
         self
     }
 
-    /// The resource shape a lease asks for (amounts of zero left out).
-    pub(crate) fn shape(&self) -> Result<BTreeMap<String, f64>, String> {
+    /// The resource shape a lease asks for (amounts of zero left out), validated and in
+    /// the scheduler's fixed point.
+    pub(crate) fn shape(&self) -> Result<scheduler::ResourceSet, String> {
         let mut m = self.resources.clone();
         for (k, v) in [
             ("CPU", self.num_cpus),
@@ -223,10 +278,12 @@ impl TaskOptions {
         m.retain(|_, v| *v != 0.0);
         scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v)))
             .map_err(|e| e.to_string())?;
-        Ok(match &self.strategy {
+        let m = match &self.strategy {
             Strategy::PlacementGroup { pg, bundle } => pg::in_bundle(m, pg, *bundle),
             _ => m,
-        })
+        };
+        scheduler::ResourceSet::from_map(m.iter().map(|(k, v)| (k.as_str(), *v)))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -308,7 +365,7 @@ pub async fn get_async<T: Value>(r: &ObjectRef<T>) -> Result<T, Error> {
     // The fetch may block on the local store socket: run it off the caller's executor.
     rt.spawn(async move { rt2.get_value::<T>(id, None).await })
         .await
-        .map_err(|e| Error::Rpc(e.to_string()))?
+        .map_err(|e| Error::Internal(format!("the fetch of {id} ended: {e}")))?
 }
 
 /// A zero-copy view of the value: in the node's shared memory when the object is in the
@@ -349,7 +406,20 @@ pub fn wait<T>(
 /// True in a worker process (started by a node). A program whose `main` does other things
 /// before `init` should call `init` first when this is true.
 pub fn is_worker() -> bool {
-    std::env::var_os("RAYCTL_WORKER_ID").is_some_and(|v| !v.is_empty())
+    std::env::var_os(protocol::env::WORKER_ID).is_some_and(|v| !v.is_empty())
+}
+
+/// Cancels the task or actor call whose result `r` is (Ray's `ray.cancel`). A task not yet
+/// running never runs; a running one sees `is_cancelled()`, and with `opts.force` its worker
+/// is killed; `opts.recursive` cancels what it submitted too. Then `get` on `r` gives
+/// `Error::TaskCancelled`. A task that already finished keeps its result. An actor call
+/// not yet sent is dropped; a running one is only told (an actor's worker is never killed
+/// by a cancel).
+pub fn cancel<T>(r: &ObjectRef<T>, opts: CancelOptions) -> Result<(), Error> {
+    let rt = runtime::current()?;
+    rt.submit_tx
+        .send(submit::Event::Cancel(r.h.id, opts))
+        .map_err(|_| Error::Internal("the submitter has stopped".into()))
 }
 
 /// This process's node (the node it leases from; in remote mode, the node it talks to).
@@ -527,7 +597,7 @@ mod tests {
             .shape()
             .unwrap();
         assert_eq!(
-            s.into_iter().collect::<Vec<_>>(),
+            s.iter().map(|(k, v)| (k.to_owned(), v)).collect::<Vec<_>>(),
             [
                 ("CPU".to_string(), 1.0),
                 ("GPU".to_string(), 1.0),
@@ -563,7 +633,7 @@ mod tests {
     #[test]
     fn task_errors_name_the_function_task_node_and_worker() {
         let e = TaskError {
-            kind: "PANIC".into(),
+            kind: TaskErrorKind::Panic,
             message: "boom".into(),
             task_id: "ab".repeat(20),
             function: "m::f".into(),

@@ -160,6 +160,25 @@ impl Owner {
         }
     }
 
+    /// Like `complete`, but only for an object still pending: a late answer (a call
+    /// answered CANCELLED that finished anyway) does not overwrite the first, and a copy it
+    /// stored is freed.
+    pub(crate) fn complete_pending(&self, id: ObjectId, state: State) {
+        let mut objects = self.lock();
+        match objects.get_mut(&id) {
+            Some(e) if matches!(e.state, State::Pending) => {
+                e.state = state;
+                if let Some(n) = e.notify.take() {
+                    n.notify_waiters();
+                }
+            }
+            _ => {
+                drop(objects);
+                self.free_copies(id, &state);
+            }
+        }
+    }
+
     /// Records one more node holding a copy (a pulled secondary copy).
     pub(crate) fn add_location(&self, id: ObjectId, loc: Loc) {
         if let Some(Entry {

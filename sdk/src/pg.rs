@@ -126,7 +126,7 @@ pub fn placement_group(
             Some(protocol::RpcError::InvalidArgument(m)) => {
                 Error::Actor(format!("placement group: {m}"))
             }
-            _ => Error::Rpc(e.to_string()),
+            _ => Error::Rpc(e),
         })?;
     Ok(PlacementGroup { id: i.pg_id })
 }
@@ -163,7 +163,7 @@ pub fn request_resources(
     .map(|_| ())
     .map_err(|e| match e.rpc() {
         Some(protocol::RpcError::InvalidArgument(m)) => Error::Actor(m.clone()),
-        _ => Error::Rpc(e.to_string()),
+        _ => Error::Rpc(e),
     })
 }
 
@@ -182,7 +182,7 @@ impl PlacementGroup {
             let req = req.clone();
             async move { c.get_placement_group(req).await }
         }))
-        .map_err(|e| Error::Rpc(e.to_string()))
+        .map_err(Error::Rpc)
     }
 
     pub fn info(&self) -> Result<PlacementGroupInfo, Error> {
@@ -226,7 +226,7 @@ impl PlacementGroup {
             let req = req.clone();
             async move { c.remove_placement_group(req).await }
         }))
-        .map_err(|e| Error::Rpc(e.to_string()))?;
+        .map_err(Error::Rpc)?;
         Ok(())
     }
 }

@@ -187,7 +187,7 @@ pub(crate) struct Runtime {
     pub(crate) worker_id: String,
     pub(crate) prefix: [u8; 11],
     counter: AtomicU64,
-    pub(crate) stats: Stats,
+    pub(crate) stats: Arc<Stats>,
     nm_clients: Mutex<HashMap<String, NmClient>>,
     om_clients: Mutex<HashMap<String, OmClient>>,
     /// The stream to this process's node (stats; for workers also lease events).
@@ -260,16 +260,17 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
         .build()
         .map_err(|e| Error::Init(format!("cannot start the tokio runtime: {e}")))?;
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    if let Some(worker_id) = env("RAYCTL_WORKER_ID") {
+    if let Some(worker_id) = env(protocol::env::WORKER_ID) {
         let node = NodeInfo {
-            node_id: env("RAYCTL_NODE_ID").unwrap_or_default(),
-            address: env("RAYCTL_NODE_ADDRESS")
-                .ok_or_else(|| Error::Init("RAYCTL_NODE_ADDRESS is not set".into()))?,
-            om: env("RAYCTL_OBJECT_MANAGER_ADDRESS").unwrap_or_default(),
+            node_id: env(protocol::env::NODE_ID).unwrap_or_default(),
+            address: env(protocol::env::NODE_ADDRESS).ok_or_else(|| {
+                Error::Init(format!("{} is not set", protocol::env::NODE_ADDRESS))
+            })?,
+            om: env(protocol::env::OBJECT_MANAGER_ADDRESS).unwrap_or_default(),
         };
-        let store = connect_store(env("RAYCTL_OBJECT_STORE_SOCKET"))?;
+        let store = connect_store(env(protocol::env::OBJECT_STORE_SOCKET))?;
         let binary = (
-            env("RAYCTL_BINARY_SHA256").unwrap_or_default(),
+            env(protocol::env::BINARY_SHA256).unwrap_or_default(),
             node.address.clone(),
         );
         let heads = env(protocol::ADDRESS_ENV)
@@ -291,19 +292,19 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
     let mut heads = env(protocol::ADDRESS_ENV)
         .map(|a| HeadClient::parse_addresses(&a))
         .unwrap_or_default();
-    let (mode, node, store) = if let Some(address) =
-        env("RAYCTL_NODE_ADDRESS").filter(|_| !cfg.remote && env("RAYCTL_REMOTE").is_none())
+    let (mode, node, store) = if let Some(address) = env(protocol::env::NODE_ADDRESS)
+        .filter(|_| !cfg.remote && env(protocol::env::REMOTE).is_none())
     {
         // A job's driver: the job agent named its node.
         let node = NodeInfo {
-            node_id: env("RAYCTL_NODE_ID").unwrap_or_default(),
+            node_id: env(protocol::env::NODE_ID).unwrap_or_default(),
             address,
-            om: env("RAYCTL_OBJECT_MANAGER_ADDRESS").unwrap_or_default(),
+            om: env(protocol::env::OBJECT_MANAGER_ADDRESS).unwrap_or_default(),
         };
         (
             Mode::Local,
             node,
-            Some(connect_store(env("RAYCTL_OBJECT_STORE_SOCKET"))?),
+            Some(connect_store(env(protocol::env::OBJECT_STORE_SOCKET))?),
         )
     } else {
         heads = match cfg.address.clone().or_else(|| env(protocol::ADDRESS_ENV)) {
@@ -320,7 +321,7 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
                 }
             },
         };
-        let remote = cfg.remote || env("RAYCTL_REMOTE").is_some_and(|v| v != "0");
+        let remote = cfg.remote || env(protocol::env::REMOTE).is_some_and(|v| v != "0");
         rt.block_on(find_node(&heads, token.clone(), remote))?
     };
     let (sha, path) = rt.block_on(hash_self())?;
@@ -333,8 +334,8 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
 }
 
 fn connect_store(socket: Option<String>) -> Result<StoreClient, Error> {
-    let socket =
-        socket.ok_or_else(|| Error::Init("RAYCTL_OBJECT_STORE_SOCKET is not set".into()))?;
+    let socket = socket
+        .ok_or_else(|| Error::Init(format!("{} is not set", protocol::env::OBJECT_STORE_SOCKET)))?;
     StoreClient::connect(&socket)
         .map_err(|e| Error::Init(format!("cannot connect to the node's object store: {e}")))
 }
@@ -516,7 +517,13 @@ async fn driver_channel(rt: Arc<Runtime>) {
     let _ = rt.channel.set(tx.clone());
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let mut c = rt.nm(&rt.node.address);
+    let mut c = match rt.nm(&rt.node.address) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("no channel to this driver's node: {e}");
+            return;
+        }
+    };
     // The call returns as soon as the node answers; the channel lasts until its reply
     // stream ends, so `r` finishes only when the channel is gone.
     let owner = rt.clone();
@@ -599,11 +606,11 @@ impl Runtime {
             owner: Arc::new(Owner::new(free_tx)),
             submit_tx,
             binary,
-            job_id: std::env::var("RAYCTL_JOB_ID").unwrap_or_default(),
+            job_id: std::env::var(protocol::env::JOB_ID).unwrap_or_default(),
             worker_id,
             prefix: new_prefix(),
             counter: AtomicU64::new(0),
-            stats: Stats::default(),
+            stats: Arc::default(),
             nm_clients: Mutex::default(),
             om_clients: Mutex::default(),
             channel: OnceLock::new(),
@@ -758,18 +765,21 @@ impl Runtime {
         Ok(self.head.get_or_init(|| c))
     }
 
-    pub(crate) fn nm(&self, addr: &str) -> NmClient {
+    /// A client of the node manager at `addr` (an address from the cluster or from a
+    /// peer's spillback reply: one that does not parse is an error, not a panic).
+    pub(crate) fn nm(&self, addr: &str) -> Result<NmClient, Error> {
         let mut m = self.nm_clients.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(addr.to_owned())
-            .or_insert_with(|| {
-                let opts = ClientOptions {
-                    rpc_timeout: Duration::from_secs(24 * 3600),
-                    ..Default::default()
-                };
-                protocol::client::node_manager(addr, self.token.clone(), &opts)
-                    .expect("node addresses come from the cluster and parse")
-            })
-            .clone()
+        if let Some(c) = m.get(addr) {
+            return Ok(c.clone());
+        }
+        let opts = ClientOptions {
+            rpc_timeout: Duration::from_secs(24 * 3600),
+            ..Default::default()
+        };
+        let c =
+            protocol::client::node_manager(addr, self.token.clone(), &opts).map_err(Error::from)?;
+        m.insert(addr.to_owned(), c.clone());
+        Ok(c)
     }
 
     pub(crate) fn om(&self, addr: &str) -> Result<OmClient, Error> {
@@ -782,14 +792,14 @@ impl Runtime {
             ..Default::default()
         };
         let c = protocol::client::object_manager(addr, self.token.clone(), &opts)
-            .map_err(|e| Error::Rpc(e.to_string()))?;
+            .map_err(Error::from)?;
         m.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
 
     async fn register_binary(self: Arc<Self>, path: PathBuf) -> Result<(), Error> {
         let sha = self.binary.0.clone();
-        let mut c = self.nm(&self.node.address);
+        let mut c = self.nm(&self.node.address)?;
         let res = match self.mode {
             Mode::Remote => {
                 let file = tokio::fs::read(&path)
@@ -1005,9 +1015,12 @@ impl Runtime {
             match self.ready(id, timeout).await? {
                 State::Inline { bytes, tag } => return Ok(Resolved::Inline(bytes, tag)),
                 State::Failed(e) => {
-                    return Err(match e.kind.as_str() {
-                        "ACTOR_DIED" => Error::ActorDied(Box::new(e)),
-                        "ACTOR_UNAVAILABLE" => Error::ActorUnavailable(Box::new(e)),
+                    return Err(match e.kind {
+                        crate::TaskErrorKind::ActorDied => Error::ActorDied(Box::new(e)),
+                        crate::TaskErrorKind::ActorUnavailable => {
+                            Error::ActorUnavailable(Box::new(e))
+                        }
+                        crate::TaskErrorKind::Cancelled => Error::TaskCancelled(Box::new(e)),
                         _ => Error::Task(Box::new(e)),
                     });
                 }
@@ -1140,12 +1153,12 @@ impl Runtime {
             })
         });
         let h = self.owner.add_with_lineage(id, State::Pending, lineage);
-        let fail = |kind: &str, message: String| {
+        let fail = |kind: crate::TaskErrorKind, message: String| {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             self.owner.complete(
                 id,
                 State::Failed(crate::TaskError {
-                    kind: kind.into(),
+                    kind,
                     message,
                     task_id: id.to_string(),
                     function: name.into(),
@@ -1157,7 +1170,10 @@ impl Runtime {
         let key = match key {
             Ok(k) => k,
             Err(e) => {
-                fail("ARGUMENT", format!("bad resources: {e}"));
+                fail(
+                    crate::TaskErrorKind::Argument,
+                    format!("bad resources: {e}"),
+                );
                 return h;
             }
         };
@@ -1165,7 +1181,10 @@ impl Runtime {
             crate::__private::ArgOut::Failed(e) => Some(e.clone()),
             _ => None,
         }) {
-            fail("ARGUMENT", format!("cannot encode an argument: {e}"));
+            fail(
+                crate::TaskErrorKind::Argument,
+                format!("cannot encode an argument: {e}"),
+            );
             return h;
         }
         let task = submit::Task {
@@ -1175,6 +1194,7 @@ impl Runtime {
             key,
             attempt: 0,
             max_retries: opts.max_retries,
+            parent: crate::context::current_task(),
         };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
         self.task_event(
@@ -1217,7 +1237,7 @@ impl Runtime {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             let mut te = crate::actor::actor_error(
                 &actor,
-                "ARGUMENT",
+                crate::TaskErrorKind::Argument,
                 format!("cannot encode an argument of {method}: {e}"),
             );
             te.task_id = id.to_string();
@@ -1232,6 +1252,7 @@ impl Runtime {
             key,
             attempt: 0,
             max_retries: 0,
+            parent: crate::context::current_task(),
         };
         self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
         let _ = self
@@ -1259,12 +1280,15 @@ async fn free_loop(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<(String, Ob
             let req = pb::FreeObjectsRequest {
                 object_ids: ids.iter().map(|i| i.as_bytes().to_vec()).collect(),
             };
-            if let Err(e) = rt.nm(&node).free_objects(req).await {
-                tracing::debug!(
-                    "cannot free {} objects on {node}: {}",
-                    ids.len(),
-                    e.message()
-                );
+            let r = match rt.nm(&node) {
+                Ok(mut c) => c
+                    .free_objects(req)
+                    .await
+                    .map_err(|e| e.message().to_owned()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = r {
+                tracing::debug!("cannot free {} objects on {node}: {e}", ids.len());
             }
         }
     }

@@ -160,6 +160,12 @@ pub(crate) struct ActorHost {
     pool: Option<std_mpsc::Sender<Work>>,
 }
 
+impl ActorHost {
+    pub(crate) fn actor_id(&self) -> &str {
+        &self.actor_id
+    }
+}
+
 #[derive(Clone)]
 struct CoreWorker {
     rt: Arc<Runtime>,
@@ -268,7 +274,12 @@ fn forward(
                 });
             }
             match input.message().await {
-                Ok(Some(m)) => batch = m.tasks,
+                Ok(Some(m)) => {
+                    for c in &m.cancel {
+                        cancel_here(c, &reply_tx);
+                    }
+                    batch = m.tasks;
+                }
                 _ => break,
             }
         }
@@ -360,7 +371,7 @@ pub(crate) fn serve(rt: Arc<Runtime>) -> ! {
     }));
     let (exec_tx, exec_rx) = std_mpsc::channel::<Work>();
     let (node_tx, node_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
-    let host = std::env::var("RAYCTL_NODE_IP_ADDRESS").unwrap_or_else(|_| "127.0.0.1".into());
+    let host = std::env::var(protocol::env::NODE_IP_ADDRESS).unwrap_or_else(|_| "127.0.0.1".into());
     match crate::output::capture(host.clone()) {
         Ok(c) => {
             rt.spawn(crate::output::flush_loop(c, node_tx.clone()));
@@ -421,6 +432,15 @@ fn run_one(
     if closed.load(Ordering::Acquire) {
         return;
     }
+    // Marks the call running on this thread; none if its caller cancelled it before it
+    // started (it was answered then).
+    let _running = match ObjectId::from_slice(&spec.task_id) {
+        Ok(id) => match crate::context::start(id, spec.attempt) {
+            Some(g) => Some(g),
+            None => return,
+        },
+        Err(_) => None,
+    };
     rt.stats.running.fetch_add(1, Ordering::Relaxed);
     crate::output::running(&spec.task_id, &spec.function);
     *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
@@ -452,8 +472,8 @@ fn start_actor(
     let classes: HashMap<&'static str, _> = inventory::iter::<crate::__private::ActorClass>()
         .map(|c| (c.name, c.construct))
         .collect();
-    let err = |kind: &str, message: String| pb::TaskError {
-        kind: kind.into(),
+    let err = |kind: pb::TaskErrorKind, message: String| pb::TaskError {
+        kind: kind as i32,
         message,
         task_id: String::new(),
         function: start.class_name.clone(),
@@ -462,21 +482,26 @@ fn start_actor(
         lost_object_id: Vec::new(),
     };
     if rt.actor.get().is_some() {
-        return Err(err("ARGUMENT", "this worker already hosts an actor".into()));
+        return Err(err(
+            pb::TaskErrorKind::Argument,
+            "this worker already hosts an actor".into(),
+        ));
     }
     let Some(construct) = classes.get(start.class_name.as_str()) else {
         return Err(err(
-            "UNKNOWN_FUNCTION",
+            pb::TaskErrorKind::UnknownFunction,
             format!("no #[actor] class {:?} in this binary", start.class_name),
         ));
     };
     let ctor = start.constructor.clone().unwrap_or_default();
     let mut items = Vec::with_capacity(ctor.args.len());
     for (i, a) in ctor.args.into_iter().enumerate() {
-        items.push(
-            resolve(rt, a)
-                .map_err(|e| err("ARGUMENT", format!("constructor argument {i}: {e}")))?,
-        );
+        items.push(resolve(rt, a).map_err(|e| {
+            err(
+                pb::TaskErrorKind::Argument,
+                format!("constructor argument {i}: {e}"),
+            )
+        })?);
     }
     let n = items.len();
     let mut args = Args {
@@ -492,8 +517,8 @@ fn start_actor(
     drop(args);
     let state = match out {
         Ok(Ok(state)) => state,
-        Ok(Err(ArgError(e))) => return Err(err("ARGUMENT", e)),
-        Err(payload) => return Err(err("PANIC", panic_message(payload))),
+        Ok(Err(ArgError(e))) => return Err(err(pb::TaskErrorKind::Argument, e)),
+        Err(payload) => return Err(err(pb::TaskErrorKind::Panic, panic_message(payload))),
     };
     let pool = (start.max_concurrency > 1).then(|| {
         let (tx, rx) = std_mpsc::channel::<Work>();
@@ -604,7 +629,7 @@ async fn start_server(
             |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
         );
     let mut inbound = rt
-        .nm(&rt.node.address)
+        .nm(&rt.node.address)?
         .worker_channel(outbound)
         .await
         .map_err(|e| {
@@ -691,13 +716,66 @@ async fn start_server(
 type Call<'a> = dyn Fn(&str, &mut Args<'_>) -> Option<Result<Encoded, ArgError>> + 'a;
 
 /// Runs one call through `call`.
+/// The answer to a call cancelled before it started (its function is not known here: the
+/// caller has it).
+fn cancelled_reply(id: ObjectId) -> pb::TaskReply {
+    let (node_id, worker_id) = crate::runtime::current()
+        .map(|rt| (rt.node.node_id.clone(), rt.worker_id.clone()))
+        .unwrap_or_default();
+    pb::TaskReply {
+        task_id: id.as_bytes().to_vec(),
+        result: Some(pb::task_reply::Result::Error(pb::TaskError {
+            kind: pb::TaskErrorKind::Cancelled as i32,
+            message: "cancelled by its caller (sdk::cancel) before it started".into(),
+            task_id: id.to_string(),
+            function: String::new(),
+            node_id,
+            worker_id,
+            lost_object_id: Vec::new(),
+        })),
+    }
+}
+
+/// How long a worker cancelled with `force` and `recursive` waits for the cancels of its
+/// task's children to leave before it exits.
+const CHILD_CANCELS_GRACE: Duration = Duration::from_millis(300);
+
+/// A caller cancelled one of the calls it sent on this stream (see `CancelTask`): one not
+/// started is answered now (and skipped when its turn comes), a running one is flagged, and
+/// with `force` this worker exits.
+fn cancel_here(c: &pb::CancelTask, replies: &mpsc::UnboundedSender<pb::TaskReply>) {
+    let Ok(id) = ObjectId::from_slice(&c.task_id) else {
+        return;
+    };
+    let running = crate::context::cancel_requested(id);
+    if !running {
+        let _ = replies.send(cancelled_reply(id));
+    }
+    if c.recursive
+        && let Ok(rt) = crate::runtime::current()
+    {
+        let _ = rt.submit_tx.send(crate::submit::Event::CancelChildren {
+            parent: id,
+            force: c.force,
+        });
+    }
+    if c.force && running {
+        tracing::warn!(task = %id, "cancelled with force: this worker exits");
+        eprintln!("(rayctl) task {id} was cancelled with force: this worker exits");
+        if c.recursive {
+            std::thread::sleep(CHILD_CANCELS_GRACE);
+        }
+        std::process::exit(1);
+    }
+}
+
 fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskReply {
     let (node_id, worker_id) = (rt.node.node_id.as_str(), rt.worker_id.as_str());
     let task_id = spec.task_id.clone();
-    let err = |kind: &str, message: String| pb::TaskReply {
+    let err = |kind: pb::TaskErrorKind, message: String| pb::TaskReply {
         task_id: task_id.clone(),
         result: Some(pb::task_reply::Result::Error(pb::TaskError {
-            kind: kind.into(),
+            kind: kind as i32,
             message,
             task_id: ObjectId::from_slice(&task_id)
                 .map(|i| i.to_string())
@@ -709,7 +787,7 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
         })),
     };
     let Ok(id) = ObjectId::from_slice(&spec.task_id) else {
-        return err("ARGUMENT", "bad task id".into());
+        return err(pb::TaskErrorKind::Argument, "bad task id".into());
     };
     let mut items = Vec::with_capacity(spec.args.len());
     for (i, a) in spec.args.into_iter().enumerate() {
@@ -719,9 +797,9 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
             Err(e) => {
                 let mut reply = err(
                     if stored.is_some() {
-                        "ARG_LOST"
+                        pb::TaskErrorKind::ArgLost
                     } else {
-                        "ARGUMENT"
+                        pb::TaskErrorKind::Argument
                     },
                     format!("argument {i}: {e}"),
                 );
@@ -743,11 +821,19 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
     };
     PANIC.with(|p| p.borrow_mut().take());
     let out = std::panic::catch_unwind(AssertUnwindSafe(|| call(&spec.function, &mut args)));
+    // Cancelled while it ran: whatever it returned, its caller gets CANCELLED.
+    let cancelled = crate::context::is_cancelled();
     drop(args);
+    if cancelled {
+        return err(
+            pb::TaskErrorKind::Cancelled,
+            "cancelled by its caller (sdk::cancel) while it ran".into(),
+        );
+    }
     let out = match out {
         Ok(None) => {
             return err(
-                "UNKNOWN_FUNCTION",
+                pb::TaskErrorKind::UnknownFunction,
                 format!(
                     "no remote function or actor method {:?} in this binary",
                     spec.function
@@ -778,8 +864,8 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
                 object_id: id.as_bytes().to_vec(),
             })),
         },
-        Ok(Err(ArgError(e))) => err("ARGUMENT", e),
-        Err(payload) => err("PANIC", panic_message(payload)),
+        Ok(Err(ArgError(e))) => err(pb::TaskErrorKind::Argument, e),
+        Err(payload) => err(pb::TaskErrorKind::Panic, panic_message(payload)),
     }
 }
 

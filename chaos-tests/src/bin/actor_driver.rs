@@ -131,7 +131,7 @@ fn kind(e: &Error) -> String {
         Error::ActorDied(_) => "ActorDied".into(),
         Error::ActorUnavailable(_) => "ActorUnavailable".into(),
         Error::Actor(_) => "Actor".into(),
-        Error::Task(t) => format!("Task:{}", t.kind),
+        Error::Task(t) => format!("Task:{}", t.kind_name()),
         other => format!("{other:?}"),
     }
 }

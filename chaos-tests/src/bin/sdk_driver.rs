@@ -63,6 +63,48 @@ fn victim(path: String, ms: u64) -> u64 {
     42
 }
 
+/// Dies on its first attempt (its worker exits), then says who and where it is.
+#[sdk::remote]
+fn ctx_task() -> (String, u32, bool, String) {
+    let c = sdk::context().expect("context");
+    if c.attempt == 0 {
+        std::process::exit(3);
+    }
+    (
+        c.task_id.map(|t| t.to_string()).unwrap_or_default(),
+        c.attempt,
+        c.is_worker,
+        c.node_id,
+    )
+}
+
+/// Runs for `ms` unless cancelled (it looks every 10 ms).
+#[sdk::remote]
+fn spin(ms: u64) -> u64 {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(ms) {
+        if sdk::is_cancelled() {
+            return 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    0
+}
+
+/// Sleeps `ms` without looking whether it was cancelled.
+#[sdk::remote]
+fn hang(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    0
+}
+
+/// Waits for a minute-long child.
+#[sdk::remote]
+fn spin_parent() -> u64 {
+    let c = spin::remote(60_000u64);
+    sdk::get(&c).unwrap_or(7)
+}
+
 /// Submits two tasks from inside a task (the worker is their owner) and adds their results.
 #[sdk::remote]
 fn nested(a: i64, b: i64) -> i64 {
@@ -127,6 +169,72 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result(
                 serde_json::json!({"mode": format!("{:?}", session.mode()), "sum": sdk::get(&r)?, "node": sdk::node_id()?.to_string()}),
             );
+        }
+        "context" => {
+            let me = sdk::context()?;
+            let r = ctx_task::remote_with(&TaskOptions::default().max_retries(1));
+            let (task_id, attempt, is_worker, node) = sdk::get(&r)?;
+            let nodes: Vec<serde_json::Value> = sdk::nodes()?
+                .iter()
+                .map(|n| {
+                    serde_json::json!({"id": n.node_id.to_string(), "alive": n.alive,
+                        "head": n.is_head, "cpus": n.resources.get("CPU")})
+                })
+                .collect();
+            result(serde_json::json!({
+                "driver_is_worker": me.is_worker,
+                "driver_task": me.task_id.map(|t| t.to_string()),
+                "driver_node": me.node_id,
+                "ref_id": r.id().to_string(), "task_id": task_id, "attempt": attempt,
+                "task_is_worker": is_worker, "task_node": node,
+                "cluster": sdk::cluster_resources()?,
+                "available": sdk::available_resources()?,
+                "nodes": nodes,
+            }));
+        }
+        "cancel" => {
+            // How each cancel ends: the error kind and how long `get` took after it.
+            let outcome = |r: &sdk::ObjectRef<u64>, opts: sdk::CancelOptions| {
+                let start = std::time::Instant::now();
+                sdk::cancel(r, opts).expect("cancel");
+                let kind = match sdk::get_timeout(r, Some(Duration::from_secs(40))) {
+                    Err(sdk::Error::TaskCancelled(e)) => e.kind_name().to_string(),
+                    Err(e) => format!("error: {e}"),
+                    Ok(v) => format!("value {v}"),
+                };
+                serde_json::json!({"kind": kind, "ms": start.elapsed().as_millis() as u64})
+            };
+            // The only CPU is taken by a running task; a second one waits in the queue.
+            let running = spin::remote(60_000u64);
+            std::thread::sleep(Duration::from_secs(2));
+            let queued = spin::remote(10u64);
+            std::thread::sleep(Duration::from_millis(500));
+            let q = outcome(&queued, sdk::CancelOptions::default());
+            let coop = outcome(&running, sdk::CancelOptions::default());
+            let stubborn = hang::remote(60_000u64);
+            std::thread::sleep(Duration::from_secs(2));
+            let forced = outcome(
+                &stubborn,
+                sdk::CancelOptions {
+                    force: true,
+                    recursive: false,
+                },
+            );
+            let parent = spin_parent::remote();
+            std::thread::sleep(Duration::from_secs(3));
+            let recursive = outcome(
+                &parent,
+                sdk::CancelOptions {
+                    force: false,
+                    recursive: true,
+                },
+            );
+            // And the CPU is free again: a short task runs.
+            let after = sdk::get_timeout(&spin::remote(10u64), Some(Duration::from_secs(60)))?;
+            result(serde_json::json!({
+                "queued": q, "running": coop, "forced": forced, "recursive": recursive,
+                "after": after,
+            }));
         }
         "print" | "quiet" => {
             let refs: Vec<_> = (0..4u64).map(chatty::remote).collect();
@@ -202,7 +310,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             match sdk::get(&r) {
                 Ok(v) => result(serde_json::json!({"value": v})),
                 Err(sdk::Error::Task(e)) => {
-                    result(serde_json::json!({"error_kind": e.kind, "error": e.to_string()}))
+                    result(serde_json::json!({"error_kind": e.kind_name(), "error": e.to_string()}))
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -211,7 +319,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let r = fail::remote("boom from the test".to_string());
             match sdk::get(&r) {
                 Err(sdk::Error::Task(e)) => result(
-                    serde_json::json!({"kind": e.kind, "message": e.message, "task_id": e.task_id, "node": e.node_id, "text": e.to_string()}),
+                    serde_json::json!({"kind": e.kind_name(), "message": e.message, "task_id": e.task_id, "node": e.node_id, "text": e.to_string()}),
                 ),
                 other => result(serde_json::json!({"unexpected": format!("{other:?}")})),
             }

@@ -1,0 +1,384 @@
+//! Calls to actors: one queue per actor, sent in this process's submission order on one
+//! stream to the actor's worker. A call waits for its arguments and the calls behind it
+//! wait with it. A broken stream retries what `max_task_retries` allows on the actor's
+//! next incarnation; the rest fail once the actor's fate is known. An actor no handle keeps
+//! alive is killed when no call to it is left.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use protocol::{ObjectId, pb};
+
+use super::Task;
+use super::engine::{At, Effect, Engine, Waiting};
+use crate::TaskErrorKind;
+use crate::actor::ActorRef;
+
+/// Calls to one actor from this process.
+pub(crate) struct ActorQueue {
+    pub(super) actor: Arc<ActorRef>,
+    /// Not yet sent, in submission order.
+    pub(super) queue: VecDeque<Task>,
+    pub(super) conn: Option<u64>,
+    pub(super) resolving: bool,
+    pub(super) waiting_args: bool,
+    /// Connect only to this incarnation or a later one.
+    pub(super) min_restarts: u64,
+    pub(super) dead: Option<String>,
+    /// In flight when the worker died and not retried: failed once the actor's fate is known.
+    pub(super) orphans: Vec<Task>,
+    /// No handle keeps the actor alive any more: it is killed when no call is left.
+    pub(super) out_of_scope: bool,
+}
+
+/// A stream to an actor's worker.
+pub(crate) struct ActorConn {
+    pub(super) actor_id: String,
+    pub(super) in_flight: HashMap<ObjectId, Task>,
+    pub(super) restarts: u64,
+    pub(super) node_id: String,
+    pub(super) worker_id: String,
+}
+
+impl Engine {
+    pub(super) fn actor_call(&mut self, actor: Arc<ActorRef>, t: Task) {
+        let q = self
+            .actors
+            .entry(actor.id.clone())
+            .or_insert_with(|| ActorQueue {
+                actor: actor.clone(),
+                queue: VecDeque::new(),
+                conn: None,
+                resolving: false,
+                waiting_args: false,
+                min_restarts: 0,
+                dead: None,
+                orphans: Vec::new(),
+                out_of_scope: false,
+            });
+        q.queue.push_back(t);
+        self.dirty_actors.push(actor.id.clone());
+    }
+
+    pub(super) fn actor_args_ready(&mut self, id: String) {
+        if let Some(q) = self.actors.get_mut(&id) {
+            q.waiting_args = false;
+        }
+        self.dirty_actors.push(id);
+    }
+
+    pub(super) fn actor_out_of_scope(&mut self, id: String) {
+        match self.actors.get_mut(&id) {
+            Some(q) => {
+                q.out_of_scope = true;
+                self.end_if_out_of_scope(&id);
+            }
+            None => self.out.push(Effect::KillActor(id)),
+        }
+    }
+
+    fn resolve(&mut self, id: &str) {
+        let Some(q) = self.actors.get_mut(id) else {
+            return;
+        };
+        if !q.resolving {
+            q.resolving = true;
+            self.out.push(Effect::ResolveActor {
+                actor: id.to_owned(),
+                min_restarts: q.min_restarts,
+            });
+        }
+    }
+
+    /// Sends the actor's queued calls in order while their arguments are ready; connects
+    /// first if needed. A dead actor fails them.
+    pub(super) fn dispatch_actor(&mut self, id: &str) {
+        let Some(q) = self.actors.get_mut(id) else {
+            return;
+        };
+        if let Some(why) = q.dead.clone() {
+            let tasks: Vec<Task> = q.queue.drain(..).collect();
+            let actor = q.actor.clone();
+            for t in tasks {
+                self.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
+                self.fail_actor_task(
+                    &actor,
+                    &t,
+                    TaskErrorKind::ActorDied,
+                    format!("the actor is dead: {why}"),
+                );
+            }
+            return;
+        }
+        let Some(cid) = q.conn else {
+            if !q.queue.is_empty() {
+                self.resolve(id);
+            }
+            return;
+        };
+        if q.waiting_args {
+            return;
+        }
+        let mut queue = std::mem::take(&mut q.queue);
+        let mut out = Vec::new();
+        let mut wait_for = Vec::new();
+        while let Some(t) = queue.front() {
+            wait_for = self.pending_args(t);
+            if !wait_for.is_empty() {
+                // Later calls wait behind this one: the order is the caller's.
+                break;
+            }
+            let t = queue.pop_front().expect("front exists");
+            self.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
+            match self.spec(&t) {
+                Ok(spec) => {
+                    self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                    out.push(spec);
+                    if let Some(c) = self.actor_conns.get(&cid) {
+                        let (node, worker, actor) =
+                            (c.node_id.clone(), c.worker_id.clone(), c.actor_id.clone());
+                        self.note(
+                            &t,
+                            "SUBMITTED_TO_WORKER",
+                            At {
+                                node: &node,
+                                worker: &worker,
+                                actor: Some(&actor),
+                            },
+                        );
+                        if let Some(c) = self.actor_conns.get_mut(&cid) {
+                            c.in_flight.insert(t.id, t);
+                        }
+                    }
+                }
+                Err(e) => self.finish_failed(&t, e),
+            }
+        }
+        let q = self.actors.get_mut(id).expect("looked up above");
+        q.queue = queue;
+        if !wait_for.is_empty() {
+            q.waiting_args = true;
+            self.out.push(Effect::WaitArgs {
+                ids: wait_for,
+                then: Waiting::Actor(id.to_owned()),
+            });
+        }
+        if !out.is_empty() {
+            self.out.push(Effect::Push {
+                conn: cid,
+                tasks: out,
+            });
+        }
+    }
+
+    /// Kills an actor no handle keeps alive once no call to it is left (queued, waiting for
+    /// arguments, in flight, or failed and waiting for the actor's fate).
+    pub(super) fn end_if_out_of_scope(&mut self, id: &str) {
+        let Some(q) = self.actors.get(id) else {
+            return;
+        };
+        let in_flight = q
+            .conn
+            .and_then(|c| self.actor_conns.get(&c))
+            .is_some_and(|c| !c.in_flight.is_empty());
+        if !q.out_of_scope
+            || in_flight
+            || !q.queue.is_empty()
+            || q.waiting_args
+            || !q.orphans.is_empty()
+        {
+            return;
+        }
+        let Some(q) = self.actors.remove(id) else {
+            return;
+        };
+        if let Some(c) = q.conn {
+            // Closing the stream is all the worker needs to hear from this caller.
+            self.actor_conns.remove(&c);
+            self.out.push(Effect::Close(c));
+        }
+        if q.dead.is_none() {
+            self.out.push(Effect::KillActor(id.to_owned()));
+        }
+    }
+
+    fn fail_actor_task(
+        &mut self,
+        actor: &ActorRef,
+        t: &Task,
+        kind: TaskErrorKind,
+        message: String,
+    ) {
+        let mut e = crate::actor::actor_error(actor, kind, message);
+        e.task_id = t.id.to_string();
+        e.function = t.function.to_owned();
+        self.finish_failed(t, e);
+    }
+
+    pub(super) fn actor_resolved(&mut self, id: &str, r: Result<pb::ActorInfo, String>) {
+        self.dirty_actors.push(id.to_owned());
+        let Some(q) = self.actors.get_mut(id) else {
+            return;
+        };
+        q.resolving = false;
+        let orphans = std::mem::take(&mut q.orphans);
+        let actor = q.actor.clone();
+        match r {
+            Err(why) => {
+                q.dead = Some(why.clone());
+                for t in orphans {
+                    self.fail_actor_task(
+                        &actor,
+                        &t,
+                        TaskErrorKind::ActorDied,
+                        format!("the actor died while running this call: {why}"),
+                    );
+                }
+            }
+            Ok(info) => {
+                q.min_restarts = info.num_restarts;
+                for t in orphans {
+                    let msg = format!(
+                        "the actor's worker died while running this call; the actor restarted ({} restart(s) so far) but the call was not retried (max_task_retries={})",
+                        info.num_restarts, actor.max_task_retries
+                    );
+                    self.fail_actor_task(&actor, &t, TaskErrorKind::ActorUnavailable, msg);
+                }
+                let cid = self.open_actor(id, &info);
+                if let Some(q) = self.actors.get_mut(id) {
+                    q.conn = Some(cid);
+                }
+            }
+        }
+    }
+
+    fn open_actor(&mut self, id: &str, info: &pb::ActorInfo) -> u64 {
+        let cid = self.next_id();
+        self.out.push(Effect::Open {
+            conn: cid,
+            address: info.worker_address.clone(),
+            first: pb::PushTasksRequest {
+                actor_id: id.to_owned(),
+                actor_restarts: info.num_restarts,
+                ..Default::default()
+            },
+            direct: true,
+        });
+        self.actor_conns.insert(
+            cid,
+            ActorConn {
+                actor_id: id.to_owned(),
+                in_flight: HashMap::new(),
+                restarts: info.num_restarts,
+                node_id: info.node_id.clone(),
+                worker_id: info.worker_id.clone(),
+            },
+        );
+        cid
+    }
+
+    /// Books an actor's replies (the stream already completed their objects).
+    pub(super) fn actor_replies(&mut self, cid: u64, replies: Vec<pb::TaskReply>) {
+        for r in replies {
+            let Ok(id) = ObjectId::from_slice(&r.task_id) else {
+                continue;
+            };
+            let Some(c) = self.actor_conns.get_mut(&cid) else {
+                return;
+            };
+            let Some(t) = c.in_flight.remove(&id) else {
+                continue;
+            };
+            let actor = c.actor_id.clone();
+            self.stats.submitted.fetch_sub(1, Ordering::Relaxed);
+            match &r.result {
+                Some(pb::task_reply::Result::Value(_)) => {
+                    self.stats.finished.fetch_add(1, Ordering::Relaxed);
+                    self.note(
+                        &t,
+                        "FINISHED",
+                        At {
+                            actor: Some(&actor),
+                            ..At::default()
+                        },
+                    );
+                }
+                other => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    let error = match other {
+                        Some(pb::task_reply::Result::Error(e)) => {
+                            format!(
+                                "{}: {}",
+                                protocol::task_error_kind_name(e.kind()),
+                                e.message
+                            )
+                        }
+                        _ => "STORE: an empty reply".into(),
+                    };
+                    self.note_failed(&t, error, Some(&actor));
+                }
+            }
+        }
+        if let Some(c) = self.actor_conns.get(&cid)
+            && c.in_flight.is_empty()
+        {
+            let id = c.actor_id.clone();
+            self.end_if_out_of_scope(&id);
+        }
+    }
+
+    /// The stream to the actor broke (its worker or node died, or it restarted): retry what
+    /// may be retried, in order, on the next incarnation.
+    pub(super) fn actor_broken(&mut self, cid: u64, why: String) {
+        let Some(c) = self.actor_conns.remove(&cid) else {
+            return;
+        };
+        let Some(q) = self.actors.get_mut(&c.actor_id) else {
+            return;
+        };
+        q.conn = None;
+        q.min_restarts = q.min_restarts.max(c.restarts + 1);
+        let mut tasks: Vec<Task> = c.in_flight.into_values().collect();
+        if !tasks.is_empty() {
+            tracing::warn!(
+                actor = c.actor_id,
+                calls = tasks.len(),
+                "lost the actor's worker: {why}"
+            );
+        }
+        tasks.sort_by_key(|t| t.id);
+        let retries = q.actor.max_task_retries;
+        let mut notes = Vec::new();
+        for mut t in tasks.into_iter().rev() {
+            self.stats.submitted.fetch_sub(1, Ordering::Relaxed);
+            if retries < 0 || i64::from(t.attempt) < retries {
+                t.attempt += 1;
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+                notes.push((t.id, t.function, t.attempt));
+                q.queue.push_front(t);
+            } else {
+                q.orphans.push(t);
+            }
+        }
+        let learn_fate = !q.orphans.is_empty();
+        for (id, function, attempt) in notes {
+            self.out.push(Effect::Note(super::engine::Note {
+                id,
+                function,
+                state: "PENDING_NODE_ASSIGNMENT",
+                node: String::new(),
+                worker: String::new(),
+                attempt,
+                error: String::new(),
+                actor: Some(c.actor_id.clone()),
+            }));
+        }
+        if learn_fate {
+            // Learn the actor's fate even if nothing else waits for it.
+            self.resolve(&c.actor_id);
+        }
+        self.dirty_actors.push(c.actor_id);
+    }
+}
