@@ -165,7 +165,7 @@ fn run(full_is_leader: bool) -> Result<()> {
         || (writer.acked() >= 20).then_some(()),
     )?;
     fs.fill()?;
-    let status = wait_exit(&mut c, victim, Duration::from_secs(20))?;
+    let status = wait_exit(&mut c, victim, Duration::from_secs(60))?;
     let log = std::fs::read_to_string(c.path().join(format!("head-{victim}.log")))?;
     assert!(
         matches!(status, WaitStatus::Exited(_, code) if code != 0),

@@ -594,19 +594,25 @@ fn objects_of_a_killed_driver_are_freed_on_every_node() -> Result<()> {
     })
 }
 
-#[test]
-fn a_program_sees_the_clusters_resources_nodes_and_where_its_code_runs() -> Result<()> {
+/// A head and a worker node with these CPUs, both alive.
+fn head_and_node(head_cpus: f64, node_cpus: f64) -> Result<Cluster> {
     let c = Cluster::start(ClusterOptions {
         heads: 1,
         nodes: 1,
-        head_cpus: 1.0,
-        node_cpus: 2.0,
+        head_cpus,
+        node_cpus,
         ..Default::default()
     })?;
     wait_for("2 alive nodes", Duration::from_secs(60), || {
         let s = c.status(None).ok()?;
         (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
     })?;
+    Ok(c)
+}
+
+#[test]
+fn a_program_sees_the_clusters_resources_nodes_and_where_its_code_runs() -> Result<()> {
+    let c = head_and_node(1.0, 2.0)?;
     let r = run(&c, &["context"], &[])?;
     assert_eq!(r["cluster"]["CPU"], 3.0, "{r}");
     let avail = r["available"]["CPU"].as_f64().unwrap_or(0.0);
@@ -636,17 +642,7 @@ fn a_program_sees_the_clusters_resources_nodes_and_where_its_code_runs() -> Resu
 #[test]
 fn cancel_drops_queued_tasks_stops_running_ones_and_their_children() -> Result<()> {
     // One CPU in the cluster (the head has none).
-    let c = Cluster::start(ClusterOptions {
-        heads: 1,
-        nodes: 1,
-        head_cpus: 0.0,
-        node_cpus: 1.0,
-        ..Default::default()
-    })?;
-    wait_for("2 alive nodes", Duration::from_secs(60), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
-    })?;
+    let c = head_and_node(0.0, 1.0)?;
     let r = run(&c, &["cancel"], &[])?;
     // Each would otherwise take a minute (or, queued, until the running one ends).
     for case in ["queued", "running", "forced", "recursive"] {
@@ -655,5 +651,37 @@ fn cancel_drops_queued_tasks_stops_running_ones_and_their_children() -> Result<(
         assert!(ms < 20_000, "{case} took {ms} ms: {r}");
     }
     assert_eq!(r["after"], 0, "{r}");
+    Ok(())
+}
+
+#[test]
+fn a_read_that_needs_room_waits_for_pins_and_says_store_full_not_lost() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        extra_args: vec!["--object-store-memory".into(), "32MiB".into()],
+        ..Default::default()
+    })?;
+    let r = run(&c, &["read-when-full"], &[])?;
+    let held = r["held"].as_str().unwrap_or_default();
+    assert!(
+        held.contains("cannot be read here yet") && held.contains("ObjectStoreFull"),
+        "{r}"
+    );
+    assert!(
+        !held.contains("is lost"),
+        "a full store is not a lost object: {r}"
+    );
+    let held_ms = r["held_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (9_000..60_000).contains(&held_ms),
+        "waited for room first: {r}"
+    );
+    assert_eq!(r["freed"], "read", "{r}");
+    let freed_ms = r["freed_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        (900..9_000).contains(&freed_ms),
+        "read once a view let go: {r}"
+    );
     Ok(())
 }

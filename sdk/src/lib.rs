@@ -30,6 +30,7 @@
 //! object stays alive while any `ObjectRef` to it or any pending task using it exists.
 
 mod actor;
+mod calls;
 mod context;
 mod output;
 mod owner;
@@ -45,9 +46,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use actor::{ActorHandle, ActorInfo, ActorOptions, ActorState, get_actor};
-pub use context::{
-    Context, Node, available_resources, cluster_resources, context, is_cancelled, nodes,
-};
+pub use calls::is_cancelled;
+pub use context::{Context, Node, available_resources, cluster_resources, context, nodes};
 pub use pg::{
     PlacementGroup, PlacementGroupInfo, PlacementGroupOptions, PlacementStrategy, placement_group,
     request_resources,

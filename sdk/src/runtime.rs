@@ -1064,11 +1064,14 @@ impl Runtime {
                 let mut last = String::from("no node holds a copy");
                 let mut pulled = false;
                 for l in locs.iter().filter(|l| !l.om.is_empty()) {
-                    match store.pull(id, &l.om, Some(Duration::from_secs(600))) {
+                    match waiting_for_space(|| {
+                        store.pull(id, &l.om, Some(Duration::from_secs(600)))
+                    }) {
                         Ok(()) => {
                             pulled = true;
                             break;
                         }
+                        Err(e) if store_full(&e) => return Err(full(id, &e)),
                         Err(e) => last = format!("pull from node {}: {e}", l.node_id),
                     }
                 }
@@ -1077,10 +1080,12 @@ impl Runtime {
                 }
                 me.owner.add_location(id, me.node.loc());
             }
-            store
-                .get_one(id, Some(Duration::from_secs(60)))
-                .map(Source::Store)
-                .map_err(|e| Error::ObjectLost(id, e.to_string()))
+            // A spilled copy is restored into the store first, which needs room.
+            match waiting_for_space(|| store.get_one(id, Some(Duration::from_secs(60)))) {
+                Ok(v) => Ok(Source::Store(v)),
+                Err(e) if store_full(&e) => Err(full(id, &e)),
+                Err(e) => Err(Error::ObjectLost(id, e.to_string())),
+            }
         })
         .await
         .map_err(|e| Error::Store(e.to_string()))?
@@ -1194,7 +1199,7 @@ impl Runtime {
             key,
             attempt: 0,
             max_retries: opts.max_retries,
-            parent: crate::context::current_task(),
+            parent: crate::calls::current_task(),
         };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
         self.task_event(
@@ -1252,13 +1257,47 @@ impl Runtime {
             key,
             attempt: 0,
             max_retries: 0,
-            parent: crate::context::current_task(),
+            parent: crate::calls::current_task(),
         };
         self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
         let _ = self
             .submit_tx
             .send(submit::Event::ActorCall(actor, Box::new(task)));
         h
+    }
+}
+
+/// How long a read waits for room in a store that is full of pinned objects (readers and
+/// writers holding them, which is usually brief) before it fails.
+const STORE_FULL_WAIT: Duration = Duration::from_secs(10);
+
+fn store_full(e: &object_store::ClientError) -> bool {
+    matches!(e, object_store::ClientError::Store { kind, .. } if kind == "ObjectStoreFull")
+}
+
+/// A store full of pinned objects is not a lost object: it is said as what it is, and no
+/// rebuild is tried.
+fn full(id: ObjectId, e: &object_store::ClientError) -> Error {
+    Error::Store(format!(
+        "object {id} cannot be read here yet: {e} (waited {STORE_FULL_WAIT:?} for readers and writers to let go)"
+    ))
+}
+
+/// Runs `f` again while the store says it is full (pins are usually held briefly), for at
+/// most `STORE_FULL_WAIT`; then returns what it last said.
+fn waiting_for_space<T>(
+    mut f: impl FnMut() -> Result<T, object_store::ClientError>,
+) -> Result<T, object_store::ClientError> {
+    let deadline = std::time::Instant::now() + STORE_FULL_WAIT;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match f() {
+            Err(e) if store_full(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+            r => return r,
+        }
     }
 }
 

@@ -435,7 +435,7 @@ fn run_one(
     // Marks the call running on this thread; none if its caller cancelled it before it
     // started (it was answered then).
     let _running = match ObjectId::from_slice(&spec.task_id) {
-        Ok(id) => match crate::context::start(id, spec.attempt) {
+        Ok(id) => match crate::calls::start(id, spec.attempt) {
             Some(g) => Some(g),
             None => return,
         },
@@ -747,7 +747,7 @@ fn cancel_here(c: &pb::CancelTask, replies: &mpsc::UnboundedSender<pb::TaskReply
     let Ok(id) = ObjectId::from_slice(&c.task_id) else {
         return;
     };
-    let running = crate::context::cancel_requested(id);
+    let running = crate::calls::cancel_requested(id);
     if !running {
         let _ = replies.send(cancelled_reply(id));
     }
@@ -822,7 +822,7 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
     PANIC.with(|p| p.borrow_mut().take());
     let out = std::panic::catch_unwind(AssertUnwindSafe(|| call(&spec.function, &mut args)));
     // Cancelled while it ran: whatever it returned, its caller gets CANCELLED.
-    let cancelled = crate::context::is_cancelled();
+    let cancelled = crate::calls::is_cancelled();
     drop(args);
     if cancelled {
         return err(

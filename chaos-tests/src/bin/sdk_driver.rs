@@ -484,6 +484,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "pinned_bad": pinned_bad, "read_bad": read_bad,
             }));
         }
+        "read-when-full" => {
+            // A 32 MiB store: `a` is put and left unread (so it may be spilled), then 15
+            // objects of 2 MiB are put and held through zero-copy views, which spills `a`
+            // and leaves less than 2 MiB free. Reading `a` back needs that room.
+            let size = 2u64 << 20;
+            let a_bytes = blob(1, size);
+            let a = sdk::put(&a_bytes)?;
+            let mut views = Vec::new();
+            let mut refs = Vec::new();
+            for i in 0..15 {
+                let r = sdk::put(&blob(100 + i, size))?;
+                views.push(sdk::get_view(&r)?);
+                refs.push(r);
+            }
+            let read = |a: &sdk::ObjectRef<Vec<u8>>| match sdk::get(a) {
+                Ok(b) if crc(&b) == crc(&a_bytes) => "read".to_string(),
+                Ok(_) => "wrong bytes".to_string(),
+                Err(e) => e.to_string(),
+            };
+            // Nothing lets go: a store-full error after the wait, not a lost object.
+            let t = std::time::Instant::now();
+            let held = read(&a);
+            let held_ms = t.elapsed().as_millis() as u64;
+            // A view let go a second into the read: the read waits for it and succeeds.
+            let t = std::time::Instant::now();
+            let reader = {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let r = sdk::get(&a);
+                    (r.map(|b| crc(&b)), t.elapsed().as_millis() as u64)
+                })
+            };
+            std::thread::sleep(Duration::from_secs(1));
+            drop(views.pop());
+            let (got, freed_ms) = reader.join().map_err(|_| "the reader panicked")?;
+            let freed = match got {
+                Ok(c) if c == crc(&a_bytes) => "read".to_string(),
+                Ok(_) => "wrong bytes".to_string(),
+                Err(e) => e.to_string(),
+            };
+            result(serde_json::json!({
+                "held": held, "held_ms": held_ms, "freed": freed, "freed_ms": freed_ms,
+            }));
+        }
         "idle" => {
             // Connected, no task yet: what the node started on its own.
             result(serde_json::json!({"connected": true}));

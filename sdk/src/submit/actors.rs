@@ -11,35 +11,10 @@ use std::sync::atomic::Ordering;
 use protocol::{ObjectId, pb};
 
 use super::Task;
-use super::engine::{At, Effect, Engine, Waiting};
+use super::engine::{At, Effect, Engine, Note, Waiting};
+use super::state::{ActorConn, ActorQueue};
 use crate::TaskErrorKind;
 use crate::actor::ActorRef;
-
-/// Calls to one actor from this process.
-pub(crate) struct ActorQueue {
-    pub(super) actor: Arc<ActorRef>,
-    /// Not yet sent, in submission order.
-    pub(super) queue: VecDeque<Task>,
-    pub(super) conn: Option<u64>,
-    pub(super) resolving: bool,
-    pub(super) waiting_args: bool,
-    /// Connect only to this incarnation or a later one.
-    pub(super) min_restarts: u64,
-    pub(super) dead: Option<String>,
-    /// In flight when the worker died and not retried: failed once the actor's fate is known.
-    pub(super) orphans: Vec<Task>,
-    /// No handle keeps the actor alive any more: it is killed when no call is left.
-    pub(super) out_of_scope: bool,
-}
-
-/// A stream to an actor's worker.
-pub(crate) struct ActorConn {
-    pub(super) actor_id: String,
-    pub(super) in_flight: HashMap<ObjectId, Task>,
-    pub(super) restarts: u64,
-    pub(super) node_id: String,
-    pub(super) worker_id: String,
-}
 
 impl Engine {
     pub(super) fn actor_call(&mut self, actor: Arc<ActorRef>, t: Task) {
@@ -135,21 +110,14 @@ impl Engine {
                 Ok(spec) => {
                     self.stats.submitted.fetch_add(1, Ordering::Relaxed);
                     out.push(spec);
-                    if let Some(c) = self.actor_conns.get(&cid) {
-                        let (node, worker, actor) =
-                            (c.node_id.clone(), c.worker_id.clone(), c.actor_id.clone());
-                        self.note(
-                            &t,
-                            "SUBMITTED_TO_WORKER",
-                            At {
-                                node: &node,
-                                worker: &worker,
-                                actor: Some(&actor),
-                            },
-                        );
-                        if let Some(c) = self.actor_conns.get_mut(&cid) {
-                            c.in_flight.insert(t.id, t);
-                        }
+                    if let Some(c) = self.actor_conns.get_mut(&cid) {
+                        let at = At {
+                            node: &c.node_id,
+                            worker: &c.worker_id,
+                            actor: Some(&c.actor_id),
+                        };
+                        (self.log)(Note::of(&t, "SUBMITTED_TO_WORKER", at));
+                        c.in_flight.insert(t.id, t);
                     }
                 }
                 Err(e) => self.finish_failed(&t, e),
@@ -356,25 +324,18 @@ impl Engine {
                 t.attempt += 1;
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
-                notes.push((t.id, t.function, t.attempt));
+                let at = At {
+                    actor: Some(&c.actor_id),
+                    ..At::default()
+                };
+                notes.push(Note::of(&t, "PENDING_NODE_ASSIGNMENT", at));
                 q.queue.push_front(t);
             } else {
                 q.orphans.push(t);
             }
         }
         let learn_fate = !q.orphans.is_empty();
-        for (id, function, attempt) in notes {
-            self.out.push(Effect::Note(super::engine::Note {
-                id,
-                function,
-                state: "PENDING_NODE_ASSIGNMENT",
-                node: String::new(),
-                worker: String::new(),
-                attempt,
-                error: String::new(),
-                actor: Some(c.actor_id.clone()),
-            }));
-        }
+        notes.into_iter().for_each(|n| (self.log)(n));
         if learn_fate {
             // Learn the actor's fate even if nothing else waits for it.
             self.resolve(&c.actor_id);

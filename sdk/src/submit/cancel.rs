@@ -29,10 +29,10 @@ impl Engine {
             return;
         }
         // Queued for a lease.
-        let queued = self.keys.iter_mut().find_map(|(k, ks)| {
-            let i = ks.queue.iter().position(|t| t.id == id)?;
-            Some((k.clone(), ks.queue.remove(i)?))
-        });
+        let queued = self
+            .keys
+            .iter_mut()
+            .find_map(|(k, ks)| Some((k.clone(), take(&mut ks.queue, id)?)));
         if let Some((key, t)) = queued {
             self.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
             self.finish_failed(&t, cancelled(&t));
@@ -55,10 +55,10 @@ impl Engine {
             return;
         }
         // A call to an actor, not yet sent.
-        let queued = self.actors.iter_mut().find_map(|(a, q)| {
-            let i = q.queue.iter().position(|t| t.id == id)?;
-            Some((a.clone(), q.queue.remove(i)?))
-        });
+        let queued = self
+            .actors
+            .iter_mut()
+            .find_map(|(a, q)| Some((a.clone(), take(&mut q.queue, id)?)));
         if let Some((actor, t)) = queued {
             self.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
             self.finish_failed(&t, cancelled(&t));
@@ -104,6 +104,12 @@ impl Engine {
             );
         }
     }
+}
+
+/// Takes task `id` out of `queue`.
+fn take(queue: &mut std::collections::VecDeque<Task>, id: ObjectId) -> Option<Task> {
+    let i = queue.iter().position(|t| t.id == id)?;
+    queue.remove(i)
 }
 
 fn cancelled(t: &Task) -> crate::TaskError {

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use protocol::{ObjectId, pb};
 
-use super::actors::{ActorConn, ActorQueue};
-use super::leases::{Key, LeaseReq};
-use super::tasks::{Conn, KeyState};
+use super::state::{ActorConn, ActorQueue, Conn, Key, KeyState, LeaseReq};
 use super::{ArgOut, Task};
 use crate::actor::ActorRef;
 use crate::owner::{Loc, Owner, State};
@@ -99,8 +97,6 @@ pub(crate) enum Effect {
     KillActor(String),
     /// Tell the user (at most once a minute per `key`).
     Warn { key: String, message: String },
-    /// A task's state changed (`rayctl list tasks`).
-    Note(Note),
 }
 
 /// The events a timer feeds back.
@@ -129,6 +125,22 @@ pub(crate) struct Note {
     pub(crate) actor: Option<String>,
 }
 
+impl Note {
+    /// Task `t` is now in `state`, at `at`.
+    pub(super) fn of(t: &Task, state: &'static str, at: At<'_>) -> Self {
+        Self {
+            id: t.id,
+            function: t.function,
+            state,
+            node: at.node.to_owned(),
+            worker: at.worker.to_owned(),
+            attempt: t.attempt,
+            error: String::new(),
+            actor: at.actor.map(str::to_owned),
+        }
+    }
+}
+
 /// What every lease request of this process says besides its shape.
 #[derive(Clone, Default)]
 pub(crate) struct Identity {
@@ -138,9 +150,15 @@ pub(crate) struct Identity {
     pub(crate) prefix: Vec<u8>,
 }
 
+/// Where the engine records task events, at once and in order: a task's event is
+/// recorded before its result is completed (a driver that exits right after `get` has
+/// reported it).
+pub(crate) type TaskLog = Arc<dyn Fn(Note) + Send + Sync>;
+
 pub(crate) struct Engine {
     pub(super) owner: Arc<Owner>,
     pub(super) stats: Arc<Stats>,
+    pub(super) log: TaskLog,
     /// This process's node: where lease requests start, and the copy of an argument
     /// assumed when none is known.
     pub(super) home: Loc,
@@ -162,10 +180,17 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub(crate) fn new(owner: Arc<Owner>, stats: Arc<Stats>, home: Loc, identity: Identity) -> Self {
+    pub(crate) fn new(
+        owner: Arc<Owner>,
+        stats: Arc<Stats>,
+        log: TaskLog,
+        home: Loc,
+        identity: Identity,
+    ) -> Self {
         Self {
             owner,
             stats,
+            log,
             home,
             identity,
             keys: HashMap::new(),
@@ -329,29 +354,18 @@ impl Engine {
 
     /// Records a task's new state for `rayctl list tasks`.
     pub(super) fn note(&mut self, t: &Task, state: &'static str, at: At<'_>) {
-        self.out.push(Effect::Note(Note {
-            id: t.id,
-            function: t.function,
-            state,
-            node: at.node.to_owned(),
-            worker: at.worker.to_owned(),
-            attempt: t.attempt,
-            error: String::new(),
-            actor: at.actor.map(str::to_owned),
-        }));
+        (self.log)(Note::of(t, state, at));
     }
 
     pub(super) fn note_failed(&mut self, t: &Task, error: String, actor: Option<&str>) {
-        self.out.push(Effect::Note(Note {
-            id: t.id,
-            function: t.function,
-            state: "FAILED",
-            node: String::new(),
-            worker: String::new(),
-            attempt: t.attempt,
+        let at = At {
+            actor,
+            ..At::default()
+        };
+        (self.log)(Note {
             error,
-            actor: actor.map(str::to_owned),
-        }));
+            ..Note::of(t, "FAILED", at)
+        });
     }
 }
 

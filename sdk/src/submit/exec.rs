@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use protocol::{ObjectId, pb};
 use tokio::sync::mpsc;
 
-use super::engine::{Effect, Engine, Event, Identity, TimerEvent, Waiting, reply_state};
+use super::engine::{
+    Effect, Engine, Event, Identity, Note, TaskLog, TimerEvent, Waiting, reply_state,
+};
 use super::{LINGER, user_warning};
 use crate::runtime::Runtime;
 
@@ -31,9 +33,23 @@ struct Exec {
 }
 
 pub(crate) async fn run(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<Event>) {
+    let events_rt = rt.clone();
+    let log: TaskLog = Arc::new(move |n: Note| {
+        events_rt.task_event(
+            n.id,
+            n.function,
+            n.state,
+            &n.node,
+            &n.worker,
+            n.attempt,
+            n.error,
+            n.actor.as_deref(),
+        )
+    });
     let mut engine = Engine::new(
         rt.owner.clone(),
         rt.stats.clone(),
+        log,
         rt.node.loc(),
         Identity {
             binary: rt.binary.clone(),
@@ -188,16 +204,6 @@ impl Exec {
                 self.rt.spawn(end_actor(self.rt.clone(), id));
             }
             Effect::Warn { key, message } => user_warning(&key, &message),
-            Effect::Note(n) => self.rt.task_event(
-                n.id,
-                n.function,
-                n.state,
-                &n.node,
-                &n.worker,
-                n.attempt,
-                n.error,
-                n.actor.as_deref(),
-            ),
         }
     }
 

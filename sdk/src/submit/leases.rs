@@ -1,4 +1,4 @@
-//! Leases: the shape tasks share a lease by (`Key`), and each lease request's course from
+//! Lease requests: each one's course from
 //! this process's node along spillback replies (the node bounds the hops). An infeasible
 //! or timed-out request asks again while tasks wait (the nodes report that demand to the
 //! autoscaler); a request whose RPCs keep failing fails the tasks waiting for it.
@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::pb;
-use scheduler::ResourceSet;
 
 use super::engine::{Effect, Engine, TimerEvent, task_error};
+use super::state::{Key, Lease, LeaseReq};
 use super::{LEASE_QUEUE_TIMEOUT, Task};
-use crate::Strategy;
 use crate::TaskErrorKind;
 
 /// Consecutive failed lease RPCs (not refusals) after which waiting tasks fail (~15 s).
@@ -22,80 +21,6 @@ pub(super) const INFEASIBLE_RETRY: Duration = Duration::from_secs(1);
 pub(super) const BUSY_RETRY: Duration = Duration::from_millis(50);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-
-/// Tasks with the same key can share leases.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct Key {
-    pub(super) shape: ResourceSet,
-    pub(super) strategy: i32,
-    pub(super) affinity: String,
-    pub(super) soft: bool,
-}
-
-impl Key {
-    /// The shape as a user wrote it: `{CPU: 1, unobtainium: 1}`.
-    pub(crate) fn describe(&self) -> String {
-        let parts: Vec<String> = self
-            .shape
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect();
-        format!("{{{}}}", parts.join(", "))
-    }
-
-    pub(crate) fn new(shape: ResourceSet, s: &Strategy) -> Arc<Self> {
-        let (strategy, affinity, soft) = match s {
-            // Bundle resources exist only on the bundles' nodes: the hybrid policy finds them.
-            Strategy::Default | Strategy::PlacementGroup { .. } => {
-                (pb::SchedulingStrategy::Hybrid as i32, String::new(), false)
-            }
-            Strategy::Spread => (pb::SchedulingStrategy::Spread as i32, String::new(), false),
-            Strategy::NodeAffinity { node, soft } => (
-                pb::SchedulingStrategy::NodeAffinity as i32,
-                node.to_string(),
-                *soft,
-            ),
-        };
-        Arc::new(Self {
-            shape,
-            strategy,
-            affinity,
-            soft,
-        })
-    }
-
-    /// Tasks in flight per lease: one for SPREAD (each task its own lease), else
-    /// `PIPELINE`.
-    pub(super) fn depth(&self) -> usize {
-        if self.strategy == pb::SchedulingStrategy::Spread as i32 {
-            1
-        } else {
-            super::PIPELINE
-        }
-    }
-}
-
-/// A granted lease: a worker this process may push tasks of one key to.
-#[derive(Debug, Clone)]
-pub(crate) struct Lease {
-    pub(super) lease_id: String,
-    pub(super) node_id: String,
-    pub(super) node_address: String,
-    pub(super) worker_id: String,
-    pub(super) worker_address: String,
-}
-
-/// One lease request on its way.
-#[derive(Debug)]
-pub(crate) struct LeaseReq {
-    pub(super) key: Arc<Key>,
-    /// The node asked now.
-    pub(super) addr: String,
-    pub(super) hops: u32,
-    /// Consecutive failed RPCs.
-    pub(super) failures: u32,
-    pub(super) backoff: Duration,
-}
 
 impl Engine {
     /// Starts a lease request for `key` at this process's node.
@@ -226,7 +151,7 @@ impl Engine {
                 if known {
                     self.lease_done(req);
                 }
-                let lease = super::leases::Lease {
+                let lease = Lease {
                     lease_id: r.lease_id,
                     node_id: r.node_id,
                     node_address: addr,

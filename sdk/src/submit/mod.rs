@@ -1,5 +1,6 @@
 //! The owner's task submitter (DESIGN §3). Its decisions are a sans-IO core (`engine::Engine`,
-//! split by noun into `tasks`, `actors` and `leases`): state changes only through
+//! its state in `state`, how it changes split by noun into `tasks`, `leases`,
+//! `actors` and `cancel`): state changes only through
 //! `handle(event)`, and `flush` returns the effects (lease RPCs, pushes, timers, task
 //! events) that one tokio task, the executor (`exec`), runs. No lock is held across an
 //! await, and the control plane is called only to find or end actors.
@@ -12,6 +13,7 @@ mod cancel;
 mod engine;
 mod exec;
 mod leases;
+mod state;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -24,7 +26,7 @@ use protocol::ObjectId;
 
 pub(crate) use self::engine::Event;
 pub(crate) use self::exec::run;
-pub(crate) use self::leases::Key;
+pub(crate) use self::state::Key;
 use crate::__private::ArgOut;
 
 /// Tasks in flight per lease (SPREAD: one).

@@ -5,35 +5,18 @@
 //! returns it. A broken stream means the worker (or its node) died: its in-flight tasks
 //! are retried while `attempt < max_retries`, else they fail with WORKER_DIED.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use protocol::{ObjectId, pb};
 
-use super::engine::{At, Effect, Engine, Waiting, task_error, value_state};
-use super::leases::{Key, Lease};
+use super::engine::{At, Effect, Engine, Note, Waiting, task_error, value_state};
+use super::state::{Conn, Key, Lease};
 use super::{ArgOut, LINGER, MAX_PENDING_LEASES, Task};
 use crate::TaskErrorKind;
 use crate::owner::{Loc, Rebuild, State};
-
-/// A stream to a leased worker.
-pub(crate) struct Conn {
-    pub(super) key: Arc<Key>,
-    pub(super) lease: Lease,
-    pub(super) in_flight: HashMap<ObjectId, Task>,
-    /// Since when nothing is in flight.
-    pub(super) idle_since: Option<Instant>,
-}
-
-/// One scheduling key's tasks, leases and lease requests.
-#[derive(Default)]
-pub(crate) struct KeyState {
-    pub(super) queue: VecDeque<Task>,
-    pub(super) conns: Vec<u64>,
-    pub(super) requests: Vec<u64>,
-}
 
 impl Engine {
     /// Queues the task once every `ObjectRef` argument is ready.
@@ -87,13 +70,12 @@ impl Engine {
                     self.stats.submitted.fetch_add(1, Ordering::Relaxed);
                     let c = self.conns.get_mut(&cid).expect("listed conns exist");
                     c.idle_since = None;
-                    notes.push((
-                        t.id,
-                        t.function,
-                        t.attempt,
-                        c.lease.node_id.clone(),
-                        c.lease.worker_id.clone(),
-                    ));
+                    let at = At {
+                        node: &c.lease.node_id,
+                        worker: &c.lease.worker_id,
+                        actor: None,
+                    };
+                    notes.push(Note::of(&t, "SUBMITTED_TO_WORKER", at));
                     c.in_flight.insert(t.id, t);
                     match out.iter_mut().find(|(c, _)| *c == cid) {
                         Some((_, v)) => v.push(spec),
@@ -103,18 +85,7 @@ impl Engine {
                 Err(e) => failed.push((t, e)),
             }
         }
-        for (id, function, attempt, node, worker) in notes {
-            self.out.push(Effect::Note(super::engine::Note {
-                id,
-                function,
-                state: "SUBMITTED_TO_WORKER",
-                node,
-                worker,
-                attempt,
-                error: String::new(),
-                actor: None,
-            }));
-        }
+        notes.into_iter().for_each(|n| (self.log)(n));
         for (t, e) in failed {
             self.finish_failed(&t, e);
         }

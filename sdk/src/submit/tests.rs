@@ -1,8 +1,8 @@
 //! The submitter core's table tests: events in, effects and object states out, no sockets
 //! and no clock (time is passed in).
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
@@ -10,8 +10,9 @@ use protocol::{ObjectId, pb};
 use scheduler::ResourceSet;
 use tokio::sync::mpsc;
 
-use super::engine::{Effect, Engine, Event, Identity, TimerEvent, Waiting};
-use super::leases::{BUSY_RETRY, INFEASIBLE_RETRY, Key, MAX_LEASE_FAILURES};
+use super::engine::{Effect, Engine, Event, Identity, Note, TimerEvent, Waiting};
+use super::leases::{BUSY_RETRY, INFEASIBLE_RETRY, MAX_LEASE_FAILURES};
+use super::state::Key;
 use super::{ArgOut, LINGER, Lineage, MAX_PENDING_LEASES, PIPELINE, Task};
 use crate::actor::ActorRef;
 use crate::owner::{Handle, Loc, Owner, State};
@@ -30,6 +31,8 @@ fn loc(n: &str) -> Loc {
 
 struct T {
     core: Engine,
+    /// The task events of the last `run`, each with whether its result was still pending.
+    notes: Arc<Mutex<Vec<(Note, bool)>>>,
     owner: Arc<Owner>,
     stats: Arc<Stats>,
     now: Instant,
@@ -49,9 +52,16 @@ impl T {
             om: "home:om".into(),
             nm: HOME.into(),
         };
+        let notes: Arc<Mutex<Vec<(Note, bool)>>> = Arc::default();
+        let (log, o) = (notes.clone(), owner.clone());
         let core = Engine::new(
             owner.clone(),
             stats.clone(),
+            // Each event with whether its task's result was still pending when recorded.
+            Arc::new(move |n: Note| {
+                let pending = matches!(o.state(n.id), Some(State::Pending));
+                log.lock().expect("notes").push((n, pending));
+            }),
             home,
             Identity {
                 binary: ("sha".into(), "src".into()),
@@ -61,6 +71,7 @@ impl T {
         );
         Self {
             core,
+            notes,
             owner,
             stats,
             now: Instant::now(),
@@ -96,6 +107,7 @@ impl T {
 
     /// Events in, then a flush: its effects.
     fn run(&mut self, evs: impl IntoIterator<Item = Event>) -> Vec<Effect> {
+        self.notes.lock().expect("notes").clear();
         for e in evs {
             if matches!(e, Event::Submit(_)) {
                 self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
@@ -134,16 +146,19 @@ fn cpu() -> Arc<Key> {
     Key::new(cpu_shape(), &Strategy::Default)
 }
 
+/// What `f` picks out of the effects, in order.
+fn pick<T>(fx: &[Effect], f: impl Fn(&Effect) -> Option<T>) -> Vec<T> {
+    fx.iter().filter_map(f).collect()
+}
+
 /// (request id, node asked, hops, backlog told) of every lease request.
 fn lease_requests(fx: &[Effect]) -> Vec<(u64, String, u32, u32)> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::RequestLease {
-                req, addr, request, ..
-            } => Some((*req, addr.clone(), request.spillback_count, request.backlog)),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::RequestLease {
+            req, addr, request, ..
+        } => Some((*req, addr.clone(), request.spillback_count, request.backlog)),
+        _ => None,
+    })
 }
 
 fn reqs(fx: &[Effect]) -> Vec<u64> {
@@ -152,19 +167,17 @@ fn reqs(fx: &[Effect]) -> Vec<u64> {
 
 /// (connection, task ids, attempts) of every push.
 fn pushes(fx: &[Effect]) -> Vec<(u64, Vec<ObjectId>, Vec<u32>)> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::Push { conn, tasks } => Some((
-                *conn,
-                tasks
-                    .iter()
-                    .map(|t| ObjectId::from_slice(&t.task_id).expect("id"))
-                    .collect(),
-                tasks.iter().map(|t| t.attempt).collect(),
-            )),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::Push { conn, tasks } => Some((
+            *conn,
+            tasks
+                .iter()
+                .map(|t| ObjectId::from_slice(&t.task_id).expect("id"))
+                .collect(),
+            tasks.iter().map(|t| t.attempt).collect(),
+        )),
+        _ => None,
+    })
 }
 
 fn pushed(fx: &[Effect]) -> Vec<ObjectId> {
@@ -173,67 +186,53 @@ fn pushed(fx: &[Effect]) -> Vec<ObjectId> {
 
 /// (connection, address, first message) of every stream opened.
 fn opens(fx: &[Effect]) -> Vec<(u64, String, pb::PushTasksRequest, bool)> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::Open {
-                conn,
-                address,
-                first,
-                direct,
-            } => Some((*conn, address.clone(), first.clone(), *direct)),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::Open {
+            conn,
+            address,
+            first,
+            direct,
+        } => Some((*conn, address.clone(), first.clone(), *direct)),
+        _ => None,
+    })
 }
 
 fn closes(fx: &[Effect]) -> Vec<u64> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::Close(c) => Some(*c),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::Close(c) => Some(*c),
+        _ => None,
+    })
 }
 
 fn cancels(fx: &[Effect]) -> Vec<u64> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::CancelLease(r) => Some(*r),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::CancelLease(r) => Some(*r),
+        _ => None,
+    })
 }
 
 /// (delay, request) of every timer.
 fn timers(fx: &[Effect]) -> Vec<(Duration, u64)> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::Timer {
-                after,
-                event: TimerEvent::LeaseRetry(r),
-            } => Some((*after, *r)),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::Timer {
+            after,
+            event: TimerEvent::LeaseRetry(r),
+        } => Some((*after, *r)),
+        _ => None,
+    })
 }
 
 fn warnings(fx: &[Effect]) -> Vec<String> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::Warn { key, .. } => Some(key.clone()),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::Warn { key, .. } => Some(key.clone()),
+        _ => None,
+    })
 }
 
-/// (task, state) of every task event.
-fn notes(fx: &[Effect]) -> Vec<(ObjectId, &'static str, u32)> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::Note(n) => Some((n.id, n.state, n.attempt)),
-            _ => None,
-        })
-        .collect()
+/// (task, state, attempt) of every task event of the last `run`, in order.
+fn notes(t: &T) -> Vec<(ObjectId, &'static str, u32)> {
+    let n = t.notes.lock().expect("notes");
+    n.iter().map(|(n, _)| (n.id, n.state, n.attempt)).collect()
 }
 
 fn outcome(o: pb::LeaseOutcome) -> pb::LeaseReply {
@@ -299,7 +298,7 @@ fn a_lease_is_reused_by_the_next_task_and_returned_after_linger() {
     let a = t.task(&k, 0, vec![]);
     let a_id = a.id;
     let fx = t.submit(vec![a]);
-    assert_eq!(notes(&fx), vec![(a_id, "PENDING_NODE_ASSIGNMENT", 0)]);
+    assert_eq!(notes(&t), vec![(a_id, "PENDING_NODE_ASSIGNMENT", 0)]);
     assert_eq!(lease_requests(&fx), vec![(1, HOME.to_string(), 0, 1)]);
     let fx = t.run([granted(1, &k, "n1")]);
     let (conn, address, first, direct) = opens(&fx).remove(0);
@@ -311,7 +310,11 @@ fn a_lease_is_reused_by_the_next_task_and_returned_after_linger() {
     assert_eq!(t.stats.submitted.load(Ordering::Relaxed), 1);
     let fx = t.run([Event::Replies(conn, vec![value(a_id)])]);
     assert!(matches!(t.state(a_id), State::Inline { .. }));
-    assert_eq!(notes(&fx), vec![(a_id, "FINISHED", 0)]);
+    assert_eq!(notes(&t), vec![(a_id, "FINISHED", 0)]);
+    assert!(
+        t.notes.lock().expect("notes")[0].1,
+        "the event is recorded before the result is visible (a driver may exit right after)"
+    );
     assert!(closes(&fx).is_empty(), "kept for the next call");
     // The next task goes to the same worker without a lease request.
     t.now += LINGER / 2;
@@ -481,7 +484,7 @@ fn a_dead_workers_tasks_are_retried_within_max_retries_and_the_rest_fail() {
     let fx = t.run([Event::Broken(conn, "node n1 died".into())]);
     // a again, attempt 1, on a new lease; b failed naming what happened.
     assert!(
-        notes(&fx).contains(&(a_id, "PENDING_NODE_ASSIGNMENT", 1)),
+        notes(&t).contains(&(a_id, "PENDING_NODE_ASSIGNMENT", 1)),
         "{fx:?}"
     );
     assert_eq!(reqs(&fx).len(), 1);
@@ -699,12 +702,10 @@ fn actor_call(t: &mut T, a: &Arc<ActorRef>, args: Vec<ArgOut>) -> (Event, Object
 }
 
 fn resolves(fx: &[Effect]) -> Vec<u64> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::ResolveActor { min_restarts, .. } => Some(*min_restarts),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::ResolveActor { min_restarts, .. } => Some(*min_restarts),
+        _ => None,
+    })
 }
 
 #[test]
@@ -815,17 +816,15 @@ fn an_actor_out_of_scope_is_killed_once_its_calls_have_returned() {
 }
 
 fn remote_cancels(fx: &[Effect]) -> Vec<(u64, ObjectId, bool, bool)> {
-    fx.iter()
-        .filter_map(|e| match e {
-            Effect::CancelRemote {
-                conn,
-                task_id,
-                force,
-                recursive,
-            } => Some((*conn, *task_id, *force, *recursive)),
-            _ => None,
-        })
-        .collect()
+    pick(fx, |e| match e {
+        Effect::CancelRemote {
+            conn,
+            task_id,
+            force,
+            recursive,
+        } => Some((*conn, *task_id, *force, *recursive)),
+        _ => None,
+    })
 }
 
 fn cancel(id: ObjectId, force: bool, recursive: bool) -> Event {
