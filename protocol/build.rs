@@ -25,5 +25,6 @@ fn main() -> Result<()> {
         .bytes(".rayctl.v1.WriteObjectChunk.payload")
         .bytes(".rayctl.v1.BinaryChunk.data")
         .bytes(".rayctl.v1.Value.inline")
+        .bytes(".rayctl.v1.ObjectStatus.inline")
         .compile_fds(fds)
 }

@@ -18,6 +18,7 @@ pub mod metrics;
 mod output;
 mod package;
 mod registration;
+mod relay;
 mod workers;
 
 pub use workers::WorkerOptions;
@@ -646,6 +647,48 @@ impl NodeManager for NodeManagerService {
         }
         let delivered = self.shared.workers.deliver_output(o);
         Ok(tonic::Response::new(pb::DeliverOutputReply { delivered }))
+    }
+
+    async fn owner_call(
+        &self,
+        req: tonic::Request<pb::OwnerCallRequest>,
+    ) -> Result<tonic::Response<pb::OwnerCallReply>, tonic::Status> {
+        let r = req.into_inner();
+        if r.owner_prefix.is_empty() || r.owner_prefix.len() > 32 {
+            return Err(tonic::Status::invalid_argument(
+                "owner_prefix must be 1 to 32 bytes",
+            ));
+        }
+        match &r.kind {
+            None => {
+                return Err(tonic::Status::invalid_argument(
+                    "an owner call needs a kind",
+                ));
+            }
+            Some(pb::owner_call_request::Kind::Borrows(b)) if b.changes.len() > 100_000 => {
+                return Err(tonic::Status::invalid_argument(
+                    "at most 100000 borrow changes at once",
+                ));
+            }
+            _ => {}
+        }
+        let w = &self.shared.workers;
+        let owner = w.owner_channel(&r.owner_prefix);
+        Ok(tonic::Response::new(w.relay.call(owner, r).await))
+    }
+
+    async fn watch_process(
+        &self,
+        req: tonic::Request<pb::WatchProcessRequest>,
+    ) -> Result<tonic::Response<pb::WatchProcessReply>, tonic::Status> {
+        let r = req.into_inner();
+        let tx = self
+            .shared
+            .workers
+            .owner_channel(&r.prefix)
+            .map(|(_, tx)| tx);
+        let gone = relay::watch(tx, std::time::Duration::from_millis(r.wait_ms)).await;
+        Ok(tonic::Response::new(pb::WatchProcessReply { gone }))
     }
 
     async fn objects_moved(

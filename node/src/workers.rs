@@ -198,6 +198,8 @@ pub(crate) struct WorkerPool {
     output: crate::output::Forwarder,
     leases: Arc<Leases>,
     st: Mutex<PoolState>,
+    /// Calls for owner processes here, relayed down their channels (borrowing protocol).
+    pub(crate) relay: crate::relay::Relay,
     /// Node managers a missing binary may be fetched from (the live nodes); none until the
     /// first heartbeat reply, when only this node itself is a source.
     binary_sources: std::sync::RwLock<std::collections::HashSet<String>>,
@@ -238,6 +240,7 @@ impl WorkerPool {
             leases,
             binary_sources: std::sync::RwLock::default(),
             st: Mutex::default(),
+            relay: Default::default(),
         }
     }
 
@@ -953,12 +956,14 @@ impl WorkerPool {
                     Some(pb::worker_message::Kind::Blocked(l)) => me.leases.lend(&l),
                     Some(pb::worker_message::Kind::Unblocked(l)) => me.leases.reclaim(&l),
                     Some(pb::worker_message::Kind::Output(o)) => me.route_output(o),
+                    Some(pb::worker_message::Kind::OwnerReply(r)) => me.relay.answered(conn, r),
                     Some(pb::worker_message::Kind::Stats(stats)) => {
                         me.lock().stats.insert(conn, stats);
                     }
                     None => {}
                 }
             }
+            me.relay.channel_ended(conn);
             let mut st = me.lock();
             st.processes.remove(&conn);
             st.owners.remove(&conn);
@@ -1039,6 +1044,18 @@ impl WorkerPool {
             })
             .is_ok()
         })
+    }
+
+    /// The channel of the process here whose owner prefix is `prefix`, if it is connected.
+    pub(crate) fn owner_channel(
+        &self,
+        prefix: &[u8],
+    ) -> Option<(u64, mpsc::UnboundedSender<pb::NodeToWorker>)> {
+        self.lock()
+            .owners
+            .iter()
+            .find(|(_, (p, _))| p == prefix)
+            .and_then(|(conn, (_, tx))| Some((*conn, tx.upgrade()?)))
     }
 
     /// Frees the objects of an owner that went away (once per owner).

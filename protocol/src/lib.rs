@@ -51,6 +51,7 @@ pub fn task_error_kind_name(kind: pb::TaskErrorKind) -> &'static str {
         K::ActorDied => "ACTOR_DIED",
         K::ActorUnavailable => "ACTOR_UNAVAILABLE",
         K::Cancelled => "CANCELLED",
+        K::OwnerDied => "OWNER_DIED",
         K::Unspecified => "UNKNOWN",
     }
 }

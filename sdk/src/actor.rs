@@ -416,6 +416,7 @@ pub(crate) fn create(
     for (i, a) in args.into_iter().enumerate() {
         ctor_args.push(match a {
             ArgOut::Inline(v) => v,
+            ArgOut::InlineRefs(..) => return Err(Error::Actor(format!("constructor argument {i}: holds object refs, which constructor arguments cannot (they are kept in the actor table for restarts); pass them to a method instead"))),
             ArgOut::Ref(h) => match rt.owner.state(h.id) {
                 Some(crate::owner::State::Inline { bytes, tag }) => pb::Value { kind: Some(pb::value::Kind::Inline(bytes)), type_tag: tag, object_id: Vec::new() },
                 _ => return Err(Error::Actor(format!("constructor argument {i}: pass a value of at most {} bytes (object refs that are not small and ready cannot be kept in the actor table)", crate::INLINE_MAX))),

@@ -30,6 +30,7 @@
 //! object stays alive while any `ObjectRef` to it or any pending task using it exists.
 
 mod actor;
+mod borrow;
 mod calls;
 mod context;
 mod output;
@@ -153,6 +154,10 @@ pub enum Error {
     /// The task was cancelled (`sdk::cancel`).
     #[error("{0}")]
     TaskCancelled(Box<TaskError>),
+    /// A borrowed object cannot be read because the process that owns it died (its objects
+    /// went with it): which owner, and how that was found.
+    #[error("object {0} cannot be read: {1}")]
+    OwnerDied(ObjectId, String),
     /// A failure inside the SDK itself (a task of its runtime panicked or was cancelled).
     #[error("internal: {0}")]
     Internal(String),
@@ -387,11 +392,17 @@ pub fn wait<T>(
 ) -> Result<WaitResult<T>, Error> {
     let rt = runtime::current()?;
     let ids: Vec<ObjectId> = refs.iter().map(|r| r.h.id).collect();
-    let pending = ids
-        .iter()
-        .any(|id| matches!(rt.owner.state(*id), Some(owner::State::Pending)));
-    let _unblock = rt.blocked(pending);
-    let ready = rt.block_on(rt.owner.wait(&ids, num_returns.min(refs.len()), timeout));
+    let n = num_returns.min(refs.len());
+    let ready = if refs.iter().any(|r| r.h.borrowed().is_some()) {
+        let _unblock = rt.blocked(true);
+        rt.block_on(rt.clone().wait_borrowed(refs, n, timeout))
+    } else {
+        let pending = ids
+            .iter()
+            .any(|id| matches!(rt.owner.state(*id), Some(owner::State::Pending)));
+        let _unblock = rt.blocked(pending);
+        rt.block_on(rt.owner.wait(&ids, n, timeout))
+    };
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for (r, ok) in refs.iter().zip(ready) {
         if ok {
@@ -417,6 +428,12 @@ pub fn is_worker() -> bool {
 /// by a cancel).
 pub fn cancel<T>(r: &ObjectRef<T>, opts: CancelOptions) -> Result<(), Error> {
     let rt = runtime::current()?;
+    if r.h.borrowed().is_some() {
+        return Err(Error::Internal(format!(
+            "cannot cancel {}: only the process that submitted its task (its owner) can",
+            r.h.id
+        )));
+    }
     rt.submit_tx
         .send(submit::Event::Cancel(r.h.id, opts))
         .map_err(|_| Error::Internal("the submitter has stopped".into()))
@@ -540,6 +557,8 @@ pub mod __private {
     pub enum ArgOut {
         /// A small value, sent inline.
         Inline(protocol::pb::Value),
+        /// A small value with object refs inside: the refs are kept alive with the task.
+        InlineRefs(protocol::pb::Value, Arc<[Arc<crate::owner::Handle>]>),
         /// An object (resolved before the task is pushed).
         Ref(Arc<crate::owner::Handle>),
         /// The value could not be encoded or stored.
@@ -554,16 +573,25 @@ pub mod __private {
             };
             match value::archived_size(v) {
                 Err(e) => ArgOut::Failed(e),
-                Ok(n) if n <= value::INLINE_MAX => match value::archive(v) {
-                    Ok(b) => ArgOut::Inline(protocol::pb::Value {
-                        kind: Some(protocol::pb::value::Kind::Inline(
-                            prost::bytes::Bytes::copy_from_slice(&b),
-                        )),
-                        type_tag: value::type_tag::<T>(),
-                        object_id: Default::default(),
-                    }),
-                    Err(e) => ArgOut::Failed(e),
-                },
+                Ok(n) if n <= value::INLINE_MAX => {
+                    match crate::borrow::sending(|| value::archive(v)) {
+                        (Ok(b), refs) => {
+                            let v = protocol::pb::Value {
+                                kind: Some(protocol::pb::value::Kind::Inline(
+                                    prost::bytes::Bytes::copy_from_slice(&b),
+                                )),
+                                type_tag: value::type_tag::<T>(),
+                                object_id: Default::default(),
+                            };
+                            if refs.is_empty() {
+                                ArgOut::Inline(v)
+                            } else {
+                                ArgOut::InlineRefs(v, refs.into())
+                            }
+                        }
+                        (Err(e), _) => ArgOut::Failed(e),
+                    }
+                }
                 // Large arguments go through the object store, passed by reference.
                 Ok(_) => match rt.put(v) {
                     Ok(h) => ArgOut::Ref(h),

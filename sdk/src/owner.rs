@@ -38,6 +38,25 @@ struct Entry {
     lineage: Option<Arc<crate::submit::Lineage>>,
     /// Times it was rebuilt after its copies were lost.
     rebuilds: u32,
+    /// This process's handle (what its `ObjectRef`s share), while one lives.
+    handle: Weak<Handle>,
+    /// Borrows other processes registered (worker.proto, "Borrowed refs"), per borrower.
+    borrowers: HashMap<Borrower, u32>,
+    /// The refs inside the value, kept alive while it lives.
+    contained: Vec<Arc<Handle>>,
+}
+
+impl Entry {
+    fn unreferenced(&self) -> bool {
+        self.handle.strong_count() == 0 && self.borrowers.is_empty()
+    }
+}
+
+/// A process that borrows objects: its owner prefix and its node manager.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Borrower {
+    pub(crate) prefix: Vec<u8>,
+    pub(crate) node: String,
 }
 
 /// What `rebuild` decided.
@@ -50,18 +69,41 @@ pub(crate) enum Rebuild {
     Lost(String),
 }
 
-/// One owned reference; the entry goes when the last `Arc<Handle>` drops.
+/// What a process's `ObjectRef`s to one object share: one per object and process. An owned
+/// object's entry goes when its handle drops and no borrow is registered; a borrowed one's
+/// borrows are removed at its owner when it drops.
 #[doc(hidden)]
 #[allow(unreachable_pub)]
 pub struct Handle {
     pub(crate) id: ObjectId,
-    owner: Weak<Owner>,
+    pub(crate) kind: Kind,
+}
+
+pub(crate) enum Kind {
+    Owned(Weak<Owner>),
+    Borrowed(crate::borrow::Borrowed),
+}
+
+impl Handle {
+    /// The borrowed side, when this process does not own the object.
+    pub(crate) fn borrowed(&self) -> Option<&crate::borrow::Borrowed> {
+        match &self.kind {
+            Kind::Borrowed(b) => Some(b),
+            Kind::Owned(_) => None,
+        }
+    }
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if let Some(o) = self.owner.upgrade() {
-            o.release(self.id);
+        let me = self as *const Handle;
+        match &self.kind {
+            Kind::Owned(o) => {
+                if let Some(o) = o.upgrade() {
+                    o.release(self.id, me);
+                }
+            }
+            Kind::Borrowed(b) => b.dropped(self.id, me),
         }
     }
 }
@@ -95,19 +137,116 @@ impl Owner {
         state: State,
         lineage: Option<Arc<crate::submit::Lineage>>,
     ) -> Arc<Handle> {
-        self.lock().insert(
+        let h = Arc::new(Handle {
+            id,
+            kind: Kind::Owned(Arc::downgrade(self)),
+        });
+        let old = self.lock().insert(
             id,
             Entry {
                 state,
                 notify: None,
                 lineage,
                 rebuilds: 0,
+                handle: Arc::downgrade(&h),
+                borrowers: HashMap::new(),
+                contained: Vec::new(),
             },
         );
-        Arc::new(Handle {
+        drop(old);
+        h
+    }
+
+    /// This process's handle to an object it owns (a ref to it came back in a value): the
+    /// live one, or a new one if the entry is kept only by borrows. An object no longer
+    /// owned gets a handle whose reads say so.
+    pub(crate) fn handle(self: &Arc<Self>, id: ObjectId) -> Arc<Handle> {
+        let mut objects = self.lock();
+        let e = objects.get_mut(&id);
+        if let Some(h) = e.as_ref().and_then(|e| e.handle.upgrade()) {
+            return h;
+        }
+        let h = Arc::new(Handle {
             id,
-            owner: Arc::downgrade(self),
-        })
+            kind: Kind::Owned(Arc::downgrade(self)),
+        });
+        if let Some(e) = e {
+            e.handle = Arc::downgrade(&h);
+        }
+        h
+    }
+
+    /// Adds (or, negative, removes) borrows of `id` by `b`; false if the object is not owned
+    /// here any more. An object left with no handle and no borrow is freed.
+    pub(crate) fn borrow(&self, id: ObjectId, b: &Borrower, delta: i32) -> bool {
+        let mut objects = self.lock();
+        let Some(e) = objects.get_mut(&id) else {
+            return false;
+        };
+        let n = e.borrowers.get(b).copied().unwrap_or(0) as i64 + delta as i64;
+        if n > 0 {
+            e.borrowers.insert(b.clone(), n.min(u32::MAX as i64) as u32);
+        } else {
+            e.borrowers.remove(b);
+        }
+        if e.unreferenced() {
+            let e = objects.remove(&id);
+            drop(objects);
+            if let Some(e) = e {
+                self.forget(id, e);
+            }
+        }
+        true
+    }
+
+    /// `b` is gone: its borrows end.
+    pub(crate) fn borrower_gone(&self, b: &Borrower) {
+        let gone: Vec<(ObjectId, Entry)> = {
+            let mut objects = self.lock();
+            let ids: Vec<ObjectId> = objects
+                .iter_mut()
+                .filter_map(|(id, e)| {
+                    (e.borrowers.remove(b).is_some() && e.unreferenced()).then_some(*id)
+                })
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| Some((id, objects.remove(&id)?)))
+                .collect()
+        };
+        for (id, e) in gone {
+            self.forget(id, e);
+        }
+    }
+
+    /// Whether `b` borrows anything of this process's.
+    pub(crate) fn has_borrower(&self, b: &Borrower) -> bool {
+        self.lock().values().any(|e| e.borrowers.contains_key(b))
+    }
+
+    /// The refs inside `id`'s value: kept alive while it lives (dropped at once if it is
+    /// gone already).
+    pub(crate) fn contain(&self, id: ObjectId, refs: Vec<Arc<Handle>>) {
+        if refs.is_empty() {
+            return;
+        }
+        let mut objects = self.lock();
+        match objects.get_mut(&id) {
+            Some(e) => e.contained.extend(refs),
+            None => {
+                drop(objects);
+                drop(refs);
+            }
+        }
+    }
+
+    /// Wakes the waiters of a removed entry, frees its copies and lets go of its refs (out
+    /// of the lock: dropping a handle may come back here).
+    fn forget(&self, id: ObjectId, e: Entry) {
+        if let Some(n) = &e.notify {
+            n.notify_waiters();
+        }
+        self.free_copies(id, &e.state);
+        drop(e);
     }
 
     /// Every stored copy of `id` is gone: makes it pending again if its task can run again
@@ -148,10 +287,9 @@ impl Owner {
         let mut objects = self.lock();
         match objects.get_mut(&id) {
             Some(e) => {
-                e.state = state;
-                if let Some(n) = e.notify.take() {
-                    n.notify_waiters();
-                }
+                let lineage = settle(e, state);
+                drop(objects);
+                drop(lineage);
             }
             None => {
                 drop(objects);
@@ -167,10 +305,9 @@ impl Owner {
         let mut objects = self.lock();
         match objects.get_mut(&id) {
             Some(e) if matches!(e.state, State::Pending) => {
-                e.state = state;
-                if let Some(n) = e.notify.take() {
-                    n.notify_waiters();
-                }
+                let lineage = settle(e, state);
+                drop(objects);
+                drop(lineage);
             }
             _ => {
                 drop(objects);
@@ -220,13 +357,23 @@ impl Owner {
         )
     }
 
-    fn release(&self, id: ObjectId) {
-        let e = self.lock().remove(&id);
+    /// Handle `h` of `id` dropped: the entry goes unless a newer handle or a borrow keeps it.
+    fn release(&self, id: ObjectId, h: *const Handle) {
+        let mut objects = self.lock();
+        let Some(e) = objects.get_mut(&id) else {
+            return;
+        };
+        // A newer handle was made after this one's count reached zero: it owns the entry.
+        if !std::ptr::eq(e.handle.as_ptr(), h) && e.handle.strong_count() > 0 {
+            return;
+        }
+        if !e.borrowers.is_empty() {
+            return;
+        }
+        let e = objects.remove(&id);
+        drop(objects);
         if let Some(e) = e {
-            if let Some(n) = e.notify {
-                n.notify_waiters();
-            }
-            self.free_copies(id, &e.state);
+            self.forget(id, e);
         }
     }
 
@@ -309,6 +456,18 @@ impl Owner {
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
+}
+
+/// Sets a pending object's final state and wakes its waiters. A value that cannot be lost
+/// (inline) or a failure needs no lineage: it is returned, to be dropped out of the lock
+/// (its arguments' refs go with it).
+fn settle(e: &mut Entry, state: State) -> Option<Arc<crate::submit::Lineage>> {
+    let done = matches!(state, State::Inline { .. } | State::Failed(_));
+    e.state = state;
+    if let Some(n) = e.notify.take() {
+        n.notify_waiters();
+    }
+    if done { e.lineage.take() } else { None }
 }
 
 fn ready_now(o: &Owner, ids: &[ObjectId]) -> Vec<bool> {
@@ -452,6 +611,131 @@ mod tests {
         assert!(
             matches!(o.rebuild(id, "gone again"), Rebuild::Lost(w) if w.contains("max_retries=1"))
         );
+    }
+
+    fn borrower(n: u8) -> Borrower {
+        Borrower {
+            prefix: vec![n; 11],
+            node: format!("node{n}:1"),
+        }
+    }
+
+    fn stored_at(n: &str) -> State {
+        State::Stored {
+            tag: "t".into(),
+            locs: vec![loc(n)],
+        }
+    }
+
+    #[test]
+    fn borrows_keep_an_object_after_its_last_handle_and_the_last_one_frees_it() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let id = ObjectId::from_bytes([8; 20]);
+        let h = o.add(id, stored_at("a"));
+        let (b1, b2) = (borrower(1), borrower(2));
+        assert!(o.borrow(id, &b1, 2));
+        assert!(o.borrow(id, &b2, 1));
+        drop(h);
+        assert!(rx.try_recv().is_err(), "freed while borrowed");
+        assert!(o.has_borrower(&b1));
+        // A ref to it comes back here: the same entry, a new handle.
+        let h = o.handle(id);
+        assert!(
+            Arc::ptr_eq(&h, &o.handle(id)),
+            "one handle per object while it lives"
+        );
+        assert!(o.borrow(id, &b1, -2));
+        assert!(!o.has_borrower(&b1));
+        drop(h);
+        assert!(rx.try_recv().is_err(), "b2 still borrows it");
+        assert!(o.borrow(id, &b2, -1));
+        assert_eq!(rx.try_recv().ok(), Some(("a:nm".to_string(), id)));
+        assert_eq!(o.len(), 0);
+        // Borrows of an object no longer owned are refused.
+        assert!(!o.borrow(id, &b2, 1));
+    }
+
+    #[test]
+    fn a_dead_borrower_s_borrows_end_and_what_it_alone_kept_is_freed() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let (a, b) = (
+            ObjectId::from_bytes([9; 20]),
+            ObjectId::from_bytes([10; 20]),
+        );
+        let ha = o.add(a, stored_at("a"));
+        let hb = o.add(b, stored_at("b"));
+        let (dead, alive) = (borrower(1), borrower(2));
+        o.borrow(a, &dead, 1);
+        o.borrow(b, &dead, 1);
+        o.borrow(b, &alive, 1);
+        drop((ha, hb));
+        o.borrower_gone(&dead);
+        assert_eq!(rx.try_recv().ok(), Some(("a:nm".to_string(), a)));
+        assert!(
+            rx.try_recv().is_err(),
+            "b is still borrowed by a live process"
+        );
+        assert_eq!(o.len(), 1);
+    }
+
+    #[test]
+    fn the_refs_inside_a_value_live_as_long_as_it() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let (outer, inner) = (
+            ObjectId::from_bytes([11; 20]),
+            ObjectId::from_bytes([12; 20]),
+        );
+        let hi = o.add(inner, stored_at("i"));
+        let ho = o.add(
+            outer,
+            State::Inline {
+                bytes: Bytes::from_static(b"x"),
+                tag: "t".into(),
+            },
+        );
+        o.contain(outer, vec![hi]);
+        assert!(
+            rx.try_recv().is_err(),
+            "the outer value holds the inner ref"
+        );
+        drop(ho);
+        assert_eq!(rx.try_recv().ok(), Some(("i:nm".to_string(), inner)));
+        assert_eq!(o.len(), 0);
+        // Refs for a value already gone are let go at once.
+        let hi = o.add(inner, stored_at("j"));
+        o.contain(outer, vec![hi]);
+        assert_eq!(rx.try_recv().ok(), Some(("j:nm".to_string(), inner)));
+    }
+
+    #[test]
+    fn an_inline_result_lets_go_of_its_lineage_and_so_its_arguments() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let o = Arc::new(Owner::new(tx));
+        let (arg, res) = (
+            ObjectId::from_bytes([13; 20]),
+            ObjectId::from_bytes([14; 20]),
+        );
+        let ha = o.add(arg, stored_at("a"));
+        let key = crate::submit::Key::new(Default::default(), &crate::Strategy::Default);
+        let lineage = Arc::new(crate::submit::Lineage {
+            function: "m::f",
+            args: vec![crate::__private::ArgOut::Ref(ha)],
+            key,
+            max_retries: 3,
+        });
+        let _hr = o.add_with_lineage(res, State::Pending, Some(lineage));
+        assert!(rx.try_recv().is_err());
+        o.complete(
+            res,
+            State::Inline {
+                bytes: Bytes::from_static(b"x"),
+                tag: "t".into(),
+            },
+        );
+        assert_eq!(rx.try_recv().ok(), Some(("a:nm".to_string(), arg)));
     }
 
     #[tokio::test]

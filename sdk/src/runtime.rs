@@ -49,7 +49,7 @@ impl Drop for Unblock<'_> {
     }
 }
 
-enum Resolved {
+pub(crate) enum Resolved {
     Inline(Bytes, String),
     Stored(Source, String),
 }
@@ -180,6 +180,8 @@ pub(crate) struct Runtime {
     pub(crate) store: Option<StoreClient>,
     pub(crate) token: Option<AuthToken>,
     pub(crate) owner: Arc<Owner>,
+    /// Refs this process borrows, and the watches on its own borrowers.
+    pub(crate) borrows: Arc<crate::borrow::Borrows>,
     pub(crate) submit_tx: mpsc::UnboundedSender<submit::Event>,
     /// sha256 of the worker binary, and the node to fetch it from.
     pub(crate) binary: (String, String),
@@ -220,7 +222,12 @@ impl Session {
     pub fn node_address(&self) -> &str {
         &self.rt.node.address
     }
-    /// Objects this process owns now.
+    /// Objects of other processes this process holds refs to.
+    pub fn borrowed_objects(&self) -> usize {
+        self.rt.borrows.len()
+    }
+
+    /// Objects this process owns now (kept by its own refs or by borrowers).
     pub fn owned_objects(&self) -> usize {
         self.rt.owner.len()
     }
@@ -532,6 +539,7 @@ async fn driver_channel(rt: Arc<Runtime>) {
         while let Some(m) = replies.message().await? {
             match m.kind {
                 Some(pb::node_to_worker::Kind::ObjectsMoved(moved)) => owner.objects_moved(moved),
+                Some(pb::node_to_worker::Kind::OwnerCall(call)) => owner.serve_owner_call(call),
                 Some(pb::node_to_worker::Kind::Output(o))
                     if owner.log_to_driver.load(Ordering::Relaxed) =>
                 {
@@ -596,6 +604,7 @@ impl Runtime {
     ) -> Result<Arc<Self>, Error> {
         let (free_tx, free_rx) = mpsc::unbounded_channel();
         let (submit_tx, submit_rx) = mpsc::unbounded_channel();
+        let (release_tx, release_rx) = mpsc::unbounded_channel();
         let r = Arc::new(Runtime {
             rt,
             task_log: Mutex::default(),
@@ -604,6 +613,7 @@ impl Runtime {
             store,
             token,
             owner: Arc::new(Owner::new(free_tx)),
+            borrows: crate::borrow::Borrows::new(release_tx),
             submit_tx,
             binary,
             job_id: std::env::var(protocol::env::JOB_ID).unwrap_or_default(),
@@ -625,6 +635,7 @@ impl Runtime {
             .set(r.clone())
             .map_err(|_| Error::Init("sdk::init() was already called in this process".into()))?;
         r.spawn(free_loop(r.clone(), free_rx));
+        r.spawn(crate::borrow::release_loop(r.clone(), release_rx));
         r.spawn(submit::run(r.clone(), submit_rx));
         Ok(r)
     }
@@ -843,37 +854,61 @@ impl Runtime {
         let id = self.new_id(0);
         let tag = value::type_tag::<T>();
         let n = value::archived_size(v).map_err(Error::Decode)?;
+        // The refs inside the value live as long as the object.
         if n <= value::INLINE_MAX {
-            let b = value::archive(v).map_err(Error::Decode)?;
-            return Ok(self.owner.add(
+            let (b, refs) = crate::borrow::sending(|| value::archive(v));
+            let b = b.map_err(Error::Decode)?;
+            let h = self.owner.add(
                 id,
                 State::Inline {
                     bytes: Bytes::copy_from_slice(&b),
                     tag,
                 },
-            ));
+            );
+            self.owner.contain(id, refs);
+            return Ok(h);
         }
-        match &self.store {
+        let refs = match &self.store {
             Some(store) => {
                 let mut w = store
                     .create(id, n as u64, tag.len() as u64)
                     .map_err(|e| Error::Store(e.to_string()))?;
-                value::archive_into(v, w.data_mut()).map_err(Error::Decode)?;
+                let (r, refs) = crate::borrow::sending(|| value::archive_into(v, w.data_mut()));
+                r.map_err(Error::Decode)?;
                 w.meta_mut().copy_from_slice(tag.as_bytes());
                 w.seal().map_err(|e| Error::Store(e.to_string()))?;
+                refs
             }
             None => {
-                let b = value::archive(v).map_err(Error::Decode)?;
+                let (b, refs) = crate::borrow::sending(|| value::archive(v));
+                let b = b.map_err(Error::Decode)?;
                 self.block_on(self.write_remote(id, Bytes::from(b.into_vec()), tag.clone()))?;
+                refs
             }
-        }
-        Ok(self.owner.add(
+        };
+        let h = self.owner.add(
             id,
             State::Stored {
                 tag,
                 locs: vec![self.node.loc()],
             },
-        ))
+        );
+        self.owner.contain(id, refs);
+        Ok(h)
+    }
+
+    /// Answers a call for this process as an owner, relayed by its node.
+    pub(crate) fn serve_owner_call(self: &Arc<Self>, call: pb::RelayedOwnerCall) {
+        let Some(tx) = self.channel.get().cloned() else {
+            return;
+        };
+        let rt = self.clone();
+        self.spawn(async move {
+            let reply = crate::borrow::serve(rt, call).await;
+            let _ = tx.send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::OwnerReply(reply)),
+            });
+        });
     }
 
     /// Where the calls this process makes send what they print: its node, unless it asked
@@ -979,7 +1014,10 @@ impl Runtime {
         id: ObjectId,
         timeout: Option<Duration>,
     ) -> Result<T, Error> {
-        match self.clone().resolve(id, timeout).await? {
+        let resolved = self.clone().resolve(id, timeout).await?;
+        // Refs read out of the value are this process's borrows from now on: registered
+        // before the value is handed over (the object holds them until then).
+        let (v, fresh) = crate::borrow::receiving(|| match resolved {
             Resolved::Inline(bytes, tag) => value::decode::<T>(&bytes, &tag),
             Resolved::Stored(src, tag) => {
                 let bytes = match &src {
@@ -988,8 +1026,9 @@ impl Runtime {
                 };
                 value::decode::<T>(bytes, &tag)
             }
-        }
-        .map_err(|e| Error::Decode(format!("object {id} {e}")))
+        });
+        crate::borrow::register_self(&self, fresh).await;
+        v.map_err(|e| Error::Decode(format!("object {id} {e}")))
     }
 
     pub(crate) async fn get_view<T: Value>(
@@ -1011,19 +1050,19 @@ impl Runtime {
         id: ObjectId,
         timeout: Option<Duration>,
     ) -> Result<Resolved, Error> {
+        if let Some(node) = self.borrows.owner_node(id) {
+            let r = self.clone().resolve_borrowed(id, node);
+            return match timeout {
+                Some(t) => tokio::time::timeout(t, r)
+                    .await
+                    .map_err(|_| Error::Timeout(t, format!("object {id}")))?,
+                None => r.await,
+            };
+        }
         loop {
             match self.ready(id, timeout).await? {
                 State::Inline { bytes, tag } => return Ok(Resolved::Inline(bytes, tag)),
-                State::Failed(e) => {
-                    return Err(match e.kind {
-                        crate::TaskErrorKind::ActorDied => Error::ActorDied(Box::new(e)),
-                        crate::TaskErrorKind::ActorUnavailable => {
-                            Error::ActorUnavailable(Box::new(e))
-                        }
-                        crate::TaskErrorKind::Cancelled => Error::TaskCancelled(Box::new(e)),
-                        _ => Error::Task(Box::new(e)),
-                    });
-                }
+                State::Failed(e) => return Err(failed(e)),
                 State::Stored { tag, locs } => match self.fetch(id, locs.clone()).await {
                     Ok(src) => return Ok(Resolved::Stored(src, tag)),
                     // A drain moved it while we pulled from its old place: try the new one.
@@ -1045,6 +1084,78 @@ impl Runtime {
                 State::Pending => unreachable!("ready() never returns Pending"),
             }
         }
+    }
+
+    /// Reads an object this process borrows: asks its owner (at `node`) for it once it is
+    /// ready, then reads it from where it is (pulling a copy here, which the owner is told
+    /// of and frees with the object).
+    pub(crate) async fn resolve_borrowed(
+        self: Arc<Self>,
+        id: ObjectId,
+        node: String,
+    ) -> Result<Resolved, Error> {
+        let state = {
+            let _unblock = self.blocked(true);
+            crate::borrow::status(&self, id, &node).await?
+        };
+        match state {
+            State::Inline { bytes, tag } => Ok(Resolved::Inline(bytes, tag)),
+            State::Failed(e) => Err(failed(e)),
+            State::Stored { tag, locs } => {
+                let here = locs.iter().any(|l| l.node_id == self.node.node_id);
+                let src = self.fetch(id, locs).await?;
+                if !here && self.store.is_some() {
+                    crate::borrow::copied(&self, id, node);
+                }
+                Ok(Resolved::Stored(src, tag))
+            }
+            State::Pending => Err(Error::Internal(format!(
+                "the owner of {id} answered pending"
+            ))),
+        }
+    }
+
+    /// `wait` over refs some of which this process borrows: a borrowed one is ready when
+    /// its owner says it is not pending (or cannot say: then reading it gives the error).
+    pub(crate) async fn wait_borrowed<T>(
+        self: Arc<Self>,
+        refs: &[crate::ObjectRef<T>],
+        n: usize,
+        timeout: Option<Duration>,
+    ) -> Vec<bool> {
+        use futures_util::StreamExt;
+        let mut ready = vec![false; refs.len()];
+        let mut waits = futures_util::stream::FuturesUnordered::new();
+        for (i, r) in refs.iter().enumerate() {
+            let (rt, id) = (self.clone(), r.h.id);
+            let node = r.h.borrowed().map(|b| b.owner_node.clone());
+            waits.push(async move {
+                match node {
+                    Some(node) => {
+                        let _ = crate::borrow::status(&rt, id, &node).await;
+                    }
+                    None => {
+                        rt.owner.ready(id, None).await;
+                    }
+                }
+                i
+            });
+        }
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut done = 0;
+        while done < n {
+            let next = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, waits.next()).await {
+                    Ok(x) => x,
+                    Err(_) => break,
+                },
+                None => waits.next().await,
+            };
+            let Some(i) = next else { break };
+            ready[i] = true;
+            done += 1;
+        }
+        ready
     }
 
     /// The bytes of a sealed object: mapped from the local store (pulled there first if it
@@ -1298,6 +1409,16 @@ fn waiting_for_space<T>(
             }
             r => return r,
         }
+    }
+}
+
+/// The error `get` gives for an object whose task failed.
+fn failed(e: crate::TaskError) -> Error {
+    match e.kind {
+        crate::TaskErrorKind::ActorDied => Error::ActorDied(Box::new(e)),
+        crate::TaskErrorKind::ActorUnavailable => Error::ActorUnavailable(Box::new(e)),
+        crate::TaskErrorKind::Cancelled => Error::TaskCancelled(Box::new(e)),
+        _ => Error::Task(Box::new(e)),
     }
 }
 

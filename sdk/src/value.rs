@@ -219,10 +219,17 @@ impl<T: Value> View<T> {
         matches!(self.src, Source::Store(_))
     }
 
-    /// An owned copy of the value.
+    /// An owned copy of the value. Object refs in it become this process's borrows (the
+    /// object viewed keeps them alive until then).
     pub fn to_owned_value(&self) -> Result<T, crate::Error> {
-        rkyv::deserialize::<T, rancor::Error>(&**self)
-            .map_err(|e| crate::Error::Decode(e.to_string()))
+        let (v, fresh) =
+            crate::borrow::receiving(|| rkyv::deserialize::<T, rancor::Error>(&**self));
+        if !fresh.is_empty()
+            && let Ok(rt) = crate::runtime::current()
+        {
+            rt.block_on(crate::borrow::register_self(&rt, fresh));
+        }
+        v.map_err(|e| crate::Error::Decode(e.to_string()))
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Args<'a> {
     n: usize,
     task_id: ObjectId,
     rt: &'a Runtime,
+    /// The refs inside the result (its caller becomes their borrower).
+    contained: Vec<Arc<crate::owner::Handle>>,
 }
 
 impl Args<'_> {
@@ -108,7 +110,9 @@ pub fn encode_return<T: Value>(args: &mut Args<'_>, v: &T) -> Result<Encoded, Ar
     let n =
         value::archived_size(v).map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
     if n <= value::INLINE_MAX {
-        return value::archive(v)
+        let (r, refs) = crate::borrow::sending(|| value::archive(v));
+        args.contained.extend(refs);
+        return r
             .map(|b| Encoded::Inline(b, tag))
             .map_err(|e| ArgError(format!("cannot encode the result: {e}")));
     }
@@ -119,8 +123,9 @@ pub fn encode_return<T: Value>(args: &mut Args<'_>, v: &T) -> Result<Encoded, Ar
         .ok_or_else(|| ArgError("no object store on this worker".into()))?;
     match store.create(args.task_id, n as u64, tag.len() as u64) {
         Ok(mut w) => {
-            value::archive_into(v, w.data_mut())
-                .map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
+            let (r, refs) = crate::borrow::sending(|| value::archive_into(v, w.data_mut()));
+            args.contained.extend(refs);
+            r.map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
             w.meta_mut().copy_from_slice(tag.as_bytes());
             w.seal()
                 .map_err(|e| ArgError(format!("cannot seal the result: {e}")))?;
@@ -142,6 +147,8 @@ type ActorInvoke = fn(&crate::__private::ActorCell, &mut Args<'_>) -> Result<Enc
 enum Work {
     Run {
         spec: pb::TaskSpec,
+        /// The caller's node manager (`PushTasksRequest.caller_node`).
+        caller_node: Arc<str>,
         lease: Arc<str>,
         reply: mpsc::UnboundedSender<pb::TaskReply>,
         closed: Arc<AtomicBool>,
@@ -234,6 +241,7 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
         let replies = forward(
             first.tasks,
             first.owner_node,
+            first.caller_node.as_str().into(),
             input,
             exec.clone(),
             lease_name,
@@ -249,9 +257,11 @@ impl pb::core_worker_server::CoreWorker for CoreWorker {
 /// Hands the calls of one stream to `exec` in arrival order and returns the stream of their
 /// replies. When the caller closes its stream (or dies), calls still queued are skipped, and
 /// `then` runs.
+#[allow(clippy::too_many_arguments)]
 fn forward(
     first: Vec<pb::TaskSpec>,
     owner_node: String,
+    caller_node: Arc<str>,
     mut input: tonic::Streaming<pb::PushTasksRequest>,
     exec: std_mpsc::Sender<Work>,
     lease: Arc<str>,
@@ -267,6 +277,7 @@ fn forward(
                 crate::output::caller_node(&spec.task_id, &owner_node);
                 let _ = exec.send(Work::Run {
                     spec,
+                    caller_node: caller_node.clone(),
                     lease: lease.clone(),
                     reply: reply_tx.clone(),
                     closed: closed.clone(),
@@ -336,6 +347,7 @@ impl CoreWorker {
         Ok(tonic::Response::new(forward(
             first.tasks,
             first.owner_node,
+            first.caller_node.as_str().into(),
             input,
             exec,
             lease,
@@ -421,6 +433,7 @@ fn run_one(
 ) {
     let Work::Run {
         spec,
+        caller_node,
         lease,
         reply,
         closed,
@@ -446,12 +459,14 @@ fn run_one(
     *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
     let r = if actor {
         let host = rt.actor.get().cloned();
-        execute(rt, spec, &|name, args| {
+        execute(rt, spec, &caller_node, &|name, args| {
             let host = host.as_ref()?;
             methods.get(name).map(|f| f(&host.cell, args))
         })
     } else {
-        execute(rt, spec, &|name, args| registry.get(name).map(|f| f(args)))
+        execute(rt, spec, &caller_node, &|name, args| {
+            registry.get(name).map(|f| f(args))
+        })
     };
     if !actor {
         *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -509,6 +524,7 @@ fn start_actor(
         n,
         task_id: ObjectId::from_bytes([0; 20]),
         rt,
+        contained: Vec::new(),
     };
     *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) =
         Some(start.lease_id.as_str().into());
@@ -661,6 +677,9 @@ async fn start_server(
                 Ok(Some(pb::NodeToWorker {
                     kind: Some(pb::node_to_worker::Kind::ObjectsMoved(moved)),
                 })) => lease_rt.objects_moved(moved),
+                Ok(Some(pb::NodeToWorker {
+                    kind: Some(pb::node_to_worker::Kind::OwnerCall(call)),
+                })) => lease_rt.serve_owner_call(call),
                 // What this worker's own calls printed: on up to its caller.
                 Ok(Some(pb::NodeToWorker {
                     kind: Some(pb::node_to_worker::Kind::Output(o)),
@@ -733,6 +752,7 @@ fn cancelled_reply(id: ObjectId) -> pb::TaskReply {
             worker_id,
             lost_object_id: Vec::new(),
         })),
+        contained: Vec::new(),
     }
 }
 
@@ -769,7 +789,12 @@ fn cancel_here(c: &pb::CancelTask, replies: &mpsc::UnboundedSender<pb::TaskReply
     }
 }
 
-fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskReply {
+fn execute(
+    rt: &Arc<Runtime>,
+    spec: pb::TaskSpec,
+    caller_node: &str,
+    call: &Call<'_>,
+) -> pb::TaskReply {
     let (node_id, worker_id) = (rt.node.node_id.as_str(), rt.worker_id.as_str());
     let task_id = spec.task_id.clone();
     let err = |kind: pb::TaskErrorKind, message: String| pb::TaskReply {
@@ -785,6 +810,7 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
             worker_id: worker_id.into(),
             lost_object_id: Vec::new(),
         })),
+        contained: Vec::new(),
     };
     let Ok(id) = ObjectId::from_slice(&spec.task_id) else {
         return err(pb::TaskErrorKind::Argument, "bad task id".into());
@@ -792,17 +818,20 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
     let mut items = Vec::with_capacity(spec.args.len());
     for (i, a) in spec.args.into_iter().enumerate() {
         let stored = ObjectId::from_slice(&a.object_id).ok();
+        let borrowed = matches!(a.kind, Some(pb::value::Kind::OwnerNode(_)));
         match resolve(rt, a) {
             Ok(x) => items.push(x),
             Err(e) => {
-                let mut reply = err(
-                    if stored.is_some() {
-                        pb::TaskErrorKind::ArgLost
-                    } else {
-                        pb::TaskErrorKind::Argument
-                    },
-                    format!("argument {i}: {e}"),
-                );
+                let kind = match &e {
+                    Error::OwnerDied(..) => pb::TaskErrorKind::OwnerDied,
+                    Error::Task(_) | Error::TaskCancelled(_) | Error::ActorDied(_) => {
+                        pb::TaskErrorKind::Dependency
+                    }
+                    _ if stored.is_some() && !borrowed => pb::TaskErrorKind::ArgLost,
+                    _ if borrowed => pb::TaskErrorKind::ObjectLost,
+                    _ => pb::TaskErrorKind::Argument,
+                };
+                let mut reply = err(kind, format!("argument {i}: {e}"));
                 if let (Some(pb::task_reply::Result::Error(te)), Some(l)) =
                     (&mut reply.result, stored)
                 {
@@ -818,12 +847,15 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
         n,
         task_id: id,
         rt,
+        contained: Vec::new(),
     };
     PANIC.with(|p| p.borrow_mut().take());
     let out = std::panic::catch_unwind(AssertUnwindSafe(|| call(&spec.function, &mut args)));
     // Cancelled while it ran: whatever it returned, its caller gets CANCELLED.
     let cancelled = crate::calls::is_cancelled();
+    let contained = std::mem::take(&mut args.contained);
     drop(args);
+    let contained = borrows_at_end(rt, contained, id, caller_node);
     if cancelled {
         return err(
             pb::TaskErrorKind::Cancelled,
@@ -851,9 +883,11 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
                 type_tag: tag,
                 object_id: Vec::new(),
             })),
+            contained,
         },
         Ok(Ok(Encoded::Stored(tag))) => pb::TaskReply {
             task_id,
+            contained,
             result: Some(pb::task_reply::Result::Value(pb::Value {
                 kind: Some(pb::value::Kind::Stored(pb::ObjectLocation {
                     node_id: rt.node.node_id.clone(),
@@ -869,9 +903,61 @@ fn execute(rt: &Arc<Runtime>, spec: pb::TaskSpec, call: &Call<'_>) -> pb::TaskRe
     }
 }
 
+/// At the end of a call, before its reply: the refs this process still holds that arrived
+/// in arguments (their caller kept them alive until now) become its own borrows, and the
+/// caller is registered as a borrower of the refs inside the result. Returns those refs.
+fn borrows_at_end(
+    rt: &Arc<Runtime>,
+    contained: Vec<Arc<crate::owner::Handle>>,
+    task_id: ObjectId,
+    caller_node: &str,
+) -> Vec<pb::RefAddress> {
+    let held = rt.borrows.unregistered();
+    if held.is_empty() && contained.is_empty() {
+        return Vec::new();
+    }
+    let caller = crate::owner::Borrower {
+        prefix: task_id.as_bytes()[..crate::borrow::PREFIX].to_vec(),
+        node: caller_node.to_owned(),
+    };
+    let registered = rt.block_on(async {
+        crate::borrow::register_self(rt, held).await;
+        if caller_node.is_empty() {
+            return Vec::new();
+        }
+        crate::borrow::register(rt, &contained, &caller).await
+    });
+    registered
+        .iter()
+        .map(|h| pb::RefAddress {
+            object_id: h.id.as_bytes().to_vec(),
+            owner_node: match h.borrowed() {
+                Some(b) => b.owner_node.clone(),
+                None => rt.node.address.clone(),
+            },
+        })
+        .collect()
+}
+
 /// Makes an argument readable here: inline bytes as they came, stored objects pinned in
-/// this node's store (pulled from their node first if needed).
-fn resolve(rt: &Runtime, v: pb::Value) -> Result<ArgIn, String> {
+/// this node's store (pulled from their node first if needed), borrowed ones asked of their
+/// owner first.
+fn resolve(rt: &Arc<Runtime>, v: pb::Value) -> Result<ArgIn, Error> {
+    if let Some(pb::value::Kind::OwnerNode(node)) = &v.kind {
+        let id = ObjectId::from_slice(&v.object_id).map_err(|e| Error::Decode(e.to_string()))?;
+        let r = rt.block_on(rt.clone().resolve_borrowed(id, node.clone()))?;
+        return Ok(match r {
+            crate::runtime::Resolved::Inline(b, tag) => ArgIn::Inline(b, tag),
+            crate::runtime::Resolved::Stored(Source::Store(v), _) => ArgIn::Stored(v),
+            crate::runtime::Resolved::Stored(Source::Heap(v), tag) => {
+                ArgIn::Inline(Bytes::from(v.into_vec()), tag)
+            }
+        });
+    }
+    resolve_value(rt, v).map_err(Error::Store)
+}
+
+fn resolve_value(rt: &Runtime, v: pb::Value) -> Result<ArgIn, String> {
     match v.kind {
         Some(pb::value::Kind::Inline(b)) => Ok(ArgIn::Inline(b, v.type_tag)),
         Some(pb::value::Kind::Stored(loc)) => {
@@ -893,6 +979,7 @@ fn resolve(rt: &Runtime, v: pb::Value) -> Result<ArgIn, String> {
                 .map(ArgIn::Stored)
                 .map_err(|e| format!("object {id}: {e}"))
         }
+        Some(pb::value::Kind::OwnerNode(_)) => Err("a borrowed value here".into()),
         None => Err("empty value".into()),
     }
 }

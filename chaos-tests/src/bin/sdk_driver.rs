@@ -131,6 +131,59 @@ fn chatty_parent() -> u64 {
     1
 }
 
+/// The sum of the checksums of the objects behind `refs` (borrowed: the caller owns them).
+#[sdk::remote]
+fn crc_sum(refs: Vec<sdk::ObjectRef<Vec<u8>>>) -> u64 {
+    refs.iter()
+        .map(|r| crc(&sdk::get_view(r).expect("read a borrowed ref")) as u64)
+        .sum()
+}
+
+/// Passes the first half of `refs` to a nested task on another node and returns a ref to
+/// its result (which this worker owns) and the other half.
+#[sdk::remote]
+fn split(
+    mut refs: Vec<sdk::ObjectRef<Vec<u8>>>,
+) -> (sdk::ObjectRef<u64>, Vec<sdk::ObjectRef<Vec<u8>>>) {
+    let rest = refs.split_off(refs.len() / 2);
+    let here = sdk::context().expect("context").node_id;
+    let other = sdk::nodes()
+        .expect("nodes")
+        .into_iter()
+        .find(|n| n.alive && n.node_id.to_string() != here)
+        .expect("another node");
+    let opts = TaskOptions::default().strategy(Strategy::NodeAffinity {
+        node: other.node_id,
+        soft: false,
+    });
+    (crc_sum::remote_with(&opts, refs), rest)
+}
+
+static KEPT: std::sync::Mutex<Vec<sdk::ObjectRef<Vec<u8>>>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps `refs` in this worker past the call's end and writes its pid to `path`.
+#[sdk::remote]
+fn keep(refs: Vec<sdk::ObjectRef<Vec<u8>>>, path: String) -> u64 {
+    let n = refs.len() as u64;
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).extend(refs);
+    write_pid(&path);
+    n
+}
+
+/// Puts a blob (this worker owns it), writes its pid to `path` and returns a ref to it.
+#[sdk::remote]
+fn own_blob(seed: u64, n: u64, path: String) -> sdk::ObjectRef<Vec<u8>> {
+    let r = sdk::put(&blob(seed, n)).expect("put");
+    write_pid(&path);
+    r
+}
+
+fn write_pid(path: &str) {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, std::process::id().to_string()).expect("write pid");
+    std::fs::rename(&tmp, path).expect("rename pid file");
+}
+
 fn blob(seed: u64, n: u64) -> Vec<u8> {
     let mut s = seed | 1;
     (0..n)
@@ -527,6 +580,69 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result(serde_json::json!({
                 "held": held, "held_ms": held_ms, "freed": freed, "freed_ms": freed_ms,
             }));
+        }
+        "borrow" => {
+            // 100 objects of 150 KiB (stored, not inline); the driver keeps no ref of its
+            // own once they are passed on.
+            const N: u64 = 100;
+            let sums: Vec<u32> = (0..N).map(|i| crc(&blob(1000 + i, 150 << 10))).collect();
+            let refs = (0..N)
+                .map(|i| sdk::put(&blob(1000 + i, 150 << 10)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let r = split::remote(refs);
+            let (inner, rest) = sdk::get(&r)?;
+            drop(r);
+            let first: u64 = sums[..50].iter().map(|c| *c as u64).sum();
+            let got = sdk::get(&inner)?;
+            let rest_ok = rest
+                .iter()
+                .zip(&sums[50..])
+                .all(|(r, c)| sdk::get(r).map(|b| crc(&b)).ok() == Some(*c));
+            result(serde_json::json!({
+                "sum_ok": got == first, "rest_ok": rest_ok, "rest": rest.len(),
+                "split_node": sdk::get(&where_am_i::remote())?,
+                "owned": session.owned_objects(), "borrowed": session.borrowed_objects(),
+            }));
+            stdin_line();
+            // The first half and the worker's result go; the other half stays readable.
+            drop(inner);
+            let rest_ok = rest
+                .iter()
+                .zip(&sums[50..])
+                .all(|(r, c)| sdk::get(r).map(|b| crc(&b)).ok() == Some(*c));
+            result(serde_json::json!({"rest_ok": rest_ok, "borrowed": session.borrowed_objects()}));
+            stdin_line();
+            drop(rest);
+            result(serde_json::json!({
+                "owned": session.owned_objects(), "borrowed": session.borrowed_objects(),
+            }));
+            stdin_line();
+        }
+        "borrower-dies" => {
+            // A worker keeps 10 refs past its call; the driver drops its own.
+            let path = arg(1);
+            let refs = (0..10u64)
+                .map(|i| sdk::put(&blob(2000 + i, 150 << 10)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let kept = sdk::get(&keep::remote(refs, path))?;
+            result(serde_json::json!({"kept": kept, "owned": session.owned_objects()}));
+            stdin_line();
+            result(serde_json::json!({"owned": session.owned_objects()}));
+            stdin_line();
+        }
+        "owner-dies" => {
+            let path = arg(1);
+            let r = own_blob::remote(3000u64, 150u64 << 10, path);
+            let inner = sdk::get(&r)?;
+            let first = sdk::get(&inner).map(|b| crc(&b) == crc(&blob(3000, 150 << 10)));
+            result(serde_json::json!({"read": first.map_err(|e| e.to_string())?}));
+            stdin_line();
+            let after = match sdk::get_timeout(&inner, Some(Duration::from_secs(60))) {
+                Ok(_) => "read".to_string(),
+                Err(e @ sdk::Error::OwnerDied(..)) => format!("OwnerDied: {e}"),
+                Err(e) => format!("other: {e}"),
+            };
+            result(serde_json::json!({"after": after}));
         }
         "idle" => {
             // Connected, no task yet: what the node started on its own.

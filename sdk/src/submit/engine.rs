@@ -281,7 +281,15 @@ impl Engine {
         let mut args = Vec::with_capacity(t.args.len());
         for a in &t.args {
             args.push(match a {
-                ArgOut::Inline(v) => v.clone(),
+                ArgOut::Inline(v) | ArgOut::InlineRefs(v, _) => v.clone(),
+                // Borrowed: the worker asks its owner for it.
+                ArgOut::Ref(h) if h.borrowed().is_some() => pb::Value {
+                    kind: h
+                        .borrowed()
+                        .map(|b| pb::value::Kind::OwnerNode(b.owner_node.clone())),
+                    type_tag: String::new(),
+                    object_id: h.id.as_bytes().to_vec(),
+                },
                 ArgOut::Ref(h) => match self.owner.state(h.id) {
                     Some(State::Inline { bytes, tag }) => pb::Value {
                         kind: Some(pb::value::Kind::Inline(bytes)),
@@ -409,7 +417,8 @@ pub(super) fn value_state(v: &pb::Value) -> Option<State> {
                 nm: l.node_address.clone(),
             }],
         },
-        None => return None,
+        // Only arguments are borrowed by reference.
+        Some(pb::value::Kind::OwnerNode(_)) | None => return None,
     })
 }
 

@@ -156,6 +156,7 @@ impl Exec {
                 direct,
             } => {
                 first.owner_node = self.rt.output_node();
+                first.caller_node = self.rt.node.address.clone();
                 let (tx, rx) = mpsc::unbounded_channel();
                 let _ = tx.send(first);
                 self.stream(conn, address, rx, direct);
@@ -247,7 +248,17 @@ impl Exec {
                     let mut s = resp.into_inner();
                     loop {
                         match s.message().await {
-                            Ok(Some(r)) => {
+                            Ok(Some(mut r)) => {
+                                // Refs inside results: this process borrows them while
+                                // the results live (the worker registered it).
+                                for reply in &mut r.replies {
+                                    if !reply.contained.is_empty()
+                                        && let Ok(oid) = ObjectId::from_slice(&reply.task_id)
+                                    {
+                                        let refs = std::mem::take(&mut reply.contained);
+                                        rt.owner.contain(oid, crate::borrow::adopt(&rt, refs));
+                                    }
+                                }
                                 // An actor's results complete here, a hop sooner for the
                                 // caller waiting on them; the core only does the books.
                                 if direct {

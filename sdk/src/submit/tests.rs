@@ -275,6 +275,7 @@ fn value(id: ObjectId) -> pb::TaskReply {
             type_tag: "u64".into(),
             object_id: Vec::new(),
         })),
+        contained: Vec::new(),
     }
 }
 
@@ -288,6 +289,7 @@ fn error(id: ObjectId, kind: TaskErrorKind, lost: Option<ObjectId>) -> pb::TaskR
             lost_object_id: lost.map(|l| l.as_bytes().to_vec()).unwrap_or_default(),
             ..Default::default()
         })),
+        contained: Vec::new(),
     }
 }
 
