@@ -173,6 +173,74 @@ fn an_unnamed_actor_ends_with_its_last_handle() -> Result<()> {
     Ok(())
 }
 
+/// Actor handles are values: one passed to 20 tasks on two nodes counts every increment
+/// once and the unnamed actor ends when the last task lets go of it (the driver dropped its
+/// own first); a handle a worker keeps past its call keeps the actor alive until that
+/// worker dies; a handle returned by the task that created the actor works, and the actor
+/// ends when the driver drops it.
+#[test]
+fn actor_handles_passed_kept_and_returned_count_like_refs() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        node_cpus: 2.0,
+        head_cpus: 2.0,
+        ..Default::default()
+    })?;
+    wait_for("2 alive nodes", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
+    })?;
+    let pid_file = c.path().join("keeper.pid");
+    let mut d = Driver::start(
+        driver_bin(),
+        &c,
+        &["shared", pid_file.to_str().context("path")?],
+        &[],
+    )?;
+    let r = d.result(Duration::from_secs(180))?;
+    assert_eq!(
+        r["max"], 100,
+        "20 tasks x 5 increments, each counted once: {r}"
+    );
+    assert_eq!(r["distinct"], 20, "{r}");
+    assert_eq!(r["nodes"].as_array().map(Vec::len), Some(2), "{r}");
+    let shared = r["shared"].as_str().context("shared")?.to_owned();
+    let info = wait_dead(&c, &shared, "the shared actor to end after its last task")?;
+    assert!(info.message.contains("every handle"), "{info:?}");
+    // Kept by a worker past its call: alive while that worker lives.
+    assert_eq!(r["kept_first"], 1, "{r}");
+    let kept = r["kept"].as_str().context("kept")?.to_owned();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        actor(&c, &kept)?.state,
+        pb::ActorState::Alive as i32,
+        "a worker still holds a handle"
+    );
+    let pid: i32 = wait_for("the keeper's pid", Duration::from_secs(30), || {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    })?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let info = wait_dead(&c, &kept, "the kept actor to end with its last holder")?;
+    assert!(info.message.contains("every handle"), "{info:?}");
+    // Made in a task and returned: the driver's handle works and keeps it.
+    assert_eq!(r["made_value"], 42, "{r}");
+    let made = r["made"].as_str().context("made")?.to_owned();
+    assert_eq!(actor(&c, &made)?.state, pb::ActorState::Alive as i32);
+    d.next_step()?;
+    d.result(Duration::from_secs(60))?;
+    let info = wait_dead(
+        &c,
+        &made,
+        "the returned actor to end when the driver drops it",
+    )?;
+    assert!(info.message.contains("every handle"), "{info:?}");
+    d.finish(Duration::from_secs(60))
+}
+
 /// kill -9 of the node hosting an actor with max_restarts=1: it restarts on the other node
 /// and calls resume; a second kill leaves no restart and calls fail with ActorDied.
 #[test]

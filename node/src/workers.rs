@@ -82,6 +82,9 @@ struct Worker {
     tx: Option<mpsc::UnboundedSender<pb::NodeToWorker>>,
     ready: Option<oneshot::Sender<Result<(), String>>>,
     log: PathBuf,
+    /// It owns objects (its last stats said so): other processes may hold refs to them, so
+    /// it is not reaped while idle (its death would be their owner's death).
+    owns_objects: bool,
 }
 
 #[derive(Default)]
@@ -794,6 +797,7 @@ impl WorkerPool {
                 tx: None,
                 ready: Some(tx),
                 log,
+                owns_objects: false,
             },
         );
         drop(table);
@@ -958,7 +962,11 @@ impl WorkerPool {
                     Some(pb::worker_message::Kind::Output(o)) => me.route_output(o),
                     Some(pb::worker_message::Kind::OwnerReply(r)) => me.relay.answered(conn, r),
                     Some(pb::worker_message::Kind::Stats(stats)) => {
-                        me.lock().stats.insert(conn, stats);
+                        let mut st = me.lock();
+                        if let Some(w) = worker.as_ref().and_then(|id| st.workers.get_mut(id)) {
+                            w.owns_objects = stats.objects_owned > 0;
+                        }
+                        st.stats.insert(conn, stats);
                     }
                     None => {}
                 }
@@ -1247,7 +1255,8 @@ impl WorkerPool {
         }
     }
 
-    /// Tells idle workers past the idle timeout to exit; returns how many.
+    /// Tells idle workers past the idle timeout to exit, but not those that own objects;
+    /// returns how many.
     pub(crate) fn reap_idle(&self) -> usize {
         let now = Instant::now();
         let st = self.lock();
@@ -1255,6 +1264,7 @@ impl WorkerPool {
         for w in st.workers.values() {
             if let WState::Idle(since) = w.state
                 && now.duration_since(since) >= self.cfg.opts.idle_timeout
+                && !w.owns_objects
             {
                 n += 1;
                 let sent = w.tx.as_ref().is_some_and(|tx| {

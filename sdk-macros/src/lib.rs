@@ -336,13 +336,14 @@ fn expand_actor(imp: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
         count,
     } = generated(&ctor);
     let doc = format!(
-        "A handle to a `{ident}` actor: one method per actor method, each returning an `ObjectRef`."
+        "A handle to a `{ident}` actor: one method per actor method, each returning an `ObjectRef`. A value: it can be passed to tasks and actors and returned from them."
     );
     Ok(quote! {
         #imp
 
         #[doc = #doc]
-        #[derive(Clone, Debug)]
+        #[derive(Clone, Debug, ::sdk::rkyv::Archive, ::sdk::rkyv::Serialize, ::sdk::rkyv::Deserialize)]
+        #[rkyv(crate = ::sdk::rkyv)]
         #[allow(private_interfaces, dead_code)]
         pub struct #handle {
             inner: ::sdk::ActorHandle,

@@ -206,29 +206,27 @@ impl From<&pb::ActorInfo> for ActorInfo {
 
 /// An untyped handle; `#[actor]` types wrap it in a typed one with a method per method.
 ///
-/// An unnamed, non-detached actor lives as long as the handles to it in the process that
-/// created it (as in Ray): when the last one is dropped, the actor is killed once the calls
-/// made through them have returned. Named actors can be looked up by other processes, which
-/// this process does not count, so they live until killed, until their owner exits or until
-/// their job ends; detached actors until killed.
+/// A handle is a value: it can be passed to tasks and actors, returned from them and kept in
+/// them; calls from every holder reach the same actor, in order per caller. An unnamed,
+/// non-detached actor lives while any handle to it exists anywhere (as in Ray: the handles
+/// are counted like object refs, through a *scope* object its creator owns), and the calls
+/// made through them have returned; then it is killed. Named actors can be looked up by
+/// anyone, so they live until killed, until their owner exits or until their job ends;
+/// detached actors until killed.
 #[derive(Clone)]
 pub struct ActorHandle {
     pub(crate) inner: Arc<ActorRef>,
-    scope: Option<Arc<Scope>>,
+    _scope: Option<Arc<Scope>>,
 }
 
-/// Shared by the handles that keep an actor alive; dropping the last one ends the actor.
+/// Shared by this process's handles to a counted actor: when the last one drops, this
+/// process's submitter lets go of the actor once its calls have returned.
 struct Scope {
     id: String,
-    /// Killed for good through a handle already: nothing left to do.
-    killed: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        if self.killed.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
-        }
         if let Ok(rt) = runtime::current() {
             let _ = rt
                 .submit_tx
@@ -237,12 +235,78 @@ impl Drop for Scope {
     }
 }
 
-/// What the submitter needs to call an actor.
+/// What the submitter needs to call an actor. Its queue in the submitter holds one while
+/// calls are queued or in flight, so the scope ref lives until they have returned.
 #[derive(Debug)]
 pub(crate) struct ActorRef {
     pub(crate) id: String,
     pub(crate) class_name: String,
     pub(crate) max_task_retries: i64,
+    /// For a counted actor: a ref to its scope object (the actor ends when it is freed).
+    pub(crate) scope: Option<ObjectRef<()>>,
+}
+
+/// An `ActorHandle` as it is archived inside a value.
+#[doc(hidden)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ActorWire {
+    id: String,
+    class_name: String,
+    max_task_retries: i64,
+    scope: Option<ObjectRef<()>>,
+}
+
+impl ActorHandle {
+    fn wire(&self) -> ActorWire {
+        ActorWire {
+            id: self.inner.id.clone(),
+            class_name: self.inner.class_name.clone(),
+            max_task_retries: self.inner.max_task_retries,
+            scope: self.inner.scope.clone(),
+        }
+    }
+}
+
+impl rkyv::Archive for ActorHandle {
+    type Archived = ArchivedActorWire;
+    type Resolver = ActorWireResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        self.wire().resolve(resolver, out);
+    }
+}
+
+impl<S> rkyv::Serialize<S> for ActorHandle
+where
+    S: rkyv::rancor::Fallible + ?Sized,
+    ActorWire: rkyv::Serialize<S>,
+{
+    fn serialize(&self, s: &mut S) -> Result<Self::Resolver, S::Error> {
+        self.wire().serialize(s)
+    }
+}
+
+impl<D> rkyv::Deserialize<ActorHandle, D> for ArchivedActorWire
+where
+    D: rkyv::rancor::Fallible + ?Sized,
+    D::Error: rkyv::rancor::Source,
+{
+    fn deserialize(&self, d: &mut D) -> Result<ActorHandle, D::Error> {
+        let w: ActorWire = rkyv::Deserialize::deserialize(self, d)?;
+        let scope = w
+            .scope
+            .as_ref()
+            .map(|_| Arc::new(Scope { id: w.id.clone() }));
+        Ok(ActorHandle {
+            inner: Arc::new(ActorRef {
+                id: w.id,
+                class_name: w.class_name,
+                max_task_retries: w.max_task_retries,
+                scope: w.scope,
+            }),
+            _scope: scope,
+        })
+    }
 }
 
 impl std::fmt::Debug for ActorHandle {
@@ -326,9 +390,6 @@ impl ActorHandle {
             async move { c.kill_actor(req).await }
         }))
         .map_err(Error::Rpc)?;
-        if no_restart && let Some(s) = &self.scope {
-            s.killed.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
         Ok(())
     }
 }
@@ -397,8 +458,9 @@ pub fn get_actor(name: &str, namespace: Option<&str>) -> Result<ActorHandle, Err
             id: i.actor_id,
             class_name: i.class_name,
             max_task_retries: i.max_task_retries,
+            scope: None,
         }),
-        scope: None,
+        _scope: None,
     })
 }
 
@@ -473,10 +535,21 @@ pub(crate) fn create(
     let scoped = i.actor_id == req.actor_id
         && opts.name.as_deref().is_none_or(str::is_empty)
         && !opts.detached;
+    // The scope object: while any process holds a ref to it (a handle, or calls not yet
+    // returned), the actor lives; when it is freed, the actor is killed.
+    let scope_ref = scoped.then(|| {
+        let tx = rt.submit_tx.clone();
+        let id = i.actor_id.clone();
+        ObjectRef::new(rt.owner.add_scope(
+            rt.new_id(2),
+            Box::new(move || {
+                let _ = tx.send(crate::submit::Event::ActorUnreferenced(id));
+            }),
+        ))
+    });
     let scope = scoped.then(|| {
         Arc::new(Scope {
             id: i.actor_id.clone(),
-            killed: Default::default(),
         })
     });
     Ok(ActorHandle {
@@ -484,7 +557,8 @@ pub(crate) fn create(
             id: i.actor_id,
             class_name: i.class_name,
             max_task_retries: i.max_task_retries,
+            scope: scope_ref,
         }),
-        scope,
+        _scope: scope,
     })
 }

@@ -44,6 +44,8 @@ struct Entry {
     borrowers: HashMap<Borrower, u32>,
     /// The refs inside the value, kept alive while it lives.
     contained: Vec<Arc<Handle>>,
+    /// Run when the entry goes (an actor's scope object ends the actor).
+    on_free: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Entry {
@@ -151,9 +153,30 @@ impl Owner {
                 handle: Arc::downgrade(&h),
                 borrowers: HashMap::new(),
                 contained: Vec::new(),
+                on_free: None,
             },
         );
         drop(old);
+        h
+    }
+
+    /// An object that stands for something else's lifetime (an actor's scope): `on_free`
+    /// runs when no handle or borrow of it is left anywhere.
+    pub(crate) fn add_scope(
+        self: &Arc<Self>,
+        id: ObjectId,
+        on_free: Box<dyn FnOnce() + Send>,
+    ) -> Arc<Handle> {
+        let h = self.add(
+            id,
+            State::Inline {
+                bytes: Bytes::new(),
+                tag: "scope".into(),
+            },
+        );
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.on_free = Some(on_free);
+        }
         h
     }
 
@@ -241,12 +264,16 @@ impl Owner {
 
     /// Wakes the waiters of a removed entry, frees its copies and lets go of its refs (out
     /// of the lock: dropping a handle may come back here).
-    fn forget(&self, id: ObjectId, e: Entry) {
+    fn forget(&self, id: ObjectId, mut e: Entry) {
         if let Some(n) = &e.notify {
             n.notify_waiters();
         }
         self.free_copies(id, &e.state);
+        let on_free = e.on_free.take();
         drop(e);
+        if let Some(f) = on_free {
+            f();
+        }
     }
 
     /// Every stored copy of `id` is gone: makes it pending again if its task can run again

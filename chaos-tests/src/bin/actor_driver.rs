@@ -118,6 +118,35 @@ fn call_from_task(name: String) -> i64 {
     sdk::get(&c.incr(100i64)).expect("call from a task")
 }
 
+/// Increments a counter it was handed `n` times; answers the last value and where it ran.
+#[sdk::remote]
+fn bump(c: CounterHandle, n: u64) -> (i64, String) {
+    let mut last = 0;
+    for _ in 0..n {
+        last = sdk::get(&c.incr(1i64)).expect("incr through a passed handle");
+    }
+    (last, std::env::var("RAYCTL_NODE_ID").unwrap_or_default())
+}
+
+static KEPT: std::sync::Mutex<Vec<CounterHandle>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps the handle in this worker past the call and writes the worker's pid to `path`.
+#[sdk::remote]
+fn keep_counter(c: CounterHandle, path: String) -> i64 {
+    let v = sdk::get(&c.incr(1i64)).expect("incr");
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, std::process::id().to_string()).expect("write pid");
+    std::fs::rename(&tmp, &path).expect("rename pid file");
+    v
+}
+
+/// Makes a counter and returns its handle (the actor's creator is this worker).
+#[sdk::remote]
+fn make_counter(start: i64) -> CounterHandle {
+    Counter::remote(start).expect("create a counter in a task")
+}
+
 fn result(v: serde_json::Value) {
     println!("RESULT {v}");
 }
@@ -513,6 +542,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stdin_line();
             let v = sdk::get_timeout(&copy.incr(5i64), Some(Duration::from_secs(60)))?;
             result(serde_json::json!({"copy": v}));
+        }
+        "shared" => {
+            // One handle passed to 20 tasks spread over the nodes; the driver drops its own
+            // at once. Then a handle kept by a worker past its call; then one returned by a
+            // task that created the actor.
+            let c = Counter::remote(0i64)?;
+            let shared = c.handle().actor_id().to_owned();
+            // Half on the driver's node, half on the worker node.
+            let here = TaskOptions::default().strategy(Strategy::NodeAffinity {
+                node: sdk::node_id()?,
+                soft: false,
+            });
+            let there = TaskOptions::default().resource("node0", 0.1);
+            let refs: Vec<_> = (0..20)
+                .map(|i| {
+                    bump::remote_with(if i % 2 == 0 { &here } else { &there }, c.clone(), 5u64)
+                })
+                .collect();
+            drop(c);
+            let got = sdk::get_all(&refs)?;
+            drop(refs);
+            let max = got.iter().map(|(v, _)| *v).max().unwrap_or(0);
+            let mut values: Vec<i64> = got.iter().map(|(v, _)| *v).collect();
+            values.sort();
+            values.dedup();
+            let mut nodes: Vec<String> = got.into_iter().map(|(_, n)| n).collect();
+            nodes.sort();
+            nodes.dedup();
+            // The keeper on the worker node and the maker on the driver's, so killing the
+            // keeper does not kill the made actor's owner.
+            let k = Counter::remote(0i64)?;
+            let kept = k.handle().actor_id().to_owned();
+            let first = sdk::get(&keep_counter::remote_with(&there, k, arg(1)))?;
+            let made = sdk::get(&make_counter::remote_with(&here, 40i64))?;
+            let made_id = made.handle().actor_id().to_owned();
+            let v = sdk::get(&made.incr(2i64))?;
+            result(serde_json::json!({
+                "shared": shared, "max": max, "distinct": values.len(), "nodes": nodes,
+                "kept": kept, "kept_first": first, "made": made_id, "made_value": v,
+            }));
+            stdin_line();
+            drop(made);
+            result(serde_json::json!({"dropped": true}));
+            stdin_line();
         }
         "detached" => {
             // A detached actor on a node with a `slot`, restartable once.

@@ -43,13 +43,12 @@ impl Engine {
         self.dirty_actors.push(id);
     }
 
+    /// This process holds no handle to the actor any more: its queue (and the actor's scope
+    /// ref in it) goes once no call is left.
     pub(super) fn actor_out_of_scope(&mut self, id: String) {
-        match self.actors.get_mut(&id) {
-            Some(q) => {
-                q.out_of_scope = true;
-                self.end_if_out_of_scope(&id);
-            }
-            None => self.out.push(Effect::KillActor(id)),
+        if let Some(q) = self.actors.get_mut(&id) {
+            q.out_of_scope = true;
+            self.end_if_out_of_scope(&id);
         }
     }
 
@@ -140,8 +139,10 @@ impl Engine {
         }
     }
 
-    /// Kills an actor no handle keeps alive once no call to it is left (queued, waiting for
-    /// arguments, in flight, or failed and waiting for the actor's fate).
+    /// Lets go of an actor this process holds no handle to once no call to it is left
+    /// (queued, waiting for arguments, in flight, or failed and waiting for the actor's
+    /// fate): its stream closes and its queue goes, and with it the queue's ref to the
+    /// actor's scope (the creator kills the actor when no ref to it is left anywhere).
     pub(super) fn end_if_out_of_scope(&mut self, id: &str) {
         let Some(q) = self.actors.get(id) else {
             return;
@@ -166,9 +167,7 @@ impl Engine {
             self.actor_conns.remove(&c);
             self.out.push(Effect::Close(c));
         }
-        if q.dead.is_none() {
-            self.out.push(Effect::KillActor(id.to_owned()));
-        }
+        drop(q);
     }
 
     fn fail_actor_task(

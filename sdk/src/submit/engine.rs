@@ -53,6 +53,8 @@ pub(crate) enum Event {
     /// The last handle that kept the actor alive was dropped: kill it once the calls made
     /// from here have returned.
     ActorOutOfScope(String),
+    /// No process holds a handle to a counted actor this process created: kill it.
+    ActorUnreferenced(String),
 }
 
 /// What the executor must do.
@@ -244,6 +246,7 @@ impl Engine {
             Event::ActorResolved(id, r) => self.actor_resolved(&id, *r),
             Event::ActorArgsReady(id) => self.actor_args_ready(id),
             Event::ActorOutOfScope(id) => self.actor_out_of_scope(id),
+            Event::ActorUnreferenced(id) => self.out.push(Effect::KillActor(id)),
             Event::Cancel(id, opts) => self.cancel(id, opts),
             Event::CancelChildren { parent, force } => self.cancel_children(parent, force),
         }

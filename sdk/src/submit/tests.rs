@@ -668,6 +668,7 @@ fn actor(retries: i64) -> Arc<ActorRef> {
         id: "actor-1".into(),
         class_name: "Counter".into(),
         max_task_retries: retries,
+        scope: None,
     })
 }
 
@@ -790,31 +791,45 @@ fn an_actor_call_waiting_for_an_argument_holds_back_the_calls_behind_it() {
 }
 
 #[test]
-fn an_actor_out_of_scope_is_killed_once_its_calls_have_returned() {
+fn an_actor_out_of_scope_lets_go_of_its_scope_once_its_calls_have_returned() {
     let mut t = T::new();
-    let a = actor(0);
+    // A counted actor: its scope object says when no ref to it is left.
+    let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = freed.clone();
+    let scope_id = t.id();
+    let scope = t.owner.add_scope(
+        scope_id,
+        Box::new(move || f.store(true, std::sync::atomic::Ordering::SeqCst)),
+    );
+    let a = Arc::new(ActorRef {
+        scope: Some(crate::ObjectRef::new(scope)),
+        ..Arc::try_unwrap(actor(0)).expect("one ref")
+    });
     let (c0, id0) = actor_call(&mut t, &a, vec![]);
+    // The last handle here goes; the call in flight keeps the scope.
+    drop(a);
     t.run([c0]);
     let fx = t.run([alive(0)]);
     let conn = opens(&fx)[0].0;
     let fx = t.run([Event::ActorOutOfScope("actor-1".into())]);
-    assert!(
-        !fx.iter().any(|e| matches!(e, Effect::KillActor(_))),
-        "a call is in flight"
-    );
+    assert!(closes(&fx).is_empty(), "a call is in flight");
+    assert!(!freed.load(std::sync::atomic::Ordering::SeqCst));
     let fx = t.run([Event::Replies(conn, vec![value(id0)])]);
+    assert_eq!(closes(&fx), vec![conn]);
+    assert!(t.core.actors.is_empty() && t.core.actor_conns.is_empty());
+    assert!(
+        freed.load(std::sync::atomic::Ordering::SeqCst),
+        "the queue's ref to the scope went with it"
+    );
+    // The engine does not kill on its own; the creator's scope being freed does.
+    assert!(!fx.iter().any(|e| matches!(e, Effect::KillActor(_))));
+    let fx = t.run([Event::ActorUnreferenced("actor-1".into())]);
     assert!(
         fx.iter()
             .any(|e| matches!(e, Effect::KillActor(id) if id == "actor-1"))
     );
-    assert_eq!(closes(&fx), vec![conn]);
-    assert!(t.core.actors.is_empty() && t.core.actor_conns.is_empty());
-    // An actor never called from here: killed at once.
-    let fx = t.run([Event::ActorOutOfScope("actor-2".into())]);
-    assert!(
-        fx.iter()
-            .any(|e| matches!(e, Effect::KillActor(id) if id == "actor-2"))
-    );
+    // An actor never called from here: nothing to let go of.
+    assert!(t.run([Event::ActorOutOfScope("actor-2".into())]).is_empty());
 }
 
 fn remote_cancels(fx: &[Effect]) -> Vec<(u64, ObjectId, bool, bool)> {
