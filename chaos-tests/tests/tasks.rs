@@ -685,3 +685,43 @@ fn a_read_that_needs_room_waits_for_pins_and_says_store_full_not_lost() -> Resul
     );
     Ok(())
 }
+
+/// Options written on the attribute are applied: `num_cpus = 2` waits while only a 1-CPU
+/// node is alive and runs once a 2-CPU node is; `max_retries = 2, retry_exceptions = true`
+/// retries panics (and the call site can turn it off); an actor's `max_concurrency = 4`.
+#[test]
+fn options_on_the_attribute_are_applied_and_the_call_site_overrides_them() -> Result<()> {
+    let mut c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 1,
+        head_cpus: 1.0,
+        node_cpus: 2.0,
+        ..Default::default()
+    })?;
+    let r = run(&c, &["attr-options"], &[])?;
+    assert_eq!(r["retried"], 2, "ran a third time after two panics: {r}");
+    let not = r["not_retried"].as_str().unwrap_or_default();
+    assert!(
+        not.starts_with("PANIC: ") && not.contains("flaky on attempt 0"),
+        "{r}"
+    );
+    assert_eq!(r["concurrent"], 4, "{r}");
+    assert_eq!(r["declared_cpus"], 2.0, "{r}");
+    assert_eq!(r["max_concurrency"], 4, "{r}");
+
+    // Only the 1-CPU head is left: the 2-CPU task waits, then runs on the node once it is back.
+    let two = node_id(&c, 0);
+    c.nodes[0].kill9();
+    wait_for("node-0 dead", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        (Cluster::nodes_in_state(&s, "ALIVE").len() == 1).then_some(())
+    })?;
+    let mut d = Driver::start(driver_bin(), &c, &["two-cpus"], &[])?;
+    let r = d.result(Duration::from_secs(60))?;
+    assert_eq!(r["ready_early"], false, "no node has 2 CPUs: {r}");
+    c.restart_node(0)?;
+    d.next_step()?;
+    let r = d.result(Duration::from_secs(150))?;
+    assert_eq!(r["node"], two.as_str(), "{r}");
+    d.finish(Duration::from_secs(60))
+}

@@ -8,6 +8,8 @@
 //! - a registration in the SDK's registry, made at compile time, so a worker running this
 //!   binary finds the function by name.
 
+mod options;
+
 use proc_macro::TokenStream;
 use quote::{format_ident, quote};
 use syn::{FnArg, ItemFn, ReturnType, parse_macro_input, spanned::Spanned};
@@ -67,19 +69,18 @@ pub fn value(attr: TokenStream, item: TokenStream) -> TokenStream {
     .into()
 }
 
+/// `#[sdk::remote]`, or with options: `#[sdk::remote(num_cpus = 2, num_gpus = 0, memory = …,
+/// resources(custom = 1), max_retries = 1, retry_exceptions = true)]`.
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
-    if let Some(e) = no_arguments(attr, "#[remote]", "`name::remote_with(&opts, …)`") {
-        return e;
-    }
     let f = parse_macro_input!(item as ItemFn);
-    match expand(&f) {
+    match options::parse(attr.into(), options::On::Function).and_then(|o| expand(&f, &o)) {
         Ok(t) => t.into(),
         Err(e) => e.to_compile_error().into(),
     }
 }
 
-fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+fn expand(f: &ItemFn, opts: &[proc_macro2::TokenStream]) -> syn::Result<proc_macro2::TokenStream> {
     let sig = &f.sig;
     if let Some(a) = &sig.asyncness {
         return Err(syn::Error::new(
@@ -143,12 +144,21 @@ fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             /// The name workers find this function by.
             pub const NAME: &'static str = concat!(module_path!(), "::", stringify!(#name));
 
-            /// Submits a call with default options; the value comes back through the ref.
-            #vis fn remote(#(#params),*) -> ::sdk::ObjectRef<#ret> {
-                Self::remote_with(&::sdk::TaskOptions::default(), #(#names),*)
+            /// The options written on the attribute (the defaults for the rest).
+            #vis fn options() -> ::sdk::TaskOptions {
+                #[allow(unused_mut)]
+                let mut __o = ::sdk::TaskOptions::default();
+                #(#opts)*
+                __o
             }
 
-            /// Submits a call with `opts` (resources, retries, scheduling strategy).
+            /// Submits a call with the attribute's options; the value comes back through the ref.
+            #vis fn remote(#(#params),*) -> ::sdk::ObjectRef<#ret> {
+                Self::remote_with(&Self::options(), #(#names),*)
+            }
+
+            /// Submits a call with `opts` (resources, retries, scheduling strategy) instead of
+            /// the attribute's: start from `options()` to change only some.
             #vis fn remote_with(opts: &::sdk::TaskOptions, #(#params),*) -> ::sdk::ObjectRef<#ret> {
                 ::sdk::__private::submit::<#ret>(Self::NAME, opts, ::std::vec![#(::sdk::IntoArg::into_arg(#names)),*])
             }
@@ -182,13 +192,13 @@ fn expand(f: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
 ///
 /// `&self` methods may run in parallel (with `max_concurrency` > 1), so the type must be
 /// `Send + Sync`.
+///
+/// With options: `#[sdk::actor(max_restarts = 1, max_task_retries = 1, max_concurrency = 4,
+/// num_cpus = …, resources(…), detached = …)]`, the class's `actor_options()`.
 #[proc_macro_attribute]
 pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
-    if let Some(e) = no_arguments(attr, "#[actor]", "`Type::remote_with(&opts, …)`") {
-        return e;
-    }
     let imp = parse_macro_input!(item as syn::ItemImpl);
-    match expand_actor(&imp) {
+    match options::parse(attr.into(), options::On::Actor).and_then(|o| expand_actor(&imp, &o)) {
         Ok(t) => t.into(),
         Err(e) => e.to_compile_error().into(),
     }
@@ -224,7 +234,10 @@ fn typed_params(sig: &syn::Signature, what: &str) -> syn::Result<Vec<(syn::Type,
     Ok(tys)
 }
 
-fn expand_actor(imp: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
+fn expand_actor(
+    imp: &syn::ItemImpl,
+    opts: &[proc_macro2::TokenStream],
+) -> syn::Result<proc_macro2::TokenStream> {
     if let Some((_, t, _)) = &imp.trait_ {
         return Err(syn::Error::new(
             t.span(),
@@ -373,9 +386,17 @@ fn expand_actor(imp: &syn::ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
             /// The class name workers find this actor type by.
             pub const ACTOR_CLASS: &'static str = concat!(module_path!(), "::", stringify!(#ident));
 
-            /// Creates an actor with default options (`new(…)` runs on the cluster).
+            /// The options written on the attribute (the defaults for the rest).
+            pub fn actor_options() -> ::sdk::ActorOptions {
+                #[allow(unused_mut)]
+                let mut __o = ::sdk::ActorOptions::default();
+                #(#opts)*
+                __o
+            }
+
+            /// Creates an actor with the attribute's options (`new(…)` runs on the cluster).
             pub fn remote(#(#params),*) -> ::std::result::Result<#handle, ::sdk::Error> {
-                Self::remote_with(&::sdk::ActorOptions::default(), #(#names),*)
+                Self::remote_with(&Self::actor_options(), #(#names),*)
             }
 
             /// Creates an actor with `opts` (name, lifetime, restarts, concurrency, resources).

@@ -225,6 +225,9 @@ pub struct TaskOptions {
     pub resources: BTreeMap<String, f64>,
     /// Retries after system failures (the worker or its node died). Default 3.
     pub max_retries: u32,
+    /// Also retry (within `max_retries`) when the function itself failed (panicked), as
+    /// Ray's `retry_exceptions=True`. Default false.
+    pub retry_exceptions: bool,
     pub strategy: Strategy,
 }
 
@@ -236,6 +239,7 @@ impl Default for TaskOptions {
             memory: 0.0,
             resources: BTreeMap::new(),
             max_retries: 3,
+            retry_exceptions: false,
             strategy: Strategy::Default,
         }
     }
@@ -260,6 +264,10 @@ impl TaskOptions {
     }
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
+        self
+    }
+    pub fn retry_exceptions(mut self, yes: bool) -> Self {
+        self.retry_exceptions = yes;
         self
     }
     pub fn strategy(mut self, s: Strategy) -> Self {

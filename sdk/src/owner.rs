@@ -629,6 +629,7 @@ mod tests {
             args: vec![],
             key,
             max_retries: 1,
+            retry_exceptions: false,
         });
         let _h = o.add_with_lineage(id, stored(), Some(lineage));
         assert!(matches!(o.rebuild(id, "gone"), Rebuild::Run(_, 1)));
@@ -752,6 +753,7 @@ mod tests {
             args: vec![crate::__private::ArgOut::Ref(ha)],
             key,
             max_retries: 3,
+            retry_exceptions: false,
         });
         let _hr = o.add_with_lineage(res, State::Pending, Some(lineage));
         assert!(rx.try_recv().is_err());

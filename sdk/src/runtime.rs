@@ -1266,6 +1266,7 @@ impl Runtime {
                 args: args.clone(),
                 key: key.clone(),
                 max_retries: opts.max_retries,
+                retry_exceptions: opts.retry_exceptions,
             })
         });
         let h = self.owner.add_with_lineage(id, State::Pending, lineage);
@@ -1310,6 +1311,7 @@ impl Runtime {
             key,
             attempt: 0,
             max_retries: opts.max_retries,
+            retry_exceptions: opts.retry_exceptions,
             parent: crate::calls::current_task(),
         };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
@@ -1368,6 +1370,7 @@ impl Runtime {
             key,
             attempt: 0,
             max_retries: 0,
+            retry_exceptions: false,
             parent: crate::calls::current_task(),
         };
         self.stats.pending_node.fetch_add(1, Ordering::Relaxed);

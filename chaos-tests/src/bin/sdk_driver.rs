@@ -131,6 +131,48 @@ fn chatty_parent() -> u64 {
     1
 }
 
+/// Declares its resources where it is defined.
+#[sdk::remote(num_cpus = 2)]
+fn two_cpus() -> String {
+    std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
+}
+
+/// Panics on its first two attempts; retried because it says so.
+#[sdk::remote(max_retries = 2, retry_exceptions = true)]
+fn flaky() -> u32 {
+    let attempt = sdk::context().expect("context").attempt;
+    if attempt < 2 {
+        panic!("flaky on attempt {attempt}");
+    }
+    attempt
+}
+
+/// Concurrency declared on the attribute.
+pub struct Napper {
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+#[sdk::actor(max_concurrency = 4)]
+impl Napper {
+    fn new() -> Self {
+        Napper {
+            now: Default::default(),
+            max: Default::default(),
+        }
+    }
+
+    /// Sleeps; answers the most calls seen running at once so far.
+    fn nap(&self, ms: u64) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+        std::thread::sleep(Duration::from_millis(ms));
+        self.now.fetch_sub(1, SeqCst);
+        self.max.load(SeqCst) as u64
+    }
+}
+
 /// The sum of the checksums of the objects behind `refs` (borrowed: the caller owns them).
 #[sdk::remote]
 fn crc_sum(refs: Vec<sdk::ObjectRef<Vec<u8>>>) -> u64 {
@@ -643,6 +685,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Err(e) => format!("other: {e}"),
             };
             result(serde_json::json!({"after": after}));
+        }
+        "attr-options" => {
+            // Retried on panics as declared; the same with the call site turning it off.
+            let retried = sdk::get(&flaky::remote()).map_err(|e| e.to_string());
+            let off = flaky::options().retry_exceptions(false);
+            let not_retried = match sdk::get(&flaky::remote_with(&off)) {
+                Ok(a) => format!("ran: attempt {a}"),
+                Err(sdk::Error::Task(e)) => format!("{}: {}", e.kind_name(), e.message),
+                Err(e) => e.to_string(),
+            };
+            let n = Napper::remote()?;
+            let naps: Vec<_> = (0..8).map(|_| n.nap(500u64)).collect();
+            let most = sdk::get_all(&naps)?.into_iter().max().unwrap_or(0);
+            result(serde_json::json!({
+                "retried": retried?, "not_retried": not_retried, "concurrent": most,
+                "declared_cpus": two_cpus::options().num_cpus,
+                "max_concurrency": Napper::actor_options().max_concurrency,
+            }));
+        }
+        "two-cpus" => {
+            // Declared num_cpus = 2: waits while no node has 2 CPUs, runs once one comes.
+            let r = two_cpus::remote();
+            let (ready, _) = sdk::wait(std::slice::from_ref(&r), 1, Some(Duration::from_secs(3)))?;
+            result(serde_json::json!({"ready_early": !ready.is_empty()}));
+            stdin_line();
+            result(
+                serde_json::json!({"node": sdk::get_timeout(&r, Some(Duration::from_secs(120)))?}),
+            );
         }
         "idle" => {
             // Connected, no task yet: what the node started on its own.

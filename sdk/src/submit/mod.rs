@@ -44,6 +44,7 @@ pub(crate) struct Lineage {
     pub(crate) args: Vec<ArgOut>,
     pub(crate) key: Arc<Key>,
     pub(crate) max_retries: u32,
+    pub(crate) retry_exceptions: bool,
 }
 
 impl Lineage {
@@ -55,6 +56,7 @@ impl Lineage {
             key: self.key.clone(),
             attempt,
             max_retries: self.max_retries,
+            retry_exceptions: self.retry_exceptions,
             parent: None,
         }
     }
@@ -67,6 +69,8 @@ pub(crate) struct Task {
     pub(crate) key: Arc<Key>,
     pub(crate) attempt: u32,
     pub(crate) max_retries: u32,
+    /// A panic is retried too (within `max_retries`).
+    pub(crate) retry_exceptions: bool,
     /// The task of this process that submitted it (its children are cancelled with it).
     pub(crate) parent: Option<ObjectId>,
 }

@@ -185,6 +185,24 @@ impl Engine {
             Some(pb::task_reply::Result::Error(e)) if e.kind() == pb::TaskErrorKind::ArgLost => {
                 self.arg_lost(t, e)
             }
+            // The function failed and the task asked for that to be retried too.
+            Some(pb::task_reply::Result::Error(e))
+                if e.kind() == pb::TaskErrorKind::Panic
+                    && t.retry_exceptions
+                    && t.attempt < t.max_retries =>
+            {
+                tracing::info!(task = %t.id, attempt = t.attempt + 1, "retrying a task whose function failed: {}", e.message);
+                let mut t = t;
+                t.attempt += 1;
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
+                self.note(&t, "PENDING_NODE_ASSIGNMENT", At::default());
+                self.keys
+                    .entry(t.key.clone())
+                    .or_default()
+                    .queue
+                    .push_front(t);
+            }
             Some(pb::task_reply::Result::Error(e)) => {
                 let mut e: crate::TaskError = e.into();
                 if e.function.is_empty() {

@@ -97,6 +97,7 @@ impl T {
             args: args.clone(),
             key: key.clone(),
             max_retries,
+            retry_exceptions: false,
         });
         let h = self
             .owner
@@ -474,6 +475,39 @@ fn failing_lease_rpcs_back_off_then_fail_the_waiting_tasks() {
 }
 
 #[test]
+fn a_panic_is_retried_only_with_retry_exceptions_and_within_max_retries() {
+    let mut t = T::new();
+    let k = cpu();
+    let mut a = t.task(&k, 1, vec![]);
+    a.retry_exceptions = true;
+    let b = t.task(&k, 1, vec![]);
+    let (a_id, b_id) = (a.id, b.id);
+    let r = reqs(&t.submit(vec![a, b]))[0];
+    let fx = t.run([granted(r, &k, "n1")]);
+    let conn = opens(&fx)[0].0;
+    assert_eq!(pushed(&fx), vec![a_id, b_id]);
+    let fx = t.run([Event::Replies(
+        conn,
+        vec![
+            error(a_id, TaskErrorKind::Panic, None),
+            error(b_id, TaskErrorKind::Panic, None),
+        ],
+    )]);
+    // b did not ask for it: failed; a runs again (attempt 1) on the same lease.
+    assert_eq!(t.failed(b_id).kind, TaskErrorKind::Panic);
+    assert!(matches!(t.state(a_id), State::Pending));
+    assert_eq!(pushes(&fx), vec![(conn, vec![a_id], vec![1])]);
+    // Its second panic uses up max_retries=1.
+    t.run([Event::Replies(
+        conn,
+        vec![error(a_id, TaskErrorKind::Panic, None)],
+    )]);
+    assert_eq!(t.failed(a_id).kind, TaskErrorKind::Panic);
+    assert_eq!(t.stats.retries.load(Ordering::Relaxed), 1);
+    assert_eq!(t.stats.pending_node.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn a_dead_workers_tasks_are_retried_within_max_retries_and_the_rest_fail() {
     let mut t = T::new();
     let k = cpu();
@@ -699,6 +733,7 @@ fn actor_call(t: &mut T, a: &Arc<ActorRef>, args: Vec<ArgOut>) -> (Event, Object
         key: Key::new(ResourceSet::new(), &Strategy::Default),
         attempt: 0,
         max_retries: 0,
+        retry_exceptions: false,
         parent: None,
     };
     (Event::ActorCall(a.clone(), Box::new(task)), id)
