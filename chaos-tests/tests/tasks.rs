@@ -699,6 +699,9 @@ fn options_on_the_attribute_are_applied_and_the_call_site_overrides_them() -> Re
         ..Default::default()
     })?;
     let r = run(&c, &["attr-options"], &[])?;
+    assert_eq!(r["sum"], 42, "num_returns = 2, the inline one: {r}");
+    assert_eq!(r["big_ok"], true, "the stored one: {r}");
+    assert_eq!(r["ids_differ"], true, "{r}");
     assert_eq!(r["retried"], 2, "ran a third time after two panics: {r}");
     let not = r["not_retried"].as_str().unwrap_or_default();
     assert!(

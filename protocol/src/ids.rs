@@ -99,6 +99,18 @@ impl ObjectId {
     pub const fn as_bytes(&self) -> &[u8; 20] {
         &self.0
     }
+    /// The id of a task's return `i` (`num_returns` > 1): return 0 is the task's own id;
+    /// the others set the high bit of the kind byte (byte 11) and put `i` in it, so they
+    /// never collide with another id of the same owner.
+    pub fn return_id(&self, i: u8) -> Self {
+        if i == 0 {
+            return *self;
+        }
+        let mut b = self.0;
+        b[11] = 0x80 | (i & 0x7f);
+        Self(b)
+    }
+
     /// Parses the 20 raw bytes of a wire `bytes` field.
     pub fn from_slice(b: &[u8]) -> Result<Self, IdError> {
         <[u8; 20]>::try_from(b).map(Self).map_err(|_| IdError {

@@ -74,13 +74,14 @@ pub fn value(attr: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     let f = parse_macro_input!(item as ItemFn);
-    match options::parse(attr.into(), options::On::Function).and_then(|o| expand(&f, &o)) {
+    match options::parse_all(attr.into(), options::On::Function).and_then(|o| expand(&f, &o)) {
         Ok(t) => t.into(),
         Err(e) => e.to_compile_error().into(),
     }
 }
 
-fn expand(f: &ItemFn, opts: &[proc_macro2::TokenStream]) -> syn::Result<proc_macro2::TokenStream> {
+fn expand(f: &ItemFn, parsed: &options::Parsed) -> syn::Result<proc_macro2::TokenStream> {
+    let opts = &parsed.sets;
     let sig = &f.sig;
     if let Some(a) = &sig.asyncness {
         return Err(syn::Error::new(
@@ -130,6 +131,69 @@ fn expand(f: &ItemFn, opts: &[proc_macro2::TokenStream]) -> syn::Result<proc_mac
         count,
     } = generated(&tys);
     let doc = format!("Remote form of [`{name}()`]: `{name}::remote(…)` runs it on the cluster.");
+    let n_returns: u8 = match &parsed.num_returns {
+        Some(n) => n.base10_parse()?,
+        None => 1,
+    };
+    // With num_returns = N > 1 the function returns an N-tuple and the call N refs.
+    let (out_ty, submit_body, encode) = if n_returns > 1 {
+        let tup = match &sig.output {
+            ReturnType::Type(_, t) => match &**t {
+                syn::Type::Tuple(tup) => tup,
+                _ => {
+                    return Err(syn::Error::new(
+                        t.span(),
+                        format!(
+                            "with num_returns = {n_returns} the function returns a tuple of {n_returns} values"
+                        ),
+                    ));
+                }
+            },
+            ReturnType::Default => {
+                return Err(syn::Error::new(
+                    sig.span(),
+                    format!(
+                        "with num_returns = {n_returns} the function returns a tuple of {n_returns} values"
+                    ),
+                ));
+            }
+        };
+        if tup.elems.len() != usize::from(n_returns) {
+            return Err(syn::Error::new(
+                tup.span(),
+                format!(
+                    "num_returns = {n_returns} but the tuple has {} values",
+                    tup.elems.len()
+                ),
+            ));
+        }
+        let elems: Vec<&syn::Type> = tup.elems.iter().collect();
+        let idx: Vec<usize> = (0..elems.len()).collect();
+        let outs: Vec<syn::Ident> = idx.iter().map(|i| format_ident!("__out{i}")).collect();
+        let rest_idx: Vec<syn::LitInt> = (1..elems.len())
+            .map(|i| syn::LitInt::new(&format!("{i}u8"), proc_macro2::Span::call_site()))
+            .collect();
+        let rest_outs = &outs[1..];
+        let first = &outs[0];
+        (
+            quote!((#(::sdk::ObjectRef<#elems>),*)),
+            quote! {
+                let __r = ::sdk::__private::submit_n(Self::NAME, opts, ::std::vec![#(::sdk::IntoArg::into_arg(#names)),*], #n_returns);
+                (#(::sdk::__private::typed::<#elems>(__r[#idx].clone())),*)
+            },
+            quote! {
+                let (#(#outs),*) = __out;
+                #(::sdk::__private::encode_return_at(__args, #rest_idx, &#rest_outs)?;)*
+                ::sdk::__private::encode_return(__args, &#first)
+            },
+        )
+    } else {
+        (
+            quote!(::sdk::ObjectRef<#ret>),
+            quote!(::sdk::__private::submit::<#ret>(Self::NAME, opts, ::std::vec![#(::sdk::IntoArg::into_arg(#names)),*])),
+            quote!(::sdk::__private::encode_return(__args, &__out)),
+        )
+    };
     Ok(quote! {
         #f
 
@@ -153,14 +217,14 @@ fn expand(f: &ItemFn, opts: &[proc_macro2::TokenStream]) -> syn::Result<proc_mac
             }
 
             /// Submits a call with the attribute's options; the value comes back through the ref.
-            #vis fn remote(#(#params),*) -> ::sdk::ObjectRef<#ret> {
+            #vis fn remote(#(#params),*) -> #out_ty {
                 Self::remote_with(&Self::options(), #(#names),*)
             }
 
             /// Submits a call with `opts` (resources, retries, scheduling strategy) instead of
             /// the attribute's: start from `options()` to change only some.
-            #vis fn remote_with(opts: &::sdk::TaskOptions, #(#params),*) -> ::sdk::ObjectRef<#ret> {
-                ::sdk::__private::submit::<#ret>(Self::NAME, opts, ::std::vec![#(::sdk::IntoArg::into_arg(#names)),*])
+            #vis fn remote_with(opts: &::sdk::TaskOptions, #(#params),*) -> #out_ty {
+                #submit_body
             }
 
             #[doc(hidden)]
@@ -168,7 +232,7 @@ fn expand(f: &ItemFn, opts: &[proc_macro2::TokenStream]) -> syn::Result<proc_mac
                 __args.expect(#count)?;
                 #(#decode)*
                 let __out: #ret = #name(#(#names),*);
-                ::sdk::__private::encode_return(__args, &__out)
+                #encode
             }
         }
 

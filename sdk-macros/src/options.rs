@@ -38,7 +38,7 @@ fn known(on: On, key: &str) -> Option<Ty> {
 fn names(on: On) -> &'static str {
     match on {
         On::Function => {
-            "num_cpus, num_gpus, memory, resources(name = amount, …), max_retries, retry_exceptions"
+            "num_cpus, num_gpus, memory, resources(name = amount, …), max_retries, retry_exceptions, num_returns"
         }
         On::Actor => {
             "num_cpus, num_gpus, memory, resources(name = amount, …), max_restarts, max_task_retries, max_concurrency, detached"
@@ -48,13 +48,34 @@ fn names(on: On) -> &'static str {
 
 /// The statements that set the attribute's options on `__o`.
 pub(crate) fn parse(attr: TokenStream, on: On) -> syn::Result<Vec<TokenStream>> {
+    parse_all(attr, on).map(|p| p.sets)
+}
+
+/// What the attribute says.
+pub(crate) struct Parsed {
+    pub(crate) sets: Vec<TokenStream>,
+    /// `num_returns = N` (functions only).
+    pub(crate) num_returns: Option<syn::LitInt>,
+}
+
+pub(crate) fn parse_all(attr: TokenStream, on: On) -> syn::Result<Parsed> {
     let mut sets = Vec::new();
+    let mut num_returns = None;
     let parser = syn::meta::parser(|meta| {
         let key = meta
             .path
             .get_ident()
             .map(ToString::to_string)
             .unwrap_or_default();
+        if key == "num_returns" && on == On::Function {
+            let n: syn::LitInt = meta.value()?.parse()?;
+            let v: u8 = n.base10_parse()?;
+            if !(1..=127).contains(&v) {
+                return Err(syn::Error::new(n.span(), "num_returns is 1 to 127"));
+            }
+            num_returns = Some(n);
+            return Ok(());
+        }
         if key == "resources" {
             return meta.parse_nested_meta(|m| {
                 let name = m
@@ -84,7 +105,7 @@ pub(crate) fn parse(attr: TokenStream, on: On) -> syn::Result<Vec<TokenStream>> 
         Ok(())
     });
     parser.parse2(attr)?;
-    Ok(sets)
+    Ok(Parsed { sets, num_returns })
 }
 
 use syn::spanned::Spanned;

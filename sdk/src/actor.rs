@@ -494,6 +494,7 @@ pub(crate) fn create(
             function: class.to_owned(),
             args: ctor_args,
             attempt: 0,
+            num_returns: 1,
         }),
         resources: shape.iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         binary_sha256: rt.binary.0.clone(),

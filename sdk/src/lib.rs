@@ -519,7 +519,9 @@ pub mod __private {
     use crate::value::{self, Value};
     use crate::{ObjectRef, TaskOptions};
 
-    pub use crate::worker::{ArgError, ArgIn, Args, Encoded, FromArg, encode_return};
+    pub use crate::worker::{
+        ArgError, ArgIn, Args, Encoded, FromArg, encode_return, encode_return_at,
+    };
 
     /// A registered remote function.
     pub struct RemoteFunction {
@@ -618,6 +620,27 @@ pub mod __private {
         let rt = crate::runtime::current()
             .unwrap_or_else(|e| panic!("{name}::remote() needs sdk::init() first: {e}"));
         ObjectRef::new(rt.submit(name, opts, args))
+    }
+
+    /// Submits a call of a function with `n` returns (`num_returns = n`): one untyped ref
+    /// per return, which the generated stub types.
+    pub fn submit_n(
+        name: &'static str,
+        opts: &TaskOptions,
+        args: Vec<ArgOut>,
+        n: u8,
+    ) -> Vec<ObjectRef<()>> {
+        let rt = crate::runtime::current()
+            .unwrap_or_else(|e| panic!("{name}::remote() needs sdk::init() first: {e}"));
+        rt.submit_n(name, opts, args, n)
+            .into_iter()
+            .map(ObjectRef::new)
+            .collect()
+    }
+
+    /// Gives an untyped ref its type (the generated stub knows it).
+    pub fn typed<R>(r: ObjectRef<()>) -> ObjectRef<R> {
+        ObjectRef::new(r.h)
     }
 }
 

@@ -630,6 +630,7 @@ mod tests {
             key,
             max_retries: 1,
             retry_exceptions: false,
+            num_returns: 1,
         });
         let _h = o.add_with_lineage(id, stored(), Some(lineage));
         assert!(matches!(o.rebuild(id, "gone"), Rebuild::Run(_, 1)));
@@ -754,6 +755,7 @@ mod tests {
             key,
             max_retries: 3,
             retry_exceptions: false,
+            num_returns: 1,
         });
         let _hr = o.add_with_lineage(res, State::Pending, Some(lineage));
         assert!(rx.try_recv().is_err());

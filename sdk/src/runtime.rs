@@ -1256,6 +1256,20 @@ impl Runtime {
         opts: &TaskOptions,
         args: Vec<crate::__private::ArgOut>,
     ) -> Arc<Handle> {
+        let mut hs = self.submit_n(name, opts, args, 1);
+        hs.swap_remove(0)
+    }
+
+    /// Submits a task returning `n` values (`num_returns`): a handle per return, in order.
+    /// Only return 0 keeps the lineage (the others are lost with their copies).
+    pub(crate) fn submit_n(
+        self: &Arc<Self>,
+        name: &'static str,
+        opts: &TaskOptions,
+        args: Vec<crate::__private::ArgOut>,
+        n: u8,
+    ) -> Vec<Arc<Handle>> {
+        let n = n.clamp(1, 127);
         let id = self.new_id(1);
         let key = opts
             .shape()
@@ -1267,22 +1281,25 @@ impl Runtime {
                 key: key.clone(),
                 max_retries: opts.max_retries,
                 retry_exceptions: opts.retry_exceptions,
+                num_returns: n,
             })
         });
-        let h = self.owner.add_with_lineage(id, State::Pending, lineage);
+        let mut h = vec![self.owner.add_with_lineage(id, State::Pending, lineage)];
+        h.extend((1..n).map(|i| self.owner.add(id.return_id(i), State::Pending)));
         let fail = |kind: crate::TaskErrorKind, message: String| {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            self.owner.complete(
-                id,
-                State::Failed(crate::TaskError {
-                    kind,
-                    message,
-                    task_id: id.to_string(),
-                    function: name.into(),
-                    node_id: String::new(),
-                    worker_id: String::new(),
-                }),
-            );
+            let e = crate::TaskError {
+                kind,
+                message,
+                task_id: id.to_string(),
+                function: name.into(),
+                node_id: String::new(),
+                worker_id: String::new(),
+            };
+            for i in 0..n {
+                self.owner
+                    .complete(id.return_id(i), State::Failed(e.clone()));
+            }
         };
         let key = match key {
             Ok(k) => k,
@@ -1312,6 +1329,7 @@ impl Runtime {
             attempt: 0,
             max_retries: opts.max_retries,
             retry_exceptions: opts.retry_exceptions,
+            num_returns: n,
             parent: crate::calls::current_task(),
         };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
@@ -1371,6 +1389,7 @@ impl Runtime {
             attempt: 0,
             max_retries: 0,
             retry_exceptions: false,
+            num_returns: 1,
             parent: crate::calls::current_task(),
         };
         self.stats.pending_node.fetch_add(1, Ordering::Relaxed);

@@ -46,6 +46,8 @@ pub struct Args<'a> {
     rt: &'a Runtime,
     /// The refs inside the result (its caller becomes their borrower).
     contained: Vec<Arc<crate::owner::Handle>>,
+    /// With `num_returns` > 1: returns 1, 2, … as encoded (`encode_return_at`).
+    more: Vec<pb::Value>,
 }
 
 impl Args<'_> {
@@ -103,9 +105,41 @@ impl<T: Value> FromArg for View<T> {
     }
 }
 
+/// Encodes return `i` (> 0) of a function with `num_returns` > 1, under its return id.
+pub fn encode_return_at<T: Value>(args: &mut Args<'_>, i: u8, v: &T) -> Result<(), ArgError> {
+    let id = args.task_id.return_id(i);
+    let value = match encode_as(args, id, v)? {
+        Encoded::Inline(b, tag) => pb::Value {
+            kind: Some(pb::value::Kind::Inline(Bytes::copy_from_slice(&b))),
+            type_tag: tag,
+            object_id: Vec::new(),
+        },
+        Encoded::Stored(tag) => stored_value(args.rt, id, tag),
+    };
+    args.more.push(value);
+    Ok(())
+}
+
+fn stored_value(rt: &Runtime, id: ObjectId, tag: String) -> pb::Value {
+    pb::Value {
+        kind: Some(pb::value::Kind::Stored(pb::ObjectLocation {
+            node_id: rt.node.node_id.clone(),
+            object_manager_address: rt.node.om.clone(),
+            node_address: rt.node.address.clone(),
+        })),
+        type_tag: tag,
+        object_id: id.as_bytes().to_vec(),
+    }
+}
+
 /// Encodes a return value: inline when small, else sealed in this node's store as the
 /// primary copy under the task's id (the owner frees it).
 pub fn encode_return<T: Value>(args: &mut Args<'_>, v: &T) -> Result<Encoded, ArgError> {
+    let id = args.task_id;
+    encode_as(args, id, v)
+}
+
+fn encode_as<T: Value>(args: &mut Args<'_>, id: ObjectId, v: &T) -> Result<Encoded, ArgError> {
     let tag = value::type_tag::<T>();
     let n =
         value::archived_size(v).map_err(|e| ArgError(format!("cannot encode the result: {e}")))?;
@@ -121,7 +155,7 @@ pub fn encode_return<T: Value>(args: &mut Args<'_>, v: &T) -> Result<Encoded, Ar
         .store
         .as_ref()
         .ok_or_else(|| ArgError("no object store on this worker".into()))?;
-    match store.create(args.task_id, n as u64, tag.len() as u64) {
+    match store.create(id, n as u64, tag.len() as u64) {
         Ok(mut w) => {
             let (r, refs) = crate::borrow::sending(|| value::archive_into(v, w.data_mut()));
             args.contained.extend(refs);
@@ -525,6 +559,7 @@ fn start_actor(
         task_id: ObjectId::from_bytes([0; 20]),
         rt,
         contained: Vec::new(),
+        more: Vec::new(),
     };
     *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) =
         Some(start.lease_id.as_str().into());
@@ -753,6 +788,7 @@ fn cancelled_reply(id: ObjectId) -> pb::TaskReply {
             lost_object_id: Vec::new(),
         })),
         contained: Vec::new(),
+        more_returns: Vec::new(),
     }
 }
 
@@ -811,6 +847,7 @@ fn execute(
             lost_object_id: Vec::new(),
         })),
         contained: Vec::new(),
+        more_returns: Vec::new(),
     };
     let Ok(id) = ObjectId::from_slice(&spec.task_id) else {
         return err(pb::TaskErrorKind::Argument, "bad task id".into());
@@ -848,12 +885,14 @@ fn execute(
         task_id: id,
         rt,
         contained: Vec::new(),
+        more: Vec::new(),
     };
     PANIC.with(|p| p.borrow_mut().take());
     let out = std::panic::catch_unwind(AssertUnwindSafe(|| call(&spec.function, &mut args)));
     // Cancelled while it ran: whatever it returned, its caller gets CANCELLED.
     let cancelled = crate::calls::is_cancelled();
     let contained = std::mem::take(&mut args.contained);
+    let more_returns = std::mem::take(&mut args.more);
     drop(args);
     let contained = borrows_at_end(rt, contained, id, caller_node);
     if cancelled {
@@ -884,19 +923,13 @@ fn execute(
                 object_id: Vec::new(),
             })),
             contained,
+            more_returns,
         },
         Ok(Ok(Encoded::Stored(tag))) => pb::TaskReply {
             task_id,
             contained,
-            result: Some(pb::task_reply::Result::Value(pb::Value {
-                kind: Some(pb::value::Kind::Stored(pb::ObjectLocation {
-                    node_id: rt.node.node_id.clone(),
-                    object_manager_address: rt.node.om.clone(),
-                    node_address: rt.node.address.clone(),
-                })),
-                type_tag: tag,
-                object_id: id.as_bytes().to_vec(),
-            })),
+            result: Some(pb::task_reply::Result::Value(stored_value(rt, id, tag))),
+            more_returns,
         },
         Ok(Err(ArgError(e))) => err(pb::TaskErrorKind::Argument, e),
         Err(payload) => err(pb::TaskErrorKind::Panic, panic_message(payload)),

@@ -137,6 +137,12 @@ fn two_cpus() -> String {
     std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
 }
 
+/// Two returns: a small one (inline) and a large one (stored under its own return id).
+#[sdk::remote(num_returns = 2)]
+fn sum_and_blob(v: Vec<i64>, seed: u64) -> (i64, Vec<u8>) {
+    (v.iter().sum(), blob(seed, 300 << 10))
+}
+
 /// Panics on its first two attempts; retried because it says so.
 #[sdk::remote(max_retries = 2, retry_exceptions = true)]
 fn flaky() -> u32 {
@@ -698,7 +704,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let n = Napper::remote()?;
             let naps: Vec<_> = (0..8).map(|_| n.nap(500u64)).collect();
             let most = sdk::get_all(&naps)?.into_iter().max().unwrap_or(0);
+            let (sum, big) = sum_and_blob::remote(vec![1i64, 2, 39], 77u64);
+            let big_ok = sdk::get(&big)? == blob(77, 300 << 10);
+            let ids_differ = sum.id() != big.id();
             result(serde_json::json!({
+                "sum": sdk::get(&sum)?, "big_ok": big_ok, "ids_differ": ids_differ,
                 "retried": retried?, "not_retried": not_retried, "concurrent": most,
                 "declared_cpus": two_cpus::options().num_cpus,
                 "max_concurrency": Napper::actor_options().max_concurrency,

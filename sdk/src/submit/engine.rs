@@ -340,6 +340,7 @@ impl Engine {
             function: t.function.to_owned(),
             args,
             attempt: t.attempt,
+            num_returns: t.num_returns.into(),
         })
     }
 
@@ -360,6 +361,10 @@ impl Engine {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         let error = format!("{}: {}", e.kind_name(), e.message);
         self.note_failed(t, error, None);
+        for i in 1..t.num_returns {
+            self.owner
+                .complete(t.id.return_id(i), State::Failed(e.clone()));
+        }
         self.owner.complete(t.id, State::Failed(e));
     }
 

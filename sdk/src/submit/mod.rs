@@ -45,6 +45,7 @@ pub(crate) struct Lineage {
     pub(crate) key: Arc<Key>,
     pub(crate) max_retries: u32,
     pub(crate) retry_exceptions: bool,
+    pub(crate) num_returns: u8,
 }
 
 impl Lineage {
@@ -57,6 +58,7 @@ impl Lineage {
             attempt,
             max_retries: self.max_retries,
             retry_exceptions: self.retry_exceptions,
+            num_returns: self.num_returns,
             parent: None,
         }
     }
@@ -71,6 +73,8 @@ pub(crate) struct Task {
     pub(crate) max_retries: u32,
     /// A panic is retried too (within `max_retries`).
     pub(crate) retry_exceptions: bool,
+    /// Values it returns (1, or `num_returns`); their ids are `id.return_id(i)`.
+    pub(crate) num_returns: u8,
     /// The task of this process that submitted it (its children are cancelled with it).
     pub(crate) parent: Option<ObjectId>,
 }

@@ -180,6 +180,19 @@ impl Engine {
                 });
                 self.stats.finished.fetch_add(1, Ordering::Relaxed);
                 self.note(&t, "FINISHED", At::default());
+                for i in 1..t.num_returns {
+                    let more = r.more_returns.get(usize::from(i) - 1);
+                    let s = more.and_then(value_state).unwrap_or_else(|| {
+                        State::Failed(task_error(
+                            &t,
+                            TaskErrorKind::Store,
+                            format!("the worker sent no return {i} of {}", t.num_returns),
+                            &node_id,
+                            &worker_id,
+                        ))
+                    });
+                    self.owner.complete(id.return_id(i), s);
+                }
                 self.owner.complete(id, state);
             }
             Some(pb::task_reply::Result::Error(e)) if e.kind() == pb::TaskErrorKind::ArgLost => {

@@ -98,6 +98,7 @@ impl T {
             key: key.clone(),
             max_retries,
             retry_exceptions: false,
+            num_returns: 1,
         });
         let h = self
             .owner
@@ -277,6 +278,7 @@ fn value(id: ObjectId) -> pb::TaskReply {
             object_id: Vec::new(),
         })),
         contained: Vec::new(),
+        more_returns: Vec::new(),
     }
 }
 
@@ -291,6 +293,7 @@ fn error(id: ObjectId, kind: TaskErrorKind, lost: Option<ObjectId>) -> pb::TaskR
             ..Default::default()
         })),
         contained: Vec::new(),
+        more_returns: Vec::new(),
     }
 }
 
@@ -505,6 +508,44 @@ fn a_panic_is_retried_only_with_retry_exceptions_and_within_max_retries() {
     assert_eq!(t.failed(a_id).kind, TaskErrorKind::Panic);
     assert_eq!(t.stats.retries.load(Ordering::Relaxed), 1);
     assert_eq!(t.stats.pending_node.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn every_return_of_a_multi_return_task_completes_or_fails_with_it() {
+    let mut t = T::new();
+    let k = cpu();
+    let mut a = t.task(&k, 0, vec![]);
+    a.num_returns = 3;
+    let mut b = t.task(&k, 0, vec![]);
+    b.num_returns = 2;
+    let (a_id, b_id) = (a.id, b.id);
+    let (a1, a2, b1) = (a_id.return_id(1), a_id.return_id(2), b_id.return_id(1));
+    assert!(a1 != a_id && a2 != a1 && b1 != a1);
+    for id in [a1, a2, b1] {
+        t.results.push(t.owner.add(id, State::Pending));
+    }
+    let r = reqs(&t.submit(vec![a, b]))[0];
+    let fx = t.run([granted(r, &k, "n1")]);
+    let conn = opens(&fx)[0].0;
+    let mut ok = value(a_id);
+    let v = |x: &'static [u8]| pb::Value {
+        kind: Some(pb::value::Kind::Inline(Bytes::from_static(x))),
+        type_tag: "u64".into(),
+        object_id: Vec::new(),
+    };
+    ok.more_returns = vec![v(b"1"), v(b"2")];
+    t.run([Event::Replies(
+        conn,
+        vec![ok, error(b_id, TaskErrorKind::Panic, None)],
+    )]);
+    for (id, want) in [(a_id, &b"v"[..]), (a1, b"1"), (a2, b"2")] {
+        match t.state(id) {
+            State::Inline { bytes, .. } => assert_eq!(&bytes[..], want),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!(t.failed(b_id).kind, TaskErrorKind::Panic);
+    assert_eq!(t.failed(b1).kind, TaskErrorKind::Panic);
 }
 
 #[test]
@@ -734,6 +775,7 @@ fn actor_call(t: &mut T, a: &Arc<ActorRef>, args: Vec<ArgOut>) -> (Event, Object
         attempt: 0,
         max_retries: 0,
         retry_exceptions: false,
+        num_returns: 1,
         parent: None,
     };
     (Event::ActorCall(a.clone(), Box::new(task)), id)
