@@ -686,6 +686,40 @@ fn a_read_that_needs_room_waits_for_pins_and_says_store_full_not_lost() -> Resul
     Ok(())
 }
 
+/// A streaming generator of 1,000 items is read while it runs, in order, never more than
+/// the back-pressure window (16) ahead; a slow reader holds the worker back; stored items
+/// come through; a generator that panics gives its items and then the error.
+#[test]
+fn a_streaming_generator_is_read_while_it_runs_with_back_pressure() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
+    let r = run(&c, &["stream"], &[])?;
+    assert_eq!(r["in_order"], true, "{r}");
+    let (first, total) = (
+        r["first_ms"].as_u64().context("first")?,
+        r["total_ms"].as_u64().context("total")?,
+    );
+    assert!(total >= 1000, "1,000 items of 1 ms each: {r}");
+    assert!(
+        first * 3 < total,
+        "the first item came long before the last: {r}"
+    );
+    assert!(r["most_buffered"].as_u64() <= Some(16), "{r}");
+    assert_eq!(r["slow_n"], 100, "{r}");
+    assert!(r["slow_most"].as_u64() <= Some(16), "{r}");
+    assert_eq!(r["blobs_ok"], 5, "{r}");
+    let e = r["blobs_error"].as_str().unwrap_or_default();
+    assert!(
+        e.starts_with("PANIC: ") && e.contains("no more blobs"),
+        "{r}"
+    );
+    assert_eq!(r["owned"], 0, "every item and stream end freed: {r}");
+    Ok(())
+}
+
 /// Options written on the attribute are applied: `num_cpus = 2` waits while only a 1-CPU
 /// node is alive and runs once a 2-CPU node is; `max_retries = 2, retry_exceptions = true`
 /// retries panics (and the call site can turn it off); an actor's `max_concurrency = 4`.

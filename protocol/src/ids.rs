@@ -99,15 +99,25 @@ impl ObjectId {
     pub const fn as_bytes(&self) -> &[u8; 20] {
         &self.0
     }
-    /// The id of a task's return `i` (`num_returns` > 1): return 0 is the task's own id;
-    /// the others set the high bit of the kind byte (byte 11) and put `i` in it, so they
-    /// never collide with another id of the same owner.
+    /// The id of a task's return `i` (`num_returns` > 1, at most 63): return 0 is the
+    /// task's own id; the others put `0x80 | i` in the kind byte (byte 11), so they never
+    /// collide with another id of the same owner (kinds 0 to 2, and 0xC0 for stream items).
     pub fn return_id(&self, i: u8) -> Self {
         if i == 0 {
             return *self;
         }
         let mut b = self.0;
-        b[11] = 0x80 | (i & 0x7f);
+        b[11] = 0x80 | (i & 0x3f);
+        Self(b)
+    }
+
+    /// The id of item `j` of a streaming task: kind byte 0xC0, the low 32 bits of the
+    /// task's counter, then `j` (32 bits).
+    pub fn stream_item_id(&self, j: u32) -> Self {
+        let mut b = self.0;
+        b[11] = 0xC0;
+        b.copy_within(16..20, 12);
+        b[16..20].copy_from_slice(&j.to_be_bytes());
         Self(b)
     }
 

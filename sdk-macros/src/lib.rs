@@ -132,11 +132,25 @@ fn expand(f: &ItemFn, parsed: &options::Parsed) -> syn::Result<proc_macro2::Toke
     } = generated(&tys);
     let doc = format!("Remote form of [`{name}()`]: `{name}::remote(…)` runs it on the cluster.");
     let n_returns: u8 = match &parsed.num_returns {
-        Some(n) => n.base10_parse()?,
-        None => 1,
+        Some(options::Returns::N(n)) => *n,
+        Some(options::Returns::Streaming) | None => 1,
     };
-    // With num_returns = N > 1 the function returns an N-tuple and the call N refs.
-    let (out_ty, submit_body, encode) = if n_returns > 1 {
+    let streaming = matches!(parsed.num_returns, Some(options::Returns::Streaming));
+    // With num_returns = N > 1 the function returns an N-tuple and the call N refs; a
+    // streaming one returns `impl Iterator<Item = T>` and the call a generator of refs.
+    let (out_ty, submit_body, encode) = if streaming {
+        let item = iterator_item(&sig.output).ok_or_else(|| {
+            syn::Error::new(
+                sig.output.span(),
+                "with num_returns = \"streaming\" the function returns `impl Iterator<Item = T>`",
+            )
+        })?;
+        (
+            quote!(::sdk::ObjectRefGenerator<#item>),
+            quote!(::sdk::__private::submit_stream::<#item>(Self::NAME, opts, ::std::vec![#(::sdk::IntoArg::into_arg(#names)),*])),
+            quote!(::sdk::__private::stream_items(__args, __out)),
+        )
+    } else if n_returns > 1 {
         let tup = match &sig.output {
             ReturnType::Type(_, t) => match &**t {
                 syn::Type::Tuple(tup) => tup,
@@ -231,7 +245,7 @@ fn expand(f: &ItemFn, parsed: &options::Parsed) -> syn::Result<proc_macro2::Toke
             fn __invoke(__args: &mut ::sdk::__private::Args<'_>) -> ::std::result::Result<::sdk::__private::Encoded, ::sdk::__private::ArgError> {
                 __args.expect(#count)?;
                 #(#decode)*
-                let __out: #ret = #name(#(#names),*);
+                let __out = #name(#(#names),*);
                 #encode
             }
         }
@@ -488,6 +502,32 @@ fn expand_actor(
 }
 
 /// What a function returns, `()` when it names nothing.
+/// `T` of a return type `impl Iterator<Item = T>` (or `impl IntoIterator<Item = T>`).
+fn iterator_item(out: &ReturnType) -> Option<syn::Type> {
+    let ReturnType::Type(_, t) = out else {
+        return None;
+    };
+    let syn::Type::ImplTrait(it) = &**t else {
+        return None;
+    };
+    it.bounds.iter().find_map(|b| {
+        let syn::TypeParamBound::Trait(tb) = b else {
+            return None;
+        };
+        let seg = tb.path.segments.last()?;
+        if seg.ident != "Iterator" && seg.ident != "IntoIterator" {
+            return None;
+        }
+        let syn::PathArguments::AngleBracketed(a) = &seg.arguments else {
+            return None;
+        };
+        a.args.iter().find_map(|g| match g {
+            syn::GenericArgument::AssocType(at) if at.ident == "Item" => Some(at.ty.clone()),
+            _ => None,
+        })
+    })
+}
+
 fn return_type(sig: &syn::Signature) -> proc_macro2::TokenStream {
     match &sig.output {
         ReturnType::Default => quote!(()),

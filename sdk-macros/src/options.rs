@@ -54,8 +54,13 @@ pub(crate) fn parse(attr: TokenStream, on: On) -> syn::Result<Vec<TokenStream>> 
 /// What the attribute says.
 pub(crate) struct Parsed {
     pub(crate) sets: Vec<TokenStream>,
-    /// `num_returns = N` (functions only).
-    pub(crate) num_returns: Option<syn::LitInt>,
+    /// `num_returns = N` or `"streaming"` (functions only).
+    pub(crate) num_returns: Option<Returns>,
+}
+
+pub(crate) enum Returns {
+    N(u8),
+    Streaming,
 }
 
 pub(crate) fn parse_all(attr: TokenStream, on: On) -> syn::Result<Parsed> {
@@ -68,12 +73,23 @@ pub(crate) fn parse_all(attr: TokenStream, on: On) -> syn::Result<Parsed> {
             .map(ToString::to_string)
             .unwrap_or_default();
         if key == "num_returns" && on == On::Function {
-            let n: syn::LitInt = meta.value()?.parse()?;
-            let v: u8 = n.base10_parse()?;
-            if !(1..=127).contains(&v) {
-                return Err(syn::Error::new(n.span(), "num_returns is 1 to 127"));
-            }
-            num_returns = Some(n);
+            let lit: syn::Lit = meta.value()?.parse()?;
+            num_returns = Some(match &lit {
+                syn::Lit::Int(n) => {
+                    let v: u8 = n.base10_parse()?;
+                    if !(1..=63).contains(&v) {
+                        return Err(syn::Error::new(n.span(), "num_returns is 1 to 63"));
+                    }
+                    Returns::N(v)
+                }
+                syn::Lit::Str(s) if s.value() == "streaming" => Returns::Streaming,
+                _ => {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "num_returns is a number (1 to 63) or \"streaming\"",
+                    ));
+                }
+            });
             return Ok(());
         }
         if key == "resources" {

@@ -495,6 +495,7 @@ pub(crate) fn create(
             args: ctor_args,
             attempt: 0,
             num_returns: 1,
+            streaming: false,
         }),
         resources: shape.iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         binary_sha256: rt.binary.0.clone(),

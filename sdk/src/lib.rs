@@ -37,6 +37,7 @@ mod output;
 mod owner;
 mod pg;
 mod runtime;
+mod stream;
 mod submit;
 mod value;
 mod worker;
@@ -59,6 +60,7 @@ pub use protocol::{NodeId, ObjectId, RpcError};
 /// The rkyv the SDK encodes values with; `#[sdk::value]` derives through it.
 pub use rkyv;
 pub use sdk_macros::{actor, remote, value};
+pub use stream::ObjectRefGenerator;
 pub use submit::CancelOptions;
 pub use value::{INLINE_MAX, SliceWriter, Value, View};
 
@@ -520,7 +522,7 @@ pub mod __private {
     use crate::{ObjectRef, TaskOptions};
 
     pub use crate::worker::{
-        ArgError, ArgIn, Args, Encoded, FromArg, encode_return, encode_return_at,
+        ArgError, ArgIn, Args, Encoded, FromArg, encode_return, encode_return_at, stream_items,
     };
 
     /// A registered remote function.
@@ -636,6 +638,18 @@ pub mod __private {
             .into_iter()
             .map(ObjectRef::new)
             .collect()
+    }
+
+    /// Submits a call of a streaming function (`num_returns = "streaming"`).
+    pub fn submit_stream<R>(
+        name: &'static str,
+        opts: &TaskOptions,
+        args: Vec<ArgOut>,
+    ) -> crate::ObjectRefGenerator<R> {
+        let rt = crate::runtime::current()
+            .unwrap_or_else(|e| panic!("{name}::remote() needs sdk::init() first: {e}"));
+        let end = ObjectRef::new(rt.submit_stream(name, opts, args));
+        crate::ObjectRefGenerator::new(rt, end)
     }
 
     /// Gives an untyped ref its type (the generated stub knows it).

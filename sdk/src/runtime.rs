@@ -182,6 +182,8 @@ pub(crate) struct Runtime {
     pub(crate) owner: Arc<Owner>,
     /// Refs this process borrows, and the watches on its own borrowers.
     pub(crate) borrows: Arc<crate::borrow::Borrows>,
+    /// Items of the streaming tasks this process reads.
+    pub(crate) streams: crate::stream::Streams,
     pub(crate) submit_tx: mpsc::UnboundedSender<submit::Event>,
     /// sha256 of the worker binary, and the node to fetch it from.
     pub(crate) binary: (String, String),
@@ -614,6 +616,7 @@ impl Runtime {
             token,
             owner: Arc::new(Owner::new(free_tx)),
             borrows: crate::borrow::Borrows::new(release_tx),
+            streams: Default::default(),
             submit_tx,
             binary,
             job_id: std::env::var(protocol::env::JOB_ID).unwrap_or_default(),
@@ -1269,12 +1272,34 @@ impl Runtime {
         args: Vec<crate::__private::ArgOut>,
         n: u8,
     ) -> Vec<Arc<Handle>> {
-        let n = n.clamp(1, 127);
+        self.submit_task(name, opts, args, n, false)
+    }
+
+    /// Submits a streaming task: the handle of its end (its value is the item count).
+    pub(crate) fn submit_stream(
+        self: &Arc<Self>,
+        name: &'static str,
+        opts: &TaskOptions,
+        args: Vec<crate::__private::ArgOut>,
+    ) -> Arc<Handle> {
+        let mut hs = self.submit_task(name, opts, args, 1, true);
+        hs.swap_remove(0)
+    }
+
+    fn submit_task(
+        self: &Arc<Self>,
+        name: &'static str,
+        opts: &TaskOptions,
+        args: Vec<crate::__private::ArgOut>,
+        n: u8,
+        streaming: bool,
+    ) -> Vec<Arc<Handle>> {
+        let n = n.clamp(1, 63);
         let id = self.new_id(1);
         let key = opts
             .shape()
             .map(|shape| submit::Key::new(shape, &opts.strategy));
-        let lineage = key.as_ref().ok().map(|key| {
+        let lineage = key.as_ref().ok().filter(|_| !streaming).map(|key| {
             Arc::new(submit::Lineage {
                 function: name,
                 args: args.clone(),
@@ -1330,6 +1355,7 @@ impl Runtime {
             max_retries: opts.max_retries,
             retry_exceptions: opts.retry_exceptions,
             num_returns: n,
+            streaming,
             parent: crate::calls::current_task(),
         };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
@@ -1390,6 +1416,7 @@ impl Runtime {
             max_retries: 0,
             retry_exceptions: false,
             num_returns: 1,
+            streaming: false,
             parent: crate::calls::current_task(),
         };
         self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
@@ -1435,7 +1462,7 @@ fn waiting_for_space<T>(
 }
 
 /// The error `get` gives for an object whose task failed.
-fn failed(e: crate::TaskError) -> Error {
+pub(crate) fn failed(e: crate::TaskError) -> Error {
     match e.kind {
         crate::TaskErrorKind::ActorDied => Error::ActorDied(Box::new(e)),
         crate::TaskErrorKind::ActorUnavailable => Error::ActorUnavailable(Box::new(e)),

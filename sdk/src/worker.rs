@@ -48,6 +48,88 @@ pub struct Args<'a> {
     contained: Vec<Arc<crate::owner::Handle>>,
     /// With `num_returns` > 1: returns 1, 2, … as encoded (`encode_return_at`).
     more: Vec<pb::Value>,
+    /// For a streaming task: where its items go, and whether its caller went away.
+    stream: Option<(mpsc::UnboundedSender<pb::TaskReply>, Arc<AtomicBool>)>,
+}
+
+/// How far each streaming task's caller has read (`PushTasksRequest.consumed`).
+static CONSUMED: std::sync::LazyLock<(Mutex<HashMap<ObjectId, u64>>, std::sync::Condvar)> =
+    std::sync::LazyLock::new(Default::default);
+
+fn consumed(c: &pb::StreamConsumed) {
+    let Ok(id) = ObjectId::from_slice(&c.task_id) else {
+        return;
+    };
+    let (m, cv) = &*CONSUMED;
+    let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+    let e = m.entry(id).or_insert(0);
+    *e = (*e).max(c.next);
+    cv.notify_all();
+}
+
+/// Waits until item `j` of `task` is within the window of what its caller read; false if
+/// the caller went away or cancelled the task first.
+fn wait_window(task: ObjectId, j: u64, closed: &AtomicBool) -> bool {
+    let (m, cv) = &*CONSUMED;
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if closed.load(Ordering::Acquire) || crate::calls::is_cancelled() {
+            return false;
+        }
+        if j < g.get(&task).copied().unwrap_or(0) + crate::stream::WINDOW {
+            return true;
+        }
+        g = cv
+            .wait_timeout(g, Duration::from_millis(100))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
+/// Runs a streaming function's iterator: each item is stored (inline or in this node's
+/// store under its item id) and reported to the caller at once, staying within the
+/// back-pressure window; the result is the number of items.
+pub fn stream_items<T: Value, I: IntoIterator<Item = T>>(
+    args: &mut Args<'_>,
+    items: I,
+) -> Result<Encoded, ArgError> {
+    let (tx, closed) = args
+        .stream
+        .clone()
+        .ok_or_else(|| ArgError("a streaming function was called as a plain task".into()))?;
+    let task = args.task_id;
+    let mut n: u32 = 0;
+    for item in items {
+        if !wait_window(task, n.into(), &closed) {
+            break;
+        }
+        let id = task.stream_item_id(n);
+        let value = match encode_as(args, id, &item)? {
+            Encoded::Inline(b, tag) => pb::Value {
+                kind: Some(pb::value::Kind::Inline(Bytes::copy_from_slice(&b))),
+                type_tag: tag,
+                object_id: Vec::new(),
+            },
+            Encoded::Stored(tag) => stored_value(args.rt, id, tag),
+        };
+        let _ = tx.send(pb::TaskReply {
+            task_id: task.as_bytes().to_vec(),
+            item: Some(pb::StreamItem {
+                index: n.into(),
+                value: Some(value),
+            }),
+            ..Default::default()
+        });
+        n = n
+            .checked_add(1)
+            .ok_or_else(|| ArgError("a stream has at most 2^32 items".into()))?;
+    }
+    CONSUMED
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&task);
+    encode_return(args, &u64::from(n))
 }
 
 impl Args<'_> {
@@ -323,6 +405,9 @@ fn forward(
                     for c in &m.cancel {
                         cancel_here(c, &reply_tx);
                     }
+                    for c in &m.consumed {
+                        consumed(c);
+                    }
                     batch = m.tasks;
                 }
                 _ => break,
@@ -491,14 +576,15 @@ fn run_one(
     rt.stats.running.fetch_add(1, Ordering::Relaxed);
     crate::output::running(&spec.task_id, &spec.function);
     *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+    let stream = spec.streaming.then(|| (reply.clone(), closed.clone()));
     let r = if actor {
         let host = rt.actor.get().cloned();
-        execute(rt, spec, &caller_node, &|name, args| {
+        execute(rt, spec, &caller_node, stream, &|name, args| {
             let host = host.as_ref()?;
             methods.get(name).map(|f| f(&host.cell, args))
         })
     } else {
-        execute(rt, spec, &caller_node, &|name, args| {
+        execute(rt, spec, &caller_node, stream, &|name, args| {
             registry.get(name).map(|f| f(args))
         })
     };
@@ -560,6 +646,7 @@ fn start_actor(
         rt,
         contained: Vec::new(),
         more: Vec::new(),
+        stream: None,
     };
     *rt.running_lease.lock().unwrap_or_else(|p| p.into_inner()) =
         Some(start.lease_id.as_str().into());
@@ -789,6 +876,7 @@ fn cancelled_reply(id: ObjectId) -> pb::TaskReply {
         })),
         contained: Vec::new(),
         more_returns: Vec::new(),
+        item: None,
     }
 }
 
@@ -829,6 +917,7 @@ fn execute(
     rt: &Arc<Runtime>,
     spec: pb::TaskSpec,
     caller_node: &str,
+    stream: Option<(mpsc::UnboundedSender<pb::TaskReply>, Arc<AtomicBool>)>,
     call: &Call<'_>,
 ) -> pb::TaskReply {
     let (node_id, worker_id) = (rt.node.node_id.as_str(), rt.worker_id.as_str());
@@ -848,6 +937,7 @@ fn execute(
         })),
         contained: Vec::new(),
         more_returns: Vec::new(),
+        item: None,
     };
     let Ok(id) = ObjectId::from_slice(&spec.task_id) else {
         return err(pb::TaskErrorKind::Argument, "bad task id".into());
@@ -886,6 +976,7 @@ fn execute(
         rt,
         contained: Vec::new(),
         more: Vec::new(),
+        stream,
     };
     PANIC.with(|p| p.borrow_mut().take());
     let out = std::panic::catch_unwind(AssertUnwindSafe(|| call(&spec.function, &mut args)));
@@ -924,12 +1015,14 @@ fn execute(
             })),
             contained,
             more_returns,
+            item: None,
         },
         Ok(Ok(Encoded::Stored(tag))) => pb::TaskReply {
             task_id,
             contained,
             result: Some(pb::task_reply::Result::Value(stored_value(rt, id, tag))),
             more_returns,
+            item: None,
         },
         Ok(Err(ArgError(e))) => err(pb::TaskErrorKind::Argument, e),
         Err(payload) => err(pb::TaskErrorKind::Panic, panic_message(payload)),

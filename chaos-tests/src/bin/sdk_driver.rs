@@ -143,6 +143,25 @@ fn sum_and_blob(v: Vec<i64>, seed: u64) -> (i64, Vec<u8>) {
     (v.iter().sum(), blob(seed, 300 << 10))
 }
 
+/// Yields 0..n, each after `ms` milliseconds.
+#[sdk::remote(num_returns = "streaming")]
+fn count_up(n: u64, ms: u64) -> impl Iterator<Item = u64> {
+    (0..n).inspect(move |_| std::thread::sleep(Duration::from_millis(ms)))
+}
+
+/// Yields `n` blobs of 200 KiB (stored, not inline), then panics if `fail`.
+#[sdk::remote(num_returns = "streaming")]
+fn blobs(n: u64, fail: bool) -> impl Iterator<Item = Vec<u8>> {
+    (0..n)
+        .map(|i| blob(5000 + i, 200 << 10))
+        .chain(std::iter::from_fn(move || {
+            if fail {
+                panic!("no more blobs");
+            }
+            None
+        }))
+}
+
 /// Panics on its first two attempts; retried because it says so.
 #[sdk::remote(max_retries = 2, retry_exceptions = true)]
 fn flaky() -> u32 {
@@ -712,6 +731,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "retried": retried?, "not_retried": not_retried, "concurrent": most,
                 "declared_cpus": two_cpus::options().num_cpus,
                 "max_concurrency": Napper::actor_options().max_concurrency,
+            }));
+        }
+        "stream" => {
+            // 1,000 items, one every millisecond, read as they are made.
+            let t = std::time::Instant::now();
+            let mut g = count_up::remote(1000u64, 1u64);
+            let (mut first_ms, mut most, mut in_order) = (0u128, 0usize, true);
+            let mut i = 0u64;
+            while let Some(r) = g.next() {
+                if i == 0 {
+                    first_ms = t.elapsed().as_millis();
+                }
+                in_order &= sdk::get(&r?)? == i;
+                most = most.max(g.buffered());
+                i += 1;
+            }
+            in_order &= i == 1000;
+            let total_ms = t.elapsed().as_millis();
+            drop(g);
+            // Read slowly: the worker waits (back-pressure), at most 16 ahead.
+            let mut g = count_up::remote(100u64, 0u64);
+            let mut slow_most = 0usize;
+            let mut slow_n = 0u64;
+            while let Some(r) = g.next() {
+                sdk::get(&r?)?;
+                slow_n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+                slow_most = slow_most.max(g.buffered());
+            }
+            drop(g);
+            // Stored items, then the generator panics: the items, then the error.
+            let mut ok = 0;
+            let mut error = String::new();
+            for r in blobs::remote(5u64, true) {
+                match r.and_then(|r| sdk::get(&r)) {
+                    Ok(b) if b == blob(5000 + ok, 200 << 10) => ok += 1,
+                    Ok(_) => error = "wrong bytes".into(),
+                    Err(sdk::Error::Task(e)) => error = format!("{}: {}", e.kind_name(), e.message),
+                    Err(e) => error = e.to_string(),
+                }
+            }
+            result(serde_json::json!({
+                "first_ms": first_ms, "total_ms": total_ms, "in_order": in_order,
+                "most_buffered": most, "slow_most": slow_most, "slow_n": slow_n,
+                "blobs_ok": ok, "blobs_error": error, "owned": session.owned_objects(),
             }));
         }
         "two-cpus" => {

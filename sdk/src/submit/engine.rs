@@ -55,6 +55,8 @@ pub(crate) enum Event {
     ActorOutOfScope(String),
     /// No process holds a handle to a counted actor this process created: kill it.
     ActorUnreferenced(String),
+    /// The caller consumed a streaming task's items below this index.
+    StreamConsumed(ObjectId, u64),
 }
 
 /// What the executor must do.
@@ -73,6 +75,12 @@ pub(crate) enum Effect {
     Timer { after: Duration, event: TimerEvent },
     /// Feed `then` back once none of `ids` is pending.
     WaitArgs { ids: Vec<ObjectId>, then: Waiting },
+    /// Tell the worker on `conn` how far the caller read a streaming task's items.
+    StreamAck {
+        conn: u64,
+        task: ObjectId,
+        next: u64,
+    },
     /// Open a `PushTasks` stream to `address` starting with `first` (its `owner_node` is
     /// the executor's to fill); replies and the break come back for connection `conn`.
     /// `direct`: the stream completes results itself (an actor's, a hop sooner).
@@ -247,6 +255,16 @@ impl Engine {
             Event::ActorArgsReady(id) => self.actor_args_ready(id),
             Event::ActorOutOfScope(id) => self.actor_out_of_scope(id),
             Event::ActorUnreferenced(id) => self.out.push(Effect::KillActor(id)),
+            Event::StreamConsumed(task, next) => {
+                if let Some(conn) = self
+                    .conns
+                    .iter()
+                    .find(|(_, c)| c.in_flight.contains_key(&task))
+                    .map(|(id, _)| *id)
+                {
+                    self.out.push(Effect::StreamAck { conn, task, next });
+                }
+            }
             Event::Cancel(id, opts) => self.cancel(id, opts),
             Event::CancelChildren { parent, force } => self.cancel_children(parent, force),
         }
@@ -341,6 +359,7 @@ impl Engine {
             args,
             attempt: t.attempt,
             num_returns: t.num_returns.into(),
+            streaming: t.streaming,
         })
     }
 
@@ -411,7 +430,7 @@ pub(super) fn task_error(
 }
 
 /// The object state a returned value gives (None: an empty value).
-pub(super) fn value_state(v: &pb::Value) -> Option<State> {
+pub(crate) fn value_state(v: &pb::Value) -> Option<State> {
     Some(match &v.kind {
         Some(pb::value::Kind::Inline(bytes)) => State::Inline {
             bytes: bytes.clone(),

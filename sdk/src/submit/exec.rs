@@ -162,6 +162,17 @@ impl Exec {
                 self.stream(conn, address, rx, direct);
                 self.streams.insert(conn, tx);
             }
+            Effect::StreamAck { conn, task, next } => {
+                if let Some(tx) = self.streams.get(&conn) {
+                    let _ = tx.send(pb::PushTasksRequest {
+                        consumed: vec![pb::StreamConsumed {
+                            task_id: task.as_bytes().to_vec(),
+                            next,
+                        }],
+                        ..Default::default()
+                    });
+                }
+            }
             Effect::CancelRemote {
                 conn,
                 task_id,
@@ -251,6 +262,19 @@ impl Exec {
                             Ok(Some(mut r)) => {
                                 // Refs inside results: this process borrows them while
                                 // the results live (the worker registered it).
+                                // A streaming task's items: kept for its generator.
+                                r.replies.retain_mut(|reply| match reply.item.take() {
+                                    Some(item) => {
+                                        if let Ok(t) = ObjectId::from_slice(&reply.task_id) {
+                                            rt.streams.item(&rt.owner, t, item);
+                                        }
+                                        false
+                                    }
+                                    None => true,
+                                });
+                                if r.replies.is_empty() {
+                                    continue;
+                                }
                                 for reply in &mut r.replies {
                                     if !reply.contained.is_empty()
                                         && let Ok(oid) = ObjectId::from_slice(&reply.task_id)

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use protocol::ObjectId;
 
-pub(crate) use self::engine::Event;
+pub(crate) use self::engine::{Event, value_state};
 pub(crate) use self::exec::run;
 pub(crate) use self::state::Key;
 use crate::__private::ArgOut;
@@ -59,6 +59,7 @@ impl Lineage {
             max_retries: self.max_retries,
             retry_exceptions: self.retry_exceptions,
             num_returns: self.num_returns,
+            streaming: false,
             parent: None,
         }
     }
@@ -75,6 +76,8 @@ pub(crate) struct Task {
     pub(crate) retry_exceptions: bool,
     /// Values it returns (1, or `num_returns`); their ids are `id.return_id(i)`.
     pub(crate) num_returns: u8,
+    /// A generator whose items come as it makes them (never retried).
+    pub(crate) streaming: bool,
     /// The task of this process that submitted it (its children are cancelled with it).
     pub(crate) parent: Option<ObjectId>,
 }

@@ -202,6 +202,7 @@ impl Engine {
             Some(pb::task_reply::Result::Error(e))
                 if e.kind() == pb::TaskErrorKind::Panic
                     && t.retry_exceptions
+                    && !t.streaming
                     && t.attempt < t.max_retries =>
             {
                 tracing::info!(task = %t.id, attempt = t.attempt + 1, "retrying a task whose function failed: {}", e.message);
@@ -287,7 +288,7 @@ impl Engine {
                 // Its worker exited because it was cancelled with force (or died anyway).
                 let e = super::cancel::cancelled_error(&t, &c.lease.node_id, &c.lease.worker_id);
                 self.finish_failed(&t, e);
-            } else if t.attempt < t.max_retries {
+            } else if t.attempt < t.max_retries && !t.streaming {
                 t.attempt += 1;
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.stats.pending_node.fetch_add(1, Ordering::Relaxed);

@@ -279,6 +279,7 @@ fn value(id: ObjectId) -> pb::TaskReply {
         })),
         contained: Vec::new(),
         more_returns: Vec::new(),
+        item: None,
     }
 }
 
@@ -294,6 +295,7 @@ fn error(id: ObjectId, kind: TaskErrorKind, lost: Option<ObjectId>) -> pb::TaskR
         })),
         contained: Vec::new(),
         more_returns: Vec::new(),
+        item: None,
     }
 }
 
@@ -776,6 +778,7 @@ fn actor_call(t: &mut T, a: &Arc<ActorRef>, args: Vec<ArgOut>) -> (Event, Object
         max_retries: 0,
         retry_exceptions: false,
         num_returns: 1,
+        streaming: false,
         parent: None,
     };
     (Event::ActorCall(a.clone(), Box::new(task)), id)
