@@ -686,6 +686,26 @@ fn a_read_that_needs_room_waits_for_pins_and_says_store_full_not_lost() -> Resul
     Ok(())
 }
 
+/// An `async fn` remote function awaits refs (`ObjectRef` is `IntoFuture`); an async actor
+/// with `max_concurrency = 8` runs 8 sleeping calls at once.
+#[test]
+fn async_functions_and_an_async_actor_run_concurrently() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
+    let r = run(&c, &["async"], &[])?;
+    assert_eq!(r["sum"], 55, "{r}");
+    assert_eq!(r["concurrent"], 8, "{r}");
+    let ms = r["naps_ms"].as_u64().context("naps_ms")?;
+    assert!(
+        ms < 4000,
+        "8 naps of 1 s at once, not one after another: {r}"
+    );
+    Ok(())
+}
+
 /// A streaming generator of 1,000 items is read while it runs, in order, never more than
 /// the back-pressure window (16) ahead; a slow reader holds the worker back; stored items
 /// come through; a generator that panics gives its items and then the error.

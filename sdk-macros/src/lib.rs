@@ -83,12 +83,8 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
 fn expand(f: &ItemFn, parsed: &options::Parsed) -> syn::Result<proc_macro2::TokenStream> {
     let opts = &parsed.sets;
     let sig = &f.sig;
-    if let Some(a) = &sig.asyncness {
-        return Err(syn::Error::new(
-            a.span(),
-            "a remote function cannot be async (it runs on a worker thread; use blocking calls)",
-        ));
-    }
+    // An `async fn` runs to completion on the SDK's runtime in the worker.
+    let call_async = sig.asyncness.is_some();
     if !sig.generics.params.is_empty() {
         return Err(syn::Error::new(
             sig.generics.span(),
@@ -131,6 +127,11 @@ fn expand(f: &ItemFn, parsed: &options::Parsed) -> syn::Result<proc_macro2::Toke
         count,
     } = generated(&tys);
     let doc = format!("Remote form of [`{name}()`]: `{name}::remote(…)` runs it on the cluster.");
+    let call = if call_async {
+        quote!(::sdk::__private::block_on(#name(#(#names),*)))
+    } else {
+        quote!(#name(#(#names),*))
+    };
     let n_returns: u8 = match &parsed.num_returns {
         Some(options::Returns::N(n)) => *n,
         Some(options::Returns::Streaming) | None => 1,
@@ -245,7 +246,7 @@ fn expand(f: &ItemFn, parsed: &options::Parsed) -> syn::Result<proc_macro2::Toke
             fn __invoke(__args: &mut ::sdk::__private::Args<'_>) -> ::std::result::Result<::sdk::__private::Encoded, ::sdk::__private::ArgError> {
                 __args.expect(#count)?;
                 #(#decode)*
-                let __out = #name(#(#names),*);
+                let __out = #call;
                 #encode
             }
         }
@@ -283,12 +284,12 @@ pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
 }
 
 fn typed_params(sig: &syn::Signature, what: &str) -> syn::Result<Vec<(syn::Type, syn::Ident)>> {
-    if let Some(a) = &sig.asyncness {
+    if let Some(a) = &sig.asyncness
+        && what == "constructor"
+    {
         return Err(syn::Error::new(
             a.span(),
-            format!(
-                "an actor {what} cannot be async (it runs on the actor's thread; use blocking calls)"
-            ),
+            "an actor constructor cannot be async (methods can)",
         ));
     }
     if !sig.generics.params.is_empty() {
@@ -369,6 +370,13 @@ fn expand_actor(
                     decode,
                     count,
                 } = generated(&tys);
+                // An async method runs to completion on its call's thread; the actor runs
+                // up to max_concurrency calls at once.
+                let call = if sig.asyncness.is_some() {
+                    quote!(::sdk::__private::block_on(__this.#name(#(#names),*)))
+                } else {
+                    quote!(__this.#name(#(#names),*))
+                };
                 let method_name = quote!(concat!(
                     module_path!(),
                     "::",
@@ -401,7 +409,7 @@ fn expand_actor(
                         #(#decode)*
                         let __out: #ret = {
                             #lock
-                            __this.#name(#(#names),*)
+                            #call
                         };
                         ::sdk::__private::encode_return(__args, &__out)
                     }

@@ -342,6 +342,25 @@ impl<T: Value> ObjectRef<T> {
     }
 }
 
+/// `r.await` gets the value (as [`get_async`]), from any executor.
+impl<T: Value> std::future::IntoFuture for ObjectRef<T> {
+    type Output = Result<T, Error>;
+    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Error>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { get_async(&self).await })
+    }
+}
+
+impl<T: Value> std::future::IntoFuture for &ObjectRef<T> {
+    type Output = Result<T, Error>;
+    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Error>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        self.clone().into_future()
+    }
+}
+
 /// Stores `value` in the cluster and returns a reference owned by this process. Small values
 /// stay in this process; large ones go to the local node's store (over the network in
 /// remote mode).
@@ -650,6 +669,14 @@ pub mod __private {
             .unwrap_or_else(|e| panic!("{name}::remote() needs sdk::init() first: {e}"));
         let end = ObjectRef::new(rt.submit_stream(name, opts, args));
         crate::ObjectRefGenerator::new(rt, end)
+    }
+
+    /// Runs an `async fn` remote function or actor method to completion on the SDK's
+    /// runtime (the calling thread waits; an actor runs `max_concurrency` of them at once).
+    pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        let rt = crate::runtime::current()
+            .unwrap_or_else(|e| panic!("an async remote function needs sdk::init() first: {e}"));
+        rt.block_on(f)
     }
 
     /// Gives an untyped ref its type (the generated stub knows it).

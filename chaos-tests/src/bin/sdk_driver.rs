@@ -143,6 +143,42 @@ fn sum_and_blob(v: Vec<i64>, seed: u64) -> (i64, Vec<u8>) {
     (v.iter().sum(), blob(seed, 300 << 10))
 }
 
+/// An async remote function: awaits a timer and the refs it was handed.
+#[sdk::remote]
+async fn async_sum(refs: Vec<sdk::ObjectRef<u64>>, ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let mut total = 0;
+    for r in refs {
+        total += r.await.expect("await a borrowed ref");
+    }
+    total
+}
+
+/// An async actor: its calls sleep without holding a thread's work up.
+pub struct AsyncNapper {
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+#[sdk::actor(max_concurrency = 8)]
+impl AsyncNapper {
+    fn new() -> Self {
+        AsyncNapper {
+            now: Default::default(),
+            max: Default::default(),
+        }
+    }
+
+    async fn nap(&self, ms: u64) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.now.fetch_sub(1, SeqCst);
+        self.max.load(SeqCst) as u64
+    }
+}
+
 /// Yields 0..n, each after `ms` milliseconds.
 #[sdk::remote(num_returns = "streaming")]
 fn count_up(n: u64, ms: u64) -> impl Iterator<Item = u64> {
@@ -731,6 +767,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "retried": retried?, "not_retried": not_retried, "concurrent": most,
                 "declared_cpus": two_cpus::options().num_cpus,
                 "max_concurrency": Napper::actor_options().max_concurrency,
+            }));
+        }
+        "async" => {
+            let refs = (1..=10u64)
+                .map(|i| sdk::put(&i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let sum = sdk::get(&async_sum::remote(refs, 50u64))?;
+            let a = AsyncNapper::remote()?;
+            let t = std::time::Instant::now();
+            let naps: Vec<_> = (0..8).map(|_| a.nap(1000u64)).collect();
+            // Awaited from the caller's own executor (ObjectRef is IntoFuture).
+            let caller = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let most = caller.block_on(async {
+                let mut most = 0;
+                for n in naps {
+                    most = most.max(n.await?);
+                }
+                Ok::<u64, sdk::Error>(most)
+            })?;
+            result(serde_json::json!({
+                "sum": sum, "concurrent": most, "naps_ms": t.elapsed().as_millis() as u64,
             }));
         }
         "stream" => {
