@@ -581,12 +581,13 @@ fn error_type(error: &str) -> Value {
 
 pub(crate) fn task_row(t: &pb::TaskEvent) -> Value {
     let actor = !t.actor_id.is_empty();
-    let ended = matches!(t.state.as_str(), "FINISHED" | "FAILED");
+    let ended = matches!(t.state(), pb::TaskState::Finished | pb::TaskState::Failed);
+    let state = protocol::task_state_name(t.state());
     json!({
         "task_id": t.task_id,
         "attempt_number": t.attempt,
         "name": t.function,
-        "state": t.state,
+        "state": state,
         "job_id": t.job_id,
         "actor_id": opt_str(&t.actor_id),
         "type": if actor { "ACTOR_TASK" } else { "NORMAL_TASK" },
@@ -601,7 +602,7 @@ pub(crate) fn task_row(t: &pb::TaskEvent) -> Value {
         "required_resources": {},
         "runtime_env_info": null,
         "placement_group_id": null,
-        "events": [{"state": t.state, "created_ms": t.time_ms}],
+        "events": [{"state": state, "created_ms": t.time_ms}],
         "profiling_data": null,
         "creation_time_ms": opt_ms(t.created_ms),
         "start_time_ms": opt_ms(t.start_ms),
@@ -1439,7 +1440,7 @@ mod tests {
         let t = |f: &str, s: &str, actor: &str| {
             task_row(&pb::TaskEvent {
                 function: f.into(),
-                state: s.into(),
+                state: protocol::task_state_from_name(s) as i32,
                 actor_id: actor.into(),
                 ..Default::default()
             })

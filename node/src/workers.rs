@@ -131,22 +131,20 @@ impl TaskTable {
         self.dropped += events.dropped;
         for mut e in events.events {
             // The times of the states a timeline needs, from the events as they come.
-            let (start, end) = match e.state.as_str() {
-                "SUBMITTED_TO_WORKER" => (e.time_ms, 0),
-                "FINISHED" | "FAILED" => (0, e.time_ms),
+            use pb::TaskState as S;
+            let (start, end) = match e.state() {
+                S::SubmittedToWorker => (e.time_ms, 0),
+                S::Finished | S::Failed => (0, e.time_ms),
                 _ => (0, 0),
             };
-            let ends = matches!(e.state.as_str(), "FINISHED" | "FAILED");
+            let ends = matches!(e.state(), S::Finished | S::Failed);
+            let name = protocol::task_state_name(e.state()).to_owned();
             match self.by_id.get_mut(&e.task_id) {
                 Some(t) => {
                     if ends && t.state != e.state {
                         *self
                             .ended
-                            .entry((
-                                e.state.clone(),
-                                t.function.clone(),
-                                t.attempt.max(e.attempt) > 0,
-                            ))
+                            .entry((name, t.function.clone(), t.attempt.max(e.attempt) > 0))
                             .or_default() += 1;
                     }
                     if start != 0 {
@@ -175,7 +173,7 @@ impl TaskTable {
                     if ends {
                         *self
                             .ended
-                            .entry((e.state.clone(), e.function.clone(), e.attempt > 0))
+                            .entry((name, e.function.clone(), e.attempt > 0))
                             .or_default() += 1;
                     }
                     e.created_ms = e.time_ms;
@@ -1183,8 +1181,9 @@ impl WorkerPool {
         let st = self.lock();
         let mut out = st.tasks.ended.clone();
         for t in st.tasks.by_id.values() {
-            if !matches!(t.state.as_str(), "FINISHED" | "FAILED") {
-                *out.entry((t.state.clone(), t.function.clone(), t.attempt > 0))
+            if !matches!(t.state(), pb::TaskState::Finished | pb::TaskState::Failed) {
+                let state = protocol::task_state_name(t.state()).to_owned();
+                *out.entry((state, t.function.clone(), t.attempt > 0))
                     .or_default() += 1;
             }
         }
@@ -1336,7 +1335,7 @@ mod tests {
     fn the_task_table_keeps_when_each_task_started_and_ended() {
         let ev = |id: &str, state: &str, t: u64| pb::TaskEvent {
             task_id: id.into(),
-            state: state.into(),
+            state: protocol::task_state_from_name(state) as i32,
             time_ms: t,
             ..Default::default()
         };

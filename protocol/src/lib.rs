@@ -56,6 +56,35 @@ pub fn task_error_kind_name(kind: pb::TaskErrorKind) -> &'static str {
     }
 }
 
+/// A task state as Ray spells it (`PENDING_ARGS_AVAIL`, …, `FINISHED`, `FAILED`; `NIL`
+/// for an unset one).
+pub fn task_state_name(state: pb::TaskState) -> &'static str {
+    use pb::TaskState as S;
+    match state {
+        S::PendingArgsAvail => "PENDING_ARGS_AVAIL",
+        S::PendingNodeAssignment => "PENDING_NODE_ASSIGNMENT",
+        S::SubmittedToWorker => "SUBMITTED_TO_WORKER",
+        S::Finished => "FINISHED",
+        S::Failed => "FAILED",
+        S::Unspecified => "NIL",
+    }
+}
+
+/// The task state Ray's name `name` spells (Unspecified for another name).
+pub fn task_state_from_name(name: &str) -> pb::TaskState {
+    use pb::TaskState as S;
+    [
+        S::PendingArgsAvail,
+        S::PendingNodeAssignment,
+        S::SubmittedToWorker,
+        S::Finished,
+        S::Failed,
+    ]
+    .into_iter()
+    .find(|s| task_state_name(*s) == name)
+    .unwrap_or(S::Unspecified)
+}
+
 /// A job status as Ray spells it (`PENDING`, `RUNNING`, …; `UNKNOWN` for other values).
 pub fn job_status_name(status: i32) -> &'static str {
     match pb::JobStatus::try_from(status).unwrap_or(pb::JobStatus::Unspecified) {

@@ -69,7 +69,7 @@ fn pg_json(p: &pb::PlacementGroupInfo) -> Value {
 
 fn task_json(t: &pb::TaskEvent) -> Value {
     json!({
-        "task_id": t.task_id, "name": t.function, "state": t.state, "actor_id": t.actor_id,
+        "task_id": t.task_id, "name": t.function, "state": protocol::task_state_name(t.state()), "actor_id": t.actor_id,
         "node_id": t.node_id, "worker_id": t.worker_id, "attempt": t.attempt, "job_id": t.job_id,
         "error": t.error, "owner_pid": t.owner_pid,
     })
@@ -336,7 +336,7 @@ pub(crate) async fn summary(args: SummaryArgs) -> anyhow::Result<ExitCode> {
             for t in &tasks {
                 *by.entry(t.function.clone())
                     .or_default()
-                    .entry(t.state.clone())
+                    .entry(protocol::task_state_name(t.state()).to_owned())
                     .or_default() += 1;
             }
             match args.client.output {
@@ -439,7 +439,7 @@ pub(crate) fn trace_events(tasks: &[pb::TaskEvent]) -> Vec<Value> {
                 "pid": format!("node {}", t.node_id.get(..8).unwrap_or(&t.node_id)),
                 "tid": format!("worker {}", t.worker_id),
                 "args": {
-                    "task_id": t.task_id, "state": t.state, "attempt": t.attempt,
+                    "task_id": t.task_id, "state": protocol::task_state_name(t.state()), "attempt": t.attempt,
                     "job_id": t.job_id, "actor_id": t.actor_id, "error": t.error,
                 },
             })

@@ -729,7 +729,7 @@ impl Runtime {
                 .map(|e| pb::TaskEvent {
                     task_id: e.id.to_string(),
                     function: e.function.to_owned(),
-                    state: e.state.to_owned(),
+                    state: protocol::task_state_from_name(e.state) as i32,
                     node_id: e.node,
                     worker_id: e.worker,
                     attempt: e.attempt,
