@@ -2,6 +2,7 @@
 //! benchmark process is the driver, and the nodes run it again as workers.
 //!
 //! Figures (issue 5): `tasks_async_per_s` (submit N no-op tasks, then get all),
+//! `borrowed_ref_task_per_s` (the same, each task given a `Vec` of 10 refs it borrows),
 //! `task_roundtrip_ms` (sequential submit + get, median), `large_arg_task_ms` (a 256 MiB
 //! argument to a task that sums it), `sdk_put_gbps_512MiB` (with memcpy measured in the same
 //! run as the baseline), `transfer_task_gbps` (a 256 MiB object consumed on the other node).
@@ -17,6 +18,12 @@ use crate::{emit, percentile};
 #[sdk::remote]
 fn noop() -> u8 {
     0
+}
+
+/// Receives 10 borrowed refs (the caller owns them) and drops them.
+#[sdk::remote]
+fn count_refs(refs: Vec<sdk::ObjectRef<u64>>) -> u64 {
+    refs.len() as u64
 }
 
 #[sdk::remote]
@@ -107,6 +114,23 @@ fn task_figures(smoke: bool, other: sdk::NodeId) -> Result<()> {
     }
     emit("tasks_async_per_s", best, "tasks/s");
     emit("tasks_async_vs_ray_2_60", best / 1255.0, "x");
+    let plain = best;
+
+    // The same, each task receiving a Vec of 10 refs it borrows (the borrowing protocol's
+    // cost on the hot path: the caller pins them until the reply, nothing is registered).
+    let refs10 = (0..10u64)
+        .map(|i| sdk::put(&i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut best = 0f64;
+    for _ in 0..if smoke { 1 } else { 3 } {
+        let t = Instant::now();
+        let refs: Vec<_> = (0..n).map(|_| count_refs::remote(refs10.clone())).collect();
+        let got = sdk::get_all(&refs)?;
+        anyhow::ensure!(got.iter().all(|c| *c == 10), "a task saw the wrong refs");
+        best = best.max(n as f64 / t.elapsed().as_secs_f64());
+    }
+    emit("borrowed_ref_task_per_s", best, "tasks/s");
+    emit("borrowed_ref_task_vs_plain", best / plain, "x");
 
     let iters = if smoke { 100 } else { 1_000 };
     let mut lat = Vec::with_capacity(iters);

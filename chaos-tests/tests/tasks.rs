@@ -369,6 +369,24 @@ fn the_examples_run_as_jobs() -> Result<()> {
         "{out}\n{err}"
     );
     assert!(out.contains("hello points ×3"), "{out}\n{err}");
+    // Map-reduce: a Vec of refs to the reducer, one actor handle passed to every mapper.
+    let mapreduce = dir.join("mapreduce");
+    let (code, out, err) = c.rayctl(&[
+        "job",
+        "submit",
+        "--",
+        mapreduce.to_str().context("path")?,
+        "6",
+        "60000",
+    ])?;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let expect: u64 = (0..60_000u64).map(|x| x * x % 1_000_003).sum();
+    assert!(
+        out.contains(&format!(
+            "6 parts of 0..60000: sum {expect} (expected {expect}), 6 reports"
+        )),
+        "{out}\n{err}"
+    );
     Ok(())
 }
 
