@@ -63,10 +63,7 @@ pub(crate) fn run(smoke: bool, tasks: bool, actors: bool) -> Result<()> {
         ..Default::default()
     })?;
     c.wait_leader(Duration::from_secs(30))?;
-    chaos_tests::wait_for("2 alive nodes", Duration::from_secs(60), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
-    })?;
+    c.wait_alive(2)?;
     std::thread::sleep(Duration::from_secs(2));
     // SAFETY: set before the SDK starts any thread that reads the environment.
     unsafe {

@@ -672,6 +672,14 @@ impl Cluster {
     }
 
     /// Nodes in `status` with the given state.
+    /// Waits until the leader sees `n` nodes ALIVE (up to a minute).
+    pub fn wait_alive(&self, n: usize) -> Result<()> {
+        wait_for(&format!("{n} alive nodes"), Duration::from_secs(60), || {
+            let s = self.status(None).ok()?;
+            (Self::nodes_in_state(&s, "ALIVE").len() == n).then_some(())
+        })
+    }
+
     pub fn nodes_in_state(status: &Value, state: &str) -> Vec<Value> {
         status["nodes"]
             .as_array()

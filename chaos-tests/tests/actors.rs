@@ -187,10 +187,7 @@ fn actor_handles_passed_kept_and_returned_count_like_refs() -> Result<()> {
         head_cpus: 2.0,
         ..Default::default()
     })?;
-    wait_for("2 alive nodes", Duration::from_secs(60), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
-    })?;
+    c.wait_alive(2)?;
     let pid_file = c.path().join("keeper.pid");
     let mut d = Driver::start(
         driver_bin(),
@@ -387,10 +384,7 @@ fn placement_groups_reserve_bundles_and_are_rescheduled() -> Result<()> {
         nodes: 3,
         ..Default::default()
     })?;
-    wait_for("4 alive nodes", Duration::from_secs(60), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 4).then_some(())
-    })?;
+    c.wait_alive(4)?;
     let mut d = Driver::start(driver_bin(), &c, &["pg"], &[])?;
     let r = d.result(Duration::from_secs(180))?;
     let nodes: Vec<String> = r["nodes"]

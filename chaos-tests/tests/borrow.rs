@@ -21,10 +21,7 @@ fn cluster() -> Result<Cluster> {
         ..Default::default()
     })?;
     c.wait_leader(Duration::from_secs(30))?;
-    wait_for("2 alive nodes", Duration::from_secs(60), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
-    })?;
+    c.wait_alive(2)?;
     Ok(c)
 }
 

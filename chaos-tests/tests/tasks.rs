@@ -27,10 +27,7 @@ fn node_id(c: &Cluster, i: usize) -> String {
 
 fn wait_view(c: &Cluster) -> Result<()> {
     // Every node must be in the leader's resource view for spillback to find it.
-    wait_for("3 alive nodes", Duration::from_secs(60), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 3).then_some(())
-    })?;
+    c.wait_alive(3)?;
     std::thread::sleep(Duration::from_secs(2));
     Ok(())
 }
@@ -266,10 +263,7 @@ fn drivers_run_as_jobs_by_hand_and_from_outside_the_cluster() -> Result<()> {
         nodes: 1,
         ..Default::default()
     })?;
-    wait_for("2 alive nodes", Duration::from_secs(60), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
-    })?;
+    c.wait_alive(2)?;
     // By hand on a node's machine: local mode through the node's store.
     let r = run(&c, &["mode"], &[])?;
     assert_eq!(
@@ -621,10 +615,7 @@ fn head_and_node(head_cpus: f64, node_cpus: f64) -> Result<Cluster> {
         node_cpus,
         ..Default::default()
     })?;
-    wait_for("2 alive nodes", Duration::from_secs(60), || {
-        let s = c.status(None).ok()?;
-        (Cluster::nodes_in_state(&s, "ALIVE").len() == 2).then_some(())
-    })?;
+    c.wait_alive(2)?;
     Ok(c)
 }
 

@@ -467,15 +467,7 @@ pub(crate) async fn status(rt: &Runtime, id: ObjectId, node: &str) -> Result<Sta
         Some(pb::object_status::State::Inline(bytes)) => State::Inline { bytes, tag },
         Some(pb::object_status::State::Stored(at)) => State::Stored {
             tag,
-            locs: at
-                .locations
-                .into_iter()
-                .map(|l| Loc {
-                    node_id: l.node_id,
-                    om: l.object_manager_address,
-                    nm: l.node_address,
-                })
-                .collect(),
+            locs: at.locations.into_iter().map(Loc::from).collect(),
         },
         Some(pb::object_status::State::Failed(e)) => State::Failed(e.into()),
         Some(pb::object_status::State::Unknown(why)) => {
@@ -489,14 +481,9 @@ pub(crate) async fn status(rt: &Runtime, id: ObjectId, node: &str) -> Result<Sta
 pub(crate) fn copied(rt: &Arc<Runtime>, id: ObjectId, node: String) {
     let rt2 = rt.clone();
     rt.spawn(async move {
-        let loc = rt2.node.loc();
         let kind = pb::owner_call_request::Kind::Copy(pb::ObjectCopy {
             object_id: id.as_bytes().to_vec(),
-            location: Some(pb::ObjectLocation {
-                node_id: loc.node_id,
-                object_manager_address: loc.om,
-                node_address: loc.nm,
-            }),
+            location: Some(rt2.node.loc().into()),
         });
         let _ = with_retries(|| owner_call(&rt2, &node, prefix_of(id), kind.clone())).await;
     });
@@ -535,14 +522,7 @@ pub(crate) async fn serve(rt: Arc<Runtime>, call: pb::RelayedOwnerCall) -> pb::R
         }
         Some(pb::owner_call_request::Kind::Copy(c)) => {
             if let (Ok(id), Some(l)) = (ObjectId::from_slice(&c.object_id), c.location) {
-                rt.owner.add_location(
-                    id,
-                    Loc {
-                        node_id: l.node_id,
-                        om: l.object_manager_address,
-                        nm: l.node_address,
-                    },
-                );
+                rt.owner.add_location(id, l.into());
             }
         }
         None => {}
@@ -568,14 +548,7 @@ fn status_pb(s: State) -> pb::ObjectStatus {
         },
         State::Stored { tag, locs } => pb::ObjectStatus {
             state: Some(pb::object_status::State::Stored(pb::StoredAt {
-                locations: locs
-                    .into_iter()
-                    .map(|l| pb::ObjectLocation {
-                        node_id: l.node_id,
-                        object_manager_address: l.om,
-                        node_address: l.nm,
-                    })
-                    .collect(),
+                locations: locs.into_iter().map(Into::into).collect(),
             })),
             type_tag: tag,
         },

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use prost::bytes::Bytes;
-use protocol::ObjectId;
+use protocol::{ObjectId, pb};
 use tokio::sync::{Notify, mpsc};
 
 use crate::TaskError;
@@ -21,6 +21,26 @@ pub(crate) struct Loc {
     pub(crate) om: String,
     /// Node manager (FreeObjects).
     pub(crate) nm: String,
+}
+
+impl From<pb::ObjectLocation> for Loc {
+    fn from(l: pb::ObjectLocation) -> Self {
+        Self {
+            node_id: l.node_id,
+            om: l.object_manager_address,
+            nm: l.node_address,
+        }
+    }
+}
+
+impl From<Loc> for pb::ObjectLocation {
+    fn from(l: Loc) -> Self {
+        Self {
+            node_id: l.node_id,
+            object_manager_address: l.om,
+            node_address: l.nm,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -931,15 +931,7 @@ impl Runtime {
                 continue;
             };
             tracing::debug!(object = %id, from = m.from_node_id, to = to.node_id, "object moved");
-            self.owner.moved(
-                id,
-                &m.from_node_id,
-                Loc {
-                    node_id: to.node_id,
-                    om: to.object_manager_address,
-                    nm: to.node_address,
-                },
-            );
+            self.owner.moved(id, &m.from_node_id, to.into());
         }
     }
 

@@ -438,11 +438,7 @@ pub(crate) fn value_state(v: &pb::Value) -> Option<State> {
         },
         Some(pb::value::Kind::Stored(l)) => State::Stored {
             tag: v.type_tag.clone(),
-            locs: vec![Loc {
-                node_id: l.node_id.clone(),
-                om: l.object_manager_address.clone(),
-                nm: l.node_address.clone(),
-            }],
+            locs: vec![l.clone().into()],
         },
         // Only arguments are borrowed by reference.
         Some(pb::value::Kind::OwnerNode(_)) | None => return None,
