@@ -219,12 +219,16 @@ impl Borrows {
 
     /// Live borrowed handles no borrow is registered for yet.
     pub(crate) fn unregistered(&self) -> Vec<Arc<Handle>> {
-        let m = self.lock();
-        if m.is_empty() {
-            return Vec::new();
-        }
-        m.values()
-            .filter_map(Weak::upgrade)
+        // Upgraded under the lock, filtered out of it: a handle whose last other ref went
+        // meanwhile is dropped here, and its drop takes this lock.
+        let live: Vec<Arc<Handle>> = {
+            let m = self.lock();
+            if m.is_empty() {
+                return Vec::new();
+            }
+            m.values().filter_map(Weak::upgrade).collect()
+        };
+        live.into_iter()
             .filter(|h| h.borrowed().is_some_and(|b| b.registered() == 0))
             .collect()
     }
