@@ -104,14 +104,7 @@ pub fn stream_items<T: Value, I: IntoIterator<Item = T>>(
             break;
         }
         let id = task.stream_item_id(n);
-        let value = match encode_as(args, id, &item)? {
-            Encoded::Inline(b, tag) => pb::Value {
-                kind: Some(pb::value::Kind::Inline(Bytes::copy_from_slice(&b))),
-                type_tag: tag,
-                object_id: Vec::new(),
-            },
-            Encoded::Stored(tag) => stored_value(args.rt, id, tag),
-        };
+        let value = encode_as(args, id, &item)?.into_value(args.rt, id);
         let _ = tx.send(pb::TaskReply {
             task_id: task.as_bytes().to_vec(),
             item: Some(pb::StreamItem {
@@ -190,27 +183,30 @@ impl<T: Value> FromArg for View<T> {
 /// Encodes return `i` (> 0) of a function with `num_returns` > 1, under its return id.
 pub fn encode_return_at<T: Value>(args: &mut Args<'_>, i: u8, v: &T) -> Result<(), ArgError> {
     let id = args.task_id.return_id(i);
-    let value = match encode_as(args, id, v)? {
-        Encoded::Inline(b, tag) => pb::Value {
-            kind: Some(pb::value::Kind::Inline(Bytes::copy_from_slice(&b))),
-            type_tag: tag,
-            object_id: Vec::new(),
-        },
-        Encoded::Stored(tag) => stored_value(args.rt, id, tag),
-    };
+    let value = encode_as(args, id, v)?.into_value(args.rt, id);
     args.more.push(value);
     Ok(())
 }
 
-fn stored_value(rt: &Runtime, id: ObjectId, tag: String) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::Stored(pb::ObjectLocation {
-            node_id: rt.node.node_id.clone(),
-            object_manager_address: rt.node.om.clone(),
-            node_address: rt.node.address.clone(),
-        })),
-        type_tag: tag,
-        object_id: id.as_bytes().to_vec(),
+impl Encoded {
+    /// The wire value of object `id` encoded this way: its bytes, or where it is stored.
+    fn into_value(self, rt: &Runtime, id: ObjectId) -> pb::Value {
+        match self {
+            Encoded::Inline(b, tag) => pb::Value {
+                kind: Some(pb::value::Kind::Inline(Bytes::copy_from_slice(&b))),
+                type_tag: tag,
+                object_id: Vec::new(),
+            },
+            Encoded::Stored(tag) => pb::Value {
+                kind: Some(pb::value::Kind::Stored(pb::ObjectLocation {
+                    node_id: rt.node.node_id.clone(),
+                    object_manager_address: rt.node.om.clone(),
+                    node_address: rt.node.address.clone(),
+                })),
+                type_tag: tag,
+                object_id: id.as_bytes().to_vec(),
+            },
+        }
     }
 }
 
@@ -1006,21 +1002,10 @@ fn execute(
         Err(p) => Err(p),
     };
     match out {
-        Ok(Ok(Encoded::Inline(b, tag))) => pb::TaskReply {
+        Ok(Ok(encoded)) => pb::TaskReply {
             task_id,
-            result: Some(pb::task_reply::Result::Value(pb::Value {
-                kind: Some(pb::value::Kind::Inline(Bytes::copy_from_slice(&b))),
-                type_tag: tag,
-                object_id: Vec::new(),
-            })),
+            result: Some(pb::task_reply::Result::Value(encoded.into_value(rt, id))),
             contained,
-            more_returns,
-            item: None,
-        },
-        Ok(Ok(Encoded::Stored(tag))) => pb::TaskReply {
-            task_id,
-            contained,
-            result: Some(pb::task_reply::Result::Value(stored_value(rt, id, tag))),
             more_returns,
             item: None,
         },

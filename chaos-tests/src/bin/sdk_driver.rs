@@ -56,9 +56,7 @@ fn step_blob(prev: &[u8], step: u64) -> Vec<u8> {
 /// Writes its pid to `path` (so a test can kill it), then sleeps and answers.
 #[sdk::remote]
 fn victim(path: String, ms: u64) -> u64 {
-    let tmp = format!("{path}.tmp");
-    std::fs::write(&tmp, std::process::id().to_string()).expect("write pid");
-    std::fs::rename(&tmp, &path).expect("rename pid file");
+    write_pid(&path);
     std::thread::sleep(Duration::from_millis(ms));
     42
 }
