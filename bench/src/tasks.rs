@@ -1,7 +1,9 @@
 //! Tasks through the SDK over a real two-node cluster (a head and a worker node): this
 //! benchmark process is the driver, and the nodes run it again as workers.
 //!
-//! Figures (issue 5): `tasks_async_per_s` (submit N no-op tasks, then get all),
+//! Figures (issue 5): `tasks_async_per_s` (submit N no-op tasks, then get all), beside
+//! `tasks_async_no_events_per_s` (the same with `enable_task_events = false`) and
+//! `task_events_overhead` (the fraction of throughput task events cost),
 //! `borrowed_ref_task_per_s` (the same, each task given a `Vec` of 10 refs it borrows),
 //! `task_roundtrip_ms` (sequential submit + get, median), `large_arg_task_ms` (a 256 MiB
 //! argument to a task that sums it), `sdk_put_gbps_512MiB` (with memcpy measured in the same
@@ -102,15 +104,26 @@ fn task_figures(smoke: bool, other: sdk::NodeId) -> Result<()> {
     sdk::get_all(&(0..200).map(|_| noop::remote()).collect::<Vec<_>>())?;
 
     let n = if smoke { 1_000 } else { 10_000 };
-    let mut best = 0f64;
-    for _ in 0..if smoke { 1 } else { 3 } {
+    // Rounds alternate task events on (the default) and off (`enable_task_events =
+    // false`) on the same warm cluster; the best of each.
+    let quiet = noop::options().enable_task_events(false);
+    let rate = |opts: &TaskOptions| -> Result<f64> {
         let t = Instant::now();
-        let refs: Vec<_> = (0..n).map(|_| noop::remote()).collect();
+        let refs: Vec<_> = (0..n).map(|_| noop::remote_with(opts)).collect();
         sdk::get_all(&refs)?;
-        best = best.max(n as f64 / t.elapsed().as_secs_f64());
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    };
+    let (mut best, mut best_quiet) = (0f64, 0f64);
+    rate(&quiet)?; // leases for a full round
+    for _ in 0..if smoke { 1 } else { 3 } {
+        best = best.max(rate(&noop::options())?);
+        best_quiet = best_quiet.max(rate(&quiet)?);
     }
     emit("tasks_async_per_s", best, "tasks/s");
     emit("tasks_async_vs_ray_2_60", best / 1255.0, "x");
+    emit("tasks_async_no_events_per_s", best_quiet, "tasks/s");
+    // The throughput task events cost, as a fraction of the throughput without them.
+    emit("task_events_overhead", 1.0 - best / best_quiet, "fraction");
     let plain = best;
 
     // The same, each task receiving a Vec of 10 refs it borrows (the borrowing protocol's

@@ -65,6 +65,14 @@ fn logs_of_nodes_workers_tasks_actors_and_jobs_through_any_head() -> Result<()> 
                 .any(|t| t["name"].as_str().is_some_and(|n| n.ends_with("chatty"))))
         .then_some(v)
     })?;
+    // A task declared with `enable_task_events = false` (run before the chatty ones) is
+    // not listed.
+    assert!(
+        !tasks
+            .iter()
+            .any(|t| t["name"].as_str().is_some_and(|n| n.ends_with("unlisted"))),
+        "{tasks:?}"
+    );
     let t = tasks
         .iter()
         .find(|t| {

@@ -114,12 +114,12 @@ struct PoolState {
 /// The latest state of the tasks the owners on this node reported, bounded.
 #[derive(Default)]
 struct TaskTable {
-    by_id: HashMap<String, pb::TaskEvent>,
+    by_id: HashMap<protocol::ObjectId, pb::TaskEvent>,
     /// Tasks that ended, by (FINISHED or FAILED, function, whether a retry): counted as they
     /// end, so eviction from `by_id` does not lower them.
     ended: HashMap<(String, String, bool), u64>,
     /// Insertion order, for eviction.
-    order: std::collections::VecDeque<String>,
+    order: std::collections::VecDeque<protocol::ObjectId>,
     dropped: u64,
 }
 
@@ -130,18 +130,26 @@ impl TaskTable {
     fn record(&mut self, events: pb::TaskEvents) {
         self.dropped += events.dropped;
         for mut e in events.events {
-            // The times of the states a timeline needs, from the events as they come.
+            // The times of the states a timeline needs: owners send those they saw (one
+            // event per task and report); else the event's own time gives its state's.
             use pb::TaskState as S;
-            let (start, end) = match e.state() {
-                S::SubmittedToWorker => (e.time_ms, 0),
-                S::Finished | S::Failed => (0, e.time_ms),
-                _ => (0, 0),
-            };
             let ends = matches!(e.state(), S::Finished | S::Failed);
-            let name = protocol::task_state_name(e.state()).to_owned();
-            match self.by_id.get_mut(&e.task_id) {
+            let start = match e.start_ms {
+                0 if e.state() == S::SubmittedToWorker => e.time_ms,
+                t => t,
+            };
+            let end = match e.end_ms {
+                0 if ends => e.time_ms,
+                t => t,
+            };
+            let Ok(id) = e.task_id.parse::<protocol::ObjectId>() else {
+                self.dropped += 1;
+                continue;
+            };
+            match self.by_id.get_mut(&id) {
                 Some(t) => {
                     if ends && t.state != e.state {
+                        let name = protocol::task_state_name(e.state()).to_owned();
                         *self
                             .ended
                             .entry((name, t.function.clone(), t.attempt.max(e.attempt) > 0))
@@ -171,16 +179,19 @@ impl TaskTable {
                 }
                 None => {
                     if ends {
+                        let name = protocol::task_state_name(e.state()).to_owned();
                         *self
                             .ended
                             .entry((name, e.function.clone(), e.attempt > 0))
                             .or_default() += 1;
                     }
-                    e.created_ms = e.time_ms;
+                    if e.created_ms == 0 {
+                        e.created_ms = e.time_ms;
+                    }
                     e.start_ms = start;
                     e.end_ms = end;
-                    self.order.push_back(e.task_id.clone());
-                    self.by_id.insert(e.task_id.clone(), e);
+                    self.order.push_back(id);
+                    self.by_id.insert(id, e);
                 }
             }
         }
@@ -1333,8 +1344,9 @@ mod tests {
 
     #[test]
     fn the_task_table_keeps_when_each_task_started_and_ended() {
-        let ev = |id: &str, state: &str, t: u64| pb::TaskEvent {
-            task_id: id.into(),
+        let id = |c: u8| protocol::ObjectId::from_bytes([c; 20]);
+        let ev = |c: u8, state: &str, t: u64| pb::TaskEvent {
+            task_id: id(c).to_string(),
             state: protocol::task_state_from_name(state) as i32,
             time_ms: t,
             ..Default::default()
@@ -1342,27 +1354,51 @@ mod tests {
         let mut table = TaskTable::default();
         table.record(pb::TaskEvents {
             events: vec![
-                ev("a", "PENDING_NODE_ASSIGNMENT", 100),
-                ev("a", "SUBMITTED_TO_WORKER", 120),
-                ev("b", "SUBMITTED_TO_WORKER", 130),
+                ev(1, "PENDING_NODE_ASSIGNMENT", 100),
+                ev(1, "SUBMITTED_TO_WORKER", 120),
+                ev(2, "SUBMITTED_TO_WORKER", 130),
             ],
             dropped: 0,
         });
         table.record(pb::TaskEvents {
-            events: vec![ev("a", "FINISHED", 170), ev("b", "FAILED", 150)],
+            events: vec![ev(1, "FINISHED", 170), ev(2, "FAILED", 150)],
             dropped: 0,
         });
-        let a = &table.by_id["a"];
+        let a = &table.by_id[&id(1)];
         assert_eq!((a.created_ms, a.start_ms, a.end_ms), (100, 120, 170));
-        let b = &table.by_id["b"];
+        let b = &table.by_id[&id(2)];
         assert_eq!((b.created_ms, b.start_ms, b.end_ms), (130, 130, 150));
         // A retry starts the clock again.
         table.record(pb::TaskEvents {
-            events: vec![ev("b", "SUBMITTED_TO_WORKER", 200)],
+            events: vec![ev(2, "SUBMITTED_TO_WORKER", 200)],
             dropped: 0,
         });
-        let b = &table.by_id["b"];
+        let b = &table.by_id[&id(2)];
         assert_eq!((b.start_ms, b.end_ms), (200, 0));
+        // An owner's merged event (a whole life in one report) carries its times; a task
+        // id that is not one is dropped, not kept.
+        table.record(pb::TaskEvents {
+            events: vec![
+                pb::TaskEvent {
+                    created_ms: 300,
+                    start_ms: 310,
+                    end_ms: 320,
+                    ..ev(3, "FINISHED", 320)
+                },
+                pb::TaskEvent {
+                    task_id: "not-an-id".into(),
+                    ..ev(4, "FINISHED", 1)
+                },
+            ],
+            dropped: 0,
+        });
+        let c = &table.by_id[&id(3)];
+        assert_eq!((c.created_ms, c.start_ms, c.end_ms), (300, 310, 320));
+        assert_eq!((table.by_id.len(), table.dropped), (3, 1));
+        let ended = table
+            .ended
+            .get(&("FINISHED".to_owned(), String::new(), false));
+        assert_eq!(ended, Some(&2), "tasks 1 and 3 finished");
     }
 
     fn pool(dir: &Path) -> Arc<WorkerPool> {

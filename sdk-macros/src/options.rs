@@ -27,7 +27,7 @@ fn known(on: On, key: &str) -> Option<Ty> {
     Some(match (on, key) {
         (_, "num_cpus" | "num_gpus" | "memory") => Ty::F64,
         (On::Function, "max_retries") => Ty::U32,
-        (On::Function, "retry_exceptions") => Ty::Bool,
+        (On::Function, "retry_exceptions" | "enable_task_events") => Ty::Bool,
         (On::Actor, "max_restarts" | "max_task_retries") => Ty::I64,
         (On::Actor, "max_concurrency") => Ty::U32,
         (On::Actor, "detached") => Ty::Bool,
@@ -38,7 +38,7 @@ fn known(on: On, key: &str) -> Option<Ty> {
 fn names(on: On) -> &'static str {
     match on {
         On::Function => {
-            "num_cpus, num_gpus, memory, resources(name = amount, …), max_retries, retry_exceptions, num_returns"
+            "num_cpus, num_gpus, memory, resources(name = amount, …), max_retries, retry_exceptions, num_returns, enable_task_events"
         }
         On::Actor => {
             "num_cpus, num_gpus, memory, resources(name = amount, …), max_restarts, max_task_retries, max_concurrency, detached"

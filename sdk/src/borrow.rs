@@ -473,7 +473,7 @@ pub(crate) async fn status(rt: &Runtime, id: ObjectId, node: &str) -> Result<Sta
             tag,
             locs: at.locations.into_iter().map(Loc::from).collect(),
         },
-        Some(pb::object_status::State::Failed(e)) => State::Failed(e.into()),
+        Some(pb::object_status::State::Failed(e)) => State::Failed(Box::new(e.into())),
         Some(pb::object_status::State::Unknown(why)) => {
             return Err(Error::ObjectLost(id, why));
         }
@@ -557,7 +557,7 @@ fn status_pb(s: State) -> pb::ObjectStatus {
             type_tag: tag,
         },
         State::Failed(e) => pb::ObjectStatus {
-            state: Some(pb::object_status::State::Failed((&e).into())),
+            state: Some(pb::object_status::State::Failed((&*e).into())),
             type_tag: String::new(),
         },
         State::Pending => unknown("still pending".into()),

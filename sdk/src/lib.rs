@@ -33,6 +33,7 @@ mod actor;
 mod borrow;
 mod calls;
 mod context;
+mod events;
 mod output;
 mod owner;
 mod pg;
@@ -231,6 +232,9 @@ pub struct TaskOptions {
     /// Ray's `retry_exceptions=True`. Default false.
     pub retry_exceptions: bool,
     pub strategy: Strategy,
+    /// Record its state changes for `rayctl list tasks`, the dashboard and `ray_tasks`
+    /// (Ray's `enable_task_events`). Default true; off saves their cost on hot paths.
+    pub enable_task_events: bool,
 }
 
 impl Default for TaskOptions {
@@ -243,6 +247,7 @@ impl Default for TaskOptions {
             max_retries: 3,
             retry_exceptions: false,
             strategy: Strategy::Default,
+            enable_task_events: true,
         }
     }
 }
@@ -274,6 +279,10 @@ impl TaskOptions {
     }
     pub fn strategy(mut self, s: Strategy) -> Self {
         self.strategy = s;
+        self
+    }
+    pub fn enable_task_events(mut self, yes: bool) -> Self {
+        self.enable_task_events = yes;
         self
     }
 

@@ -46,10 +46,22 @@ impl From<Loc> for pb::ObjectLocation {
 #[derive(Clone, Debug)]
 pub(crate) enum State {
     Pending,
-    Inline { bytes: Bytes, tag: String },
-    Stored { tag: String, locs: Vec<Loc> },
-    Failed(TaskError),
+    Inline {
+        bytes: Bytes,
+        tag: String,
+    },
+    Stored {
+        tag: String,
+        locs: Vec<Loc>,
+    },
+    /// Boxed: failures are rare and the table's entries stay small (every lookup on the
+    /// hot path touches them).
+    Failed(Box<TaskError>),
 }
+
+/// The table: keyed by ids this process made (its prefix and a counter), so a fast hash
+/// does (no need for SipHash's flood resistance).
+pub(crate) type IdMap<V> = HashMap<ObjectId, V, foldhash::fast::RandomState>;
 
 struct Entry {
     state: State,
@@ -60,6 +72,12 @@ struct Entry {
     rebuilds: u32,
     /// This process's handle (what its `ObjectRef`s share), while one lives.
     handle: Weak<Handle>,
+    /// What few objects have (borrows, refs inside, a scope's end), out of line.
+    more: Option<Box<More>>,
+}
+
+#[derive(Default)]
+struct More {
     /// Borrows other processes registered (worker.proto, "Borrowed refs"), per borrower.
     borrowers: HashMap<Borrower, u32>,
     /// The refs inside the value, kept alive while it lives.
@@ -70,7 +88,15 @@ struct Entry {
 
 impl Entry {
     fn unreferenced(&self) -> bool {
-        self.handle.strong_count() == 0 && self.borrowers.is_empty()
+        self.handle.strong_count() == 0 && !self.borrowed()
+    }
+
+    fn borrowed(&self) -> bool {
+        self.more.as_ref().is_some_and(|m| !m.borrowers.is_empty())
+    }
+
+    fn more(&mut self) -> &mut More {
+        self.more.get_or_insert_with(Default::default)
     }
 }
 
@@ -131,7 +157,7 @@ impl Drop for Handle {
 }
 
 pub(crate) struct Owner {
-    objects: Mutex<HashMap<ObjectId, Entry>>,
+    objects: Mutex<IdMap<Entry>>,
     /// (node manager address, object) to free.
     free_tx: mpsc::UnboundedSender<(String, ObjectId)>,
 }
@@ -144,7 +170,7 @@ impl Owner {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<Entry>> {
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -171,9 +197,7 @@ impl Owner {
                 lineage,
                 rebuilds: 0,
                 handle: Arc::downgrade(&h),
-                borrowers: HashMap::new(),
-                contained: Vec::new(),
-                on_free: None,
+                more: None,
             },
         );
         drop(old);
@@ -195,7 +219,7 @@ impl Owner {
             },
         );
         if let Some(e) = self.lock().get_mut(&id) {
-            e.on_free = Some(on_free);
+            e.more().on_free = Some(on_free);
         }
         h
     }
@@ -226,11 +250,12 @@ impl Owner {
         let Some(e) = objects.get_mut(&id) else {
             return false;
         };
-        let n = e.borrowers.get(b).copied().unwrap_or(0) as i64 + delta as i64;
+        let borrowers = &mut e.more().borrowers;
+        let n = borrowers.get(b).copied().unwrap_or(0) as i64 + delta as i64;
         if n > 0 {
-            e.borrowers.insert(b.clone(), n.min(u32::MAX as i64) as u32);
+            borrowers.insert(b.clone(), n.min(u32::MAX as i64) as u32);
         } else {
-            e.borrowers.remove(b);
+            borrowers.remove(b);
         }
         if e.unreferenced() {
             let e = objects.remove(&id);
@@ -249,7 +274,8 @@ impl Owner {
             let ids: Vec<ObjectId> = objects
                 .iter_mut()
                 .filter_map(|(id, e)| {
-                    (e.borrowers.remove(b).is_some() && e.unreferenced()).then_some(*id)
+                    let had = e.more.as_mut().and_then(|m| m.borrowers.remove(b));
+                    (had.is_some() && e.unreferenced()).then_some(*id)
                 })
                 .collect();
             ids.into_iter()
@@ -263,7 +289,9 @@ impl Owner {
 
     /// Whether `b` borrows anything of this process's.
     pub(crate) fn has_borrower(&self, b: &Borrower) -> bool {
-        self.lock().values().any(|e| e.borrowers.contains_key(b))
+        self.lock()
+            .values()
+            .any(|e| e.more.as_ref().is_some_and(|m| m.borrowers.contains_key(b)))
     }
 
     /// The refs inside `id`'s value: kept alive while it lives (dropped at once if it is
@@ -274,7 +302,7 @@ impl Owner {
         }
         let mut objects = self.lock();
         match objects.get_mut(&id) {
-            Some(e) => e.contained.extend(refs),
+            Some(e) => e.more().contained.extend(refs),
             None => {
                 drop(objects);
                 drop(refs);
@@ -289,7 +317,7 @@ impl Owner {
             n.notify_waiters();
         }
         self.free_copies(id, &e.state);
-        let on_free = e.on_free.take();
+        let on_free = e.more.as_mut().and_then(|m| m.on_free.take());
         drop(e);
         if let Some(f) = on_free {
             f();
@@ -414,7 +442,7 @@ impl Owner {
         if !std::ptr::eq(e.handle.as_ptr(), h) && e.handle.strong_count() > 0 {
             return;
         }
-        if !e.borrowers.is_empty() {
+        if e.borrowed() {
             return;
         }
         let e = objects.remove(&id);
@@ -651,6 +679,7 @@ mod tests {
             max_retries: 1,
             retry_exceptions: false,
             num_returns: 1,
+            events: true,
         });
         let _h = o.add_with_lineage(id, stored(), Some(lineage));
         assert!(matches!(o.rebuild(id, "gone"), Rebuild::Run(_, 1)));
@@ -776,6 +805,7 @@ mod tests {
             max_retries: 3,
             retry_exceptions: false,
             num_returns: 1,
+            events: true,
         });
         let _hr = o.add_with_lineage(res, State::Pending, Some(lineage));
         assert!(rx.try_recv().is_err());

@@ -149,32 +149,10 @@ impl Stats {
     }
 }
 
-/// One change of a task's state, kept until the next report to the node.
-struct TaskEv {
-    id: ObjectId,
-    function: &'static str,
-    state: &'static str,
-    node: String,
-    worker: String,
-    attempt: u32,
-    error: String,
-    actor: Option<String>,
-    time_ms: u64,
-}
-
-/// Task events waiting for the next report, bounded.
-#[derive(Default)]
-struct TaskLog {
-    events: Vec<TaskEv>,
-    dropped: u64,
-}
-
-/// Events kept between two reports (about a second); beyond, they are counted as dropped.
-const MAX_TASK_EVENTS: usize = 200_000;
-
 pub(crate) struct Runtime {
     rt: tokio::runtime::Runtime,
-    task_log: Mutex<TaskLog>,
+    /// Task events until the next report.
+    pub(crate) task_log: crate::events::TaskLog,
     pub(crate) mode: Mode,
     pub(crate) node: NodeInfo,
     pub(crate) store: Option<StoreClient>,
@@ -191,6 +169,11 @@ pub(crate) struct Runtime {
     pub(crate) worker_id: String,
     pub(crate) prefix: [u8; 11],
     counter: AtomicU64,
+    /// The options and key of the last task submitted: calls of one function mostly have
+    /// the same options, so the key (and its lease queue) is found without rebuilding it.
+    last_key: Mutex<Option<(TaskOptions, Arc<submit::Key>)>>,
+    /// The key of actor calls (they run on the actor's lease, not one of their own).
+    call_key: Arc<submit::Key>,
     pub(crate) stats: Arc<Stats>,
     nm_clients: Mutex<HashMap<String, NmClient>>,
     om_clients: Mutex<HashMap<String, OmClient>>,
@@ -609,7 +592,7 @@ impl Runtime {
         let (release_tx, release_rx) = mpsc::unbounded_channel();
         let r = Arc::new(Runtime {
             rt,
-            task_log: Mutex::default(),
+            task_log: Default::default(),
             mode,
             node,
             store,
@@ -623,6 +606,8 @@ impl Runtime {
             worker_id,
             prefix: new_prefix(),
             counter: AtomicU64::new(0),
+            last_key: Mutex::new(None),
+            call_key: submit::Key::new(Default::default(), &crate::Strategy::Default),
             stats: Arc::default(),
             nm_clients: Mutex::default(),
             om_clients: Mutex::default(),
@@ -681,72 +666,14 @@ impl Runtime {
             .unwrap_or_else(|| "".into())
     }
 
-    /// Records a change of a task's state for `rayctl list tasks` (sent with the next report).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn task_event(
-        &self,
-        id: ObjectId,
-        function: &'static str,
-        state: &'static str,
-        node: &str,
-        worker: &str,
-        attempt: u32,
-        error: String,
-        actor: Option<&str>,
-    ) {
-        let time_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let mut log = self.task_log.lock().unwrap_or_else(|p| p.into_inner());
-        if log.events.len() >= MAX_TASK_EVENTS {
-            log.dropped += 1;
-            return;
-        }
-        log.events.push(TaskEv {
-            id,
-            function,
-            state,
-            node: node.to_owned(),
-            worker: worker.to_owned(),
-            attempt,
-            error,
-            actor: actor.map(str::to_owned),
-            time_ms,
-        });
-    }
-
     /// Sends the counters and the task events gathered since the last report; false once
     /// the channel is closed.
     pub(crate) fn report(&self, tx: &mpsc::UnboundedSender<pb::WorkerMessage>) -> bool {
         let mut stats = self.stats.to_pb();
         stats.objects_owned = self.owner.len() as u64;
-        let log = std::mem::take(&mut *self.task_log.lock().unwrap_or_else(|p| p.into_inner()));
-        if !log.events.is_empty() || log.dropped > 0 {
-            let pid = std::process::id();
-            let events = log
-                .events
-                .into_iter()
-                .map(|e| pb::TaskEvent {
-                    task_id: e.id.to_string(),
-                    function: e.function.to_owned(),
-                    state: protocol::task_state_from_name(e.state) as i32,
-                    node_id: e.node,
-                    worker_id: e.worker,
-                    attempt: e.attempt,
-                    error: e.error,
-                    actor_id: e.actor.unwrap_or_default(),
-                    job_id: self.job_id.clone(),
-                    time_ms: e.time_ms,
-                    owner_pid: pid,
-                    // The node keeps these from the events it sees.
-                    ..Default::default()
-                })
-                .collect();
+        if let Some(events) = self.task_log.take(&self.job_id) {
             let m = pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::TaskEvents(pb::TaskEvents {
-                    events,
-                    dropped: log.dropped,
-                })),
+                kind: Some(pb::worker_message::Kind::TaskEvents(events)),
             };
             if tx.send(m).is_err() {
                 return false;
@@ -1057,7 +984,7 @@ impl Runtime {
         loop {
             match self.ready(id, timeout).await? {
                 State::Inline { bytes, tag } => return Ok(Resolved::Inline(bytes, tag)),
-                State::Failed(e) => return Err(failed(e)),
+                State::Failed(e) => return Err(failed(*e)),
                 State::Stored { tag, locs } => match self.fetch(id, locs.clone()).await {
                     Ok(src) => return Ok(Resolved::Stored(src, tag)),
                     // A drain moved it while we pulled from its old place: try the new one.
@@ -1095,7 +1022,7 @@ impl Runtime {
         };
         match state {
             State::Inline { bytes, tag } => Ok(Resolved::Inline(bytes, tag)),
-            State::Failed(e) => Err(failed(e)),
+            State::Failed(e) => Err(failed(*e)),
             State::Stored { tag, locs } => {
                 let here = locs.iter().any(|l| l.node_id == self.node.node_id);
                 let src = self.fetch(id, locs).await?;
@@ -1278,6 +1205,27 @@ impl Runtime {
         hs.swap_remove(0)
     }
 
+    /// The scheduling key of tasks with these options (the last one's again if the
+    /// resources and strategy are the same).
+    fn key(&self, opts: &TaskOptions) -> Result<Arc<submit::Key>, String> {
+        let same = |o: &TaskOptions| {
+            o.num_cpus == opts.num_cpus
+                && o.num_gpus == opts.num_gpus
+                && o.memory == opts.memory
+                && o.resources == opts.resources
+                && o.strategy == opts.strategy
+        };
+        let mut last = self.last_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((o, k)) = last.as_ref()
+            && same(o)
+        {
+            return Ok(k.clone());
+        }
+        let k = submit::Key::new(opts.shape()?, &opts.strategy);
+        *last = Some((opts.clone(), k.clone()));
+        Ok(k)
+    }
+
     fn submit_task(
         self: &Arc<Self>,
         name: &'static str,
@@ -1288,9 +1236,7 @@ impl Runtime {
     ) -> Vec<Arc<Handle>> {
         let n = n.clamp(1, 63);
         let id = self.new_id(1);
-        let key = opts
-            .shape()
-            .map(|shape| submit::Key::new(shape, &opts.strategy));
+        let key = self.key(opts);
         let lineage = key.as_ref().ok().filter(|_| !streaming).map(|key| {
             Arc::new(submit::Lineage {
                 function: name,
@@ -1299,6 +1245,7 @@ impl Runtime {
                 max_retries: opts.max_retries,
                 retry_exceptions: opts.retry_exceptions,
                 num_returns: n,
+                events: opts.enable_task_events,
             })
         });
         let mut h = vec![self.owner.add_with_lineage(id, State::Pending, lineage)];
@@ -1315,7 +1262,7 @@ impl Runtime {
             };
             for i in 0..n {
                 self.owner
-                    .complete(id.return_id(i), State::Failed(e.clone()));
+                    .complete(id.return_id(i), State::Failed(Box::new(e.clone())));
             }
         };
         let key = match key {
@@ -1349,18 +1296,9 @@ impl Runtime {
             num_returns: n,
             streaming,
             parent: crate::calls::current_task(),
+            ev: crate::events::Slot::new(opts.enable_task_events),
         };
         self.stats.pending_args.fetch_add(1, Ordering::Relaxed);
-        self.task_event(
-            id,
-            name,
-            "PENDING_ARGS_AVAIL",
-            "",
-            "",
-            0,
-            String::new(),
-            None,
-        );
         let _ = self.submit_tx.send(submit::Event::Submit(task));
         h
     }
@@ -1395,10 +1333,10 @@ impl Runtime {
                 format!("cannot encode an argument of {method}: {e}"),
             );
             te.task_id = id.to_string();
-            self.owner.complete(id, State::Failed(te));
+            self.owner.complete(id, State::Failed(Box::new(te)));
             return h;
         }
-        let key = submit::Key::new(Default::default(), &crate::Strategy::Default);
+        let key = self.call_key.clone();
         let task = submit::Task {
             id,
             function: method,
@@ -1410,6 +1348,7 @@ impl Runtime {
             num_returns: 1,
             streaming: false,
             parent: crate::calls::current_task(),
+            ev: Default::default(),
         };
         self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
         let _ = self

@@ -59,7 +59,7 @@ impl Streams {
             .value
             .as_ref()
             .and_then(crate::submit::value_state)
-            .unwrap_or_else(|| State::Failed(empty_item(task, j)));
+            .unwrap_or_else(|| State::Failed(Box::new(empty_item(task, j))));
         let h = owner.add(task.stream_item_id(j), state);
         let mut st = self.lock();
         if let Some(s) = st.get_mut(&task) {
@@ -154,7 +154,7 @@ impl<T> Iterator for ObjectRefGenerator<T> {
                 Some(State::Pending) => {}
                 Some(State::Failed(e)) => {
                     self.done = true;
-                    return Some(Err(crate::runtime::failed(e)));
+                    return Some(Err(crate::runtime::failed(*e)));
                 }
                 // Ended: every item came before the end, on the same stream.
                 Some(_) => {

@@ -119,6 +119,12 @@ fn chatty(i: u64) -> String {
     std::env::var("RAYCTL_NODE_ID").unwrap_or_default()
 }
 
+/// Its state changes are not recorded (Ray's `enable_task_events=False`).
+#[sdk::remote(enable_task_events = false)]
+fn unlisted() -> u64 {
+    7
+}
+
 /// Prints, and calls `chatty` (whose output reaches the driver through this worker).
 #[sdk::remote]
 fn chatty_parent() -> u64 {
@@ -391,6 +397,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }));
         }
         "print" | "quiet" => {
+            // Done before the listed tasks start, so a listing that has them would have it.
+            if sdk::get(&unlisted::remote())? != 7 {
+                return Err("unlisted: wrong value".into());
+            }
             let refs: Vec<_> = (0..4u64).map(chatty::remote).collect();
             let nodes: Vec<String> = sdk::get_all(&refs)?;
             let parent = sdk::get(&chatty_parent::remote())?;

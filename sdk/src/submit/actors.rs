@@ -8,6 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use protocol::pb::TaskState;
 use protocol::{ObjectId, pb};
 
 use super::Task;
@@ -111,11 +112,11 @@ impl Engine {
                     out.push(spec);
                     if let Some(c) = self.actor_conns.get_mut(&cid) {
                         let at = At {
-                            node: &c.node_id,
-                            worker: &c.worker_id,
+                            node: Some(&c.node_id),
+                            worker: Some(&c.worker_id),
                             actor: Some(&c.actor_id),
                         };
-                        (self.log)(Note::of(&t, "SUBMITTED_TO_WORKER", at));
+                        (self.log)(&t.ev, Note::of(&t, TaskState::SubmittedToWorker, at));
                         c.in_flight.insert(t.id, t);
                     }
                 }
@@ -226,7 +227,7 @@ impl Engine {
             conn: cid,
             address: info.worker_address.clone(),
             first: pb::PushTasksRequest {
-                actor_id: id.to_owned(),
+                actor_id: id.into(),
                 actor_restarts: info.num_restarts,
                 ..Default::default()
             },
@@ -235,11 +236,11 @@ impl Engine {
         self.actor_conns.insert(
             cid,
             ActorConn {
-                actor_id: id.to_owned(),
+                actor_id: id.into(),
                 in_flight: HashMap::new(),
                 restarts: info.num_restarts,
-                node_id: info.node_id.clone(),
-                worker_id: info.worker_id.clone(),
+                node_id: info.node_id.as_str().into(),
+                worker_id: info.worker_id.as_str().into(),
             },
         );
         cid
@@ -264,7 +265,7 @@ impl Engine {
                     self.stats.finished.fetch_add(1, Ordering::Relaxed);
                     self.note(
                         &t,
-                        "FINISHED",
+                        TaskState::Finished,
                         At {
                             actor: Some(&actor),
                             ..At::default()
@@ -301,7 +302,7 @@ impl Engine {
         let Some(c) = self.actor_conns.remove(&cid) else {
             return;
         };
-        let Some(q) = self.actors.get_mut(&c.actor_id) else {
+        let Some(q) = self.actors.get_mut(&*c.actor_id) else {
             return;
         };
         q.conn = None;
@@ -309,14 +310,14 @@ impl Engine {
         let mut tasks: Vec<Task> = c.in_flight.into_values().collect();
         if !tasks.is_empty() {
             tracing::warn!(
-                actor = c.actor_id,
+                actor = &*c.actor_id,
                 calls = tasks.len(),
                 "lost the actor's worker: {why}"
             );
         }
         tasks.sort_by_key(|t| t.id);
         let retries = q.actor.max_task_retries;
-        let mut notes = Vec::new();
+        let log = self.log.clone();
         for mut t in tasks.into_iter().rev() {
             self.stats.submitted.fetch_sub(1, Ordering::Relaxed);
             if retries < 0 || i64::from(t.attempt) < retries {
@@ -327,18 +328,17 @@ impl Engine {
                     actor: Some(&c.actor_id),
                     ..At::default()
                 };
-                notes.push(Note::of(&t, "PENDING_NODE_ASSIGNMENT", at));
+                log(&t.ev, Note::of(&t, TaskState::PendingNodeAssignment, at));
                 q.queue.push_front(t);
             } else {
                 q.orphans.push(t);
             }
         }
         let learn_fate = !q.orphans.is_empty();
-        notes.into_iter().for_each(|n| (self.log)(n));
         if learn_fate {
             // Learn the actor's fate even if nothing else waits for it.
             self.resolve(&c.actor_id);
         }
-        self.dirty_actors.push(c.actor_id);
+        self.dirty_actors.push(c.actor_id.to_string());
     }
 }

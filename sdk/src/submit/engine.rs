@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use protocol::pb::TaskState;
 use protocol::{ObjectId, pb};
 
 use super::state::{ActorConn, ActorQueue, Conn, Key, KeyState, LeaseReq};
@@ -127,26 +128,27 @@ pub(crate) enum Waiting {
 pub(crate) struct Note {
     pub(crate) id: ObjectId,
     pub(crate) function: &'static str,
-    pub(crate) state: &'static str,
-    pub(crate) node: String,
-    pub(crate) worker: String,
+    pub(crate) state: TaskState,
+    /// Where it was pushed (none before), shared with the lease (no copy per task).
+    pub(crate) node: Option<Arc<str>>,
+    pub(crate) worker: Option<Arc<str>>,
     pub(crate) attempt: u32,
     pub(crate) error: String,
-    pub(crate) actor: Option<String>,
+    pub(crate) actor: Option<Arc<str>>,
 }
 
 impl Note {
     /// Task `t` is now in `state`, at `at`.
-    pub(super) fn of(t: &Task, state: &'static str, at: At<'_>) -> Self {
+    pub(super) fn of(t: &Task, state: TaskState, at: At<'_>) -> Self {
         Self {
             id: t.id,
             function: t.function,
             state,
-            node: at.node.to_owned(),
-            worker: at.worker.to_owned(),
+            node: at.node.cloned(),
+            worker: at.worker.cloned(),
             attempt: t.attempt,
             error: String::new(),
-            actor: at.actor.map(str::to_owned),
+            actor: at.actor.cloned(),
         }
     }
 }
@@ -163,7 +165,7 @@ pub(crate) struct Identity {
 /// Where the engine records task events, at once and in order: a task's event is
 /// recorded before its result is completed (a driver that exits right after `get` has
 /// reported it).
-pub(crate) type TaskLog = Arc<dyn Fn(Note) + Send + Sync>;
+pub(crate) type TaskLog = Arc<dyn Fn(&crate::events::Slot, Note) + Send + Sync>;
 
 pub(crate) struct Engine {
     pub(super) owner: Arc<Owner>,
@@ -382,34 +384,37 @@ impl Engine {
         self.note_failed(t, error, None);
         for i in 1..t.num_returns {
             self.owner
-                .complete(t.id.return_id(i), State::Failed(e.clone()));
+                .complete(t.id.return_id(i), State::Failed(Box::new(e.clone())));
         }
-        self.owner.complete(t.id, State::Failed(e));
+        self.owner.complete(t.id, State::Failed(Box::new(e)));
     }
 
     /// Records a task's new state for `rayctl list tasks`.
-    pub(super) fn note(&mut self, t: &Task, state: &'static str, at: At<'_>) {
-        (self.log)(Note::of(t, state, at));
+    pub(super) fn note(&mut self, t: &Task, state: TaskState, at: At<'_>) {
+        (self.log)(&t.ev, Note::of(t, state, at));
     }
 
-    pub(super) fn note_failed(&mut self, t: &Task, error: String, actor: Option<&str>) {
+    pub(super) fn note_failed(&mut self, t: &Task, error: String, actor: Option<&Arc<str>>) {
         let at = At {
             actor,
             ..At::default()
         };
-        (self.log)(Note {
-            error,
-            ..Note::of(t, "FAILED", at)
-        });
+        (self.log)(
+            &t.ev,
+            Note {
+                error,
+                ..Note::of(t, TaskState::Failed, at)
+            },
+        );
     }
 }
 
 /// Where a task's state changed (for its task event).
 #[derive(Default, Clone, Copy)]
 pub(super) struct At<'a> {
-    pub(super) node: &'a str,
-    pub(super) worker: &'a str,
-    pub(super) actor: Option<&'a str>,
+    pub(super) node: Option<&'a Arc<str>>,
+    pub(super) worker: Option<&'a Arc<str>>,
+    pub(super) actor: Option<&'a Arc<str>>,
 }
 
 pub(super) fn task_error(
@@ -448,7 +453,7 @@ pub(crate) fn value_state(v: &pb::Value) -> Option<State> {
 /// What an actor's reply makes of its object.
 pub(crate) fn reply_state(r: &pb::TaskReply) -> State {
     let empty = |what: &str| {
-        State::Failed(TaskError {
+        State::Failed(Box::new(TaskError {
             kind: TaskErrorKind::Store,
             message: format!("the worker sent an empty {what}"),
             task_id: ObjectId::from_slice(&r.task_id)
@@ -457,11 +462,11 @@ pub(crate) fn reply_state(r: &pb::TaskReply) -> State {
             function: String::new(),
             node_id: String::new(),
             worker_id: String::new(),
-        })
+        }))
     };
     match &r.result {
         Some(pb::task_reply::Result::Value(v)) => value_state(v).unwrap_or_else(|| empty("value")),
-        Some(pb::task_reply::Result::Error(e)) => State::Failed(e.clone().into()),
+        Some(pb::task_reply::Result::Error(e)) => State::Failed(Box::new(e.clone().into())),
         None => empty("reply"),
     }
 }

@@ -34,18 +34,7 @@ struct Exec {
 
 pub(crate) async fn run(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<Event>) {
     let events_rt = rt.clone();
-    let log: TaskLog = Arc::new(move |n: Note| {
-        events_rt.task_event(
-            n.id,
-            n.function,
-            n.state,
-            &n.node,
-            &n.worker,
-            n.attempt,
-            n.error,
-            n.actor.as_deref(),
-        )
-    });
+    let log: TaskLog = Arc::new(move |slot, n: Note| events_rt.task_log.record(slot, n));
     let mut engine = Engine::new(
         rt.owner.clone(),
         rt.stats.clone(),

@@ -153,9 +153,9 @@ impl Engine {
                 }
                 let lease = Lease {
                     lease_id: r.lease_id,
-                    node_id: r.node_id,
-                    node_address: addr,
-                    worker_id: r.worker_id,
+                    node_id: r.node_id.into(),
+                    node_address: addr.into(),
+                    worker_id: r.worker_id.into(),
                     worker_address: r.worker_address,
                 };
                 let id = self.open(key.clone(), lease, now);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use protocol::ObjectId;
 
-pub(crate) use self::engine::{Event, value_state};
+pub(crate) use self::engine::{Event, Note, value_state};
 pub(crate) use self::exec::run;
 pub(crate) use self::state::Key;
 use crate::__private::ArgOut;
@@ -46,6 +46,8 @@ pub(crate) struct Lineage {
     pub(crate) max_retries: u32,
     pub(crate) retry_exceptions: bool,
     pub(crate) num_returns: u8,
+    /// Whether its task events are recorded.
+    pub(crate) events: bool,
 }
 
 impl Lineage {
@@ -61,6 +63,7 @@ impl Lineage {
             num_returns: self.num_returns,
             streaming: false,
             parent: None,
+            ev: crate::events::Slot::new(self.events),
         }
     }
 }
@@ -80,6 +83,8 @@ pub(crate) struct Task {
     pub(crate) streaming: bool,
     /// The task of this process that submitted it (its children are cancelled with it).
     pub(crate) parent: Option<ObjectId>,
+    /// Its task event record (`events`).
+    pub(crate) ev: crate::events::Slot,
 }
 
 /// What `sdk::cancel` asks for.

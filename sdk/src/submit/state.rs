@@ -13,13 +13,35 @@ use super::Task;
 use crate::Strategy;
 use crate::actor::ActorRef;
 
-/// Tasks with the same key can share leases.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Tasks with the same key can share leases. Keys are looked up for every task, so the
+/// hash is computed once and equal keys are usually the same `Arc` (the runtime reuses the
+/// last key it built).
+#[derive(Debug, Clone)]
 pub(crate) struct Key {
     pub(super) shape: ResourceSet,
     pub(super) strategy: i32,
     pub(super) affinity: String,
     pub(super) soft: bool,
+    hash: u64,
+}
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        std::ptr::eq(self, o)
+            || (self.hash == o.hash
+                && self.shape == o.shape
+                && self.strategy == o.strategy
+                && self.affinity == o.affinity
+                && self.soft == o.soft)
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u64(self.hash);
+    }
 }
 
 impl Key {
@@ -46,11 +68,15 @@ impl Key {
                 *soft,
             ),
         };
+        use std::hash::BuildHasher;
+        let hash =
+            foldhash::quality::FixedState::default().hash_one((&shape, strategy, &affinity, soft));
         Arc::new(Self {
             shape,
             strategy,
             affinity,
             soft,
+            hash,
         })
     }
 
@@ -69,9 +95,10 @@ impl Key {
 #[derive(Debug, Clone)]
 pub(crate) struct Lease {
     pub(super) lease_id: String,
-    pub(super) node_id: String,
-    pub(super) node_address: String,
-    pub(super) worker_id: String,
+    /// Shared with every task event and location that names them (no copy per task).
+    pub(super) node_id: Arc<str>,
+    pub(super) node_address: Arc<str>,
+    pub(super) worker_id: Arc<str>,
     pub(super) worker_address: String,
 }
 
@@ -123,9 +150,9 @@ pub(crate) struct ActorQueue {
 
 /// A stream to an actor's worker.
 pub(crate) struct ActorConn {
-    pub(super) actor_id: String,
+    pub(super) actor_id: Arc<str>,
     pub(super) in_flight: HashMap<ObjectId, Task>,
     pub(super) restarts: u64,
-    pub(super) node_id: String,
-    pub(super) worker_id: String,
+    pub(super) node_id: Arc<str>,
+    pub(super) worker_id: Arc<str>,
 }

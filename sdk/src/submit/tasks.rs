@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use protocol::pb::TaskState;
 use protocol::{ObjectId, pb};
 
 use super::engine::{At, Effect, Engine, Note, Waiting, task_error, value_state};
@@ -25,6 +26,7 @@ impl Engine {
         if pending.is_empty() {
             self.args_ready(t);
         } else {
+            self.note(&t, TaskState::PendingArgsAvail, At::default());
             self.out.push(Effect::WaitArgs {
                 ids: pending,
                 then: Waiting::Task(t.id),
@@ -36,7 +38,7 @@ impl Engine {
     pub(super) fn args_ready(&mut self, t: Task) {
         self.stats.pending_args.fetch_sub(1, Ordering::Relaxed);
         self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
-        self.note(&t, "PENDING_NODE_ASSIGNMENT", At::default());
+        self.note(&t, TaskState::PendingNodeAssignment, At::default());
         self.dirty.push(t.key.clone());
         self.keys
             .entry(t.key.clone())
@@ -56,7 +58,7 @@ impl Engine {
         let conns = ks.conns.clone();
         let mut out: Vec<(u64, Vec<pb::TaskSpec>)> = Vec::new();
         let mut failed = Vec::new();
-        let mut notes = Vec::new();
+        let log = self.log.clone();
         while !queue.is_empty() {
             let free = conns
                 .iter()
@@ -71,11 +73,11 @@ impl Engine {
                     let c = self.conns.get_mut(&cid).expect("listed conns exist");
                     c.idle_since = None;
                     let at = At {
-                        node: &c.lease.node_id,
-                        worker: &c.lease.worker_id,
+                        node: Some(&c.lease.node_id),
+                        worker: Some(&c.lease.worker_id),
                         actor: None,
                     };
-                    notes.push(Note::of(&t, "SUBMITTED_TO_WORKER", at));
+                    log(&t.ev, Note::of(&t, TaskState::SubmittedToWorker, at));
                     c.in_flight.insert(t.id, t);
                     match out.iter_mut().find(|(c, _)| *c == cid) {
                         Some((_, v)) => v.push(spec),
@@ -85,7 +87,6 @@ impl Engine {
                 Err(e) => failed.push((t, e)),
             }
         }
-        notes.into_iter().for_each(|n| (self.log)(n));
         for (t, e) in failed {
             self.finish_failed(&t, e);
         }
@@ -157,39 +158,39 @@ impl Engine {
                 for a in &t.args {
                     if let ArgOut::Ref(h) = a
                         && let Some(State::Stored { locs, .. }) = self.owner.state(h.id)
-                        && !locs.iter().any(|l| l.node_id == node_id)
+                        && !locs.iter().any(|l| *l.node_id == *node_id)
                     {
                         self.owner.add_location(
                             h.id,
                             Loc {
-                                node_id: node_id.clone(),
+                                node_id: node_id.to_string(),
                                 om: String::new(),
-                                nm: node_address.clone(),
+                                nm: node_address.to_string(),
                             },
                         );
                     }
                 }
                 let state = value_state(&v).unwrap_or_else(|| {
-                    State::Failed(task_error(
+                    State::Failed(Box::new(task_error(
                         &t,
                         TaskErrorKind::Store,
                         "the worker sent an empty value".into(),
                         &node_id,
                         &worker_id,
-                    ))
+                    )))
                 });
                 self.stats.finished.fetch_add(1, Ordering::Relaxed);
-                self.note(&t, "FINISHED", At::default());
+                self.note(&t, TaskState::Finished, At::default());
                 for i in 1..t.num_returns {
                     let more = r.more_returns.get(usize::from(i) - 1);
                     let s = more.and_then(value_state).unwrap_or_else(|| {
-                        State::Failed(task_error(
+                        State::Failed(Box::new(task_error(
                             &t,
                             TaskErrorKind::Store,
                             format!("the worker sent no return {i} of {}", t.num_returns),
                             &node_id,
                             &worker_id,
-                        ))
+                        )))
                     });
                     self.owner.complete(id.return_id(i), s);
                 }
@@ -210,7 +211,7 @@ impl Engine {
                 t.attempt += 1;
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
-                self.note(&t, "PENDING_NODE_ASSIGNMENT", At::default());
+                self.note(&t, TaskState::PendingNodeAssignment, At::default());
                 self.keys
                     .entry(t.key.clone())
                     .or_default()
@@ -292,7 +293,7 @@ impl Engine {
                 t.attempt += 1;
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
-                self.note(&t, "PENDING_NODE_ASSIGNMENT", At::default());
+                self.note(&t, TaskState::PendingNodeAssignment, At::default());
                 retry.push(t);
             } else {
                 let msg = format!(

@@ -58,7 +58,7 @@ impl T {
             owner.clone(),
             stats.clone(),
             // Each event with whether its task's result was still pending when recorded.
-            Arc::new(move |n: Note| {
+            Arc::new(move |_slot: &crate::events::Slot, n: Note| {
                 let pending = matches!(o.state(n.id), Some(State::Pending));
                 log.lock().expect("notes").push((n, pending));
             }),
@@ -99,6 +99,7 @@ impl T {
             max_retries,
             retry_exceptions: false,
             num_returns: 1,
+            events: true,
         });
         let h = self
             .owner
@@ -134,7 +135,7 @@ impl T {
 
     fn failed(&self, id: ObjectId) -> crate::TaskError {
         match self.state(id) {
-            State::Failed(e) => e,
+            State::Failed(e) => *e,
             s => panic!("{id} is not failed: {s:?}"),
         }
     }
@@ -234,7 +235,9 @@ fn warnings(fx: &[Effect]) -> Vec<String> {
 /// (task, state, attempt) of every task event of the last `run`, in order.
 fn notes(t: &T) -> Vec<(ObjectId, &'static str, u32)> {
     let n = t.notes.lock().expect("notes");
-    n.iter().map(|(n, _)| (n.id, n.state, n.attempt)).collect()
+    n.iter()
+        .map(|(n, _)| (n.id, protocol::task_state_name(n.state), n.attempt))
+        .collect()
 }
 
 fn outcome(o: pb::LeaseOutcome) -> pb::LeaseReply {
@@ -425,7 +428,7 @@ fn a_spillback_is_followed_and_counted_and_refusals_ask_again_from_home() {
     // Granted at the node it spilled to: the lease names that node.
     let fx = t.run([granted(r, &k, "n2")]);
     let conn = opens(&fx)[0].0;
-    assert_eq!(t.core.conns[&conn].lease.node_address, "n2:nm");
+    assert_eq!(t.core.conns[&conn].lease.node_address, "n2:nm".into());
     assert!(t.core.leases.is_empty());
 }
 
@@ -620,14 +623,14 @@ fn tasks_wait_for_pending_arguments_and_a_failed_one_fails_them() {
     // It failed meanwhile: the task fails with DEPENDENCY when it would be pushed.
     t.owner.complete(
         dep,
-        State::Failed(crate::TaskError {
+        State::Failed(Box::new(crate::TaskError {
             kind: TaskErrorKind::Panic,
             message: "boom".into(),
             task_id: dep.to_string(),
             function: "g".into(),
             node_id: String::new(),
             worker_id: String::new(),
-        }),
+        })),
     );
     let fx = t.run([Event::ArgsReady(waited.1)]);
     let r = reqs(&fx)[0];
@@ -780,6 +783,7 @@ fn actor_call(t: &mut T, a: &Arc<ActorRef>, args: Vec<ArgOut>) -> (Event, Object
         num_returns: 1,
         streaming: false,
         parent: None,
+        ev: Default::default(),
     };
     (Event::ActorCall(a.clone(), Box::new(task)), id)
 }
@@ -1065,4 +1069,25 @@ fn a_queued_actor_call_is_dropped_and_a_sent_one_only_told() {
         vec![(conn, id0, false, false)],
         "never forced"
     );
+}
+
+#[test]
+fn keys_built_apart_from_equal_options_share_one_queue_and_others_do_not() {
+    use std::collections::HashMap;
+    use std::collections::hash_map::RandomState;
+    use std::hash::BuildHasher;
+    let (a, b) = (
+        Key::new(cpu_shape(), &Strategy::Default),
+        Key::new(cpu_shape(), &Strategy::Default),
+    );
+    assert!(!Arc::ptr_eq(&a, &b));
+    assert_eq!(a, b);
+    let s = RandomState::new();
+    assert_eq!(s.hash_one(&a), s.hash_one(&b));
+    assert_ne!(a, Key::new(cpu_shape(), &Strategy::Spread));
+    assert_ne!(a, Key::new(ResourceSet::new(), &Strategy::Default));
+    let mut keys: HashMap<Arc<Key>, u32> = HashMap::new();
+    *keys.entry(a).or_default() += 1;
+    *keys.entry(b).or_default() += 1;
+    assert_eq!(keys.values().copied().collect::<Vec<_>>(), vec![2]);
 }
