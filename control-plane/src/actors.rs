@@ -92,13 +92,9 @@ pub(crate) fn actor_info(shared: &HeadShared, st: &ClusterState, a: &ActorRecord
 }
 
 fn check_id(id: &str) -> Result<(), Status> {
-    if id.len() != 32 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return Err(invalid(format!(
-            "actor id {:?} must be 32 hex characters",
-            id.chars().take(40).collect::<String>()
-        )));
-    }
-    Ok(())
+    id.parse::<protocol::ActorId>()
+        .map(drop)
+        .map_err(|e| invalid(e.to_string()))
 }
 
 fn namespace_or_default(ns: &str) -> String {

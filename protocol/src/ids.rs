@@ -2,7 +2,9 @@
 //! id is derived from its advertised address so every head computes the same ids from the
 //! same `--peers` list without coordination.
 //!
-//! Invariant: a `NodeId` is always 32 lowercase hex chars; parsing anything else fails.
+//! Invariant: a `NodeId` or an `ActorId` is always 32 lowercase hex chars, a `JobId`,
+//! `WorkerId` or `LeaseId` 1 to 128 of `[A-Za-z0-9_-]`; parsing anything else fails, so a
+//! value of these types never needs checking again.
 
 use std::fmt;
 use std::str::FromStr;
@@ -53,6 +55,140 @@ macro_rules! hex_fmt {
 
 hex_fmt!(NodeId);
 hex_fmt!(ObjectId);
+hex_fmt!(ActorId);
+
+/// Identity of an actor: 16 bytes (its creator's owner prefix and a counter) shown as 32
+/// lowercase hex chars, as Ray's.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActorId([u8; 16]);
+
+impl ActorId {
+    pub const fn from_bytes(b: [u8; 16]) -> Self {
+        Self(b)
+    }
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl FromStr for ActorId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        parse_hex(s).map(Self).ok_or_else(|| IdError {
+            kind: "actor id",
+            value: s.chars().take(80).collect(),
+            expected: "32 lowercase hex characters",
+        })
+    }
+}
+
+impl serde::Serialize for ActorId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ActorId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Ids made of names: 1 to 128 of `[A-Za-z0-9_-]` (a job's submission id, `raysubmit_…`;
+/// a worker's and a lease's, which their node makes). Shared, so clones on hot paths cost
+/// no copy; serialized as the string.
+macro_rules! name_id {
+    ($(#[$doc:meta])* $t:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $t(std::sync::Arc<str>);
+
+        impl $t {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $t {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                check_name(s, $kind).map(|()| Self(s.into()))
+            }
+        }
+
+        impl TryFrom<String> for $t {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                check_name(&s, $kind).map(|()| Self(s.into()))
+            }
+        }
+
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($t), "({})"), &self.0)
+            }
+        }
+
+        impl std::ops::Deref for $t {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+name_id!(
+    /// A job: its submission id (`raysubmit_…` or the submitter's own).
+    JobId,
+    "job id"
+);
+name_id!(
+    /// A worker process, unique in the cluster (its node's id and a counter).
+    WorkerId,
+    "worker id"
+);
+name_id!(
+    /// A lease of a worker to an owner, unique in the cluster (its node's id and a counter).
+    LeaseId,
+    "lease id"
+);
+
+fn check_name(s: &str, kind: &'static str) -> Result<(), IdError> {
+    if s.is_empty()
+        || s.len() > 128
+        || !s
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    {
+        return Err(IdError {
+            kind,
+            value: s.chars().take(140).collect(),
+            expected: "1 to 128 characters of letters, digits, '_' and '-'",
+        });
+    }
+    Ok(())
+}
 
 impl FromStr for NodeId {
     type Err = IdError;
@@ -177,19 +313,7 @@ pub fn validate_address(addr: &str) -> Result<(), IdError> {
 /// Checks a job's submission id (also its job id, a directory and a log file name on the
 /// node): 1 to 128 of `[A-Za-z0-9_-]`. The one rule the heads and the nodes share.
 pub fn validate_submission_id(id: &str) -> Result<(), IdError> {
-    if id.is_empty()
-        || id.len() > 128
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(IdError {
-            kind: "submission_id",
-            value: id.chars().take(140).collect(),
-            expected: "1 to 128 characters of letters, digits, '_' and '-'",
-        });
-    }
-    Ok(())
+    check_name(id, "submission_id")
 }
 
 #[cfg(test)]
@@ -238,6 +362,48 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn actor_ids_round_trip_through_text_and_serde_and_reject_bad_input() {
+        let id = ActorId::from_bytes([0x3c; 16]);
+        assert_eq!(id.to_string().parse::<ActorId>(), Ok(id));
+        let json = serde_json::to_string(&id).expect("ser");
+        assert_eq!(json, format!("\"{}\"", "3c".repeat(16)));
+        assert_eq!(serde_json::from_str::<ActorId>(&json).expect("de"), id);
+        for bad in [
+            "",
+            &"3C".repeat(16),
+            &"3c".repeat(15),
+            &"3c".repeat(17),
+            "x",
+        ] {
+            assert_eq!(
+                bad.parse::<ActorId>().unwrap_err().kind,
+                "actor id",
+                "{bad}"
+            );
+        }
+        assert!(serde_json::from_str::<ActorId>("\"zz\"").is_err());
+    }
+
+    #[test]
+    fn name_ids_accept_what_nodes_and_submitters_make_and_nothing_else() {
+        for ok in ["raysubmit_abc", "a", "0123abcd-17", &"x".repeat(128)] {
+            assert_eq!(ok.parse::<JobId>().expect(ok).as_str(), ok);
+            assert_eq!(LeaseId::try_from(ok.to_owned()).expect(ok).to_string(), ok);
+        }
+        for bad in ["", "a b", "../x", "é", &"x".repeat(129)] {
+            assert_eq!(
+                bad.parse::<WorkerId>().unwrap_err().kind,
+                "worker id",
+                "{bad}"
+            );
+        }
+        let w: WorkerId = "n1-3".parse().expect("worker");
+        assert_eq!(serde_json::to_string(&w).expect("ser"), "\"n1-3\"");
+        assert!(serde_json::from_str::<WorkerId>("\"a/b\"").is_err());
+        assert_eq!(format!("{w:?}"), "WorkerId(n1-3)");
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn job_status_name(status: i32) -> &'static str {
         pb::JobStatus::Unspecified => "UNKNOWN",
     }
 }
-pub use ids::{NodeId, ObjectId, RaftId};
+pub use ids::{ActorId, JobId, LeaseId, NodeId, ObjectId, RaftId, WorkerId};
 
 /// Largest gRPC message any of our servers or clients accepts. Larger ones are answered with
 /// RESOURCE_EXHAUSTED.

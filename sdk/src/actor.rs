@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::{NodeId, pb};
+use protocol::{ActorId, NodeId, pb};
 
 use crate::__private::ArgOut;
 use crate::runtime::{self, Runtime};
@@ -222,7 +222,7 @@ pub struct ActorHandle {
 /// Shared by this process's handles to a counted actor: when the last one drops, this
 /// process's submitter lets go of the actor once its calls have returned.
 struct Scope {
-    id: String,
+    id: ActorId,
 }
 
 impl Drop for Scope {
@@ -230,7 +230,7 @@ impl Drop for Scope {
         if let Ok(rt) = runtime::current() {
             let _ = rt
                 .submit_tx
-                .send(crate::submit::Event::ActorOutOfScope(self.id.clone()));
+                .send(crate::submit::Event::ActorOutOfScope(self.id));
         }
     }
 }
@@ -239,7 +239,7 @@ impl Drop for Scope {
 /// calls are queued or in flight, so the scope ref lives until they have returned.
 #[derive(Debug)]
 pub(crate) struct ActorRef {
-    pub(crate) id: String,
+    pub(crate) id: ActorId,
     pub(crate) class_name: String,
     pub(crate) max_task_retries: i64,
     /// For a counted actor: a ref to its scope object (the actor ends when it is freed).
@@ -250,7 +250,7 @@ pub(crate) struct ActorRef {
 #[doc(hidden)]
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct ActorWire {
-    id: String,
+    id: [u8; 16],
     class_name: String,
     max_task_retries: i64,
     scope: Option<ObjectRef<()>>,
@@ -259,7 +259,7 @@ pub struct ActorWire {
 impl ActorHandle {
     fn wire(&self) -> ActorWire {
         ActorWire {
-            id: self.inner.id.clone(),
+            id: *self.inner.id.as_bytes(),
             class_name: self.inner.class_name.clone(),
             max_task_retries: self.inner.max_task_retries,
             scope: self.inner.scope.clone(),
@@ -293,13 +293,11 @@ where
 {
     fn deserialize(&self, d: &mut D) -> Result<ActorHandle, D::Error> {
         let w: ActorWire = rkyv::Deserialize::deserialize(self, d)?;
-        let scope = w
-            .scope
-            .as_ref()
-            .map(|_| Arc::new(Scope { id: w.id.clone() }));
+        let id = ActorId::from_bytes(w.id);
+        let scope = w.scope.as_ref().map(|_| Arc::new(Scope { id }));
         Ok(ActorHandle {
             inner: Arc::new(ActorRef {
-                id: w.id,
+                id,
                 class_name: w.class_name,
                 max_task_retries: w.max_task_retries,
                 scope: w.scope,
@@ -320,8 +318,8 @@ impl std::fmt::Debug for ActorHandle {
 }
 
 impl ActorHandle {
-    pub fn actor_id(&self) -> &str {
-        &self.inner.id
+    pub fn actor_id(&self) -> ActorId {
+        self.inner.id
     }
 
     pub fn class_name(&self) -> &str {
@@ -381,7 +379,7 @@ impl ActorHandle {
     pub fn kill(&self, no_restart: bool) -> Result<(), Error> {
         let rt = runtime::current()?;
         let req = pb::KillActorRequest {
-            actor_id: self.inner.id.clone(),
+            actor_id: self.inner.id.to_string(),
             no_restart,
             reason: String::new(),
         };
@@ -411,12 +409,12 @@ pub(crate) fn actor_error(
 
 pub(crate) async fn get_info(
     rt: &Runtime,
-    id: &str,
+    id: &ActorId,
     wait_ms: u64,
     min_restarts: u64,
 ) -> Result<pb::ActorInfo, Error> {
     let req = pb::GetActorRequest {
-        actor_id: id.to_owned(),
+        actor_id: id.to_string(),
         wait_ms,
         min_restarts,
         ..Default::default()
@@ -455,12 +453,21 @@ pub fn get_actor(name: &str, namespace: Option<&str>) -> Result<ActorHandle, Err
     }
     Ok(ActorHandle {
         inner: Arc::new(ActorRef {
-            id: i.actor_id,
+            id: answered_id(&i)?,
             class_name: i.class_name,
             max_task_retries: i.max_task_retries,
             scope: None,
         }),
         _scope: None,
+    })
+}
+
+/// The id of the actor the control plane answered about.
+fn answered_id(i: &pb::ActorInfo) -> Result<ActorId, Error> {
+    i.actor_id.parse().map_err(|e| {
+        Error::Actor(format!(
+            "the control plane answered with a bad actor id: {e}"
+        ))
     })
 }
 
@@ -508,8 +515,8 @@ pub(crate) fn create(
         node_id: opts.node.map(|n| n.to_string()).unwrap_or_default(),
     };
     let req = pb::CreateActorRequest {
-        actor_id: id,
-        job_id: rt.job_id.clone(),
+        actor_id: id.to_string(),
+        job_id: rt.job().to_owned(),
         name: opts.name.clone().unwrap_or_default(),
         namespace: opts.namespace.clone().unwrap_or_default(),
         get_if_exists: opts.get_if_exists,
@@ -534,29 +541,23 @@ pub(crate) fn create(
         )));
     }
     // Only the handles of an actor made here, unnamed and not detached, end it when dropped.
-    let scoped = i.actor_id == req.actor_id
-        && opts.name.as_deref().is_none_or(str::is_empty)
-        && !opts.detached;
+    let answered = answered_id(&i)?;
+    let scoped = answered == id && opts.name.as_deref().is_none_or(str::is_empty) && !opts.detached;
     // The scope object: while any process holds a ref to it (a handle, or calls not yet
     // returned), the actor lives; when it is freed, the actor is killed.
     let scope_ref = scoped.then(|| {
         let tx = rt.submit_tx.clone();
-        let id = i.actor_id.clone();
         ObjectRef::new(rt.owner.add_scope(
             rt.new_id(2),
             Box::new(move || {
-                let _ = tx.send(crate::submit::Event::ActorUnreferenced(id));
+                let _ = tx.send(crate::submit::Event::ActorUnreferenced(answered));
             }),
         ))
     });
-    let scope = scoped.then(|| {
-        Arc::new(Scope {
-            id: i.actor_id.clone(),
-        })
-    });
+    let scope = scoped.then(|| Arc::new(Scope { id: answered }));
     Ok(ActorHandle {
         inner: Arc::new(ActorRef {
-            id: i.actor_id,
+            id: answered,
             class_name: i.class_name,
             max_task_retries: i.max_task_retries,
             scope: scope_ref,

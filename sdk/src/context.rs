@@ -48,9 +48,9 @@ pub fn context() -> Result<Context, Error> {
     let rt = runtime::current()?;
     let (task_id, attempt) = crate::calls::current().map_or((None, 0), |(id, a)| (Some(id), a));
     Ok(Context {
-        job_id: rt.job_id.clone(),
+        job_id: rt.job().to_owned(),
         node_id: rt.node.node_id.clone(),
-        worker_id: rt.worker_id.clone(),
+        worker_id: rt.worker().to_owned(),
         is_worker: rt.mode == runtime::Mode::Worker,
         task_id,
         attempt,

@@ -154,7 +154,6 @@ impl TaskLog {
             return None;
         }
         let pid = std::process::id();
-        let owned = |s: Option<std::sync::Arc<str>>| s.map(|s| s.to_string()).unwrap_or_default();
         let events = b
             .recs
             .into_iter()
@@ -162,11 +161,11 @@ impl TaskLog {
                 task_id: r.note.id.to_string(),
                 function: r.note.function.to_owned(),
                 state: r.note.state as i32,
-                node_id: owned(r.note.node),
-                worker_id: owned(r.note.worker),
+                node_id: r.note.node.map(|n| n.to_string()).unwrap_or_default(),
+                worker_id: r.note.worker.map(|w| w.to_string()).unwrap_or_default(),
                 attempt: r.note.attempt,
                 error: r.note.error,
-                actor_id: owned(r.note.actor),
+                actor_id: r.note.actor.map(|a| a.to_string()).unwrap_or_default(),
                 job_id: job_id.to_owned(),
                 time_ms: r.time_ms,
                 owner_pid: pid,
@@ -184,8 +183,6 @@ impl TaskLog {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use protocol::ObjectId;
 
     use super::*;
@@ -212,8 +209,8 @@ mod tests {
         log.record_at(&s2, note(2, TaskState::PendingArgsAvail, 0), 101);
         log.record_at(&s1, note(1, TaskState::PendingNodeAssignment, 0), 102);
         let at = Note {
-            node: Some(Arc::from("n1")),
-            worker: Some(Arc::from("w1")),
+            node: Some(protocol::NodeId::from_bytes([0xaa; 16])),
+            worker: Some("w1".parse().expect("worker id")),
             ..note(1, TaskState::SubmittedToWorker, 0)
         };
         log.record_at(&s1, at, 103);
@@ -224,7 +221,8 @@ mod tests {
         assert_eq!(e.task_id, ObjectId::from_bytes([1; 20]).to_string());
         assert_eq!(e.state(), TaskState::Finished);
         // Where it ran stays known after the later change that does not name it.
-        assert_eq!((e.node_id.as_str(), e.worker_id.as_str()), ("n1", "w1"));
+        assert_eq!(e.node_id, "aa".repeat(16));
+        assert_eq!(e.worker_id, "w1");
         assert_eq!(
             (e.created_ms, e.start_ms, e.end_ms, e.time_ms),
             (100, 103, 110, 110)

@@ -57,7 +57,7 @@ pub use pg::{
 };
 pub use protocol::client::ClientError;
 pub use protocol::pb::TaskErrorKind;
-pub use protocol::{NodeId, ObjectId, RpcError};
+pub use protocol::{ActorId, NodeId, ObjectId, RpcError};
 /// The rkyv the SDK encodes values with; `#[sdk::value]` derives through it.
 pub use rkyv;
 pub use sdk_macros::{actor, remote, value};

@@ -104,8 +104,8 @@ pub fn placement_group(
         PlacementStrategy::StrictSpread => pb::PlacementStrategy::StrictSpread,
     };
     let req = pb::CreatePlacementGroupRequest {
-        pg_id: rt.new_actor_id(),
-        job_id: rt.job_id.clone(),
+        pg_id: rt.new_actor_id().to_string(),
+        job_id: rt.job().to_owned(),
         name: opts.name.clone().unwrap_or_default(),
         strategy: strategy as i32,
         bundles: bundles

@@ -18,7 +18,7 @@ use object_store::StoreClient;
 use prost::bytes::Bytes;
 use protocol::auth::AuthToken;
 use protocol::client::{ClientOptions, HeadClient, NmClient, OmClient};
-use protocol::{ObjectId, pb};
+use protocol::{JobId, ObjectId, WorkerId, pb};
 use tokio::sync::mpsc;
 
 use crate::owner::{Handle, Loc, Owner, Rebuild, State};
@@ -165,8 +165,10 @@ pub(crate) struct Runtime {
     pub(crate) submit_tx: mpsc::UnboundedSender<submit::Event>,
     /// sha256 of the worker binary, and the node to fetch it from.
     pub(crate) binary: (String, String),
-    pub(crate) job_id: String,
-    pub(crate) worker_id: String,
+    /// The job this process belongs to (none: a driver started by hand).
+    pub(crate) job_id: Option<JobId>,
+    /// In a worker: its id.
+    pub(crate) worker_id: Option<WorkerId>,
     pub(crate) prefix: [u8; 11],
     counter: AtomicU64,
     /// The options and key of the last task submitted: calls of one function mostly have
@@ -253,6 +255,9 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
         .map_err(|e| Error::Init(format!("cannot start the tokio runtime: {e}")))?;
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     if let Some(worker_id) = env(protocol::env::WORKER_ID) {
+        let worker_id = worker_id
+            .parse::<WorkerId>()
+            .map_err(|e| Error::Init(format!("{}: {e}", protocol::env::WORKER_ID)))?;
         let node = NodeInfo {
             node_id: env(protocol::env::NODE_ID).unwrap_or_default(),
             address: env(protocol::env::NODE_ADDRESS).ok_or_else(|| {
@@ -275,7 +280,7 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
             Some(store),
             token,
             binary,
-            worker_id,
+            Some(worker_id),
             heads,
         )?;
         crate::worker::serve(r);
@@ -318,7 +323,7 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
     };
     let (sha, path) = rt.block_on(hash_self())?;
     let binary = (sha, node.address.clone());
-    let r = Runtime::start(rt, mode, node, store, token, binary, String::new(), heads)?;
+    let r = Runtime::start(rt, mode, node, store, token, binary, None, heads)?;
     r.log_to_driver.store(cfg.log_to_driver, Ordering::Relaxed);
     r.block_on(r.clone().register_binary(path))?;
     r.spawn(driver_channel(r.clone()));
@@ -501,7 +506,7 @@ async fn driver_channel(rt: Arc<Runtime>) {
             worker_id: String::new(),
             address: String::new(),
             pid: std::process::id(),
-            job_id: rt.job_id.clone(),
+            job_id: rt.job().to_owned(),
             owner_prefix: rt.prefix.to_vec(),
         })),
     };
@@ -584,9 +589,16 @@ impl Runtime {
         store: Option<StoreClient>,
         token: Option<AuthToken>,
         binary: (String, String),
-        worker_id: String,
+        worker_id: Option<WorkerId>,
         heads: Vec<String>,
     ) -> Result<Arc<Self>, Error> {
+        let job_id = match std::env::var(protocol::env::JOB_ID) {
+            Ok(j) if !j.is_empty() => Some(
+                j.parse::<JobId>()
+                    .map_err(|e| Error::Init(format!("{}: {e}", protocol::env::JOB_ID)))?,
+            ),
+            _ => None,
+        };
         let (free_tx, free_rx) = mpsc::unbounded_channel();
         let (submit_tx, submit_rx) = mpsc::unbounded_channel();
         let (release_tx, release_rx) = mpsc::unbounded_channel();
@@ -602,7 +614,7 @@ impl Runtime {
             streams: Default::default(),
             submit_tx,
             binary,
-            job_id: std::env::var(protocol::env::JOB_ID).unwrap_or_default(),
+            job_id,
             worker_id,
             prefix: new_prefix(),
             counter: AtomicU64::new(0),
@@ -671,7 +683,7 @@ impl Runtime {
     pub(crate) fn report(&self, tx: &mpsc::UnboundedSender<pb::WorkerMessage>) -> bool {
         let mut stats = self.stats.to_pb();
         stats.objects_owned = self.owner.len() as u64;
-        if let Some(events) = self.task_log.take(&self.job_id) {
+        if let Some(events) = self.task_log.take(self.job()) {
             let m = pb::WorkerMessage {
                 kind: Some(pb::worker_message::Kind::TaskEvents(events)),
             };
@@ -752,7 +764,7 @@ impl Runtime {
                         sha256: if i == 0 { sha.clone() } else { String::new() },
                         data: file.slice(i * (4 << 20)..((i + 1) * (4 << 20)).min(file.len())),
                         job_id: if i == 0 {
-                            self.job_id.clone()
+                            self.job().to_owned()
                         } else {
                             String::new()
                         },
@@ -764,7 +776,7 @@ impl Runtime {
                 c.register_binary(pb::RegisterBinaryRequest {
                     sha256: sha,
                     path: path.display().to_string(),
-                    job_id: self.job_id.clone(),
+                    job_id: self.job().to_owned(),
                 })
                 .await
             }
@@ -1305,12 +1317,23 @@ impl Runtime {
 }
 
 impl Runtime {
-    /// 32 hex characters: this process's prefix and a counter.
-    pub(crate) fn new_actor_id(&self) -> String {
+    /// The job id as the wire has it ("" for a driver started by hand).
+    pub(crate) fn job(&self) -> &str {
+        self.job_id.as_deref().unwrap_or_default()
+    }
+
+    /// The worker id as the wire has it ("" in a driver).
+    pub(crate) fn worker(&self) -> &str {
+        self.worker_id.as_deref().unwrap_or_default()
+    }
+
+    /// A new actor (or placement group) id: this process's prefix and a counter.
+    pub(crate) fn new_actor_id(&self) -> protocol::ActorId {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut s: String = self.prefix.iter().map(|b| format!("{b:02x}")).collect();
-        s.extend(n.to_be_bytes()[3..].iter().map(|b| format!("{b:02x}")));
-        s
+        let mut b = [0u8; 16];
+        b[..11].copy_from_slice(&self.prefix);
+        b[11..].copy_from_slice(&n.to_be_bytes()[3..]);
+        protocol::ActorId::from_bytes(b)
     }
 
     /// Submits a call to an actor; calls from this process run in submission order.

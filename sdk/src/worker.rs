@@ -609,7 +609,7 @@ fn start_actor(
         task_id: String::new(),
         function: start.class_name.clone(),
         node_id: rt.node.node_id.clone(),
-        worker_id: rt.worker_id.clone(),
+        worker_id: rt.worker().to_owned(),
         lost_object_id: Vec::new(),
     };
     if rt.actor.get().is_some() {
@@ -751,10 +751,10 @@ async fn start_server(
     });
     let _ = rt.channel.set(node_tx.clone());
     let _ = node_tx.send(msg(pb::worker_message::Kind::Hello(pb::WorkerHello {
-        worker_id: rt.worker_id.clone(),
+        worker_id: rt.worker().to_owned(),
         address,
         pid: std::process::id(),
-        job_id: rt.job_id.clone(),
+        job_id: rt.job().to_owned(),
         owner_prefix: rt.prefix.to_vec(),
     })));
     let outbound =
@@ -857,7 +857,7 @@ type Call<'a> = dyn Fn(&str, &mut Args<'_>) -> Option<Result<Encoded, ArgError>>
 /// caller has it).
 fn cancelled_reply(id: ObjectId) -> pb::TaskReply {
     let (node_id, worker_id) = crate::runtime::current()
-        .map(|rt| (rt.node.node_id.clone(), rt.worker_id.clone()))
+        .map(|rt| (rt.node.node_id.clone(), rt.worker().to_owned()))
         .unwrap_or_default();
     pb::TaskReply {
         task_id: id.as_bytes().to_vec(),
@@ -916,7 +916,7 @@ fn execute(
     stream: Option<(mpsc::UnboundedSender<pb::TaskReply>, Arc<AtomicBool>)>,
     call: &Call<'_>,
 ) -> pb::TaskReply {
-    let (node_id, worker_id) = (rt.node.node_id.as_str(), rt.worker_id.as_str());
+    let (node_id, worker_id) = (rt.node.node_id.as_str(), rt.worker());
     let task_id = spec.task_id.clone();
     let err = |kind: pb::TaskErrorKind, message: String| pb::TaskReply {
         task_id: task_id.clone(),

@@ -340,7 +340,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         == i as i64 * 1000 + 1,
                 );
             }
-            let ids: Vec<&str> = actors.iter().map(|a| a.handle().actor_id()).collect();
+            let ids: Vec<sdk::ActorId> = actors.iter().map(|a| a.handle().actor_id()).collect();
             result(serde_json::json!({"ok": values.iter().all(|v| *v), "ids": ids}));
         }
         "pg" => {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use protocol::pb::TaskState;
-use protocol::{ObjectId, pb};
+use protocol::{ActorId, NodeId, ObjectId, WorkerId, pb};
 
 use super::Task;
 use super::engine::{At, Effect, Engine, Note, Waiting};
@@ -19,25 +19,22 @@ use crate::actor::ActorRef;
 
 impl Engine {
     pub(super) fn actor_call(&mut self, actor: Arc<ActorRef>, t: Task) {
-        let q = self
-            .actors
-            .entry(actor.id.clone())
-            .or_insert_with(|| ActorQueue {
-                actor: actor.clone(),
-                queue: VecDeque::new(),
-                conn: None,
-                resolving: false,
-                waiting_args: false,
-                min_restarts: 0,
-                dead: None,
-                orphans: Vec::new(),
-                out_of_scope: false,
-            });
+        let q = self.actors.entry(actor.id).or_insert_with(|| ActorQueue {
+            actor: actor.clone(),
+            queue: VecDeque::new(),
+            conn: None,
+            resolving: false,
+            waiting_args: false,
+            min_restarts: 0,
+            dead: None,
+            orphans: Vec::new(),
+            out_of_scope: false,
+        });
         q.queue.push_back(t);
-        self.dirty_actors.push(actor.id.clone());
+        self.dirty_actors.push(actor.id);
     }
 
-    pub(super) fn actor_args_ready(&mut self, id: String) {
+    pub(super) fn actor_args_ready(&mut self, id: ActorId) {
         if let Some(q) = self.actors.get_mut(&id) {
             q.waiting_args = false;
         }
@@ -46,21 +43,21 @@ impl Engine {
 
     /// This process holds no handle to the actor any more: its queue (and the actor's scope
     /// ref in it) goes once no call is left.
-    pub(super) fn actor_out_of_scope(&mut self, id: String) {
+    pub(super) fn actor_out_of_scope(&mut self, id: ActorId) {
         if let Some(q) = self.actors.get_mut(&id) {
             q.out_of_scope = true;
-            self.end_if_out_of_scope(&id);
+            self.end_if_out_of_scope(id);
         }
     }
 
-    fn resolve(&mut self, id: &str) {
-        let Some(q) = self.actors.get_mut(id) else {
+    fn resolve(&mut self, id: ActorId) {
+        let Some(q) = self.actors.get_mut(&id) else {
             return;
         };
         if !q.resolving {
             q.resolving = true;
             self.out.push(Effect::ResolveActor {
-                actor: id.to_owned(),
+                actor: id,
                 min_restarts: q.min_restarts,
             });
         }
@@ -68,8 +65,8 @@ impl Engine {
 
     /// Sends the actor's queued calls in order while their arguments are ready; connects
     /// first if needed. A dead actor fails them.
-    pub(super) fn dispatch_actor(&mut self, id: &str) {
-        let Some(q) = self.actors.get_mut(id) else {
+    pub(super) fn dispatch_actor(&mut self, id: ActorId) {
+        let Some(q) = self.actors.get_mut(&id) else {
             return;
         };
         if let Some(why) = q.dead.clone() {
@@ -112,9 +109,9 @@ impl Engine {
                     out.push(spec);
                     if let Some(c) = self.actor_conns.get_mut(&cid) {
                         let at = At {
-                            node: Some(&c.node_id),
+                            node: Some(c.node_id),
                             worker: Some(&c.worker_id),
-                            actor: Some(&c.actor_id),
+                            actor: Some(c.actor_id),
                         };
                         (self.log)(&t.ev, Note::of(&t, TaskState::SubmittedToWorker, at));
                         c.in_flight.insert(t.id, t);
@@ -123,13 +120,13 @@ impl Engine {
                 Err(e) => self.finish_failed(&t, e),
             }
         }
-        let q = self.actors.get_mut(id).expect("looked up above");
+        let q = self.actors.get_mut(&id).expect("looked up above");
         q.queue = queue;
         if !wait_for.is_empty() {
             q.waiting_args = true;
             self.out.push(Effect::WaitArgs {
                 ids: wait_for,
-                then: Waiting::Actor(id.to_owned()),
+                then: Waiting::Actor(id),
             });
         }
         if !out.is_empty() {
@@ -144,8 +141,8 @@ impl Engine {
     /// (queued, waiting for arguments, in flight, or failed and waiting for the actor's
     /// fate): its stream closes and its queue goes, and with it the queue's ref to the
     /// actor's scope (the creator kills the actor when no ref to it is left anywhere).
-    pub(super) fn end_if_out_of_scope(&mut self, id: &str) {
-        let Some(q) = self.actors.get(id) else {
+    pub(super) fn end_if_out_of_scope(&mut self, id: ActorId) {
+        let Some(q) = self.actors.get(&id) else {
             return;
         };
         let in_flight = q
@@ -160,7 +157,7 @@ impl Engine {
         {
             return;
         }
-        let Some(q) = self.actors.remove(id) else {
+        let Some(q) = self.actors.remove(&id) else {
             return;
         };
         if let Some(c) = q.conn {
@@ -184,14 +181,21 @@ impl Engine {
         self.finish_failed(t, e);
     }
 
-    pub(super) fn actor_resolved(&mut self, id: &str, r: Result<pb::ActorInfo, String>) {
-        self.dirty_actors.push(id.to_owned());
-        let Some(q) = self.actors.get_mut(id) else {
+    pub(super) fn actor_resolved(&mut self, id: ActorId, r: Result<pb::ActorInfo, String>) {
+        self.dirty_actors.push(id);
+        let Some(q) = self.actors.get_mut(&id) else {
             return;
         };
         q.resolving = false;
         let orphans = std::mem::take(&mut q.orphans);
         let actor = q.actor.clone();
+        // Where it runs, as ids (an answer without them cannot be used).
+        let r = r.and_then(|info| {
+            let bad = |e: protocol::ids::IdError| format!("the control plane answered {e}");
+            let node = info.node_id.parse::<NodeId>().map_err(bad)?;
+            let worker = info.worker_id.parse::<WorkerId>().map_err(bad)?;
+            Ok((info, node, worker))
+        });
         match r {
             Err(why) => {
                 q.dead = Some(why.clone());
@@ -204,7 +208,7 @@ impl Engine {
                     );
                 }
             }
-            Ok(info) => {
+            Ok((info, node, worker)) => {
                 q.min_restarts = info.num_restarts;
                 for t in orphans {
                     let msg = format!(
@@ -213,21 +217,27 @@ impl Engine {
                     );
                     self.fail_actor_task(&actor, &t, TaskErrorKind::ActorUnavailable, msg);
                 }
-                let cid = self.open_actor(id, &info);
-                if let Some(q) = self.actors.get_mut(id) {
+                let cid = self.open_actor(id, &info, node, worker);
+                if let Some(q) = self.actors.get_mut(&id) {
                     q.conn = Some(cid);
                 }
             }
         }
     }
 
-    fn open_actor(&mut self, id: &str, info: &pb::ActorInfo) -> u64 {
+    fn open_actor(
+        &mut self,
+        id: ActorId,
+        info: &pb::ActorInfo,
+        node_id: NodeId,
+        worker_id: WorkerId,
+    ) -> u64 {
         let cid = self.next_id();
         self.out.push(Effect::Open {
             conn: cid,
             address: info.worker_address.clone(),
             first: pb::PushTasksRequest {
-                actor_id: id.into(),
+                actor_id: id.to_string(),
                 actor_restarts: info.num_restarts,
                 ..Default::default()
             },
@@ -236,11 +246,11 @@ impl Engine {
         self.actor_conns.insert(
             cid,
             ActorConn {
-                actor_id: id.into(),
+                actor_id: id,
                 in_flight: HashMap::new(),
                 restarts: info.num_restarts,
-                node_id: info.node_id.as_str().into(),
-                worker_id: info.worker_id.as_str().into(),
+                node_id,
+                worker_id,
             },
         );
         cid
@@ -258,7 +268,7 @@ impl Engine {
             let Some(t) = c.in_flight.remove(&id) else {
                 continue;
             };
-            let actor = c.actor_id.clone();
+            let actor = c.actor_id;
             self.stats.submitted.fetch_sub(1, Ordering::Relaxed);
             match &r.result {
                 Some(pb::task_reply::Result::Value(_)) => {
@@ -267,7 +277,7 @@ impl Engine {
                         &t,
                         TaskState::Finished,
                         At {
-                            actor: Some(&actor),
+                            actor: Some(actor),
                             ..At::default()
                         },
                     );
@@ -284,15 +294,15 @@ impl Engine {
                         }
                         _ => "STORE: an empty reply".into(),
                     };
-                    self.note_failed(&t, error, Some(&actor));
+                    self.note_failed(&t, error, Some(actor));
                 }
             }
         }
         if let Some(c) = self.actor_conns.get(&cid)
             && c.in_flight.is_empty()
         {
-            let id = c.actor_id.clone();
-            self.end_if_out_of_scope(&id);
+            let id = c.actor_id;
+            self.end_if_out_of_scope(id);
         }
     }
 
@@ -302,7 +312,7 @@ impl Engine {
         let Some(c) = self.actor_conns.remove(&cid) else {
             return;
         };
-        let Some(q) = self.actors.get_mut(&*c.actor_id) else {
+        let Some(q) = self.actors.get_mut(&c.actor_id) else {
             return;
         };
         q.conn = None;
@@ -310,7 +320,7 @@ impl Engine {
         let mut tasks: Vec<Task> = c.in_flight.into_values().collect();
         if !tasks.is_empty() {
             tracing::warn!(
-                actor = &*c.actor_id,
+                actor = %c.actor_id,
                 calls = tasks.len(),
                 "lost the actor's worker: {why}"
             );
@@ -325,7 +335,7 @@ impl Engine {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.stats.pending_node.fetch_add(1, Ordering::Relaxed);
                 let at = At {
-                    actor: Some(&c.actor_id),
+                    actor: Some(c.actor_id),
                     ..At::default()
                 };
                 log(&t.ev, Note::of(&t, TaskState::PendingNodeAssignment, at));
@@ -337,8 +347,8 @@ impl Engine {
         let learn_fate = !q.orphans.is_empty();
         if learn_fate {
             // Learn the actor's fate even if nothing else waits for it.
-            self.resolve(&c.actor_id);
+            self.resolve(c.actor_id);
         }
-        self.dirty_actors.push(c.actor_id.to_string());
+        self.dirty_actors.push(c.actor_id);
     }
 }

@@ -58,7 +58,7 @@ impl Engine {
         let queued = self
             .actors
             .iter_mut()
-            .find_map(|(a, q)| Some((a.clone(), take(&mut q.queue, id)?)));
+            .find_map(|(a, q)| Some((*a, take(&mut q.queue, id)?)));
         if let Some((actor, t)) = queued {
             self.stats.pending_node.fetch_sub(1, Ordering::Relaxed);
             self.finish_failed(&t, cancelled(&t));

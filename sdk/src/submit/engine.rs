@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use protocol::pb::TaskState;
-use protocol::{ObjectId, pb};
+use protocol::{ActorId, NodeId, ObjectId, WorkerId, pb};
 
 use super::state::{ActorConn, ActorQueue, Conn, Key, KeyState, LeaseReq};
 use super::{ArgOut, Task};
@@ -44,18 +44,18 @@ pub(crate) enum Event {
     /// A call to an actor, in this process's submission order.
     ActorCall(Arc<ActorRef>, Box<Task>),
     /// The actor's worker to connect to, or why the actor is dead.
-    ActorResolved(String, Box<Result<pb::ActorInfo, String>>),
+    ActorResolved(ActorId, Box<Result<pb::ActorInfo, String>>),
     /// The arguments of the actor's next call are ready.
-    ActorArgsReady(String),
+    ActorArgsReady(ActorId),
     /// `sdk::cancel` on a task or actor call of this process.
     Cancel(ObjectId, super::CancelOptions),
     /// A task running here was cancelled with `recursive`: cancel what it submitted.
     CancelChildren { parent: ObjectId, force: bool },
     /// The last handle that kept the actor alive was dropped: kill it once the calls made
     /// from here have returned.
-    ActorOutOfScope(String),
+    ActorOutOfScope(ActorId),
     /// No process holds a handle to a counted actor this process created: kill it.
-    ActorUnreferenced(String),
+    ActorUnreferenced(ActorId),
     /// The caller consumed a streaming task's items below this index.
     StreamConsumed(ObjectId, u64),
 }
@@ -103,9 +103,9 @@ pub(crate) enum Effect {
     /// Close connection `conn` (a lease's worker then returns it).
     Close(u64),
     /// Find where the actor runs (incarnation `min_restarts` or later), or that it is dead.
-    ResolveActor { actor: String, min_restarts: u64 },
+    ResolveActor { actor: ActorId, min_restarts: u64 },
     /// Kill the actor for good: no handle to it is left.
-    KillActor(String),
+    KillActor(ActorId),
     /// Tell the user (at most once a minute per `key`).
     Warn { key: String, message: String },
 }
@@ -120,7 +120,7 @@ pub(crate) enum TimerEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Waiting {
     Task(ObjectId),
-    Actor(String),
+    Actor(ActorId),
 }
 
 /// A change of a task's state, for its task event.
@@ -129,12 +129,12 @@ pub(crate) struct Note {
     pub(crate) id: ObjectId,
     pub(crate) function: &'static str,
     pub(crate) state: TaskState,
-    /// Where it was pushed (none before), shared with the lease (no copy per task).
-    pub(crate) node: Option<Arc<str>>,
-    pub(crate) worker: Option<Arc<str>>,
+    /// Where it was pushed (none before).
+    pub(crate) node: Option<NodeId>,
+    pub(crate) worker: Option<WorkerId>,
     pub(crate) attempt: u32,
     pub(crate) error: String,
-    pub(crate) actor: Option<Arc<str>>,
+    pub(crate) actor: Option<ActorId>,
 }
 
 impl Note {
@@ -144,11 +144,11 @@ impl Note {
             id: t.id,
             function: t.function,
             state,
-            node: at.node.cloned(),
+            node: at.node,
             worker: at.worker.cloned(),
             attempt: t.attempt,
             error: String::new(),
-            actor: at.actor.cloned(),
+            actor: at.actor,
         }
     }
 }
@@ -178,7 +178,7 @@ pub(crate) struct Engine {
     pub(super) keys: HashMap<Arc<Key>, KeyState>,
     pub(super) conns: HashMap<u64, Conn>,
     pub(super) leases: HashMap<u64, LeaseReq>,
-    pub(super) actors: HashMap<String, ActorQueue>,
+    pub(super) actors: HashMap<ActorId, ActorQueue>,
     pub(super) actor_conns: HashMap<u64, ActorConn>,
     /// Tasks waiting for their arguments (`Effect::WaitArgs`).
     pub(super) waiting: HashMap<ObjectId, Task>,
@@ -187,7 +187,7 @@ pub(crate) struct Engine {
     pub(super) cancelling: HashSet<ObjectId>,
     next_id: u64,
     pub(super) dirty: Vec<Arc<Key>>,
-    pub(super) dirty_actors: Vec<String>,
+    pub(super) dirty_actors: Vec<ActorId>,
     pub(super) out: Vec<Effect>,
 }
 
@@ -253,7 +253,7 @@ impl Engine {
             }
             Event::Broken(conn, why) => self.broken(conn, why),
             Event::ActorCall(actor, t) => self.actor_call(actor, *t),
-            Event::ActorResolved(id, r) => self.actor_resolved(&id, *r),
+            Event::ActorResolved(id, r) => self.actor_resolved(id, *r),
             Event::ActorArgsReady(id) => self.actor_args_ready(id),
             Event::ActorOutOfScope(id) => self.actor_out_of_scope(id),
             Event::ActorUnreferenced(id) => self.out.push(Effect::KillActor(id)),
@@ -279,8 +279,8 @@ impl Engine {
         actors.sort();
         actors.dedup();
         for a in actors {
-            self.dispatch_actor(&a);
-            self.end_if_out_of_scope(&a);
+            self.dispatch_actor(a);
+            self.end_if_out_of_scope(a);
         }
         let mut keys = std::mem::take(&mut self.dirty);
         keys.sort_by_key(|k| Arc::as_ptr(k) as usize);
@@ -394,7 +394,7 @@ impl Engine {
         (self.log)(&t.ev, Note::of(t, state, at));
     }
 
-    pub(super) fn note_failed(&mut self, t: &Task, error: String, actor: Option<&Arc<str>>) {
+    pub(super) fn note_failed(&mut self, t: &Task, error: String, actor: Option<ActorId>) {
         let at = At {
             actor,
             ..At::default()
@@ -412,9 +412,9 @@ impl Engine {
 /// Where a task's state changed (for its task event).
 #[derive(Default, Clone, Copy)]
 pub(super) struct At<'a> {
-    pub(super) node: Option<&'a Arc<str>>,
-    pub(super) worker: Option<&'a Arc<str>>,
-    pub(super) actor: Option<&'a Arc<str>>,
+    pub(super) node: Option<NodeId>,
+    pub(super) worker: Option<&'a WorkerId>,
+    pub(super) actor: Option<ActorId>,
 }
 
 pub(super) fn task_error(

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::{ObjectId, pb};
+use protocol::{ActorId, ObjectId, pb};
 use tokio::sync::mpsc;
 
 use super::engine::{
@@ -42,7 +42,7 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut rx: mpsc::UnboundedReceiver<Event>
         rt.node.loc(),
         Identity {
             binary: rt.binary.clone(),
-            job_id: rt.job_id.clone(),
+            job_id: rt.job().to_owned(),
             prefix: rt.prefix.to_vec(),
         },
     );
@@ -297,9 +297,9 @@ impl Exec {
 }
 
 /// Kills an actor for good because no handle to it is left (as Ray does).
-async fn end_actor(rt: Arc<Runtime>, id: String) {
+async fn end_actor(rt: Arc<Runtime>, id: ActorId) {
     let req = pb::KillActorRequest {
-        actor_id: id.clone(),
+        actor_id: id.to_string(),
         no_restart: true,
         reason: "every handle to it was dropped (it was not named or detached)".into(),
     };
@@ -316,7 +316,7 @@ async fn end_actor(rt: Arc<Runtime>, id: String) {
     };
     if let Err(e) = r {
         tracing::warn!(
-            actor = id,
+            actor = %id,
             "could not end an actor no handle refers to: {e}"
         );
     }
@@ -327,7 +327,7 @@ async fn end_actor(rt: Arc<Runtime>, id: String) {
 /// again after a while.
 async fn resolve_actor(
     rt: Arc<Runtime>,
-    id: String,
+    id: ActorId,
     min_restarts: u64,
     events: mpsc::UnboundedSender<Event>,
 ) {
@@ -365,7 +365,7 @@ async fn resolve_actor(
                 }
             }
             Err(e) => {
-                tracing::warn!(actor = id, "cannot look the actor up: {e}");
+                tracing::warn!(actor = %id, "cannot look the actor up: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::pb;
+use protocol::{LeaseId, NodeId, WorkerId, pb};
 
 use super::engine::{Effect, Engine, TimerEvent, task_error};
 use super::state::{Key, Lease, LeaseReq};
@@ -146,16 +146,39 @@ impl Engine {
         }
         match pb::LeaseOutcome::try_from(r.outcome) {
             Ok(pb::LeaseOutcome::Granted) => {
+                let ids = (
+                    r.lease_id.parse::<LeaseId>(),
+                    r.node_id.parse::<NodeId>(),
+                    r.worker_id.parse::<WorkerId>(),
+                );
+                let (Ok(lease_id), Ok(node_id), Ok(worker_id)) = ids else {
+                    // Not a lease this process can use or return: the node takes an
+                    // unclaimed lease back after a while.
+                    let (a, b, c) = ids;
+                    let why = [a.err(), b.err(), c.err()].into_iter().flatten();
+                    let why: Vec<String> = why.map(|e| e.to_string()).collect();
+                    tracing::warn!(
+                        "node {addr} granted a lease with bad ids: {}",
+                        why.join("; ")
+                    );
+                    if let Some(l) = self.leases.get_mut(&req) {
+                        l.failures += 1;
+                        let after = l.backoff;
+                        l.backoff = (l.backoff * 2).min(MAX_BACKOFF);
+                        self.retry_later(req, after);
+                    }
+                    return;
+                };
                 // Granted after the request was abandoned: used all the same (or, with
                 // nothing to run, closed after `LINGER`, which returns it).
                 if known {
                     self.lease_done(req);
                 }
                 let lease = Lease {
-                    lease_id: r.lease_id,
-                    node_id: r.node_id.into(),
+                    lease_id,
+                    node_id,
                     node_address: addr.into(),
-                    worker_id: r.worker_id.into(),
+                    worker_id,
                     worker_address: r.worker_address,
                 };
                 let id = self.open(key.clone(), lease, now);

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::{ObjectId, pb};
+use protocol::{ActorId, LeaseId, NodeId, ObjectId, WorkerId, pb};
 use scheduler::ResourceSet;
 
 use super::Task;
@@ -94,11 +94,11 @@ impl Key {
 /// A granted lease: a worker this process may push tasks of one key to.
 #[derive(Debug, Clone)]
 pub(crate) struct Lease {
-    pub(super) lease_id: String,
-    /// Shared with every task event and location that names them (no copy per task).
-    pub(super) node_id: Arc<str>,
+    pub(super) lease_id: LeaseId,
+    pub(super) node_id: NodeId,
+    /// Shared with every location that names it (no copy per task).
     pub(super) node_address: Arc<str>,
-    pub(super) worker_id: Arc<str>,
+    pub(super) worker_id: WorkerId,
     pub(super) worker_address: String,
 }
 
@@ -150,9 +150,9 @@ pub(crate) struct ActorQueue {
 
 /// A stream to an actor's worker.
 pub(crate) struct ActorConn {
-    pub(super) actor_id: Arc<str>,
+    pub(super) actor_id: ActorId,
     pub(super) in_flight: HashMap<ObjectId, Task>,
     pub(super) restarts: u64,
-    pub(super) node_id: Arc<str>,
-    pub(super) worker_id: Arc<str>,
+    pub(super) node_id: NodeId,
+    pub(super) worker_id: WorkerId,
 }

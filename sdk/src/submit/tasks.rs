@@ -73,7 +73,7 @@ impl Engine {
                     let c = self.conns.get_mut(&cid).expect("listed conns exist");
                     c.idle_since = None;
                     let at = At {
-                        node: Some(&c.lease.node_id),
+                        node: Some(c.lease.node_id),
                         worker: Some(&c.lease.worker_id),
                         actor: None,
                     };
@@ -113,7 +113,7 @@ impl Engine {
             conn: id,
             address: lease.worker_address.clone(),
             first: pb::PushTasksRequest {
-                lease_id: lease.lease_id.clone(),
+                lease_id: lease.lease_id.to_string(),
                 ..Default::default()
             },
             direct: false,
@@ -146,7 +146,7 @@ impl Engine {
         self.cancelling.remove(&id);
         self.dirty.push(c.key.clone());
         let (node_id, node_address, worker_id) = (
-            c.lease.node_id.clone(),
+            c.lease.node_id,
             c.lease.node_address.clone(),
             c.lease.worker_id.clone(),
         );
@@ -158,7 +158,7 @@ impl Engine {
                 for a in &t.args {
                     if let ArgOut::Ref(h) = a
                         && let Some(State::Stored { locs, .. }) = self.owner.state(h.id)
-                        && !locs.iter().any(|l| *l.node_id == *node_id)
+                        && !locs.iter().any(|l| l.node_id == node_id.to_string())
                     {
                         self.owner.add_location(
                             h.id,
@@ -175,7 +175,7 @@ impl Engine {
                         &t,
                         TaskErrorKind::Store,
                         "the worker sent an empty value".into(),
-                        &node_id,
+                        &node_id.to_string(),
                         &worker_id,
                     )))
                 });
@@ -188,7 +188,7 @@ impl Engine {
                             &t,
                             TaskErrorKind::Store,
                             format!("the worker sent no return {i} of {}", t.num_returns),
-                            &node_id,
+                            &node_id.to_string(),
                             &worker_id,
                         )))
                     });
@@ -231,7 +231,7 @@ impl Engine {
                     &t,
                     TaskErrorKind::Store,
                     "the worker sent an empty reply".into(),
-                    &node_id,
+                    &node_id.to_string(),
                     &worker_id,
                 );
                 self.finish_failed(&t, e);
@@ -287,7 +287,11 @@ impl Engine {
             self.stats.submitted.fetch_sub(1, Ordering::Relaxed);
             if self.cancelling.remove(&t.id) {
                 // Its worker exited because it was cancelled with force (or died anyway).
-                let e = super::cancel::cancelled_error(&t, &c.lease.node_id, &c.lease.worker_id);
+                let e = super::cancel::cancelled_error(
+                    &t,
+                    &c.lease.node_id.to_string(),
+                    &c.lease.worker_id,
+                );
                 self.finish_failed(&t, e);
             } else if t.attempt < t.max_retries && !t.streaming {
                 t.attempt += 1;
@@ -305,7 +309,7 @@ impl Engine {
                     &t,
                     TaskErrorKind::WorkerDied,
                     msg,
-                    &c.lease.node_id,
+                    &c.lease.node_id.to_string(),
                     &c.lease.worker_id,
                 );
                 self.finish_failed(&t, e);

@@ -141,6 +141,9 @@ impl T {
     }
 }
 
+const ACTOR_1: protocol::ActorId = protocol::ActorId::from_bytes([1; 16]);
+const ACTOR_2: protocol::ActorId = protocol::ActorId::from_bytes([2; 16]);
+
 fn cpu_shape() -> ResourceSet {
     ResourceSet::from_map([("CPU", 1.0)]).expect("valid")
 }
@@ -247,6 +250,13 @@ fn outcome(o: pb::LeaseOutcome) -> pb::LeaseReply {
     }
 }
 
+/// The node id of a node named `name` in these tests (its name's bytes, zero-padded).
+fn nid(name: &str) -> String {
+    let mut b = [0u8; 16];
+    b[..name.len()].copy_from_slice(name.as_bytes());
+    protocol::NodeId::from_bytes(b).to_string()
+}
+
 fn granted(req: u64, key: &Arc<Key>, node: &str) -> Event {
     Event::LeaseReply {
         req,
@@ -255,7 +265,7 @@ fn granted(req: u64, key: &Arc<Key>, node: &str) -> Event {
         reply: Ok(pb::LeaseReply {
             outcome: pb::LeaseOutcome::Granted as i32,
             lease_id: format!("lease-{req}"),
-            node_id: node.into(),
+            node_id: nid(node),
             worker_id: format!("worker-{req}"),
             worker_address: format!("{node}:worker-{req}"),
             ..Default::default()
@@ -575,7 +585,7 @@ fn a_dead_workers_tasks_are_retried_within_max_retries_and_the_rest_fail() {
     assert!(
         e.message
             .contains("(node n1 died); 1 attempt(s) made, max_retries=0")
-            && e.node_id == "n1"
+            && e.node_id == nid("n1")
             && e.worker_id == format!("worker-{r}"),
         "{e:?}"
     );
@@ -745,7 +755,7 @@ fn abandoned_lease_requests_are_cancelled_and_a_late_grant_is_returned_after_lin
 
 fn actor(retries: i64) -> Arc<ActorRef> {
     Arc::new(ActorRef {
-        id: "actor-1".into(),
+        id: ACTOR_1,
         class_name: "Counter".into(),
         max_task_retries: retries,
         scope: None,
@@ -754,12 +764,12 @@ fn actor(retries: i64) -> Arc<ActorRef> {
 
 fn alive(restarts: u64) -> Event {
     Event::ActorResolved(
-        "actor-1".into(),
+        ACTOR_1,
         Box::new(Ok(pb::ActorInfo {
-            actor_id: "actor-1".into(),
+            actor_id: ACTOR_1.to_string(),
             worker_address: format!("a:worker-{restarts}"),
             num_restarts: restarts,
-            node_id: "n1".into(),
+            node_id: nid("n1"),
             worker_id: format!("w{restarts}"),
             state: pb::ActorState::Alive as i32,
             ..Default::default()
@@ -812,7 +822,7 @@ fn actor_calls_go_in_order_on_one_stream_and_retry_on_the_next_incarnation() {
             first.actor_restarts,
             direct
         ),
-        ("a:worker-0", "actor-1", 0, true)
+        ("a:worker-0", "01".repeat(16).as_str(), 0, true)
     );
     assert_eq!(pushes(&fx), vec![(conn, ids.clone(), vec![0, 0, 0])]);
     // The first call returns; the worker dies with two in flight: both go, in order, to
@@ -837,7 +847,7 @@ fn actor_calls_go_in_order_on_one_stream_and_retry_on_the_next_incarnation() {
     t.run([Event::Broken(conn3, "gone".into())]);
     t.run([
         call,
-        Event::ActorResolved("actor-1".into(), Box::new(Err("killed by the user".into()))),
+        Event::ActorResolved(ACTOR_1, Box::new(Err("killed by the user".into()))),
     ]);
     let e = t.failed(late);
     assert_eq!(e.kind, TaskErrorKind::ActorDied);
@@ -870,7 +880,7 @@ fn an_actor_call_waiting_for_an_argument_holds_back_the_calls_behind_it() {
             tag: "u64".into(),
         },
     );
-    let fx = t.run([Event::ActorArgsReady("actor-1".into())]);
+    let fx = t.run([Event::ActorArgsReady(ACTOR_1)]);
     assert_eq!(pushed(&fx), vec![id1, id2]);
 }
 
@@ -895,7 +905,7 @@ fn an_actor_out_of_scope_lets_go_of_its_scope_once_its_calls_have_returned() {
     t.run([c0]);
     let fx = t.run([alive(0)]);
     let conn = opens(&fx)[0].0;
-    let fx = t.run([Event::ActorOutOfScope("actor-1".into())]);
+    let fx = t.run([Event::ActorOutOfScope(ACTOR_1)]);
     assert!(closes(&fx).is_empty(), "a call is in flight");
     assert!(!freed.load(std::sync::atomic::Ordering::SeqCst));
     let fx = t.run([Event::Replies(conn, vec![value(id0)])]);
@@ -907,13 +917,13 @@ fn an_actor_out_of_scope_lets_go_of_its_scope_once_its_calls_have_returned() {
     );
     // The engine does not kill on its own; the creator's scope being freed does.
     assert!(!fx.iter().any(|e| matches!(e, Effect::KillActor(_))));
-    let fx = t.run([Event::ActorUnreferenced("actor-1".into())]);
+    let fx = t.run([Event::ActorUnreferenced(ACTOR_1)]);
     assert!(
         fx.iter()
-            .any(|e| matches!(e, Effect::KillActor(id) if id == "actor-1"))
+            .any(|e| matches!(e, Effect::KillActor(id) if *id == ACTOR_1))
     );
     // An actor never called from here: nothing to let go of.
-    assert!(t.run([Event::ActorOutOfScope("actor-2".into())]).is_empty());
+    assert!(t.run([Event::ActorOutOfScope(ACTOR_2)]).is_empty());
 }
 
 fn remote_cancels(fx: &[Effect]) -> Vec<(u64, ObjectId, bool, bool)> {
@@ -990,7 +1000,7 @@ fn a_task_at_a_worker_is_told_and_a_forced_one_is_not_retried() {
     let fx = t.run([Event::Broken(conn, "the worker exited".into())]);
     let e = t.failed(a_id);
     assert_eq!(e.kind, TaskErrorKind::Cancelled);
-    assert_eq!(e.node_id, "n1");
+    assert_eq!(e.node_id, nid("n1"));
     assert!(matches!(t.state(c_id), State::Pending));
     assert_eq!(reqs(&fx).len(), 1, "c asks for a new lease");
     // A cancel after the end changes nothing.
@@ -1090,4 +1100,26 @@ fn keys_built_apart_from_equal_options_share_one_queue_and_others_do_not() {
     *keys.entry(a).or_default() += 1;
     *keys.entry(b).or_default() += 1;
     assert_eq!(keys.values().copied().collect::<Vec<_>>(), vec![2]);
+}
+
+#[test]
+fn a_grant_naming_bad_ids_is_not_used_and_the_request_is_retried() {
+    let mut t = T::new();
+    let k = cpu();
+    let a = t.task(&k, 0, vec![]);
+    let a_id = a.id;
+    t.submit(vec![a]);
+    let mut bad = granted(1, &k, "n1");
+    if let Event::LeaseReply { reply: Ok(r), .. } = &mut bad {
+        r.worker_id = "worker/1".into();
+    }
+    let fx = t.run([bad]);
+    assert!(opens(&fx).is_empty() && pushes(&fx).is_empty(), "{fx:?}");
+    assert_eq!(timers(&fx).len(), 1, "asked again later: {fx:?}");
+    assert!(matches!(t.state(a_id), State::Pending));
+    // The retry's grant is used.
+    let fx = t.run([Event::LeaseRetry(1)]);
+    assert_eq!(reqs(&fx), vec![1]);
+    let fx = t.run([granted(1, &k, "n1")]);
+    assert_eq!(pushed(&fx), vec![a_id]);
 }
