@@ -16,8 +16,21 @@ use std::cell::Cell;
 use std::sync::Mutex;
 
 use protocol::pb::{self, TaskState};
+use protocol::{ActorId, NodeId, ObjectId, WorkerId};
 
-use crate::submit::Note;
+/// A change of a task's state, for its task event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Note {
+    pub(crate) id: ObjectId,
+    pub(crate) function: &'static str,
+    pub(crate) state: TaskState,
+    /// Where it was pushed (none before).
+    pub(crate) node: Option<NodeId>,
+    pub(crate) worker: Option<WorkerId>,
+    pub(crate) attempt: u32,
+    pub(crate) error: String,
+    pub(crate) actor: Option<ActorId>,
+}
 
 /// Tasks kept between two reports; beyond, their changes are counted as dropped.
 const MAX_TASKS: usize = 200_000;
@@ -183,8 +196,6 @@ impl TaskLog {
 
 #[cfg(test)]
 mod tests {
-    use protocol::ObjectId;
-
     use super::*;
 
     fn note(id: u8, state: TaskState, attempt: u32) -> Note {

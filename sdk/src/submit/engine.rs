@@ -123,19 +123,7 @@ pub(crate) enum Waiting {
     Actor(ActorId),
 }
 
-/// A change of a task's state, for its task event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Note {
-    pub(crate) id: ObjectId,
-    pub(crate) function: &'static str,
-    pub(crate) state: TaskState,
-    /// Where it was pushed (none before).
-    pub(crate) node: Option<NodeId>,
-    pub(crate) worker: Option<WorkerId>,
-    pub(crate) attempt: u32,
-    pub(crate) error: String,
-    pub(crate) actor: Option<ActorId>,
-}
+pub(crate) use crate::events::Note;
 
 impl Note {
     /// Task `t` is now in `state`, at `at`.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use protocol::ObjectId;
 
-pub(crate) use self::engine::{Event, Note, value_state};
+pub(crate) use self::engine::{Event, value_state};
 pub(crate) use self::exec::run;
 pub(crate) use self::state::Key;
 use crate::__private::ArgOut;
