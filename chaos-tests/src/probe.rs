@@ -92,6 +92,8 @@ pub struct Listeners {
     pub heads: Vec<String>,
     pub node_managers: Vec<String>,
     pub object_managers: Vec<String>,
+    /// The nodes' bulk object transfer ports (plain TCP, `object_store::bulk`).
+    pub bulk: Vec<String>,
     /// HTTP endpoints: (what, host:port, path).
     pub http: Vec<(String, String, String)>,
 }
@@ -371,10 +373,22 @@ pub async fn auth_matrix(l: &Listeners, token: &str) -> Result<Vec<String>> {
             let c = om
                 .get_object_info(pb::GetObjectInfoRequest {
                     object_id: vec![9; 20],
+                    ..Default::default()
                 })
                 .await
                 .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
             checks.push((format!("{o} ObjectManager"), c, right));
+        }
+        // The bulk port answers its hello: accepted with the cluster token only.
+        for b in &l.bulk {
+            let got = object_store::bulk::BulkConn::connect(b, auth.as_ref()).await;
+            if got.is_ok() != right {
+                bad.push(format!(
+                    "{b} object transfer with {what}: {} (want {})",
+                    got.map_or_else(|e| e.to_string(), |_| "accepted".into()),
+                    if right { "accepted" } else { "refused" }
+                ));
+            }
         }
         for (listener, got, admitted) in checks {
             if admitted == (got == Unauthenticated) {

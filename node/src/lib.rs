@@ -76,6 +76,9 @@ pub struct ObjectStoreOptions {
     /// The store's Unix socket.
     pub socket_path: PathBuf,
     pub object_manager_port: u16,
+    /// The bulk transfer port (objects' bytes over plain TCP, `object_store::bulk`); 0 picks
+    /// a free one. Pullers learn it from the object manager.
+    pub object_transfer_port: u16,
     pub transfer_chunk_bytes: u64,
     pub max_bytes_in_flight: u64,
 }
@@ -91,6 +94,7 @@ impl ObjectStoreOptions {
                 .join("sockets")
                 .join(format!("object_store.{}.sock", std::process::id())),
             object_manager_port: 0,
+            object_transfer_port: 0,
             transfer_chunk_bytes: object_store::transfer::DEFAULT_CHUNK_BYTES,
             max_bytes_in_flight: object_store::transfer::DEFAULT_MAX_BYTES_IN_FLIGHT,
         }
@@ -214,6 +218,7 @@ pub struct RunningNode {
     pub node_manager_port: u16,
     pub metrics_export_port: u16,
     pub object_manager_port: u16,
+    pub object_transfer_port: u16,
     pub object_store_socket: PathBuf,
     pub store: Arc<object_store::Store>,
     pub puller: Arc<object_store::Puller>,
@@ -923,6 +928,18 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
             opts.bind_host, opts.object_store.object_manager_port
         )
     })?;
+    let bulk = TcpListener::bind((
+        opts.bind_host.as_str(),
+        opts.object_store.object_transfer_port,
+    ))
+    .await
+    .with_context(|| {
+        format!(
+            "cannot bind object transfer port {}:{}",
+            opts.bind_host, opts.object_store.object_transfer_port
+        )
+    })?;
+    let object_transfer_port = bulk.local_addr()?.port();
     let node_manager_port = nm.local_addr()?.port();
     let metrics_export_port = mx.local_addr()?.port();
     let object_manager_port = om.local_addr()?.port();
@@ -1011,8 +1028,15 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
     );
     let mut tasks = Vec::new();
     let om_routes = tonic::service::Routes::new(
-        object_store::ObjectManagerService::new(store.clone()).into_server(),
+        object_store::ObjectManagerService::new(store.clone())
+            .with_bulk_port(object_transfer_port)
+            .into_server(),
     );
+    tasks.push(tokio::spawn(object_store::bulk::serve(
+        bulk,
+        store.clone(),
+        opts.token.clone(),
+    )));
     let om_router = protocol::server::grpc_router(
         om_routes,
         protocol::server::Access::token(opts.token.clone()),
@@ -1084,13 +1108,14 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<RunningNode> {
         opts.labels.clone(),
         opts.is_head,
     )));
-    tracing::info!(%node_id, %address, metrics_export_port, object_manager_port, socket = %store_server.path().display(), "node started");
+    tracing::info!(%node_id, %address, metrics_export_port, object_manager_port, object_transfer_port, socket = %store_server.path().display(), "node started");
     Ok(RunningNode {
         node_id,
         address,
         node_manager_port,
         metrics_export_port,
         object_manager_port,
+        object_transfer_port,
         object_store_socket: store_server.path().to_owned(),
         store,
         puller,
@@ -1147,6 +1172,8 @@ fn start_object_store(
         object_store::PullerConfig {
             chunk_bytes: o.transfer_chunk_bytes,
             max_bytes_in_flight: o.max_bytes_in_flight,
+            bulk_streams: object_store::transfer::DEFAULT_BULK_STREAMS,
+            partial_ttl: object_store::transfer::PARTIAL_TTL,
             token,
         },
     ));

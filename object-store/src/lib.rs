@@ -8,13 +8,15 @@
 //! - [`server`] / [`client`] / [`ipc`]: the node's Unix socket; clients receive the arena fd
 //!   and read objects in place (no copy, get cost independent of size);
 //! - [`typed`]: rkyv-archived values read in place;
-//! - [`transfer`]: the `ObjectManager` gRPC service and the chunked, checksummed [`Puller`].
+//! - [`transfer`]: the `ObjectManager` gRPC service and the chunked, checksummed [`Puller`];
+//! - [`bulk`]: the bulk transfer path (plain TCP from arena to arena) the puller prefers.
 //!
 //! API Boundary: the node daemon hosts a [`Store`], its [`StoreServer`] and the transfer
 //! service; workers and drivers use only [`StoreClient`].
 
 pub mod alloc;
 pub mod arena;
+pub mod bulk;
 pub mod client;
 pub mod ipc;
 pub mod metrics;

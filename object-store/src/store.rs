@@ -680,6 +680,11 @@ impl Store {
 
     /// The object's CRC-32 (data then metadata), computed once and cached. The caller must
     /// hold a pin on it.
+    /// The object's CRC-32 if it is already known (sealed with one, or computed before).
+    pub fn cached_checksum(&self, id: ObjectId) -> Option<u32> {
+        self.lock().objects.get(&id).and_then(|e| e.crc)
+    }
+
     pub fn checksum(&self, id: ObjectId, block: Block) -> u32 {
         if let Some(c) = self.lock().objects.get(&id).and_then(|e| e.crc) {
             return c;

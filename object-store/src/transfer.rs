@@ -1,14 +1,22 @@
 //! Object transfer between nodes: the `ObjectManager` gRPC service (the source side) and the
 //! [`Puller`] (the destination side).
 //!
-//! The puller asks the source for the object's size and checksum, allocates the local copy,
-//! then fetches chunks (default 5 MiB) concurrently, each written straight into the
-//! allocation. A node-wide byte semaphore caps the bytes requested but not yet written; the
-//! copy is sealed only after its CRC-32 matches the source's, and it is a secondary copy
-//! (evictable), since the primary lives on the source.
+//! The puller asks the source for the object's size (and its bulk port), allocates the local
+//! copy, then fetches ranges (default 5 MiB) concurrently, each written straight into the
+//! allocation:
+//! - over the **bulk path** ([`crate::bulk`], plain TCP, several connections) when the source
+//!   has one: each range is checked by its own CRC-32, computed by the source while it sends;
+//!   if the source fails mid-way, the ranges already here are kept for [`PARTIAL_TTL`] and a
+//!   pull of the same object from another copy fetches only the missing ones;
+//! - else over `ReadChunk` RPCs, the whole object checked against the source's CRC-32.
+//!
+//! A node-wide byte semaphore caps the bytes requested but not yet written. The copy is
+//! sealed only when every byte is checked, and it is a secondary copy (evictable), since the
+//! primary lives on the source.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocol::ObjectId;
@@ -17,20 +25,38 @@ use protocol::client::{ClientOptions, OmClient};
 use protocol::pb;
 use tokio::sync::Semaphore;
 
-use crate::store::{NODE_CLIENT, Store, StoreError};
+use crate::bulk::{BulkConn, RangeError};
+use crate::store::{Block, NODE_CLIENT, Store, StoreError};
 
 pub const DEFAULT_CHUNK_BYTES: u64 = 5 * 1024 * 1024;
 pub const DEFAULT_MAX_BYTES_IN_FLIGHT: u64 = 256 * 1024 * 1024;
+/// Bulk connections per pull. Measured with `bench tasks` on the 2-core machine (256 MiB over
+/// loopback, against a plain TCP copy in the same run): 2 streams 0.77 ×, 4 streams 0.85 to
+/// 0.91 × of the plain copy; several ranges in flight hide each request's round trip and
+/// spread the copies and CRCs over both cores.
+pub const DEFAULT_BULK_STREAMS: usize = 4;
+/// How long the ranges of a pull whose source failed are kept for a pull from another copy.
+pub const PARTIAL_TTL: Duration = Duration::from_secs(60);
 
 /// Serves chunks of this node's objects to pullers on other nodes.
 #[derive(Clone)]
 pub struct ObjectManagerService {
     store: Arc<Store>,
+    bulk_port: u16,
 }
 
 impl ObjectManagerService {
     pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            bulk_port: 0,
+        }
+    }
+
+    /// Announces this node's bulk transfer port (served by [`crate::bulk::serve`]) to pullers.
+    pub fn with_bulk_port(mut self, port: u16) -> Self {
+        self.bulk_port = port;
+        self
     }
 
     pub fn into_server(self) -> pb::object_manager_server::ObjectManagerServer<Self> {
@@ -106,12 +132,24 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
         &self,
         req: tonic::Request<pb::GetObjectInfoRequest>,
     ) -> Result<tonic::Response<pb::ObjectInfo>, tonic::Status> {
+        let r = req.into_inner();
+        let bulk_port = self.bulk_port;
+        // Bulk pullers check every range by itself: computing a CRC here would read the whole
+        // object before the first byte is sent.
+        let omit = r.omit_crc && bulk_port != 0;
         let info = self
-            .with_object(&req.into_inner().object_id, |store, id, b| {
+            .with_object(&r.object_id, move |store, id, b| {
+                let crc = if omit {
+                    store.cached_checksum(id)
+                } else {
+                    Some(store.checksum(id, b))
+                };
                 Ok(pb::ObjectInfo {
                     data_size: b.data_size,
                     metadata_size: b.meta_size,
-                    crc32: store.checksum(id, b),
+                    crc32: crc.unwrap_or_default(),
+                    bulk_port: bulk_port.into(),
+                    crc32_omitted: crc.is_none(),
                 })
             })
             .await?;
@@ -228,6 +266,27 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
     }
 }
 
+/// The bulk address of a source whose object manager is `om` (`host:port`): same host.
+fn bulk_address(om: &str, port: u16) -> String {
+    let host = om.rsplit_once(':').map_or(om, |(h, _)| h);
+    format!("{host}:{port}")
+}
+
+fn range_error(e: RangeError, id: ObjectId, from: &str) -> PullError {
+    match e {
+        RangeError::Checksum { got, expected, .. } => PullError::Checksum {
+            id,
+            from: from.to_owned(),
+            got,
+            expected,
+        },
+        e => PullError::Source {
+            from: from.to_owned(),
+            message: e.to_string(),
+        },
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
     #[error("cannot reach object manager {from}: {message}")]
@@ -262,6 +321,10 @@ pub struct PullerConfig {
     pub chunk_bytes: u64,
     /// Node-wide cap on bytes requested from sources and not yet written locally.
     pub max_bytes_in_flight: u64,
+    /// Bulk connections per pull (at least 1).
+    pub bulk_streams: usize,
+    /// How long the checked ranges of a pull whose source failed are kept.
+    pub partial_ttl: Duration,
     pub token: Option<AuthToken>,
 }
 
@@ -270,9 +333,21 @@ impl Default for PullerConfig {
         Self {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
+            bulk_streams: DEFAULT_BULK_STREAMS,
+            partial_ttl: PARTIAL_TTL,
             token: None,
         }
     }
+}
+
+/// The ranges of an unsealed local copy already fetched and checked, kept after its source
+/// failed so that a pull from another copy fetches only the rest.
+struct Partial {
+    block: Block,
+    chunk: u64,
+    /// Per range: its CRC-32 once it is here and checked.
+    done: Vec<Option<crc32fast::Hasher>>,
+    generation: u64,
 }
 
 /// Pulls objects from other nodes into the local store.
@@ -282,8 +357,13 @@ pub struct Puller {
     cap: u64,
     permits: Arc<Semaphore>,
     token: Option<AuthToken>,
+    streams: usize,
+    partial_ttl: Duration,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    partials: Mutex<HashMap<ObjectId, Partial>>,
+    partial_generation: AtomicU64,
+    resumed_bytes: AtomicU64,
     /// The object managers pulls may go to (live nodes); none: any (no cluster view yet
     /// given, as in this crate's own tests).
     sources: std::sync::RwLock<Option<std::collections::HashSet<String>>>,
@@ -300,8 +380,13 @@ impl Puller {
             cap,
             permits: Arc::new(Semaphore::new(cap as usize)),
             token: cfg.token,
+            streams: cfg.bulk_streams.max(1),
+            partial_ttl: cfg.partial_ttl,
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            partials: Mutex::default(),
+            partial_generation: AtomicU64::new(0),
+            resumed_bytes: AtomicU64::new(0),
             sources: std::sync::RwLock::new(None),
         }
     }
@@ -327,6 +412,10 @@ impl Puller {
     }
     pub fn cap(&self) -> u64 {
         self.cap
+    }
+    /// Bytes not fetched again because a failed pull had already brought them (tests, bench).
+    pub fn resumed_bytes(&self) -> u64 {
+        self.resumed_bytes.load(Ordering::Relaxed)
     }
 
     /// Makes a sealed secondary copy of `id` in the local store, pulled from `from`
@@ -372,32 +461,77 @@ impl Puller {
         let info = client
             .get_object_info(pb::GetObjectInfoRequest {
                 object_id: id.as_bytes().to_vec(),
+                omit_crc: true,
             })
             .await
             .map_err(|e| src_err(&e.message()))?
             .into_inner();
-        let store = self.store.clone();
         let (ds, ms) = (info.data_size, info.metadata_size);
-        let created =
-            tokio::task::spawn_blocking(move || store.create(NODE_CLIENT, id, ds, ms, false))
+        let bulk = u16::try_from(info.bulk_port)
+            .ok()
+            .filter(|&p| p != 0)
+            .map(|port| bulk_address(from, port));
+        let expected = (!info.crc32_omitted).then_some(info.crc32);
+        if bulk.is_none() && expected.is_none() {
+            return Err(src_err(&"the source offers neither a bulk port nor a checksum"));
+        }
+        let resumed = match bulk {
+            Some(_) => self.take_partial(id, ds, ms),
+            None => {
+                self.drop_partial(id);
+                None
+            }
+        };
+        let (block, mut done) = match resumed {
+            Some(p) => (p.block, p.done),
+            None => {
+                let store = self.store.clone();
+                let created = tokio::task::spawn_blocking(move || {
+                    store.create(NODE_CLIENT, id, ds, ms, false)
+                })
                 .await
                 .map_err(|e| src_err(&e))?;
-        let block = match created {
-            Ok(b) => b,
-            Err(StoreError::AlreadyExists(_)) => return self.wait_sealed(id).await,
-            Err(e) => return Err(e.into()),
+                match created {
+                    Ok(b) => (b, vec![None; b.total().div_ceil(self.chunk) as usize]),
+                    Err(StoreError::AlreadyExists(_)) => return self.wait_sealed(id).await,
+                    Err(e) => return Err(e.into()),
+                }
+            }
         };
-        let res = self.fetch_chunks(&client, id, from, block).await;
+        let fetched = match &bulk {
+            Some(addr) => self.fetch_bulk(addr, id, block, &mut done).await,
+            None => self.fetch_chunks(&client, id, from, block).await,
+        };
+        if let Err(e) = fetched {
+            if bulk.is_some() && done.iter().any(Option::is_some) {
+                self.park(id, block, done);
+            } else {
+                let _ = self.store.abort(NODE_CLIENT, id);
+            }
+            return Err(e);
+        }
+        // Over the bulk path every range is already checked: their CRCs combine into the
+        // object's, compared with the source's when it gave one.
+        let combined = bulk.is_some().then(|| {
+            let mut all = crc32fast::Hasher::new();
+            for d in &done {
+                all.combine(d.as_ref().expect("every range is here after a good fetch"));
+            }
+            all.finalize()
+        });
         let store = self.store.clone();
         let done = tokio::task::spawn_blocking(move || -> Result<(), PullError> {
-            res?;
-            let got = crc32fast::hash(store.arena().slice(block.offset, block.total()));
-            if got != info.crc32 {
+            let got = combined.unwrap_or_else(|| {
+                crc32fast::hash(store.arena().slice(block.offset, block.total()))
+            });
+            if let Some(expected) = expected
+                && got != expected
+            {
                 return Err(PullError::Checksum {
                     id,
                     from: String::new(),
                     got,
-                    expected: info.crc32,
+                    expected,
                 });
             }
             store.seal_with_crc(NODE_CLIENT, id, got)?;
@@ -422,6 +556,144 @@ impl Puller {
         }
         crate::metrics::record_pulled(block.total());
         Ok(())
+    }
+
+    /// Fetches the ranges of `block` not yet in `done` from the bulk port at `addr`, over up
+    /// to `streams` connections, each taking the next missing range; records each range's
+    /// CRC in `done` as it lands. Returns once every connection has stopped (none writes into
+    /// the block afterwards), with the first error if any.
+    async fn fetch_bulk(
+        self: &Arc<Self>,
+        addr: &str,
+        id: ObjectId,
+        block: Block,
+        done: &mut [Option<crc32fast::Hasher>],
+    ) -> Result<(), PullError> {
+        let total = block.total();
+        let missing: Arc<Vec<usize>> = Arc::new(
+            done.iter()
+                .enumerate()
+                .filter_map(|(i, d)| d.is_none().then_some(i))
+                .collect(),
+        );
+        let skipped = total - missing.iter().map(|&i| self.range_len(total, i)).sum::<u64>();
+        self.resumed_bytes.fetch_add(skipped, Ordering::Relaxed);
+        let next = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.streams.min(missing.len()) {
+            let (me, addr, missing, next, stop) = (
+                self.clone(),
+                addr.to_owned(),
+                missing.clone(),
+                next.clone(),
+                stop.clone(),
+            );
+            tasks.spawn(async move {
+                let mut got = Vec::new();
+                let res = async {
+                    let mut conn = BulkConn::connect(&addr, me.token.as_ref()).await?;
+                    while !stop.load(Ordering::Acquire) {
+                        let Some(&i) = missing.get(next.fetch_add(1, Ordering::AcqRel)) else {
+                            break;
+                        };
+                        let (offset, len) = (i as u64 * me.chunk, me.range_len(total, i));
+                        let permit = me
+                            .permits
+                            .clone()
+                            .acquire_many_owned(len as u32)
+                            .await
+                            .expect("the semaphore is never closed");
+                        let now = me.in_flight.fetch_add(len, Ordering::AcqRel) + len;
+                        me.max_in_flight.fetch_max(now, Ordering::AcqRel);
+                        // SAFETY: the block is ours (created by NODE_CLIENT, unsealed) and each
+                        // range is taken by one connection only, so no other view of these
+                        // bytes exists while it is written.
+                        let dst = unsafe { me.store.arena().slice_mut(block.offset + offset, len) };
+                        let r = conn.read_range(id, offset, dst).await;
+                        me.in_flight.fetch_sub(len, Ordering::AcqRel);
+                        drop(permit);
+                        got.push((i, r?));
+                    }
+                    Ok::<_, RangeError>(())
+                }
+                .await;
+                if res.is_err() {
+                    stop.store(true, Ordering::Release);
+                }
+                (got, res)
+            });
+        }
+        let mut first_err = None;
+        while let Some(r) = tasks.join_next().await {
+            let res = match r {
+                Ok((got, res)) => {
+                    for (i, crc) in got {
+                        done[i] = Some(crc);
+                    }
+                    res.map_err(|e| range_error(e, id, addr))
+                }
+                Err(e) => Err(PullError::Source {
+                    from: addr.to_owned(),
+                    message: e.to_string(),
+                }),
+            };
+            if let Err(e) = res {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn range_len(&self, total: u64, i: usize) -> u64 {
+        self.chunk.min(total - i as u64 * self.chunk)
+    }
+
+    /// Keeps the checked ranges of a failed pull for `partial_ttl`; then the allocation is
+    /// given back unless a pull from another copy took them over.
+    fn park(self: &Arc<Self>, id: ObjectId, block: Block, done: Vec<Option<crc32fast::Hasher>>) {
+        let generation = self.partial_generation.fetch_add(1, Ordering::Relaxed);
+        let old = self.lock_partials().insert(
+            id,
+            Partial {
+                block,
+                chunk: self.chunk,
+                done,
+                generation,
+            },
+        );
+        debug_assert!(old.is_none(), "one pull of an object at a time owns its block");
+        let (me, ttl) = (self.clone(), self.partial_ttl);
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            let mut parts = me.lock_partials();
+            if parts.get(&id).is_some_and(|p| p.generation == generation) {
+                parts.remove(&id);
+                drop(parts);
+                let _ = me.store.abort(NODE_CLIENT, id);
+            }
+        });
+    }
+
+    /// The kept ranges of `id`, if they are of an object of these sizes cut the same way.
+    fn take_partial(&self, id: ObjectId, data_size: u64, meta_size: u64) -> Option<Partial> {
+        let p = self.lock_partials().remove(&id)?;
+        if p.block.data_size == data_size && p.block.meta_size == meta_size && p.chunk == self.chunk
+        {
+            return Some(p);
+        }
+        let _ = self.store.abort(NODE_CLIENT, id);
+        None
+    }
+
+    fn drop_partial(&self, id: ObjectId) {
+        if self.lock_partials().remove(&id).is_some() {
+            let _ = self.store.abort(NODE_CLIENT, id);
+        }
+    }
+
+    fn lock_partials(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, Partial>> {
+        self.partials.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn fetch_chunks(

@@ -426,6 +426,10 @@ pub(crate) struct StartArgs {
     /// The object manager's port (object transfer between nodes); 0 picks a free one.
     #[arg(long, default_value_t = 0)]
     pub(crate) object_manager_port: u16,
+    /// The object transfer port (objects' bytes between nodes over plain TCP, announced by
+    /// the object manager); 0 picks a free one.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) object_transfer_port: u16,
     /// Object store capacity, e.g. 2GiB (default: 30 % of RAM, capped by the free space of
     /// the plasma directory). Reserved in chunks as the store fills.
     #[arg(long)]

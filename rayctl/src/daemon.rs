@@ -198,6 +198,7 @@ fn object_store_options(
 ) -> anyhow::Result<node::ObjectStoreOptions> {
     let mut o = node::ObjectStoreOptions::in_session(session_dir);
     o.object_manager_port = a.object_manager_port;
+    o.object_transfer_port = a.object_transfer_port;
     o.plasma_dir = a.plasma_directory.clone();
     if let Some(dir) = &a.object_spilling_directory {
         o.spill_root = dir.clone();
@@ -376,6 +377,7 @@ async fn run_node(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         "node_manager_port": node.node_manager_port,
         "metrics_export_port": node.metrics_export_port,
         "object_manager_port": node.object_manager_port,
+        "object_transfer_port": node.object_transfer_port,
         "object_store_socket": node.object_store_socket,
         "object_store_memory": node.store.arena().capacity(),
         "session_dir": session_dir,
@@ -520,6 +522,7 @@ async fn run_head(args: StartArgs, env: DaemonEnv) -> anyhow::Result<()> {
         format!("--bind-host={}", args.bind_host),
         format!("--node-manager-port={}", args.node_manager_port),
         format!("--object-manager-port={}", args.object_manager_port),
+        format!("--object-transfer-port={}", args.object_transfer_port),
         format!("--metrics-export-port={}", args.metrics_export_port),
         format!("--plasma-directory={}", args.plasma_directory.display()),
         format!("--cluster-name={}", args.cluster_name),

@@ -1144,6 +1144,7 @@ impl Runtime {
             let info = match c
                 .get_object_info(pb::GetObjectInfoRequest {
                     object_id: id.as_bytes().to_vec(),
+                    omit_crc: false,
                 })
                 .await
             {

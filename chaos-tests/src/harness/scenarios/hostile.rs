@@ -53,6 +53,9 @@ pub(super) fn node_listeners(
     if let Some(p) = ready["object_manager_port"].as_u64() {
         l.object_managers.push(format!("{ip}:{p}"));
     }
+    if let Some(p) = ready["object_transfer_port"].as_u64() {
+        l.bulk.push(format!("{ip}:{p}"));
+    }
     if let Some(p) = ready["metrics_export_port"].as_u64() {
         l.http.push((
             format!("{name} /metrics"),
@@ -73,10 +76,11 @@ pub(super) fn hostile_clients(run: &mut Run) -> Result<()> {
     let before: Vec<Option<u64>> = pids.iter().map(|(_, p)| crate::probe::rss(*p)).collect();
     let token = run.c.token.clone();
     run.fault(&format!(
-        "hostile clients on {} head, {} node manager and {} object manager ports, {} HTTP endpoints",
+        "hostile clients on {} head, {} node manager, {} object manager and {} object transfer ports, {} HTTP endpoints",
         l.heads.len(),
         l.node_managers.len(),
         l.object_managers.len(),
+        l.bulk.len(),
         l.http.len()
     ));
     let mut seed = run.rng.next_u64() | 1;
@@ -86,6 +90,7 @@ pub(super) fn hostile_clients(run: &mut Run) -> Result<()> {
         .iter()
         .chain(&l.node_managers)
         .chain(&l.object_managers)
+        .chain(&l.bulk)
     {
         garbage += crate::probe::garbage(a, 10, &mut seed);
     }
@@ -137,6 +142,7 @@ pub(super) fn hostile_clients(run: &mut Run) -> Result<()> {
         "/rayctl.v1.ObjectManager/GetObjectInfo",
         protocol::pb::GetObjectInfoRequest {
             object_id: vec![9; 20],
+            ..Default::default()
         }
         .encode_to_vec(),
     )];
@@ -187,8 +193,9 @@ pub(super) fn hostile_clients(run: &mut Run) -> Result<()> {
         auth.is_empty(),
         if auth.is_empty() {
             format!(
-                "{} gRPC listeners and {} HTTP endpoints: no and wrong tokens refused, the cluster token admitted (never on Raft)",
+                "{} gRPC listeners, {} object transfer ports and {} HTTP endpoints: no and wrong tokens refused, the cluster token admitted (never on Raft)",
                 l.heads.len() * 2 + l.node_managers.len() + l.object_managers.len(),
+                l.bulk.len(),
                 l.http.len()
             )
         } else {
