@@ -65,7 +65,7 @@ pub use stream::ObjectRefGenerator;
 pub use submit::CancelOptions;
 pub use value::{INLINE_MAX, SliceWriter, Value, View};
 
-pub use runtime::{Config, Mode, Session, init, init_with};
+pub use runtime::{Config, GET_SPIN_ENV, Mode, Session, init, init_with};
 
 /// Why a remote function call failed, with where it ran.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,6 +385,7 @@ pub fn get<T: Value>(r: &ObjectRef<T>) -> Result<T, Error> {
 /// [`get`] giving up after `timeout`.
 pub fn get_timeout<T: Value>(r: &ObjectRef<T>, timeout: Option<Duration>) -> Result<T, Error> {
     let rt = runtime::current()?;
+    rt.spin_until_ready(r.h.id);
     rt.block_on(rt.clone().get_value::<T>(r.h.id, timeout))
 }
 

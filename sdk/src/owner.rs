@@ -352,6 +352,13 @@ impl Owner {
         Rebuild::Run(lineage, e.rebuilds)
     }
 
+    /// Whether `id` is owned here and still pending (cheap: no clone of its state).
+    pub(crate) fn is_pending(&self, id: ObjectId) -> bool {
+        self.lock()
+            .get(&id)
+            .is_some_and(|e| matches!(e.state, State::Pending))
+    }
+
     pub(crate) fn state(&self, id: ObjectId) -> Option<State> {
         self.lock().get(&id).map(|e| e.state.clone())
     }

@@ -67,6 +67,39 @@ pub struct Config {
     /// Print what this process's tasks and actors print, on this process's stderr, each line
     /// prefixed `(NAME pid=PID, ip=IP)` (Ray's `log_to_driver`; default true).
     pub log_to_driver: bool,
+    /// How long a blocking `get` of a pending object keeps checking (yielding the CPU between
+    /// checks) before it sleeps; default 200 µs, `RAYCTL_GET_SPIN_US` overrides it in every
+    /// process of a job (workers too), 0 turns it off. A reply that lands within it is seen
+    /// without a sleeping thread being woken, which on a virtual machine costs more than the
+    /// call itself (`bench actors`: sync calls 7,000/s without, 12,500/s with).
+    pub get_spin: Duration,
+}
+
+/// Names the variable that sets [`Config::get_spin`] in microseconds.
+pub const GET_SPIN_ENV: &str = "RAYCTL_GET_SPIN_US";
+const DEFAULT_GET_SPIN: Duration = Duration::from_micros(200);
+const MAX_GET_SPIN: Duration = Duration::from_millis(10);
+
+/// `cfg`'s spin, unless the environment sets one; a bad value is an init error.
+fn get_spin(cfg: Duration) -> Result<Duration, Error> {
+    parse_get_spin(std::env::var(GET_SPIN_ENV).ok().as_deref(), cfg)
+}
+
+fn parse_get_spin(env: Option<&str>, cfg: Duration) -> Result<Duration, Error> {
+    let Some(v) = env.filter(|v| !v.is_empty()) else {
+        return Ok(cfg.min(MAX_GET_SPIN));
+    };
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_micros)
+        .filter(|d| *d <= MAX_GET_SPIN)
+        .ok_or_else(|| {
+            Error::Init(format!(
+                "{GET_SPIN_ENV}={v:?}: expected microseconds from 0 to {}",
+                MAX_GET_SPIN.as_micros()
+            ))
+        })
 }
 
 impl Default for Config {
@@ -76,6 +109,7 @@ impl Default for Config {
             remote: false,
             local_num_cpus: None,
             log_to_driver: true,
+            get_spin: DEFAULT_GET_SPIN,
         }
     }
 }
@@ -149,6 +183,21 @@ impl Stats {
     }
 }
 
+impl Runtime {
+    /// Waits up to `get_spin` for `id` (owned here) to stop being pending, yielding the CPU
+    /// between checks, so a reply that comes soon is taken without parking this thread.
+    pub(crate) fn spin_until_ready(&self, id: ObjectId) {
+        let spin = Duration::from_nanos(self.get_spin.load(Ordering::Relaxed));
+        if spin.is_zero() || !self.owner.is_pending(id) {
+            return;
+        }
+        let t = std::time::Instant::now();
+        while t.elapsed() < spin && self.owner.is_pending(id) {
+            std::thread::yield_now();
+        }
+    }
+}
+
 pub(crate) struct Runtime {
     rt: tokio::runtime::Runtime,
     /// Task events until the next report.
@@ -192,6 +241,8 @@ pub(crate) struct Runtime {
     pub(crate) serve_until: Mutex<Option<std::time::Instant>>,
     /// Whether what this process's calls print is sent here (`Config::log_to_driver`).
     pub(crate) log_to_driver: std::sync::atomic::AtomicBool,
+    /// `Config::get_spin` in nanoseconds.
+    pub(crate) get_spin: AtomicU64,
 }
 
 /// Kept by the driver; dropping it stops the one-node cluster `init` may have started.
@@ -246,6 +297,7 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
             "sdk::init() was already called in this process".into(),
         ));
     }
+    let spin = get_spin(cfg.get_spin)?;
     let mut token = AuthToken::load(None).map_err(|e| Error::Init(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -283,6 +335,7 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
             Some(worker_id),
             heads,
         )?;
+        r.get_spin.store(spin.as_nanos() as u64, Ordering::Relaxed);
         crate::worker::serve(r);
     }
     let mut cluster = None;
@@ -325,6 +378,7 @@ pub fn init_with(cfg: Config) -> Result<Session, Error> {
     let binary = (sha, node.address.clone());
     let r = Runtime::start(rt, mode, node, store, token, binary, None, heads)?;
     r.log_to_driver.store(cfg.log_to_driver, Ordering::Relaxed);
+    r.get_spin.store(spin.as_nanos() as u64, Ordering::Relaxed);
     r.block_on(r.clone().register_binary(path))?;
     r.spawn(driver_channel(r.clone()));
     Ok(Session { rt: r, cluster })
@@ -630,6 +684,7 @@ impl Runtime {
             actor: OnceLock::new(),
             serve_until: Mutex::new(None),
             log_to_driver: std::sync::atomic::AtomicBool::new(true),
+            get_spin: AtomicU64::new(DEFAULT_GET_SPIN.as_nanos() as u64),
         });
         RUNTIME
             .set(r.clone())
@@ -1468,6 +1523,30 @@ mod tests {
             address: addr.into(),
             is_head: head,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_get_spin_comes_from_the_environment_else_the_config_and_is_bounded() {
+        let cfg = Duration::from_micros(50);
+        assert_eq!(parse_get_spin(None, cfg).unwrap(), cfg);
+        assert_eq!(parse_get_spin(Some(""), cfg).unwrap(), cfg);
+        assert_eq!(parse_get_spin(Some("0"), cfg).unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_get_spin(Some(" 300 "), cfg).unwrap(),
+            Duration::from_micros(300)
+        );
+        assert_eq!(
+            parse_get_spin(None, Duration::from_secs(5)).unwrap(),
+            MAX_GET_SPIN,
+            "a config beyond the bound is capped"
+        );
+        for bad in ["-1", "1ms", "abc", "10001"] {
+            let e = parse_get_spin(Some(bad), cfg).unwrap_err().to_string();
+            assert!(
+                e.contains(GET_SPIN_ENV) && e.contains("0 to 10000"),
+                "{bad}: {e}"
+            );
         }
     }
 
