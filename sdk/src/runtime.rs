@@ -120,6 +120,11 @@ impl Config {
         self.log_to_driver = on;
         self
     }
+    /// How long a blocking `get` checks before it sleeps (see `get_spin`; at most 10 ms).
+    pub fn get_spin(mut self, spin: Duration) -> Self {
+        self.get_spin = spin;
+        self
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
