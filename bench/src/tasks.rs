@@ -147,7 +147,7 @@ fn memcpy_gbps(n: usize) -> f64 {
 /// Runs the tasks figures and/or the actors figures (`crate::actors`) in one cluster: the SDK
 /// starts once per process.
 pub(crate) fn run(smoke: bool, tasks: bool, actors: bool) -> Result<()> {
-    let c = Cluster::start(ClusterOptions {
+    let mut c = Cluster::start(ClusterOptions {
         heads: 1,
         nodes: 1,
         head_cpus: 2.0,
@@ -181,12 +181,62 @@ pub(crate) fn run(smoke: bool, tasks: bool, actors: bool) -> Result<()> {
 
     if tasks {
         task_figures(smoke, other)?;
+        first_task_figures(&mut c)?;
     }
     if actors {
         crate::actors::run(smoke)?;
     }
     drop(session);
     Ok(())
+}
+
+/// A new node's first task (issue 20, item 6): on a node that has never seen this program
+/// (it fetches the binary from the driver's node, installs it, starts a worker), and on
+/// another new node given the first one's binaries before it starts (only the worker starts).
+fn first_task_figures(c: &mut Cluster) -> Result<()> {
+    let size = std::fs::metadata(std::env::current_exe()?)?.len();
+    let i = c.add_node(1.0)?;
+    let cold = first_task_ms(c, i)?;
+    let (from, to) = (
+        c.path().join(format!("node-{i}")).join("binaries"),
+        c.path().join(format!("node-{}", c.nodes.len())).join("binaries"),
+    );
+    std::fs::create_dir_all(&to)?;
+    for f in std::fs::read_dir(&from)? {
+        let f = f?;
+        std::fs::copy(f.path(), to.join(f.file_name()))?;
+    }
+    let j = c.add_node(1.0)?;
+    let warm = first_task_ms(c, j)?;
+    emit("worker_binary_mb", size as f64 / 1e6, "MB");
+    emit("cold_node_first_task_ms", cold, "ms");
+    emit("warm_node_first_task_ms", warm, "ms");
+    emit("cold_vs_warm_node_first_task", cold / warm, "x");
+    Ok(())
+}
+
+/// Waits until node `i` (as its ready file names it) is alive, then times one task there.
+fn first_task_ms(c: &Cluster, i: usize) -> Result<f64> {
+    let id = c.nodes[i].ready["node_id"]
+        .as_str()
+        .context("node id")?
+        .to_owned();
+    chaos_tests::wait_for("the new node alive", Duration::from_secs(60), || {
+        let s = c.status(None).ok()?;
+        Cluster::nodes_in_state(&s, "ALIVE")
+            .iter()
+            .any(|n| n["node_id"] == id.as_str())
+            .then_some(())
+    })?;
+    // Every node's view of the cluster (heartbeat replies) includes it by now.
+    std::thread::sleep(Duration::from_secs(2));
+    let opts = noop::options().strategy(Strategy::NodeAffinity {
+        node: id.parse()?,
+        soft: false,
+    });
+    let t = Instant::now();
+    sdk::get(&noop::remote_with(&opts))?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
 fn task_figures(smoke: bool, other: sdk::NodeId) -> Result<()> {

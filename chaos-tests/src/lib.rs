@@ -311,6 +311,8 @@ pub struct Cluster {
     /// Extra environment of every daemon (e.g. `RAYCTL_AUTH_MODE=disabled`).
     pub daemon_env: Vec<(String, String)>,
     bin: PathBuf,
+    /// The token and extra flags every node is started with (for `add_node`).
+    node_flags: Vec<String>,
 }
 
 impl Drop for Cluster {
@@ -362,6 +364,7 @@ impl Cluster {
             token: opts.token.clone(),
             daemon_env: Vec::new(),
             bin,
+            node_flags: Vec::new(),
         };
         let token_args = match &opts.token {
             Some(t) => {
@@ -401,6 +404,7 @@ impl Cluster {
                 .context("the first head did not generate a cluster token")?;
             c.token = Some(t.trim().to_owned());
         }
+        c.node_flags = token_args.iter().chain(&opts.extra_args).cloned().collect();
         for i in 0..opts.nodes {
             let mut args = vec![
                 format!("--address={}", head_addrs.join(",")),
@@ -525,6 +529,27 @@ impl Cluster {
         } else {
             self.nodes[i].wait_ready()
         }
+    }
+
+    /// Starts one more worker node with `cpus` CPUs and the resource `node<i>: 1` (a node
+    /// that has never seen a job's binary). Returns its index in `nodes`, once it is ready.
+    pub fn add_node(&mut self, cpus: f64) -> Result<usize> {
+        let i = self.nodes.len();
+        let mut args = vec![
+            format!("--address={}", self.head_addrs.join(",")),
+            format!(
+                "--data-dir={}",
+                self.dir.path().join(format!("node-{i}")).display()
+            ),
+            format!("--num-cpus={cpus}"),
+            "--memory=1GiB".into(),
+            format!("--resources={{\"node{i}\": 1}}"),
+        ];
+        args.extend(self.node_flags.clone());
+        let p = self.spawn(&format!("node-{i}"), args)?;
+        self.nodes.push(p);
+        self.wait_ready(false, i)?;
+        Ok(i)
     }
 
     /// Starts a new head that joins the existing group with `--join` (it asks the leader to

@@ -266,9 +266,14 @@ impl WorkerPool {
 
     /// Puts a checked file into the cache: `tmp` is renamed to its hash if it matches.
     fn install(&self, tmp: &Path, sha: &str) -> Result<u64, Status> {
-        use std::os::unix::fs::PermissionsExt;
         let got = sha256_file(tmp)
             .map_err(|e| Status::internal(format!("cannot hash {}: {e}", tmp.display())))?;
+        self.install_hashed(tmp, sha, &got)
+    }
+
+    /// Installs `tmp`, whose content hashes to `got`, as binary `sha` (if they are equal).
+    fn install_hashed(&self, tmp: &Path, sha: &str, got: &str) -> Result<u64, Status> {
+        use std::os::unix::fs::PermissionsExt;
         if got != sha {
             let _ = std::fs::remove_file(tmp);
             return Err(Status::data_loss(format!(
@@ -473,15 +478,14 @@ impl WorkerPool {
             )));
         }
         let tmp = self.tmp_path(sha)?;
-        let res = self.fetch(sha, source, &tmp).await;
-        if let Err(e) = res {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let t = tmp.clone();
-        let sha2 = sha.to_owned();
-        let installed = tokio::task::block_in_place(|| self.install(&t, &sha2));
-        installed?;
+        let got = match self.fetch(sha, source, &tmp).await {
+            Ok(got) => got,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        tokio::task::block_in_place(|| self.install_hashed(&tmp, sha, &got))?;
         tracing::info!(sha, source, "fetched worker binary");
         Ok(path)
     }
@@ -494,7 +498,10 @@ impl WorkerPool {
             .unwrap_or_else(|p| p.into_inner()) = sources;
     }
 
-    async fn fetch(&self, sha: &str, source: &str, tmp: &Path) -> Result<(), Status> {
+    /// Streams binary `sha` from `source` into `tmp`; returns the sha256 of what came,
+    /// hashed as it arrives (no second pass over the file).
+    async fn fetch(&self, sha: &str, source: &str, tmp: &Path) -> Result<String, Status> {
+        use sha2::Digest;
         use tokio::io::AsyncWriteExt;
         let member = source == self.cfg.node_address
             || self
@@ -526,6 +533,7 @@ impl WorkerPool {
                 ))
             })?
             .into_inner();
+        let mut hash = sha2::Sha256::new();
         let mut f = tokio::fs::File::create(tmp)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -548,11 +556,17 @@ impl WorkerPool {
             else {
                 break;
             };
+            hash.update(&c.data);
             f.write_all(&c.data)
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
-        f.flush().await.map_err(|e| Status::internal(e.to_string()))
+        f.flush().await.map_err(|e| Status::internal(e.to_string()))?;
+        Ok(hash
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
     }
 
     /// Gives lease `lease_id` a worker running binary `sha` for job `job`: an idle one, or a
