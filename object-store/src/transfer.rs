@@ -266,6 +266,20 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
     }
 }
 
+/// Bytes requested from a source and not yet written here: holds their share of the
+/// node-wide cap and counts them in `in_flight` until dropped.
+struct InFlight {
+    puller: Arc<Puller>,
+    len: u64,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.puller.in_flight.fetch_sub(self.len, Ordering::AcqRel);
+    }
+}
+
 /// The bulk address of a source whose object manager is `om` (`host:port`): same host.
 fn bulk_address(om: &str, port: u16) -> String {
     let host = om.rsplit_once(':').map_or(om, |(h, _)| h);
@@ -598,21 +612,13 @@ impl Puller {
                             break;
                         };
                         let (offset, len) = (i as u64 * me.chunk, me.range_len(total, i));
-                        let permit = me
-                            .permits
-                            .clone()
-                            .acquire_many_owned(len as u32)
-                            .await
-                            .expect("the semaphore is never closed");
-                        let now = me.in_flight.fetch_add(len, Ordering::AcqRel) + len;
-                        me.max_in_flight.fetch_max(now, Ordering::AcqRel);
+                        let slot = me.reserve(len).await;
                         // SAFETY: the block is ours (created by NODE_CLIENT, unsealed) and each
                         // range is taken by one connection only, so no other view of these
                         // bytes exists while it is written.
                         let dst = unsafe { me.store.arena().slice_mut(block.offset + offset, len) };
                         let r = conn.read_range(id, offset, dst).await;
-                        me.in_flight.fetch_sub(len, Ordering::AcqRel);
-                        drop(permit);
+                        drop(slot);
                         got.push((i, r?));
                     }
                     Ok::<_, RangeError>(())
@@ -643,6 +649,23 @@ impl Puller {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Waits until `len` more bytes may be in flight and counts them until the guard drops.
+    async fn reserve(self: &Arc<Self>, len: u64) -> InFlight {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_many_owned(len as u32)
+            .await
+            .expect("the semaphore is never closed");
+        let now = self.in_flight.fetch_add(len, Ordering::AcqRel) + len;
+        self.max_in_flight.fetch_max(now, Ordering::AcqRel);
+        InFlight {
+            puller: self.clone(),
+            len,
+            _permit: permit,
+        }
     }
 
     fn range_len(&self, total: u64, i: usize) -> u64 {
@@ -716,14 +739,7 @@ impl Puller {
         let mut offset = 0;
         while offset < total {
             let len = self.chunk.min(total - offset);
-            let permit = self
-                .permits
-                .clone()
-                .acquire_many_owned(len as u32)
-                .await
-                .expect("the semaphore is never closed");
-            let now = self.in_flight.fetch_add(len, Ordering::AcqRel) + len;
-            self.max_in_flight.fetch_max(now, Ordering::AcqRel);
+            let slot = self.reserve(len).await;
             let (mut client, me, from) = (client.clone(), self.clone(), from.to_owned());
             tasks.spawn(async move {
                 let res = client
@@ -758,8 +774,7 @@ impl Puller {
                         }
                     }
                 };
-                me.in_flight.fetch_sub(len, Ordering::AcqRel);
-                drop(permit);
+                drop(slot);
                 out
             });
             offset += len;
