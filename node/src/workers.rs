@@ -562,11 +562,7 @@ impl WorkerPool {
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
         f.flush().await.map_err(|e| Status::internal(e.to_string()))?;
-        Ok(hash
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
+        Ok(protocol::sha256_hex(hash))
     }
 
     /// Gives lease `lease_id` a worker running binary `sha` for job `job`: an idle one, or a

@@ -137,8 +137,9 @@ async fn read_hello(s: &mut TcpStream) -> io::Result<Vec<u8>> {
     Ok(token)
 }
 
-/// A range of a sealed object, pinned until dropped.
-struct PinnedRange {
+/// A range of a sealed object in the arena, holding one pin of the node's until dropped (a
+/// range being sent, by either transfer path).
+pub(crate) struct PinnedRange {
     store: Arc<Store>,
     id: ObjectId,
     offset: u64,
@@ -146,8 +147,26 @@ struct PinnedRange {
 }
 
 impl PinnedRange {
+    /// Takes one more pin on `id` (the caller holds one) for `offset..offset + len` of the
+    /// arena.
+    pub(crate) fn pin_again(store: &Arc<Store>, id: ObjectId, offset: u64, len: u64) -> Self {
+        store.pin_again(NODE_CLIENT, id);
+        Self {
+            store: store.clone(),
+            id,
+            offset,
+            len,
+        }
+    }
+
     fn bytes(&self) -> &[u8] {
         self.store.arena().slice(self.offset, self.len)
+    }
+}
+
+impl AsRef<[u8]> for PinnedRange {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
     }
 }
 

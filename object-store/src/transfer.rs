@@ -94,38 +94,6 @@ impl ObjectManagerService {
     }
 }
 
-/// A range of a sealed object in the arena, pinned while it lives (a chunk being sent).
-struct PinnedChunk {
-    store: Arc<Store>,
-    id: ObjectId,
-    offset: u64,
-    len: u64,
-}
-
-impl PinnedChunk {
-    fn new(store: &Arc<Store>, id: ObjectId, offset: u64, len: u64) -> Self {
-        store.pin_again(NODE_CLIENT, id);
-        Self {
-            store: store.clone(),
-            id,
-            offset,
-            len,
-        }
-    }
-}
-
-impl AsRef<[u8]> for PinnedChunk {
-    fn as_ref(&self) -> &[u8] {
-        self.store.arena().slice(self.offset, self.len)
-    }
-}
-
-impl Drop for PinnedChunk {
-    fn drop(&mut self) {
-        let _ = self.store.release(NODE_CLIENT, self.id);
-    }
-}
-
 #[tonic::async_trait]
 impl pb::object_manager_server::ObjectManager for ObjectManagerService {
     async fn get_object_info(
@@ -183,7 +151,7 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
                 }
                 // No copy: the chunk points into the arena and keeps its own pin until
                 // the response is written.
-                Ok(prost::bytes::Bytes::from_owner(PinnedChunk::new(
+                Ok(prost::bytes::Bytes::from_owner(crate::bulk::PinnedRange::pin_again(
                     store,
                     id,
                     b.offset + r.offset,

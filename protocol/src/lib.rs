@@ -121,7 +121,13 @@ pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
             n => h.update(&buf[..n]),
         }
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(sha256_hex(h))
+}
+
+/// The lowercase hex digest of `h` (how binaries are named).
+pub fn sha256_hex(h: sha2::Sha256) -> String {
+    use sha2::Digest;
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `working_dir` packages: names, KV layout and (with the `package` feature) safe unpacking.
