@@ -14,7 +14,7 @@ use protocol::pb;
 
 use crate::{emit, percentile};
 
-fn fsync_per_s(dir: &std::path::Path, d: Duration) -> Result<f64> {
+fn fdatasync_per_s(dir: &std::path::Path, d: Duration) -> Result<f64> {
     let mut f = std::fs::File::create(dir.join("fsync-probe"))?;
     let buf = [7u8; 256];
     let start = Instant::now();
@@ -65,6 +65,23 @@ async fn writes_per_s(client: &HeadClient, clients: usize, d: Duration) -> f64 {
         let _ = t.await;
     }
     n as f64 / secs
+}
+
+/// The median of one client's sequential `HeadInfo` calls to the leader (answered from
+/// memory: no Raft, no disk), in seconds.
+async fn rpc_roundtrip_s(c: &Cluster, leader: usize, d: Duration) -> Result<f64> {
+    let client = c.client_for(&[c.head_addrs[leader].clone()], ClientOptions::default());
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < d || samples.len() < 100 {
+        let t = Instant::now();
+        client
+            .call(|mut h| async move { h.head_info(pb::HeadInfoRequest {}).await })
+            .await?;
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(percentile(&samples, 0.5))
 }
 
 fn failover_trial(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Result<f64> {
@@ -131,6 +148,35 @@ fn failover_trial(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Result<f64> 
     Ok((first - killed).as_secs_f64())
 }
 
+/// The leader's cumulative Raft figures (from its `/metrics`).
+struct LeaderFigures {
+    commit_sum: f64,
+    commit_n: f64,
+    append_sum: f64,
+    append_n: f64,
+    batch_sum: f64,
+    batch_n: f64,
+    wal_writes: f64,
+    wal_syncs: f64,
+}
+
+impl LeaderFigures {
+    fn read(c: &Cluster, leader: usize) -> Option<Self> {
+        let port = c.heads[leader].ready["dashboard_port"].as_u64()?;
+        let m = |name: &str| c.metric_sum(port, name);
+        Some(Self {
+            commit_sum: m("rayctl_raft_commit_latency_seconds_sum")?,
+            commit_n: m("rayctl_raft_commit_latency_seconds_count")?,
+            append_sum: m("rayctl_raft_append_latency_seconds_sum")?,
+            append_n: m("rayctl_raft_append_latency_seconds_count")?,
+            batch_sum: m("rayctl_raft_proposal_batch_size_sum")?,
+            batch_n: m("rayctl_raft_proposal_batch_size_count")?,
+            wal_writes: m("rayctl_raft_log_writes_total")?,
+            wal_syncs: m("rayctl_raft_log_syncs_total")?,
+        })
+    }
+}
+
 fn head_start_s(smoke: bool) -> Result<f64> {
     let mut samples = Vec::new();
     for _ in 0..if smoke { 1 } else { 5 } {
@@ -170,7 +216,7 @@ pub(crate) fn run(smoke: bool, heads: usize) -> Result<()> {
     })
     .context("start the heads")?;
     c.wait_leader(Duration::from_secs(30))?;
-    let fsync = fsync_per_s(
+    let fsync = fdatasync_per_s(
         c.path(),
         if smoke {
             Duration::from_millis(200)
@@ -178,7 +224,7 @@ pub(crate) fn run(smoke: bool, heads: usize) -> Result<()> {
             Duration::from_secs(2)
         },
     )?;
-    emit("fsync_per_s", fsync, "1/s");
+    emit("fdatasync_per_s", fsync, "1/s");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -189,11 +235,44 @@ pub(crate) fn run(smoke: bool, heads: usize) -> Result<()> {
     };
     // Warm the connections and the leader hint.
     rt.block_on(writes_per_s(&client, 1, Duration::from_millis(100)));
+    // The floor under one write: a gRPC round trip to the leader (client → leader → client;
+    // the leader → follower hop costs the same) and the disk's sync.
+    let leader = c.wait_leader(Duration::from_secs(30))?;
+    let rpc = rt.block_on(rpc_roundtrip_s(&c, leader, d))?;
+    emit("cp_rpc_roundtrip_ms", rpc * 1e3, "ms");
+    let floor = 2.0 * rpc + 1.0 / fsync;
+    emit("cp_write_floor_ms", floor * 1e3, "ms");
+    emit("cp_writes_per_s_16clients_ceiling", 16.0 / floor, "1/s");
     let w1 = rt.block_on(writes_per_s(&client, 1, d));
     emit("cp_writes_per_s_1client", w1, "1/s");
+    let before = LeaderFigures::read(&c, leader);
     let w16 = rt.block_on(writes_per_s(&client, 16, d));
     emit("cp_writes_per_s_16clients", w16, "1/s");
-    emit("cp_writes_16clients_over_fsync", w16 / fsync, "ratio");
+    emit("cp_writes_16clients_over_fdatasync", w16 / fsync, "ratio");
+    // Where a write's time goes, from the leader's own histograms over the same run.
+    if let (Some(a), Some(b)) = (before, LeaderFigures::read(&c, leader)) {
+        let per = |sum: f64, n: f64| if n > 0.0 { sum / n } else { 0.0 };
+        emit(
+            "cp_16clients_commit_ms_mean",
+            1e3 * per(b.commit_sum - a.commit_sum, b.commit_n - a.commit_n),
+            "ms",
+        );
+        emit(
+            "cp_16clients_leader_append_ms_mean",
+            1e3 * per(b.append_sum - a.append_sum, b.append_n - a.append_n),
+            "ms",
+        );
+        emit(
+            "cp_16clients_writes_per_entry",
+            per(b.batch_sum - a.batch_sum, b.batch_n - a.batch_n),
+            "ratio",
+        );
+        emit(
+            "cp_16clients_leader_log_records_per_fsync",
+            per(b.wal_writes - a.wal_writes, b.wal_syncs - a.wal_syncs),
+            "ratio",
+        );
+    }
 
     let trials = if heads < 3 {
         0

@@ -126,7 +126,9 @@ fn tcp_loopback_gbps(n: usize) -> Result<f64> {
         }
         best = best.min(t.elapsed().as_secs_f64());
     }
-    sender.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sender panicked"))??;
     Ok(n as f64 / best / 1e9)
 }
 
@@ -199,7 +201,9 @@ fn first_task_figures(c: &mut Cluster) -> Result<()> {
     let cold = first_task_ms(c, i)?;
     let (from, to) = (
         c.path().join(format!("node-{i}")).join("binaries"),
-        c.path().join(format!("node-{}", c.nodes.len())).join("binaries"),
+        c.path()
+            .join(format!("node-{}", c.nodes.len()))
+            .join("binaries"),
     );
     std::fs::create_dir_all(&to)?;
     for f in std::fs::read_dir(&from)? {

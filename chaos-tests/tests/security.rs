@@ -393,15 +393,19 @@ fn a_process_holding_the_cluster_token_cannot_touch_the_raft_group() -> Result<(
     // Every head holds the log up to the put, membership included: a head that has no
     // membership yet takes a vote from any sender (it may be joining), so a follower that
     // lags behind would make "a vote from a non-member" pass for the wrong reason.
-    chaos_tests::wait_for("every head to hold the log", Duration::from_secs(30), || {
-        let s = c.status(None).ok()?;
-        let idx: Vec<u64> = s["heads"]
-            .as_array()?
-            .iter()
-            .map(|h| h["last_log_index"].as_u64())
-            .collect::<Option<_>>()?;
-        (idx.len() == 3 && idx.iter().all(|&i| i > 0 && i == idx[0])).then_some(())
-    })?;
+    chaos_tests::wait_for(
+        "every head to hold the log",
+        Duration::from_secs(30),
+        || {
+            let s = c.status(None).ok()?;
+            let idx: Vec<u64> = s["heads"]
+                .as_array()?
+                .iter()
+                .map(|h| h["last_log_index"].as_u64())
+                .collect::<Option<_>>()?;
+            (idx.len() == 3 && idx.iter().all(|&i| i > 0 && i == idx[0])).then_some(())
+        },
+    )?;
     let token = c.token.clone().context("token")?;
     let peer = std::fs::read_to_string(c.peer_secret_path())?
         .trim()

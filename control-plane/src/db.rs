@@ -1,12 +1,14 @@
-//! `RaftDb`: the narrow storage contract the Raft log and snapshot stores need, and
-//! `SledRaftDb`, its sled implementation. sled stays behind this trait so it can be replaced
-//! (it is unmaintained since 2021) without touching the Raft code.
+//! `RaftDb`: the narrow storage contract the snapshot store needs, and `SledRaftDb`, its
+//! sled implementation. sled stays behind this trait so it can be replaced (it is
+//! unmaintained since 2021) without touching the Raft code. The Raft log itself is in a
+//! write-ahead log beside it (`log_store`); up to format 2 it was in sled too, and
+//! `SledRaftDb` still reads such a log once, for `LogStore::open` to move it
+//! (`legacy_log`, `drop_legacy_log`).
 //!
 //! # Correctness requirements
-//! - Writes (`set_meta`, `put_logs`, `remove_logs`) are visible to reads at once but durable
-//!   only after a later `flush` completes; `flush` makes every earlier write durable.
+//! - Writes (`set_meta`) are visible to reads at once but durable only after a later `flush`
+//!   completes; `flush` makes every earlier write durable.
 //! - After a crash, the durable state is a prefix of the writes in the order they were made.
-//! - Log keys are log indexes; `logs(a, b)` returns the entries in `a..b` in index order.
 //!
 //! Opening checks the data dir's format stamp (`format`) before anything else is read, and
 //! stamps a fresh data dir; see `SledRaftDb::open`.
@@ -23,15 +25,25 @@ use crate::format::{self, DB_FORMAT, FORMAT_KEY};
 pub trait RaftDb: Clone + Send + Sync + 'static {
     fn meta(&self, key: &str) -> io::Result<Option<Vec<u8>>>;
     fn set_meta(&self, key: &str, value: &[u8]) -> io::Result<()>;
-    fn put_logs(&self, entries: Vec<(u64, Vec<u8>)>) -> io::Result<()>;
-    fn logs(&self, from: u64, to_exclusive: u64) -> io::Result<Vec<(u64, Vec<u8>)>>;
-    fn last_log(&self) -> io::Result<Option<(u64, Vec<u8>)>>;
-    fn remove_logs(&self, from: u64, to_exclusive: u64) -> io::Result<()>;
     /// Makes every earlier write durable (fsync).
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send + 'static;
 }
 
-/// sled 0.34 with two trees, `logs` (big-endian index keys) and `meta`.
+/// The Raft log as a format-2 store held it in sled, read once to be moved into the WAL.
+#[derive(Debug, Default)]
+pub struct LegacyLog {
+    pub vote: Option<openraft::Vote<u64>>,
+    pub committed: Option<crate::types::LogId>,
+    pub last_purged: Option<crate::types::LogId>,
+    /// Each entry's stored bytes (`format::encode_entry`), in index order.
+    pub entries: Vec<Vec<u8>>,
+}
+
+/// The meta keys of the log as format 2 kept it.
+const LEGACY_META: [&str; 3] = ["vote", "committed", "last_purged"];
+
+/// sled 0.34 with two trees, `meta` and `logs` (the Raft log up to format 2, big-endian
+/// index keys; empty from format 3 on).
 #[derive(Clone)]
 pub struct SledRaftDb {
     db: sled::Db,
@@ -83,7 +95,8 @@ impl SledRaftDb {
             dir: dir.into(),
         };
         match found {
-            Some(DB_FORMAT) => {}
+            // Format 2 holds its log in sled: `LogStore::open` moves it and stamps 3.
+            Some(DB_FORMAT) | Some(2) => {}
             None if this.logs.is_empty() && this.meta.is_empty() => {
                 this.meta
                     .insert(FORMAT_KEY, &format::encode_db_format(DB_FORMAT))
@@ -100,6 +113,83 @@ impl SledRaftDb {
         io_in(&self.dir, e)
     }
 
+    /// The store's directory (the WAL lives in it, see `log_store::WAL_DIR`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn format(&self) -> io::Result<u32> {
+        match self.meta.get(FORMAT_KEY).map_err(|e| self.io(e))? {
+            Some(b) => format::decode_db_format(&b).map_err(invalid_data),
+            None => Ok(1),
+        }
+    }
+
+    /// The Raft log a format-2 store holds in sled, or `None` once it has been moved
+    /// (format 3).
+    pub fn legacy_log(&self) -> io::Result<Option<LegacyLog>> {
+        if self.format()? >= 3 {
+            return Ok(None);
+        }
+        fn decode<T: serde::de::DeserializeOwned>(b: Option<sled::IVec>) -> io::Result<Option<T>> {
+            b.map(|b| {
+                postcard::from_bytes(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            })
+            .transpose()
+        }
+        let get = |k: &str| self.meta.get(k).map_err(|e| self.io(e));
+        let mut entries = Vec::new();
+        for r in self.logs.iter() {
+            entries.push(r.map_err(|e| self.io(e))?.1.to_vec());
+        }
+        Ok(Some(LegacyLog {
+            vote: decode(get(LEGACY_META[0])?)?,
+            committed: decode::<Option<crate::types::LogId>>(get(LEGACY_META[1])?)?.flatten(),
+            last_purged: decode(get(LEGACY_META[2])?)?,
+            entries,
+        }))
+    }
+
+    /// Empties the format-2 log and stamps format 3, in one sled transaction, flushed before
+    /// it returns; called once the WAL holds the log durably.
+    pub fn drop_legacy_log(&self) -> io::Result<()> {
+        let keys: Vec<sled::IVec> = self
+            .logs
+            .iter()
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.io(e))?;
+        (&self.logs, &self.meta)
+            .transaction(|(logs, meta)| {
+                for k in &keys {
+                    logs.remove(k)?;
+                }
+                for k in LEGACY_META {
+                    meta.remove(k)?;
+                }
+                meta.insert(FORMAT_KEY, &format::encode_db_format(DB_FORMAT))?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => self.io(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    io::Error::other("dropping the moved raft log aborted")
+                }
+            })?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// Test support: writes `entries` into the format-2 log, as builds before format 3 did.
+    #[doc(hidden)]
+    pub fn put_legacy_logs(&self, entries: Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+        let mut batch = sled::Batch::default();
+        for (i, v) in entries {
+            batch.insert(&i.to_be_bytes(), v);
+        }
+        self.logs.apply_batch(batch).map_err(|e| self.io(e))
+    }
+
     /// Format 1 → 2: prefixes every log entry with its version and stamps the db, atomically.
     fn migrate_from_format1(&self, dir: &Path) -> io::Result<()> {
         let io = |e| io_in(dir, e);
@@ -113,7 +203,7 @@ impl SledRaftDb {
                 for (k, v) in &entries {
                     logs.insert(k, v.as_slice())?;
                 }
-                meta.insert(FORMAT_KEY, &format::encode_db_format(DB_FORMAT))?;
+                meta.insert(FORMAT_KEY, &format::encode_db_format(2))?;
                 Ok(())
             })
             .map_err(|e: sled::transaction::TransactionError<()>| match e {
@@ -126,7 +216,7 @@ impl SledRaftDb {
         tracing::info!(
             dir = %dir.display(),
             entries = entries.len(),
-            "migrated the raft store from format 1 to {DB_FORMAT}"
+            "migrated the raft store from format 1 to 2"
         );
         Ok(())
     }
@@ -150,46 +240,6 @@ impl RaftDb for SledRaftDb {
         Ok(())
     }
 
-    fn put_logs(&self, entries: Vec<(u64, Vec<u8>)>) -> io::Result<()> {
-        let mut batch = sled::Batch::default();
-        for (i, v) in entries {
-            batch.insert(&i.to_be_bytes(), v);
-        }
-        self.logs.apply_batch(batch).map_err(|e| self.io(e))
-    }
-
-    fn logs(&self, from: u64, to_exclusive: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
-        if from >= to_exclusive {
-            return Ok(Vec::new());
-        }
-        self.logs
-            .range(from.to_be_bytes()..to_exclusive.to_be_bytes())
-            .map(|r| {
-                let (k, v) = r.map_err(|e| self.io(e))?;
-                Ok((key_index(&k)?, v.to_vec()))
-            })
-            .collect()
-    }
-
-    fn last_log(&self) -> io::Result<Option<(u64, Vec<u8>)>> {
-        match self.logs.last().map_err(|e| self.io(e))? {
-            Some((k, v)) => Ok(Some((key_index(&k)?, v.to_vec()))),
-            None => Ok(None),
-        }
-    }
-
-    fn remove_logs(&self, from: u64, to_exclusive: u64) -> io::Result<()> {
-        let mut batch = sled::Batch::default();
-        for r in self
-            .logs
-            .range(from.to_be_bytes()..to_exclusive.to_be_bytes())
-            .keys()
-        {
-            batch.remove(r.map_err(|e| self.io(e))?);
-        }
-        self.logs.apply_batch(batch).map_err(|e| self.io(e))
-    }
-
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send + 'static {
         let db = self.db.clone();
         let dir = self.dir.clone();
@@ -201,11 +251,4 @@ impl RaftDb for SledRaftDb {
             }
         }
     }
-}
-
-fn key_index(k: &[u8]) -> io::Result<u64> {
-    let arr: [u8; 8] = k
-        .try_into()
-        .map_err(|_| io::Error::other(format!("corrupt log key of {} bytes", k.len())))?;
-    Ok(u64::from_be_bytes(arr))
 }

@@ -6,7 +6,9 @@
 //! - the data dir: a 4-byte big-endian `u32` under the meta key [`FORMAT_KEY`], read before
 //!   anything else when the store opens (`SledRaftDb::open`). Format 1 is the layout before
 //!   the stamp existed (an unstamped db with data); it is migrated to format 2 on open, in
-//!   one atomic step (see `SledRaftDb::open`).
+//!   one atomic step (see `SledRaftDb::open`). Formats 1 and 2 keep the Raft log in sled;
+//!   format 3 keeps it in a write-ahead log in the store's `wal/` directory, and
+//!   `LogStore::open` moves a format-2 log there (then stamps 3).
 //! - a log entry: a postcard `u32` (varint) [`ENTRY_VERSION`], then the postcard `Entry`.
 //!   Format 1's entries are the same bytes without the version (migration prepends it).
 //! - a snapshot: a postcard `u32` version first (see `sm_store`), as it always was; the
@@ -25,8 +27,8 @@ use serde::de::DeserializeOwned;
 /// The meta key holding the data dir's format.
 pub const FORMAT_KEY: &str = "format";
 /// The format this build writes.
-pub const DB_FORMAT: u32 = 2;
-/// The formats this build opens: 1 (unstamped, migrated on open) and 2.
+pub const DB_FORMAT: u32 = 3;
+/// The formats this build opens: 1 (unstamped) and 2 are migrated on open.
 pub const DB_FORMATS_READ: RangeInclusive<u32> = 1..=DB_FORMAT;
 /// The version of a log entry's encoding this build writes.
 pub const ENTRY_VERSION: u32 = 1;
@@ -143,10 +145,10 @@ mod tests {
             e.to_string(),
             "this log entry was written by format version 7; this build reads versions 1..=1"
         );
-        let e = decode_db_format(&encode_db_format(3)).unwrap_err();
+        let e = decode_db_format(&encode_db_format(4)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "this data dir was written by format version 3; this build reads versions 1..=2"
+            "this data dir was written by format version 4; this build reads versions 1..=3"
         );
         assert!(matches!(
             decode_db_format(&[0, 2]),

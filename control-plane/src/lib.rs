@@ -257,7 +257,10 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
         .with_context(|| format!("cannot open the raft store in {}", opts.data_dir.display()))?;
     let sm = StateMachineStore::open(db.clone())
         .map_err(|e| anyhow::anyhow!("cannot restore the state machine: {e}"))?;
-    let mut log_store = LogStore::with_snapshot_floor(db, sm.snapshot_floor());
+    let mut log_store = LogStore::open(&db)
+        .with_context(|| format!("cannot open the raft log in {}", opts.data_dir.display()))?
+        .with_snapshot_floor(sm.snapshot_floor());
+    let wal = log_store.clone();
     forget_leadership(&mut log_store)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the raft vote: {e}"))?;
@@ -393,7 +396,7 @@ pub async fn start(opts: HeadOptions) -> anyhow::Result<RunningHead> {
             opts.jobs,
             opts.provider_env.clone(),
         )),
-        tokio::spawn(commit_index_metric(raft.clone())),
+        tokio::spawn(commit_index_metric(raft.clone(), wal)),
         tokio::spawn(lease::keep_confirmed(raft.clone(), shared.lease.clone())),
         tokio::spawn(prevote::gate(
             raft.clone(),
@@ -473,11 +476,13 @@ async fn join_group(heads: Vec<String>, address: String, token: Option<AuthToken
     }
 }
 
-/// Publishes the commit index, read from the Raft core once a second.
-async fn commit_index_metric(raft: types::Raft) {
+/// Publishes the commit index, read from the Raft core once a second, and the log's fsync
+/// counters.
+async fn commit_index_metric(raft: types::Raft, wal: LogStore) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        metrics::record_wal(&wal.flush_metrics());
         let Ok(committed) = raft
             .with_raft_state(|st| st.committed.map(|l| l.index))
             .await
@@ -521,7 +526,7 @@ mod restart_tests {
     #[tokio::test]
     async fn a_restarted_head_holds_its_vote_but_not_its_leadership() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = LogStore::new(SledRaftDb::open(dir.path()).unwrap());
+        let mut log = LogStore::open(&SledRaftDb::open(dir.path()).unwrap()).unwrap();
         let mut vote = Vote::new(7, 3);
         vote.commit();
         log.save_vote(&vote).await.unwrap();
@@ -533,7 +538,7 @@ mod restart_tests {
         forget_leadership(&mut log).await.unwrap();
         assert_eq!(log.read_vote().await.unwrap(), Some(back));
         let dir2 = tempfile::tempdir().unwrap();
-        let mut empty = LogStore::new(SledRaftDb::open(dir2.path()).unwrap());
+        let mut empty = LogStore::open(&SledRaftDb::open(dir2.path()).unwrap()).unwrap();
         forget_leadership(&mut empty).await.unwrap();
         assert_eq!(empty.read_vote().await.unwrap(), None);
     }

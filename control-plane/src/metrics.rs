@@ -13,7 +13,8 @@ pub const RAFT_APPLIED_INDEX: &str = "rayctl_raft_applied_index";
 pub const RAFT_LAST_LOG_INDEX: &str = "rayctl_raft_last_log_index";
 pub const RAFT_LEADER_CHANGES: &str = "rayctl_raft_leader_changes_total";
 pub const RAFT_APPEND_LATENCY: &str = "rayctl_raft_append_latency_seconds";
-pub const RAFT_FLUSH_BATCH: &str = "rayctl_raft_log_flush_batch_size";
+pub const RAFT_LOG_SYNCS: &str = "rayctl_raft_log_syncs_total";
+pub const RAFT_LOG_WRITES: &str = "rayctl_raft_log_writes_total";
 pub const RAFT_COMMIT_LATENCY: &str = "rayctl_raft_commit_latency_seconds";
 pub const PROPOSAL_BATCH: &str = "rayctl_raft_proposal_batch_size";
 pub const RAFT_SNAPSHOT_BYTES: &str = "rayctl_raft_snapshot_bytes";
@@ -86,10 +87,14 @@ pub fn describe() {
         Unit::Seconds,
         "log append to durable (fsync done), per append"
     );
-    describe_histogram!(
-        RAFT_FLUSH_BATCH,
-        Unit::Count,
-        "appends made durable by one fsync (group commit)"
+    describe_counter!(
+        RAFT_LOG_SYNCS,
+        "fsyncs of the Raft log (one per group of queued appends)"
+    );
+    describe_counter!(
+        RAFT_LOG_WRITES,
+        "records written to the Raft log (appends, votes, commit indexes, purges); over \
+         rayctl_raft_log_syncs_total, the records each fsync covers"
     );
     describe_histogram!(
         RAFT_COMMIT_LATENCY,
@@ -192,8 +197,10 @@ pub(crate) fn record_job_ended(status: crate::state::JobStatus, started_ms: u64,
     }
 }
 
-pub(crate) fn record_log_flush(appends: usize) {
-    histogram!(RAFT_FLUSH_BATCH).record(appends as f64);
+/// The Raft log's cumulative fsync counters, as the WAL's flush worker keeps them.
+pub(crate) fn record_wal(m: &raft_log::FlushMetrics) {
+    counter!(RAFT_LOG_SYNCS).absolute(m.sync_batch_count);
+    counter!(RAFT_LOG_WRITES).absolute(m.write_request_count);
 }
 
 /// What a failed Raft store operation was doing: the `op` label.

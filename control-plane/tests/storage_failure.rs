@@ -1,16 +1,15 @@
 //! A head whose log flush fails (a full disk) acknowledges nothing it could not persist,
 //! counts and logs the failure, and says so through `raft_failure` (which the `rayctl` head
-//! turns into an exit). One in-process single-head Raft over a store whose flush can be made
-//! to fail with ENOSPC. The multi-process version, on a real full tmpfs, is
-//! `chaos-tests/tests/disk_full.rs`.
+//! turns into an exit). One in-process single-head Raft whose log (the WAL) is on a small
+//! tmpfs that the test fills: the kernel's own ENOSPC. Needs root (it mounts); the mount is
+//! lazily unmounted when the guard drops, also when the test fails. The multi-process
+//! version is `chaos-tests/tests/disk_full.rs`.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use control_plane::db::{RaftDb, SledRaftDb};
+use control_plane::db::SledRaftDb;
 use control_plane::log_store::LogStore;
 use control_plane::network::GrpcRaftNetworkFactory;
 use control_plane::sm_store::StateMachineStore;
@@ -19,42 +18,58 @@ use control_plane::types::Raft;
 use openraft::error::RaftError;
 use openraft::{BasicNode, Config, ServerState};
 
-/// `SledRaftDb` whose `flush` fails with ENOSPC once told to (and then flushes nothing).
-#[derive(Clone)]
-struct FullDiskDb {
-    inner: SledRaftDb,
-    full: Arc<AtomicBool>,
+/// A tmpfs of `size` mounted on `dir`, unmounted (lazily) on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test mounts a small tmpfs (a disk that fills up), which needs root"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "rayctl-wal-full",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mount -t tmpfs on {} failed: {st}",
+            dir.display()
+        );
+        Self(dir.into())
+    }
+
+    /// Fills the filesystem until the kernel says ENOSPC.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        for chunk in [64 * 1024, 4096, 512, 1] {
+            let buf = vec![0u8; chunk];
+            loop {
+                match f.write_all(&buf) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(28) => break,
+                    Err(e) => panic!("filling the tmpfs: {e}"),
+                }
+            }
+        }
+    }
 }
 
-impl RaftDb for FullDiskDb {
-    fn meta(&self, key: &str) -> std::io::Result<Option<Vec<u8>>> {
-        self.inner.meta(key)
-    }
-    fn set_meta(&self, key: &str, value: &[u8]) -> std::io::Result<()> {
-        self.inner.set_meta(key, value)
-    }
-    fn put_logs(&self, entries: Vec<(u64, Vec<u8>)>) -> std::io::Result<()> {
-        self.inner.put_logs(entries)
-    }
-    fn logs(&self, from: u64, to_exclusive: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-        self.inner.logs(from, to_exclusive)
-    }
-    fn last_log(&self) -> std::io::Result<Option<(u64, Vec<u8>)>> {
-        self.inner.last_log()
-    }
-    fn remove_logs(&self, from: u64, to_exclusive: u64) -> std::io::Result<()> {
-        self.inner.remove_logs(from, to_exclusive)
-    }
-    fn flush(&self) -> impl Future<Output = std::io::Result<()>> + Send + 'static {
-        let full = self.full.load(Ordering::SeqCst);
-        let flush = self.inner.flush();
-        async move {
-            if full {
-                // ENOSPC, as the kernel reports a write to a full filesystem.
-                return Err(std::io::Error::from_raw_os_error(28));
-            }
-            flush.await
-        }
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -67,8 +82,9 @@ fn put(key: &str) -> Command {
     }
 }
 
-/// A one-head group, leading, over `db`; and the reader of its applied state.
-async fn one_head(db: FullDiskDb) -> (Raft, control_plane::sm_store::StateReader) {
+/// A one-head group, leading, over the snapshot store `db` and the log `log`; and the reader
+/// of its applied state.
+async fn one_head(db: SledRaftDb, log: LogStore) -> (Raft, control_plane::sm_store::StateReader) {
     let config = Config {
         heartbeat_interval: 50,
         election_timeout_min: 150,
@@ -77,13 +93,13 @@ async fn one_head(db: FullDiskDb) -> (Raft, control_plane::sm_store::StateReader
     }
     .validate()
     .unwrap();
-    let sm = StateMachineStore::open(db.clone()).unwrap();
+    let sm = StateMachineStore::open(db).unwrap();
     let reader = sm.reader();
     let raft = Raft::new(
         1,
         Arc::new(config),
         GrpcRaftNetworkFactory::new(None),
-        LogStore::new(db),
+        log,
         sm,
     )
     .await
@@ -106,19 +122,31 @@ async fn a_failed_log_flush_acknowledges_nothing_and_stops_raft() {
     metrics::set_global_recorder(recorder).expect("the only recorder");
 
     let dir = tempfile::tempdir().unwrap();
-    let db = FullDiskDb {
-        inner: SledRaftDb::open(dir.path()).unwrap(),
-        full: Arc::default(),
-    };
-    let (raft, state) = one_head(db.clone()).await;
+    let fs = Tmpfs::mount(&dir.path().join("wal"), "1m");
+    let log = LogStore::open_dir(&dir.path().join("wal")).unwrap();
+    let (raft, state) = one_head(SledRaftDb::open(&dir.path().join("sled")).unwrap(), log).await;
     raft.client_write(put("before")).await.unwrap();
     let failure = tokio::spawn(control_plane::raft_failure(raft.metrics()));
 
-    db.full.store(true, Ordering::SeqCst);
-    let r = raft.client_write(put("after")).await;
+    fs.fill();
+    // What is left of the WAL file's last page still takes a few records; a write that
+    // needs a new page fails.
+    let mut acked = Vec::new();
+    let failed = loop {
+        let key = format!("after-{}", acked.len());
+        match raft.client_write(put(&key)).await {
+            Ok(_) => acked.push(key),
+            Err(e) => break (key, e),
+        }
+        assert!(
+            acked.len() < 1000,
+            "1000 writes acknowledged on a full disk"
+        );
+    };
     assert!(
-        matches!(r, Err(RaftError::Fatal(_))),
-        "a write whose log flush failed was answered {r:?}"
+        matches!(failed.1, RaftError::Fatal(_)),
+        "a write whose log flush failed was answered {:?}",
+        failed.1
     );
     let why = tokio::time::timeout(Duration::from_secs(10), failure)
         .await
@@ -129,8 +157,13 @@ async fn a_failed_log_flush_acknowledges_nothing_and_stops_raft() {
     assert_eq!(raft.metrics().borrow().state, ServerState::Shutdown);
     // Nothing of the failed write was applied (nothing could have been read back as OK).
     let kv = state.read().state.kv.clone();
-    assert!(kv.contains_key(&("n".to_string(), b"before".to_vec())));
-    assert!(!kv.contains_key(&("n".to_string(), b"after".to_vec())));
+    for k in std::iter::once("before").chain(acked.iter().map(String::as_str)) {
+        assert!(
+            kv.contains_key(&("n".to_string(), k.as_bytes().to_vec())),
+            "{k}"
+        );
+    }
+    assert!(!kv.contains_key(&("n".to_string(), failed.0.into_bytes())));
     // Later writes fail too: the core is gone.
     assert!(raft.client_write(put("later")).await.is_err());
 
@@ -146,11 +179,9 @@ async fn a_failed_log_flush_acknowledges_nothing_and_stops_raft() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_is_not_a_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let db = FullDiskDb {
-        inner: SledRaftDb::open(dir.path()).unwrap(),
-        full: Arc::default(),
-    };
-    let (raft, _) = one_head(db).await;
+    let db = SledRaftDb::open(dir.path()).unwrap();
+    let log = LogStore::open(&db).unwrap();
+    let (raft, _) = one_head(db, log).await;
     let failure = control_plane::raft_failure(raft.metrics());
     raft.shutdown().await.unwrap();
     assert_eq!(raft.metrics().borrow().state, ServerState::Shutdown);

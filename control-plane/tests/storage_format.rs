@@ -5,6 +5,8 @@
 //! The fixtures in `tests/fixtures/` were written by the code before the format stamp
 //! (format 1): `format1-entry-*.bin` are postcard-encoded log entries, `format1-snapshot-v3.bin`
 //! a snapshot's bytes, `format1-db/` a sled data dir (entries 1..=4, a vote, a snapshot at 3).
+//! Formats 1 and 2 kept the Raft log in sled; format 3 keeps it in the write-ahead log
+//! (`wal/`), and opening the log moves an older store's log there.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -123,9 +125,59 @@ fn stamp(db: &SledRaftDb) -> Option<u32> {
         .map(|b| u32::from_be_bytes(b.as_slice().try_into().expect("a 4-byte stamp")))
 }
 
-async fn all_entries(db: &SledRaftDb) -> Vec<Entry<TypeConfig>> {
-    let mut log = LogStore::new(db.clone());
-    log.try_get_log_entries(0..u64::MAX).await.unwrap()
+/// The store's log (moved into the WAL if it was still in sled). A dropped store's WAL lets
+/// go of its directory lock when its flush worker ends: retry for a while.
+async fn open_log(db: &SledRaftDb) -> LogStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match LogStore::open(db) {
+            Ok(log) => return log,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("opening the log failed: {e}"),
+        }
+    }
+}
+
+async fn all_entries(log: &LogStore) -> Vec<Entry<TypeConfig>> {
+    log.clone().try_get_log_entries(0..u64::MAX).await.unwrap()
+}
+
+/// A format-2 store (the log in sled) holding `entries`, a vote, a commit index and a purge
+/// point, as builds before format 3 wrote it.
+fn format2_store(
+    dir: &Path,
+    entries: &[Entry<TypeConfig>],
+    purged: Option<LogId<u64>>,
+) -> SledRaftDb {
+    let db = SledRaftDb::open(dir).unwrap();
+    db.set_meta(FORMAT_KEY, &2u32.to_be_bytes()).unwrap();
+    db.set_meta(
+        "vote",
+        &postcard::to_allocvec(&Vote::<u64>::new_committed(3, 7)).unwrap(),
+    )
+    .unwrap();
+    let committed = entries.last().map(|e| e.log_id).or(purged);
+    db.set_meta("committed", &postcard::to_allocvec(&committed).unwrap())
+        .unwrap();
+    if let Some(p) = purged {
+        db.set_meta("last_purged", &postcard::to_allocvec(&p).unwrap())
+            .unwrap();
+    }
+    db.put_legacy_logs(
+        entries
+            .iter()
+            .map(|e| {
+                (
+                    e.log_id.index,
+                    control_plane::format::encode_entry(e).unwrap(),
+                )
+            })
+            .collect(),
+    )
+    .unwrap();
+    db
 }
 
 /// A data dir the code before the format stamp wrote opens, is stamped with today's format,
@@ -138,9 +190,9 @@ async fn format1_data_dir_opens_is_stamped_and_reads_its_entries() {
     copy_dir(&fixture("format1-db"), &dir);
     for round in 0..2 {
         let db = reopen(&dir).await.unwrap();
-        assert_eq!(stamp(&db), Some(2), "round {round}: the stamp");
-        assert_eq!(all_entries(&db).await, fixture_entries(), "round {round}");
-        let mut log = LogStore::new(db.clone());
+        let mut log = open_log(&db).await;
+        assert_eq!(stamp(&db), Some(3), "round {round}: the stamp");
+        assert_eq!(all_entries(&log).await, fixture_entries(), "round {round}");
         assert_eq!(
             log.read_vote().await.unwrap(),
             Some(Vote::new_committed(3, 7))
@@ -179,7 +231,57 @@ async fn format1_entry_fixtures_in_an_unstamped_db_read_back() {
     }
     let db = reopen(tmp.path()).await.unwrap();
     assert_eq!(stamp(&db), Some(2));
-    assert_eq!(all_entries(&db).await, fixture_entries()[1..3].to_vec());
+    let log = open_log(&db).await;
+    assert_eq!(stamp(&db), Some(3));
+    assert_eq!(all_entries(&log).await, fixture_entries()[1..3].to_vec());
+}
+
+/// A format-2 store's log (entries, vote, commit index, purge point) is moved into the WAL
+/// on open and sled's copy dropped; reopened, it reads the same from the WAL alone.
+#[tokio::test]
+async fn a_format2_log_moves_into_the_wal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let entries = fixture_entries()[2..].to_vec();
+    let db = format2_store(tmp.path(), &entries, Some(lid(2)));
+    for round in 0..2 {
+        let mut log = open_log(&db).await;
+        assert_eq!(stamp(&db), Some(3), "round {round}");
+        assert!(db.legacy_log().unwrap().is_none(), "round {round}");
+        assert_eq!(all_entries(&log).await, entries, "round {round}");
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(Vote::new_committed(3, 7)),
+            "round {round}"
+        );
+        assert_eq!(
+            log.read_committed().await.unwrap(),
+            Some(lid(4)),
+            "round {round}"
+        );
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(lid(2)), "round {round}");
+        assert_eq!(state.last_log_id, Some(lid(4)), "round {round}");
+        drop(log);
+    }
+}
+
+/// A move that crashed after writing the WAL but before sled's copy was dropped (the stamp
+/// still says 2) starts over: whatever the WAL held is replaced by sled's log.
+#[tokio::test]
+async fn a_crashed_move_starts_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let entries = fixture_entries();
+    let db = format2_store(tmp.path(), &entries, None);
+    {
+        // A half-written WAL: other entries than sled's.
+        let stray = LogStore::open_dir(&tmp.path().join("wal")).unwrap();
+        let mut other = fixture_entries()[..1].to_vec();
+        other[0].log_id = LogId::new(CommittedLeaderId::new(9, 9), 1);
+        stray.append_durable(other).await.unwrap();
+    }
+    let log = open_log(&db).await;
+    assert_eq!(all_entries(&log).await, entries);
+    assert_eq!(stamp(&db), Some(3));
 }
 
 /// Today's snapshot bytes install, and a snapshot built from them is the same bytes (so a
@@ -213,7 +315,7 @@ async fn format1_snapshot_fixture_installs_and_is_rebuilt_byte_for_byte() {
 async fn a_fresh_data_dir_is_stamped() {
     let tmp = tempfile::tempdir().unwrap();
     let db = SledRaftDb::open(tmp.path()).unwrap();
-    assert_eq!(stamp(&db), Some(2));
+    assert_eq!(stamp(&db), Some(3));
 }
 
 /// A data dir stamped with a format this build does not know is refused on open with the
@@ -225,7 +327,7 @@ async fn a_data_dir_of_an_unknown_format_is_refused_on_open() {
     {
         let db = SledRaftDb::open(tmp.path()).unwrap();
         db.set_meta(FORMAT_KEY, &9u32.to_be_bytes()).unwrap();
-        db.put_logs(vec![(1, vec![0xff; 16])]).unwrap();
+        db.put_legacy_logs(vec![(1, vec![0xff; 16])]).unwrap();
         db.flush().await.unwrap();
     }
     let err = match reopen(tmp.path()).await {
@@ -234,7 +336,7 @@ async fn a_data_dir_of_an_unknown_format_is_refused_on_open() {
     };
     assert!(
         err.contains(
-            "this data dir was written by format version 9; this build reads versions 1..=2"
+            "this data dir was written by format version 9; this build reads versions 1..=3"
         ),
         "{err}"
     );
@@ -242,25 +344,46 @@ async fn a_data_dir_of_an_unknown_format_is_refused_on_open() {
 
 /// A log entry whose version this build does not know is refused with the version named
 /// (postcard is not self-describing: decoding it as today's entry could yield another
-/// command).
+/// command): here in a format-2 log, whose move into the WAL decodes every entry, so the
+/// log does not open, and sled's copy stays as it was.
 #[tokio::test]
 async fn a_log_entry_of_an_unknown_version_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let db = SledRaftDb::open(tmp.path()).unwrap();
+    let db = format2_store(tmp.path(), &[], None);
+    // A WAL already there (as a crashed earlier move would leave one) stays as it was.
+    let kept = fixture_entries()[..1].to_vec();
+    LogStore::open_dir(&tmp.path().join("wal"))
+        .unwrap()
+        .append_durable(kept.clone())
+        .await
+        .unwrap();
     // Version 9, then bytes that today's decoder would otherwise take for an entry.
     let mut bytes = vec![9u8];
     bytes.extend(std::fs::read(fixture("format1-entry-normal.bin")).unwrap());
-    db.put_logs(vec![(3, bytes)]).unwrap();
-    let mut log = LogStore::new(db);
-    let err = log.try_get_log_entries(3..4).await.unwrap_err().to_string();
+    db.put_legacy_logs(vec![(3, bytes)]).unwrap();
+    let err = match LogStore::open(&db) {
+        Ok(_) => panic!("a log holding an entry of version 9 opened"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         err.contains(
             "this log entry was written by format version 9; this build reads versions 1..=1"
         ),
         "{err}"
     );
-    let err = log.get_log_state().await.unwrap_err().to_string();
-    assert!(err.contains("format version 9"), "{err}");
+    assert_eq!(stamp(&db), Some(2));
+    assert_eq!(db.legacy_log().unwrap().map(|l| l.entries.len()), Some(1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let wal = loop {
+        match LogStore::open_dir(&tmp.path().join("wal")) {
+            Ok(w) => break w,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopening the WAL: {e}"),
+        }
+    };
+    assert_eq!(all_entries(&wal).await, kept);
 }
 
 /// A snapshot of a version this build does not know, sent by another head or found on disk,

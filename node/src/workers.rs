@@ -561,7 +561,9 @@ impl WorkerPool {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
-        f.flush().await.map_err(|e| Status::internal(e.to_string()))?;
+        f.flush()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(protocol::sha256_hex(hash))
     }
 

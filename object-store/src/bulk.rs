@@ -80,10 +80,7 @@ async fn serve_conn(
         .is_none_or(|t| std::str::from_utf8(&given).is_ok_and(|g| t.matches(g)));
     s.write_all(&[if ok { ACCEPTED } else { REFUSED }]).await?;
     if !ok {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "bad token",
-        ));
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "bad token"));
     }
     let mut req = [0u8; REQUEST_LEN];
     loop {
@@ -110,7 +107,9 @@ async fn serve_conn(
                     crc.update(piece);
                     timeout(IO_TIMEOUT, s.write_all(piece))
                         .await
-                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer not reading"))??;
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "peer not reading")
+                        })??;
                 }
                 s.write_all(&crc.finalize().to_le_bytes()).await?;
                 crate::metrics::record_sent(len);
@@ -221,7 +220,11 @@ pub enum RangeError {
     #[error("{0}")]
     Source(String),
     #[error("range at {offset}: checksum {got:08x}, the source's {expected:08x}")]
-    Checksum { offset: u64, got: u32, expected: u32 },
+    Checksum {
+        offset: u64,
+        got: u32,
+        expected: u32,
+    },
 }
 
 /// A client connection to a source's bulk port.
@@ -278,7 +281,9 @@ impl BulkConn {
             }
             let mut msg = vec![0u8; n];
             self.read(&mut msg).await?;
-            return Err(RangeError::Source(String::from_utf8_lossy(&msg).into_owned()));
+            return Err(RangeError::Source(
+                String::from_utf8_lossy(&msg).into_owned(),
+            ));
         }
         let mut crc = crc32fast::Hasher::new();
         for piece in dst.chunks_mut(PIECE) {

@@ -151,12 +151,14 @@ impl pb::object_manager_server::ObjectManager for ObjectManagerService {
                 }
                 // No copy: the chunk points into the arena and keeps its own pin until
                 // the response is written.
-                Ok(prost::bytes::Bytes::from_owner(crate::bulk::PinnedRange::pin_again(
-                    store,
-                    id,
-                    b.offset + r.offset,
-                    end - r.offset,
-                )))
+                Ok(prost::bytes::Bytes::from_owner(
+                    crate::bulk::PinnedRange::pin_again(
+                        store,
+                        id,
+                        b.offset + r.offset,
+                        end - r.offset,
+                    ),
+                ))
             })
             .await?;
         crate::metrics::record_sent(data.len() as u64);
@@ -455,7 +457,9 @@ impl Puller {
             .map(|port| bulk_address(from, port));
         let expected = (!info.crc32_omitted).then_some(info.crc32);
         if bulk.is_none() && expected.is_none() {
-            return Err(src_err(&"the source offers neither a bulk port nor a checksum"));
+            return Err(src_err(
+                &"the source offers neither a bulk port nor a checksum",
+            ));
         }
         let resumed = match bulk {
             Some(_) => self.take_partial(id, ds, ms),
@@ -558,7 +562,11 @@ impl Puller {
                 .filter_map(|(i, d)| d.is_none().then_some(i))
                 .collect(),
         );
-        let skipped = total - missing.iter().map(|&i| self.range_len(total, i)).sum::<u64>();
+        let skipped = total
+            - missing
+                .iter()
+                .map(|&i| self.range_len(total, i))
+                .sum::<u64>();
         self.resumed_bytes.fetch_add(skipped, Ordering::Relaxed);
         let next = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -653,7 +661,10 @@ impl Puller {
                 generation,
             },
         );
-        debug_assert!(old.is_none(), "one pull of an object at a time owns its block");
+        debug_assert!(
+            old.is_none(),
+            "one pull of an object at a time owns its block"
+        );
         let (me, ttl) = (self.clone(), self.partial_ttl);
         tokio::spawn(async move {
             tokio::time::sleep(ttl).await;

@@ -207,13 +207,20 @@ async fn proxy(target: u16, cut_after: u64, flip_at: Option<u64>) -> u16 {
 }
 
 fn pattern(n: u64, seed: u64) -> Vec<u8> {
-    (0..n).map(|i| (((i + seed) * 2654435761) >> 13) as u8).collect()
+    (0..n)
+        .map(|i| (((i + seed) * 2654435761) >> 13) as u8)
+        .collect()
 }
 
 /// The CRC-32 of the sealed copy of `id` in `s` (data then metadata), read in place.
 fn crc_of(s: &Store, id: ObjectId) -> u32 {
     let b = s
-        .get(object_store::store::NODE_CLIENT, &[id], Some(Duration::ZERO), &|| false)
+        .get(
+            object_store::store::NODE_CLIENT,
+            &[id],
+            Some(Duration::ZERO),
+            &|| false,
+        )
         .unwrap()[0]
         .expect("the copy is sealed");
     let crc = crc32fast::hash(s.arena().slice(b.offset, b.total()));

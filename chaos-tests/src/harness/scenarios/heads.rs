@@ -612,7 +612,9 @@ pub(super) fn format_drift(run: &mut Run) -> Result<()> {
         "head-{h}'s store stamped with format 99 (a newer build's)"
     ));
     run.kill_head(h);
+    let mut own_stamp = None;
     edit_store(run, h, |db| {
+        own_stamp = db.open_tree("meta")?.get("format")?;
         db.open_tree("meta")?
             .insert("format", &99u32.to_be_bytes())?;
         Ok(())
@@ -641,8 +643,10 @@ pub(super) fn format_drift(run: &mut Run) -> Result<()> {
             }
         ),
     ));
+    // Format 2 kept the log in sled; this build moves such a log into its WAL on start,
+    // decoding every entry first.
     run.fault(&format!(
-        "head-{h}'s store back at format 2, with a log entry of version 99 at its end"
+        "head-{h}'s store at format 2 (the log in sled), with a log entry of version 99 there"
     ));
     let mut planted = 0u64;
     edit_store(run, h, |db| {
@@ -685,6 +689,9 @@ pub(super) fn format_drift(run: &mut Run) -> Result<()> {
     run.heal(&format!("head-{h}'s store put back; restart it"));
     edit_store(run, h, |db| {
         db.open_tree("logs")?.remove(planted.to_be_bytes())?;
+        if let Some(stamp) = &own_stamp {
+            db.open_tree("meta")?.insert("format", stamp)?;
+        }
         Ok(())
     })?;
     run.restart_heads(&[h])?;
