@@ -192,12 +192,51 @@ pub(crate) fn run(smoke: bool, tasks: bool, actors: bool) -> Result<()> {
     Ok(())
 }
 
-/// A new node's first task (issue 20, item 6): on a node that has never seen this program
-/// (it fetches the binary from the driver's node, installs it, starts a worker), and on
-/// another new node given the first one's binaries before it starts (only the worker starts).
+/// A new node's first task (issue 20, item 6): on a node that had never seen this program
+/// when it started (it prefetches the binary from the driver's node as soon as it gets the
+/// cluster view, so by the time the task comes it only starts a worker), and on another new
+/// node given the first one's binaries before it starts; and when the first node was alive
+/// and when it held the binary, counted from its start.
 fn first_task_figures(c: &mut Cluster) -> Result<()> {
-    let size = std::fs::metadata(std::env::current_exe()?)?.len();
+    let exe = std::env::current_exe()?;
+    let size = std::fs::metadata(&exe)?.len();
+    let sha = protocol::sha256_file(&exe)?;
+    let started = Instant::now();
     let i = c.add_node(1.0)?;
+    // A new node fetches the binaries running drivers use as soon as it gets the cluster
+    // view (before any task reaches it): when it is alive, and when it holds this driver's.
+    let cached = c
+        .path()
+        .join(format!("node-{i}"))
+        .join("binaries")
+        .join(&sha);
+    let id = c.nodes[i].ready["node_id"]
+        .as_str()
+        .context("node id")?
+        .to_owned();
+    let (mut alive, mut ready) = (None, None);
+    chaos_tests::wait_for(
+        "the new node alive and holding the binary",
+        Duration::from_secs(60),
+        || {
+            if alive.is_none()
+                && c.status(None).ok().is_some_and(|s| {
+                    Cluster::nodes_in_state(&s, "ALIVE")
+                        .iter()
+                        .any(|n| n["node_id"] == id.as_str())
+                })
+            {
+                alive = Some(started.elapsed());
+            }
+            if ready.is_none() && cached.exists() {
+                ready = Some(started.elapsed());
+            }
+            alive.zip(ready)
+        },
+    )?;
+    let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    emit("new_node_alive_ms", ms(alive), "ms");
+    emit("new_node_holds_binary_ms", ms(ready), "ms");
     let cold = first_task_ms(c, i)?;
     let (from, to) = (
         c.path().join(format!("node-{i}")).join("binaries"),

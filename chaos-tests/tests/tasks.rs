@@ -791,3 +791,49 @@ fn options_on_the_attribute_are_applied_and_the_call_site_overrides_them() -> Re
     assert_eq!(r["node"], two.as_str(), "{r}");
     d.finish(Duration::from_secs(60))
 }
+
+/// A node that joins while a driver runs fetches the driver's program before any task
+/// reaches it (the driver's node advertises the binaries its running jobs registered, the
+/// leader passes them on with the cluster view): the autoscaler's new nodes start work
+/// without a fetch in the way.
+#[test]
+fn a_new_node_fetches_a_running_drivers_binary_before_any_task() -> Result<()> {
+    let mut c = Cluster::start(ClusterOptions {
+        heads: 1,
+        nodes: 0,
+        ..Default::default()
+    })?;
+    c.wait_leader(Duration::from_secs(30))?;
+    let sha = {
+        use sha2::Digest;
+        let bytes = std::fs::read(driver_bin())?;
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let mut d = Driver::start(driver_bin(), &c, &["idle"], &[])?;
+    d.result(Duration::from_secs(60))?;
+    let i = c.add_node(1.0)?;
+    let cached = c
+        .path()
+        .join(format!("node-{i}"))
+        .join("binaries")
+        .join(&sha);
+    wait_for(
+        "the new node to hold the driver's binary",
+        Duration::from_secs(60),
+        || cached.exists().then_some(()),
+    )?;
+    assert_eq!(
+        std::fs::metadata(&cached)?.len(),
+        std::fs::metadata(driver_bin())?.len()
+    );
+    let log = std::fs::read_to_string(c.nodes[i].log_path())?;
+    assert!(
+        log.contains("prefetched a worker binary another node's driver uses"),
+        "{}",
+        c.nodes[i].log_tail()
+    );
+    d.finish(Duration::from_secs(30))
+}

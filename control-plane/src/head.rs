@@ -42,6 +42,8 @@ pub(crate) struct SoftState {
     pub(crate) actor_messages: HashMap<String, String>,
     /// node → (incarnation, idle for how long when reported (None: busy), when, draining)
     pub(crate) idle: HashMap<NodeId, (u64, Option<u64>, Instant, bool)>,
+    /// node → (incarnation, the worker binaries its last heartbeat advertised)
+    pub(crate) binaries: HashMap<NodeId, (u64, Vec<String>)>,
 }
 
 pub(crate) struct HeadShared {

@@ -31,6 +31,8 @@ const MAX_FLOOR_BUNDLES: usize = 10_000;
 
 /// How long the leader passes a dead owner on (every node heartbeats many times meanwhile).
 const DEAD_OWNER_MEMORY: Duration = Duration::from_secs(60);
+/// Most worker binaries one node's heartbeat advertises (the rest are fetched on demand).
+const MAX_ADVERTISED_BINARIES: usize = 16;
 
 impl HeadShared {
     fn node_info(&self, n: &NodeRecord) -> pb::NodeInfo {
@@ -236,6 +238,15 @@ impl ControlPlane for ControlPlaneService {
                 node_id,
                 (r.incarnation, r.idle_ms, Instant::now(), r.draining),
             );
+            // Passed on to every node (a new one prefetches them); bounded, and only what
+            // looks like a binary's hash.
+            let binaries: Vec<String> = r
+                .binaries
+                .into_iter()
+                .filter(|b| b.len() == 64 && b.bytes().all(|c| c.is_ascii_hexdigit()))
+                .take(MAX_ADVERTISED_BINARIES)
+                .collect();
+            soft.binaries.insert(node_id, (r.incarnation, binaries));
             if demand_now {
                 self.0.autoscaler_kick.notify_one();
             }
@@ -267,10 +278,18 @@ impl ControlPlane for ControlPlaneService {
             let st = self.0.state.read();
             st.state
                 .alive_nodes()
-                .map(|n| self.0.node_info(n))
+                .map(|n| {
+                    let info = self.0.node_info(n);
+                    let soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
+                    let binaries = match soft.binaries.get(&n.node_id) {
+                        Some((inc, b)) if *inc == n.incarnation => b.clone(),
+                        _ => Vec::new(),
+                    };
+                    (info, binaries)
+                })
                 // Draining nodes stay in the view, flagged: nodes schedule nothing there,
                 // but still pull from them (a drain moves its objects away by pulls).
-                .map(|info| pb::NodeResources {
+                .map(|(info, binaries)| pb::NodeResources {
                     object_manager_port: info.ports.map_or(0, |p| p.object_manager_port),
                     node_id: info.node_id,
                     address: info.address,
@@ -278,6 +297,7 @@ impl ControlPlane for ControlPlaneService {
                     available: info.resources_available,
                     draining: info.draining,
                     is_head: info.is_head,
+                    binaries,
                 })
                 .collect()
         };

@@ -767,6 +767,7 @@ impl NodeManager for NodeManagerService {
             .workers
             .register_local(r.sha256.clone(), r.path)
             .await?;
+        self.shared.workers.note_registered(&r.sha256, &r.job_id);
         self.shared.workers.prestart(&r.sha256, &r.job_id);
         Ok(tonic::Response::new(reply))
     }
@@ -776,6 +777,7 @@ impl NodeManager for NodeManagerService {
         req: tonic::Request<tonic::Streaming<pb::BinaryChunk>>,
     ) -> Result<tonic::Response<pb::RegisterBinaryReply>, tonic::Status> {
         let (reply, job) = self.shared.workers.upload(req.into_inner()).await?;
+        self.shared.workers.note_registered(&reply.sha256, &job);
         self.shared.workers.prestart(&reply.sha256, &job);
         Ok(tonic::Response::new(reply))
     }
@@ -878,6 +880,7 @@ impl NodeShared {
             }
         }
         self.workers.set_binary_sources(nms);
+        self.workers.prefetch(&view);
         self.puller.set_sources(oms);
         // Scheduling never sends work to a node that is leaving.
         let work = view.iter().filter(|n| !n.draining).cloned().collect();

@@ -104,6 +104,7 @@ pub(crate) async fn run(
                 placement_groups: node.leases.placement_groups(),
                 idle_ms: node.idle_ms(),
                 draining: node.leases.draining(),
+                binaries: node.workers.advertised_binaries(),
             };
             match hb_client
                 .call(|mut c| {

@@ -109,7 +109,20 @@ struct PoolState {
     /// channel's own end still decides when it closes).
     owners: HashMap<u64, (Vec<u8>, mpsc::WeakUnboundedSender<pb::NodeToWorker>)>,
     tasks: TaskTable,
+    /// Binaries drivers here registered: sha → (their jobs, when last registered). Advertised
+    /// in heartbeats while a process of one of those jobs runs here (or for a minute after
+    /// the registration, before the driver's channel is up).
+    registered: HashMap<String, (std::collections::BTreeSet<String>, Instant)>,
+    /// Prefetches started: sha → when (one attempt per `PREFETCH_RETRY`).
+    prefetched: HashMap<String, Instant>,
 }
+
+/// How long a registered binary is advertised without a live process of its job.
+const REGISTRATION_GRACE: Duration = Duration::from_secs(60);
+/// How soon a failed prefetch of a binary is tried again.
+const PREFETCH_RETRY: Duration = Duration::from_secs(30);
+/// Most binaries one heartbeat advertises.
+const MAX_ADVERTISED: usize = 16;
 
 /// The latest state of the tasks the owners on this node reported, bounded.
 #[derive(Default)]
@@ -488,6 +501,92 @@ impl WorkerPool {
         tokio::task::block_in_place(|| self.install_hashed(&tmp, sha, &got))?;
         tracing::info!(sha, source, "fetched worker binary");
         Ok(path)
+    }
+
+    /// A driver of `job` registered binary `sha` here (it is advertised to new nodes).
+    pub(crate) fn note_registered(&self, sha: &str, job: &str) {
+        if !is_sha256(sha) {
+            return;
+        }
+        let mut st = self.lock();
+        let e = st
+            .registered
+            .entry(sha.to_owned())
+            .or_insert_with(|| (Default::default(), Instant::now()));
+        if !job.is_empty() {
+            e.0.insert(job.to_owned());
+        }
+        e.1 = Instant::now();
+    }
+
+    /// The binaries to advertise in the next heartbeat: those registered here whose job
+    /// still has a process on this node (or registered less than a minute ago), newest
+    /// first. The others are forgotten.
+    pub(crate) fn advertised_binaries(&self) -> Vec<String> {
+        let mut st = self.lock();
+        let live: std::collections::HashSet<String> =
+            st.processes.values().map(|p| p.2.clone()).collect();
+        st.registered.retain(|_, (jobs, at)| {
+            at.elapsed() < REGISTRATION_GRACE || jobs.iter().any(|j| live.contains(j))
+        });
+        let mut out: Vec<(Instant, String)> = st
+            .registered
+            .iter()
+            .map(|(sha, (_, at))| (*at, sha.clone()))
+            .collect();
+        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.into_iter()
+            .take(MAX_ADVERTISED)
+            .map(|(_, sha)| sha)
+            .collect()
+    }
+
+    /// Fetches, in the background, the binaries other nodes advertise that this node lacks:
+    /// a new node has its jobs' programs before their first task reaches it. A task that
+    /// arrives meanwhile waits for the same fetch (one per binary).
+    pub(crate) fn prefetch(self: &Arc<Self>, view: &[pb::NodeResources]) {
+        let mut todo = Vec::new();
+        {
+            let mut st = self.lock();
+            for n in view {
+                if n.address == self.cfg.node_address {
+                    continue;
+                }
+                for sha in n.binaries.iter().take(MAX_ADVERTISED) {
+                    if !is_sha256(sha)
+                        || st
+                            .prefetched
+                            .get(sha)
+                            .is_some_and(|t| t.elapsed() < PREFETCH_RETRY)
+                        || self.binary_path(sha).exists()
+                    {
+                        continue;
+                    }
+                    st.prefetched.insert(sha.clone(), Instant::now());
+                    todo.push((sha.clone(), n.address.clone()));
+                }
+            }
+        }
+        for (sha, source) in todo {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                match me.ensure_binary(&sha, &source).await {
+                    Ok(_) => tracing::info!(
+                        sha,
+                        source,
+                        ms = started.elapsed().as_millis() as u64,
+                        "prefetched a worker binary another node's driver uses"
+                    ),
+                    Err(e) => tracing::warn!(
+                        sha,
+                        source,
+                        "prefetching a worker binary failed: {}",
+                        e.message()
+                    ),
+                }
+            });
+        }
     }
 
     /// Where binaries may come from from now on: the node managers of the live nodes.
