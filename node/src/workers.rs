@@ -534,7 +534,7 @@ impl WorkerPool {
             .iter()
             .map(|(sha, (_, at))| (*at, sha.clone()))
             .collect();
-        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.sort_by_key(|o| std::cmp::Reverse(o.0));
         out.into_iter()
             .take(MAX_ADVERTISED)
             .map(|(_, sha)| sha)
