@@ -143,9 +143,10 @@ fn work_waiting_for_busy_nodes_is_named_on_the_drivers_stderr() -> Result<()> {
         node_resources: vec![("slot".into(), 1.0)],
         ..Default::default()
     })?;
-    // Both nodes registered first: a driver that starts before the worker node is alive
-    // sees its first task as infeasible, and once the node comes both tasks race for the
-    // CPU; if the short one wins, nothing ever waits and no busy warning is due.
+    // Both nodes registered first, and the driver runs a probe task before the two that
+    // matter: a driver whose node does not see the worker node yet sees its first task as
+    // infeasible, and once the node comes both tasks race for the CPU; if the short one
+    // wins, nothing ever waits and no busy warning is due.
     c.wait_alive(2)?;
     let mut d = Driver::start(sdk_driver(), &c, &["busy"], &[])?;
     wait_for("the busy warning", Duration::from_secs(30), || {

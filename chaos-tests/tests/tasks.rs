@@ -804,14 +804,7 @@ fn a_new_node_fetches_a_running_drivers_binary_before_any_task() -> Result<()> {
         ..Default::default()
     })?;
     c.wait_leader(Duration::from_secs(30))?;
-    let sha = {
-        use sha2::Digest;
-        let bytes = std::fs::read(driver_bin())?;
-        sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let sha = protocol::sha256_file(std::path::Path::new(driver_bin()))?;
     let mut d = Driver::start(driver_bin(), &c, &["idle"], &[])?;
     d.result(Duration::from_secs(60))?;
     let i = c.add_node(1.0)?;

@@ -123,6 +123,11 @@ const REGISTRATION_GRACE: Duration = Duration::from_secs(60);
 const PREFETCH_RETRY: Duration = Duration::from_secs(30);
 /// Most binaries one heartbeat advertises.
 const MAX_ADVERTISED: usize = 16;
+/// How long after its start a node prefetches the binaries other nodes advertise. A new
+/// node (the autoscaler's) gets them before its first task; a node that has run for a while
+/// fetches a new driver's binary with that driver's first task there, so a driver's start
+/// does not send its binary to every node at once.
+const PREFETCH_WINDOW: Duration = Duration::from_secs(120);
 
 /// The latest state of the tasks the owners on this node reported, bounded.
 #[derive(Default)]
@@ -228,6 +233,8 @@ pub(crate) struct WorkerPool {
     /// Node managers a missing binary may be fetched from (the live nodes); none until the
     /// first heartbeat reply, when only this node itself is a source.
     binary_sources: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// When this node started: it prefetches binaries only while it is new.
+    started: Instant,
 }
 
 impl Worker {
@@ -264,6 +271,7 @@ impl WorkerPool {
             cfg,
             leases,
             binary_sources: std::sync::RwLock::default(),
+            started: Instant::now(),
             st: Mutex::default(),
             relay: Default::default(),
         }
@@ -541,10 +549,14 @@ impl WorkerPool {
             .collect()
     }
 
-    /// Fetches, in the background, the binaries other nodes advertise that this node lacks:
-    /// a new node has its jobs' programs before their first task reaches it. A task that
-    /// arrives meanwhile waits for the same fetch (one per binary).
+    /// Fetches, in the background, the binaries other nodes advertise that this node lacks,
+    /// while this node is new (`PREFETCH_WINDOW`): a node that joins has the running jobs'
+    /// programs before their first task reaches it. A task that arrives meanwhile waits for
+    /// the same fetch (one per binary).
     pub(crate) fn prefetch(self: &Arc<Self>, view: &[pb::NodeResources]) {
+        if self.started.elapsed() > PREFETCH_WINDOW {
+            return;
+        }
         let mut todo = Vec::new();
         {
             let mut st = self.lock();

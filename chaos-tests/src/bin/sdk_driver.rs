@@ -431,6 +431,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result(serde_json::json!({"nodes": sdk::get_all(&refs)?}));
         }
         "busy" => {
+            // This node's view has the worker node first (a probe ran there): before it does,
+            // the long task looks infeasible, and once the node shows up both tasks race for
+            // its CPU; if the short one wins, nothing waits.
+            sdk::get(&where_am_i::remote())?;
             // The only CPU held for a while by one shape; another shape then waits for it.
             let long = sleep_where::remote(20_000u64);
             std::thread::sleep(Duration::from_secs(1));
