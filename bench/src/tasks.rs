@@ -1,9 +1,10 @@
 //! Tasks through the SDK over a real two-node cluster (a head and a worker node): this
 //! benchmark process is the driver, and the nodes run it again as workers.
 //!
-//! Figures (issue 5): `tasks_async_per_s` (submit N no-op tasks, then get all), beside
-//! `tasks_async_no_events_per_s` (the same with `enable_task_events = false`) and
-//! `task_events_overhead` (the fraction of throughput task events cost),
+//! Figures (issue 5): `tasks_async_per_s` (submit N no-op tasks, then get all), what task
+//! events cost (`task_events_overhead`, the fraction of throughput, from alternating blocks
+//! of tasks with `enable_task_events` on and off, and `task_events_cpu_overhead`; see
+//! `task_events_figures`),
 //! `borrowed_ref_task_per_s` (the same, each task given a `Vec` of 10 refs it borrows),
 //! `task_roundtrip_ms` (sequential submit + get, median), the large argument figures
 //! (`large_arg_local_ms`: summing 256 MiB in this process; `large_arg_put_ms`;
@@ -258,6 +259,72 @@ fn first_task_figures(c: &mut Cluster) -> Result<()> {
     Ok(())
 }
 
+/// What task events cost: blocks of tasks with events on (the default) and off
+/// (`enable_task_events = false`) alternate on the same warm cluster. Owners report events
+/// about once a second, so a block lasts about two seconds (its reports fall inside it),
+/// and each is followed by a pause in which the rest of what it recorded is reported.
+/// `task_events_overhead`: the throughput lost with events on, as a fraction (median over
+/// the pairs of blocks). `task_events_cpu_overhead`: the extra CPU time per task, from the
+/// machine's busy time over the blocks and their pauses, so it counts the reports and the
+/// node's table too (the machine runs nothing else meanwhile).
+fn task_events_figures(smoke: bool, n: usize) -> Result<()> {
+    let (pairs, rounds) = if smoke { (1, 2) } else { (5, 20) };
+    let quiet = noop::options().enable_task_events(false);
+    // One block: its throughput, and the machine's busy time over it and the pause after.
+    let block = |opts: &TaskOptions| -> Result<(f64, f64)> {
+        let busy = busy_seconds()?;
+        let mut spent = Duration::ZERO;
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let refs: Vec<_> = (0..n).map(|_| noop::remote_with(opts)).collect();
+            sdk::get_all(&refs)?;
+            spent += t.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(1_300));
+        let tasks = (rounds * n) as f64;
+        Ok((tasks / spent.as_secs_f64(), (busy_seconds()? - busy) / tasks))
+    };
+    block(&quiet)?; // leases for a full round
+    let (mut lost, mut on, mut off, mut cpu_on, mut cpu_off) = (vec![], vec![], vec![], 0.0, 0.0);
+    for _ in 0..pairs {
+        let (r_on, c_on) = block(&noop::options())?;
+        let (r_off, c_off) = block(&quiet)?;
+        lost.push(1.0 - r_on / r_off);
+        on.push(r_on);
+        off.push(r_off);
+        cpu_on += c_on;
+        cpu_off += c_off;
+    }
+    for v in [&mut lost, &mut on, &mut off] {
+        v.sort_by(f64::total_cmp);
+    }
+    emit("tasks_async_events_per_s", percentile(&on, 0.5), "tasks/s");
+    emit("tasks_async_no_events_per_s", percentile(&off, 0.5), "tasks/s");
+    emit("task_events_overhead", percentile(&lost, 0.5), "fraction");
+    emit("task_events_cpu_us_per_task", cpu_on / pairs as f64 * 1e6, "us");
+    emit("task_events_off_cpu_us_per_task", cpu_off / pairs as f64 * 1e6, "us");
+    emit("task_events_cpu_overhead", cpu_on / cpu_off - 1.0, "fraction");
+    Ok(())
+}
+
+/// CPU time all processes on the machine have spent (user, nice, system, irq, softirq), in
+/// seconds, from `/proc/stat`.
+fn busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("/proc/stat is empty")?;
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("/proc/stat's cpu line")?;
+    anyhow::ensure!(f.len() >= 7, "/proc/stat's cpu line has {} fields", f.len());
+    // user nice system idle iowait irq softirq, in clock ticks.
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
+        .context("no clock tick rate")? as f64;
+    Ok((f[0] + f[1] + f[2] + f[5] + f[6]) / hz)
+}
+
 /// Waits until node `i` (as its ready file names it) is alive, then times one task there.
 fn first_task_ms(c: &Cluster, i: usize) -> Result<f64> {
     let id = c.nodes[i].ready["node_id"]
@@ -287,27 +354,21 @@ fn task_figures(smoke: bool, other: sdk::NodeId) -> Result<()> {
     sdk::get_all(&(0..200).map(|_| noop::remote()).collect::<Vec<_>>())?;
 
     let n = if smoke { 1_000 } else { 10_000 };
-    // Rounds alternate task events on (the default) and off (`enable_task_events =
-    // false`) on the same warm cluster; the best of each.
-    let quiet = noop::options().enable_task_events(false);
     let rate = |opts: &TaskOptions| -> Result<f64> {
         let t = Instant::now();
         let refs: Vec<_> = (0..n).map(|_| noop::remote_with(opts)).collect();
         sdk::get_all(&refs)?;
         Ok(n as f64 / t.elapsed().as_secs_f64())
     };
-    let (mut best, mut best_quiet) = (0f64, 0f64);
-    rate(&quiet)?; // leases for a full round
+    rate(&noop::options())?; // leases for a full round
+    let mut best = 0f64;
     for _ in 0..if smoke { 1 } else { 3 } {
         best = best.max(rate(&noop::options())?);
-        best_quiet = best_quiet.max(rate(&quiet)?);
     }
     emit("tasks_async_per_s", best, "tasks/s");
     emit("tasks_async_vs_ray_2_60", best / 1255.0, "x");
-    emit("tasks_async_no_events_per_s", best_quiet, "tasks/s");
-    // The throughput task events cost, as a fraction of the throughput without them.
-    emit("task_events_overhead", 1.0 - best / best_quiet, "fraction");
     let plain = best;
+    task_events_figures(smoke, n)?;
 
     // The same, each task receiving a Vec of 10 refs it borrows (the borrowing protocol's
     // cost on the hot path: the caller pins them until the reply, nothing is registered).

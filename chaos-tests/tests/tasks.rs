@@ -440,10 +440,7 @@ fn an_unclaimed_lease_is_given_back() -> Result<()> {
     let sha = {
         use sha2::Digest;
         let bytes = std::fs::read(driver_bin())?;
-        sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        protocol::hex::encode(sha2::Sha256::digest(&bytes))
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -611,10 +611,7 @@ async fn package_upload(
     }
     let sha: String = {
         use sha2::Digest;
-        sha2::Sha256::digest(&body)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        protocol::hex::encode(sha2::Sha256::digest(&body))
     };
     let manifest = protocol::package::Manifest {
         size: body.len() as u64,

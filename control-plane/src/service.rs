@@ -243,7 +243,7 @@ impl ControlPlane for ControlPlaneService {
             let binaries: Vec<String> = r
                 .binaries
                 .into_iter()
-                .filter(|b| b.len() == 64 && b.bytes().all(|c| c.is_ascii_hexdigit()))
+                .filter(|b| protocol::is_sha256_hex(b))
                 .take(MAX_ADVERTISED_BINARIES)
                 .collect();
             soft.binaries.insert(node_id, (r.incarnation, binaries));

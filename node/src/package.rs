@@ -41,10 +41,7 @@ pub(crate) async fn fetch(c: &HeadClient, uri: &str) -> Result<Vec<u8>, String> 
                 .map_err(|e| format!("package {name} chunk {i}: {e}"))?,
         );
     }
-    let sha: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = protocol::hex::encode(Sha256::digest(&bytes));
     if bytes.len() as u64 != m.size || sha != m.sha256 {
         return Err(format!(
             "package {name} is corrupt: {} bytes with sha256 {sha}, manifest says {} and {}",

@@ -108,7 +108,6 @@ struct PoolState {
     /// Each channel's owner prefix and a way to send it news of its objects (weak: the
     /// channel's own end still decides when it closes).
     owners: HashMap<u64, (Vec<u8>, mpsc::WeakUnboundedSender<pb::NodeToWorker>)>,
-    tasks: TaskTable,
     /// Binaries drivers here registered: sha → (their jobs, when last registered). Advertised
     /// in heartbeats while a process of one of those jobs runs here (or for a minute after
     /// the registration, before the driver's channel is up).
@@ -228,6 +227,9 @@ pub(crate) struct WorkerPool {
     output: crate::output::Forwarder,
     leases: Arc<Leases>,
     st: Mutex<PoolState>,
+    /// The task table has its own lock: a report of many events, or a listing, does not
+    /// hold up leases and workers.
+    tasks: Mutex<TaskTable>,
     /// Calls for owner processes here, relayed down their channels (borrowing protocol).
     pub(crate) relay: crate::relay::Relay,
     /// Node managers a missing binary may be fetched from (the live nodes); none until the
@@ -249,12 +251,6 @@ impl Worker {
     }
 }
 
-fn is_sha256(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-}
-
 fn bad_hash(s: &str) -> Status {
     Status::invalid_argument(format!(
         "binary hash {:?} is not 64 lowercase hex characters",
@@ -273,12 +269,17 @@ impl WorkerPool {
             binary_sources: std::sync::RwLock::default(),
             started: Instant::now(),
             st: Mutex::default(),
+            tasks: Mutex::default(),
             relay: Default::default(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn task_table(&self) -> std::sync::MutexGuard<'_, TaskTable> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn binary_path(&self, sha: &str) -> PathBuf {
@@ -334,7 +335,7 @@ impl WorkerPool {
         sha: String,
         path: String,
     ) -> Result<pb::RegisterBinaryReply, Status> {
-        if !is_sha256(&sha) {
+        if !protocol::is_sha256_hex(&sha) {
             return Err(bad_hash(&sha));
         }
         let me = self.clone();
@@ -392,7 +393,7 @@ impl WorkerPool {
             .ok_or_else(|| Status::invalid_argument("empty upload"))?;
         let sha = first.sha256.clone();
         let job = first.job_id.clone();
-        if !is_sha256(&sha) {
+        if !protocol::is_sha256_hex(&sha) {
             return Err(bad_hash(&sha));
         }
         if let Ok(m) = std::fs::metadata(self.binary_path(&sha)) {
@@ -437,7 +438,7 @@ impl WorkerPool {
         &self,
         sha: &str,
     ) -> Result<mpsc::Receiver<Result<pb::BinaryChunk, Status>>, Status> {
-        if !is_sha256(sha) {
+        if !protocol::is_sha256_hex(sha) {
             return Err(bad_hash(sha));
         }
         let path = self.binary_path(sha);
@@ -476,7 +477,7 @@ impl WorkerPool {
 
     /// The path of binary `sha`, fetched from `source` (a node manager address) if missing.
     async fn ensure_binary(&self, sha: &str, source: &str) -> Result<PathBuf, Status> {
-        if !is_sha256(sha) {
+        if !protocol::is_sha256_hex(sha) {
             return Err(bad_hash(sha));
         }
         let path = self.binary_path(sha);
@@ -513,7 +514,7 @@ impl WorkerPool {
 
     /// A driver of `job` registered binary `sha` here (it is advertised to new nodes).
     pub(crate) fn note_registered(&self, sha: &str, job: &str) {
-        if !is_sha256(sha) {
+        if !protocol::is_sha256_hex(sha) {
             return;
         }
         let mut st = self.lock();
@@ -565,7 +566,7 @@ impl WorkerPool {
                     continue;
                 }
                 for sha in n.binaries.iter().take(MAX_ADVERTISED) {
-                    if !is_sha256(sha)
+                    if !protocol::is_sha256_hex(sha)
                         || st
                             .prefetched
                             .get(sha)
@@ -1088,7 +1089,7 @@ impl WorkerPool {
                             });
                         }
                     }
-                    Some(pb::worker_message::Kind::TaskEvents(ev)) => me.lock().tasks.record(ev),
+                    Some(pb::worker_message::Kind::TaskEvents(ev)) => me.task_table().record(ev),
                     Some(pb::worker_message::Kind::Blocked(l)) => me.leases.lend(&l),
                     Some(pb::worker_message::Kind::Unblocked(l)) => me.leases.reclaim(&l),
                     Some(pb::worker_message::Kind::Output(o)) => me.route_output(o),
@@ -1312,9 +1313,9 @@ impl WorkerPool {
     /// The tasks the owners here reported (latest state each), and how many were dropped.
     /// Tasks of the task table by (state, function, whether a retry): Ray's `ray_tasks`.
     pub(crate) fn task_counts(&self) -> HashMap<(String, String, bool), u64> {
-        let st = self.lock();
-        let mut out = st.tasks.ended.clone();
-        for t in st.tasks.by_id.values() {
+        let tasks = self.task_table();
+        let mut out = tasks.ended.clone();
+        for t in tasks.by_id.values() {
             if !matches!(t.state(), pb::TaskState::Finished | pb::TaskState::Failed) {
                 let state = protocol::task_state_name(t.state()).to_owned();
                 *out.entry((state, t.function.clone(), t.attempt > 0))
@@ -1343,10 +1344,10 @@ impl WorkerPool {
     }
 
     pub(crate) fn list_tasks(&self) -> pb::ListTasksReply {
-        let st = self.lock();
+        let tasks = self.task_table();
         pb::ListTasksReply {
-            tasks: st.tasks.by_id.values().cloned().collect(),
-            dropped: st.tasks.dropped,
+            tasks: tasks.by_id.values().cloned().collect(),
+            dropped: tasks.dropped,
         }
     }
 
@@ -1361,7 +1362,7 @@ impl WorkerPool {
                     pid: *pid,
                     worker_id: worker.clone(),
                     job_id: job.clone(),
-                    owner_prefix: prefix.iter().map(|b| format!("{b:02x}")).collect(),
+                    owner_prefix: protocol::hex::encode(prefix),
                     objects_owned: stats.map_or(0, |s| s.objects_owned),
                     tasks_running: stats.map_or(0, |s| s.tasks_running),
                 }

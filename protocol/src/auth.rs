@@ -121,7 +121,7 @@ fn read_secret(path: &Path) -> Result<AuthToken, TokenError> {
 fn random_secret() -> Result<String, std::io::Error> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(hex::encode(b))
 }
 
 /// Makes `path` hold a new random secret unless it exists; concurrent callers (three heads

@@ -38,10 +38,9 @@ macro_rules! hex_fmt {
     ($t:ident) => {
         impl fmt::Display for $t {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                for b in self.0 {
-                    write!(f, "{b:02x}")?;
-                }
-                Ok(())
+                let mut s = [0u8; 2 * std::mem::size_of::<$t>()];
+                hex::encode_to_slice(self.0, &mut s).map_err(|_| fmt::Error)?;
+                f.write_str(std::str::from_utf8(&s).map_err(|_| fmt::Error)?)
             }
         }
 
@@ -347,6 +346,17 @@ mod tests {
             let e = bad.parse::<NodeId>().unwrap_err();
             assert_eq!(e.kind, "node id", "{bad}");
         }
+    }
+
+    #[test]
+    fn ids_show_as_lowercase_hex_with_leading_zeros() {
+        let b: [u8; 20] = std::array::from_fn(|i| (i * 13) as u8);
+        let want: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(ObjectId::from_bytes(b).to_string(), want);
+        assert_eq!(format!("{:?}", ObjectId::from_bytes(b)), format!("ObjectId({want})"));
+        let n: [u8; 16] = std::array::from_fn(|i| 0xf0 ^ i as u8);
+        assert_eq!(NodeId::from_bytes(n).to_string(), "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff");
+        assert_eq!(ActorId::from_bytes([0x0a; 16]).to_string(), "0a".repeat(16));
     }
 
     #[test]

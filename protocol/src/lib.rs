@@ -9,6 +9,8 @@
 pub mod env;
 pub mod error;
 pub mod ids;
+/// Lowercase hex (ids, digests), re-exported so every crate writes it the same way.
+pub use hex;
 pub mod session;
 
 #[cfg(feature = "grpc")]
@@ -127,8 +129,27 @@ pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
 /// The lowercase hex digest of `h` (how binaries are named).
 pub fn sha256_hex(h: sha2::Sha256) -> String {
     use sha2::Digest;
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(h.finalize())
+}
+
+/// Whether `s` is a sha256 digest as `sha256_hex` writes it: 64 lowercase hex characters.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// `working_dir` packages: names, KV layout and (with the `package` feature) safe unpacking.
 pub mod package;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_sha256_name_is_64_lowercase_hex_characters() {
+        use sha2::Digest;
+        let name = super::sha256_hex(sha2::Sha256::new_with_prefix(b"abc"));
+        assert_eq!(name, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert!(super::is_sha256_hex(&name));
+        for bad in [&name[..63], &name.to_uppercase(), &format!("{}g", &name[..63]), ""] {
+            assert!(!super::is_sha256_hex(bad), "{bad}");
+        }
+    }
+}

@@ -85,10 +85,7 @@ pub(crate) fn pack(dir: &Path, max_bytes: u64) -> anyhow::Result<Vec<u8>> {
 /// Packs and uploads `dir` unless the cluster already has it; returns its URI.
 pub(crate) async fn upload(c: &HeadClient, dir: &Path) -> anyhow::Result<String> {
     let bytes = pack(dir, package::DEFAULT_MAX_BYTES)?;
-    let sha: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = protocol::hex::encode(Sha256::digest(&bytes));
     let name = format!("_ray_pkg_{}.zip", &sha[..32]);
     let kv_get = pb::KvGetRequest {
         namespace: package::KV_NAMESPACE.into(),

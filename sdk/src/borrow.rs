@@ -284,13 +284,9 @@ fn owner_died(id: ObjectId, node: &str, why: &str) -> Error {
         id,
         format!(
             "its owner (process {} on node {node}) {why}",
-            hex(&id.as_bytes()[..PREFIX])
+            protocol::hex::encode(&id.as_bytes()[..PREFIX])
         ),
     )
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Registers borrows with their owners: `handles` for `borrower`, each once. A handle this

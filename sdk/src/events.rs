@@ -14,6 +14,7 @@
 
 use std::cell::Cell;
 use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use protocol::pb::{self, TaskState};
 use protocol::{ActorId, NodeId, ObjectId, WorkerId};
@@ -21,6 +22,8 @@ use protocol::{ActorId, NodeId, ObjectId, WorkerId};
 /// A change of a task's state, for its task event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Note {
+    /// When the change happened (the submitter's clock for the event it handles).
+    pub(crate) time: Instant,
     pub(crate) id: ObjectId,
     pub(crate) function: &'static str,
     pub(crate) state: TaskState,
@@ -46,12 +49,37 @@ struct Rec {
     time_ms: u64,
 }
 
-#[derive(Default)]
 struct Buf {
     recs: Vec<Rec>,
     dropped: u64,
     /// Counts the reports taken, so slots of earlier periods are told apart.
     period: u32,
+    /// The wall clock at an instant of this period: a change's `Instant` becomes Unix ms
+    /// without reading the clock again (read once per period, so it follows adjustments).
+    epoch: (Instant, u64),
+}
+
+impl Buf {
+    fn new(period: u32) -> Self {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            recs: Vec::new(),
+            dropped: 0,
+            period,
+            epoch: (Instant::now(), ms),
+        }
+    }
+
+    /// Unix ms of `t`.
+    fn unix_ms(&self, t: Instant) -> u64 {
+        let (at, ms) = self.epoch;
+        match t.checked_duration_since(at) {
+            Some(d) => ms + d.as_millis() as u64,
+            None => ms.saturating_sub(at.duration_since(t).as_millis() as u64),
+        }
+    }
 }
 
 /// Where a task's record of the current period is (none yet: 0). Kept in the task; only
@@ -80,27 +108,28 @@ impl Slot {
     }
 }
 
-/// The buffer the submitter and `submit` record into, and the report takes.
-#[derive(Default)]
+/// The buffer the submitter records into, and the report takes.
 pub(crate) struct TaskLog(Mutex<Buf>);
+
+impl Default for TaskLog {
+    fn default() -> Self {
+        Self(Mutex::new(Buf::new(0)))
+    }
+}
 
 impl TaskLog {
     /// Records a change of the state of the task whose record `slot` places.
     pub(crate) fn record(&self, slot: &Slot, n: Note) {
-        if slot.is_off() {
-            return; // before the clock and the lock
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.record_at(slot, n, now);
+        self.record_at(slot, n, None);
     }
 
-    fn record_at(&self, slot: &Slot, n: Note, now: u64) {
+    /// `record`, at Unix ms `at` instead of the note's time (tests).
+    fn record_at(&self, slot: &Slot, n: Note, at: Option<u64>) {
         if slot.is_off() {
-            return;
+            return; // before the lock
         }
         let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = at.unwrap_or_else(|| b.unix_ms(n.time));
         let (start, end) = match n.state {
             TaskState::SubmittedToWorker => (now, 0),
             TaskState::Finished | TaskState::Failed => (0, now),
@@ -157,10 +186,7 @@ impl TaskLog {
     pub(crate) fn take(&self, job_id: &str) -> Option<pb::TaskEvents> {
         let b = {
             let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let next = Buf {
-                period: b.period.wrapping_add(1),
-                ..Buf::default()
-            };
+            let next = Buf::new(b.period.wrapping_add(1));
             std::mem::replace(&mut *b, next)
         };
         if b.recs.is_empty() && b.dropped == 0 {
@@ -175,7 +201,7 @@ impl TaskLog {
                 function: r.note.function.to_owned(),
                 state: r.note.state as i32,
                 node_id: r.note.node.map(|n| n.to_string()).unwrap_or_default(),
-                worker_id: r.note.worker.map(|w| w.to_string()).unwrap_or_default(),
+                worker_id: r.note.worker.map(|w| w.as_str().to_owned()).unwrap_or_default(),
                 attempt: r.note.attempt,
                 error: r.note.error,
                 actor_id: r.note.actor.map(|a| a.to_string()).unwrap_or_default(),
@@ -200,6 +226,7 @@ mod tests {
 
     fn note(id: u8, state: TaskState, attempt: u32) -> Note {
         Note {
+            time: Instant::now(),
             id: ObjectId::from_bytes([id; 20]),
             function: "f",
             state,
@@ -216,16 +243,16 @@ mod tests {
         let log = TaskLog::default();
         let (s1, s2) = (Slot::default(), Slot::default());
         assert!(log.take("j").is_none(), "nothing to report");
-        log.record_at(&s1, note(1, TaskState::PendingArgsAvail, 0), 100);
-        log.record_at(&s2, note(2, TaskState::PendingArgsAvail, 0), 101);
-        log.record_at(&s1, note(1, TaskState::PendingNodeAssignment, 0), 102);
+        log.record_at(&s1, note(1, TaskState::PendingArgsAvail, 0), Some(100));
+        log.record_at(&s2, note(2, TaskState::PendingArgsAvail, 0), Some(101));
+        log.record_at(&s1, note(1, TaskState::PendingNodeAssignment, 0), Some(102));
         let at = Note {
             node: Some(protocol::NodeId::from_bytes([0xaa; 16])),
             worker: Some("w1".parse().expect("worker id")),
             ..note(1, TaskState::SubmittedToWorker, 0)
         };
-        log.record_at(&s1, at, 103);
-        log.record_at(&s1, note(1, TaskState::Finished, 0), 110);
+        log.record_at(&s1, at, Some(103));
+        log.record_at(&s1, note(1, TaskState::Finished, 0), Some(110));
         let ev = log.take("j").expect("events");
         assert_eq!(ev.events.len(), 2);
         let e = &ev.events[0];
@@ -244,7 +271,7 @@ mod tests {
         assert_eq!((e.created_ms, e.start_ms, e.end_ms), (101, 0, 0));
         assert!(log.take("j").is_none(), "taken");
         // The next period: the task's slot is stale, so its next change is a new record.
-        log.record_at(&s2, note(2, TaskState::Finished, 0), 120);
+        log.record_at(&s2, note(2, TaskState::Finished, 0), Some(120));
         let ev = log.take("j").expect("events");
         assert_eq!(ev.events.len(), 1);
         let e = &ev.events[0];
@@ -253,11 +280,29 @@ mod tests {
     }
 
     #[test]
+    fn a_change_is_stamped_with_the_wall_time_of_its_instant() {
+        let log = TaskLog::default();
+        let wall = |t: SystemTime| t.duration_since(UNIX_EPOCH).expect("after 1970").as_millis() as u64;
+        let before = wall(SystemTime::now());
+        let s = Slot::default();
+        let then = Instant::now() - std::time::Duration::from_millis(500);
+        log.record(&s, Note { time: then, ..note(1, TaskState::SubmittedToWorker, 0) });
+        log.record(&s, Note { time: Instant::now(), ..note(1, TaskState::Finished, 0) });
+        let after = wall(SystemTime::now());
+        let e = &log.take("j").expect("events").events[0];
+        // Half a second before the first change, then now (the clock is read once per period,
+        // so allow for a few milliseconds either way).
+        assert!(e.start_ms + 500 + 20 >= before && e.start_ms + 500 <= after + 20, "{e:?} {before} {after}");
+        assert!(e.end_ms + 20 >= before && e.end_ms <= after + 20, "{e:?}");
+        assert!(e.end_ms - e.start_ms >= 480, "{e:?}");
+    }
+
+    #[test]
     fn a_task_with_events_off_records_nothing() {
         let log = TaskLog::default();
         let off = Slot::new(false);
-        log.record_at(&off, note(1, TaskState::PendingNodeAssignment, 0), 1);
-        log.record_at(&off, note(1, TaskState::Finished, 0), 2);
+        log.record_at(&off, note(1, TaskState::PendingNodeAssignment, 0), Some(1));
+        log.record_at(&off, note(1, TaskState::Finished, 0), Some(2));
         assert!(log.take("j").is_none());
         assert!(off.is_off(), "a later period does not turn it on");
     }
@@ -266,13 +311,13 @@ mod tests {
     fn a_retry_clears_the_end_and_keeps_the_failure_message() {
         let log = TaskLog::default();
         let s = Slot::default();
-        log.record_at(&s, note(1, TaskState::SubmittedToWorker, 0), 10);
+        log.record_at(&s, note(1, TaskState::SubmittedToWorker, 0), Some(10));
         let failed = Note {
             error: "WORKER_DIED: gone".into(),
             ..note(1, TaskState::Failed, 0)
         };
-        log.record_at(&s, failed, 20);
-        log.record_at(&s, note(1, TaskState::SubmittedToWorker, 1), 30);
+        log.record_at(&s, failed, Some(20));
+        log.record_at(&s, note(1, TaskState::SubmittedToWorker, 1), Some(30));
         let ev = log.take("j").expect("events");
         let e = &ev.events[0];
         assert_eq!((e.state(), e.attempt), (TaskState::SubmittedToWorker, 1));
@@ -302,8 +347,8 @@ mod tests {
             }
         }
         let late = Slot::default();
-        log.record_at(&late, note(0xff, TaskState::PendingArgsAvail, 0), 2);
-        log.record_at(&late, note(0xff, TaskState::Finished, 0), 3);
+        log.record_at(&late, note(0xff, TaskState::PendingArgsAvail, 0), Some(2));
+        log.record_at(&late, note(0xff, TaskState::Finished, 0), Some(3));
         // A task already recorded (its slot says where) still changes.
         let first = Slot::default();
         first.set(0, 0);
@@ -314,7 +359,7 @@ mod tests {
                 id,
                 ..note(0, TaskState::Finished, 0)
             },
-            4,
+            Some(4),
         );
         let ev = log.take("j").expect("events");
         assert_eq!(ev.events.len(), MAX_TASKS);

@@ -126,9 +126,10 @@ pub(crate) enum Waiting {
 pub(crate) use crate::events::Note;
 
 impl Note {
-    /// Task `t` is now in `state`, at `at`.
-    pub(super) fn of(t: &Task, state: TaskState, at: At<'_>) -> Self {
+    /// Task `t` is in `state` since `time`, at `at`.
+    pub(super) fn of(t: &Task, state: TaskState, at: At<'_>, time: Instant) -> Self {
         Self {
+            time,
             id: t.id,
             function: t.function,
             state,
@@ -177,6 +178,9 @@ pub(crate) struct Engine {
     pub(super) dirty: Vec<Arc<Key>>,
     pub(super) dirty_actors: Vec<ActorId>,
     pub(super) out: Vec<Effect>,
+    /// The time of the event being handled (or of the flush): task events' times, so
+    /// recording one reads no clock.
+    pub(super) now: Instant,
 }
 
 impl Engine {
@@ -204,6 +208,7 @@ impl Engine {
             dirty: Vec::new(),
             dirty_actors: Vec::new(),
             out: Vec::new(),
+            now: Instant::now(),
         }
     }
 
@@ -214,6 +219,7 @@ impl Engine {
     }
 
     pub(crate) fn handle(&mut self, ev: Event, now: Instant) {
+        self.now = now;
         match ev {
             Event::Submit(t) => self.resolve_args(t),
             Event::ArgsReady(id) => {
@@ -263,6 +269,7 @@ impl Engine {
     /// Dispatches every queue the events touched, closes connections idle for `LINGER`,
     /// and returns what the executor must do, in order.
     pub(crate) fn flush(&mut self, now: Instant) -> Vec<Effect> {
+        self.now = now;
         let mut actors = std::mem::take(&mut self.dirty_actors);
         actors.sort();
         actors.dedup();
@@ -379,7 +386,7 @@ impl Engine {
 
     /// Records a task's new state for `rayctl list tasks`.
     pub(super) fn note(&mut self, t: &Task, state: TaskState, at: At<'_>) {
-        (self.log)(&t.ev, Note::of(t, state, at));
+        (self.log)(&t.ev, Note::of(t, state, at, self.now));
     }
 
     pub(super) fn note_failed(&mut self, t: &Task, error: String, actor: Option<ActorId>) {
@@ -391,7 +398,7 @@ impl Engine {
             &t.ev,
             Note {
                 error,
-                ..Note::of(t, TaskState::Failed, at)
+                ..Note::of(t, TaskState::Failed, at, self.now)
             },
         );
     }
