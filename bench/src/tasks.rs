@@ -282,7 +282,10 @@ fn task_events_figures(smoke: bool, n: usize) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(1_300));
         let tasks = (rounds * n) as f64;
-        Ok((tasks / spent.as_secs_f64(), (busy_seconds()? - busy) / tasks))
+        Ok((
+            tasks / spent.as_secs_f64(),
+            (busy_seconds()? - busy) / tasks,
+        ))
     };
     block(&quiet)?; // leases for a full round
     let (mut lost, mut on, mut off, mut cpu_on, mut cpu_off) = (vec![], vec![], vec![], 0.0, 0.0);
@@ -299,11 +302,27 @@ fn task_events_figures(smoke: bool, n: usize) -> Result<()> {
         v.sort_by(f64::total_cmp);
     }
     emit("tasks_async_events_per_s", percentile(&on, 0.5), "tasks/s");
-    emit("tasks_async_no_events_per_s", percentile(&off, 0.5), "tasks/s");
+    emit(
+        "tasks_async_no_events_per_s",
+        percentile(&off, 0.5),
+        "tasks/s",
+    );
     emit("task_events_overhead", percentile(&lost, 0.5), "fraction");
-    emit("task_events_cpu_us_per_task", cpu_on / pairs as f64 * 1e6, "us");
-    emit("task_events_off_cpu_us_per_task", cpu_off / pairs as f64 * 1e6, "us");
-    emit("task_events_cpu_overhead", cpu_on / cpu_off - 1.0, "fraction");
+    emit(
+        "task_events_cpu_us_per_task",
+        cpu_on / pairs as f64 * 1e6,
+        "us",
+    );
+    emit(
+        "task_events_off_cpu_us_per_task",
+        cpu_off / pairs as f64 * 1e6,
+        "us",
+    );
+    emit(
+        "task_events_cpu_overhead",
+        cpu_on / cpu_off - 1.0,
+        "fraction",
+    );
     Ok(())
 }
 

@@ -353,9 +353,15 @@ mod tests {
         let b: [u8; 20] = std::array::from_fn(|i| (i * 13) as u8);
         let want: String = b.iter().map(|x| format!("{x:02x}")).collect();
         assert_eq!(ObjectId::from_bytes(b).to_string(), want);
-        assert_eq!(format!("{:?}", ObjectId::from_bytes(b)), format!("ObjectId({want})"));
+        assert_eq!(
+            format!("{:?}", ObjectId::from_bytes(b)),
+            format!("ObjectId({want})")
+        );
         let n: [u8; 16] = std::array::from_fn(|i| 0xf0 ^ i as u8);
-        assert_eq!(NodeId::from_bytes(n).to_string(), "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff");
+        assert_eq!(
+            NodeId::from_bytes(n).to_string(),
+            "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"
+        );
         assert_eq!(ActorId::from_bytes([0x0a; 16]).to_string(), "0a".repeat(16));
     }
 

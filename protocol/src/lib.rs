@@ -146,9 +146,17 @@ mod tests {
     fn a_sha256_name_is_64_lowercase_hex_characters() {
         use sha2::Digest;
         let name = super::sha256_hex(sha2::Sha256::new_with_prefix(b"abc"));
-        assert_eq!(name, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            name,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert!(super::is_sha256_hex(&name));
-        for bad in [&name[..63], &name.to_uppercase(), &format!("{}g", &name[..63]), ""] {
+        for bad in [
+            &name[..63],
+            &name.to_uppercase(),
+            &format!("{}g", &name[..63]),
+            "",
+        ] {
             assert!(!super::is_sha256_hex(bad), "{bad}");
         }
     }

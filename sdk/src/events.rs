@@ -201,7 +201,11 @@ impl TaskLog {
                 function: r.note.function.to_owned(),
                 state: r.note.state as i32,
                 node_id: r.note.node.map(|n| n.to_string()).unwrap_or_default(),
-                worker_id: r.note.worker.map(|w| w.as_str().to_owned()).unwrap_or_default(),
+                worker_id: r
+                    .note
+                    .worker
+                    .map(|w| w.as_str().to_owned())
+                    .unwrap_or_default(),
                 attempt: r.note.attempt,
                 error: r.note.error,
                 actor_id: r.note.actor.map(|a| a.to_string()).unwrap_or_default(),
@@ -282,17 +286,36 @@ mod tests {
     #[test]
     fn a_change_is_stamped_with_the_wall_time_of_its_instant() {
         let log = TaskLog::default();
-        let wall = |t: SystemTime| t.duration_since(UNIX_EPOCH).expect("after 1970").as_millis() as u64;
+        let wall = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis() as u64
+        };
         let before = wall(SystemTime::now());
         let s = Slot::default();
         let then = Instant::now() - std::time::Duration::from_millis(500);
-        log.record(&s, Note { time: then, ..note(1, TaskState::SubmittedToWorker, 0) });
-        log.record(&s, Note { time: Instant::now(), ..note(1, TaskState::Finished, 0) });
+        log.record(
+            &s,
+            Note {
+                time: then,
+                ..note(1, TaskState::SubmittedToWorker, 0)
+            },
+        );
+        log.record(
+            &s,
+            Note {
+                time: Instant::now(),
+                ..note(1, TaskState::Finished, 0)
+            },
+        );
         let after = wall(SystemTime::now());
         let e = &log.take("j").expect("events").events[0];
         // Half a second before the first change, then now (the clock is read once per period,
         // so allow for a few milliseconds either way).
-        assert!(e.start_ms + 500 + 20 >= before && e.start_ms + 500 <= after + 20, "{e:?} {before} {after}");
+        assert!(
+            e.start_ms + 500 + 20 >= before && e.start_ms + 500 <= after + 20,
+            "{e:?} {before} {after}"
+        );
         assert!(e.end_ms + 20 >= before && e.end_ms <= after + 20, "{e:?}");
         assert!(e.end_ms - e.start_ms >= 480, "{e:?}");
     }

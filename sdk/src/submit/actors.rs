@@ -113,7 +113,10 @@ impl Engine {
                             worker: Some(&c.worker_id),
                             actor: Some(c.actor_id),
                         };
-                        (self.log)(&t.ev, Note::of(&t, TaskState::SubmittedToWorker, at, self.now));
+                        (self.log)(
+                            &t.ev,
+                            Note::of(&t, TaskState::SubmittedToWorker, at, self.now),
+                        );
                         c.in_flight.insert(t.id, t);
                     }
                 }
@@ -338,7 +341,10 @@ impl Engine {
                     actor: Some(c.actor_id),
                     ..At::default()
                 };
-                log(&t.ev, Note::of(&t, TaskState::PendingNodeAssignment, at, self.now));
+                log(
+                    &t.ev,
+                    Note::of(&t, TaskState::PendingNodeAssignment, at, self.now),
+                );
                 q.queue.push_front(t);
             } else {
                 q.orphans.push(t);

@@ -77,7 +77,10 @@ impl Engine {
                         worker: Some(&c.lease.worker_id),
                         actor: None,
                     };
-                    log(&t.ev, Note::of(&t, TaskState::SubmittedToWorker, at, self.now));
+                    log(
+                        &t.ev,
+                        Note::of(&t, TaskState::SubmittedToWorker, at, self.now),
+                    );
                     c.in_flight.insert(t.id, t);
                     match out.iter_mut().find(|(c, _)| *c == cid) {
                         Some((_, v)) => v.push(spec),
