@@ -1,6 +1,8 @@
 //! Control-plane figures on a 3-head cluster of real processes with fsync on:
-//! write throughput (1 and 16 clients) beside the disk's own fsync rate, leader failover
-//! time (kill -9 → first acknowledged write), and `rayctl start --head` → first status.
+//! write throughput (1 and 16 clients) beside the disk's own fsync rate, the CPU time a
+//! write costs beside what a bare gRPC call costs (and the rates the vCPUs allow for each),
+//! leader failover time (kill -9 → first acknowledged write), and `rayctl start --head` →
+//! first status.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -27,44 +29,79 @@ fn fdatasync_per_s(dir: &std::path::Path, d: Duration) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn writes_per_s(client: &HeadClient, clients: usize, d: Duration) -> f64 {
+/// Calls per second with `clients` concurrent callers for `d`, and the machine's CPU
+/// time per call meanwhile (every process: the client here and the heads), in seconds.
+async fn calls_per_s<F, Fut>(clients: usize, d: Duration, call: F) -> Result<(f64, f64)>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let call = Arc::new(call);
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (client, done, stop) = (client.clone(), done.clone(), stop.clone());
+        let (call, done, stop) = (call.clone(), done.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let req = pb::KvPutRequest {
-                    namespace: "bench".into(),
-                    key: format!("{c}-{i}").into_bytes(),
-                    value: vec![1; 64],
-                    overwrite: true,
-                };
-                if client
-                    .call(|mut c| {
-                        let r = req.clone();
-                        async move { c.kv_put(r).await }
-                    })
-                    .await
-                    .is_ok()
-                {
+                if call(c, i).await {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
                 i += 1;
             }
         }));
     }
-    let start = Instant::now();
+    let (start, busy) = (Instant::now(), crate::busy_seconds()?);
     tokio::time::sleep(d).await;
-    stop.store(true, Ordering::Relaxed);
-    let n = done.load(Ordering::Relaxed);
+    let (n, cpu) = (done.load(Ordering::Relaxed), crate::busy_seconds()? - busy);
     let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
-    n as f64 / secs
+    Ok((n as f64 / secs, cpu / n.max(1) as f64))
+}
+
+/// KV puts (64-byte values) per second with `clients` concurrent writers, and the CPU
+/// time per write.
+async fn writes_per_s(client: &HeadClient, clients: usize, d: Duration) -> Result<(f64, f64)> {
+    let client = client.clone();
+    calls_per_s(clients, d, move |c, i| {
+        let client = client.clone();
+        async move {
+            let req = pb::KvPutRequest {
+                namespace: "bench".into(),
+                key: format!("{c}-{i}").into_bytes(),
+                value: vec![1; 64],
+                overwrite: true,
+            };
+            client
+                .call(|mut h| {
+                    let r = req.clone();
+                    async move { h.kv_put(r).await }
+                })
+                .await
+                .is_ok()
+        }
+    })
+    .await
+}
+
+/// `HeadInfo` calls (answered from the leader's memory: no Raft, no disk) per second with
+/// `clients` concurrent callers, and the CPU time per call: what the gRPC layer alone costs.
+async fn head_info_per_s(client: &HeadClient, clients: usize, d: Duration) -> Result<(f64, f64)> {
+    let client = client.clone();
+    calls_per_s(clients, d, move |_, _| {
+        let client = client.clone();
+        async move {
+            client
+                .call(|mut h| async move { h.head_info(pb::HeadInfoRequest {}).await })
+                .await
+                .is_ok()
+        }
+    })
+    .await
 }
 
 /// The median of one client's sequential `HeadInfo` calls to the leader (answered from
@@ -234,7 +271,7 @@ pub(crate) fn run(smoke: bool, heads: usize) -> Result<()> {
         c.client()
     };
     // Warm the connections and the leader hint.
-    rt.block_on(writes_per_s(&client, 1, Duration::from_millis(100)));
+    rt.block_on(writes_per_s(&client, 1, Duration::from_millis(100)))?;
     // The floor under one write: a gRPC round trip to the leader (client → leader → client;
     // the leader → follower hop costs the same) and the disk's sync.
     let leader = c.wait_leader(Duration::from_secs(30))?;
@@ -243,12 +280,18 @@ pub(crate) fn run(smoke: bool, heads: usize) -> Result<()> {
     let floor = 2.0 * rpc + 1.0 / fsync;
     emit("cp_write_floor_ms", floor * 1e3, "ms");
     emit("cp_writes_per_s_16clients_ceiling", 16.0 / floor, "1/s");
-    let w1 = rt.block_on(writes_per_s(&client, 1, d));
+    let (w1, _) = rt.block_on(writes_per_s(&client, 1, d))?;
     emit("cp_writes_per_s_1client", w1, "1/s");
     let before = LeaderFigures::read(&c, leader);
-    let w16 = rt.block_on(writes_per_s(&client, 16, d));
+    let (w16, cpu16) = rt.block_on(writes_per_s(&client, 16, d))?;
     emit("cp_writes_per_s_16clients", w16, "1/s");
     emit("cp_writes_16clients_over_fdatasync", w16 / fsync, "ratio");
+    // What a write costs in CPU (all processes: this client and the heads), beside what a
+    // bare gRPC call to the leader costs with as many callers; with the vCPUs here, each
+    // bounds the rate the CPU allows (the machine runs nothing else meanwhile).
+    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    emit("cp_16clients_cpu_us_per_write", cpu16 * 1e6, "us");
+    emit("cp_writes_per_s_cpu_ceiling", vcpus / cpu16, "1/s");
     // Where a write's time goes, from the leader's own histograms over the same run.
     if let (Some(a), Some(b)) = (before, LeaderFigures::read(&c, leader)) {
         let per = |sum: f64, n: f64| if n > 0.0 { sum / n } else { 0.0 };
@@ -273,6 +316,11 @@ pub(crate) fn run(smoke: bool, heads: usize) -> Result<()> {
             "ratio",
         );
     }
+    let (rpcs, rpc_cpu) = rt.block_on(head_info_per_s(&client, 16, d))?;
+    emit("cp_rpc_per_s_16clients", rpcs, "1/s");
+    emit("cp_rpc_16clients_cpu_us_per_call", rpc_cpu * 1e6, "us");
+    emit("cp_rpc_per_s_cpu_ceiling", vcpus / rpc_cpu, "1/s");
+    emit("cp_write_cpu_over_rpc_cpu", cpu16 / rpc_cpu, "ratio");
 
     let trials = if heads < 3 {
         0

@@ -58,6 +58,24 @@ pub(crate) fn emit(name: &str, value: f64, unit: &str) {
     );
 }
 
+/// CPU time all processes on the machine have spent (user, nice, system, irq, softirq), in
+/// seconds, from `/proc/stat`.
+pub(crate) fn busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("/proc/stat is empty")?;
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("/proc/stat's cpu line")?;
+    anyhow::ensure!(f.len() >= 7, "/proc/stat's cpu line has {} fields", f.len());
+    // user nice system idle iowait irq softirq, in clock ticks.
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
+        .context("no clock tick rate")? as f64;
+    Ok((f[0] + f[1] + f[2] + f[5] + f[6]) / hz)
+}
+
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

@@ -272,7 +272,7 @@ fn task_events_figures(smoke: bool, n: usize) -> Result<()> {
     let quiet = noop::options().enable_task_events(false);
     // One block: its throughput, and the machine's busy time over it and the pause after.
     let block = |opts: &TaskOptions| -> Result<(f64, f64)> {
-        let busy = busy_seconds()?;
+        let busy = crate::busy_seconds()?;
         let mut spent = Duration::ZERO;
         for _ in 0..rounds {
             let t = Instant::now();
@@ -284,7 +284,7 @@ fn task_events_figures(smoke: bool, n: usize) -> Result<()> {
         let tasks = (rounds * n) as f64;
         Ok((
             tasks / spent.as_secs_f64(),
-            (busy_seconds()? - busy) / tasks,
+            (crate::busy_seconds()? - busy) / tasks,
         ))
     };
     block(&quiet)?; // leases for a full round
@@ -324,24 +324,6 @@ fn task_events_figures(smoke: bool, n: usize) -> Result<()> {
         "fraction",
     );
     Ok(())
-}
-
-/// CPU time all processes on the machine have spent (user, nice, system, irq, softirq), in
-/// seconds, from `/proc/stat`.
-fn busy_seconds() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let cpu = stat.lines().next().context("/proc/stat is empty")?;
-    let f: Vec<f64> = cpu
-        .split_whitespace()
-        .skip(1)
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .context("/proc/stat's cpu line")?;
-    anyhow::ensure!(f.len() >= 7, "/proc/stat's cpu line has {} fields", f.len());
-    // user nice system idle iowait irq softirq, in clock ticks.
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
-        .context("no clock tick rate")? as f64;
-    Ok((f[0] + f[1] + f[2] + f[5] + f[6]) / hz)
 }
 
 /// Waits until node `i` (as its ready file names it) is alive, then times one task there.

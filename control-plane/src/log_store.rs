@@ -94,29 +94,24 @@ fn decode_postcard<T: serde::de::DeserializeOwned, R: io::Read>(r: R) -> io::Res
     postcard::from_bytes(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-impl Encode for WalLogId {
-    fn encode<W: io::Write>(&self, w: W) -> io::Result<usize> {
-        encode_postcard(&self.0, w)
-    }
+/// The WAL's codec for a newtype over a serde value: postcard, length-prefixed.
+macro_rules! postcard_codec {
+    ($($t:ident),*) => {$(
+        impl Encode for $t {
+            fn encode<W: io::Write>(&self, w: W) -> io::Result<usize> {
+                encode_postcard(&self.0, w)
+            }
+        }
+
+        impl Decode for $t {
+            fn decode<R: io::Read>(r: R) -> io::Result<Self> {
+                decode_postcard(r).map(Self)
+            }
+        }
+    )*};
 }
 
-impl Decode for WalLogId {
-    fn decode<R: io::Read>(r: R) -> io::Result<Self> {
-        decode_postcard(r).map(Self)
-    }
-}
-
-impl Encode for WalVote {
-    fn encode<W: io::Write>(&self, w: W) -> io::Result<usize> {
-        encode_postcard(&self.0, w)
-    }
-}
-
-impl Decode for WalVote {
-    fn decode<R: io::Read>(r: R) -> io::Result<Self> {
-        decode_postcard(r).map(Self)
-    }
-}
+postcard_codec!(WalLogId, WalVote);
 
 /// What the flush worker calls when a flush is done: who waits, and the WAL's directory and
 /// first failure (for the errors).

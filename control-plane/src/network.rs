@@ -119,26 +119,31 @@ impl GrpcRaftNetwork {
             "vote" => client.vote(request).await,
             _ => client.install_snapshot(request).await,
         };
-        if reply.is_err() {
-            // Dial afresh next time: a channel that saw its peer die may sit in reconnect
-            // backoff and stall the next vote, which is exactly when the peer is back.
-            self.client = connect(&self.node.addr, self.token.clone());
-        }
-        let reply = reply.map_err(|s| {
-            let e = Msg(format!(
-                "{kind} to {} ({}): {}",
-                self.target,
-                self.node.addr,
-                s.message()
-            ));
-            match s.code() {
-                tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&e)),
-                _ => RPCError::Network(NetworkError::new(&e)),
+        let reply = match reply {
+            Ok(r) => r,
+            Err(s) => {
+                let e = Msg(format!(
+                    "{kind} to {} ({}): {}",
+                    self.target,
+                    self.node.addr,
+                    s.message()
+                ));
+                return Err(match s.code() {
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown => {
+                        // Dial afresh next time: a channel that saw its peer die (or go
+                        // silent behind a partition) may sit in reconnect backoff and stall
+                        // the next vote, which is exactly when the peer is back. An answer
+                        // from the peer (a refusal) keeps the channel.
+                        self.client = connect(&self.node.addr, self.token.clone());
+                        RPCError::Unreachable(Unreachable::new(&e))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&e)),
+                });
             }
-        })?;
+        };
         let result: Result<Resp, RaftError<u64, E>> =
             postcard::from_bytes(&reply.into_inner().data)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

@@ -34,50 +34,50 @@ const DEAD_OWNER_MEMORY: Duration = Duration::from_secs(60);
 /// Most worker binaries one node's heartbeat advertises (the rest are fetched on demand).
 const MAX_ADVERTISED_BINARIES: usize = 16;
 
+/// A node's record with the leader's soft state about it (`soft` locked by the caller).
+fn node_info(soft: &crate::head::SoftState, n: &NodeRecord) -> pb::NodeInfo {
+    let idle = soft.idle.get(&n.node_id).copied();
+    let total = match soft.totals.get(&n.node_id) {
+        Some((inc, t)) if *inc == n.incarnation && n.state == state::NodeState::Alive => t.clone(),
+        _ => n.resources_total.clone(),
+    };
+    let available = match soft.heartbeats.get(&n.node_id) {
+        Some((inc, _, avail)) if *inc == n.incarnation && n.state == state::NodeState::Alive => {
+            avail.clone()
+        }
+        _ if n.state == state::NodeState::Alive => n.resources_total.clone(),
+        _ => BTreeMap::new(),
+    };
+    pb::NodeInfo {
+        node_id: n.node_id.to_string(),
+        address: n.address.clone(),
+        state: match n.state {
+            state::NodeState::Alive => pb::NodeState::Alive,
+            state::NodeState::Dead => pb::NodeState::Dead,
+        } as i32,
+        incarnation: n.incarnation,
+        ports: Some(pb::NodePorts {
+            node_manager_port: n.ports.node_manager.into(),
+            object_manager_port: n.ports.object_manager.into(),
+            metrics_export_port: n.ports.metrics_export.into(),
+        }),
+        resources_total: total.into_iter().collect(),
+        resources_available: available.into_iter().collect(),
+        labels: n.labels.clone().into_iter().collect(),
+        is_head: n.is_head,
+        registered_at_ms: n.registered_at_ms,
+        dead_at_ms: n.dead_at_ms,
+        death_reason: n.death_reason.clone(),
+        idle_ms: idle
+            .filter(|i| i.0 == n.incarnation && n.state == state::NodeState::Alive)
+            .and_then(|i| i.1.map(|ms| ms + i.2.elapsed().as_millis() as u64)),
+        draining: idle.is_some_and(|i| i.0 == n.incarnation && i.3),
+    }
+}
+
 impl HeadShared {
     fn node_info(&self, n: &NodeRecord) -> pb::NodeInfo {
-        let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = soft.idle.get(&n.node_id).copied();
-        let total = match soft.totals.get(&n.node_id) {
-            Some((inc, t)) if *inc == n.incarnation && n.state == state::NodeState::Alive => {
-                t.clone()
-            }
-            _ => n.resources_total.clone(),
-        };
-        let available = match soft.heartbeats.get(&n.node_id) {
-            Some((inc, _, avail))
-                if *inc == n.incarnation && n.state == state::NodeState::Alive =>
-            {
-                avail.clone()
-            }
-            _ if n.state == state::NodeState::Alive => n.resources_total.clone(),
-            _ => BTreeMap::new(),
-        };
-        pb::NodeInfo {
-            node_id: n.node_id.to_string(),
-            address: n.address.clone(),
-            state: match n.state {
-                state::NodeState::Alive => pb::NodeState::Alive,
-                state::NodeState::Dead => pb::NodeState::Dead,
-            } as i32,
-            incarnation: n.incarnation,
-            ports: Some(pb::NodePorts {
-                node_manager_port: n.ports.node_manager.into(),
-                object_manager_port: n.ports.object_manager.into(),
-                metrics_export_port: n.ports.metrics_export.into(),
-            }),
-            resources_total: total.into_iter().collect(),
-            resources_available: available.into_iter().collect(),
-            labels: n.labels.clone().into_iter().collect(),
-            is_head: n.is_head,
-            registered_at_ms: n.registered_at_ms,
-            dead_at_ms: n.dead_at_ms,
-            death_reason: n.death_reason.clone(),
-            idle_ms: idle
-                .filter(|i| i.0 == n.incarnation && n.state == state::NodeState::Alive)
-                .and_then(|i| i.1.map(|ms| ms + i.2.elapsed().as_millis() as u64)),
-            draining: idle.is_some_and(|i| i.0 == n.incarnation && i.3),
-        }
+        node_info(&self.soft.lock().unwrap_or_else(|p| p.into_inner()), n)
     }
 
     fn peers(&self) -> pb::RaftPeers {
@@ -276,16 +276,15 @@ impl ControlPlane for ControlPlaneService {
             crate::pgs::heartbeat_bundles(&self.0, node_id, &r.placement_groups);
         let cluster_view = {
             let st = self.0.state.read();
+            let soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
             st.state
                 .alive_nodes()
                 .map(|n| {
-                    let info = self.0.node_info(n);
-                    let soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
                     let binaries = match soft.binaries.get(&n.node_id) {
                         Some((inc, b)) if *inc == n.incarnation => b.clone(),
                         _ => Vec::new(),
                     };
-                    (info, binaries)
+                    (node_info(&soft, n), binaries)
                 })
                 // Draining nodes stay in the view, flagged: nodes schedule nothing there,
                 // but still pull from them (a drain moves its objects away by pulls).
@@ -340,14 +339,15 @@ impl ControlPlane for ControlPlaneService {
         self.0.linearizable().await?;
         let (nodes, autoscaler): (Vec<pb::NodeInfo>, _) = {
             let st = self.0.state.read();
-            (
+            let nodes = {
+                let soft = self.0.soft.lock().unwrap_or_else(|p| p.into_inner());
                 st.state
                     .nodes
                     .values()
-                    .map(|n| self.0.node_info(n))
-                    .collect(),
-                crate::autoscaler::status(&self.0, &st.state),
-            )
+                    .map(|n| node_info(&soft, n))
+                    .collect()
+            };
+            (nodes, crate::autoscaler::status(&self.0, &st.state))
         };
         let m = self.0.raft.metrics().borrow().clone();
         let members: Vec<(u64, String)> = m

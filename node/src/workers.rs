@@ -558,27 +558,33 @@ impl WorkerPool {
         if self.started.elapsed() > PREFETCH_WINDOW {
             return;
         }
-        let mut todo = Vec::new();
+        // The binaries other nodes advertise that this one lacks (looked at on disk before
+        // the pool's lock is taken).
+        let mut todo: Vec<(String, String)> = view
+            .iter()
+            .filter(|n| n.address != self.cfg.node_address)
+            .flat_map(|n| {
+                n.binaries
+                    .iter()
+                    .take(MAX_ADVERTISED)
+                    .filter(|sha| protocol::is_sha256_hex(sha) && !self.binary_path(sha).exists())
+                    .map(|sha| (sha.clone(), n.address.clone()))
+            })
+            .collect();
         {
+            // One attempt per binary per `PREFETCH_RETRY`.
             let mut st = self.lock();
-            for n in view {
-                if n.address == self.cfg.node_address {
-                    continue;
+            todo.retain(|(sha, _)| {
+                if st
+                    .prefetched
+                    .get(sha)
+                    .is_some_and(|t| t.elapsed() < PREFETCH_RETRY)
+                {
+                    return false;
                 }
-                for sha in n.binaries.iter().take(MAX_ADVERTISED) {
-                    if !protocol::is_sha256_hex(sha)
-                        || st
-                            .prefetched
-                            .get(sha)
-                            .is_some_and(|t| t.elapsed() < PREFETCH_RETRY)
-                        || self.binary_path(sha).exists()
-                    {
-                        continue;
-                    }
-                    st.prefetched.insert(sha.clone(), Instant::now());
-                    todo.push((sha.clone(), n.address.clone()));
-                }
-            }
+                st.prefetched.insert(sha.clone(), Instant::now());
+                true
+            });
         }
         for (sha, source) in todo {
             let me = self.clone();
